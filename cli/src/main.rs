@@ -1,0 +1,216 @@
+//! `mdctrl`: the operator's command for nbd-mirror.
+//!
+//! Module map:
+//! - `main.rs` (this file): argument parsing (clap), dispatch, exit codes.
+//! - [`aliases`]: the ancestor's `clpmdctrl`/`clpmdstat` spellings rewritten to
+//!   subcommands before parsing.
+//! - [`render`]: the `clpmdstat --mirror`-style status table.
+//!
+//! Exit codes (documented in `docs/mdctrl.md`): 0 ok, 1 internal error,
+//! 2 bad usage or configuration, 3 refused (the reason is printed), 4 agent
+//! not reachable, 5 peer not reachable, 6 metadata damaged or unrecognised.
+//! Errors go to stderr.
+
+mod aliases;
+mod render;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mirror_agent::admin::{self, AdminError, ErrorKind, Request};
+use mirror_agent::config::{self, Config};
+use mirror_agent::status::ResourceStatus;
+
+/// Exit codes.
+mod exit {
+    pub const OK: u8 = 0;
+    pub const INTERNAL: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const REFUSED: u8 = 3;
+    pub const AGENT_UNREACHABLE: u8 = 4;
+    pub const PEER_UNREACHABLE: u8 = 5;
+    pub const METADATA: u8 = 6;
+}
+
+/// Control nbd-mirror resources (mirrored block devices served over NBD).
+#[derive(Debug, Parser)]
+#[command(name = "mdctrl", version, after_help = "The ancestor's spellings work too: --create [force] md1, --active [-nomount] md1, --deactive md1, --mirror md1.")]
+struct Cli {
+    /// Cluster configuration file.
+    #[arg(long, global = true, default_value = config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// This node's name (default: the host name).
+    #[arg(long, global = true)]
+    node: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create the cluster partition (and the data file at `size` if missing).
+    /// Works while the agent is stopped; refuses to overwrite valid metadata without --force.
+    Init {
+        /// Resource name.
+        resource: String,
+        /// Overwrite existing valid metadata (the ancestor's `--create force`).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print both superblock slots, generation identifiers and the dirty bitmap summary.
+    DumpMd {
+        /// Resource name.
+        resource: String,
+    },
+    /// Make this node active for the resource: start serving its NBD export.
+    Activate {
+        /// Resource name.
+        resource: String,
+        /// Do not attach a kernel nbd device or mount (the ancestor's `-nomount`).
+        #[arg(long)]
+        nomount: bool,
+    },
+    /// Stop serving: stop accepting, drain in-flight requests, flush, record state.
+    Deactivate {
+        /// Resource name.
+        resource: String,
+    },
+    /// Show the state of a resource (all resources without a name).
+    #[command(alias = "mirror")]
+    Status {
+        /// Resource name.
+        resource: Option<String>,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that the local agent answers.
+    Ping,
+}
+
+fn main() -> ExitCode {
+    let args = aliases::rewrite(std::env::args().skip(1).collect());
+    let cli = match Cli::try_parse_from(std::iter::once("mdctrl".to_string()).chain(args)) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(Failure { code, message }) => {
+            eprintln!("mdctrl: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// An error to print and the exit code that goes with it.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl std::fmt::Display) -> Self {
+        Failure { code, message: message.to_string() }
+    }
+}
+
+impl From<AdminError> for Failure {
+    fn from(e: AdminError) -> Self {
+        let code = match e.kind {
+            ErrorKind::Refused => exit::REFUSED,
+            ErrorKind::NotFound | ErrorKind::BadRequest => exit::USAGE,
+            ErrorKind::PeerUnreachable => exit::PEER_UNREACHABLE,
+            ErrorKind::Internal => exit::INTERNAL,
+        };
+        Failure::new(code, e)
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let config = Config::load(&cli.config).map_err(|e| Failure::new(exit::USAGE, e))?;
+    let node = cli.node.unwrap_or_else(config::default_node_name);
+    let me = config.node_check(&node).map_err(|e| Failure::new(exit::USAGE, e))?.clone();
+    let resource_cfg = |name: &str| {
+        config.resource(name).ok_or_else(|| {
+            Failure::new(
+                exit::USAGE,
+                format!(
+                    "no resource named {name:?} in {} (configured: {})",
+                    config.path.display(),
+                    config.resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })
+    };
+    match cli.cmd {
+        Cmd::Init { resource, force } => {
+            let rc = resource_cfg(&resource)?;
+            let report = mirror_agent::meta::init_resource(rc, &node, force).map_err(|e| {
+                let code = if e.is_refusal() { exit::REFUSED } else { exit::INTERNAL };
+                Failure::new(code, e)
+            })?;
+            println!("{report}");
+            Ok(())
+        }
+        Cmd::DumpMd { resource } => {
+            let rc = resource_cfg(&resource)?;
+            let rn = rc.node(&node).ok_or_else(|| Failure::new(exit::USAGE, format!("resource {resource} has no section for node {node}")))?;
+            let dump = mirror_agent::meta::dump(&rn.cluster_partition).map_err(|e| Failure::new(exit::METADATA, e))?;
+            println!("{dump}");
+            if dump.is_damaged() {
+                return Err(Failure::new(exit::METADATA, format!("cluster partition {} is damaged (see above)", rn.cluster_partition.display())));
+            }
+            Ok(())
+        }
+        Cmd::Activate { resource, nomount } => {
+            let s: ResourceStatus = call(&me.admin_socket, &Request::Activate { resource, nomount })?;
+            println!("{}: active on {}, serving {}", s.resource, s.node, s.nbd_socket.as_deref().unwrap_or("-"));
+            Ok(())
+        }
+        Cmd::Deactivate { resource } => {
+            let s: ResourceStatus = call(&me.admin_socket, &Request::Deactivate { resource })?;
+            println!("{}: deactivated on {}", s.resource, s.node);
+            Ok(())
+        }
+        Cmd::Status { resource, json } => {
+            let list: Vec<ResourceStatus> = match resource {
+                Some(r) => vec![call(&me.admin_socket, &Request::Status { resource: Some(r) })?],
+                None => call(&me.admin_socket, &Request::Status { resource: None })?,
+            };
+            if json {
+                let v = if list.len() == 1 { serde_json::to_string_pretty(&list[0]) } else { serde_json::to_string_pretty(&list) };
+                println!("{}", v.map_err(|e| Failure::new(exit::INTERNAL, e))?);
+            } else {
+                for s in &list {
+                    print!("{}", render::status_table(s));
+                }
+            }
+            Ok(())
+        }
+        Cmd::Ping => {
+            let v: serde_json::Value = call(&me.admin_socket, &Request::Ping)?;
+            println!("agent for {} is running (pid {})", v["node"].as_str().unwrap_or("?"), v["pid"]);
+            Ok(())
+        }
+    }
+}
+
+/// Send one request to the local agent and decode its result.
+fn call<T: serde::de::DeserializeOwned>(socket: &std::path::Path, req: &Request) -> Result<T, Failure> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(exit::INTERNAL, e))?;
+    let resp = rt.block_on(admin::request(socket, req)).map_err(|e| match e {
+        admin::ClientError::Connect { .. } => Failure::new(exit::AGENT_UNREACHABLE, e),
+        other => Failure::new(exit::INTERNAL, other),
+    })?;
+    let value = resp.into_result()?;
+    serde_json::from_value(value).map_err(|e| Failure::new(exit::INTERNAL, format!("unexpected answer from the agent: {e}")))
+}

@@ -1,0 +1,168 @@
+//! The agent process: load the config, attach every resource of this node,
+//! serve the admin socket, and shut down gracefully on SIGTERM/SIGINT
+//! (deactivate what is active: drain, flush, record state).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::admin::{self, AccessPolicy, AdminError, Request, Response};
+use crate::config::{Config, ConfigError};
+use crate::resource::{AttachError, Resource};
+
+/// Why the agent could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A resource could not be attached.
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// The admin socket could not be created.
+    #[error("admin socket {path}: {source}")]
+    AdminSocket {
+        /// Socket path.
+        path: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Runtime or signal setup failed.
+    #[error("agent runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Everything the agent serves on this node.
+#[derive(Debug)]
+pub struct Agent {
+    /// This node's name.
+    pub node: String,
+    /// Attached resources, in config order.
+    pub resources: Vec<Arc<Resource>>,
+}
+
+impl Agent {
+    fn find(&self, name: &str) -> Result<&Arc<Resource>, AdminError> {
+        self.resources.iter().find(|r| r.name == name).ok_or_else(|| {
+            AdminError::not_found(name, &self.resources.iter().map(|r| r.name.clone()).collect::<Vec<_>>())
+        })
+    }
+
+    /// Answer one admin request.
+    pub async fn handle(&self, req: Request) -> Response {
+        tracing::debug!(?req, "admin request");
+        match req {
+            Request::Ping => Response::ok(serde_json::json!({ "node": self.node, "pid": std::process::id() })),
+            Request::Status { resource: Some(name) } => match self.find(&name) {
+                Ok(r) => Response::ok(r.status().await),
+                Err(e) => Response::err(e),
+            },
+            Request::Status { resource: None } => {
+                let mut all = Vec::new();
+                for r in &self.resources {
+                    all.push(r.status().await);
+                }
+                Response::ok(all)
+            }
+            Request::Activate { resource, nomount } => {
+                let r = match self.find(&resource) {
+                    Ok(r) => r,
+                    Err(e) => return Response::err(e),
+                };
+                log_outcome("activate", &resource, r.activate(nomount).await)
+            }
+            Request::Deactivate { resource } => {
+                let r = match self.find(&resource) {
+                    Ok(r) => r,
+                    Err(e) => return Response::err(e),
+                };
+                log_outcome("deactivate", &resource, r.deactivate().await)
+            }
+        }
+    }
+
+    /// Deactivate every active resource (graceful shutdown).
+    async fn shutdown(&self) {
+        for r in &self.resources {
+            if r.is_active().await {
+                if let Err(e) = r.deactivate().await {
+                    tracing::error!(resource = %r.name, "deactivation at shutdown failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn log_outcome(op: &str, resource: &str, r: Result<crate::status::ResourceStatus, AdminError>) -> Response {
+    match r {
+        Ok(s) => Response::ok(s),
+        Err(e) => {
+            tracing::warn!(resource, "{op} refused: {}", e.message);
+            Response::err(e)
+        }
+    }
+}
+
+/// Run the agent for `node` until SIGTERM or SIGINT.
+pub fn run(config_path: &Path, node: &str) -> Result<(), DaemonError> {
+    let config = Config::load(config_path)?;
+    config.node_check(node)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(DaemonError::Runtime)?;
+    rt.block_on(run_async(config, node.to_string()))
+}
+
+async fn run_async(config: Config, node: String) -> Result<(), DaemonError> {
+    let me = config.node_check(&node)?.clone();
+    let mut resources = Vec::new();
+    for rc in &config.resources {
+        resources.push(Arc::new(Resource::attach(&config, rc, &node).await?));
+    }
+    let agent = Arc::new(Agent { node: node.clone(), resources });
+
+    let policy = AccessPolicy::for_current_process(config.cluster.admin_group.as_deref()).map_err(|source| {
+        DaemonError::AdminSocket { path: me.admin_socket.display().to_string(), source }
+    })?;
+    let listener = admin::bind_admin_socket(&me.admin_socket, &policy)
+        .map_err(|source| DaemonError::AdminSocket { path: me.admin_socket.display().to_string(), source })?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
+    tracing::info!(
+        node = %node,
+        admin_socket = %me.admin_socket.display(),
+        resources = %agent.resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(","),
+        "agent ready"
+    );
+    let policy = Arc::new(policy);
+    let mut admin_tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let agent = Arc::clone(&agent);
+                    let policy = Arc::clone(&policy);
+                    admin_tasks.spawn(async move {
+                        admin::serve_connection(stream, &policy, |req| {
+                            let agent = Arc::clone(&agent);
+                            async move { agent.handle(req).await }
+                        }).await;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("admin accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = admin_tasks.join_next(), if !admin_tasks.is_empty() => {}
+        }
+    }
+    // Stop taking admin requests, then wind the resources down.
+    let _ = std::fs::remove_file(&me.admin_socket);
+    admin_tasks.abort_all();
+    while admin_tasks.join_next().await.is_some() {}
+    agent.shutdown().await;
+    tracing::info!("agent stopped");
+    Ok(())
+}

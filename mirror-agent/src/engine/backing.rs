@@ -1,0 +1,263 @@
+//! The backing store under an engine: a regular file or a block device.
+//!
+//! Shared by the io_uring and portable engines: opening (with or without
+//! O_DIRECT), size, direct-I/O alignment, range checks, and the blocking
+//! "make this range read as zeroes" primitives (fallocate, BLKZEROOUT).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+// Block-device ioctls missing from the libc crate. Encoded with the
+// asm-generic _IO/_IOR layout (x86_64, aarch64, riscv64).
+const BLKGETSIZE64: libc::Ioctl = 0x8008_1272; // _IOR(0x12, 114, size_t)
+const BLKZEROOUT: libc::Ioctl = 0x127f; // _IO(0x12, 127), arg: [u64; 2]
+
+/// What the path refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    File,
+    /// Block device with its logical block size (BLKSSZGET).
+    BlockDevice { logical_block: u32 },
+}
+
+/// An opened backing store.
+#[derive(Debug)]
+pub(crate) struct Backing {
+    pub file: File,
+    pub kind: Kind,
+    pub size: u64,
+}
+
+/// `EINVAL` etc. as an `io::Error` with `raw_os_error` set.
+pub(crate) fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+/// Open read-write, optionally with O_DIRECT.
+pub(crate) fn open(path: &Path, direct: bool) -> io::Result<Backing> {
+    let mut oo = OpenOptions::new();
+    oo.read(true).write(true);
+    if direct {
+        oo.custom_flags(libc::O_DIRECT);
+    }
+    let file = oo.open(path)?;
+    let meta = file.metadata()?;
+    let ft = meta.file_type();
+    let (kind, size) = if ft.is_block_device() {
+        let lbs = blk_logical_block_size(&file)?;
+        (Kind::BlockDevice { logical_block: lbs }, blk_size(&file)?)
+    } else if ft.is_file() {
+        (Kind::File, meta.len())
+    } else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: neither a regular file nor a block device", path.display()),
+        ));
+    };
+    Ok(Backing { file, kind, size })
+}
+
+fn blk_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to
+    // a live, writable u64; the fd is open for the duration of the call.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+fn blk_logical_block_size(file: &File) -> io::Result<u32> {
+    let mut lbs: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points to a
+    // live, writable c_int.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut lbs as *mut libc::c_int) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lbs.max(512) as u32)
+}
+
+/// Direct-I/O alignment: `(offset_and_length_align, memory_align)`, or
+/// `None` if the kernel reports that this file cannot do direct I/O.
+///
+/// Preference order: `statx(STATX_DIOALIGN)` (exact, Linux 6.1+), then the
+/// logical block size for block devices, then `st_blksize` for files (at
+/// least 512; conservative: any multiple of the real requirement works, and a
+/// 512-byte guess would fail on 4Kn disks).
+pub(crate) fn dio_alignment(file: &File, kind: Kind) -> Option<(usize, usize)> {
+    let mut stx = MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: the path is a valid NUL-terminated empty string used with
+    // AT_EMPTY_PATH on an open fd; `stx` is a writable statx buffer that the
+    // kernel fills (it is zero-initialised, so every field is initialised
+    // whatever the kernel writes).
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            stx.as_mut_ptr(),
+        )
+    };
+    if r == 0 {
+        // SAFETY: zero-initialised above, and statx succeeded.
+        let stx = unsafe { stx.assume_init() };
+        if stx.stx_mask & libc::STATX_DIOALIGN != 0 {
+            if stx.stx_dio_offset_align == 0 {
+                return None;
+            }
+            let off = stx.stx_dio_offset_align as usize;
+            let mem = (stx.stx_dio_mem_align as usize).max(1);
+            return Some((off, mem));
+        }
+    }
+    match kind {
+        Kind::BlockDevice { logical_block } => Some((logical_block as usize, logical_block as usize)),
+        Kind::File => {
+            let bs = file.metadata().map(|m| m.blksize() as usize).unwrap_or(4096);
+            let bs = bs.clamp(512, 65536).next_power_of_two();
+            Some((bs, bs))
+        }
+    }
+}
+
+/// `EINVAL` unless `[offset, offset + len)` lies within `size`.
+pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => {
+            tracing::debug!(offset, len, size, "engine: request beyond end of volume");
+            Err(errno(libc::EINVAL))
+        }
+    }
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    loop {
+        // SAFETY: plain syscall on an open fd; no pointers involved.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+fn blk_zeroout(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: BLKZEROOUT reads two u64 (start, length) through the pointer,
+    // which points to a live array of two u64.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENOTTY))
+}
+
+/// Make `[offset, offset + len)` read as zeroes without writing data buffers
+/// where the backing allows it. Returns the sub-ranges the caller must still
+/// zero with ordinary writes (unsupported operation, or the unaligned edges
+/// of a block-device range). Blocking; run on a blocking thread.
+///
+/// - File, `trim`: `fallocate(PUNCH_HOLE|KEEP_SIZE)`, else `ZERO_RANGE`.
+/// - File, `!trim`: `fallocate(ZERO_RANGE|KEEP_SIZE)`: stays allocated.
+/// - Block device, `trim`: `fallocate(PUNCH_HOLE|KEEP_SIZE)` on the device
+///   (the kernel guarantees zeroes and may unmap), else `BLKZEROOUT`.
+/// - Block device, `!trim`: `BLKZEROOUT`, which the kernel issues with
+///   NOUNMAP semantics (blocks stay provisioned).
+pub(crate) fn zero_range_blocking(file: &File, kind: Kind, offset: u64, len: u64, trim: bool) -> io::Result<Vec<(u64, u64)>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    match kind {
+        Kind::File => {
+            let keep = libc::FALLOC_FL_KEEP_SIZE;
+            if trim {
+                match fallocate(file, libc::FALLOC_FL_PUNCH_HOLE | keep, offset, len) {
+                    Ok(()) => return Ok(Vec::new()),
+                    Err(e) if unsupported(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            match fallocate(file, libc::FALLOC_FL_ZERO_RANGE | keep, offset, len) {
+                Ok(()) => Ok(Vec::new()),
+                Err(e) if unsupported(&e) => Ok(vec![(offset, len)]),
+                Err(e) => Err(e),
+            }
+        }
+        Kind::BlockDevice { logical_block } => {
+            let lb = logical_block as u64;
+            let end = offset + len;
+            let mid_start = offset.div_ceil(lb) * lb;
+            let mid_end = end / lb * lb;
+            if mid_start >= mid_end {
+                return Ok(vec![(offset, len)]);
+            }
+            let mut rest = Vec::new();
+            if mid_start > offset {
+                rest.push((offset, mid_start - offset));
+            }
+            if end > mid_end {
+                rest.push((mid_end, end - mid_end));
+            }
+            let mlen = mid_end - mid_start;
+            if trim {
+                match fallocate(file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, mid_start, mlen) {
+                    Ok(()) => return Ok(rest),
+                    Err(e) if unsupported(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            blk_zeroout(file, mid_start, mlen)?;
+            Ok(rest)
+        }
+    }
+}
+
+/// See [`super::create_data_file`].
+pub(crate) fn create_data_file(path: &Path, size: u64) -> io::Result<()> {
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        let have = blk_size(&file)?;
+        if have < size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: block device has {have} bytes, {size} needed", path.display()),
+            ));
+        }
+        return Ok(());
+    }
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: neither a regular file nor a block device", path.display()),
+        ));
+    }
+    let have = meta.len();
+    if have > size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: existing file has {have} bytes, refusing to shrink it to {size}", path.display()),
+        ));
+    }
+    if have < size {
+        // set_len extends sparsely: no blocks are allocated.
+        file.set_len(size)?;
+        file.sync_all()?;
+    }
+    Ok(())
+}

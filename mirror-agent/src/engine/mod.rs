@@ -1,0 +1,185 @@
+//! Local block I/O engines.
+//!
+//! Every byte the agent reads from or writes to a data partition goes through
+//! [`BlockEngine`], so that the NBD server, replication and resync are written
+//! once and tests can swap the engine for one that injects faults.
+//!
+//! Requests own their buffers (`Bytes` in, `Vec<u8>`-like out): an io_uring
+//! submission must not borrow memory that the caller could free before the
+//! completion arrives.
+//!
+//! Errors are `std::io::Error` carrying the OS errno (`raw_os_error()`), so the
+//! NBD layer can map EIO/ENOSPC/... to the matching NBD error per request.
+//! Errors the engine detects itself use the errno a syscall would have
+//! returned (a range past the end is `EINVAL`, a file that shrank under us is
+//! `EIO`), so `raw_os_error()` is always set.
+//!
+//! Module map:
+//!
+//! - [`uring`]: [`UringEngine`], io_uring on a dedicated ring thread, O_DIRECT
+//!   where the backing supports it (read-modify-write for unaligned writes).
+//! - [`portable`]: [`PortableEngine`], `pread`/`pwrite` on tokio's blocking
+//!   pool, buffered I/O; for kernels without io_uring and as a reference.
+//! - [`fault`]: [`FaultyEngine`], wraps any engine and injects errors, torn
+//!   writes and a crash point by rules (tests).
+//! - `backing` (private): opening the file or block device, its size and
+//!   direct-I/O alignment, and the blocking discard/zeroing primitives
+//!   (fallocate, BLKZEROOUT) both real engines share.
+//! - [`open`] picks and builds an engine from [`EngineOptions`];
+//!   [`create_data_file`] makes the sparse data file for `mdctrl init`.
+
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+mod backing;
+pub mod fault;
+pub mod portable;
+pub mod uring;
+
+pub use fault::{FaultAction, FaultCounters, FaultOp, FaultRule, FaultTrigger, FaultyEngine};
+pub use portable::PortableEngine;
+pub use uring::UringEngine;
+
+/// A boxed, sendable future returned by engine operations.
+pub type EngineFuture<T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'static>>;
+
+/// A block device or file that serves positioned reads and writes.
+///
+/// Implementations must be safe to call concurrently from many tasks; there is
+/// no ordering between requests in flight at the same time (as in NBD), but a
+/// request issued after another one *completed* observes its effects.
+pub trait BlockEngine: Send + Sync + 'static {
+    /// Size of the volume in bytes.
+    fn size(&self) -> u64;
+
+    /// Short engine name for status and logs (`"io_uring"`, `"portable"`, ...).
+    fn name(&self) -> &'static str;
+
+    /// Read exactly `len` bytes at `offset`. Reading past the end is an error
+    /// (`EINVAL`); callers bound requests first.
+    fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>>;
+
+    /// Write `data` at `offset`. With `fua`, the data is on stable storage
+    /// when the future resolves (RWF_DSYNC / O_DSYNC / write + fdatasync).
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> EngineFuture<()>;
+
+    /// Make every write that completed before this call durable (fdatasync).
+    fn flush(&self) -> EngineFuture<()>;
+
+    /// Discard (trim) a range: afterwards it reads as zeroes (punch hole on
+    /// files, BLKDISCARD + zeroing guarantee on devices, else explicit zeroes).
+    fn discard(&self, offset: u64, len: u64) -> EngineFuture<()>;
+
+    /// Write zeroes to a range. With `may_trim`, the engine may deallocate
+    /// (punch a hole); without it (NBD `NO_HOLE`), the range stays allocated.
+    /// With `fua`, the result is durable when the future resolves.
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> EngineFuture<()>;
+
+    /// One-line description for status output, e.g.
+    /// `"io_uring, O_DIRECT (align 512)"`. Defaults to [`BlockEngine::name`].
+    fn describe(&self) -> String {
+        self.name().to_string()
+    }
+}
+
+/// Which engine [`open`] builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// io_uring if the kernel allows creating a ring, else portable.
+    #[default]
+    Auto,
+    /// io_uring or fail.
+    #[serde(rename = "io_uring", alias = "io-uring", alias = "iouring")]
+    IoUring,
+    /// Thread-pool `pread`/`pwrite`.
+    Portable,
+}
+
+/// Whether to bypass the page cache (O_DIRECT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirectIo {
+    /// O_DIRECT when the backing accepts it, else buffered (logged).
+    #[default]
+    Auto,
+    /// O_DIRECT or fail to open (io_uring engine only).
+    On,
+    /// Always buffered.
+    Off,
+}
+
+/// Options for [`open`] (the `[engine]`-style config section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineOptions {
+    /// Engine choice.
+    pub kind: EngineKind,
+    /// O_DIRECT policy.
+    pub direct_io: DirectIo,
+    /// Maximum requests in flight in the engine; more wait (backpressure).
+    pub queue_depth: u32,
+}
+
+/// Default [`EngineOptions::queue_depth`].
+pub const DEFAULT_QUEUE_DEPTH: u32 = 128;
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { kind: EngineKind::Auto, direct_io: DirectIo::Auto, queue_depth: DEFAULT_QUEUE_DEPTH }
+    }
+}
+
+/// Open `path` (regular file or block device, read-write) with the engine
+/// `opts` selects. With [`EngineKind::Auto`], io_uring is used when a probe
+/// ring can be created; EPERM/ENOSYS (seccomp, `io_uring_disabled`, old
+/// kernel) and other setup errors fall back to the portable engine. The choice
+/// and its reason are logged with `tracing::info!`.
+pub fn open(path: &Path, opts: &EngineOptions) -> io::Result<Arc<dyn BlockEngine>> {
+    let depth = opts.queue_depth.max(1);
+    let use_uring = match opts.kind {
+        EngineKind::IoUring => true,
+        EngineKind::Portable => false,
+        EngineKind::Auto => match uring::probe() {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "engine: io_uring (probe ring created)");
+                true
+            }
+            Err(e) => {
+                tracing::info!(path = %path.display(), error = %e, "engine: portable (io_uring unavailable)");
+                false
+            }
+        },
+    };
+    if use_uring {
+        let eng = UringEngine::open(path, opts.direct_io, depth)?;
+        tracing::info!(path = %path.display(), engine = %eng.describe(), "engine opened");
+        Ok(Arc::new(eng))
+    } else {
+        if opts.direct_io == DirectIo::On {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "direct_io = \"on\" needs the io_uring engine; the portable engine is buffered",
+            ));
+        }
+        let eng = PortableEngine::open(path, depth)?;
+        tracing::info!(path = %path.display(), engine = %eng.describe(), "engine opened");
+        Ok(Arc::new(eng))
+    }
+}
+
+/// Create a sparse data file of `size` bytes at `path` if it does not exist.
+///
+/// An existing file smaller than `size` is grown (sparsely); one larger than
+/// `size` is refused (`ErrorKind::InvalidInput`, message with both sizes)
+/// rather than shrunk, which would destroy data. A block device is accepted
+/// if it is at least `size` bytes.
+pub fn create_data_file(path: &Path, size: u64) -> io::Result<()> {
+    backing::create_data_file(path, size)
+}

@@ -1,0 +1,565 @@
+//! One connection: handshake, then the transmission phase.
+//!
+//! Transmission runs three kinds of tasks:
+//!
+//! - the **reader** (this connection's task) parses request headers,
+//!   validates them, obtains in-flight permits (bytes per connection, bytes
+//!   globally, requests per connection), reads write payloads and spawns one
+//!   task per request; while permits are exhausted it stops reading, which is
+//!   the backpressure;
+//! - **request tasks** call the [`BlockEngine`](crate::engine::BlockEngine)
+//!   and queue their reply, carrying the permits with it;
+//! - the **writer** serialises replies from a bounded channel onto the
+//!   socket and releases the permits once a reply is written.
+//!
+//! Replies are therefore sent in completion order, not request order.
+//! A write is handed to the engine only after its whole payload arrived, so a
+//! client vanishing mid-payload never causes a partial write or a reply.
+//! On `NBD_CMD_DISC`, end of stream or an error, the reader stops, waits for
+//! the requests in flight, lets the writer flush, and closes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::error::NbdError;
+use super::handshake::{self, Outcome, Session};
+use super::input::Input;
+use super::proto::*;
+use super::server::{Export, Gauge, GaugeGuard, NbdServer};
+
+/// Largest write payload the server will read (and drop) in order to answer
+/// an invalid write with an error instead of closing. The protocol asks
+/// servers not to treat lengths below 2^25 as denial of service.
+const MIN_SKIPPABLE_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+/// Serves one connection; logs and returns why it ended.
+pub(crate) async fn run<S>(server: Arc<NbdServer>, stream: S, guard: GaugeGuard, peer: String) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let _conn = guard;
+    let result = serve(&server, stream).await;
+    match &result {
+        Ok(()) => tracing::debug!(%peer, "NBD connection closed"),
+        Err(NbdError::Shutdown) => tracing::info!(%peer, "NBD connection closed: server shutting down"),
+        Err(e) => tracing::warn!(%peer, reason = %e, "NBD connection closed"),
+    }
+    result
+}
+
+async fn serve<S>(server: &Arc<NbdServer>, stream: S) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut input = Input::new(rd);
+    let mut shutdown = server.subscribe_shutdown();
+    let timeout = server.limits.handshake_timeout;
+    let outcome = tokio::time::timeout(timeout, handshake::negotiate(server, &mut input, &mut wr, &mut shutdown))
+        .await
+        .map_err(|_| NbdError::HandshakeTimeout(timeout))??;
+    match outcome {
+        Outcome::Aborted => Ok(()),
+        Outcome::Transmission(session) => transmission(server, session, input, wr, shutdown).await,
+    }
+}
+
+/// Permits held by a request from admission until its reply is written.
+#[derive(Debug)]
+struct Permits {
+    _request: OwnedSemaphorePermit,
+    _conn_bytes: Option<OwnedSemaphorePermit>,
+    _global_bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// A reply on its way to the writer.
+#[derive(Debug)]
+struct Outgoing {
+    handle: u64,
+    body: ReplyBody,
+    /// Released after the reply is written.
+    _permits: Option<Permits>,
+}
+
+#[derive(Debug)]
+enum ReplyBody {
+    /// Success without data.
+    Done,
+    /// Successful read.
+    Data { offset: u64, data: Vec<u8> },
+    /// Failure; `offset` is set for engine errors of ranged commands
+    /// (structured `ERROR_OFFSET`), `is_read` forces a structured reply.
+    Error { errno: u32, offset: Option<u64>, message: String },
+}
+
+/// An admitted request ready for the engine.
+#[derive(Debug)]
+enum Op {
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, data: Bytes, fua: bool },
+    Flush,
+    Trim { offset: u64, len: u32, fua: bool },
+    WriteZeroes { offset: u64, len: u32, may_trim: bool, fua: bool },
+}
+
+/// The verdict on a request header.
+#[derive(Debug)]
+enum Verdict {
+    Execute,
+    Disconnect,
+    Reject { errno: u32, message: String },
+}
+
+/// Checks a request against the negotiated session (spec "Error values" and
+/// "Block size constraints"): unknown command or flag, bad alignment, zero
+/// or oversized length -> EINVAL; read-only -> EPERM; past the end ->
+/// ENOSPC for writes and write-zeroes, EINVAL for reads and trims.
+fn validate(h: &RequestHeader, e: &Export, structured: bool) -> Verdict {
+    let reject = |errno: u32, message: String| Verdict::Reject { errno, message };
+    let allowed = match h.kind {
+        CMD_READ if structured => CMD_FLAG_FUA | CMD_FLAG_DF,
+        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_DISC => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        other => return reject(NBD_EINVAL, format!("unknown command {other}")),
+    };
+    if h.flags & !allowed != 0 {
+        return reject(NBD_EINVAL, format!("command {} does not accept flags {:#06x}", h.kind, h.flags & !allowed));
+    }
+    match h.kind {
+        CMD_DISC => return Verdict::Disconnect,
+        CMD_FLUSH => {
+            if h.offset != 0 || h.length != 0 {
+                return reject(NBD_EINVAL, "flush offset and length must be zero".into());
+            }
+            return Verdict::Execute;
+        }
+        _ => {}
+    }
+    let writes = h.kind != CMD_READ;
+    if writes && e.read_only {
+        return reject(NBD_EPERM, "export is read-only".into());
+    }
+    if h.length == 0 {
+        return reject(NBD_EINVAL, "zero-length request".into());
+    }
+    let b = e.block_sizes;
+    let min = b.minimum as u64;
+    if !h.offset.is_multiple_of(min) || !(h.length as u64).is_multiple_of(min) {
+        return reject(NBD_EINVAL, format!("offset {} / length {} not aligned to {}", h.offset, h.length, b.minimum));
+    }
+    if h.kind != CMD_TRIM && h.length > b.maximum {
+        return reject(NBD_EINVAL, format!("length {} above maximum block size {}", h.length, b.maximum));
+    }
+    let size = e.engine.size();
+    let beyond = h.offset.checked_add(h.length as u64).is_none_or(|end| end > size);
+    if beyond {
+        let errno = if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) { NBD_ENOSPC } else { NBD_EINVAL };
+        return reject(errno, format!("range {}+{} beyond export size {}", h.offset, h.length, size));
+    }
+    Verdict::Execute
+}
+
+/// Signals from the writer to the reader.
+#[derive(Debug, Default)]
+struct WriterState {
+    dead: AtomicBool,
+    notify: Notify,
+}
+
+enum Event {
+    Header(std::io::Result<bool>),
+    WriterDead,
+    GraceExpired,
+}
+
+async fn transmission<R, W>(
+    server: &Arc<NbdServer>,
+    session: Session,
+    mut input: Input<R>,
+    wr: W,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), NbdError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let export = server.exports[session.export].clone();
+    let structured = session.structured;
+    let limits = server.limits.clone();
+    let conn_bytes = Arc::new(Semaphore::new(limits.conn_inflight_bytes));
+    let conn_requests = Arc::new(Semaphore::new(limits.conn_inflight_requests));
+    let (tx, rx) = mpsc::channel::<Outgoing>(limits.reply_queue);
+    let wstate = Arc::new(WriterState::default());
+    let mut writer = {
+        let guard = server.gauge(Gauge::Task);
+        let wstate = Arc::clone(&wstate);
+        tokio::spawn(async move {
+            let _task = guard;
+            writer_task(wr, rx, structured, wstate).await
+        })
+    };
+
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut shutting = *shutdown.borrow();
+    let mut grace: Option<Instant> = shutting.then(|| Instant::now() + limits.shutdown_grace);
+    let max_payload = export.block_sizes.maximum.max(MIN_SKIPPABLE_PAYLOAD);
+
+    // `reader` returns how the loop ended; the cleanup below always runs.
+    let result: Result<(), NbdError> = 'reader: loop {
+        if shutting && tasks.is_empty() {
+            break Err(NbdError::Shutdown);
+        }
+        let event = tokio::select! {
+            biased;
+            _ = wait_dead(&wstate) => Event::WriterDead,
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = joined {
+                    tracing::error!(error = %e, "NBD request task failed");
+                }
+                continue;
+            }
+            r = shutdown.wait_for(|s| *s), if !shutting => {
+                let _ = r;
+                shutting = true;
+                grace = Some(Instant::now() + limits.shutdown_grace);
+                continue;
+            }
+            _ = sleep_until_opt(grace) => Event::GraceExpired,
+            r = input.fill(REQUEST_HEADER_LEN) => Event::Header(r),
+        };
+        let got = match event {
+            Event::WriterDead => break Err(writer_failed()),
+            Event::GraceExpired => break Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace)),
+            Event::Header(Err(source)) => break Err(NbdError::Io { phase: "request header", source }),
+            Event::Header(Ok(got)) => got,
+        };
+        if !got {
+            if input.buf.is_empty() {
+                // Hard disconnect between requests: not an error of ours.
+                tracing::debug!("NBD client closed the connection without NBD_CMD_DISC");
+                break Ok(());
+            }
+            break Err(NbdError::Truncated { what: "request header", got: input.buf.len(), expected: REQUEST_HEADER_LEN });
+        }
+        let h = match RequestHeader::decode(&input.buf[..REQUEST_HEADER_LEN]) {
+            Ok(Some(h)) => h,
+            Ok(None) => unreachable!("fill() guaranteed a full header"),
+            Err(e) => break Err(e.into()),
+        };
+        input.buf.advance(REQUEST_HEADER_LEN);
+        server.counters.requests.fetch_add(1, Ordering::Relaxed);
+
+        let payload_len = if h.kind == CMD_WRITE { h.length } else { 0 };
+        if payload_len > max_payload {
+            break Err(NbdError::PayloadTooLarge { offset: h.offset, length: h.length, bound: max_payload });
+        }
+
+        let mut verdict = validate(&h, &export, structured);
+        if shutting && matches!(verdict, Verdict::Execute) {
+            verdict = Verdict::Reject { errno: NBD_ESHUTDOWN, message: "server shutting down".into() };
+        }
+
+        // Admission: permits before the payload is read, so memory stays bounded.
+        let mut permits = None;
+        if matches!(verdict, Verdict::Execute) {
+            let data_bytes = match h.kind {
+                CMD_READ | CMD_WRITE => h.length,
+                _ => 0,
+            };
+            let acquire = acquire_permits(&conn_requests, &conn_bytes, &server.global_bytes, data_bytes);
+            tokio::select! {
+                biased;
+                _ = wait_dead(&wstate) => break 'reader Err(writer_failed()),
+                r = shutdown.wait_for(|s| *s), if !shutting => {
+                    let _ = r;
+                    shutting = true;
+                    grace = Some(Instant::now() + limits.shutdown_grace);
+                    verdict = Verdict::Reject { errno: NBD_ESHUTDOWN, message: "server shutting down".into() };
+                }
+                _ = sleep_until_opt(grace) => break 'reader Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace)),
+                p = acquire => permits = Some(p),
+            }
+        }
+
+        match verdict {
+            Verdict::Disconnect => {
+                tracing::debug!("NBD_CMD_DISC received");
+                break Ok(());
+            }
+            Verdict::Reject { errno, message } => {
+                if payload_len > 0 {
+                    let skipped = tokio::select! {
+                        biased;
+                        _ = wait_dead(&wstate) => break 'reader Err(writer_failed()),
+                        _ = sleep_until_opt(grace) => break 'reader Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace)),
+                        r = input.skip(payload_len as usize) => r,
+                    };
+                    match skipped {
+                        Err(source) => break Err(NbdError::Io { phase: "write payload", source }),
+                        Ok(Err(got)) => break Err(NbdError::Truncated { what: "write payload", got, expected: payload_len as usize }),
+                        Ok(Ok(())) => {}
+                    }
+                }
+                tracing::debug!(handle = h.handle, kind = h.kind, errno, %message, "NBD request rejected");
+                server.counters.errors.fetch_add(1, Ordering::Relaxed);
+                let out = Outgoing { handle: h.handle, body: ReplyBody::Error { errno, offset: None, message }, _permits: None };
+                tokio::select! {
+                    biased;
+                    _ = wait_dead(&wstate) => break 'reader Err(writer_failed()),
+                    _ = sleep_until_opt(grace) => break 'reader Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace)),
+                    r = tx.send(out) => if r.is_err() { break 'reader Err(writer_failed()) },
+                }
+            }
+            Verdict::Execute => {
+                let op = match h.kind {
+                    CMD_READ => Op::Read { offset: h.offset, len: h.length },
+                    CMD_WRITE => {
+                        let read = tokio::select! {
+                            biased;
+                            _ = wait_dead(&wstate) => break 'reader Err(writer_failed()),
+                            _ = sleep_until_opt(grace) => break 'reader Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace)),
+                            r = input.read_payload(h.length as usize) => r,
+                        };
+                        match read {
+                            Err(source) => break Err(NbdError::Io { phase: "write payload", source }),
+                            // Never applied, never acknowledged.
+                            Ok(Err(got)) => break Err(NbdError::Truncated { what: "write payload", got, expected: h.length as usize }),
+                            Ok(Ok(data)) => Op::Write { offset: h.offset, data, fua: h.flags & CMD_FLAG_FUA != 0 },
+                        }
+                    }
+                    CMD_FLUSH => Op::Flush,
+                    CMD_TRIM => Op::Trim { offset: h.offset, len: h.length, fua: h.flags & CMD_FLAG_FUA != 0 },
+                    CMD_WRITE_ZEROES => Op::WriteZeroes {
+                        offset: h.offset,
+                        len: h.length,
+                        may_trim: h.flags & CMD_FLAG_NO_HOLE == 0,
+                        fua: h.flags & CMD_FLAG_FUA != 0,
+                    },
+                    _ => unreachable!("validate() only executes known commands"),
+                };
+                let guard = server.gauge(Gauge::Task);
+                let server = Arc::clone(server);
+                let engine = Arc::clone(&export.engine);
+                let tx = tx.clone();
+                let handle = h.handle;
+                tasks.spawn(async move {
+                    let _task = guard;
+                    let body = execute(&server, engine.as_ref(), op).await;
+                    // If the writer is gone the reply is dropped with its permits.
+                    let _ = tx.send(Outgoing { handle, body, _permits: permits }).await;
+                });
+            }
+        }
+    };
+
+    // Requests already handed to the engine complete and are answered (if
+    // the client is still there) before the connection closes. Only during
+    // shutdown is this bounded: after the grace period (e.g. a client that
+    // stopped reading replies) the remaining tasks and the writer are aborted.
+    let drained = {
+        let drain = async {
+            while let Some(joined) = tasks.join_next().await {
+                if let Err(e) = joined {
+                    tracing::error!(error = %e, "NBD request task failed");
+                }
+            }
+            drop(tx);
+            (&mut writer).await
+        };
+        tokio::select! {
+            r = drain => Some(r),
+            _ = grace_timer(&mut shutdown, grace, limits.shutdown_grace) => None,
+        }
+    };
+    match drained {
+        Some(Ok(())) => {}
+        Some(Err(e)) => tracing::error!(error = %e, "NBD reply writer task failed"),
+        None => {
+            tracing::warn!(in_flight = tasks.len(), "NBD connection not drained within the shutdown grace period; aborting its requests");
+            tasks.abort_all();
+            writer.abort();
+            while tasks.join_next().await.is_some() {}
+            let _ = writer.await;
+            if result.is_ok() {
+                return Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace));
+            }
+        }
+    }
+    result
+}
+
+/// Completes `grace` after shutdown started (or at the given deadline).
+async fn grace_timer(shutdown: &mut watch::Receiver<bool>, grace: Option<Instant>, dur: std::time::Duration) {
+    let deadline = match grace {
+        Some(d) => d,
+        None => {
+            let _ = shutdown.wait_for(|s| *s).await;
+            Instant::now() + dur
+        }
+    };
+    tokio::time::sleep_until(deadline).await
+}
+
+fn writer_failed() -> NbdError {
+    NbdError::Io { phase: "reply write", source: std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reply writer failed") }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_dead(w: &WriterState) {
+    loop {
+        let n = w.notify.notified();
+        tokio::pin!(n);
+        n.as_mut().enable();
+        if w.dead.load(Ordering::SeqCst) {
+            return;
+        }
+        n.await;
+    }
+}
+
+async fn acquire_permits(
+    requests: &Arc<Semaphore>,
+    conn_bytes: &Arc<Semaphore>,
+    global_bytes: &Arc<Semaphore>,
+    bytes: u32,
+) -> Permits {
+    // The semaphores are never closed, so acquisition only waits.
+    let request = Arc::clone(requests).acquire_owned().await.expect("semaphore never closed");
+    let (c, g) = if bytes > 0 {
+        let c = Arc::clone(conn_bytes).acquire_many_owned(bytes).await.expect("semaphore never closed");
+        let g = Arc::clone(global_bytes).acquire_many_owned(bytes).await.expect("semaphore never closed");
+        (Some(c), Some(g))
+    } else {
+        (None, None)
+    };
+    Permits { _request: request, _conn_bytes: c, _global_bytes: g }
+}
+
+async fn execute(server: &NbdServer, engine: &dyn crate::engine::BlockEngine, op: Op) -> ReplyBody {
+    let c = &server.counters;
+    let (offset, result) = match op {
+        Op::Read { offset, len } => {
+            let r = engine.read(offset, len as usize).await.and_then(|data| {
+                if data.len() == len as usize {
+                    Ok(data)
+                } else {
+                    Err(std::io::Error::other(format!("engine returned {} bytes for a {len}-byte read", data.len())))
+                }
+            });
+            match r {
+                Ok(data) => {
+                    c.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    return ReplyBody::Data { offset, data };
+                }
+                Err(e) => (Some(offset), Err(e)),
+            }
+        }
+        Op::Write { offset, data, fua } => {
+            let len = data.len() as u64;
+            let r = engine.write(offset, data, fua).await;
+            if r.is_ok() {
+                c.written_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            (Some(offset), r)
+        }
+        Op::Flush => (None, engine.flush().await),
+        Op::Trim { offset, len, fua } => {
+            let mut r = engine.discard(offset, len as u64).await;
+            if r.is_ok() && fua {
+                r = engine.flush().await;
+            }
+            (Some(offset), r)
+        }
+        Op::WriteZeroes { offset, len, may_trim, fua } => (Some(offset), engine.write_zeroes(offset, len as u64, may_trim, fua).await),
+    };
+    match result {
+        Ok(()) => ReplyBody::Done,
+        Err(e) => {
+            c.errors.fetch_add(1, Ordering::Relaxed);
+            let errno = nbd_errno(&e);
+            tracing::warn!(engine = engine.name(), ?offset, error = %e, nbd_errno = errno, "NBD request failed in the engine");
+            ReplyBody::Error { errno, offset, message: e.to_string() }
+        }
+    }
+}
+
+/// Writes replies in arrival order, flushing when the queue runs dry. After a
+/// socket error it marks the connection dead and keeps draining the queue so
+/// request tasks never block on a full channel.
+async fn writer_task<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoing>, structured: bool, state: Arc<WriterState>) {
+    let mut w = BufWriter::with_capacity(64 * 1024, wr);
+    let mut header = Vec::with_capacity(64);
+    let mut failed = false;
+    while let Some(first) = rx.recv().await {
+        if failed {
+            continue;
+        }
+        let mut next = Some(first);
+        let mut res = Ok(());
+        while let Some(out) = next.take() {
+            res = write_reply(&mut w, &mut header, &out, structured).await;
+            drop(out); // releases the permits
+            if res.is_err() {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if res.is_ok() {
+            res = w.flush().await;
+        }
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "NBD reply write failed");
+            failed = true;
+            state.dead.store(true, Ordering::SeqCst);
+            state.notify.notify_waiters();
+        }
+    }
+    if !failed {
+        let _ = w.shutdown().await;
+    }
+}
+
+async fn write_reply<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    header: &mut Vec<u8>,
+    out: &Outgoing,
+    structured: bool,
+) -> std::io::Result<()> {
+    header.clear();
+    match &out.body {
+        ReplyBody::Done => put_simple_reply(header, 0, out.handle),
+        ReplyBody::Data { offset, data } => {
+            if structured {
+                // One chunk, final: the data is complete in memory, so no
+                // error can be detected while sending it. Lengths are bounded
+                // by the maximum block size (<= 2^32 - 8 checked at config).
+                put_chunk_header(header, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, out.handle, 8 + data.len() as u32);
+                header.extend_from_slice(&offset.to_be_bytes());
+            } else {
+                put_simple_reply(header, 0, out.handle);
+            }
+            w.write_all(header).await?;
+            return w.write_all(data).await;
+        }
+        ReplyBody::Error { errno, offset, message } => {
+            if structured {
+                put_error_chunk(header, out.handle, *errno, *offset, message);
+            } else {
+                put_simple_reply(header, *errno, out.handle);
+            }
+        }
+    }
+    w.write_all(header).await
+}

@@ -1,0 +1,36 @@
+//! # NBD server
+//!
+//! Serves the agent's resources to NBD clients (the Linux kernel client via a
+//! socketpair, `qemu`, `nbdkit`/`libnbd` tools) over unix sockets, TCP or any
+//! byte stream. Follows `doc/proto.md` of the NetworkBlockDevice/nbd project.
+//!
+//! Module map:
+//!
+//! - [`server`]: the public API — [`Export`], [`BlockSizes`], [`Limits`],
+//!   [`NbdServer`] (accept loops, `serve_stream`, `shutdown`, `stats`),
+//!   [`NbdStats`], and the listener helpers [`bind_unix`] / [`bind_tcp`].
+//! - `handshake`: fixed newstyle negotiation (`EXPORT_NAME`, `INFO`, `GO`,
+//!   `LIST`, `ABORT`, `STRUCTURED_REPLY`; everything else `ERR_UNSUP`).
+//! - `conn`: one connection's transmission phase — reader, per-request
+//!   tasks, reply writer; validation, errno mapping, bounded in-flight memory,
+//!   drain on `NBD_CMD_DISC` and on shutdown.
+//! - `input`: cancel-safe buffered reading of the client stream.
+//! - [`proto`]: wire constants and codecs (big-endian, as NBD mandates).
+//! - [`error`]: [`NbdError`], the layer's error (also the reason a
+//!   connection was closed).
+//! - [`testing`]: [`testing::MemEngine`], an in-memory `BlockEngine` for tests.
+//!
+//! Not implemented: TLS (`NBD_OPT_STARTTLS` answers `ERR_UNSUP`), metadata
+//! contexts / `NBD_CMD_BLOCK_STATUS` (`ERR_UNSUP` / `EINVAL`), extended
+//! headers, `NBD_CMD_CACHE` and fast zero (not advertised; `EINVAL`).
+
+mod conn;
+pub mod error;
+mod handshake;
+mod input;
+pub mod proto;
+pub mod server;
+pub mod testing;
+
+pub use error::NbdError;
+pub use server::{bind_tcp, bind_unix, BlockSizes, Export, Limits, NbdServer, NbdStats};

@@ -1,0 +1,96 @@
+//! What `status` reports: one serialisable snapshot per resource, shared by
+//! the agent (which fills it) and `mdctrl` (which renders it as the
+//! `clpmdstat --mirror`-style table or prints it as JSON).
+
+use serde::{Deserialize, Serialize};
+
+/// The role of a node for one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Serving the NBD export (the ancestor's "active").
+    Active,
+    /// Not serving; the resource is attached and ready (the ancestor's "deactive").
+    Inactive,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Active => "active",
+            Role::Inactive => "inactive",
+        })
+    }
+}
+
+/// NBD front-end counters since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdCounters {
+    /// NBD connections open now.
+    pub connections_open: u64,
+    /// NBD connections accepted since the agent started.
+    pub connections_total: u64,
+    /// Requests served (all commands).
+    pub requests: u64,
+    /// Bytes read by clients.
+    pub read_bytes: u64,
+    /// Bytes written by clients.
+    pub written_bytes: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+}
+
+/// State of the local disk as recorded in the cluster partition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// The local data is consistent (not a half-finished resync target).
+    pub consistent: bool,
+    /// A disk error was recorded for the data partition.
+    pub disk_error: bool,
+    /// Regions marked dirty in the local bitmap.
+    pub dirty_regions: u64,
+    /// Regions in the volume.
+    pub total_regions: u64,
+    /// `dirty_regions / total_regions`, in percent.
+    pub difference_percent: f64,
+    /// Last time the metadata recorded a change (unix seconds; informational).
+    pub last_update: Option<u64>,
+    /// When the mirror last broke (unix seconds; informational).
+    pub break_time: Option<u64>,
+    /// Current generation identifier (hex).
+    pub current_generation: String,
+}
+
+/// Snapshot of one resource on this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceStatus {
+    /// Resource name (`md1`).
+    pub resource: String,
+    /// This node's name.
+    pub node: String,
+    /// The peer's name; `None` for a standalone resource.
+    pub peer: Option<String>,
+    /// This node's role.
+    pub role: Role,
+    /// Volume size in bytes.
+    pub size: u64,
+    /// Region size in bytes (granularity of the dirty bitmap).
+    pub region_size: u64,
+    /// Replication mode (`sync`, `semi`, `async`).
+    pub mode: String,
+    /// Local I/O engine in use (`io_uring (O_DIRECT)`, `portable`, ...).
+    pub engine: String,
+    /// Unix socket of the NBD export while active.
+    pub nbd_socket: Option<String>,
+    /// TCP address of the NBD export while active (if configured).
+    pub nbd_tcp: Option<String>,
+    /// NBD counters.
+    pub nbd: NbdCounters,
+    /// Local disk and metadata.
+    pub disk: DiskStatus,
+    /// Mirror colour of this node in the ancestor's sense: GREEN (normal),
+    /// YELLOW (recovering), RED (needs recovery / error), GRAY (unknown).
+    pub color: String,
+    /// One line telling the operator what to do next.
+    pub next_step: String,
+}

@@ -1,0 +1,355 @@
+//! One conformance suite for every block engine, instantiated for:
+//! - `uring_buffered`: io_uring, buffered (`direct_io = off`), file on tmpfs
+//!   (`/dev/shm`) when present, else the temp dir;
+//! - `uring_direct`: io_uring with O_DIRECT (`direct_io = on`) on a file in
+//!   `/var/tmp` (a disk filesystem), so unaligned requests take the
+//!   read-modify-write path;
+//! - `portable`: the thread-pool engine.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use mirror_agent::engine::{self, BlockEngine, DirectIo, EngineKind, EngineOptions, PortableEngine, UringEngine};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const SIZE: u64 = 80 << 20;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    engine: Arc<dyn BlockEngine>,
+}
+
+fn temp_in(base: &str) -> tempfile::TempDir {
+    if Path::new(base).is_dir() {
+        if let Ok(d) = tempfile::Builder::new().prefix("engine-test").tempdir_in(base) {
+            return d;
+        }
+    }
+    tempfile::tempdir().expect("tempdir")
+}
+
+fn make_file(dir: &tempfile::TempDir) -> PathBuf {
+    let path = dir.path().join("data");
+    engine::create_data_file(&path, SIZE).expect("create data file");
+    path
+}
+
+fn uring_buffered() -> Fixture {
+    let dir = temp_in("/dev/shm");
+    let path = make_file(&dir);
+    let e = UringEngine::open(&path, DirectIo::Off, 64).expect("open io_uring");
+    assert!(!e.direct());
+    Fixture { _dir: dir, path, engine: Arc::new(e) }
+}
+
+fn uring_direct() -> Fixture {
+    let dir = temp_in("/var/tmp");
+    let path = make_file(&dir);
+    let e = UringEngine::open(&path, DirectIo::On, 64).expect("open io_uring with O_DIRECT");
+    assert!(e.direct(), "{}", e.describe());
+    assert!(e.alignment() >= 512, "{}", e.describe());
+    Fixture { _dir: dir, path, engine: Arc::new(e) }
+}
+
+fn portable() -> Fixture {
+    let dir = temp_in("/var/tmp");
+    let path = make_file(&dir);
+    let e = PortableEngine::open(&path, 64).expect("open portable");
+    Fixture { _dir: dir, path, engine: Arc::new(e) }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v[..]);
+    v
+}
+
+async fn write(e: &Arc<dyn BlockEngine>, off: u64, data: &[u8]) {
+    e.write(off, Bytes::copy_from_slice(data), false).await.unwrap_or_else(|err| panic!("write {off}+{}: {err}", data.len()));
+}
+
+async fn read(e: &Arc<dyn BlockEngine>, off: u64, len: usize) -> Vec<u8> {
+    let v = e.read(off, len).await.unwrap_or_else(|err| panic!("read {off}+{len}: {err}"));
+    assert_eq!(v.len(), len);
+    v
+}
+
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+        panic!("{what}: first difference at byte {i} (len got {} want {})", got.len(), want.len());
+    }
+}
+
+mod checks {
+    use super::*;
+
+    pub async fn size(f: &Fixture) {
+        assert_eq!(f.engine.size(), SIZE);
+        assert!(!f.engine.describe().is_empty());
+    }
+
+    pub async fn round_trip(f: &Fixture) {
+        let e = &f.engine;
+        let mut model = vec![0u8; SIZE as usize];
+        let mut rng = StdRng::seed_from_u64(7);
+        // Fixed awkward cases first, then random ones.
+        let mut cases: Vec<(u64, usize)> =
+            vec![(0, 1), (1, 1), (511, 1), (3, 511), (513, 511), (4095, 4097), (12345, 4097), (SIZE - 1, 1), (SIZE - 4097, 4097), (8192, 4096), (0, 512)];
+        for _ in 0..150 {
+            let len = match rng.gen_range(0..4) {
+                0 => rng.gen_range(1..600),
+                1 => rng.gen_range(1..70_000),
+                2 => rng.gen_range(1..8) * 4096,
+                _ => rng.gen_range(1..1_000_000),
+            };
+            let off = rng.gen_range(0..SIZE - len as u64);
+            cases.push((off, len));
+        }
+        for (i, &(off, len)) in cases.iter().enumerate() {
+            let data = pattern(i as u64 + 1000, len);
+            write(e, off, &data).await;
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+            let back = read(e, off, len).await;
+            assert_same(&back, &data, &format!("case {i}: {off}+{len}"));
+            // An unaligned read overlapping the edges of the write.
+            let lo = off.saturating_sub(3);
+            let hi = (off + len as u64 + 5).min(SIZE);
+            let back = read(e, lo, (hi - lo) as usize).await;
+            assert_same(&back, &model[lo as usize..hi as usize], &format!("case {i} with edges"));
+        }
+        let chunk = 8 << 20;
+        let mut off = 0u64;
+        while off < SIZE {
+            let n = chunk.min((SIZE - off) as usize);
+            let back = read(e, off, n).await;
+            assert_same(&back, &model[off as usize..off as usize + n], &format!("final sweep at {off}"));
+            off += n as u64;
+        }
+        // Zero-length requests are no-ops.
+        assert!(e.read(5, 0).await.expect("empty read").is_empty());
+        e.write(5, Bytes::new(), false).await.expect("empty write");
+    }
+
+    pub async fn large(f: &Fixture) {
+        let e = &f.engine;
+        let len = 32 << 20;
+        for (seed, off) in [(1u64, 4096u64 * 3), (2, 1_000_001)] {
+            let data = pattern(seed, len);
+            write(e, off, &data).await;
+            let back = read(e, off, len).await;
+            assert_same(&back, &data, &format!("32 MiB at {off}"));
+        }
+    }
+
+    pub async fn concurrent(f: &Fixture) {
+        // 64 tasks, disjoint regions whose edges share blocks (odd sizes), so
+        // unaligned writes in neighbouring regions touch the same blocks.
+        let region = 100_003u64;
+        let mut tasks = Vec::new();
+        for t in 0..64u64 {
+            let e = f.engine.clone();
+            tasks.push(tokio::spawn(async move {
+                let base = t * region;
+                // Several writes per task: whole region, then sub-ranges.
+                let mut content = pattern(t, region as usize);
+                e.write(base, Bytes::from(content.clone()), false).await.expect("write");
+                let mut rng = StdRng::seed_from_u64(t + 99);
+                for k in 0..4 {
+                    let len = rng.gen_range(1..20_000usize);
+                    let off = rng.gen_range(0..region - len as u64);
+                    let d = pattern(t * 100 + k, len);
+                    e.write(base + off, Bytes::from(d.clone()), k % 2 == 0).await.expect("write");
+                    content[off as usize..off as usize + len].copy_from_slice(&d);
+                }
+                content
+            }));
+        }
+        let mut contents = Vec::new();
+        for t in tasks {
+            contents.push(t.await.expect("task"));
+        }
+        for (t, want) in contents.iter().enumerate() {
+            let back = read(&f.engine, t as u64 * region, region as usize).await;
+            assert_same(&back, want, &format!("task {t} region"));
+        }
+    }
+
+    pub async fn fua_and_flush(f: &Fixture) {
+        let e = &f.engine;
+        let d = pattern(5, 10_000);
+        e.write(777, Bytes::from(d.clone()), true).await.expect("fua write");
+        e.flush().await.expect("flush");
+        assert_same(&read(e, 777, d.len()).await, &d, "after fua");
+        e.write_zeroes(777, 100, false, true).await.expect("fua write_zeroes");
+        assert!(read(e, 777, 100).await.iter().all(|&b| b == 0));
+    }
+
+    fn blocks(p: &Path) -> u64 {
+        std::fs::metadata(p).expect("stat").blocks()
+    }
+
+    pub async fn discard_reads_zeroes(f: &Fixture) {
+        let e = &f.engine;
+        let base = 4 << 20;
+        let d = pattern(11, 2 << 20);
+        write(e, base, &d).await;
+        e.flush().await.expect("flush");
+        let before = blocks(&f.path);
+        // Unaligned range, and an aligned one that must deallocate.
+        let (zo, zl) = (base + 4096 * 10 + 3, 200_001u64);
+        e.discard(zo, zl).await.expect("discard");
+        let back = read(e, base, d.len()).await;
+        let mut want = d.clone();
+        want[(zo - base) as usize..(zo - base + zl) as usize].fill(0);
+        assert_same(&back, &want, "after discard");
+        e.discard(base + (1 << 20), 1 << 20).await.expect("aligned discard");
+        want[1 << 20..].fill(0);
+        assert_same(&read(e, base, d.len()).await, &want, "after aligned discard");
+        let after = blocks(&f.path);
+        assert!(after < before, "punch hole should free blocks: {before} -> {after}");
+    }
+
+    pub async fn write_zeroes(f: &Fixture) {
+        let e = &f.engine;
+        for (i, trim) in [(0u64, true), (1, false)] {
+            let base = (20 << 20) + i * (4 << 20);
+            let d = pattern(20 + i, 2 << 20);
+            write(e, base, &d).await;
+            e.flush().await.expect("flush");
+            let before = blocks(&f.path);
+            let (zo, zl) = (base + 1, (1u64 << 20) + 4097);
+            e.write_zeroes(zo, zl, trim, false).await.expect("write_zeroes");
+            let mut want = d.clone();
+            want[1..1 + zl as usize].fill(0);
+            assert_same(&read(e, base, d.len()).await, &want, &format!("write_zeroes trim={trim}"));
+            if !trim {
+                e.flush().await.expect("flush");
+                let after = blocks(&f.path);
+                assert!(after >= before, "NO_HOLE write_zeroes deallocated: {before} -> {after}");
+            }
+        }
+    }
+
+    pub async fn bounds(f: &Fixture) {
+        let e = &f.engine;
+        let einval = Some(libc::EINVAL);
+        assert_eq!(e.read(SIZE - 10, 20).await.expect_err("past end").raw_os_error(), einval);
+        assert_eq!(e.read(SIZE, 1).await.expect_err("at end").raw_os_error(), einval);
+        assert_eq!(e.read(u64::MAX - 1, 4).await.expect_err("overflow").raw_os_error(), einval);
+        let w = e.write(SIZE - 1, Bytes::from_static(b"ab"), false).await;
+        assert_eq!(w.expect_err("write past end").raw_os_error(), einval);
+        assert_eq!(e.discard(SIZE - 1, 2).await.expect_err("discard past end").raw_os_error(), einval);
+        assert_eq!(e.write_zeroes(SIZE, 1, false, false).await.expect_err("zeroes past end").raw_os_error(), einval);
+        assert_eq!(std::fs::metadata(&f.path).expect("stat").len(), SIZE, "file must not grow");
+        assert_eq!(read(e, SIZE - 10, 10).await.len(), 10);
+    }
+}
+
+macro_rules! conformance {
+    ($name:ident, $setup:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn size() {
+                checks::size(&$setup).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn round_trip() {
+                checks::round_trip(&$setup).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn large_requests() {
+                checks::large(&$setup).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn concurrent_writers() {
+                checks::concurrent(&$setup).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn fua_and_flush() {
+                checks::fua_and_flush(&$setup).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn discard_reads_zeroes() {
+                checks::discard_reads_zeroes(&$setup).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn write_zeroes() {
+                checks::write_zeroes(&$setup).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn bounds() {
+                checks::bounds(&$setup).await
+            }
+        }
+    };
+}
+
+conformance!(uring_buffered, uring_buffered());
+conformance!(uring_direct, uring_direct());
+conformance!(portable, portable());
+
+#[tokio::test(flavor = "multi_thread")]
+async fn open_auto_picks_an_engine_and_reports_mode() {
+    let dir = temp_in("/var/tmp");
+    let path = make_file(&dir);
+    let e = engine::open(&path, &EngineOptions::default()).expect("open auto");
+    assert_eq!(e.size(), SIZE);
+    // This test machine has io_uring; the probe must find it.
+    assert_eq!(e.name(), "io_uring", "{}", e.describe());
+    let p = engine::open(&path, &EngineOptions { kind: EngineKind::Portable, ..Default::default() }).expect("portable");
+    assert_eq!(p.name(), "portable");
+    let err = engine::open(&path, &EngineOptions { kind: EngineKind::Portable, direct_io: DirectIo::On, queue_depth: 4 })
+        .expect_err("portable cannot do O_DIRECT");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_auto_falls_back_when_size_unaligned() {
+    let dir = temp_in("/var/tmp");
+    let path = dir.path().join("odd");
+    engine::create_data_file(&path, 1_000_001).expect("create");
+    let e = UringEngine::open(&path, DirectIo::Auto, 8).expect("open");
+    assert!(!e.direct(), "{}", e.describe());
+    write(&(Arc::new(e) as Arc<dyn BlockEngine>), 1_000_000, b"z").await;
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), 1_000_001);
+    let on = UringEngine::open(&path, DirectIo::On, 8).expect_err("direct on must refuse");
+    assert_eq!(on.raw_os_error(), Some(libc::EINVAL));
+}
+
+#[test]
+fn create_data_file_is_sparse_and_never_shrinks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("d");
+    engine::create_data_file(&path, 1 << 30).expect("create");
+    let m = std::fs::metadata(&path).expect("stat");
+    assert_eq!(m.len(), 1 << 30);
+    assert!(m.blocks() < 1024, "not sparse: {} blocks", m.blocks());
+    engine::create_data_file(&path, 1 << 30).expect("same size is fine");
+    engine::create_data_file(&path, 1 << 29).expect_err("refuse to shrink");
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), 1 << 30);
+}
+
+#[test]
+fn options_deserialize() {
+    #[derive(serde::Deserialize)]
+    struct W {
+        engine: EngineOptions,
+    }
+    let w: W = toml::from_str("[engine]\nkind = \"io-uring\"\ndirect_io = \"off\"\nqueue_depth = 32\n").expect("parse");
+    assert_eq!(w.engine, EngineOptions { kind: EngineKind::IoUring, direct_io: DirectIo::Off, queue_depth: 32 });
+    let w: W = toml::from_str("[engine]\nkind = \"io_uring\"\n").expect("parse");
+    assert_eq!(w.engine.kind, EngineKind::IoUring);
+    assert_eq!(w.engine.queue_depth, engine::DEFAULT_QUEUE_DEPTH);
+    let w: W = toml::from_str("[engine]\nkind = \"portable\"\n").expect("parse");
+    assert_eq!(w.engine.kind, EngineKind::Portable);
+    assert!(toml::from_str::<W>("[engine]\nkind = \"aio\"\n").is_err());
+    assert_eq!(EngineOptions::default().kind, EngineKind::Auto);
+}
