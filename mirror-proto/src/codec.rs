@@ -440,6 +440,16 @@ fn parse_payload(header: &Header, payload: &Bytes) -> Res<Message> {
     let msg = match kind {
         MessageKind::Hello => {
             let n = r.u8("version_count")? as usize;
+            if n > MAX_VERSIONS {
+                return Err(malformed(
+                    kind,
+                    "versions",
+                    Malformation::TooLong {
+                        len: n,
+                        max: MAX_VERSIONS,
+                    },
+                ));
+            }
             let versions = r.take("versions", n)?.to_vec();
             v_versions(kind, &versions)?;
             let node_name = r.name("node_name")?;
@@ -791,6 +801,89 @@ fn encode_fields<'m>(msg: &'m Message, out: &mut BytesMut) -> Res<Option<&'m Byt
         Message::Goodbye { reason } => out.put_u8(*reason as u8),
     }
     Ok(None)
+}
+
+/// Writes a header for `kind` plus `fields` into `out`; the payload is `fields ‖ data`, and the
+/// caller sends `data` right after (vectored write). Validation is the caller's job.
+fn put_prefix(
+    out: &mut BytesMut,
+    kind: MessageKind,
+    flags: u16,
+    seq: u64,
+    fields: &[u8],
+    data: &[u8],
+) -> Res<()> {
+    let payload_len = fields.len() + data.len();
+    let max = kind.max_payload();
+    if payload_len > max as usize {
+        return Err(ProtoError::TooLarge {
+            len: payload_len as u64,
+            max: u64::from(max),
+        });
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(fields);
+    crc.update(data);
+    let header = Header {
+        version: PROTOCOL_VERSION,
+        kind,
+        flags,
+        seq,
+        payload_len: payload_len as u32,
+        payload_crc: crc.finalize(),
+    };
+    out.reserve(HEADER_LEN + fields.len());
+    out.put_slice(&header.to_bytes());
+    out.put_slice(fields);
+    Ok(())
+}
+
+/// Writes header + fixed fields of a Write frame to `out` for data the caller holds in any
+/// buffer (e.g. an aligned I/O buffer that is not `Bytes`); the caller then sends `data`
+/// unchanged. Equivalent on the wire to encoding `Message::Write { offset, fua, data }`.
+/// On error `out` is unchanged.
+pub fn encode_write_prefix(
+    seq: u64,
+    offset: u64,
+    fua: bool,
+    data: &[u8],
+    out: &mut BytesMut,
+) -> Result<(), ProtoError> {
+    let kind = MessageKind::Write;
+    v_data_len(kind, "length", data.len())?;
+    v_range(kind, offset, data.len() as u64)?;
+    let mut fields = [0u8; WRITE_FIXED];
+    fields[..8].copy_from_slice(&offset.to_le_bytes());
+    fields[8..].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    put_prefix(
+        out,
+        kind,
+        if fua { FLAG_FUA } else { 0 },
+        seq,
+        &fields,
+        data,
+    )
+}
+
+/// Writes header + fixed fields of a ResyncData frame for `data` held by the caller, who then
+/// sends `data` unchanged. `checksum` must be the CRC-32 of `data` computed when it was read
+/// (verified here: [`ProtoError::DataChecksum`] on mismatch). On error `out` is unchanged.
+pub fn encode_resync_data_prefix(
+    seq: u64,
+    offset: u64,
+    checksum: u32,
+    data: &[u8],
+    out: &mut BytesMut,
+) -> Result<(), ProtoError> {
+    let kind = MessageKind::ResyncData;
+    v_data_len(kind, "length", data.len())?;
+    v_range(kind, offset, data.len() as u64)?;
+    v_data_checksum(offset, checksum, data)?;
+    let mut fields = [0u8; RESYNC_DATA_FIXED];
+    fields[..8].copy_from_slice(&offset.to_le_bytes());
+    fields[8..12].copy_from_slice(&checksum.to_le_bytes());
+    fields[12..].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    put_prefix(out, kind, 0, seq, &fields, data)
 }
 
 impl Frame {

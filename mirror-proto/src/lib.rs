@@ -9,7 +9,7 @@
 //! | [`header`]    | the 28-byte frame header ([`Header`]) and step one of decoding, [`check`] (no allocation) |
 //! | [`kind`]      | [`MessageKind`] wire values, header flag bits, per-kind payload bounds, which kinds are allowed before authentication |
 //! | [`message`]   | message bodies ([`Message`], [`Hello`], [`BitmapChunk`], [`Generation`], enums) with their payload layouts |
-//! | [`codec`]     | [`Frame`]: step two of decoding ([`Frame::parse`], zero-copy data) and encoding ([`Frame::encode`], [`Frame::encode_vectored`]) |
+//! | [`codec`]     | [`Frame`]: step two of decoding ([`Frame::parse`], zero-copy data) and encoding ([`Frame::encode`], [`Frame::encode_vectored`], [`encode_write_prefix`] for vectored sends of caller-owned buffers) |
 //! | [`decoder`]   | streaming [`Decoder`] over a `BytesMut` receive buffer |
 //! | [`auth`]      | HMAC-SHA256 challenge/response over a transcript, constant-time verification |
 //! | [`version`]   | version history, supported versions, [`negotiate_version`] |
@@ -45,7 +45,7 @@ pub mod limits;
 pub mod message;
 pub mod version;
 
-pub use codec::Frame;
+pub use codec::{encode_resync_data_prefix, encode_write_prefix, Frame};
 pub use decoder::Decoder;
 pub use error::{Malformation, ProtoError};
 pub use header::{check, Check, Header, HEADER_LEN};

@@ -249,3 +249,32 @@ proptest! {
         prop_assert!(Frame::parse(&Bytes::from(wire)).is_err());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The prefix helpers for caller-owned buffers produce the same bytes as full encoding.
+    #[test]
+    fn prefix_helpers_match_full_encoding(seq in any::<u64>(), offset in 0u64..(1 << 50), fua in any::<bool>(),
+                                          data in prop::collection::vec(any::<u8>(), 1..3000)) {
+        let mut out = BytesMut::new();
+        encode_write_prefix(seq, offset, fua, &data, &mut out)?;
+        out.extend_from_slice(&data);
+        let full = encode(&Frame::new(seq, Message::Write { offset, fua, data: Bytes::from(data.clone()) }));
+        prop_assert_eq!(&out[..], &full[..]);
+
+        let crc = crc32fast::hash(&data);
+        let mut out = BytesMut::new();
+        encode_resync_data_prefix(seq, offset, crc, &data, &mut out)?;
+        out.extend_from_slice(&data);
+        let full = encode(&Frame::new(seq, Message::resync_data(offset, Bytes::from(data.clone()))));
+        prop_assert_eq!(&out[..], &full[..]);
+
+        let mut out = BytesMut::from(&b"x"[..]);
+        prop_assert_eq!(
+            encode_resync_data_prefix(seq, offset, crc ^ 1, &data, &mut out),
+            Err(ProtoError::DataChecksum { offset, expected: crc ^ 1, actual: crc })
+        );
+        prop_assert_eq!(&out[..], b"x");
+    }
+}

@@ -5,12 +5,14 @@
 
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use mirror_proto::{check, Check, Decoder, Frame, ProtoError, HEADER_LEN};
+use mirror_proto::{check, Check, Decoder, Frame, ProtoError, HEADER_LEN, MAGIC, PROTOCOL_VERSION};
 
 /// A parsed frame must encode back to the identical bytes, one-shot and vectored.
 fn assert_round_trip(frame: &Frame, wire: &[u8]) {
     let mut out = BytesMut::new();
-    frame.encode(&mut out).expect("a frame that parsed must encode");
+    frame
+        .encode(&mut out)
+        .expect("a frame that parsed must encode");
     assert_eq!(&out[..], wire, "re-encoding differs from the input");
     let reparsed = Frame::parse(&out.clone().freeze()).expect("re-encoded frame must parse");
     assert_eq!(&reparsed, frame);
@@ -50,7 +52,10 @@ fn split_with_check(input: &Bytes) -> (Vec<Frame>, Result<usize, ProtoError>) {
                     Err(e) => {
                         // check() already vouched for the header and payload CRC.
                         assert!(
-                            matches!(e, ProtoError::Malformed { .. } | ProtoError::DataChecksum { .. }),
+                            matches!(
+                                e,
+                                ProtoError::Malformed { .. } | ProtoError::DataChecksum { .. }
+                            ),
                             "unexpected parse error after Complete: {e:?}"
                         );
                         return (frames, Err(e));
@@ -58,14 +63,44 @@ fn split_with_check(input: &Bytes) -> (Vec<Frame>, Result<usize, ProtoError>) {
                 }
             }
             Err(e) => {
-                assert_eq!(Frame::parse(&rest).unwrap_err(), e, "parse must report what check reports");
+                assert_eq!(
+                    Frame::parse(&rest).unwrap_err(),
+                    e,
+                    "parse must report what check reports"
+                );
                 return (frames, Err(e));
             }
         }
     }
 }
 
+/// Wraps fuzz bytes as `kind, flags(2), payload...` in a header with correct CRCs, so the
+/// payload parsers are reached without the fuzzer having to forge two CRC-32s.
+fn framed(data: &[u8]) -> Option<Vec<u8>> {
+    let (&kind, rest) = data.split_first()?;
+    let (flags, payload) = rest.split_at_checked(2)?;
+    let mut w = Vec::with_capacity(HEADER_LEN + payload.len());
+    w.extend_from_slice(&MAGIC.to_le_bytes());
+    w.push(PROTOCOL_VERSION);
+    w.push(kind);
+    w.extend_from_slice(flags);
+    w.extend_from_slice(&0x0102_0304_0506_0708u64.to_le_bytes());
+    w.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    w.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    let hc = crc32fast::hash(&w);
+    w.extend_from_slice(&hc.to_le_bytes());
+    w.extend_from_slice(payload);
+    Some(w)
+}
+
 fuzz_target!(|data: &[u8]| {
+    decode_all(data);
+    if let Some(w) = framed(data) {
+        decode_all(&w);
+    }
+});
+
+fn decode_all(data: &[u8]) {
     let input = Bytes::copy_from_slice(data);
     let (frames, end) = split_with_check(&input);
 
@@ -99,4 +134,4 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(e) => assert_eq!(err, Some(e)),
     }
-});
+}
