@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mirror_agent::config::{
-    default_node_name, format_duration, format_size, parse_duration, parse_size, Config, ConfigError,
-    DirectIo, EngineChoice, ExampleSpec, Mode, Timeouts,
+    default_node_name, format_duration, format_size, parse_duration, parse_size, Config,
+    ConfigError, DirectIo, EngineChoice, ExampleSpec, Mode, Timeouts,
 };
 use proptest::prelude::*;
 
@@ -72,7 +72,10 @@ fn brief_example_parses_with_expected_values() {
     assert_eq!(c.path, path);
     assert_eq!(c.dir, dir);
     assert_eq!(c.cluster.name, "demo");
-    assert_eq!(c.cluster.secret_file.as_deref(), Some(dir.join("secret").as_path()));
+    assert_eq!(
+        c.cluster.secret_file.as_deref(),
+        Some(dir.join("secret").as_path())
+    );
     assert_eq!(c.cluster.tls, None);
     assert_eq!(c.cluster.admin_group, None);
     assert_eq!(c.admin_socket_mode(), 0o600);
@@ -116,7 +119,13 @@ fn brief_example_parses_with_expected_values() {
     assert_eq!(n2.data_path, dir.join("data/server2-md1.img"));
     assert!(r.node("server3").is_none());
     // Node order follows server declaration order.
-    assert_eq!(r.nodes.iter().map(|n| n.server.as_str()).collect::<Vec<_>>(), ["server1", "server2"]);
+    assert_eq!(
+        r.nodes
+            .iter()
+            .map(|n| n.server.as_str())
+            .collect::<Vec<_>>(),
+        ["server1", "server2"]
+    );
 }
 
 #[test]
@@ -188,7 +197,10 @@ nbd_socket = "/run/nbd-mirror/r1.nbd"
     let c = Config::parse(text, Path::new("/etc/nbd-mirror/cluster.toml")).unwrap();
     assert_eq!(c.server("a").unwrap().control_port, 29004);
     assert_eq!(c.server("b").unwrap().control_port, 29004);
-    assert_eq!(c.server("a").unwrap().admin_socket, Path::new("/run/nbd-mirror/a.sock"));
+    assert_eq!(
+        c.server("a").unwrap().admin_socket,
+        Path::new("/run/nbd-mirror/a.sock")
+    );
     let r0 = c.resource("r0").unwrap();
     let r1 = c.resource("r1").unwrap();
     assert_eq!(r0.node("a").unwrap().mirror_port, 29051);
@@ -199,7 +211,10 @@ nbd_socket = "/run/nbd-mirror/r1.nbd"
     assert_eq!(r0.region_size, 65536);
     assert_eq!(r0.size, None);
     assert!(r0.auto_recovery);
-    assert_eq!(r0.node("a").unwrap().divergent_save_dir, Path::new("/var/lib/nbd-mirror/divergent/r0-a"));
+    assert_eq!(
+        r0.node("a").unwrap().divergent_save_dir,
+        Path::new("/var/lib/nbd-mirror/divergent/r0-a")
+    );
 }
 
 #[test]
@@ -216,14 +231,33 @@ fn relative_paths_resolve_against_the_config_directory() {
     assert_eq!(c.dir, sub);
     assert_eq!(c.path, sub.join("cluster.toml"));
     let r = c.resource("md1").unwrap();
-    assert_eq!(r.node("server1").unwrap().data_path, sub.join("../img/one.img"));
-    assert_eq!(r.node("server2").unwrap().cluster_partition, Path::new("/abs/two.cp"));
-    assert_eq!(c.cluster.secret_file.as_deref(), Some(sub.join("secret").as_path()));
-    assert_eq!(c.server("server1").unwrap().admin_socket, sub.join("run/server1.sock"));
+    assert_eq!(
+        r.node("server1").unwrap().data_path,
+        sub.join("../img/one.img")
+    );
+    assert_eq!(
+        r.node("server2").unwrap().cluster_partition,
+        Path::new("/abs/two.cp")
+    );
+    assert_eq!(
+        c.cluster.secret_file.as_deref(),
+        Some(sub.join("secret").as_path())
+    );
+    assert_eq!(
+        c.server("server1").unwrap().admin_socket,
+        sub.join("run/server1.sock")
+    );
 
     // `parse` anchors at the given path's directory without touching the disk.
     let c2 = Config::parse(&text, Path::new("/nonexistent/conf/cluster.toml")).unwrap();
-    assert_eq!(c2.resource("md1").unwrap().node("server2").unwrap().data_path, Path::new("/nonexistent/conf/data/server2-md1.img"));
+    assert_eq!(
+        c2.resource("md1")
+            .unwrap()
+            .node("server2")
+            .unwrap()
+            .data_path,
+        Path::new("/nonexistent/conf/data/server2-md1.img")
+    );
 }
 
 #[test]
@@ -374,7 +408,10 @@ nbd_socket = "/run/semi.nbd"
     assert_eq!(a.mount_point.as_deref(), Some(Path::new("/mnt/db")));
     assert_eq!(a.fs, "xfs");
     assert_eq!(a.mount_options.as_deref(), Some("noatime,discard"));
-    assert_eq!(a.divergent_save_dir, Path::new("/var/lib/nbd-mirror/divergent"));
+    assert_eq!(
+        a.divergent_save_dir,
+        Path::new("/var/lib/nbd-mirror/divergent")
+    );
     let b = r.node("b").unwrap();
     assert_eq!(b.mirror_port, 29051);
     assert_eq!(b.nbd_tcp, Some("[::1]:10809".parse().unwrap()));
@@ -402,7 +439,10 @@ fn same_ports_on_different_addresses_are_fine() {
         .replace("control_port = 29104", "control_port = 29004")
         .replace("mirror_port = 29151", "mirror_port = 29051");
     let c = Config::parse(&text, Path::new("/x/cluster.toml")).unwrap();
-    assert_eq!(c.server("server1").unwrap().control_port, c.server("server2").unwrap().control_port);
+    assert_eq!(
+        c.server("server1").unwrap().control_port,
+        c.server("server2").unwrap().control_port
+    );
 }
 
 #[test]
@@ -442,7 +482,10 @@ fn secret_is_read_lazily_and_trailing_newline_dropped() {
     // Group access is allowed (for admin_group).
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o640)).unwrap();
     let s = c.read_secret().unwrap();
-    assert!(!format!("{s:?}").contains("binary"), "Debug must not print the secret");
+    assert!(
+        !format!("{s:?}").contains("binary"),
+        "Debug must not print the secret"
+    );
 }
 
 #[test]
@@ -454,7 +497,10 @@ fn node_check_accepts_declared_servers() {
 
 #[test]
 fn default_path_and_node_name() {
-    assert_eq!(Config::default_path(), Path::new("/etc/nbd-mirror/cluster.toml"));
+    assert_eq!(
+        Config::default_path(),
+        Path::new("/etc/nbd-mirror/cluster.toml")
+    );
     let n = default_node_name();
     assert!(!n.is_empty());
     let proc_name = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
@@ -472,7 +518,10 @@ fn example_pair_loads_and_uses_the_given_ports() {
     let r = c.resource("md1").unwrap();
     assert_eq!(r.node("server1").unwrap().mirror_port, 41002);
     assert_eq!(r.node("server2").unwrap().mirror_port, 41003);
-    assert_eq!(r.node("server1").unwrap().data_path, dir.join("data/server1-md1.img"));
+    assert_eq!(
+        r.node("server1").unwrap().data_path,
+        dir.join("data/server1-md1.img")
+    );
     assert_eq!(r.size, Some(256 << 20));
     assert_eq!(ExampleSpec::pair(&dir, 41000).last_port(), 41003);
 
@@ -481,7 +530,11 @@ fn example_pair_loads_and_uses_the_given_ports() {
     let c = Config::load(&path).unwrap();
     assert_eq!(c.read_secret().unwrap().as_bytes().len(), 64);
     assert!(dir.join("run").is_dir() && dir.join("data").is_dir());
-    let mode = fs::metadata(dir.join("secret")).unwrap().permissions().mode() & 0o777;
+    let mode = fs::metadata(dir.join("secret"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
 }
 
@@ -516,7 +569,10 @@ fn example_spec_variants_load() {
 fn example_paths_with_quotes_are_escaped() {
     let dir = Path::new("/tmp/we\"ird dir\\x");
     let c = Config::parse(&Config::example_pair(dir, 44000), &dir.join("cluster.toml")).unwrap();
-    assert_eq!(c.cluster.secret_file.as_deref(), Some(dir.join("secret").as_path()));
+    assert_eq!(
+        c.cluster.secret_file.as_deref(),
+        Some(dir.join("secret").as_path())
+    );
 }
 
 proptest! {

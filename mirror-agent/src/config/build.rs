@@ -12,7 +12,7 @@ use super::raw::{self, RawNode, RawResource, RawServer, RawTimeouts};
 use super::units::{parse_duration, parse_size};
 use super::{
     Cluster, Config, ConfigError, DirectIo, EngineChoice, Mode, Resource, ResourceNode, Server,
-    Tls, Timeouts, DEFAULT_CONTROL_PORT, DEFAULT_MIRROR_PORT_BASE,
+    Timeouts, Tls, DEFAULT_CONTROL_PORT, DEFAULT_MIRROR_PORT_BASE,
 };
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
@@ -78,7 +78,8 @@ impl Ctx<'_> {
         let ok = !s.is_empty()
             && s.len() <= MAX_NAME_LEN
             && !s.starts_with(['.', '-'])
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if ok {
             Ok(())
         } else {
@@ -96,7 +97,11 @@ impl Ctx<'_> {
             return Err(self.invalid(key, quoted(s), "a non-empty path"));
         }
         let p = Path::new(s);
-        Ok(if p.is_absolute() { p.to_path_buf() } else { self.dir.join(p) })
+        Ok(if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        })
     }
 
     fn socket_path(&self, key: &str, s: &str) -> Result<PathBuf, ConfigError> {
@@ -118,9 +123,9 @@ impl Ctx<'_> {
     fn size(&self, key: &str, v: &toml::Value) -> Result<u64, ConfigError> {
         const EXPECTED: &str = "a size in bytes: an integer or a string like \"4096\", \"64KiB\", \"256MiB\", \"1.5GiB\" (binary units B, K/KiB, M/MiB, G/GiB, T/TiB)";
         match v {
-            toml::Value::Integer(i) => {
-                u64::try_from(*i).map_err(|_| self.invalid(key, v, format!("{EXPECTED}; a size cannot be negative")))
-            }
+            toml::Value::Integer(i) => u64::try_from(*i).map_err(|_| {
+                self.invalid(key, v, format!("{EXPECTED}; a size cannot be negative"))
+            }),
             toml::Value::String(s) => {
                 parse_size(s).map_err(|why| self.invalid(key, v, format!("{EXPECTED}; {why}")))
             }
@@ -129,11 +134,11 @@ impl Ctx<'_> {
     }
 
     fn duration(&self, key: &str, v: &toml::Value) -> Result<Duration, ConfigError> {
-        const EXPECTED: &str = "a duration string like \"10s\", \"500ms\", \"1m30s\" (units ns, us, ms, s, m, h)";
+        const EXPECTED: &str =
+            "a duration string like \"10s\", \"500ms\", \"1m30s\" (units ns, us, ms, s, m, h)";
         let d = match v {
-            toml::Value::String(s) => {
-                parse_duration(s).map_err(|why| self.invalid(key, v, format!("{EXPECTED}; {why}")))?
-            }
+            toml::Value::String(s) => parse_duration(s)
+                .map_err(|why| self.invalid(key, v, format!("{EXPECTED}; {why}")))?,
             _ => return Err(self.invalid(key, v, EXPECTED)),
         };
         if d.is_zero() {
@@ -167,7 +172,11 @@ impl Ctx<'_> {
                     "a power of two between {} and {} ({n} bytes is {})",
                     super::format_size(min),
                     super::format_size(max),
-                    if n.is_power_of_two() { "out of range" } else { "not a power of two" }
+                    if n.is_power_of_two() {
+                        "out of range"
+                    } else {
+                        "not a power of two"
+                    }
                 ),
             ));
         }
@@ -183,7 +192,12 @@ impl Ctx<'_> {
         match v {
             None => Ok(default),
             Some(s) => s.parse().map_err(|why: String| {
-                let expected = why.split(", found").next().unwrap_or(&why).trim_start_matches("expected ").to_string();
+                let expected = why
+                    .split(", found")
+                    .next()
+                    .unwrap_or(&why)
+                    .trim_start_matches("expected ")
+                    .to_string();
                 self.invalid(key, quoted(s), expected)
             }),
         }
@@ -196,7 +210,11 @@ pub(super) fn build(text: &str, file: &Path, dir: &Path) -> Result<Config, Confi
     let raw = raw::parse(text, file)?;
     let cx = Ctx { file, dir };
 
-    let rc = cx.required(raw.cluster, "cluster", "a [cluster] table with at least `name`")?;
+    let rc = cx.required(
+        raw.cluster,
+        "cluster",
+        "a [cluster] table with at least `name`",
+    )?;
     let cluster_name = cx.required(rc.name, "cluster.name", "the cluster name (a string)")?;
     cx.name("cluster.name", &cluster_name)?;
 
@@ -243,14 +261,26 @@ pub(super) fn build(text: &str, file: &Path, dir: &Path) -> Result<Config, Confi
             Some(Tls {
                 cert: get(t.cert, "cert", "the path of this node's certificate (PEM)")?,
                 key: get(t.key, "key", "the path of this node's private key (PEM)")?,
-                ca: get(t.ca, "ca", "the path of the CA bundle that signs the peer's certificate (PEM)")?,
+                ca: get(
+                    t.ca,
+                    "ca",
+                    "the path of the CA bundle that signs the peer's certificate (PEM)",
+                )?,
             })
         }
     };
     if let Some(g) = &rc.admin_group {
-        let ok = !g.is_empty() && g.len() <= 32 && !g.bytes().any(|b| b.is_ascii_whitespace() || b == b':' || b == b'/');
+        let ok = !g.is_empty()
+            && g.len() <= 32
+            && !g
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b == b':' || b == b'/');
         if !ok {
-            return Err(cx.invalid("cluster.admin_group", quoted(g), "a group name (no whitespace, ':' or '/')"));
+            return Err(cx.invalid(
+                "cluster.admin_group",
+                quoted(g),
+                "a group name (no whitespace, ':' or '/')",
+            ));
         }
     }
     let cluster = Cluster {
@@ -290,8 +320,17 @@ pub(super) fn build(text: &str, file: &Path, dir: &Path) -> Result<Config, Confi
     Ok(config)
 }
 
-fn build_server(cx: &Ctx<'_>, i: usize, rs: RawServer, standalone: bool) -> Result<Server, ConfigError> {
-    let name = cx.required(rs.name, &format!("server[{i}].name"), "the server's node name (usually its host name)")?;
+fn build_server(
+    cx: &Ctx<'_>,
+    i: usize,
+    rs: RawServer,
+    standalone: bool,
+) -> Result<Server, ConfigError> {
+    let name = cx.required(
+        rs.name,
+        &format!("server[{i}].name"),
+        "the server's node name (usually its host name)",
+    )?;
     cx.name(&format!("server[{i}].name"), &name)?;
     let key = format!("server.{name}");
     let address = match rs.address {
@@ -300,9 +339,14 @@ fn build_server(cx: &Ctx<'_>, i: usize, rs: RawServer, standalone: bool) -> Resu
             let ok = a.parse::<IpAddr>().is_ok()
                 || (!a.is_empty()
                     && a.len() <= 253
-                    && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+                    && a.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
             if !ok {
-                return Err(cx.invalid(&k, quoted(&a), "an IP address or host name the peer uses to reach this node (no port)"));
+                return Err(cx.invalid(
+                    &k,
+                    quoted(&a),
+                    "an IP address or host name the peer uses to reach this node (no port)",
+                ));
             }
             a
         }
@@ -315,6 +359,22 @@ fn build_server(cx: &Ctx<'_>, i: usize, rs: RawServer, standalone: bool) -> Resu
             ))
         }
     };
+    let listen_address = match rs.listen_address {
+        Some(a) => {
+            let k = format!("{key}.listen_address");
+            match a.parse::<IpAddr>() {
+                Ok(ip) if !ip.is_unspecified() => a,
+                _ => {
+                    return Err(cx.invalid(
+                        &k,
+                        quoted(&a),
+                        "a specific IP address of this node to bind the control and mirror listeners to (no port, not a wildcard like 0.0.0.0)",
+                    ))
+                }
+            }
+        }
+        None => address.clone(),
+    };
     let control_port = match rs.control_port {
         Some(p) => cx.port(&format!("{key}.control_port"), p)?,
         None => DEFAULT_CONTROL_PORT,
@@ -326,6 +386,7 @@ fn build_server(cx: &Ctx<'_>, i: usize, rs: RawServer, standalone: bool) -> Resu
     Ok(Server {
         name,
         address,
+        listen_address,
         control_port,
         admin_socket,
     })
@@ -344,8 +405,16 @@ fn build_timeouts(cx: &Ctx<'_>, rt: Option<RawTimeouts>) -> Result<Timeouts, Con
         send: get(rt.send, "send", d.send)?,
         ack: get(rt.ack, "ack", d.ack)?,
         receive: get(rt.receive, "receive", d.receive)?,
-        heartbeat_interval: get(rt.heartbeat_interval, "heartbeat_interval", d.heartbeat_interval)?,
-        heartbeat_timeout: get(rt.heartbeat_timeout, "heartbeat_timeout", d.heartbeat_timeout)?,
+        heartbeat_interval: get(
+            rt.heartbeat_interval,
+            "heartbeat_interval",
+            d.heartbeat_interval,
+        )?,
+        heartbeat_timeout: get(
+            rt.heartbeat_timeout,
+            "heartbeat_timeout",
+            d.heartbeat_timeout,
+        )?,
     };
     // One late heartbeat must not break the mirror.
     if t.heartbeat_timeout < t.heartbeat_interval * 2 {
@@ -364,8 +433,17 @@ fn build_timeouts(cx: &Ctx<'_>, rt: Option<RawTimeouts>) -> Result<Timeouts, Con
     Ok(t)
 }
 
-fn build_resource(cx: &Ctx<'_>, i: usize, rr: RawResource, servers: &[Server]) -> Result<Resource, ConfigError> {
-    let name = cx.required(rr.name, &format!("resource[{i}].name"), "the resource name (a string)")?;
+fn build_resource(
+    cx: &Ctx<'_>,
+    i: usize,
+    rr: RawResource,
+    servers: &[Server],
+) -> Result<Resource, ConfigError> {
+    let name = cx.required(
+        rr.name,
+        &format!("resource[{i}].name"),
+        "the resource name (a string)",
+    )?;
     cx.name(&format!("resource[{i}].name"), &name)?;
     let rk = format!("resource.{name}");
     let k = |s: &str| format!("{rk}.{s}");
@@ -375,15 +453,31 @@ fn build_resource(cx: &Ctx<'_>, i: usize, rr: RawResource, servers: &[Server]) -
         Some(v) => {
             let n = cx.size(&k("size"), v)?;
             if n == 0 || n % 4096 != 0 {
-                return Err(cx.invalid(&k("size"), v, format!("a size greater than zero and a multiple of 4KiB ({n} bytes is not)")));
+                return Err(cx.invalid(
+                    &k("size"),
+                    v,
+                    format!("a size greater than zero and a multiple of 4KiB ({n} bytes is not)"),
+                ));
             }
             Some(n)
         }
     };
     let mode = cx.keyword(&k("mode"), rr.mode.as_ref(), Mode::Sync)?;
-    let region_size = cx.power_of_two_size(&k("region_size"), rr.region_size.as_ref(), DEFAULT_REGION_SIZE, MIN_REGION_SIZE, MAX_REGION_SIZE)?;
+    let region_size = cx.power_of_two_size(
+        &k("region_size"),
+        rr.region_size.as_ref(),
+        DEFAULT_REGION_SIZE,
+        MIN_REGION_SIZE,
+        MAX_REGION_SIZE,
+    )?;
     let auto_recovery = rr.auto_recovery.unwrap_or(true);
-    let nbd_block_size_min = cx.power_of_two_size(&k("nbd_block_size_min"), rr.nbd_block_size_min.as_ref(), DEFAULT_NBD_BLOCK_SIZE_MIN, 512, 4096)?;
+    let nbd_block_size_min = cx.power_of_two_size(
+        &k("nbd_block_size_min"),
+        rr.nbd_block_size_min.as_ref(),
+        DEFAULT_NBD_BLOCK_SIZE_MIN,
+        512,
+        4096,
+    )?;
     let nbd_max_request = match &rr.nbd_max_request {
         None => DEFAULT_NBD_MAX_REQUEST,
         Some(v) => {
@@ -406,7 +500,10 @@ fn build_resource(cx: &Ctx<'_>, i: usize, rr: RawResource, servers: &[Server]) -
                 return Err(cx.invalid(
                     &k("async_queue"),
                     v,
-                    format!("at least nbd_max_request ({}), so that one write fits in the queue", super::format_size(nbd_max_request)),
+                    format!(
+                        "at least nbd_max_request ({}), so that one write fits in the queue",
+                        super::format_size(nbd_max_request)
+                    ),
                 ));
             }
             n
@@ -416,7 +513,10 @@ fn build_resource(cx: &Ctx<'_>, i: usize, rr: RawResource, servers: &[Server]) -
         return Err(cx.invalid(
             &k("nbd_max_request"),
             super::format_size(nbd_max_request),
-            format!("at most async_queue ({}); raise async_queue too", super::format_size(async_queue)),
+            format!(
+                "at most async_queue ({}); raise async_queue too",
+                super::format_size(async_queue)
+            ),
         ));
     }
     let resync_rate = match &rr.resync_rate {
@@ -430,7 +530,10 @@ fn build_resource(cx: &Ctx<'_>, i: usize, rr: RawResource, servers: &[Server]) -
                 return Err(cx.invalid(
                     &k("resync_rate"),
                     v,
-                    format!("0 or \"unlimited\", or bytes per second of at least region_size ({})", super::format_size(region_size)),
+                    format!(
+                        "0 or \"unlimited\", or bytes per second of at least region_size ({})",
+                        super::format_size(region_size)
+                    ),
                 ));
             } else {
                 Some(n)
@@ -440,7 +543,13 @@ fn build_resource(cx: &Ctx<'_>, i: usize, rr: RawResource, servers: &[Server]) -
     let keep_dirty = match rr.keep_dirty {
         None => DEFAULT_KEEP_DIRTY,
         Some(n) if (1..=MAX_KEEP_DIRTY).contains(&n) => n,
-        Some(n) => return Err(cx.invalid(&k("keep_dirty"), n, format!("a number of regions in 1..={MAX_KEEP_DIRTY}"))),
+        Some(n) => {
+            return Err(cx.invalid(
+                &k("keep_dirty"),
+                n,
+                format!("a number of regions in 1..={MAX_KEEP_DIRTY}"),
+            ))
+        }
     } as usize;
     let engine = cx.keyword(&k("engine"), rr.engine.as_ref(), EngineChoice::Auto)?;
     let direct_io = cx.keyword(&k("direct_io"), rr.direct_io.as_ref(), DirectIo::Auto)?;
@@ -472,7 +581,15 @@ fn build_resource(cx: &Ctx<'_>, i: usize, rr: RawResource, servers: &[Server]) -
                 format!("a [resource.server.{}] section: every resource needs one per declared server ({declared})", s.name),
             )
         })?;
-        nodes.push(build_node(cx, &nk, i, &name, s, rn, divergent_dir.as_deref())?);
+        nodes.push(build_node(
+            cx,
+            &nk,
+            i,
+            &name,
+            s,
+            rn,
+            divergent_dir.as_deref(),
+        )?);
     }
 
     Ok(Resource {
@@ -503,7 +620,11 @@ fn build_node(
     resource_divergent_dir: Option<&Path>,
 ) -> Result<ResourceNode, ConfigError> {
     let k = |s: &str| format!("{nk}.{s}");
-    let data_path = cx.required(rn.data_path, &k("data_path"), "the data partition: a block device or file path")?;
+    let data_path = cx.required(
+        rn.data_path,
+        &k("data_path"),
+        "the data partition: a block device or file path",
+    )?;
     let data_path = cx.path(&k("data_path"), &data_path)?;
     let cp = cx.required(
         rn.cluster_partition,
@@ -516,9 +637,18 @@ fn build_node(
         None => u16::try_from(index)
             .ok()
             .and_then(|i| DEFAULT_MIRROR_PORT_BASE.checked_add(i))
-            .ok_or_else(|| cx.missing(&k("mirror_port"), "an explicit port: the default 29051 + resource index exceeds 65535"))?,
+            .ok_or_else(|| {
+                cx.missing(
+                    &k("mirror_port"),
+                    "an explicit port: the default 29051 + resource index exceeds 65535",
+                )
+            })?,
     };
-    let nbd_socket = cx.required(rn.nbd_socket, &k("nbd_socket"), "the unix socket path of the NBD export")?;
+    let nbd_socket = cx.required(
+        rn.nbd_socket,
+        &k("nbd_socket"),
+        "the unix socket path of the NBD export",
+    )?;
     let nbd_socket = cx.socket_path(&k("nbd_socket"), &nbd_socket)?;
     let nbd_tcp = match rn.nbd_tcp {
         None => None,
@@ -537,12 +667,24 @@ fn build_node(
     let nbd_device = opt_path(rn.nbd_device, "nbd_device")?;
     let mount_point = opt_path(rn.mount_point, "mount_point")?;
     let fs = rn.fs.unwrap_or_else(|| "ext4".to_string());
-    if fs.is_empty() || fs.bytes().any(|b| !(b.is_ascii_alphanumeric() || b"._-".contains(&b))) {
-        return Err(cx.invalid(&k("fs"), quoted(&fs), "a file system type such as \"ext4\" or \"xfs\""));
+    if fs.is_empty()
+        || fs
+            .bytes()
+            .any(|b| !(b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+    {
+        return Err(cx.invalid(
+            &k("fs"),
+            quoted(&fs),
+            "a file system type such as \"ext4\" or \"xfs\"",
+        ));
     }
     if let Some(o) = &rn.mount_options {
         if o.is_empty() || o.bytes().any(|b| b.is_ascii_whitespace()) {
-            return Err(cx.invalid(&k("mount_options"), quoted(o), "comma-separated mount options without spaces, like \"noatime,discard\""));
+            return Err(cx.invalid(
+                &k("mount_options"),
+                quoted(o),
+                "comma-separated mount options without spaces, like \"noatime,discard\"",
+            ));
         }
     }
     let divergent_save_dir = match (rn.divergent_save_dir, resource_divergent_dir) {
@@ -554,9 +696,13 @@ fn build_node(
             let base = if cluster_partition.starts_with("/dev") {
                 PathBuf::from(DEFAULT_STATE_DIR)
             } else {
-                cluster_partition.parent().unwrap_or(Path::new("/")).to_path_buf()
+                cluster_partition
+                    .parent()
+                    .unwrap_or(Path::new("/"))
+                    .to_path_buf()
             };
-            base.join("divergent").join(format!("{resource}-{}", server.name))
+            base.join("divergent")
+                .join(format!("{resource}-{}", server.name))
         }
     };
     Ok(ResourceNode {
@@ -593,13 +739,17 @@ struct Listener {
 fn check_ports(c: &Config) -> Result<(), ConfigError> {
     let mut ls: Vec<Listener> = Vec::new();
     let mirrored = c.servers.len() == 2;
-    let host_of = |name: &str| c.server(name).map(|s| host_key(&s.address)).unwrap_or_default();
+    let host_of = |name: &str| {
+        c.server(name)
+            .map(|s| host_key(&s.address))
+            .unwrap_or_default()
+    };
     if mirrored {
         for s in &c.servers {
             ls.push(Listener {
                 host: host_key(&s.address),
-                bind: s.address.parse().ok(),
-                bind_text: s.address.clone(),
+                bind: s.listen_address.parse().ok(),
+                bind_text: s.listen_address.clone(),
                 port: s.control_port,
                 key: format!("server.{}.control_port", s.name),
             });
@@ -607,12 +757,14 @@ fn check_ports(c: &Config) -> Result<(), ConfigError> {
     }
     for r in &c.resources {
         for n in &r.nodes {
-            let s = c.server(&n.server).expect("nodes reference declared servers");
+            let s = c
+                .server(&n.server)
+                .expect("nodes reference declared servers");
             if mirrored {
                 ls.push(Listener {
                     host: host_key(&s.address),
-                    bind: s.address.parse().ok(),
-                    bind_text: s.address.clone(),
+                    bind: s.listen_address.parse().ok(),
+                    bind_text: s.listen_address.clone(),
                     port: n.mirror_port,
                     key: format!("resource.{}.server.{}.mirror_port", r.name, n.server),
                 });
@@ -666,16 +818,27 @@ fn check_paths(c: &Config) -> Result<(), ConfigError> {
         }
     };
     for s in &c.servers {
-        add(host_key(&s.address), &s.admin_socket, format!("server.{}.admin_socket", s.name))?;
+        add(
+            host_key(&s.address),
+            &s.admin_socket,
+            format!("server.{}.admin_socket", s.name),
+        )?;
     }
     for r in &c.resources {
         for n in &r.nodes {
-            let host = c.server(&n.server).map(|s| host_key(&s.address)).unwrap_or_default();
+            let host = c
+                .server(&n.server)
+                .map(|s| host_key(&s.address))
+                .unwrap_or_default();
             let key = |k: &str| format!("resource.{}.server.{}.{k}", r.name, n.server);
             add(host.clone(), &n.data_path, key("data_path"))?;
             add(host.clone(), &n.cluster_partition, key("cluster_partition"))?;
             add(host.clone(), &n.nbd_socket, key("nbd_socket"))?;
-            add(host.clone(), &n.divergent_save_dir, key("divergent_save_dir"))?;
+            add(
+                host.clone(),
+                &n.divergent_save_dir,
+                key("divergent_save_dir"),
+            )?;
             if let Some(d) = &n.nbd_device {
                 add(host.clone(), d, key("nbd_device"))?;
             }

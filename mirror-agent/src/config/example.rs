@@ -81,7 +81,10 @@ impl ExampleSpec {
     /// # Panics
     /// When `servers` is not 1 or 2, or the ports do not fit (see [`last_port`](Self::last_port)).
     pub fn render(&self) -> String {
-        assert!(matches!(self.servers, 1 | 2), "ExampleSpec: servers must be 1 or 2");
+        assert!(
+            matches!(self.servers, 1 | 2),
+            "ExampleSpec: servers must be 1 or 2"
+        );
         self.last_port();
         let q = |p: &str| toml::Value::String(self.dir.join(p).display().to_string()).to_string();
         let b = self.base_port;

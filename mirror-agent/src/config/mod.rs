@@ -161,6 +161,10 @@ pub struct Server {
     /// How the peer reaches this node (IP address or host name); the control
     /// and mirror listeners bind it.
     pub address: String,
+    /// Address this node's control and mirror listeners bind (`listen_address`,
+    /// default: [`Server::address`]). Differs from `address` only when
+    /// something (a NAT, a test's fault proxy) sits between the nodes.
+    pub listen_address: String,
     /// Agent-to-agent control port.
     pub control_port: u16,
     /// Admin socket (absolute) where `mdctrl` talks to this node's agent.

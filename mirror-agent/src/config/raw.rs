@@ -64,6 +64,7 @@ pub(super) struct RawTimeouts {
 pub(super) struct RawServer {
     pub name: Option<String>,
     pub address: Option<String>,
+    pub listen_address: Option<String>,
     pub control_port: Option<i64>,
     pub admin_socket: Option<String>,
 }
@@ -104,6 +105,22 @@ pub(super) struct RawNode {
     pub divergent_save_dir: Option<String>,
 }
 
+/// Keys of `[[resource]]` itself (for the misplaced-key hint).
+const RESOURCE_KEYS: &[&str] = &[
+    "name",
+    "size",
+    "mode",
+    "region_size",
+    "auto_recovery",
+    "async_queue",
+    "resync_rate",
+    "keep_dirty",
+    "engine",
+    "direct_io",
+    "nbd_block_size_min",
+    "nbd_max_request",
+];
+
 /// Parses the text, mapping the parser's error to [`ConfigError`].
 pub(super) fn parse(text: &str, file: &Path) -> Result<RawFile, ConfigError> {
     toml::from_str(text).map_err(|e| map_toml_error(&e, text, file))
@@ -116,16 +133,35 @@ fn map_toml_error(e: &toml::de::Error, text: &str, file: &Path) -> ConfigError {
     let msg = e.message().trim().to_string();
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some((field, tail)) = rest.split_once('`') {
-            let expected = tail
+            let mut expected = tail
                 .trim_start_matches(',')
                 .trim()
                 .trim_start_matches("expected one of")
                 .trim_start_matches("expected")
                 .trim()
                 .to_string();
+            // TOML puts every key after a header into that table, so a
+            // resource-level key written below `[resource.server.X]` lands
+            // in the node table: say so.
+            if table.starts_with("resource[")
+                && table.contains(".server.")
+                && RESOURCE_KEYS.contains(&field)
+            {
+                expected.push_str(&format!(
+                    " (`{field}` is a resource key: put it before the first [resource.server.NAME] section)"
+                ));
+            }
+            // An unknown table is reported at its own header: the open
+            // table path already ends with the unknown key.
+            let on_header = key_on_line(text, offset).is_none();
+            let key = if on_header && (table == field || table.ends_with(&format!(".{field}"))) {
+                table
+            } else {
+                join_key(&table, field)
+            };
             return ConfigError::UnknownKey {
                 file: file.to_path_buf(),
-                key: join_key(&table, field),
+                key,
                 line,
                 column,
                 expected,
@@ -175,7 +211,10 @@ fn floor_char_boundary(text: &str, mut i: usize) -> usize {
 fn key_on_line(text: &str, offset: usize) -> Option<String> {
     let offset = floor_char_boundary(text, offset);
     let start = text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let end = text[start..].find('\n').map(|i| start + i).unwrap_or(text.len());
+    let end = text[start..]
+        .find('\n')
+        .map(|i| start + i)
+        .unwrap_or(text.len());
     let line = text[start..end].trim();
     if line.starts_with('[') || line.starts_with('#') {
         return None;
@@ -280,7 +319,10 @@ mod tests {
         assert_eq!(at("foo"), "resource[0].server.b");
         assert_eq!(at("[resource.server.b]"), "resource[0].server.b");
         assert_eq!(split_dotted("a.\"b.c\" . d"), vec!["a", "b.c", "d"]);
-        assert_eq!(key_on_line(text, text.find("foo").unwrap()), Some("foo".into()));
+        assert_eq!(
+            key_on_line(text, text.find("foo").unwrap()),
+            Some("foo".into())
+        );
         assert_eq!(line_col(text, text.find("foo").unwrap()), (10, 1));
     }
 }

@@ -112,7 +112,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map(|(_, m)| *m)
         .ok_or_else(|| {
             if matches!(lower.as_str(), "kb" | "mb" | "gb" | "tb") {
-                format!("decimal unit `{unit}` is not accepted; use binary units (KiB, MiB, GiB, TiB)")
+                format!(
+                    "decimal unit `{unit}` is not accepted; use binary units (KiB, MiB, GiB, TiB)"
+                )
             } else {
                 format!("unknown unit `{unit}`; expected B, K/KiB, M/MiB, G/GiB or T/TiB")
             }
@@ -158,14 +160,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .ok_or_else(|| "duration too large".to_string())?;
         rest = next.trim_start();
     }
-    let secs = u64::try_from(total / 1_000_000_000).map_err(|_| "duration too large".to_string())?;
+    let secs =
+        u64::try_from(total / 1_000_000_000).map_err(|_| "duration too large".to_string())?;
     Ok(Duration::new(secs, (total % 1_000_000_000) as u32))
 }
 
 /// Formats a byte count the way the config file accepts it, with the largest
 /// binary unit that divides it exactly (`65536` → `"64KiB"`).
 pub fn format_size(bytes: u64) -> String {
-    for (unit, mult) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+    for (unit, mult) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
         if bytes != 0 && bytes % mult == 0 {
             return format!("{}{unit}", bytes / mult);
         }
@@ -177,7 +185,13 @@ pub fn format_size(bytes: u64) -> String {
 /// `"500ms"`, or nanoseconds when nothing coarser is exact).
 pub fn format_duration(d: Duration) -> String {
     let ns = d.as_nanos();
-    for (unit, mult) in [("h", 3_600_000_000_000u128), ("m", 60_000_000_000), ("s", 1_000_000_000), ("ms", 1_000_000), ("us", 1_000)] {
+    for (unit, mult) in [
+        ("h", 3_600_000_000_000u128),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+        ("us", 1_000),
+    ] {
         if ns != 0 && ns % mult == 0 {
             return format!("{}{unit}", ns / mult);
         }
@@ -201,7 +215,9 @@ mod tests {
         assert_eq!(parse_size("0"), Ok(0));
         assert!(parse_size("1.3KiB").unwrap_err().contains("whole number"));
         assert!(parse_size("10MB").unwrap_err().contains("decimal unit"));
-        assert!(parse_size("10XB").unwrap_err().contains("unknown unit `XB`"));
+        assert!(parse_size("10XB")
+            .unwrap_err()
+            .contains("unknown unit `XB`"));
         assert!(parse_size("").is_err());
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("1.MiB").is_err());
@@ -218,7 +234,9 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
-        assert!(parse_duration("10d").unwrap_err().contains("unknown unit `d`"));
+        assert!(parse_duration("10d")
+            .unwrap_err()
+            .contains("unknown unit `d`"));
         assert!(parse_duration("").is_err());
         assert!(parse_duration("0.5ns").is_err());
     }
@@ -228,7 +246,12 @@ mod tests {
         for b in [0u64, 1, 512, 4096, 65536, 3 << 29, 1 << 40, 12345] {
             assert_eq!(parse_size(&format_size(b)), Ok(b));
         }
-        for d in [Duration::from_secs(10), Duration::from_millis(500), Duration::from_nanos(7), Duration::from_secs(90)] {
+        for d in [
+            Duration::from_secs(10),
+            Duration::from_millis(500),
+            Duration::from_nanos(7),
+            Duration::from_secs(90),
+        ] {
             assert_eq!(parse_duration(&format_duration(d)), Ok(d));
         }
     }
