@@ -127,6 +127,23 @@ pub(crate) fn dio_alignment(file: &File, kind: Kind) -> Option<(usize, usize)> {
     }
 }
 
+/// Whether the file lives on tmpfs, where O_DIRECT (accepted since Linux 6.6)
+/// still goes through the page cache and would only add alignment costs.
+pub(crate) fn on_tmpfs(file: &File) -> bool {
+    let mut sfs = MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `sfs` is a writable, zero-initialised statfs buffer; the fd is open.
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), sfs.as_mut_ptr()) };
+    if r != 0 {
+        return false;
+    }
+    // SAFETY: zero-initialised above and filled by a successful fstatfs.
+    let sfs = unsafe { sfs.assume_init() };
+    // f_type's integer type differs between architectures, hence the casts.
+    #[allow(clippy::unnecessary_cast)]
+    let is_tmpfs = sfs.f_type as i64 == libc::TMPFS_MAGIC as i64;
+    is_tmpfs
+}
+
 /// `EINVAL` unless `[offset, offset + len)` lies within `size`.
 pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
     match offset.checked_add(len) {

@@ -20,7 +20,7 @@
 //!
 //! - `0 .. queue_depth`: index of the in-flight slot (slab) holding the
 //!   request, its buffer and its reply channel.
-//! - `u64::MAX` ([`DOORBELL`]): the eventfd read.
+//! - `u64::MAX` (`DOORBELL`): the eventfd read.
 //!
 //! # Buffer lifetime
 //!
@@ -253,6 +253,15 @@ impl RingThread {
     fn finish(&mut self, idx: usize, res: io::Result<()>) {
         let slot = self.slab[idx].take().expect("completion for a live slot");
         self.free.push(idx);
+        if let Err(e) = &res {
+            // Context for the log; the error itself stays a plain errno.
+            let (op, offset) = match &slot.req.op {
+                Op::Read { offset, .. } => ("read", *offset),
+                Op::Write { offset, .. } => ("write", *offset),
+                Op::Fsync => ("fsync", 0),
+            };
+            tracing::debug!(op, offset, len = slot.total(), done = slot.done, error = %e, "io_uring request failed");
+        }
         let reply = match res {
             Err(e) => Err(e),
             Ok(()) => Ok(match slot.req.op {
@@ -457,7 +466,7 @@ impl Shared {
 
     /// Raw read of `len` bytes at `offset` (aligned when direct).
     async fn read_raw(&self, offset: u64, len: usize, head: usize, want: usize) -> io::Result<Vec<u8>> {
-        let slack = if self.mem_align > 1 { self.mem_align - 1 } else { 0 };
+        let slack = self.mem_align.saturating_sub(1);
         let buf = vec![0u8; len + slack];
         let start = buf.as_ptr().align_offset(self.mem_align);
         match self.call(Op::Read { offset, buf, start, len }).await? {
@@ -492,9 +501,9 @@ impl Shared {
         }
         let a = self.align as u64;
         let len = data.len() as u64;
-        if offset % a == 0 && len % a == 0 {
+        if offset.is_multiple_of(a) && len.is_multiple_of(a) {
             let _shared = self.rmw.read().await;
-            let buf = if (data.as_ptr() as usize) % self.mem_align == 0 {
+            let buf = if (data.as_ptr() as usize).is_multiple_of(self.mem_align) {
                 data
             } else {
                 let mut ab = AlignedBuf::zeroed(data.len(), self.mem_align);
@@ -576,18 +585,21 @@ impl std::fmt::Debug for UringEngine {
     }
 }
 
-/// Try O_DIRECT: `Ok(Some((backing, align, mem_align)))`, `Ok(None)` with the
-/// reason logged if the backing cannot do it, `Err` for other open errors.
+/// Try O_DIRECT: `Ok(Ok((backing, align, mem_align)))`, `Ok(Err(reason))` if
+/// the backing cannot usefully do it, `Err` for other open errors.
 fn try_direct(path: &Path) -> io::Result<Result<(backing::Backing, usize, usize), String>> {
     let b = match backing::open(path, true) {
         Ok(b) => b,
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Err(format!("O_DIRECT refused at open: {e}"))),
         Err(e) => return Err(e),
     };
+    if b.kind == Kind::File && backing::on_tmpfs(&b.file) {
+        return Ok(Err("tmpfs has no direct I/O (the page cache is always used)".into()));
+    }
     let Some((align, mem_align)) = backing::dio_alignment(&b.file, b.kind) else {
         return Ok(Err("statx reports no direct I/O support".into()));
     };
-    if b.size % align as u64 != 0 {
+    if !b.size.is_multiple_of(align as u64) {
         return Ok(Err(format!("size {} is not a multiple of the direct I/O alignment {align}", b.size)));
     }
     // Some filesystems accept the flag at open and refuse at I/O time.
