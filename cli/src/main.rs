@@ -57,6 +57,10 @@ enum Cmd {
         /// Overwrite existing valid metadata (the ancestor's `--create force`).
         #[arg(long)]
         force: bool,
+        /// Declare the data partition new and identical to the peer's (run on both
+        /// nodes): the pair starts in sync without an initial copy.
+        #[arg(long)]
+        blank: bool,
     },
     /// Print both superblock slots, generation identifiers and the dirty bitmap summary.
     DumpMd {
@@ -149,9 +153,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         })
     };
     match cli.cmd {
-        Cmd::Init { resource, force } => {
+        Cmd::Init { resource, force, blank } => {
             let rc = resource_cfg(&resource)?;
-            let report = mirror_agent::meta::init_resource(rc, &node, force).map_err(|e| {
+            let report = mirror_agent::meta::init_resource(rc, &node, force, blank).map_err(|e| {
                 let code = if e.is_refusal() { exit::REFUSED } else { exit::INTERNAL };
                 Failure::new(code, e)
             })?;
@@ -194,7 +198,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Ping => {
-            let v: serde_json::Value = call(&me.admin_socket, &Request::Ping)?;
+            let v: serde_json::Value = call(&me.admin_socket, &Request::Ping {})?;
             println!("agent for {} is running (pid {})", v["node"].as_str().unwrap_or("?"), v["pid"]);
             Ok(())
         }

@@ -27,7 +27,12 @@ pub fn status_table(s: &ResourceStatus) -> String {
     row(&mut o, "Lastupdate Time", &time(s.disk.last_update));
     row(&mut o, "Break Time", &time(s.disk.break_time));
     row(&mut o, "Disk Error", if s.disk.disk_error { "ERROR" } else { "OK" });
-    row(&mut o, "Difference Percent", &percent(s.disk.difference_percent));
+    if s.peer.is_some() {
+        row(&mut o, "Difference Percent", &percent(s.disk.difference_percent));
+    } else {
+        // Without a peer nothing is mirrored: the bitmap has no meaning yet.
+        row(&mut o, "Difference Percent", "n/a (standalone)");
+    }
     row(&mut o, "Consistent", if s.disk.consistent { "yes" } else { "NO (resync target)" });
     row(&mut o, "Size", &format!("{} bytes ({})", s.size, human(s.size)));
     row(&mut o, "Mode", &s.mode);

@@ -38,7 +38,7 @@ pub const MAX_LINE: usize = 64 * 1024;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Liveness check; answers with the agent's node name and pid.
-    Ping,
+    Ping {},
     /// Status of one resource (or all when `resource` is absent).
     Status {
         /// Resource name; `None` means every resource.

@@ -53,7 +53,7 @@ impl Agent {
     pub async fn handle(&self, req: Request) -> Response {
         tracing::debug!(?req, "admin request");
         match req {
-            Request::Ping => Response::ok(serde_json::json!({ "node": self.node, "pid": std::process::id() })),
+            Request::Ping {} => Response::ok(serde_json::json!({ "node": self.node, "pid": std::process::id() })),
             Request::Status { resource: Some(name) } => match self.find(&name) {
                 Ok(r) => Response::ok(r.status().await),
                 Err(e) => Response::err(e),

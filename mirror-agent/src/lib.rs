@@ -18,6 +18,9 @@
 //! - [`admin`]: the admin socket (JSON lines, `SO_PEERCRED` access control)
 //!   and its client, used by `mdctrl`.
 //! - [`status`]: the status snapshot shared by the agent and `mdctrl`.
+//! - [`peer`]: peer links (control + one data link per resource): dial/accept, handshake and HMAC auth, sequenced sessions with heartbeat, as channels.
+//! - [`gens`]: generation identifiers and their transitions (break, resync
+//!   done, blank pair).
 //! - [`daemon`]: the process: attach resources, serve the admin socket,
 //!   graceful shutdown on SIGTERM/SIGINT.
 //!
@@ -28,7 +31,9 @@ pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod gens;
 pub mod meta;
 pub mod nbd;
+pub mod peer;
 pub mod resource;
 pub mod status;

@@ -73,6 +73,14 @@ pub enum InitError {
         /// Resource.
         resource: String,
     },
+    /// `--blank` on a data file that holds data.
+    #[error("data partition {path} is not blank (non-zero byte at offset {offset}): --blank would declare unrelated data identical")]
+    NotBlank {
+        /// Path.
+        path: PathBuf,
+        /// First non-zero byte.
+        offset: u64,
+    },
     /// File-system operation failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -84,13 +92,22 @@ pub enum InitError {
         source: std::io::Error,
     },
     /// The metadata layer refused or failed.
-    #[error("cluster partition {path}: {source}")]
+    #[error("cluster partition {path}: {source}{}", init_hint(.source))]
     Meta {
         /// Path.
         path: PathBuf,
         /// Error.
         source: MetaError,
     },
+}
+
+fn init_hint(e: &MetaError) -> &'static str {
+    match e {
+        MetaError::AlreadyInitialised { .. } | MetaError::Unrecognised { .. } => {
+            "\n  hint: `mdctrl init --force` re-creates it; every region becomes dirty and the next resync copies everything"
+        }
+        _ => "",
+    }
 }
 
 impl InitError {
@@ -102,6 +119,7 @@ impl InitError {
                 matches!(source, MetaError::AlreadyInitialised { .. } | MetaError::Unrecognised { .. })
             }
             InitError::Io { source, .. } => source.kind() == std::io::ErrorKind::WouldBlock,
+            InitError::NotBlank { .. } => true,
             _ => false,
         }
     }
@@ -110,6 +128,7 @@ impl InitError {
 /// What `mdctrl init` did.
 #[derive(Debug)]
 pub struct InitReport {
+    blank: bool,
     resource: String,
     node: String,
     data_path: PathBuf,
@@ -132,7 +151,17 @@ impl fmt::Display for InitReport {
             if self.data_created { ", created sparse" } else { ", existing" }
         )?;
         writeln!(f, "  cluster partition {} (metadata uuid {})", self.cluster_partition.display(), self.uuid)?;
-        write!(f, "  regions           {} x {} bytes, all marked dirty until the first sync", self.region_count, self.region_size)
+        if self.blank {
+            write!(
+                f,
+                "  regions           {} x {} bytes, clean: declared blank (generation {:016x}); the peer must be initialised with --blank too",
+                self.region_count,
+                self.region_size,
+                crate::gens::BLANK
+            )
+        } else {
+            write!(f, "  regions           {} x {} bytes, all marked dirty until the first sync", self.region_count, self.region_size)
+        }
     }
 }
 
@@ -140,7 +169,14 @@ impl fmt::Display for InitReport {
 /// cluster partition of `resource` on `node`. Refuses to overwrite valid
 /// metadata unless `force`. The cluster partition is locked while this
 /// runs, so it fails if an agent has it attached.
-pub fn init_resource(rc: &config::Resource, node: &str, force: bool) -> Result<InitReport, InitError> {
+///
+/// With `blank`, the operator declares this node's data partition new
+/// (sparse or zeroed) and identical to the peer's, which is initialised the
+/// same way: the metadata gets the well-known blank generation and a clean
+/// bitmap, so the pair connects in sync without an initial copy (DRBD's
+/// `new-current-uuid --clear-bitmap`). A regular file that holds data refuses
+/// `blank`; a block device is taken on the operator's word.
+pub fn init_resource(rc: &config::Resource, node: &str, force: bool, blank: bool) -> Result<InitReport, InitError> {
     let me = rc
         .node(node)
         .ok_or_else(|| InitError::NotOnNode { resource: rc.name.clone(), node: node.to_string() })?;
@@ -157,6 +193,11 @@ pub fn init_resource(rc: &config::Resource, node: &str, force: bool) -> Result<I
         crate::engine::create_data_file(&me.data_path, size).map_err(io("creating data file", &me.data_path))?;
         data_created = true;
     }
+    if blank && !data_created {
+        if let Some(off) = first_data_offset(&me.data_path).map_err(io("checking", &me.data_path))? {
+            return Err(InitError::NotBlank { path: me.data_path.clone(), offset: off });
+        }
+    }
     let ident = bitmap::data_partition_identity(&me.data_path).map_err(io("reading", &me.data_path))?;
     let volume_size = ident.size;
     let geometry = Geometry::new(volume_size, rc.region_size)
@@ -165,9 +206,19 @@ pub fn init_resource(rc: &config::Resource, node: &str, force: bool) -> Result<I
     let storage = FileStorage::open(&me.cluster_partition).map_err(io("opening", &me.cluster_partition))?;
     let mut params = CreateParams::new(rc.name.clone(), node, &ident);
     params.region_size = rc.region_size;
-    let cp = ClusterPartition::create(storage, &params, force)
-        .map_err(|source| InitError::Meta { path: me.cluster_partition.clone(), source })?;
+    params.initially_dirty = !blank;
+    let meta_err = |source| InitError::Meta { path: me.cluster_partition.clone(), source };
+    let cp = ClusterPartition::create(storage, &params, force).map_err(meta_err)?;
+    if blank {
+        cp.update_superblock(|sb| {
+            sb.gens = crate::gens::blank();
+            sb.flags = Flags::CONSISTENT;
+            sb.flags.insert(Flags::INITIAL_SYNC_DONE);
+        })
+        .map_err(meta_err)?;
+    }
     Ok(InitReport {
+        blank,
         resource: rc.name.clone(),
         node: node.to_string(),
         data_path: me.data_path.clone(),
@@ -178,6 +229,52 @@ pub fn init_resource(rc: &config::Resource, node: &str, force: bool) -> Result<I
         region_size: cp.region_size(),
         region_count: cp.region_count(),
     })
+}
+
+/// Offset of the first byte of data in a regular file (`SEEK_DATA`, then a
+/// scan of the data extents for non-zero bytes); `None` if it reads as all
+/// zeroes. Block devices are not scanned (`None`).
+fn first_data_offset(path: &Path) -> std::io::Result<Option<u64>> {
+    use std::io::Read;
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    let md = f.metadata()?;
+    if !md.file_type().is_file() {
+        return Ok(None);
+    }
+    let len = md.len();
+    let mut pos: u64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while pos < len {
+        // SAFETY: lseek on an fd we own; no memory is passed.
+        let data = unsafe { libc::lseek(f.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None); // no data after pos
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (start, end) = (data as u64, hole as u64);
+        let mut off = start;
+        let mut r = std::io::BufReader::new(&f);
+        std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(start))?;
+        while off < end {
+            let n = ((end - off) as usize).min(buf.len());
+            r.read_exact(&mut buf[..n])?;
+            if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+                return Ok(Some(off + i as u64));
+            }
+            off += n as u64;
+        }
+        pos = end;
+    }
+    Ok(None)
 }
 
 /// Make sure a regular-file cluster partition exists and is at least `size`

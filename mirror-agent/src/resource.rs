@@ -249,7 +249,7 @@ impl Resource {
             size: self.engine.size(),
             region_size: self.cfg.region_size,
             mode: self.cfg.mode.as_str().to_string(),
-            engine: self.engine.name().to_string(),
+            engine: self.engine.describe(),
             nbd_socket: socket,
             nbd_tcp: tcp,
             nbd,
