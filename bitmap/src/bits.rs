@@ -18,7 +18,8 @@ impl std::fmt::Debug for DirtyBits {
     }
 }
 
-/// One decoded bitmap chunk (from disk or from the peer).
+/// One decoded bitmap chunk (from disk or from the peer). Its 4096-byte encoding (magic `NMBC`,
+/// index, CRC, uuid tag, 32640 bits LSB first) is documented on [`crate::layout::encode_chunk`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BitmapChunk {
     /// Chunk index.

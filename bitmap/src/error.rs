@@ -120,6 +120,14 @@ pub enum MetaError {
         /// Volume size.
         volume_size: u64,
     },
+    /// A region index outside the bitmap.
+    #[error("region {region} is outside the bitmap ({region_count} regions)")]
+    RegionOutOfRange {
+        /// Region index.
+        region: u64,
+        /// Number of regions.
+        region_count: u64,
+    },
     /// A bitmap from elsewhere (peer) has a different geometry.
     #[error("bitmap geometry mismatch: expected {expected} regions, found {found}")]
     GeometryMismatch {

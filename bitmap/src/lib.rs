@@ -48,3 +48,15 @@ pub use partition::{
     DEFAULT_KEEP_DIRTY,
 };
 pub use storage::{data_partition_identity, DataIdentity, FileStorage, MemStorage, MetaStorage};
+
+#[cfg(test)]
+mod tests {
+    /// The agent shares the partition and tickets across tokio tasks and threads.
+    #[test]
+    fn partition_and_ticket_are_send_and_sync() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<crate::ClusterPartition>();
+        check::<crate::WriteTicket>();
+        check::<crate::MetaError>();
+    }
+}

@@ -15,14 +15,18 @@
 //!   [`ClusterPartition::clear_regions`] — which keeps the sticky state implicit and needs no second
 //!   dense bitmap.
 //! * `lru` — the keep-dirty LRU of recently written regions (left dirty on disk while hot).
-//! * group commit: `pending` chunks changed in the open epoch; `set_epoch[chunk]` is the epoch in
-//!   which a newly *set* bit of that chunk becomes durable. One flusher at a time takes the open
+//! * group commit: `pending` chunks changed in the open epoch; `region_epoch[region]` is the epoch
+//!   in which a newly *set* bit becomes durable (bulk operations — `set_all`, `merge` — record it
+//!   per chunk in `chunk_epoch` instead, so no map ever grows with the volume). One flusher at a time takes the open
 //!   epoch's chunks, writes them, syncs, and publishes `durable_epoch`; everyone who changed a
 //!   chunk meanwhile waits on the condvar and is served by the next flush. All chunk writes go
 //!   through this single flusher, so two writes of one chunk are never in flight together.
 //!
-//! A region is *durably dirty* iff its bit is set and its chunk has no set-epoch newer than
-//! `durable_epoch`; that is the fast-path test of [`ClusterPartition::try_begin_write_fast`].
+//! A region is *durably dirty* iff its bit is set and neither it nor its chunk has a set-epoch
+//! newer than `durable_epoch` (every later write of the chunk encodes the bit as set, since a clear
+//! resets the bit in memory first); that is the fast-path test of
+//! [`ClusterPartition::try_begin_write_fast`], so a hot region is not held up by unrelated new
+//! regions in the same chunk.
 //!
 //! After any failed metadata write or sync the partition is poisoned: the on-disk state is
 //! unknown and a retried fsync may falsely succeed, so every later metadata write fails.
@@ -116,6 +120,8 @@ pub struct MetaStats {
     pub syncs: u64,
     /// Superblock writes.
     pub superblock_writes: u64,
+    /// Times a caller found a flush in progress and waited to join the next one (group commit).
+    pub commit_waits: u64,
 }
 
 fn now() -> u64 {
@@ -162,7 +168,8 @@ struct Inner {
     intent: HashSet<u64>,
     lru: Lru,
     pending: BTreeSet<u32>,
-    set_epoch: HashMap<u32, u64>,
+    chunk_epoch: HashMap<u32, u64>,
+    region_epoch: HashMap<u64, u64>,
     open_epoch: u64,
     durable_epoch: u64,
     flushing: bool,
@@ -181,10 +188,8 @@ impl Inner {
     /// Epoch after which region `r`'s set bit is durable (0 if it already is).
     fn set_pending_epoch(&self, r: u64) -> u64 {
         let c = (r / BITS_PER_CHUNK) as u32;
-        match self.set_epoch.get(&c) {
-            Some(&e) if e > self.durable_epoch => e,
-            _ => 0,
-        }
+        let pending = |e: Option<&u64>| e.copied().filter(|&e| e > self.durable_epoch).unwrap_or(0);
+        pending(self.chunk_epoch.get(&c)).max(pending(self.region_epoch.get(&r)))
     }
 
     fn durably_dirty(&self, r: u64) -> bool {
@@ -204,7 +209,7 @@ impl Inner {
             }
             let c = (r / BITS_PER_CHUNK) as u32;
             self.pending.insert(c);
-            self.set_epoch.insert(c, self.open_epoch);
+            self.region_epoch.insert(r, self.open_epoch);
             self.open_epoch
         }
     }
@@ -437,7 +442,8 @@ impl ClusterPartition {
             intent: HashSet::new(),
             lru: Lru { cap: DEFAULT_KEEP_DIRTY, ..Lru::default() },
             pending: BTreeSet::new(),
-            set_epoch: HashMap::new(),
+            chunk_epoch: HashMap::new(),
+            region_epoch: HashMap::new(),
             open_epoch: 1,
             durable_epoch: 0,
             flushing: false,
@@ -585,12 +591,17 @@ impl ClusterPartition {
 
     /// Waits until `need` is durable, flushing ourselves if nobody else is.
     fn commit<'a>(&'a self, mut g: MutexGuard<'a, Inner>, need: u64) -> Result<MutexGuard<'a, Inner>> {
+        let mut counted = false;
         loop {
             g.check_poison()?;
             if g.durable_epoch >= need {
                 return Ok(g);
             }
             if g.flushing {
+                if !counted {
+                    g.stats.commit_waits += 1;
+                    counted = true;
+                }
                 g = self.shared.cv.wait(g).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
@@ -608,7 +619,8 @@ impl ClusterPartition {
             match res {
                 Ok(()) => {
                     g.durable_epoch = epoch;
-                    g.set_epoch.retain(|_, e| *e > epoch);
+                    g.chunk_epoch.retain(|_, e| *e > epoch);
+                    g.region_epoch.retain(|_, e| *e > epoch);
                     if !bufs.is_empty() {
                         g.stats.flushes += 1;
                         g.stats.syncs += 1;
@@ -755,16 +767,23 @@ impl ClusterPartition {
         self.mark_dirty_regions(regions)
     }
 
+    /// Collects region indices, rejecting the whole batch if one is out of range.
+    fn checked_regions(&self, regions: impl IntoIterator<Item = u64>) -> Result<Vec<u64>> {
+        let n = self.region_count();
+        let v: Vec<u64> = regions.into_iter().collect();
+        match v.iter().find(|&&r| r >= n) {
+            Some(&region) => Err(MetaError::RegionOutOfRange { region, region_count: n }),
+            None => Ok(v),
+        }
+    }
+
     /// Durably marks regions dirty as needing resync.
     pub fn mark_dirty_regions(&self, regions: impl IntoIterator<Item = u64>) -> Result<()> {
-        let n = self.region_count();
+        let regions = self.checked_regions(regions)?;
         let mut g = lock(&self.shared.inner);
         g.check_poison()?;
         let mut need = 0;
         for r in regions {
-            if r >= n {
-                return Err(MetaError::OutOfRange { offset: r, len: 1, volume_size: n });
-            }
             need = need.max(g.set_dirty(r, false));
         }
         self.commit_if(g, need)
@@ -780,7 +799,7 @@ impl ClusterPartition {
         let epoch = g.open_epoch;
         for c in 0..self.shared.geom.chunk_count as u32 {
             g.pending.insert(c);
-            g.set_epoch.insert(c, epoch);
+            g.chunk_epoch.insert(c, epoch);
         }
         self.commit(g, epoch).map(|_| ())
     }
@@ -789,14 +808,11 @@ impl ClusterPartition {
     /// a write in flight or in the keep-dirty LRU is not cleared now but becomes lazily clearable
     /// (cleared by a later `flush_clears` once safe). Returns how many were cleared now.
     pub fn clear_regions(&self, regions: impl IntoIterator<Item = u64>) -> Result<usize> {
-        let n = self.region_count();
+        let regions = self.checked_regions(regions)?;
         let mut g = lock(&self.shared.inner);
         g.check_poison()?;
         let mut cleared = 0;
         for r in regions {
-            if r >= n {
-                return Err(MetaError::OutOfRange { offset: r, len: 1, volume_size: n });
-            }
             if !g.bits.get(r) {
                 continue;
             }
@@ -831,10 +847,10 @@ impl ClusterPartition {
         let epoch = g.open_epoch;
         for c in changed {
             g.pending.insert(c);
-            g.set_epoch.insert(c, epoch);
+            g.chunk_epoch.insert(c, epoch);
         }
         // Also wait for bits already set but not yet durable.
-        let need = g.set_epoch.values().copied().max().unwrap_or(0);
+        let need = g.chunk_epoch.values().chain(g.region_epoch.values()).copied().max().unwrap_or(0);
         self.commit_if(g, need)
     }
 
@@ -941,7 +957,8 @@ impl ClusterPartition {
             + map(g.lru.by_region.capacity(), 16)
             + (g.lru.by_tick.len() as u64) * 32
             + (g.pending.len() as u64) * 16
-            + map(g.set_epoch.capacity(), 16)
+            + map(g.chunk_epoch.capacity(), 16)
+            + map(g.region_epoch.capacity(), 16)
     }
 }
 

@@ -187,8 +187,8 @@ fn read_sys(p: &Path) -> Option<String> {
 
 fn dev_major_minor(dev: u64) -> (u64, u64) {
     // glibc's gnu_dev_major/minor encoding.
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let major = ((dev & 0x0000_0000_000f_ff00) >> 8) | ((dev & 0xffff_f000_0000_0000) >> 32);
+    let minor = (dev & 0xff) | ((dev & 0x0000_0fff_fff0_0000) >> 12);
     (major, minor)
 }
 
@@ -196,7 +196,12 @@ fn dev_major_minor(dev: u64) -> (u64, u64) {
 /// `serial`, `dm/uuid`, `md/uuid`; for a partition the parent disk's id plus `-partN`. Empty if
 /// none is available. Truncated to 255 bytes (the field size).
 pub fn block_stable_id(major: u64, minor: u64) -> String {
-    let base = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    stable_id_in(Path::new("/sys/dev/block"), major, minor)
+}
+
+/// [`block_stable_id`] with the sysfs `dev/block` directory as a parameter (tests use a fake one).
+fn stable_id_in(dev_block: &Path, major: u64, minor: u64) -> String {
+    let base = dev_block.join(format!("{major}:{minor}"));
     let candidates = ["device/wwid", "wwid", "device/serial", "serial", "dm/uuid", "md/uuid"];
     let find = |dir: &Path| candidates.iter().find_map(|c| read_sys(&dir.join(c)));
     let mut id = find(&base);
@@ -243,8 +248,43 @@ mod tests {
     fn major_minor_decoding() {
         // makedev(8, 17) and makedev(259, 3) as glibc encodes them.
         assert_eq!(dev_major_minor(0x811), (8, 17));
-        let dev = ((259u64 & 0xfff) << 8) | ((259u64 & !0xfff) << 32) | (3 & 0xff) | ((3u64 & !0xff) << 12);
-        assert_eq!(dev_major_minor(dev), (259, 3));
+        // glibc makedev.
+        let makedev = |ma: u64, mi: u64| ((ma & 0xfff) << 8) | ((ma & !0xfff) << 32) | (mi & 0xff) | ((mi & !0xff) << 12);
+        assert_eq!(dev_major_minor(makedev(259, 3)), (259, 3));
+        assert_eq!(dev_major_minor(makedev(4100, 70000)), (4100, 70000));
+    }
+
+    #[test]
+    fn stable_id_from_fake_sysfs() {
+        let root = tempfile::tempdir().unwrap();
+        let devices = root.path().join("devices");
+        let dev_block = root.path().join("dev_block");
+        std::fs::create_dir_all(dev_block.as_path()).unwrap();
+        // Disk with device/wwid and serial: wwid wins.
+        let sda = devices.join("sda");
+        std::fs::create_dir_all(sda.join("device")).unwrap();
+        std::fs::write(sda.join("device/wwid"), "naa.5000c500a1b2c3d4\n").unwrap();
+        std::fs::write(sda.join("serial"), "S123\n").unwrap();
+        std::os::unix::fs::symlink(&sda, dev_block.join("8:0")).unwrap();
+        // Its partition: parent id + -partN.
+        let sda1 = sda.join("sda1");
+        std::fs::create_dir_all(&sda1).unwrap();
+        std::fs::write(sda1.join("partition"), "1\n").unwrap();
+        std::os::unix::fs::symlink(&sda1, dev_block.join("8:1")).unwrap();
+        // Virtio disk with only a serial; loop device with nothing.
+        let vda = devices.join("vda");
+        std::fs::create_dir_all(&vda).unwrap();
+        std::fs::write(vda.join("serial"), "1996631178972331\n").unwrap();
+        std::os::unix::fs::symlink(&vda, dev_block.join("254:0")).unwrap();
+        let loop0 = devices.join("loop0");
+        std::fs::create_dir_all(&loop0).unwrap();
+        std::os::unix::fs::symlink(&loop0, dev_block.join("7:0")).unwrap();
+
+        assert_eq!(stable_id_in(&dev_block, 8, 0), "naa.5000c500a1b2c3d4");
+        assert_eq!(stable_id_in(&dev_block, 8, 1), "naa.5000c500a1b2c3d4-part1");
+        assert_eq!(stable_id_in(&dev_block, 254, 0), "1996631178972331");
+        assert_eq!(stable_id_in(&dev_block, 7, 0), "");
+        assert_eq!(stable_id_in(&dev_block, 9, 9), "");
     }
 
     #[test]
