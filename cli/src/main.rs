@@ -212,6 +212,10 @@ fn call<T: serde::de::DeserializeOwned>(socket: &std::path::Path, req: &Request)
         .build()
         .map_err(|e| Failure::new(exit::INTERNAL, e))?;
     let resp = rt.block_on(admin::request(socket, req)).map_err(|e| match e {
+        admin::ClientError::Connect { ref source, ref path } if source.kind() == std::io::ErrorKind::PermissionDenied => Failure::new(
+            exit::REFUSED,
+            format!("permission denied on the admin socket {}: run mdctrl as root (or as a member of the configured admin_group)", path.display()),
+        ),
         admin::ClientError::Connect { .. } => Failure::new(exit::AGENT_UNREACHABLE, e),
         other => Failure::new(exit::INTERNAL, other),
     })?;

@@ -270,8 +270,13 @@ where
         }
     };
     if let Err(why) = policy.admit(cred.uid(), cred.gid(), cred.pid()) {
-        tracing::warn!(pid = ?cred.pid(), "admin socket: refused connection: {why}");
-        let (_, mut w) = stream.into_split();
+        tracing::warn!(pid = ?cred.pid(), uid = cred.uid(), gid = cred.gid(), "admin socket: refused connection: {why}");
+        let (r, mut w) = stream.into_split();
+        // Read (and ignore) the request first, briefly and bounded: closing with
+        // it unread would make the client's write fail with EPIPE instead of
+        // showing this refusal.
+        let mut reader = BufReader::new(r);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read_line_bounded(&mut reader)).await;
         let resp = Response::err(AdminError {
             kind: ErrorKind::Refused,
             message: format!("permission denied: {why}"),

@@ -261,6 +261,8 @@ async fn unix_listener_permissions_and_stale_socket() {
     let md = std::fs::metadata(&path).unwrap();
     assert!(md.file_type().is_socket());
     assert_eq!(md.permissions().mode() & 0o777, 0o600);
+    // A live socket is not stolen.
+    assert!(mirror_agent::nbd::bind_unix(&path, None).is_err());
     drop(l);
     // Stale socket is replaced; custom mode honoured.
     let _l = mirror_agent::nbd::bind_unix(&path, Some(0o660)).unwrap();
@@ -273,4 +275,39 @@ async fn unix_listener_permissions_and_stale_socket() {
     // TCP helper binds an ephemeral loopback port.
     let t = mirror_agent::nbd::bind_tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
     assert!(t.local_addr().unwrap().port() != 0);
+}
+
+/// The close reason is logged (the operator sees why a client was dropped).
+#[tokio::test]
+async fn close_reason_is_logged() {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let sub = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+    // current_thread runtime: the server's tasks run on this thread.
+    let _g = tracing::subscriber::set_default(sub);
+    let srv = server();
+    let (mut s, conn) = pair(&srv);
+    hello(&mut s, 3).await;
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&OPT_INFO.to_be_bytes());
+    m.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    s.write_all(&m).await.unwrap();
+    expect_closed(&mut s).await;
+    assert!(within(conn).await.unwrap().is_err());
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        log.contains("NBD connection closed") && log.contains("above the bound of 65536"),
+        "log: {log}"
+    );
 }

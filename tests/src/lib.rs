@@ -1,1 +1,53 @@
-//! placeholder
+//! # tests: nbd-mirror integration and fault tests
+//!
+//! Real `mirror-agent` processes on temporary files, driven by the real
+//! `mdctrl` and by real NBD clients (libnbd's tools, qemu, fio, the kernel
+//! through nbdfuse + a loop device). The test binaries live in `tests/`:
+//!
+//! - `tests/clients.rs`: standard clients against a standalone agent, every
+//!   test once per local I/O engine (io_uring with O_DIRECT, portable).
+//! - `tests/admin.rs`: the admin socket and `mdctrl` (refusals, exit codes,
+//!   status counters, socket modes, access control, deactivation under load,
+//!   SIGTERM, configuration errors, `init`).
+//! - `tests/metadata.rs`: the cluster partition at agent start (blank,
+//!   garbage, one or both superblock slots corrupt, a corrupt bitmap chunk).
+//!
+//! Module map of this library (the harness):
+//!
+//! - [`bins`]: locating the built `mirror-agent` and `mdctrl` next to the
+//!   test executable.
+//! - [`cluster`]: [`TestCluster`] (a temp dir with a generated config, free
+//!   ports, the secret file) and [`ClusterOpts`]; [`Engine`] and the
+//!   [`on_both_engines!`] macro.
+//! - [`agent`]: [`Agent`], a spawned `mirror-agent` (log file, readiness by
+//!   pinging the admin socket, kill -9 / SIGTERM / restart, log dump when a
+//!   test panics).
+//! - [`run`]: running external commands with a deadline and assertions that
+//!   print the full command, status and output.
+//! - [`tools`]: [`require_tool`] / [`require_root`] (loud skip, or panic in CI
+//!   where `NBD_MIRROR_REQUIRE_TOOLS=1`).
+//! - [`data`]: reproducible random images with zero holes, file comparison
+//!   naming the first difference, pattern checks.
+//! - [`fsmount`]: [`FuseLoopMount`], nbdfuse + loop device + mount with a
+//!   teardown guard that never leaves mounts behind.
+//! - [`nbd_client`]: a minimal NBD client (fixed newstyle, `NBD_OPT_GO`,
+//!   simple replies, pipelined writes) for tests that need to know exactly
+//!   which requests were acknowledged.
+//! - [`wait`]: readiness polling with a deadline.
+
+pub mod agent;
+pub mod bins;
+pub mod cluster;
+pub mod data;
+pub mod fsmount;
+pub mod nbd_client;
+pub mod run;
+pub mod tools;
+pub mod wait;
+
+pub use agent::Agent;
+pub use cluster::{ClusterOpts, Engine, TestCluster};
+pub use fsmount::FuseLoopMount;
+pub use run::{run, run_ok, CMD_TIMEOUT};
+pub use tools::{require_root, require_tool, require_tools, tools_required};
+pub use wait::wait_until;

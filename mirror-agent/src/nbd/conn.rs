@@ -38,13 +38,21 @@ use super::server::{Export, Gauge, GaugeGuard, NbdServer};
 /// servers not to treat lengths below 2^25 as denial of service.
 const MIN_SKIPPABLE_PAYLOAD: u32 = 32 * 1024 * 1024;
 
-/// Serves one connection; logs and returns why it ended.
-pub(crate) async fn run<S>(server: Arc<NbdServer>, stream: S, guard: GaugeGuard, peer: String) -> Result<(), NbdError>
+/// Serves one connection; logs and returns why it ended. With `preselected`
+/// the handshake is skipped (the client was configured out of band, e.g. the
+/// kernel NBD driver) and transmission starts at once with simple replies.
+pub(crate) async fn run<S>(
+    server: Arc<NbdServer>,
+    stream: S,
+    guard: GaugeGuard,
+    peer: String,
+    preselected: Option<usize>,
+) -> Result<(), NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let _conn = guard;
-    let result = serve(&server, stream).await;
+    let result = serve(&server, stream, preselected).await;
     match &result {
         Ok(()) => tracing::debug!(%peer, "NBD connection closed"),
         Err(NbdError::Shutdown) => tracing::info!(%peer, "NBD connection closed: server shutting down"),
@@ -53,13 +61,17 @@ where
     result
 }
 
-async fn serve<S>(server: &Arc<NbdServer>, stream: S) -> Result<(), NbdError>
+async fn serve<S>(server: &Arc<NbdServer>, stream: S, preselected: Option<usize>) -> Result<(), NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (rd, mut wr) = tokio::io::split(stream);
     let mut input = Input::new(rd);
     let mut shutdown = server.subscribe_shutdown();
+    if let Some(export) = preselected {
+        let session = Session { export, structured: false };
+        return transmission(server, session, input, wr, shutdown).await;
+    }
     let timeout = server.limits.handshake_timeout;
     let outcome = tokio::time::timeout(timeout, handshake::negotiate(server, &mut input, &mut wr, &mut shutdown))
         .await

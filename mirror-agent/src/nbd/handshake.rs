@@ -72,7 +72,10 @@ where
     let mut structured = false;
 
     loop {
+        // Data first: an option that already arrived during shutdown is
+        // answered NBD_REP_ERR_SHUTDOWN rather than dropped.
         let got = tokio::select! {
+            biased;
             r = input.fill(OPTION_HEADER_LEN) => r.map_err(io_err("option header"))?,
             _ = shutdown.wait_for(|s| *s) => return Err(NbdError::Shutdown),
         };

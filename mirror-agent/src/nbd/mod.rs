@@ -7,7 +7,8 @@
 //! Module map:
 //!
 //! - [`server`]: the public API — [`Export`], [`BlockSizes`], [`Limits`],
-//!   [`NbdServer`] (accept loops, `serve_stream`, `shutdown`, `stats`),
+//!   [`NbdServer`] (accept loops, `serve_stream`, `serve_transmission` for a
+//!   kernel socketpair, `shutdown`, `stats`), [`ExportParams`],
 //!   [`NbdStats`], and the listener helpers [`bind_unix`] / [`bind_tcp`].
 //! - `handshake`: fixed newstyle negotiation (`EXPORT_NAME`, `INFO`, `GO`,
 //!   `LIST`, `ABORT`, `STRUCTURED_REPLY`; everything else `ERR_UNSUP`).
@@ -33,4 +34,4 @@ pub mod server;
 pub mod testing;
 
 pub use error::NbdError;
-pub use server::{bind_tcp, bind_unix, BlockSizes, Export, Limits, NbdServer, NbdStats};
+pub use server::{bind_tcp, bind_unix, BlockSizes, Export, ExportParams, Limits, NbdServer, NbdStats};

@@ -93,6 +93,17 @@ impl fmt::Debug for Export {
     }
 }
 
+/// Export parameters for a client configured out of band.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportParams {
+    /// Export size in bytes.
+    pub size: u64,
+    /// `NBD_FLAG_*` transmission flags (without structured-reply-only flags).
+    pub transmission_flags: u16,
+    /// Block size constraints the server enforces.
+    pub block_sizes: BlockSizes,
+}
+
 /// Resource limits of the server.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -225,8 +236,14 @@ impl NbdServer {
         if limits.conn_inflight_requests == 0 || limits.reply_queue == 0 {
             return cfg("conn_inflight_requests and reply_queue must be > 0".into());
         }
-        if limits.global_inflight_bytes > Semaphore::MAX_PERMITS {
-            return cfg(format!("global_inflight_bytes {} too large", limits.global_inflight_bytes));
+        for (what, v) in [
+            ("global_inflight_bytes", limits.global_inflight_bytes),
+            ("conn_inflight_bytes", limits.conn_inflight_bytes),
+            ("conn_inflight_requests", limits.conn_inflight_requests),
+        ] {
+            if v > Semaphore::MAX_PERMITS {
+                return cfg(format!("{what} {v} too large (at most {})", Semaphore::MAX_PERMITS));
+            }
         }
         for (i, e) in exports.iter().enumerate() {
             if e.name.len() > 4096 || e.name.contains('\0') {
@@ -378,7 +395,33 @@ impl NbdServer {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let guard = self.gauge(Gauge::Connection);
-        conn::run(Arc::clone(self), stream, guard, "stream".to_owned()).await
+        conn::run(Arc::clone(self), stream, guard, "stream".to_owned(), None).await
+    }
+
+    /// Serves a client that skips the handshake because it was configured
+    /// out of band with [`export_params`](Self::export_params) — the Linux
+    /// kernel NBD driver on one end of a socketpair. Transmission starts at
+    /// once on export `name`, with simple replies.
+    pub async fn serve_transmission<S>(self: &Arc<Self>, stream: S, name: &str) -> Result<(), NbdError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let idx = self
+            .exports
+            .iter()
+            .position(|e| e.name == name)
+            .ok_or_else(|| NbdError::UnknownExport(name.to_owned()))?;
+        let guard = self.gauge(Gauge::Connection);
+        conn::run(Arc::clone(self), stream, guard, format!("preconnected:{name}"), Some(idx)).await
+    }
+
+    /// What a client negotiating export `name` would be told (simple
+    /// replies): size, transmission flags, block sizes. For configuring a
+    /// client out of band (kernel netlink `NBD_ATTR_SIZE_BYTES`,
+    /// `NBD_ATTR_SERVER_FLAGS`, `NBD_ATTR_BLOCK_SIZE_BYTES`).
+    pub fn export_params(&self, name: &str) -> Option<ExportParams> {
+        let e = self.exports.iter().find(|e| e.name == name)?;
+        Some(ExportParams { size: e.engine.size(), transmission_flags: e.transmission_flags(false), block_sizes: e.block_sizes })
     }
 
     fn spawn_connection<S>(self: &Arc<Self>, stream: S, peer: String)
@@ -391,7 +434,7 @@ impl NbdServer {
         let server = Arc::clone(self);
         tokio::spawn(async move {
             let _task = task_guard;
-            let _ = conn::run(server, stream, conn_guard, peer).await;
+            let _ = conn::run(server, stream, conn_guard, peer, None).await;
         });
     }
 
@@ -441,14 +484,23 @@ async fn accept_error(e: io::Error) {
 }
 
 /// Creates a unix listener at `path` with permissions `mode` (0600 if
-/// `None`). A stale socket file is removed first; anything else at `path` is
-/// an error. The socket is bound under a temporary name, chmod-ed, then
-/// renamed into place, so it is never reachable with wider permissions.
+/// `None`). A stale socket file (nobody accepting on it) is removed first; a
+/// live socket or anything else at `path` is an error. The socket is bound
+/// under a temporary name, chmod-ed, then renamed into place, so it is never
+/// reachable with wider permissions.
 pub fn bind_unix(path: &Path, mode: Option<u32>) -> Result<UnixListener, NbdError> {
     let mode = mode.unwrap_or(0o600);
     let target = path.display().to_string();
     match std::fs::symlink_metadata(path) {
         Ok(md) if md.file_type().is_socket() => {
+            // A socket someone still accepts on belongs to a live server: never steal it.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(NbdError::Listen {
+                    what: "refusing to replace socket in use",
+                    target,
+                    source: io::Error::from(io::ErrorKind::AddrInUse),
+                });
+            }
             std::fs::remove_file(path).map_err(|source| NbdError::Listen { what: "remove stale socket", target: target.clone(), source })?;
         }
         Ok(md) => return Err(NbdError::NotASocket { path: path.to_owned(), mode: md.mode() & libc::S_IFMT }),

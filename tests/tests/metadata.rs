@@ -1,0 +1,129 @@
+//! The cluster partition at agent start and in `mdctrl dump-md`: a blank
+//! partition is initialised, garbage is refused, one corrupt superblock slot
+//! is survived, two are refused (exit 6 naming expected and actual CRC), a
+//! corrupt bitmap chunk is reported and its regions count as dirty.
+//! Layout (docs/on-disk-format.md): slot 0 at 0, slot 1 at 4096, bitmap
+//! chunks from 8192, 4096 bytes each.
+
+use std::time::Duration;
+
+use tests::data::{overwrite, random_bytes};
+use tests::{ClusterOpts, TestCluster};
+
+const SLOT_SIZE: u64 = 4096;
+const BITMAP_OFFSET: u64 = 8192;
+
+fn regions(c: &TestCluster) -> u64 {
+    c.opts.size / c.opts.region_size
+}
+
+/// Corrupts the inside of a superblock slot (magic intact: a CRC failure).
+fn corrupt_slot(c: &TestCluster, slot: u64) {
+    overwrite(&c.cp_path(), slot * SLOT_SIZE + 1024, 64, 0xee);
+}
+
+#[test]
+fn agent_initialises_an_all_zero_cluster_partition() {
+    let c = TestCluster::standalone(ClusterOpts::default());
+    c.init();
+    let len = std::fs::metadata(c.cp_path()).expect("cp").len();
+    overwrite(&c.cp_path(), 0, len as usize, 0);
+    let agent = c.start_agent();
+    agent.assert_log_contains("all zero: initialising");
+    let dump = c.mdctrl_ok(&["dump-md", "md1"]);
+    assert!(dump.contains("resource: md1"), "{dump}");
+    c.activate();
+}
+
+#[test]
+fn agent_refuses_a_cluster_partition_with_garbage() {
+    let c = TestCluster::standalone(ClusterOpts::default());
+    c.init();
+    let len = std::fs::metadata(c.cp_path()).expect("cp").len() as usize;
+    std::fs::write(c.cp_path(), random_bytes(len, 7)).expect("garbage");
+    let mut agent = c.spawn_agent_on(c.node());
+    let status = agent.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "agent started on garbage metadata");
+    let log = agent.log();
+    assert!(log.contains(&c.cp_path().display().to_string()), "log does not name the cluster partition:\n{log}");
+    assert!(log.contains("not usable"), "log does not say why:\n{log}");
+    assert!(!c.admin_socket().exists(), "admin socket left by a refused start");
+    let out = c.mdctrl_expect(&["dump-md", "md1"], 6);
+    assert!(out.contains("bad magic"), "{out}");
+}
+
+#[test]
+fn one_corrupt_superblock_slot_is_survived() {
+    let c = TestCluster::standalone(ClusterOpts::default());
+    c.init();
+    // A start/activate/stop cycle so both slots have been written.
+    let mut agent = c.start_agent();
+    c.activate();
+    agent.terminate();
+    // Corrupt the newest slot (the one `open` would choose): the harder case.
+    let before = c.mdctrl_ok(&["dump-md", "md1"]);
+    let newest: u64 = before
+        .lines()
+        .find_map(|l| l.strip_prefix("chosen: slot "))
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no chosen slot in:\n{before}"));
+    corrupt_slot(&c, newest);
+    let dump = c.mdctrl_ok(&["dump-md", "md1"]);
+    let bad = format!("slot {newest}");
+    let line = dump.lines().find(|l| l.starts_with(&bad)).unwrap_or_else(|| panic!("no {bad} line:\n{dump}"));
+    assert!(line.contains("CRC mismatch") && line.contains("expected") && line.contains("actual"), "{dump}");
+    assert!(dump.contains(&format!("chosen: slot {}", 1 - newest)), "{dump}");
+    agent.start_again();
+    agent.wait_ready();
+    c.activate();
+    assert_eq!(c.status_json()["role"], "active");
+}
+
+#[test]
+fn both_superblock_slots_corrupt_are_refused() {
+    let c = TestCluster::standalone(ClusterOpts::default());
+    c.init();
+    let mut agent = c.start_agent();
+    agent.terminate();
+    corrupt_slot(&c, 0);
+    corrupt_slot(&c, 1);
+    agent.start_again();
+    let status = agent.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "agent started with both superblock slots corrupt");
+    let log = agent.log();
+    assert!(log.contains(&c.cp_path().display().to_string()), "log does not name the cluster partition:\n{log}");
+    let out = c.mdctrl_expect(&["dump-md", "md1"], 6);
+    for slot in ["slot 0", "slot 1"] {
+        let line = out.lines().find(|l| l.starts_with(slot)).unwrap_or_else(|| panic!("no {slot} line:\n{out}"));
+        assert!(line.contains("CRC mismatch") && line.contains("expected") && line.contains("actual"), "{out}");
+    }
+    assert!(out.contains("damaged"), "{out}");
+}
+
+#[test]
+fn corrupt_bitmap_chunk_is_reported_and_its_regions_are_dirty() {
+    let c = TestCluster::standalone(ClusterOpts::default());
+    c.init();
+    // Clear every region through the metadata library, as a finished resync would.
+    {
+        let ident = bitmap::data_partition_identity(c.data_path()).expect("data identity");
+        let storage = bitmap::FileStorage::open(c.cp_path()).expect("open cp");
+        let check = bitmap::AttachCheck::new("md1", c.node(), &ident);
+        let (cp, _) = bitmap::ClusterPartition::open(storage, &check).expect("attach cp");
+        cp.clear_regions(0..cp.region_count()).expect("clear regions");
+        assert_eq!(cp.dirty_count(), 0);
+    }
+    let dump = c.mdctrl_ok(&["dump-md", "md1"]);
+    assert!(dump.contains(&format!("dirty: 0 of {}", regions(&c))), "{dump}");
+    // Damage chunk 0's bits (its header intact: a CRC failure).
+    overwrite(&c.cp_path(), BITMAP_OFFSET + 512, 32, 0x00);
+    overwrite(&c.cp_path(), BITMAP_OFFSET + 100, 8, 0xff);
+    let out = c.mdctrl_expect(&["dump-md", "md1"], 6);
+    assert!(out.contains("bad chunk 0") && out.contains("CRC mismatch"), "{out}");
+    assert!(out.contains(&format!("dirty: {n} of {n}", n = regions(&c))), "bad chunk's regions not dirty:\n{out}");
+    // The agent starts and treats the chunk's regions as dirty.
+    let _agent = c.start_agent();
+    let s = c.status_json();
+    assert_eq!(s["disk"]["dirty_regions"], regions(&c), "{s:#}");
+}
