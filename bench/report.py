@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Turns the raw results of bench/run.sh into markdown tables.
+
+Input: the results directory (fio JSON per server and job, CPU snapshots
+before/after each job, RSS samples, server descriptions). Output on stdout.
+
+Ratios are oriented so that > 1.0x always means the agent is better:
+throughput rows are agent/nbdkit, latency rows are nbdkit/agent.
+"""
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+JOBS = [
+    # name, fio direction, label, kind
+    ("seqwrite", "write", "seq write 1 MiB QD8", "bw"),
+    ("seqread", "read", "seq read 1 MiB QD8", "bw"),
+    ("randwrite", "write", "rand write 4 KiB QD32", "iops"),
+    ("randread", "read", "rand read 4 KiB QD32", "iops"),
+]
+LAT = ("lat1", "write")
+
+PAIRS = {
+    "buffered": ("nbdkit", "agent-uring-buffered",
+                 "buffered: nbdkit file (page cache) vs agent io_uring, direct_io=off"),
+    "portable": ("nbdkit", "agent-portable",
+                 "buffered: nbdkit file (page cache) vs agent portable engine"),
+    "direct": ("nbdkit-nocache", "agent-uring-direct",
+               "uncached: nbdkit file cache=none vs agent io_uring, direct_io=on (O_DIRECT)"),
+}
+
+
+def load_fio(res, tag, job, rep):
+    with open(os.path.join(res, f"{tag}.{job}.{rep}.json")) as f:
+        text = f.read()
+    # fio may print warnings before the JSON document.
+    return json.loads(text[text.index("{"):])["jobs"][0]
+
+
+def reps(res):
+    with open(os.path.join(res, "reps")) as f:
+        return range(1, int(f.read()) + 1)
+
+
+def metric(res, tag, job, get):
+    """The metric `get(fio job json)` of every repetition: (mean, [values])."""
+    vals = [get(load_fio(res, tag, job, r)) for r in reps(res)]
+    return sum(vals) / len(vals), vals
+
+
+def spread(vals):
+    """Half the max-min range relative to the mean, in percent."""
+    mean = sum(vals) / len(vals)
+    return 50 * (max(vals) - min(vals)) / mean if mean else 0.0
+
+
+def stat_ticks(line):
+    """utime+stime of a /proc/.../stat line (fields after the ')' of comm)."""
+    rest = line[line.rindex(")") + 2:].split()
+    return int(rest[11]) + int(rest[12])
+
+
+def stat_comm(line):
+    return line[line.index("(") + 1:line.rindex(")")]
+
+
+def load_snap(path):
+    s = {"tasks": {}}
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("wall "):
+                s["wall"] = float(line.split()[1])
+            elif line.startswith("cpu "):
+                v = [int(x) for x in line.split()[1:]]
+                s["total"] = sum(v[:8])
+                s["idle"] = v[3] + v[4]
+            elif line.startswith("proc ") and ")" in line:
+                s["proc"] = stat_ticks(line[5:])
+            elif line.startswith("task ") and ")" in line:
+                t = line[5:]
+                s["tasks"][t.split()[0]] = (stat_comm(t), stat_ticks(t))
+    return s
+
+
+def load_cpu(res, tag, job):
+    """Over all repetitions of a job: (machine busy cores, server cores,
+    {thread name: cores}); cores = CPU-seconds per wall second."""
+    wall = busy = server = 0.0
+    threads = defaultdict(float)
+    for r in reps(res):
+        a = load_snap(os.path.join(res, f"{tag}.{job}.{r}.cpu0"))
+        b = load_snap(os.path.join(res, f"{tag}.{job}.{r}.cpu1"))
+        wall += b["wall"] - a["wall"]
+        busy += ((b["total"] - a["total"]) - (b["idle"] - a["idle"])) / CLK_TCK
+        server += (b.get("proc", 0) - a.get("proc", 0)) / CLK_TCK
+        for tid, (comm, ticks) in b["tasks"].items():
+            before = a["tasks"].get(tid, (comm, 0))[1]
+            # io-wq workers are named iou-wrk-PID: group them.
+            threads[re.sub(r"-\d+$", "", comm)] += (ticks - before) / CLK_TCK
+    return busy / wall, server / wall, {k: v / wall for k, v in threads.items()}
+
+
+def load_rss(res, tag):
+    rss = hwm = 0
+    path = os.path.join(res, f"{tag}.rss")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            for i, p in enumerate(parts):
+                if p == "VmRSS:":
+                    rss = max(rss, int(parts[i + 1]))
+                elif p == "VmHWM:":
+                    hwm = max(hwm, int(parts[i + 1]))
+    return rss, hwm
+
+
+def desc(res, tag):
+    try:
+        with open(os.path.join(res, f"{tag}.desc")) as f:
+            return f.read().strip()
+    except OSError:
+        return tag
+
+
+def fmt_ratio(r):
+    mark = "" if r >= 1.0 else " **(below 1.0)**"
+    return f"{r:.2f}x{mark}"
+
+
+def main():
+    res = sys.argv[1]
+    with open(os.path.join(res, "pairs")) as f:
+        pairs = f.read().split()
+    try:
+        with open(os.path.join(res, "meta")) as f:
+            meta = f.read().strip()
+    except OSError:
+        meta = ""
+    if meta:
+        print("\n".join(f"- {m}" for m in meta.splitlines()))
+        print()
+    print("Ratio: > 1.0x means the agent is better, on every row "
+          "(throughput: agent/nbdkit; latency: nbdkit/agent). Values are means over the runs; "
+          "±N% = half the min-max range across runs (0% with a single run).")
+    summary = []
+    for p in pairs:
+        base, agent, title = PAIRS[p]
+        print(f"\n### {title}\n")
+        print(f"- baseline: {desc(res, base)}")
+        print(f"- agent: {desc(res, agent)}\n")
+        print("| job | nbdkit | agent | ratio (>1 = agent better) |")
+        print("|---|---:|---:|---:|")
+        ratios = []
+        for job, d, label, kind in JOBS:
+            if kind == "bw":
+                get = lambda j, d=d: j[d]["bw_bytes"] / 2**20
+                unit = "MiB/s"
+            else:
+                get = lambda j, d=d: j[d]["iops"]
+                unit = "IOPS"
+            (mx, vx), (my, vy) = metric(res, base, job, get), metric(res, agent, job, get)
+            r = my / mx if mx else float("nan")
+            print(f"| {label} | {mx:.0f} {unit} ±{spread(vx):.0f}% | {my:.0f} {unit} ±{spread(vy):.0f}% | {fmt_ratio(r)} |")
+            ratios.append((label, r))
+        job, d = LAT
+        for pct, key in (("p50", "50.000000"), ("p99", "99.000000")):
+            get = lambda j, key=key: j[d]["lat_ns"]["percentile"][key] / 1000
+            (lx, vx), (ly, vy) = metric(res, base, job, get), metric(res, agent, job, get)
+            r = lx / ly if ly else float("nan")
+            print(f"| QD1 rand write 4 KiB latency {pct} (lower is better) "
+                  f"| {lx:.1f} µs ±{spread(vx):.0f}% | {ly:.1f} µs ±{spread(vy):.0f}% | {fmt_ratio(r)} |")
+            ratios.append((f"QD1 write {pct}", r))
+        summary.append((p, ratios))
+
+        # CPU evidence: who is busy, and how much CPU each server spends per I/O.
+        print(f"\nCPU during the jobs ({p}). cores = CPU-seconds per wall second, summed over "
+              f"threads (the machine has {os.cpu_count()}); µs/op = the server's CPU time per I/O; "
+              "fio = the client; machine = every process on the box, other work included.\n")
+        print("| job | nbdkit cores | agent cores | nbdkit µs/op | agent µs/op | fio cores (nbdkit / agent run) "
+              "| machine busy cores (nbdkit / agent run) | agent's busiest threads (cores) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        for job, d, label, _ in JOBS + [(LAT[0], LAT[1], "QD1 rand write 4 KiB", "lat")]:
+            fio_cores, busy, cores, per_op = [], [], [], []
+            threads = {}
+            for tag in (base, agent):
+                # usr_cpu/sys_cpu: percent of one CPU over the job's runtime.
+                fc, _ = metric(res, tag, job, lambda j: (j["usr_cpu"] + j["sys_cpu"]) / 100)
+                iops, _ = metric(res, tag, job, lambda j, d=d: j[d]["iops"])
+                b, srv, th = load_cpu(res, tag, job)
+                fio_cores.append(fc)
+                busy.append(b)
+                cores.append(srv)
+                per_op.append(srv / iops * 1e6 if iops else float("nan"))
+                threads = th
+            top = sorted(threads.items(), key=lambda kv: -kv[1])[:3]
+            tops = ", ".join(f"{n} {c:.2f}" for n, c in top if c >= 0.01) or "-"
+            row = [label, f"{cores[0]:.2f}", f"{cores[1]:.2f}", f"{per_op[0]:.1f}", f"{per_op[1]:.1f}",
+                   f"{fio_cores[0]:.2f} / {fio_cores[1]:.2f}", f"{busy[0]:.2f} / {busy[1]:.2f}", tops]
+            print("| " + " | ".join(row) + " |")
+
+    print("\n### Memory (sampled every 0.1 s over the server's life; VmHWM = kernel-tracked peak)\n")
+    print("| server | peak VmRSS | VmHWM |")
+    print("|---|---:|---:|")
+    seen = set()
+    for p in pairs:
+        for tag in PAIRS[p][:2]:
+            if tag in seen:
+                continue
+            seen.add(tag)
+            r = load_rss(res, tag)
+            if r:
+                print(f"| {desc(res, tag)} | {r[0] / 1024:.1f} MiB | {r[1] / 1024:.1f} MiB |")
+
+    print("\n### Summary of ratios (>1.0x = agent better)\n")
+    labels = [lbl for lbl, _ in summary[0][1]]
+    print("| pair | " + " | ".join(labels) + " |")
+    print("|---|" + "---:|" * len(labels))
+    for p, ratios in summary:
+        print(f"| {p} | " + " | ".join(fmt_ratio(r) for _, r in ratios) + " |")
+
+
+if __name__ == "__main__":
+    main()

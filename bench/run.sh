@@ -1,0 +1,289 @@
+#!/usr/bin/env bash
+# nbd-mirror NBD benchmark: the agent's NBD server vs `nbdkit file`, same
+# backing file, same fio jobs (fio's nbd ioengine = libnbd client).
+# See bench/README.md for the method and the latest results.
+#
+#   bench/run.sh            full run (~6 minutes)
+#   QUICK=1 bench/run.sh    short run (~1 minute, buffered io_uring pair only)
+#
+# Environment (all optional):
+#   RUNTIME=S RAMP=S  seconds measured per fio job / ramp before measuring
+#                     (default 3 / 1, also with QUICK)
+#   REPS=N            repetitions of every job per server, alternating the
+#                     server order (ABBA...) (default 2; QUICK: 1)
+#   PAIRS="..."       comparisons to run, from: buffered portable direct
+#                     (default all three; QUICK: buffered)
+#   BENCH_DIR=DIR     where the backing file lives (default /var/tmp; use a
+#                     real disk, not tmpfs)
+#   SIZE_MIB=N        backing file size in MiB (default 1024)
+#   AGENT_BIN, MDCTRL_BIN  binaries (default target/release/{mirror-agent,mdctrl})
+#   OUT=DIR           keep the raw results (fio JSON, CPU/RSS samples, logs)
+#   DROP_CACHES=0     do not drop the page cache before each job (default:
+#                     drop it when root)
+#
+# Nothing is installed: missing tools are reported with the apt-get command.
+# Every process started here is stopped, and the temp dir removed, on exit.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+
+QUICK="${QUICK:-0}"
+if [[ "$QUICK" == 1 ]]; then
+    RUNTIME="${RUNTIME:-3}"; RAMP="${RAMP:-1}"; REPS="${REPS:-1}"; PAIRS="${PAIRS:-buffered}"
+else
+    RUNTIME="${RUNTIME:-3}"; RAMP="${RAMP:-1}"; REPS="${REPS:-2}"; PAIRS="${PAIRS:-buffered portable direct}"
+fi
+BENCH_DIR="${BENCH_DIR:-/var/tmp}"
+SIZE_MIB="${SIZE_MIB:-1024}"
+AGENT_BIN="${AGENT_BIN:-$ROOT/target/release/mirror-agent}"
+MDCTRL_BIN="${MDCTRL_BIN:-$ROOT/target/release/mdctrl}"
+
+die() { echo "bench: $*" >&2; exit 1; }
+log() { echo "bench: $*" >&2; }
+
+# --- prerequisites (checked, never installed) --------------------------------
+missing=()
+command -v fio >/dev/null || missing+=(fio)
+command -v nbdkit >/dev/null || missing+=(nbdkit)
+command -v python3 >/dev/null || missing+=(python3)
+if ((${#missing[@]})); then
+    die "missing: ${missing[*]}; install with: apt-get install ${missing[*]}"
+fi
+fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd ioengine (fio >= 3.19 built with libnbd); apt-get install fio"
+nbdkit file --dump-plugin >/dev/null 2>&1 || die "nbdkit has no file plugin; apt-get install nbdkit"
+for b in "$AGENT_BIN" "$MDCTRL_BIN"; do
+    [[ -x "$b" ]] || die "$b not found; build with: cargo build --release -p mirror-agent -p cli"
+done
+[[ -d "$BENCH_DIR" ]] || die "BENCH_DIR $BENCH_DIR does not exist"
+[[ "$REPS" =~ ^[1-9][0-9]*$ ]] || die "REPS must be a positive integer"
+for p in $PAIRS; do
+    case "$p" in buffered|portable|direct) ;; *) die "unknown pair '$p' (buffered, portable, direct)";; esac
+done
+
+DROP="${DROP_CACHES:-auto}"
+if [[ "$DROP" == auto ]]; then
+    if [[ -w /proc/sys/vm/drop_caches ]]; then DROP=1; else DROP=0; fi
+fi
+
+# --- temp dir and cleanup ------------------------------------------------------
+WORK="$(mktemp -d "$BENCH_DIR/nbd-mirror-bench.XXXXXX")"
+RES="$WORK/results"
+mkdir -p "$RES" "$WORK/run" "$WORK/data"
+declare -A PID=() URI=()
+SAMPLERS=()
+
+stop_all() {
+    local p t
+    for p in "${SAMPLERS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${SAMPLERS[@]}"; do wait "$p" 2>/dev/null || true; done
+    SAMPLERS=()
+    for t in "${!PID[@]}"; do kill -TERM "${PID[$t]}" 2>/dev/null || true; done
+    for t in "${!PID[@]}"; do
+        for _ in $(seq 100); do kill -0 "${PID[$t]}" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "${PID[$t]}" 2>/dev/null || true
+        wait "${PID[$t]}" 2>/dev/null || true
+    done
+    PID=()
+}
+
+cleanup() {
+    local rc=$?
+    stop_all
+    if [[ -n "${OUT:-}" && -d "$RES" ]]; then
+        mkdir -p "$OUT" && cp -r "$RES"/. "$OUT"/ && log "raw results kept in $OUT"
+    fi
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Polls until a condition holds; fails early if the server died.
+wait_for() { # timeout_s pid command...
+    local t="$1" pid="$2"; shift 2
+    local deadline=$((SECONDS + t))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || return 1
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.05
+    done
+}
+
+# Private copies: a rebuild of the shared target dir during the run must not
+# swap binaries between the servers of one comparison.
+AGENT_BUILT="$(date -u -r "$AGENT_BIN" '+%Y-%m-%d %H:%M UTC')"
+cp "$AGENT_BIN" "$WORK/mirror-agent"; cp "$MDCTRL_BIN" "$WORK/mdctrl"
+AGENT_BIN="$WORK/mirror-agent"; MDCTRL_BIN="$WORK/mdctrl"
+
+# --- backing file ---------------------------------------------------------------
+DATA="$WORK/data/md1.img"
+FSTYPE="$(df --output=fstype "$WORK" | tail -1 | tr -d ' ')"
+[[ "$FSTYPE" == tmpfs ]] && log "WARNING: $BENCH_DIR is tmpfs: the numbers will not reflect a disk"
+log "writing the ${SIZE_MIB} MiB backing file $DATA ($FSTYPE)"
+# Really written, not just fallocated: unwritten extents read back as zeros
+# without touching the disk, which would flatter the read rows.
+dd if=/dev/zero of="$DATA" bs=1M count="$SIZE_MIB" oflag=direct conv=fsync status=none
+
+drop_caches() {
+    sync
+    if [[ "$DROP" == 1 ]]; then echo 3 >/proc/sys/vm/drop_caches; fi
+}
+
+# --- servers ---------------------------------------------------------------------
+start_nbdkit() { # tag [plugin args...]
+    local tag="$1"; shift
+    local sock="$WORK/run/$tag.sock"
+    nbdkit -f -U "$sock" file "$DATA" "$@" >"$RES/$tag.log" 2>&1 &
+    PID[$tag]=$!
+    wait_for 10 "${PID[$tag]}" test -S "$sock" || { cat "$RES/$tag.log" >&2; die "nbdkit ($tag) did not create $sock"; }
+    URI[$tag]="nbd+unix:///?socket=$sock"
+    echo "nbdkit $(nbdkit --version | awk '{print $2}') file ${*:-(defaults)}" >"$RES/$tag.desc"
+}
+
+start_agent() { # tag engine direct_io
+    local tag="$1" engine="$2" direct="$3"
+    local dir="$WORK/$tag"
+    mkdir -p "$dir/run" "$dir/data"
+    local port
+    # Unused by a standalone node, but must be valid: take a free one.
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    cat >"$dir/cluster.toml" <<EOF
+[cluster]
+name = "bench"
+
+[[server]]
+name = "server1"
+address = "127.0.0.1"
+control_port = $port
+admin_socket = "$dir/run/server1.sock"
+
+[[resource]]
+name = "md1"
+size = "${SIZE_MIB}MiB"
+engine = "$engine"
+direct_io = "$direct"
+
+[resource.server.server1]
+data_path = "$DATA"
+cluster_partition = "$dir/data/md1.cp"
+nbd_socket = "$dir/run/md1.nbd"
+EOF
+    local ctl=("$MDCTRL_BIN" --config "$dir/cluster.toml" --node server1)
+    "${ctl[@]}" init md1 >"$RES/$tag.init" 2>&1 || { cat "$RES/$tag.init" >&2; die "mdctrl init ($tag) failed"; }
+    RUST_LOG="${RUST_LOG:-info}" "$AGENT_BIN" --config "$dir/cluster.toml" --node server1 >"$RES/$tag.log" 2>&1 &
+    PID[$tag]=$!
+    wait_for 20 "${PID[$tag]}" test -S "$dir/run/server1.sock" || { cat "$RES/$tag.log" >&2; die "agent ($tag) did not start"; }
+    "${ctl[@]}" activate md1 --nomount >>"$RES/$tag.init" 2>&1 || { cat "$RES/$tag.init" "$RES/$tag.log" >&2; die "mdctrl activate ($tag) failed"; }
+    wait_for 10 "${PID[$tag]}" test -S "$dir/run/md1.nbd" || die "agent ($tag) did not create its NBD socket"
+    "${ctl[@]}" status md1 --json >"$RES/$tag.status.json" 2>>"$RES/$tag.init" || true
+    local eng
+    eng=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("engine","?"))' "$RES/$tag.status.json" 2>/dev/null || echo "?")
+    echo "mirror-agent engine=$engine direct_io=$direct (status: $eng)" >"$RES/$tag.desc"
+    URI[$tag]="nbd+unix:///md1?socket=$dir/run/md1.nbd"
+}
+
+# VmRSS/VmHWM of a server every 0.1 s for its whole life (idle most of it;
+# the peak is what the report uses).
+start_sampler() { # tag
+    local out="$RES/$1.rss" pid="${PID[$1]}"
+    ( while kill -0 "$pid" 2>/dev/null; do
+          grep -E '^(VmRSS|VmHWM)' "/proc/$pid/status" 2>/dev/null | tr '\n' ' '
+          echo
+          sleep 0.1
+      done ) >"$out" &
+    SAMPLERS+=($!)
+}
+
+# Wall clock, whole-machine CPU, the server's CPU ticks (process and threads).
+snapshot() { # pid file
+    {
+        echo "wall $(date +%s.%N)"
+        head -1 /proc/stat
+        echo "proc $(cat "/proc/$1/stat" 2>/dev/null)"
+        for t in /proc/"$1"/task/*; do
+            echo "task $(cat "$t/stat" 2>/dev/null)"
+        done
+    } >"$2"
+}
+
+# --- fio jobs ---------------------------------------------------------------------
+JOBS=( # name rw bs iodepth
+    "seqwrite write 1M 8"
+    "seqread read 1M 8"
+    "randwrite randwrite 4k 32"
+    "randread randread 4k 32"
+    "lat1 randwrite 4k 1"
+)
+
+run_fio() { # tag job rep rw bs qd
+    local tag="$1" name="$2" rep="$3" rw="$4" bs="$5" qd="$6" extra=()
+    local f="$RES/$tag.$name.$rep"
+    [[ "$name" == lat1 ]] && extra=(--lat_percentiles=1 --percentile_list=50:99:99.9)
+    kill -0 "${PID[$tag]}" 2>/dev/null || { cat "$RES/$tag.log" >&2; die "server $tag died"; }
+    drop_caches
+    snapshot "${PID[$tag]}" "$f.cpu0"
+    # randrepeat=1 (fio's default seed): the same offsets for every server.
+    fio --name="$name" --ioengine=nbd --uri="${URI[$tag]}" --rw="$rw" --bs="$bs" \
+        --iodepth="$qd" --numjobs=1 --time_based --runtime="$RUNTIME" \
+        --ramp_time="$RAMP" --randrepeat=1 "${extra[@]}" \
+        --output-format=json --output="$f.json" \
+        >"$f.fio.log" 2>&1 || { cat "$f.fio.log" >&2; die "fio $name against $tag failed"; }
+    snapshot "${PID[$tag]}" "$f.cpu1"
+}
+
+# All servers of a group run at once (idle unless driven); every job runs on
+# each of them REPS times, the order reversed on every repetition, so slow
+# drifts of the shared machine's load hit all servers alike.
+run_group() { # tags...
+    local tags=("$@") j name rw bs qd rep order t
+    for t in "${tags[@]}"; do start_sampler "$t"; done
+    for j in "${JOBS[@]}"; do
+        read -r name rw bs qd <<<"$j"
+        for rep in $(seq "$REPS"); do
+            if ((rep % 2)); then order=("${tags[@]}"); else order=(); for t in "${tags[@]}"; do order=("$t" "${order[@]}"); done; fi
+            for t in "${order[@]}"; do run_fio "$t" "$name" "$rep" "$rw" "$bs" "$qd"; done
+        done
+        log "  $name done (${tags[*]})"
+    done
+    stop_all
+}
+
+START=$SECONDS
+echo "$PAIRS" >"$RES/pairs"
+echo "$REPS" >"$RES/reps"
+cached=() direct=0
+for p in $PAIRS; do
+    case "$p" in
+        buffered) cached+=(agent-uring-buffered) ;;
+        portable) cached+=(agent-portable) ;;
+        direct) direct=1 ;;
+    esac
+done
+if ((${#cached[@]})); then
+    log "group: nbdkit (page cache) vs ${cached[*]}"
+    start_nbdkit nbdkit
+    for t in "${cached[@]}"; do
+        case "$t" in
+            agent-uring-buffered) start_agent "$t" io_uring off ;;
+            agent-portable) start_agent "$t" portable off ;;
+        esac
+    done
+    run_group nbdkit "${cached[@]}"
+fi
+if ((direct)); then
+    log "group: nbdkit cache=none vs agent io_uring direct_io=on"
+    start_nbdkit nbdkit-nocache cache=none
+    start_agent agent-uring-direct io_uring on
+    run_group nbdkit-nocache agent-uring-direct
+fi
+
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/^Mem:/{print $2}') GiB RAM, kernel $(uname -r), load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "agent: $(basename "$AGENT_BIN") built $AGENT_BUILT (tree at git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') + uncommitted work)"
+    echo "backing: ${SIZE_MIB} MiB file on $(df --output=source "$WORK" | tail -1) ($FSTYPE), written with dd before the run; page cache dropped before each job: $([[ $DROP == 1 ]] && echo yes || echo no)"
+    echo "client: $(fio --version) ioengine=nbd (libnbd), 1 connection; each job ${RUNTIME}s measured after ${RAMP}s ramp, ${REPS} run(s) per server in alternating order; bench time $((SECONDS - START))s"
+} >"$RES/meta"
+
+python3 "$HERE/report.py" "$RES"
