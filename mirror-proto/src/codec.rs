@@ -247,6 +247,27 @@ fn v_error_message(msg: &str) -> Res<()> {
     Ok(())
 }
 
+fn v_control_len(len: usize) -> Res<()> {
+    if len == 0 {
+        return Err(malformed(
+            MessageKind::Control,
+            "length",
+            Malformation::Empty,
+        ));
+    }
+    if len > MAX_CONTROL_LEN {
+        return Err(malformed(
+            MessageKind::Control,
+            "length",
+            Malformation::TooLong {
+                len,
+                max: MAX_CONTROL_LEN,
+            },
+        ));
+    }
+    Ok(())
+}
+
 fn v_data_checksum(offset: u64, expected: u32, data: &[u8]) -> Res<()> {
     let actual = crc32fast::hash(data);
     if actual != expected {
@@ -645,6 +666,12 @@ fn parse_payload(header: &Header, payload: &Bytes) -> Res<Message> {
             let reason = GoodbyeReason::from_u8(b).ok_or_else(|| enum_err(kind, "reason", b))?;
             Message::Goodbye { reason }
         }
+        MessageKind::Control => {
+            let len = r.u32("length")? as usize;
+            v_control_len(len)?;
+            let json = r.string("json", len)?;
+            Message::Control { json }
+        }
     };
     r.finish()?;
     Ok(msg)
@@ -799,6 +826,11 @@ fn encode_fields<'m>(msg: &'m Message, out: &mut BytesMut) -> Res<Option<&'m Byt
             out.put_slice(message.as_bytes());
         }
         Message::Goodbye { reason } => out.put_u8(*reason as u8),
+        Message::Control { json } => {
+            v_control_len(json.len())?;
+            out.put_u32_le(json.len() as u32);
+            out.put_slice(json.as_bytes());
+        }
     }
     Ok(None)
 }

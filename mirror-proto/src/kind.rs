@@ -55,11 +55,13 @@ pub enum MessageKind {
     Error = 0x33,
     /// 0x34 — orderly close.
     Goodbye = 0x34,
+    /// 0x40 — control-link message: JSON text (only after authentication).
+    Control = 0x40,
 }
 
 impl MessageKind {
     /// Every kind, in wire-value order.
-    pub const ALL: [MessageKind; 21] = [
+    pub const ALL: [MessageKind; 22] = [
         MessageKind::Hello,
         MessageKind::AuthChallenge,
         MessageKind::AuthResponse,
@@ -81,6 +83,7 @@ impl MessageKind {
         MessageKind::StateChange,
         MessageKind::Error,
         MessageKind::Goodbye,
+        MessageKind::Control,
     ];
 
     /// Decodes the header kind byte.
@@ -124,6 +127,7 @@ impl MessageKind {
             MessageKind::StateChange => 2 + GENERATION_MAX_LEN,
             MessageKind::Error => 6 + MAX_ERROR_MESSAGE_LEN,
             MessageKind::Goodbye => 1,
+            MessageKind::Control => 4 + MAX_CONTROL_LEN,
         };
         // All bounds are far below u32::MAX (largest is 32 MiB + 24).
         v as u32

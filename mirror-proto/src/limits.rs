@@ -16,6 +16,8 @@ pub const MAX_GENERATION_HISTORY: usize = 16;
 pub const MAX_VERSIONS: usize = 16;
 /// Most (region, checksum) pairs in a ChecksumRequest / ChecksumReply.
 pub const MAX_CHECKSUM_ENTRIES: usize = 8192;
+/// Longest Control JSON text in bytes (64 KiB).
+pub const MAX_CONTROL_LEN: usize = 64 * 1024;
 /// Length of an authentication nonce.
 pub const NONCE_LEN: usize = 32;
 /// Length of an HMAC-SHA256 authentication response.

@@ -377,6 +377,13 @@ pub enum Message {
         /// Why the sender closes.
         reason: GoodbyeReason,
     },
+    /// `u32 length (1..=64 KiB), u8 × length json` — a control-link message as UTF-8 JSON
+    /// text. The codec checks length and UTF-8; the JSON is the receiver's to parse.
+    /// Allowed only after authentication.
+    Control {
+        /// The JSON text.
+        json: String,
+    },
 }
 
 impl Message {
@@ -404,6 +411,7 @@ impl Message {
             Message::StateChange { .. } => MessageKind::StateChange,
             Message::Error { .. } => MessageKind::Error,
             Message::Goodbye { .. } => MessageKind::Goodbye,
+            Message::Control { .. } => MessageKind::Control,
         }
     }
 

@@ -562,3 +562,79 @@ fn handshake_kinds_allowed_before_auth() {
         assert!(!k.allowed_before_auth());
     }
 }
+
+#[test]
+fn control_payload_errors() {
+    let k = MessageKind::Control.as_u8();
+    let ctl = |len: u32, text: &[u8]| {
+        let mut p = len.to_le_bytes().to_vec();
+        p.extend_from_slice(text);
+        parse(raw_frame(1, k, 0, 1, &p))
+    };
+    assert_eq!(
+        ctl(0, b""),
+        Err(ProtoError::Malformed {
+            kind: MessageKind::Control,
+            field: "length",
+            reason: Malformation::Empty
+        })
+    );
+    // A declared length over the bound is refused before reading the text.
+    assert_eq!(
+        ctl(MAX_CONTROL_LEN as u32 + 1, b"{}"),
+        Err(ProtoError::Malformed {
+            kind: MessageKind::Control,
+            field: "length",
+            reason: Malformation::TooLong {
+                len: MAX_CONTROL_LEN + 1,
+                max: MAX_CONTROL_LEN
+            }
+        })
+    );
+    assert!(matches!(
+        ctl(2, &[0xC3, 0x28]),
+        Err(ProtoError::Malformed {
+            kind: MessageKind::Control,
+            reason: Malformation::InvalidUtf8,
+            ..
+        })
+    ));
+    assert!(matches!(
+        ctl(1, b"{}"),
+        Err(ProtoError::Malformed {
+            kind: MessageKind::Control,
+            reason: Malformation::TrailingBytes { extra: 1 },
+            ..
+        })
+    ));
+    assert!(matches!(
+        ctl(3, b"{}"),
+        Err(ProtoError::Malformed {
+            kind: MessageKind::Control,
+            reason: Malformation::Truncated { .. },
+            ..
+        })
+    ));
+    // Payload over the kind's bound: refused from the header.
+    let big = vec![b'x'; MAX_CONTROL_LEN + 1];
+    assert!(matches!(
+        ctl(big.len() as u32, &big),
+        Err(ProtoError::TooLarge { .. })
+    ));
+    // Encoding refuses what parsing refuses.
+    let f = Frame::new(
+        1,
+        Message::Control {
+            json: String::new(),
+        },
+    );
+    assert!(f.to_bytes().is_err());
+    let f = Frame::new(
+        1,
+        Message::Control {
+            json: "x".repeat(MAX_CONTROL_LEN + 1),
+        },
+    );
+    assert!(f.to_bytes().is_err());
+    assert!(!MessageKind::Control.allowed_before_auth());
+}

@@ -86,6 +86,7 @@ round_trip_kind! {
     round_trip_state_change => StateChange,
     round_trip_error => Error,
     round_trip_goodbye => Goodbye,
+    round_trip_control => Control,
 }
 
 /// The macro above must list every kind; this fails when a kind is added without a test.

@@ -37,7 +37,7 @@ fn spec_constants() {
     assert_eq!(MAX_DATA_LEN, 32 << 20);
     assert_eq!(MAX_PAYLOAD, MAX_DATA_LEN + 64);
     // Per-kind bounds as tabulated in §4.
-    let table: [(MessageKind, usize); 21] = [
+    let table: [(MessageKind, usize); 22] = [
         (MessageKind::Hello, 946),
         (MessageKind::AuthChallenge, 32),
         (MessageKind::AuthResponse, 32),
@@ -59,6 +59,7 @@ fn spec_constants() {
         (MessageKind::StateChange, 147),
         (MessageKind::Error, 6 + 4096),
         (MessageKind::Goodbye, 1),
+        (MessageKind::Control, 4 + 65536),
     ];
     for (k, max) in table {
         assert_eq!(k.max_payload() as usize, max, "{k:?}");
@@ -69,7 +70,7 @@ fn spec_constants() {
         values,
         [
             0x01, 0x02, 0x03, 0x04, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x20, 0x21, 0x22,
-            0x23, 0x24, 0x30, 0x31, 0x32, 0x33, 0x34
+            0x23, 0x24, 0x30, 0x31, 0x32, 0x33, 0x34, 0x40
         ]
     );
     for v in 0..=255u8 {

@@ -267,6 +267,15 @@ pub fn arb_message_of(kind: MessageKind) -> BoxedStrategy<Message> {
         ])
         .prop_map(|reason| Message::Goodbye { reason })
         .boxed(),
+        MessageKind::Control => prop_oneof![
+            // Any UTF-8 (the codec does not parse JSON), including multi-byte characters.
+            ".{1,300}",
+            Just("{\"cmd\":\"status\",\"args\":[1,2]}".to_string()),
+            // Near the 64 KiB bound.
+            (1usize..=8).prop_map(|k| "x".repeat(MAX_CONTROL_LEN + 1 - k)),
+        ]
+        .prop_map(|json| Message::Control { json })
+        .boxed(),
     }
 }
 

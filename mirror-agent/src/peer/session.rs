@@ -1,0 +1,753 @@
+//! A running, authenticated peer session: reader, writer and heartbeat tasks around one
+//! byte stream, exposed to the owner as channels ([`Session`]).
+//!
+//! Sequence numbers (§9.1): [`SessionSender`] assigns them under one ordering lock together
+//! with the enqueue into the writer's FIFO, so seq order is wire order; the reader checks that
+//! each received frame carries the previous seq + 1. Internal Ping/Pong use the same counter.
+//!
+//! Closing: the first reason wins and is published on [`CloseWatch`]. A local
+//! [`SessionSender::close`] flushes what is queued and ends with Goodbye; a protocol error
+//! ends with an Error frame (best effort); a lost or silent peer just closes.
+
+use std::fmt;
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use mirror_proto::{error_code, Decoder, Frame, GoodbyeReason, Hello, Message};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use super::handshake::Established;
+use super::{RECV_QUEUE_FRAMES, SEND_QUEUE_FRAMES};
+use crate::config::Timeouts;
+
+/// Frames taken from the queue for one (vectored) write.
+const MAX_BATCH_FRAMES: usize = 64;
+/// At most this many iovecs per `write_vectored` call (well under IOV_MAX).
+const MAX_IOVECS: usize = 128;
+
+/// One authenticated connection to the peer.
+///
+/// The session stays up while its `rx` is alive (dropping `rx` closes it with Goodbye).
+/// Frames on `rx` are every received frame except the ones the session handles itself:
+/// Ping (answered with Pong), Pong, Goodbye and Error (both close the session, the reason is
+/// on `closed`).
+#[derive(Debug)]
+pub struct Session {
+    /// The peer's Hello (its role, disk state, generation, features at connection time).
+    pub peer_hello: Hello,
+    /// Sending half; clone it freely.
+    pub tx: SessionSender,
+    /// Received frames, in wire order, seq already checked.
+    pub rx: mpsc::Receiver<Frame>,
+    /// Fires once with the reason the session ended.
+    pub closed: CloseWatch,
+    /// The peer's socket address.
+    pub peer_addr: SocketAddr,
+}
+
+/// The session is closed; carries the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("peer link closed: {reason}")]
+pub struct LinkClosed {
+    /// Why the session ended.
+    pub reason: String,
+}
+
+/// Why [`SessionSender::try_send`] did not queue the frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrySendError {
+    /// The outgoing queue is full (back-pressure; retry or use `send`).
+    #[error("peer link send queue is full")]
+    Full,
+    /// The session is closed.
+    #[error(transparent)]
+    Closed(#[from] LinkClosed),
+}
+
+/// What the writer sends last.
+#[derive(Debug)]
+enum Final {
+    /// Flush the queue, then Goodbye.
+    Goodbye(GoodbyeReason),
+    /// Error frame right away (queued frames are dropped).
+    Error { code: u32, message: String },
+    /// Nothing (peer gone, socket broken).
+    Nothing,
+}
+
+#[derive(Debug)]
+struct Order {
+    next_seq: u64,
+    closing: bool,
+}
+
+struct Shared {
+    order: Mutex<Order>,
+    queue: mpsc::Sender<Frame>,
+    close_tx: watch::Sender<Option<String>>,
+    fin: Mutex<Option<Final>>,
+    peer: SocketAddr,
+}
+
+impl Shared {
+    fn closed_err(&self) -> LinkClosed {
+        LinkClosed {
+            reason: self
+                .close_tx
+                .borrow()
+                .clone()
+                .unwrap_or_else(|| "closing".to_string()),
+        }
+    }
+
+    /// Assigns the next seq and enqueues, atomically; `permit` was reserved beforehand.
+    fn commit(
+        &self,
+        permit: mpsc::Permit<'_, Frame>,
+        f: impl FnOnce(u64) -> Message,
+    ) -> Result<u64, LinkClosed> {
+        let mut o = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        if o.closing {
+            drop(o);
+            return Err(self.closed_err());
+        }
+        let seq = o.next_seq;
+        o.next_seq += 1;
+        permit.send(Frame::new(seq, f(seq)));
+        Ok(seq)
+    }
+
+    fn try_send_with(&self, f: impl FnOnce(u64) -> Message) -> Result<u64, TrySendError> {
+        match self.queue.try_reserve() {
+            Ok(p) => Ok(self.commit(p, f)?),
+            Err(mpsc::error::TrySendError::Full(())) => {
+                if self.is_closing() {
+                    Err(TrySendError::Closed(self.closed_err()))
+                } else {
+                    Err(TrySendError::Full)
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                Err(TrySendError::Closed(self.closed_err()))
+            }
+        }
+    }
+
+    fn is_closing(&self) -> bool {
+        self.order.lock().unwrap_or_else(|p| p.into_inner()).closing
+    }
+
+    /// Starts closing; the first call wins. Returns false if already closing.
+    fn shut(&self, reason: String, fin: Final) -> bool {
+        {
+            let mut o = self.order.lock().unwrap_or_else(|p| p.into_inner());
+            if o.closing {
+                return false;
+            }
+            o.closing = true;
+        }
+        *self.fin.lock().unwrap_or_else(|p| p.into_inner()) = Some(fin);
+        match self.fin.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(Final::Goodbye(_)) => {
+                tracing::info!(peer = %self.peer, %reason, "peer link closed")
+            }
+            _ => tracing::warn!(peer = %self.peer, %reason, "peer link closed"),
+        }
+        self.close_tx.send_replace(Some(reason));
+        true
+    }
+}
+
+/// Sending half of a [`Session`]. Cheap to clone; all clones share one seq counter.
+#[derive(Clone)]
+pub struct SessionSender {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for SessionSender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionSender")
+            .field("peer", &self.shared.peer)
+            .field("closed", &self.is_closed())
+            .field("queued_frames", &self.queued_frames())
+            .finish()
+    }
+}
+
+impl SessionSender {
+    /// Queues `msg`, waiting while the queue is full. Returns the seq assigned to it (the
+    /// key the peer's Ack1/Ack2/FlushAck/ChecksumReply will refer to).
+    pub async fn send(&self, msg: Message) -> Result<u64, LinkClosed> {
+        self.send_with(move |_| msg).await
+    }
+
+    /// Queues the message built by `f`, waiting while the queue is full.
+    ///
+    /// `f` receives the seq this frame will carry and runs under the sender's ordering lock,
+    /// right before the frame is enqueued: whatever it registers (e.g. an in-flight write
+    /// keyed by seq) is in place before the frame can reach the wire, and seq order equals
+    /// wire order across all clones. Keep `f` short and non-blocking. `f` is not called when
+    /// the session is closed.
+    ///
+    /// A message the codec refuses to encode (a caller bug, e.g. an oversized Write) closes
+    /// the session with a reason naming the seq and the error.
+    pub async fn send_with<F>(&self, f: F) -> Result<u64, LinkClosed>
+    where
+        F: FnOnce(u64) -> Message,
+    {
+        let mut closed = self.shared.close_tx.subscribe();
+        let permit = tokio::select! {
+            p = self.shared.queue.reserve() => p.map_err(|_| self.shared.closed_err())?,
+            _ = closed_signal(&mut closed) => return Err(self.shared.closed_err()),
+        };
+        self.shared.commit(permit, f)
+    }
+
+    /// Queues `msg` without waiting: [`TrySendError::Full`] when the queue is full.
+    pub fn try_send(&self, msg: Message) -> Result<u64, TrySendError> {
+        self.shared.try_send_with(move |_| msg)
+    }
+
+    /// Non-waiting form of [`SessionSender::send_with`].
+    pub fn try_send_with<F>(&self, f: F) -> Result<u64, TrySendError>
+    where
+        F: FnOnce(u64) -> Message,
+    {
+        self.shared.try_send_with(f)
+    }
+
+    /// Closes the session: frames already queued are written, then Goodbye(Shutdown), then
+    /// the connection is shut down. `reason` is what [`CloseWatch`] reports.
+    pub fn close(&self, reason: &str) {
+        self.close_with(reason, GoodbyeReason::Shutdown);
+    }
+
+    /// Like [`SessionSender::close`] with an explicit Goodbye reason.
+    pub fn close_with(&self, reason: &str, goodbye: GoodbyeReason) {
+        self.shared
+            .shut(reason.to_string(), Final::Goodbye(goodbye));
+    }
+
+    /// True once the session is closing or closed (no more frames are accepted).
+    pub fn is_closed(&self) -> bool {
+        self.shared.is_closing()
+    }
+
+    /// Frames queued and not yet taken by the writer.
+    pub fn queued_frames(&self) -> usize {
+        self.shared.queue.max_capacity() - self.shared.queue.capacity()
+    }
+
+    /// A watch on this session's end.
+    pub fn close_watch(&self) -> CloseWatch {
+        CloseWatch {
+            rx: self.shared.close_tx.subscribe(),
+        }
+    }
+}
+
+/// Observes the end of a session.
+#[derive(Debug, Clone)]
+pub struct CloseWatch {
+    rx: watch::Receiver<Option<String>>,
+}
+
+impl CloseWatch {
+    /// Waits until the session is closed and returns the reason.
+    pub async fn wait(&self) -> String {
+        let mut rx = self.rx.clone();
+        let r = match rx.wait_for(|r| r.is_some()).await {
+            Ok(r) => r.clone().unwrap_or_default(),
+            // Unreachable in practice: every task publishes a reason before dropping.
+            Err(_) => "session dropped".to_string(),
+        };
+        r
+    }
+
+    /// The reason, if the session is closed.
+    pub fn reason(&self) -> Option<String> {
+        self.rx.borrow().clone()
+    }
+}
+
+/// Resolves once a close reason is published (the borrow guard is not held across awaits).
+async fn closed_signal(rx: &mut watch::Receiver<Option<String>>) {
+    let _ = rx.wait_for(|r| r.is_some()).await;
+}
+
+/// Starts the tasks of a session on `stream` after the handshake `est`.
+pub(crate) fn start<S>(
+    stream: S,
+    est: Established,
+    peer_addr: SocketAddr,
+    timeouts: Timeouts,
+) -> Session
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (r, w) = tokio::io::split(stream);
+    let (queue_tx, queue_rx) = mpsc::channel(SEND_QUEUE_FRAMES);
+    let (in_tx, in_rx) = mpsc::channel(RECV_QUEUE_FRAMES);
+    let (close_tx, close_rx) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        order: Mutex::new(Order {
+            next_seq: est.next_tx_seq,
+            closing: false,
+        }),
+        queue: queue_tx,
+        close_tx,
+        fin: Mutex::new(None),
+        peer: peer_addr,
+    });
+    tokio::spawn(writer(
+        w,
+        shared.clone(),
+        queue_rx,
+        est.next_tx_seq,
+        timeouts.send,
+    ));
+    tokio::spawn(reader(
+        r,
+        shared.clone(),
+        in_tx,
+        est.buf,
+        est.next_rx_seq,
+        timeouts.heartbeat_timeout,
+        timeouts.receive,
+    ));
+    tokio::spawn(heartbeat(shared.clone(), timeouts.heartbeat_interval));
+    Session {
+        peer_hello: est.peer_hello,
+        tx: SessionSender { shared },
+        rx: in_rx,
+        closed: CloseWatch { rx: close_rx },
+        peer_addr,
+    }
+}
+
+async fn heartbeat(shared: Arc<Shared>, interval: Duration) {
+    let start = Instant::now();
+    let mut closed = shared.close_tx.subscribe();
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            _ = closed_signal(&mut closed) => return,
+            _ = tick.tick() => {
+                nonce += 1;
+                let timestamp_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                // A full queue means frames are flowing to the peer anyway: skip this Ping.
+                match shared.try_send_with(|_| Message::Ping { nonce, timestamp_ns }) {
+                    Ok(_) | Err(TrySendError::Full) => {}
+                    Err(TrySendError::Closed(_)) => return,
+                }
+            }
+        }
+    }
+}
+
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0}")
+    } else {
+        format!("{s:.3}")
+    }
+}
+
+async fn reader<R: AsyncRead + Unpin>(
+    mut r: R,
+    shared: Arc<Shared>,
+    in_tx: mpsc::Sender<Frame>,
+    mut buf: BytesMut,
+    mut next_rx: u64,
+    silent_after: Duration,
+    frame_timeout: Duration,
+) {
+    let mut closed = shared.close_tx.subscribe();
+    let mut dec = Decoder::new();
+    // When the frame at the front of `buf` started arriving (None: no partial frame).
+    let mut partial_since: Option<Instant> = None;
+    let protocol = |shared: &Shared, detail: String| {
+        shared.shut(
+            format!("protocol error: {detail}"),
+            Final::Error {
+                code: error_code::PROTOCOL,
+                message: detail,
+            },
+        );
+    };
+    loop {
+        loop {
+            let frame = match dec.decode(&mut buf) {
+                Ok(Some(f)) => {
+                    partial_since = None;
+                    f
+                }
+                Ok(None) => break,
+                Err(e) => return protocol(&shared, e.to_string()),
+            };
+            if frame.seq != next_rx {
+                return protocol(
+                    &shared,
+                    format!(
+                        "wrong sequence number: expected {next_rx}, got {} ({:?})",
+                        frame.seq,
+                        frame.msg.kind()
+                    ),
+                );
+            }
+            next_rx += 1;
+            match frame.msg {
+                Message::Ping {
+                    nonce,
+                    timestamp_ns,
+                } => {
+                    // Skipped when the queue is full: the peer then receives frames anyway.
+                    let _ = shared.try_send_with(|_| Message::Pong {
+                        nonce,
+                        timestamp_ns,
+                    });
+                }
+                Message::Pong { .. } => {}
+                Message::Goodbye { reason } => {
+                    shared.shut(format!("peer said goodbye ({reason:?})"), Final::Nothing);
+                    return;
+                }
+                Message::Error { code, message } => {
+                    shared.shut(
+                        format!("peer reported error {code}: {message}"),
+                        Final::Nothing,
+                    );
+                    return;
+                }
+                Message::Hello(_)
+                | Message::AuthChallenge { .. }
+                | Message::AuthResponse { .. }
+                | Message::AuthResult { .. } => {
+                    let detail = format!("unexpected {:?} after authentication", frame.msg.kind());
+                    shared.shut(
+                        detail.clone(),
+                        Final::Error {
+                            code: error_code::UNEXPECTED_MESSAGE,
+                            message: detail,
+                        },
+                    );
+                    return;
+                }
+                _ => {
+                    tokio::select! {
+                        res = in_tx.send(frame) => if res.is_err() {
+                            shared.shut("session receiver dropped".to_string(),
+                                Final::Goodbye(GoodbyeReason::Shutdown));
+                            return;
+                        },
+                        _ = closed_signal(&mut closed) => return,
+                    }
+                }
+            }
+        }
+        if buf.is_empty() {
+            partial_since = None;
+        } else if partial_since.is_none() {
+            partial_since = Some(Instant::now());
+        }
+        // The header (if any) is validated already, so `needed` is bounded by the kind's limit.
+        buf.reserve(dec.needed().max(16 << 10));
+        let silent_deadline = tokio::time::Instant::now() + silent_after;
+        let frame_deadline =
+            partial_since.map(|t| tokio::time::Instant::from_std(t + frame_timeout));
+        let deadline = frame_deadline.map_or(silent_deadline, |f| f.min(silent_deadline));
+        tokio::select! {
+            _ = closed_signal(&mut closed) => return,
+            _ = in_tx.closed() => {
+                shared.shut("session receiver dropped".to_string(),
+                    Final::Goodbye(GoodbyeReason::Shutdown));
+                return;
+            }
+            res = tokio::time::timeout_at(deadline, r.read_buf(&mut buf)) => match res {
+                Err(_) if frame_deadline.is_some_and(|f| f <= silent_deadline) => {
+                    shared.shut(format!(
+                        "frame incomplete for {} s ({} bytes received, {} more needed)",
+                        secs(frame_timeout), buf.len(), dec.needed()), Final::Nothing);
+                    return;
+                }
+                Err(_) => {
+                    shared.shut(format!("peer silent for {} s", secs(silent_after)), Final::Nothing);
+                    return;
+                }
+                Ok(Ok(0)) => {
+                    let reason = if buf.is_empty() {
+                        "peer closed the connection".to_string()
+                    } else {
+                        format!("peer closed the connection in the middle of a frame ({} bytes buffered)", buf.len())
+                    };
+                    shared.shut(reason, Final::Nothing);
+                    return;
+                }
+                Ok(Err(e)) => {
+                    shared.shut(format!("read error: {e} (errno {})", e.raw_os_error().unwrap_or(0)), Final::Nothing);
+                    return;
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// A run of encoded header/field bytes in the batch buffer, or a data block sent as is.
+enum Seg {
+    Buf(Range<usize>),
+    Data(Bytes),
+}
+
+/// Encodes `frames` into `buf` (headers and fixed fields, contiguous runs) and writes them
+/// with vectored writes; Write/ResyncData data and bitmap bits are not copied.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &[Frame],
+    buf: &mut BytesMut,
+    send_timeout: Duration,
+) -> Result<(), String> {
+    buf.clear();
+    let mut segs = Vec::with_capacity(frames.len() * 2);
+    let mut run = 0;
+    for f in frames {
+        let tail = f.encode_vectored(buf).map_err(|e| {
+            format!(
+                "cannot encode our own {:?} frame seq {}: {e}",
+                f.msg.kind(),
+                f.seq
+            )
+        })?;
+        if let Some(t) = tail {
+            segs.push(Seg::Buf(run..buf.len()));
+            segs.push(Seg::Data(t));
+            run = buf.len();
+        }
+    }
+    segs.push(Seg::Buf(run..buf.len()));
+    let mut parts: Vec<&[u8]> = segs
+        .iter()
+        .map(|s| match s {
+            Seg::Buf(r) => &buf[r.clone()],
+            Seg::Data(b) => &b[..],
+        })
+        .filter(|p| !p.is_empty())
+        .collect();
+    let mut i = 0;
+    while i < parts.len() {
+        let iov: Vec<IoSlice<'_>> = parts[i..]
+            .iter()
+            .take(MAX_IOVECS)
+            .map(|p| IoSlice::new(p))
+            .collect();
+        let n = match tokio::time::timeout(send_timeout, w.write_vectored(&iov)).await {
+            Err(_) => {
+                return Err(format!(
+                    "send blocked for more than {} s",
+                    secs(send_timeout)
+                ))
+            }
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "write error: {e} (errno {})",
+                    e.raw_os_error().unwrap_or(0)
+                ))
+            }
+            Ok(Ok(0)) => return Err("write error: connection accepts no more data".to_string()),
+            Ok(Ok(n)) => n,
+        };
+        drop(iov);
+        let mut n = n;
+        while n > 0 {
+            let l = parts[i].len();
+            if n >= l {
+                n -= l;
+                i += 1;
+            } else {
+                parts[i] = &parts[i][n..];
+                n = 0;
+            }
+        }
+    }
+    match tokio::time::timeout(send_timeout, w.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write error: {e}")),
+        Err(_) => Err(format!(
+            "send blocked for more than {} s",
+            secs(send_timeout)
+        )),
+    }
+}
+
+async fn writer<W: AsyncWrite + Unpin>(
+    mut w: W,
+    shared: Arc<Shared>,
+    mut queue: mpsc::Receiver<Frame>,
+    first_seq: u64,
+    send_timeout: Duration,
+) {
+    let mut closed = shared.close_tx.subscribe();
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    let mut batch: Vec<Frame> = Vec::with_capacity(MAX_BATCH_FRAMES);
+    // Seq of the next frame on the wire (the final Goodbye/Error continues from here).
+    let mut wire_seq = first_seq;
+    // False once a write was abandoned mid-frame: the stream can carry nothing more.
+    let mut stream_ok = true;
+    loop {
+        tokio::select! {
+            biased;
+            _ = closed_signal(&mut closed) => break,
+            n = queue.recv_many(&mut batch, MAX_BATCH_FRAMES) => if n == 0 { break },
+        }
+        let graceful_only = |fin: &Mutex<Option<Final>>| {
+            matches!(
+                fin.lock().unwrap_or_else(|p| p.into_inner()).as_ref(),
+                Some(Final::Goodbye(_))
+            )
+        };
+        let res = {
+            let fut = write_frames(&mut w, &batch, &mut buf, send_timeout);
+            tokio::pin!(fut);
+            tokio::select! {
+                r = &mut fut => Some(r),
+                _ = closed_signal(&mut closed) => {
+                    // A graceful close lets the batch finish; any other close abandons it.
+                    if graceful_only(&shared.fin) { Some(fut.await) } else { None }
+                }
+            }
+        };
+        match res {
+            Some(Ok(())) => wire_seq = batch.last().map_or(wire_seq, |f| f.seq + 1),
+            Some(Err(reason)) => {
+                shared.shut(reason, Final::Nothing);
+                stream_ok = false;
+                break;
+            }
+            None => {
+                stream_ok = false;
+                break;
+            }
+        }
+        batch.clear();
+    }
+    batch.clear();
+    let fin = shared.fin.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if stream_ok {
+        let last = match fin {
+            Some(Final::Goodbye(reason)) => {
+                // Everything enqueued before close() still goes out, then Goodbye.
+                queue.close();
+                while let Ok(f) = queue.try_recv() {
+                    batch.push(f);
+                }
+                let seq = batch.last().map_or(wire_seq, |f| f.seq + 1);
+                Some(Frame::new(seq, Message::Goodbye { reason }))
+            }
+            Some(Final::Error { code, message }) => {
+                Some(Frame::new(wire_seq, Message::Error { code, message }))
+            }
+            Some(Final::Nothing) | None => None,
+        };
+        if let Some(f) = last {
+            batch.push(f);
+            let _ = write_frames(&mut w, &batch, &mut buf, send_timeout).await;
+        }
+    }
+    let _ = tokio::time::timeout(send_timeout, w.shutdown()).await;
+    // Make sure the session reads as closed even if the queue ended without a reason.
+    shared.shut("session ended".to_string(), Final::Nothing);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// Records each write call; accepts everything.
+    #[derive(Default)]
+    struct Recorder {
+        calls: usize,
+        bytes: Vec<u8>,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.calls += 1;
+            self.bytes.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            self.calls += 1;
+            let mut n = 0;
+            for b in bufs {
+                self.bytes.extend_from_slice(b);
+                n += b.len();
+            }
+            Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_frames_are_coalesced_into_one_vectored_write() {
+        let data = Bytes::from(vec![0x11u8; 100_000]);
+        let frames: Vec<Frame> = (1..=20u64)
+            .map(|seq| {
+                let msg = if seq % 5 == 0 {
+                    Message::Write {
+                        offset: seq * 4096,
+                        fua: false,
+                        data: data.clone(),
+                    }
+                } else {
+                    Message::Ack1 { seq }
+                };
+                Frame::new(seq, msg)
+            })
+            .collect();
+        let mut w = Recorder::default();
+        let mut buf = BytesMut::new();
+        write_frames(&mut w, &frames, &mut buf, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(w.calls, 1, "20 frames, 4 with data, in one syscall");
+        // The bytes are exactly the frames' encodings, in order.
+        let mut expect = Vec::new();
+        for f in &frames {
+            expect.extend_from_slice(&f.to_bytes().unwrap());
+        }
+        assert_eq!(w.bytes, expect);
+        // The header buffer never held the data blocks (they went out as their own iovecs).
+        assert!(
+            buf.len() < 20 * 64,
+            "header buffer holds {} bytes",
+            buf.len()
+        );
+    }
+}

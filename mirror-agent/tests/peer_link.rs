@@ -1,0 +1,875 @@
+//! Peer links over real TCP on 127.0.0.1: handshake, refusals, pre-auth frames, malformed
+//! frames after auth, heartbeat, silent peers, reconnect and replacement.
+//!
+//! Node "a" sorts lower and dials, node "b" accepts. Raw clients below play node "a" with
+//! hand-made frames (via `mirror_proto`) to send what a correct agent never would.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use mirror_agent::config::{Config, ExampleSpec, Secret, Timeouts};
+use mirror_agent::peer::testing::hello;
+use mirror_agent::peer::{
+    spawn_link, HelloState, LinkHandle, LinkSpec, LinkState, ResourceSpec, Session,
+};
+use mirror_proto::auth::{compute_response, verify_response, Direction, Transcript};
+use mirror_proto::{
+    error_code, Decoder, DiskState, Features, Frame, Generation, Header, Message, MessageKind,
+    Role, HEADER_LEN,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+const WAIT: Duration = Duration::from_secs(10);
+const HB_TIMEOUT: Duration = Duration::from_millis(500);
+
+fn timeouts() -> Timeouts {
+    Timeouts {
+        connect: Duration::from_secs(3),
+        send: Duration::from_secs(3),
+        ack: Duration::from_secs(3),
+        receive: Duration::from_secs(3),
+        heartbeat_interval: Duration::from_millis(100),
+        heartbeat_timeout: HB_TIMEOUT,
+    }
+}
+
+/// A fresh random secret, read through the config layer like the agent does.
+fn secret() -> Secret {
+    let dir = tempfile::tempdir().unwrap();
+    let path = ExampleSpec::pair(dir.path(), 20000).write().unwrap();
+    Config::load(&path).unwrap().read_secret().unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn md1() -> Option<ResourceSpec> {
+    Some(ResourceSpec {
+        name: "md1".into(),
+        volume_size: 1 << 30,
+        region_size: 64 << 10,
+    })
+}
+
+fn spec(
+    local: &str,
+    peer: &str,
+    port: u16,
+    secret: &Secret,
+    res: Option<ResourceSpec>,
+) -> LinkSpec {
+    let role = if local == "a" {
+        Role::Active
+    } else {
+        Role::Standby
+    };
+    LinkSpec {
+        cluster: "demo".into(),
+        local_node: local.into(),
+        peer_node: peer.into(),
+        resource: res,
+        hello_state: Arc::new(move || HelloState {
+            role,
+            disk_state: DiskState::UpToDate,
+            generation: Generation {
+                current: 7,
+                bitmap: 0,
+                history: vec![3],
+            },
+            features: Features::TRIM,
+        }),
+        secret: secret.clone(),
+        timeouts: timeouts(),
+        listen_addr: format!("127.0.0.1:{port}"),
+        peer_addr: format!("127.0.0.1:{port}"),
+    }
+}
+
+async fn next_session(h: &mut LinkHandle) -> Session {
+    tokio::time::timeout(WAIT, h.sessions.recv())
+        .await
+        .expect("no session within the wait")
+        .expect("link ended")
+}
+
+async fn wait_refused(h: &LinkHandle) -> String {
+    let mut w = h.state_watch();
+    let st = tokio::time::timeout(WAIT, w.wait_for(|s| matches!(s, LinkState::Refused { .. })))
+        .await
+        .expect("not refused within the wait")
+        .unwrap()
+        .clone();
+    match st {
+        LinkState::Refused { reason } => reason,
+        _ => unreachable!(),
+    }
+}
+
+fn write(offset: u64, data: &[u8]) -> Message {
+    Message::Write {
+        offset,
+        fua: false,
+        data: Bytes::copy_from_slice(data),
+    }
+}
+
+#[tokio::test]
+async fn handshake_succeeds_and_both_see_each_others_hello() {
+    let s = secret();
+    let port = free_port();
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
+    let mut a = spawn_link(spec("a", "b", port, &s, md1()), stop.clone());
+    let mut sa = next_session(&mut a).await;
+    let mut sb = next_session(&mut b).await;
+    assert_eq!(sa.peer_hello.node_name, "b");
+    assert_eq!(sa.peer_hello.role, Role::Standby);
+    assert_eq!(sb.peer_hello.node_name, "a");
+    assert_eq!(sb.peer_hello.role, Role::Active);
+    assert_eq!(sb.peer_hello.resource_name, "md1");
+    assert_eq!(sb.peer_hello.generation.current, 7);
+    assert!(matches!(a.state(), LinkState::Connected { .. }));
+    assert!(matches!(b.state(), LinkState::Connected { .. }));
+
+    // Data flows both ways; the seq returned is the one on the wire.
+    let seq = sa.tx.send(write(4096, b"hello")).await.unwrap();
+    let f = tokio::time::timeout(WAIT, sb.rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.seq, seq);
+    assert_eq!(f.msg, write(4096, b"hello"));
+    sb.tx.send(Message::Ack1 { seq }).await.unwrap();
+    let f = tokio::time::timeout(WAIT, sa.rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.msg, Message::Ack1 { seq });
+}
+
+#[tokio::test]
+async fn control_link_handshake() {
+    let s = secret();
+    let port = free_port();
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut b = spawn_link(spec("b", "a", port, &s, None), stop.clone());
+    let mut a = spawn_link(spec("a", "b", port, &s, None), stop.clone());
+    let mut sa = next_session(&mut a).await;
+    let mut sb = next_session(&mut b).await;
+    assert_eq!(sa.peer_hello.resource_name, "@control");
+    assert_eq!(sb.peer_hello.resource_name, "@control");
+    let json = r#"{"cmd":"handover","resource":"md1"}"#.to_string();
+    let seq = sa
+        .tx
+        .send(Message::Control { json: json.clone() })
+        .await
+        .unwrap();
+    let f = tokio::time::timeout(WAIT, sb.rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (f.seq, f.msg),
+        (seq, Message::Control { json: json.clone() })
+    );
+    sb.tx
+        .send(Message::Control { json: "{}".into() })
+        .await
+        .unwrap();
+    let f = tokio::time::timeout(WAIT, sa.rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.msg, Message::Control { json: "{}".into() });
+}
+
+#[tokio::test]
+async fn control_frame_before_auth_is_refused() {
+    let s = secret();
+    let port = free_port();
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut b = spawn_link(spec("b", "a", port, &s, None), stop.clone());
+    let mut raw = Raw::connect(port).await;
+    raw.send(Message::Control { json: "{}".into() }).await;
+    let f = raw.recv().await.expect("an Error frame");
+    assert!(
+        matches!(
+            f.msg,
+            Message::Error {
+                code: error_code::NOT_AUTHENTICATED,
+                ..
+            }
+        ),
+        "{f:?}"
+    );
+    assert!(raw.recv().await.is_none());
+    assert!(b.sessions.try_recv().is_err());
+}
+
+/// Forwards every connection accepted on `listener` to `target` until `cut` fires, then drops
+/// all forwarded connections (a network fault between the nodes).
+async fn proxy(listener: tokio::net::TcpListener, target: String, cut: watch::Receiver<u32>) {
+    loop {
+        let (mut inbound, _) = listener.accept().await.unwrap();
+        let mut outbound = TcpStream::connect(&target).await.unwrap();
+        let mut conn_cut = cut.clone();
+        // Only cuts after this connection was made end it.
+        conn_cut.borrow_and_update();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                _ = conn_cut.changed() => {}
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn nodes_connect_through_a_proxy_via_listen_address_and_recover_from_a_cut() {
+    // server2 listens on 127.0.0.2 and is reached at 127.0.0.3, where the proxy forwards.
+    let dir = tempfile::tempdir().unwrap();
+    let (base, proxy_listener) = loop {
+        let base = free_port();
+        if base > 60000 {
+            continue;
+        }
+        let ok2 = std::net::TcpListener::bind(("127.0.0.2", base + 1)).is_ok();
+        if let (true, Ok(l)) = (
+            ok2,
+            tokio::net::TcpListener::bind(("127.0.0.3", base + 1)).await,
+        ) {
+            break (base, l);
+        }
+    };
+    let path = ExampleSpec::pair(dir.path(), base).write().unwrap();
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "name = \"server2\"\naddress = \"127.0.0.1\"",
+        "name = \"server2\"\naddress = \"127.0.0.3\"\nlisten_address = \"127.0.0.2\"",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut c = Config::load(&path).unwrap();
+    c.timeouts = timeouts();
+    let s = c.read_secret().unwrap();
+    let st = || spec("a", "b", 0, &s, None).hello_state;
+    let s1 = LinkSpec::control(&c, "server1", s.clone(), st()).unwrap();
+    let s2 = LinkSpec::control(&c, "server2", s.clone(), st()).unwrap();
+    assert_eq!(s1.peer_addr, format!("127.0.0.3:{}", base + 1));
+    assert_eq!(s2.listen_addr, format!("127.0.0.2:{}", base + 1));
+    let (cut_tx, cut_rx) = watch::channel(0u32);
+    tokio::spawn(proxy(proxy_listener, s2.listen_addr.clone(), cut_rx));
+
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut l2 = spawn_link(s2, stop.clone());
+    let mut l1 = spawn_link(s1, stop.clone());
+    let a = next_session(&mut l1).await;
+    let b = next_session(&mut l2).await;
+    assert_eq!(a.peer_hello.node_name, "server2");
+    assert_eq!(b.peer_hello.node_name, "server1");
+    // The dialer reached the acceptor through the proxy address.
+    assert_eq!(a.peer_addr.ip().to_string(), "127.0.0.3");
+
+    cut_tx.send_modify(|n| *n += 1);
+    let ra = tokio::time::timeout(WAIT, a.closed.wait()).await.unwrap();
+    let rb = tokio::time::timeout(WAIT, b.closed.wait()).await.unwrap();
+    assert!(
+        ra.contains("closed the connection") || ra.contains("silent"),
+        "{ra}"
+    );
+    assert!(
+        rb.contains("closed the connection") || rb.contains("silent"),
+        "{rb}"
+    );
+    // The dialer redials through the proxy; both get a fresh session.
+    let a2 = next_session(&mut l1).await;
+    let _b2 = next_session(&mut l2).await;
+    assert!(a2.closed.reason().is_none());
+}
+
+#[tokio::test]
+async fn wrong_secret_is_refused_by_both_and_no_session_delivered() {
+    let port = free_port();
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut b = spawn_link(spec("b", "a", port, &secret(), md1()), stop.clone());
+    let mut a = spawn_link(spec("a", "b", port, &secret(), md1()), stop.clone());
+    let rb = wait_refused(&b).await;
+    let ra = wait_refused(&a).await;
+    assert!(rb.contains("secret") && rb.contains("127.0.0.1"), "{rb}");
+    assert!(ra.contains("secret") && ra.contains("127.0.0.1"), "{ra}");
+    assert!(a.sessions.try_recv().is_err());
+    assert!(b.sessions.try_recv().is_err());
+}
+
+async fn refused_naming(
+    field: &str,
+    expected: &str,
+    got: &str,
+    a_spec: LinkSpec,
+    b_spec: LinkSpec,
+) {
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut b = spawn_link(b_spec, stop.clone());
+    let mut a = spawn_link(a_spec, stop.clone());
+    let want = format!("{field}: expected {expected}, got {got}");
+    let rb = wait_refused(&b).await;
+    assert!(
+        rb.contains(&want) && rb.starts_with("refused peer 127.0.0.1:"),
+        "{rb} / {want}"
+    );
+    // The dialer learns why from the Error frame.
+    let ra = wait_refused(&a).await;
+    assert!(
+        ra.contains(&want) && ra.contains("error 4"),
+        "{ra} / {want}"
+    );
+    assert!(a.sessions.try_recv().is_err());
+    assert!(b.sessions.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn config_mismatches_are_refused_naming_the_field() {
+    let s = secret();
+    // cluster name
+    let port = free_port();
+    let mut a = spec("a", "b", port, &s, md1());
+    a.cluster = "other".into();
+    refused_naming(
+        "cluster name",
+        "demo",
+        "other",
+        a,
+        spec("b", "a", port, &s, md1()),
+    )
+    .await;
+    // node name: b expects a peer called "a2" (still sorting lower, so b still accepts)
+    let port = free_port();
+    refused_naming(
+        "node name",
+        "a2",
+        "a",
+        spec("a", "b", port, &s, md1()),
+        spec("b", "a2", port, &s, md1()),
+    )
+    .await;
+    // resource name
+    let port = free_port();
+    let mut r2 = md1().unwrap();
+    r2.name = "md2".into();
+    refused_naming(
+        "resource name",
+        "md1",
+        "md2",
+        spec("a", "b", port, &s, Some(r2)),
+        spec("b", "a", port, &s, md1()),
+    )
+    .await;
+    // volume size
+    let port = free_port();
+    let mut r = md1().unwrap();
+    r.volume_size = 1 << 20;
+    refused_naming(
+        "volume size",
+        &(1u64 << 30).to_string(),
+        &(1u64 << 20).to_string(),
+        spec("a", "b", port, &s, Some(r)),
+        spec("b", "a", port, &s, md1()),
+    )
+    .await;
+    // region size
+    let port = free_port();
+    let mut r = md1().unwrap();
+    r.region_size = 4096;
+    refused_naming(
+        "region size",
+        "65536",
+        "4096",
+        spec("a", "b", port, &s, Some(r)),
+        spec("b", "a", port, &s, md1()),
+    )
+    .await;
+    // control link dialing a data port
+    let port = free_port();
+    refused_naming(
+        "resource name",
+        "md1",
+        "@control",
+        spec("a", "b", port, &s, None),
+        spec("b", "a", port, &s, md1()),
+    )
+    .await;
+}
+
+/// A hand-driven client playing node "a".
+struct Raw {
+    s: TcpStream,
+    tx_seq: u64,
+    buf: BytesMut,
+    dec: Decoder,
+}
+
+impl Raw {
+    async fn connect(port: u16) -> Raw {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(s) => {
+                    return Raw {
+                        s,
+                        tx_seq: 1,
+                        buf: BytesMut::new(),
+                        dec: Decoder::new(),
+                    }
+                }
+                Err(e) if Instant::now() < deadline => {
+                    // The acceptor's listener is not bound yet: wait for it.
+                    let _ = e;
+                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("connect: {e}"),
+            }
+        }
+    }
+
+    async fn send(&mut self, msg: Message) -> u64 {
+        let seq = self.tx_seq;
+        self.tx_seq += 1;
+        let b = Frame::new(seq, msg).to_bytes().unwrap();
+        self.s.write_all(&b).await.unwrap();
+        seq
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// Next frame, or None at EOF.
+    async fn recv(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = self.dec.decode(&mut self.buf).unwrap() {
+                return Some(f);
+            }
+            let n = tokio::time::timeout(WAIT, self.s.read_buf(&mut self.buf))
+                .await
+                .expect("raw read timed out")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Next frame that is not a heartbeat.
+    async fn recv_non_ping(&mut self) -> Option<Frame> {
+        loop {
+            match self.recv().await {
+                Some(Frame {
+                    msg: Message::Ping { .. } | Message::Pong { .. },
+                    ..
+                }) => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Full initiator handshake as node "a" with `secret`.
+    async fn authenticate(port: u16, secret: &Secret) -> Raw {
+        let mut r = Raw::connect(port).await;
+        r.send(Message::Hello(hello("a", "demo", "md1", 1 << 30, 64 << 10)))
+            .await;
+        let Some(Frame {
+            msg: Message::Hello(h),
+            ..
+        }) = r.recv().await
+        else {
+            panic!("no Hello")
+        };
+        assert_eq!(h.node_name, "b");
+        let my_nonce = [7u8; 32];
+        r.send(Message::AuthChallenge { nonce: my_nonce }).await;
+        let Some(Frame {
+            msg: Message::AuthChallenge { nonce: their },
+            ..
+        }) = r.recv().await
+        else {
+            panic!("no challenge")
+        };
+        let mac = compute_response(
+            secret.as_bytes(),
+            &Transcript {
+                version: 1,
+                direction: Direction::InitiatorToAcceptor,
+                responder_name: "a",
+                verifier_name: "b",
+                verifier_nonce: &their,
+                responder_nonce: &my_nonce,
+            },
+        );
+        r.send(Message::AuthResponse { mac }).await;
+        let f = r.recv().await.unwrap();
+        assert_eq!(f.msg, Message::AuthResult { accepted: true });
+        let Some(Frame {
+            msg: Message::AuthResponse { mac },
+            ..
+        }) = r.recv().await
+        else {
+            panic!("no response")
+        };
+        assert!(verify_response(
+            secret.as_bytes(),
+            &Transcript {
+                version: 1,
+                direction: Direction::AcceptorToInitiator,
+                responder_name: "b",
+                verifier_name: "a",
+                verifier_nonce: &my_nonce,
+                responder_nonce: &their,
+            },
+            &mac
+        ));
+        r.send(Message::AuthResult { accepted: true }).await;
+        r
+    }
+}
+
+#[tokio::test]
+async fn data_frame_before_auth_is_refused_and_nothing_delivered() {
+    let s = secret();
+    for after_hello in [false, true] {
+        let port = free_port();
+        let (_stop_tx, stop) = watch::channel(false);
+        let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
+        let mut raw = Raw::connect(port).await;
+        if after_hello {
+            raw.send(Message::Hello(hello("a", "demo", "md1", 1 << 30, 64 << 10)))
+                .await;
+            let f = raw.recv().await.unwrap();
+            assert_eq!(f.msg.kind(), MessageKind::Hello);
+        }
+        raw.send(write(0, &[0xAB; 4096])).await;
+        let f = raw.recv().await.expect("an Error frame");
+        let Message::Error { code, message } = f.msg else {
+            panic!("expected Error, got {f:?}")
+        };
+        assert_eq!(code, error_code::NOT_AUTHENTICATED, "{message}");
+        assert!(raw.recv().await.is_none(), "connection must be closed");
+        let reason = wait_refused(&b).await;
+        assert!(reason.contains("before authentication"), "{reason}");
+        assert!(b.sessions.try_recv().is_err());
+    }
+}
+
+#[tokio::test]
+async fn oversized_data_frame_before_auth_is_refused_from_its_header() {
+    // Only the 28-byte header is sent: the refusal must not wait for the 32 MiB payload.
+    let s = secret();
+    let port = free_port();
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
+    let mut raw = Raw::connect(port).await;
+    let mut hdr = BytesMut::new();
+    let f = Frame::new(1, write(0, &vec![1u8; 32 << 20]));
+    let tail = f.encode_vectored(&mut hdr).unwrap();
+    assert!(tail.is_some());
+    raw.send_raw(&hdr[..HEADER_LEN]).await;
+    let f = raw.recv().await.expect("an Error frame");
+    assert!(
+        matches!(
+            f.msg,
+            Message::Error {
+                code: error_code::NOT_AUTHENTICATED,
+                ..
+            }
+        ),
+        "{f:?}"
+    );
+    assert!(b.sessions.try_recv().is_err());
+}
+
+/// Authenticates a raw client, sends one good Write, then `bad`; checks the good one is
+/// delivered, the bad one is not, and the session closes with a reason containing `want`.
+async fn bad_frame_closes_link(bad: impl FnOnce(u64) -> Vec<u8>, want: &str) {
+    let s = secret();
+    let port = free_port();
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
+    let mut raw = Raw::authenticate(port, &s).await;
+    let mut sb = next_session(&mut b).await;
+    let good = raw.send(write(0, b"good")).await;
+    let bad_bytes = bad(raw.tx_seq);
+    raw.send_raw(&bad_bytes).await;
+    let f = tokio::time::timeout(WAIT, sb.rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((f.seq, f.msg), (good, write(0, b"good")));
+    let reason = tokio::time::timeout(WAIT, sb.closed.wait()).await.unwrap();
+    assert!(reason.contains(want), "reason {reason:?} lacks {want:?}");
+    // Nothing else was delivered.
+    assert!(tokio::time::timeout(WAIT, sb.rx.recv())
+        .await
+        .unwrap()
+        .is_none());
+    // The peer got an Error(PROTOCOL) and the connection ends.
+    let f = raw.recv_non_ping().await.expect("Error frame");
+    assert!(
+        matches!(
+            f.msg,
+            Message::Error {
+                code: error_code::PROTOCOL,
+                ..
+            }
+        ),
+        "{f:?}"
+    );
+    assert!(raw.recv_non_ping().await.is_none());
+}
+
+fn encoded(seq: u64, msg: Message) -> Vec<u8> {
+    Frame::new(seq, msg).to_bytes().unwrap().to_vec()
+}
+
+fn reseal_header(v: &mut [u8]) {
+    let crc = crc32fast::hash(&v[..24]);
+    v[24..28].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[tokio::test]
+async fn bad_header_crc_closes_link() {
+    bad_frame_closes_link(
+        |seq| {
+            let mut v = encoded(seq, write(0, b"evil"));
+            v[25] ^= 0xFF;
+            v
+        },
+        "header checksum mismatch",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn bad_payload_crc_closes_link() {
+    bad_frame_closes_link(
+        |seq| {
+            let mut v = encoded(seq, write(0, b"evil"));
+            let last = v.len() - 1;
+            v[last] ^= 0xFF;
+            v
+        },
+        "payload checksum mismatch",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn bad_magic_closes_link() {
+    bad_frame_closes_link(
+        |seq| {
+            let mut v = encoded(seq, write(0, b"evil"));
+            v[0] = b'X';
+            v
+        },
+        "bad frame magic",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn oversized_length_closes_link() {
+    bad_frame_closes_link(
+        |seq| {
+            let h = Header {
+                version: 1,
+                kind: MessageKind::Ping,
+                flags: 0,
+                seq,
+                payload_len: 16,
+                payload_crc: 0,
+            };
+            let mut v = h.to_bytes().to_vec();
+            v[16..20].copy_from_slice(&17u32.to_le_bytes());
+            reseal_header(&mut v);
+            v
+        },
+        "exceeds the maximum",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn unknown_kind_closes_link() {
+    bad_frame_closes_link(
+        |seq| {
+            let mut v = encoded(seq, Message::Flush);
+            v[5] = 0x7F;
+            reseal_header(&mut v);
+            v
+        },
+        "unknown message kind 0x7f",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn wrong_seq_closes_link() {
+    bad_frame_closes_link(
+        |seq| encoded(seq + 5, write(0, b"evil")),
+        "wrong sequence number",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn heartbeat_keeps_an_idle_link_up() {
+    let s = secret();
+    let port = free_port();
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
+    let mut a = spawn_link(spec("a", "b", port, &s, md1()), stop.clone());
+    let sa = next_session(&mut a).await;
+    let sb = next_session(&mut b).await;
+    // Idle for three heartbeat timeouts: Ping/Pong keep both sides alive.
+    let closed = tokio::time::timeout(HB_TIMEOUT * 3, async {
+        tokio::select! { r = sa.closed.wait() => r, r = sb.closed.wait() => r }
+    })
+    .await;
+    assert!(closed.is_err(), "link closed while idle: {closed:?}");
+    assert!(sa.closed.reason().is_none() && sb.closed.reason().is_none());
+}
+
+#[tokio::test]
+async fn silent_peer_is_closed_after_heartbeat_timeout() {
+    let s = secret();
+    let port = free_port();
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
+    let raw = Raw::authenticate(port, &s).await;
+    let sb = next_session(&mut b).await;
+    let t0 = Instant::now();
+    let reason = tokio::time::timeout(WAIT, sb.closed.wait()).await.unwrap();
+    let took = t0.elapsed();
+    assert!(reason.contains("peer silent for 0.500 s"), "{reason}");
+    assert!(took >= HB_TIMEOUT - Duration::from_millis(50), "{took:?}");
+    assert!(took < HB_TIMEOUT * 4, "{took:?}");
+    assert!(matches!(
+        b.state(),
+        LinkState::Connecting | LinkState::Connected { .. }
+    ));
+    drop(raw);
+}
+
+#[tokio::test]
+async fn dialer_reconnects_after_the_acceptor_drops_its_session() {
+    let s = secret();
+    let port = free_port();
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
+    // a's Hello state changes between connections: each Hello must be fresh.
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(100));
+    let mut a_spec = spec("a", "b", port, &s, md1());
+    let c = counter.clone();
+    a_spec.hello_state = Arc::new(move || HelloState {
+        role: Role::Active,
+        disk_state: DiskState::UpToDate,
+        generation: Generation {
+            current: c.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+            bitmap: 0,
+            history: vec![],
+        },
+        features: Features::empty(),
+    });
+    let mut a = spawn_link(a_spec, stop.clone());
+    let sa = next_session(&mut a).await;
+    let sb = next_session(&mut b).await;
+    let first_gen = sb.peer_hello.generation.current;
+    drop(sb);
+    let reason = tokio::time::timeout(WAIT, sa.closed.wait()).await.unwrap();
+    assert!(reason.contains("goodbye"), "{reason}");
+    let mut sa2 = next_session(&mut a).await;
+    let sb2 = next_session(&mut b).await;
+    assert!(sb2.peer_hello.generation.current > first_gen);
+    let seq = sb2.tx.send(Message::Flush).await.unwrap();
+    let f = tokio::time::timeout(WAIT, sa2.rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((f.seq, f.msg), (seq, Message::Flush));
+}
+
+#[tokio::test]
+async fn newer_connection_replaces_the_old_session() {
+    let s = secret();
+    let port = free_port();
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
+    let mut raw1 = Raw::authenticate(port, &s).await;
+    let sb1 = next_session(&mut b).await;
+    let _raw2 = Raw::authenticate(port, &s).await;
+    let _sb2 = next_session(&mut b).await;
+    let reason = tokio::time::timeout(WAIT, sb1.closed.wait()).await.unwrap();
+    assert!(
+        reason.contains("replaced by a newer connection"),
+        "{reason}"
+    );
+    let f = raw1.recv_non_ping().await.expect("Goodbye");
+    assert!(matches!(f.msg, Message::Goodbye { .. }), "{f:?}");
+}
+
+#[tokio::test]
+async fn shutdown_closes_the_session_with_goodbye() {
+    let s = secret();
+    let port = free_port();
+    let (stop_tx, stop) = watch::channel(false);
+    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
+    let mut a = spawn_link(spec("a", "b", port, &s, md1()), stop.clone());
+    let sa = next_session(&mut a).await;
+    let sb = next_session(&mut b).await;
+    stop_tx.send_replace(true);
+    for s in [&sa, &sb] {
+        // Both stop at once: each side either closes itself first or sees the peer's Goodbye.
+        let r = tokio::time::timeout(WAIT, s.closed.wait()).await.unwrap();
+        assert!(
+            r == "shutting down" || r.contains("peer said goodbye"),
+            "{r}"
+        );
+    }
+    tokio::time::timeout(WAIT, async {
+        while !(a.is_finished() && b.is_finished()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("link tasks end after shutdown");
+}
+
+#[tokio::test]
+async fn frame_left_incomplete_is_closed_after_the_receive_timeout() {
+    let s = secret();
+    let port = free_port();
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut sp = spec("b", "a", port, &s, md1());
+    sp.timeouts.receive = Duration::from_millis(200);
+    sp.timeouts.heartbeat_timeout = Duration::from_secs(5);
+    let mut b = spawn_link(sp, stop.clone());
+    let mut raw = Raw::authenticate(port, &s).await;
+    let mut sb = next_session(&mut b).await;
+    let seq = raw.tx_seq;
+    let v = encoded(seq, write(0, &[1u8; 100]));
+    raw.send_raw(&v[..HEADER_LEN + 10]).await;
+    let t0 = Instant::now();
+    let reason = tokio::time::timeout(WAIT, sb.closed.wait()).await.unwrap();
+    assert!(reason.contains("frame incomplete for 0.200 s"), "{reason}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(tokio::time::timeout(WAIT, sb.rx.recv())
+        .await
+        .unwrap()
+        .is_none());
+}

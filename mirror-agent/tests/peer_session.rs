@@ -1,0 +1,184 @@
+//! Sessions over the in-memory pair (`peer::testing`): ordering of seqs under concurrent
+//! senders, `send_with` registration, large vectored writes, graceful close, back-pressure
+//! and the send timeout.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use mirror_agent::config::Timeouts;
+use mirror_agent::peer::testing::{hello, pair_in_memory, pair_in_memory_with};
+use mirror_agent::peer::TrySendError;
+use mirror_proto::{Frame, Message};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn pair() -> (mirror_agent::peer::Session, mirror_agent::peer::Session) {
+    pair_in_memory(
+        hello("a", "demo", "md1", 1 << 30, 65536),
+        hello("b", "demo", "md1", 1 << 30, 65536),
+    )
+}
+
+async fn recv(rx: &mut tokio::sync::mpsc::Receiver<Frame>) -> Option<Frame> {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("frame within the wait")
+}
+
+#[tokio::test]
+async fn in_memory_pair_exchanges_frames_and_hellos() {
+    let (a, mut b) = pair();
+    assert_eq!(a.peer_hello.node_name, "b");
+    assert_eq!(b.peer_hello.node_name, "a");
+    let s1 = a.tx.send(Message::Flush).await.unwrap();
+    let s2 = a.tx.try_send(Message::Ack1 { seq: 9 }).unwrap();
+    assert_eq!(s2, s1 + 1);
+    assert_eq!(
+        recv(&mut b.rx).await.unwrap(),
+        Frame::new(s1, Message::Flush)
+    );
+    assert_eq!(
+        recv(&mut b.rx).await.unwrap(),
+        Frame::new(s2, Message::Ack1 { seq: 9 })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_get_wire_order_seqs_and_register_before_send() {
+    let (a, mut b) = pair();
+    let registered: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for t in 0..4u64 {
+        let tx = a.tx.clone();
+        let reg = registered.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..200u64 {
+                let reg = reg.clone();
+                tx.send_with(move |seq| {
+                    reg.lock().unwrap().insert(seq);
+                    Message::Write {
+                        offset: (t * 1000 + i) * 512,
+                        fua: false,
+                        data: Bytes::from(vec![t as u8; 512]),
+                    }
+                })
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    let mut last = 0;
+    for _ in 0..800 {
+        let f = recv(&mut b.rx).await.unwrap();
+        assert!(f.seq > last, "seq {} after {last}", f.seq);
+        last = f.seq;
+        // Registered before the frame could reach the wire.
+        assert!(registered.lock().unwrap().contains(&f.seq));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn large_writes_arrive_intact() {
+    let (a, mut b) = pair();
+    let data = Bytes::from(
+        (0..(4u32 << 20))
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let mut seqs = Vec::new();
+    for k in 0..3u64 {
+        seqs.push(
+            a.tx.send(Message::Write {
+                offset: k << 22,
+                fua: k == 1,
+                data: data.clone(),
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    for (k, seq) in seqs.into_iter().enumerate() {
+        let f = recv(&mut b.rx).await.unwrap();
+        assert_eq!(f.seq, seq);
+        let Message::Write {
+            offset,
+            fua,
+            data: d,
+        } = f.msg
+        else {
+            panic!()
+        };
+        assert_eq!((offset, fua), ((k as u64) << 22, k == 1));
+        assert_eq!(d, data);
+    }
+}
+
+#[tokio::test]
+async fn close_flushes_queued_frames_then_says_goodbye() {
+    let (a, mut b) = pair();
+    for i in 0..50 {
+        a.tx.try_send(Message::Ack1 { seq: i }).unwrap();
+    }
+    a.tx.close("operator said so");
+    assert!(a.tx.is_closed());
+    assert!(a.tx.send(Message::Flush).await.is_err());
+    for i in 0..50 {
+        assert_eq!(recv(&mut b.rx).await.unwrap().msg, Message::Ack1 { seq: i });
+    }
+    assert!(recv(&mut b.rx).await.is_none());
+    assert_eq!(a.closed.wait().await, "operator said so");
+    let r = b.closed.wait().await;
+    assert!(r.contains("peer said goodbye (Shutdown)"), "{r}");
+}
+
+#[tokio::test]
+async fn dropping_rx_closes_the_session() {
+    let (a, b) = pair();
+    drop(b.rx);
+    let r = tokio::time::timeout(WAIT, b.closed.wait()).await.unwrap();
+    assert_eq!(r, "session receiver dropped");
+    let r = tokio::time::timeout(WAIT, a.closed.wait()).await.unwrap();
+    assert!(r.contains("goodbye"), "{r}");
+}
+
+#[tokio::test]
+async fn backpressure_then_send_timeout_closes_the_link() {
+    let t = Timeouts {
+        send: Duration::from_millis(300),
+        heartbeat_interval: Duration::from_millis(100),
+        heartbeat_timeout: Duration::from_secs(30),
+        ..Timeouts::default()
+    };
+    // b never reads its rx: its reader stops, the pipe fills, a's writer blocks.
+    let (a, _b) = pair_in_memory_with(
+        hello("a", "demo", "md1", 1 << 30, 65536),
+        hello("b", "demo", "md1", 1 << 30, 65536),
+        t,
+    );
+    let data = Bytes::from(vec![0x5A; 64 << 10]);
+    let mut saw_full = false;
+    for _ in 0..100_000 {
+        match a.tx.try_send(Message::Write {
+            offset: 0,
+            fua: false,
+            data: data.clone(),
+        }) {
+            Ok(_) => {}
+            Err(TrySendError::Full) => {
+                saw_full = true;
+                break;
+            }
+            Err(TrySendError::Closed(c)) => panic!("closed early: {c}"),
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(saw_full, "queue never filled");
+    assert!(a.tx.queued_frames() > 0);
+    let r = tokio::time::timeout(WAIT, a.closed.wait()).await.unwrap();
+    assert!(r.contains("send blocked for more than 0.300 s"), "{r}");
+}
