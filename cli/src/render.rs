@@ -2,53 +2,39 @@
 
 use std::fmt::Write;
 
-use mirror_agent::status::{ResourceStatus, Role};
+use mirror_agent::status::{PairStatus, ResourceStatus, Role};
 
 /// Render one resource's status as the operator's table.
 pub fn status_table(s: &ResourceStatus) -> String {
-    let mut o = String::new();
-    let mirror_status = match (&s.peer, s.color.as_str()) {
-        (None, "GREEN") => "Standalone (no peer configured)".to_string(),
-        (None, _) => "Standalone, local disk needs attention".to_string(),
-        (Some(_), "GREEN") => "Normal".to_string(),
-        (Some(_), "YELLOW") => "Recovering".to_string(),
-        (Some(_), _) => format!("Abnormal Total Difference: {}", percent(s.disk.difference_percent)),
-    };
-    let _ = writeln!(o, "Mirror Status: {mirror_status}\n");
-    let row = |o: &mut String, k: &str, v: &str| {
-        let _ = writeln!(o, "{k:<20}{v}");
-    };
-    row(&mut o, &s.resource, &s.node);
-    row(&mut o, "Mirror Color", &s.color);
-    row(&mut o, "Role", match s.role {
+    match &s.pair {
+        Some(p) => pair_table(s, p),
+        None => standalone_table(s),
+    }
+}
+
+fn row(o: &mut String, k: &str, v: &str) {
+    let _ = writeln!(o, "{k:<20}{v}");
+}
+
+fn row2(o: &mut String, k: &str, a: &str, b: &str) {
+    let _ = writeln!(o, "{k:<20}{a:<24}{b}");
+}
+
+fn role_name(r: Role) -> &'static str {
+    match r {
         Role::Active => "Active",
         Role::Inactive => "Inactive",
-    });
-    row(&mut o, "Lastupdate Time", &time(s.disk.last_update));
-    row(&mut o, "Break Time", &time(s.disk.break_time));
-    row(&mut o, "Disk Error", if s.disk.disk_error { "ERROR" } else { "OK" });
-    if s.peer.is_some() {
-        row(&mut o, "Difference Percent", &percent(s.disk.difference_percent));
-    } else {
-        // Without a peer nothing is mirrored: the bitmap has no meaning yet.
-        row(&mut o, "Difference Percent", "n/a (standalone)");
     }
-    row(&mut o, "Consistent", if s.disk.consistent { "yes" } else { "NO (resync target)" });
-    row(&mut o, "Size", &format!("{} bytes ({})", s.size, human(s.size)));
-    row(&mut o, "Mode", &s.mode);
-    row(&mut o, "Engine", &s.engine);
-    row(&mut o, "Generation", &s.disk.current_generation);
+}
+
+fn nbd_rows(o: &mut String, s: &ResourceStatus) {
     match (&s.nbd_socket, &s.nbd_tcp) {
-        (Some(sock), tcp) => row(&mut o, "NBD export", &format!("{sock}{}", tcp.as_ref().map(|t| format!(", tcp {t}")).unwrap_or_default())),
-        (None, _) => row(&mut o, "NBD export", "- (not active)"),
+        (Some(sock), tcp) => row(o, "NBD export", &format!("{sock}{}", tcp.as_ref().map(|t| format!(", tcp {t}")).unwrap_or_default())),
+        (None, _) => row(o, "NBD export", "- (not active)"),
     }
+    row(o, "NBD connections", &format!("{} open, {} since start", s.nbd.connections_open, s.nbd.connections_total));
     row(
-        &mut o,
-        "NBD connections",
-        &format!("{} open, {} since start", s.nbd.connections_open, s.nbd.connections_total),
-    );
-    row(
-        &mut o,
+        o,
         "NBD requests",
         &format!(
             "{} served, {} errors, {} read, {} written",
@@ -58,8 +44,98 @@ pub fn status_table(s: &ResourceStatus) -> String {
             human(s.nbd.written_bytes)
         ),
     );
+}
+
+fn standalone_table(s: &ResourceStatus) -> String {
+    let mut o = String::new();
+    let status = if s.color == "GREEN" { "Standalone (no peer configured)" } else { "Standalone, local disk needs attention" };
+    let _ = writeln!(o, "Mirror Status: {status}\n");
+    row(&mut o, &s.resource, &s.node);
+    row(&mut o, "Mirror Color", &s.color);
+    row(&mut o, "Role", role_name(s.role));
+    row(&mut o, "Lastupdate Time", &time(s.disk.last_update));
+    row(&mut o, "Disk Error", if s.disk.disk_error { "ERROR" } else { "OK" });
+    // Without a peer nothing is mirrored: the bitmap has no meaning.
+    row(&mut o, "Difference Percent", "n/a (standalone)");
+    row(&mut o, "Size", &format!("{} bytes ({})", s.size, human(s.size)));
+    row(&mut o, "Engine", &s.engine);
+    nbd_rows(&mut o, s);
     let _ = writeln!(o, "\nNext step: {}", s.next_step);
     o
+}
+
+fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
+    let mut o = String::new();
+    let total = p.peer_disk.as_ref().map(|d| d.difference_percent).unwrap_or(0.0).max(s.disk.difference_percent);
+    let status = if p.in_sync && s.color == "GREEN" {
+        "Normal".to_string()
+    } else if s.color == "YELLOW" {
+        "Recovering".to_string()
+    } else {
+        format!("Abnormal Total Difference: {}", percent(total))
+    };
+    let _ = writeln!(o, "Mirror Status: {status}\n");
+    let pd = p.peer_disk.as_ref();
+    let peer_color = peer_color(s, p);
+    row2(&mut o, &s.resource, &s.node, &p.peer);
+    row2(&mut o, "Mirror Color", &s.color, &peer_color);
+    row2(&mut o, "Role", role_name(s.role), p.peer_role.map(role_name).unwrap_or("unknown"));
+    row2(&mut o, "Lastupdate Time", &time(s.disk.last_update), &pd.map(|d| time(d.last_update)).unwrap_or_else(|| "-".into()));
+    row2(&mut o, "Break Time", &time(s.disk.break_time), &pd.map(|d| time(d.break_time)).unwrap_or_else(|| "-".into()));
+    let err = |e: bool| if e { "ERROR" } else { "OK" };
+    row2(&mut o, "Disk Error", err(s.disk.disk_error), pd.map(|d| err(d.disk_error || p.peer_disk_error)).unwrap_or(if p.peer_disk_error { "ERROR" } else { "-" }));
+    row2(&mut o, "Difference Percent", &percent(s.disk.difference_percent), &pd.map(|d| percent(d.difference_percent)).unwrap_or_else(|| "-".into()));
+    let cons = |c: bool| if c { "yes" } else { "NO (resync target)" };
+    row2(&mut o, "Consistent", cons(s.disk.consistent), pd.map(|d| cons(d.consistent)).unwrap_or("-"));
+    row2(&mut o, "Generation", &s.disk.current_generation, pd.map(|d| d.current_generation.as_str()).unwrap_or("-"));
+    let _ = writeln!(o);
+    row(&mut o, "Connection", &match &p.peer_address {
+        Some(a) => format!("{} ({a})", p.connection),
+        None => p.connection.clone(),
+    });
+    row(&mut o, "Sync", &p.sync);
+    row(&mut o, "Mode", &s.mode);
+    if let Some(b) = &p.last_break {
+        row(&mut o, "Last Break", b);
+    }
+    if let Some(r) = &p.rpo {
+        row(
+            &mut o,
+            "RPO (not ack1)",
+            &format!("{} writes, {}", r.unacked1_writes, human(r.unacked1_bytes)),
+        );
+        row(
+            &mut o,
+            "RPO (not ack2)",
+            &format!("{} writes, {}", r.unacked2_writes, human(r.unacked2_bytes)),
+        );
+        row(&mut o, "RPO (oldest)", &format!("{} ms not yet durable on {}", r.oldest_not_durable_ms, p.peer));
+        row(
+            &mut o,
+            "Replicated",
+            &format!("{} writes, {}; {} local-only; {} breaks", r.writes_replicated, human(r.bytes_replicated), r.writes_local_only, r.breaks),
+        );
+    }
+    row(&mut o, "Size", &format!("{} bytes ({})", s.size, human(s.size)));
+    row(&mut o, "Engine", &s.engine);
+    nbd_rows(&mut o, s);
+    let _ = writeln!(o, "\nNext step: {}", s.next_step);
+    o
+}
+
+/// The peer's colour as seen from here.
+fn peer_color(s: &ResourceStatus, p: &PairStatus) -> String {
+    if p.connection != "connected" {
+        return "GRAY (unreachable)".into();
+    }
+    if p.peer_disk.as_ref().map(|d| d.disk_error).unwrap_or(false) || p.peer_disk_error {
+        return "RED".into();
+    }
+    if p.in_sync {
+        return if s.color == "YELLOW" { "YELLOW".into() } else { "GREEN".into() };
+    }
+    let newer_there = p.sync.starts_with(&format!("{} has changes", p.peer));
+    if newer_there { "GREEN".into() } else { "RED".into() }
 }
 
 fn percent(p: f64) -> String {

@@ -114,10 +114,13 @@ pub fn run(config_path: &Path, node: &str) -> Result<(), DaemonError> {
 
 async fn run_async(config: Config, node: String) -> Result<(), DaemonError> {
     let me = config.node_check(&node)?.clone();
+    // One shutdown signal for every long-lived task (peer links, ...).
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut resources = Vec::new();
     for rc in &config.resources {
-        resources.push(Arc::new(Resource::attach(&config, rc, &node).await?));
+        resources.push(Arc::new(Resource::attach(&config, rc, &node, shutdown_rx.clone()).await?));
     }
+    let _control = spawn_control_link(&config, &node, shutdown_rx.clone());
     let agent = Arc::new(Agent { node: node.clone(), resources });
 
     let policy = AccessPolicy::for_current_process(config.cluster.admin_group.as_deref()).map_err(|source| {
@@ -163,6 +166,50 @@ async fn run_async(config: Config, node: String) -> Result<(), DaemonError> {
     admin_tasks.abort_all();
     while admin_tasks.join_next().await.is_some() {}
     agent.shutdown().await;
+    let _ = shutdown_tx.send(true);
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The per-node control link to the peer's agent (heartbeats; the peer's
+/// liveness independent of any resource). `None` when standalone.
+fn spawn_control_link(config: &Config, node: &str, shutdown: tokio::sync::watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
+    config.peer(node)?;
+    let secret = match config.read_secret() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("control link not started: {e}");
+            return None;
+        }
+    };
+    let hello: crate::peer::HelloStateFn = Arc::new(|| crate::peer::HelloState {
+        role: mirror_proto::Role::None,
+        disk_state: mirror_proto::DiskState::Diskless,
+        generation: mirror_proto::Generation { current: 0, bitmap: 0, history: Vec::new() },
+        features: mirror_proto::Features::empty(),
+    });
+    let spec = match crate::peer::LinkSpec::control(config, node, secret, hello) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("control link not started: {e}");
+            return None;
+        }
+    };
+    let mut handle = crate::peer::spawn_link(spec, shutdown);
+    Some(tokio::spawn(async move {
+        while let Some(session) = handle.sessions.recv().await {
+            tracing::info!(peer = %session.peer_hello.node_name, addr = %session.peer_addr, "control link up");
+            let crate::peer::Session { mut rx, closed, .. } = session;
+            // Nothing flows on the control link yet but heartbeats (handled by the session).
+            loop {
+                tokio::select! {
+                    f = rx.recv() => match f {
+                        Some(f) => tracing::debug!(kind = ?f.msg.kind(), "control link frame ignored"),
+                        None => break,
+                    },
+                    reason = closed.wait() => { tracing::warn!("control link down: {reason}"); break; }
+                }
+            }
+        }
+    }))
 }

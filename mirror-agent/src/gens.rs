@@ -8,10 +8,13 @@
 //!   in-flight writes: the pair was in sync);
 //! - `history` holds older generations, most recent first.
 //!
-//! Transitions live here, as pure functions on [`Generations`], so that the
-//! replication path, recovery and the model tests share one definition.
+//! Transitions live here, as pure functions on [`Generations`] (and, for the
+//! lifecycle events that also change flags, on [`SbState`]), so that the
+//! replication path, recovery and the model tests share one definition. The
+//! decision table that reads these values is [`crate::rules`]; both are
+//! described in `docs/resync-rules.md` (section "Transitions").
 
-use bitmap::Generations;
+use bitmap::{Flags, Generations, SbState};
 
 /// The well-known generation of a pair declared identical at creation
 /// (`mdctrl init --blank` on both nodes, like DRBD's
@@ -69,6 +72,107 @@ pub fn resync_done_target(gens: &mut Generations, source_current: u64) {
     gens.bitmap = 0;
 }
 
+/// Proposed superblock flag bit 6, `FORCED`: an operator force made this
+/// node's data the latest while its peer was unreachable (`mdctrl force
+/// <this node> RES`). It makes this node win the next reconnect even if the
+/// peer diverged too (rule R12), and lets it activate without a reachable
+/// peer. Cleared when a resync *from* this node completes, or at the start
+/// of a resync *into* it (it lost a later connected force). Until the bitmap
+/// crate defines `Flags::FORCED` (and accepts the bit), nothing may persist it.
+pub const FORCED: Flags = Flags(1 << 6);
+
+/// Activation of this node. `peer_in_sync`: connected and in sync with the
+/// peer (replicating). Without it the data diverges from now on
+/// ([`begin_diverging`]). Returns whether the generations changed.
+pub fn on_activate(sb: &mut SbState, peer_in_sync: bool) -> bool {
+    sb.flags.insert(Flags::WAS_ACTIVE);
+    !peer_in_sync && begin_diverging(&mut sb.gens)
+}
+
+/// Deactivation. The caller clears WAS_ACTIVE only after every write has
+/// completed locally and (if connected) on the peer, or after the mirror
+/// broke (which already rotated the generation): rule R8 relies on "equal C
+/// and not WAS_ACTIVE ⇒ identical data".
+pub fn on_deactivate(sb: &mut SbState) {
+    sb.flags.remove(Flags::WAS_ACTIVE);
+}
+
+/// The mirror broke (peer lost, network down, or the peer crashed). Only an
+/// active node diverges: a standby writes nothing without its peer. Must be
+/// persisted before any write completes without the peer. Returns whether
+/// the generations changed.
+pub fn on_break(sb: &mut SbState, active: bool) -> bool {
+    active && begin_diverging(&mut sb.gens)
+}
+
+/// `mdctrl force <this node> RES` with the peer unreachable: the local data
+/// is declared the latest. The node diverges (so its data has a generation
+/// the peer never had) and records [`FORCED`]. A force on a never-synced or
+/// interrupted-resync node is the operator's explicit acceptance of that data:
+/// BLANK and RESYNC_TARGET are cleared.
+pub fn force_alone(sb: &mut SbState) {
+    begin_diverging(&mut sb.gens);
+    sb.flags.insert(FORCED);
+    sb.flags.insert(Flags::CONSISTENT);
+    sb.flags.remove(Flags::BLANK);
+    sb.flags.remove(Flags::RESYNC_TARGET);
+}
+
+/// Resync start on the *source* (before the first region is sent). A source
+/// chosen by a connected force may have been new or inconsistent: the
+/// operator accepted its data.
+pub fn resync_start_source(sb: &mut SbState) {
+    sb.flags.insert(Flags::CONSISTENT);
+    sb.flags.remove(Flags::BLANK);
+    sb.flags.remove(Flags::RESYNC_TARGET);
+}
+
+/// Resync start on the *target*, persisted before the first copied region
+/// and after the target's bitmap was made to cover every region still to
+/// copy (merged with the source's bitmap for a differential resync, all set
+/// for a full one): from here until [`resync_finished_target`] the target is
+/// inconsistent, even across crashes, and resumes as a target (rule R3).
+/// A target lost any force it held, and is not active.
+pub fn resync_start_target(sb: &mut SbState) {
+    sb.flags.insert(Flags::RESYNC_TARGET);
+    sb.flags.remove(Flags::CONSISTENT);
+    sb.flags.remove(Flags::BLANK);
+    sb.flags.remove(FORCED);
+    sb.flags.remove(Flags::WAS_ACTIVE);
+}
+
+/// Resync end on the *source*: persisted *before* the target is told the
+/// resync is done (so a target that adopted our generation never sees a
+/// stale B or FORCED here; a target that crashes in between still says
+/// RESYNC_TARGET and resumes an empty resync).
+pub fn resync_finished_source(sb: &mut SbState) {
+    resync_done_source(&mut sb.gens);
+    sb.flags.remove(FORCED);
+    sb.flags.insert(Flags::INITIAL_SYNC_DONE);
+}
+
+/// Resync end on the *target*: adopt the source's generation, become
+/// consistent.
+pub fn resync_finished_target(sb: &mut SbState, source_current: u64) {
+    resync_done_target(&mut sb.gens, source_current);
+    sb.flags.remove(Flags::RESYNC_TARGET);
+    sb.flags.remove(Flags::BLANK);
+    sb.flags.remove(FORCED);
+    sb.flags.insert(Flags::CONSISTENT);
+    sb.flags.insert(Flags::INITIAL_SYNC_DONE);
+}
+
+/// Replication (re)started: the pair is in sync (decision "in sync", or a
+/// resync finished). A node that is not serving drops a WAS_ACTIVE left by a
+/// crash: the write intents it stood for were resolved by this handshake
+/// (rule R9), and keeping it would make a later crash of the other node look
+/// like two active nodes (rule R10).
+pub fn on_replicating(sb: &mut SbState, active: bool) {
+    if !active {
+        sb.flags.remove(Flags::WAS_ACTIVE);
+    }
+}
+
 /// Generations of a freshly created, blank pair member.
 pub fn blank() -> Generations {
     Generations { current: BLANK, bitmap: 0, history: Default::default() }
@@ -96,6 +200,43 @@ mod tests {
         let mut t = Generations { current: 7, ..Default::default() };
         resync_done_target(&mut t, 9);
         assert_eq!((t.current, t.bitmap, t.history[0]), (9, 0, 7));
+    }
+
+    #[test]
+    fn force_alone_rotates_and_marks() {
+        let mut sb = SbState { gens: Generations { current: 7, ..Default::default() }, ..Default::default() };
+        sb.flags.insert(Flags::RESYNC_TARGET);
+        force_alone(&mut sb);
+        assert_eq!(sb.gens.bitmap, 7);
+        assert_ne!(sb.gens.current, 7);
+        assert!(sb.flags.contains(FORCED) && !sb.flags.contains(Flags::RESYNC_TARGET));
+        resync_finished_source(&mut sb);
+        assert!(!sb.flags.contains(FORCED));
+        assert_eq!((sb.gens.bitmap, sb.gens.history[0]), (0, 7));
+    }
+
+    #[test]
+    fn target_flags_span_the_resync() {
+        let mut sb = SbState::default();
+        sb.flags.insert(FORCED);
+        sb.flags.insert(Flags::BLANK);
+        resync_start_target(&mut sb);
+        assert!(sb.flags.contains(Flags::RESYNC_TARGET));
+        assert!(!sb.flags.contains(FORCED) && !sb.flags.contains(Flags::BLANK));
+        resync_finished_target(&mut sb, 42);
+        assert!(!sb.flags.contains(Flags::RESYNC_TARGET));
+        assert_eq!(sb.gens.current, 42);
+    }
+
+    #[test]
+    fn only_an_active_node_diverges_on_break() {
+        let mut sb = SbState { gens: Generations { current: 7, ..Default::default() }, ..Default::default() };
+        assert!(!on_break(&mut sb, false));
+        assert_eq!(sb.gens.current, 7);
+        assert!(!on_activate(&mut sb, true));
+        assert!(sb.flags.contains(Flags::WAS_ACTIVE));
+        assert!(on_break(&mut sb, true));
+        assert_eq!(sb.gens.bitmap, 7);
     }
 
     #[test]

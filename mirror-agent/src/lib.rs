@@ -10,17 +10,23 @@
 //!   thread-pool engine, and a fault-injecting engine for tests.
 //! - [`nbd`]: the NBD server (fixed newstyle handshake, options, pipelined
 //!   transmission with out-of-order replies, bounded in-flight memory).
+//! - [`kernel`]: attach a local `/dev/nbdX` to an export (generic netlink, socketpair, `nbd-client` fallback), mount/umount with holder scan, IO_FLUSHER + mlockall.
 //! - [`meta`]: the agent's side of the cluster partition (attach, `init`,
 //!   `dump-md`, state recorded in the superblock); the format is the `bitmap`
 //!   crate's.
 //! - [`resource`]: one resource on this node: data engine + metadata + the NBD
 //!   export while active; activation and deactivation.
+//! - [`pair`]: a mirrored resource's side of the pair: data-link sessions,
+//!   role coordination (activation grants), wiring of [`replica`] to each
+//!   session, pair status.
 //! - [`admin`]: the admin socket (JSON lines, `SO_PEERCRED` access control)
 //!   and its client, used by `mdctrl`.
 //! - [`status`]: the status snapshot shared by the agent and `mdctrl`.
 //! - [`peer`]: peer links (control + one data link per resource): dial/accept, handshake and HMAC auth, sequenced sessions with heartbeat, as channels.
+//! - [`replica`]: the replication data path (active volume, standby loop, acks, RPO).
 //! - [`gens`]: generation identifiers and their transitions (break, resync
 //!   done, blank pair).
+//! - [`rules`]: resync direction, forced recovery and activation rules (`docs/resync-rules.md`).
 //! - [`daemon`]: the process: attach resources, serve the admin socket,
 //!   graceful shutdown on SIGTERM/SIGINT.
 //!
@@ -32,8 +38,12 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod gens;
+pub mod kernel;
 pub mod meta;
 pub mod nbd;
+pub mod pair;
+pub mod replica;
 pub mod peer;
 pub mod resource;
+pub mod rules;
 pub mod status;

@@ -428,6 +428,14 @@ impl Meta {
             .map_err(|e| MetaError::Poisoned { cause: format!("metadata task failed: {e}") })?
     }
 
+    /// Record a data-disk error durably (the disk must not be trusted any more).
+    pub async fn record_disk_error(&self) -> Result<(), MetaError> {
+        let cp = Arc::clone(&self.cp);
+        tokio::task::spawn_blocking(move || cp.update_superblock(|sb| sb.flags.insert(Flags::DISK_ERROR)).map(|_| ()))
+            .await
+            .map_err(|e| MetaError::Poisoned { cause: format!("metadata task failed: {e}") })?
+    }
+
     /// Disk part of `status`.
     pub fn disk_status(&self) -> DiskStatus {
         let sb = self.cp.superblock();

@@ -2,8 +2,9 @@
 //! engine), its cluster partition (metadata + dirty bitmap), and its NBD
 //! export while active.
 //!
-//! Activation rules here are those of a standalone resource (a config with
-//! one server) — the peer-aware rules come with replication and recovery.
+//! A standalone resource (a config with one server) serves its local data
+//! directly. A mirrored one has a [`Pair`]: activation needs the peer's grant
+//! over the data link, and the export serves the replicated volume.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +17,7 @@ use crate::config::{self, Config};
 use crate::engine::{self, BlockEngine};
 use crate::meta::Meta;
 use crate::nbd::{self, BlockSizes, Export, NbdServer};
+use crate::pair::{Pair, PairError};
 use crate::status::{NbdCounters, ResourceStatus, Role};
 
 /// Errors attaching a resource at agent start.
@@ -39,6 +41,9 @@ pub enum AttachError {
         /// Metadata error.
         source: crate::meta::MetaAttachError,
     },
+    /// The peer link could not be started.
+    #[error(transparent)]
+    Pair(#[from] PairError),
     /// The resource has no section for this node.
     #[error("resource {resource} has no [resource.server.{node}] section in {config}")]
     NotOnNode {
@@ -58,6 +63,8 @@ enum Serving {
         server: Arc<NbdServer>,
         accept_tasks: Vec<JoinHandle<()>>,
         since: Instant,
+        /// What the export serves (the replicated volume when mirrored).
+        volume: Arc<dyn BlockEngine>,
     },
 }
 
@@ -71,6 +78,7 @@ pub struct Resource {
     peer: Option<String>,
     engine: Arc<dyn BlockEngine>,
     meta: Arc<Meta>,
+    pair: Option<Arc<Pair>>,
     serving: Mutex<Serving>,
     /// Counters of NBD servers that were active earlier (status reports totals).
     past: std::sync::Mutex<NbdCounters>,
@@ -84,7 +92,13 @@ impl std::fmt::Debug for Resource {
 
 impl Resource {
     /// Attach the resource's data and cluster partitions on `node`.
-    pub async fn attach(config: &Config, cfg: &config::Resource, node: &str) -> Result<Resource, AttachError> {
+    /// For a mirrored resource this also starts its peer link (until `shutdown`).
+    pub async fn attach(
+        config: &Config,
+        cfg: &config::Resource,
+        node: &str,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Resource, AttachError> {
         let me = cfg.node(node).cloned().ok_or_else(|| AttachError::NotOnNode {
             resource: cfg.name.clone(),
             node: node.to_string(),
@@ -98,6 +112,12 @@ impl Resource {
         })?;
         let meta = Meta::attach(cfg, &me, node, engine.size())
             .map_err(|source| AttachError::Meta { resource: cfg.name.clone(), source })?;
+        let meta = Arc::new(meta);
+        let pair = if cfg.is_mirrored() {
+            Some(Pair::start(config, cfg, node, engine.clone(), meta.clone(), shutdown)?)
+        } else {
+            None
+        };
         tracing::info!(
             resource = %cfg.name,
             engine = engine.name(),
@@ -113,7 +133,8 @@ impl Resource {
             cfg: cfg.clone(),
             me,
             engine,
-            meta: Arc::new(meta),
+            meta,
+            pair,
             serving: Mutex::new(Serving::Inactive),
             past: std::sync::Mutex::new(NbdCounters::default()),
         })
@@ -128,20 +149,15 @@ impl Resource {
                 format!("nothing to do; `mdctrl status {}` shows its state", self.name),
             ));
         }
-        if let Some(peer) = &self.peer {
-            return Err(AdminError::refused(
-                format!(
-                    "{} is a mirrored resource (peer {peer}) and this build has no replication yet: activating it alone would let the two nodes diverge silently",
-                    self.name
-                ),
-                "use a standalone configuration (a single [[server]]) until replication is available",
-            ));
-        }
         if let Err(e) = self.meta.check_activatable() {
             return Err(AdminError::refused(e, format!("`mdctrl dump-md {}` shows the metadata", self.name)));
         }
 
-        let mut export = Export::new(self.name.clone(), Arc::clone(&self.engine));
+        let volume: Arc<dyn BlockEngine> = match &self.pair {
+            Some(pair) => pair.activate().await?,
+            None => Arc::clone(&self.engine),
+        };
+        let mut export = Export::new(self.name.clone(), Arc::clone(&volume));
         export.description = format!("nbd-mirror resource {} on {}", self.name, self.node);
         export.block_sizes = BlockSizes {
             minimum: self.cfg.nbd_block_size_min as u32,
@@ -181,7 +197,7 @@ impl Resource {
             }));
         }
         tracing::info!(resource = %self.name, socket = %self.me.nbd_socket.display(), tcp = ?self.me.nbd_tcp, "activated: serving NBD");
-        *serving = Serving::Active { server, accept_tasks, since: Instant::now() };
+        *serving = Serving::Active { server, accept_tasks, since: Instant::now(), volume };
         drop(serving);
         Ok(self.status().await)
     }
@@ -189,7 +205,7 @@ impl Resource {
     /// Stop accepting, let in-flight requests finish, flush, record state.
     pub async fn deactivate(&self) -> Result<ResourceStatus, AdminError> {
         let mut serving = self.serving.lock().await;
-        let Serving::Active { server, accept_tasks, since } = std::mem::replace(&mut *serving, Serving::Inactive) else {
+        let Serving::Active { server, accept_tasks, since, volume } = std::mem::replace(&mut *serving, Serving::Inactive) else {
             return Err(AdminError::refused(
                 format!("{} is not active on {}", self.name, self.node),
                 "nothing to do",
@@ -206,10 +222,17 @@ impl Resource {
             let mut past = self.past.lock().unwrap_or_else(|p| p.into_inner());
             add_counters(&mut past, &counters);
         }
-        let flushed = self.engine.flush().await;
+        // Flush through the served volume: in sync mode that is a barrier on the peer too.
+        let flushed = volume.flush().await;
+        drop(volume);
+        let released = match &self.pair {
+            Some(pair) => pair.deactivate().await,
+            None => Ok(()),
+        };
         let recorded = self.meta.record_activation(false).await;
         tracing::info!(resource = %self.name, active_for = ?since.elapsed(), "deactivated");
         flushed.map_err(|e| AdminError::internal(format!("flush of {} failed after deactivation: {e}", self.me.data_path.display())))?;
+        released?;
         recorded.map_err(|e| AdminError::internal(format!("cannot record deactivation in the cluster partition: {e}")))?;
         drop(serving);
         Ok(self.status().await)
@@ -235,12 +258,8 @@ impl Resource {
         };
         drop(serving);
         let disk = self.meta.disk_status();
-        let (color, next_step) = match (role, disk.disk_error, disk.consistent) {
-            (_, true, _) => ("RED", format!("the data partition of {} reported an error: replace the disk (maintenance guide §6.7)", self.name)),
-            (_, _, false) => ("RED", format!("the local data of {} is inconsistent (interrupted resync)", self.name)),
-            (Role::Active, _, _) => ("GREEN", format!("serving; `mdctrl deactivate {}` stops it", self.name)),
-            (Role::Inactive, _, _) => ("GREEN", format!("ready; `mdctrl activate {}` starts serving", self.name)),
-        };
+        let pair = self.pair.as_ref().map(|p| p.status());
+        let (color, next_step) = self.color_and_next_step(role, &disk, pair.as_ref());
         ResourceStatus {
             resource: self.name.clone(),
             node: self.node.clone(),
@@ -254,9 +273,49 @@ impl Resource {
             nbd_tcp: tcp,
             nbd,
             disk,
+            pair,
             color: color.to_string(),
             next_step,
         }
+    }
+
+    /// The ancestor's mirror colour for this node and the one-line advice.
+    fn color_and_next_step(&self, role: Role, disk: &crate::status::DiskStatus, pair: Option<&crate::status::PairStatus>) -> (&'static str, String) {
+        let r = &self.name;
+        if disk.disk_error {
+            return ("RED", format!("the data partition of {r} reported an error: replace the disk (maintenance guide §6.7)"));
+        }
+        if !disk.consistent {
+            return ("RED", format!("the local data of {r} is inconsistent (interrupted resync): it must be resynced from the peer"));
+        }
+        let Some(p) = pair else {
+            return match role {
+                Role::Active => ("GREEN", format!("serving; `mdctrl deactivate {r}` stops it")),
+                Role::Inactive => ("GREEN", format!("ready; `mdctrl activate {r}` starts serving")),
+            };
+        };
+        let peer = &p.peer;
+        if p.peer_disk_error {
+            return ("GREEN", format!("{peer} reported a disk error: replace its disk, then recover the mirror"));
+        }
+        if p.connection != "connected" {
+            return match role {
+                Role::Active => ("GREEN", format!("{peer} is unreachable ({}): writes are kept dirty for the later resync; start its agent or check the network", p.connection)),
+                Role::Inactive => ("GRAY", format!("{peer} is unreachable ({}): whether this node holds the latest data is unknown", p.connection)),
+            };
+        }
+        if p.in_sync {
+            return match (role, p.peer_role) {
+                (Role::Active, _) if p.replicating => ("GREEN", format!("mirroring to {peer}; nothing to do")),
+                (Role::Active, _) => ("YELLOW", format!("active, replication to {peer} starting")),
+                (Role::Inactive, Some(Role::Active)) => ("GREEN", format!("standby for {peer}; nothing to do")),
+                (Role::Inactive, _) => ("GREEN", format!("in sync with {peer}; `mdctrl activate {r}` on one node starts serving")),
+            };
+        }
+        // Out of sync: green on the side holding the latest data.
+        let newer_here = p.sync.starts_with(&format!("{} has changes", self.node));
+        let color = if newer_here { "GREEN" } else { "RED" };
+        (color, format!("mirror recovery required: {}; resync is not available in this build yet", p.sync))
     }
 }
 

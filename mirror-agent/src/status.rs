@@ -88,9 +88,62 @@ pub struct ResourceStatus {
     pub nbd: NbdCounters,
     /// Local disk and metadata.
     pub disk: DiskStatus,
+    /// The pair (peer connection, peer state, sync, RPO); `None` when standalone.
+    #[serde(default)]
+    pub pair: Option<PairStatus>,
     /// Mirror colour of this node in the ancestor's sense: GREEN (normal),
     /// YELLOW (recovering), RED (needs recovery / error), GRAY (unknown).
     pub color: String,
     /// One line telling the operator what to do next.
     pub next_step: String,
+}
+
+/// The peer's disk as it last reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerDisk {
+    /// Not a half-finished resync target.
+    pub consistent: bool,
+    /// A disk error is recorded.
+    pub disk_error: bool,
+    /// Dirty regions in its bitmap.
+    pub dirty_regions: u64,
+    /// In percent of its regions.
+    pub difference_percent: f64,
+    /// Its last metadata update (unix seconds; informational).
+    pub last_update: Option<u64>,
+    /// Its last mirror break (unix seconds; informational).
+    pub break_time: Option<u64>,
+    /// Its current generation (hex).
+    pub current_generation: String,
+}
+
+/// The pair seen from this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairStatus {
+    /// Peer name.
+    pub peer: String,
+    /// `connected`, `connecting`, or `refused: why`.
+    pub connection: String,
+    /// The peer's socket address while connected.
+    pub peer_address: Option<String>,
+    /// The peer's role as it last reported it.
+    pub peer_role: Option<Role>,
+    /// The peer's disk as it last reported it.
+    pub peer_disk: Option<PeerDisk>,
+    /// Age of that report in milliseconds.
+    pub peer_state_age_ms: Option<u64>,
+    /// Both sides hold the same data.
+    pub in_sync: bool,
+    /// `in sync`, or why not (which side is newer, split brain, ...).
+    pub sync: String,
+    /// This node is active and its writes are being replicated.
+    pub replicating: bool,
+    /// This node is standby and applying the active peer's writes.
+    pub standby_applying: bool,
+    /// Why the mirror last broke (since the agent started).
+    pub last_break: Option<String>,
+    /// The peer reported a failed write or flush.
+    pub peer_disk_error: bool,
+    /// Replication lag while active (the RPO meter).
+    pub rpo: Option<crate::replica::RpoSnapshot>,
 }

@@ -1,0 +1,126 @@
+//! Per-resource control messages, carried as JSON in the peer protocol's
+//! `Control` frames on the resource's data link (`docs/protocol.md`).
+//!
+//! Data-plane traffic (writes, acks, flushes, resync) uses the binary
+//! messages; the coordination between the two agents of a resource — who is
+//! active, what each side's history is — uses these, because they are rare,
+//! and JSON keeps them readable in logs and easy to extend.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest control message we send (the codec bounds what it accepts).
+pub const MAX_CONTROL_LEN: usize = 16 * 1024;
+
+/// A node's role for the resource, as the peer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerRole {
+    /// Serving the volume.
+    Active,
+    /// Not serving.
+    Inactive,
+}
+
+/// Generation identifiers on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireGens {
+    /// Current generation.
+    pub current: u64,
+    /// Bitmap generation (0 = none).
+    pub bitmap: u64,
+    /// History, most recent first.
+    pub history: [u64; 4],
+}
+
+impl From<bitmap::Generations> for WireGens {
+    fn from(g: bitmap::Generations) -> Self {
+        WireGens { current: g.current, bitmap: g.bitmap, history: g.history }
+    }
+}
+
+impl From<WireGens> for bitmap::Generations {
+    fn from(g: WireGens) -> Self {
+        bitmap::Generations { current: g.current, bitmap: g.bitmap, history: g.history }
+    }
+}
+
+/// Everything a node tells its peer about its side of a resource. Sent when
+/// a session starts, on every change, and periodically (for status).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// Role.
+    pub role: PeerRole,
+    /// Generation identifiers.
+    pub gens: WireGens,
+    /// Superblock flag bits (`bitmap::Flags`).
+    pub flags: u32,
+    /// Dirty regions in its bitmap.
+    pub dirty_regions: u64,
+    /// Regions in the volume.
+    pub total_regions: u64,
+    /// Last metadata update (unix seconds, informational).
+    pub last_update: u64,
+    /// Last mirror break (unix seconds, informational; 0 = never).
+    pub break_time: u64,
+}
+
+/// One control message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlMsg {
+    /// The sender's state.
+    State(NodeState),
+    /// The sender wants to become active; the receiver must not be active.
+    ActivateRequest {
+        /// Request id (echoed in the reply).
+        id: u64,
+    },
+    /// Answer to an activation request.
+    ActivateReply {
+        /// The request's id.
+        id: u64,
+        /// Granted: the receiver is now standby for the sender.
+        ok: bool,
+        /// Why not, when refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+}
+
+impl ControlMsg {
+    /// Encode as JSON text.
+    pub fn to_json(&self) -> String {
+        // Serialising these plain types cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"type\":\"error\",\"message\":\"{e}\"}}"))
+    }
+
+    /// Decode from JSON text, naming what was wrong.
+    pub fn from_json(s: &str) -> Result<ControlMsg, String> {
+        if s.len() > MAX_CONTROL_LEN {
+            return Err(format!("control message of {} bytes exceeds {MAX_CONTROL_LEN}", s.len()));
+        }
+        serde_json::from_str(s).map_err(|e| format!("malformed control message: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let m = ControlMsg::State(NodeState {
+            role: PeerRole::Active,
+            gens: WireGens { current: 5, bitmap: 3, history: [1, 2, 0, 0] },
+            flags: 3,
+            dirty_regions: 10,
+            total_regions: 100,
+            last_update: 1,
+            break_time: 0,
+        });
+        assert_eq!(ControlMsg::from_json(&m.to_json()).unwrap(), m);
+        let m = ControlMsg::ActivateReply { id: 3, ok: false, reason: Some("active".into()) };
+        assert_eq!(ControlMsg::from_json(&m.to_json()).unwrap(), m);
+        assert!(ControlMsg::from_json(r#"{"type":"format_peer"}"#).unwrap_err().contains("malformed"));
+    }
+}

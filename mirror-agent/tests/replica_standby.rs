@@ -1,0 +1,230 @@
+//! The standby loop driven frame by frame: a raw peer session plays the
+//! active node (`peer::testing::pair_in_memory`), `run_standby` serves the
+//! other end over a [`GatedEngine`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mirror_agent::engine::{BlockEngine, EngineOptions, FaultOp, FaultRule, FaultyEngine};
+use mirror_agent::nbd::testing::MemEngine;
+use mirror_agent::peer::testing::{hello, pair_in_memory};
+use mirror_agent::peer::Session;
+use mirror_agent::replica::testing::GatedEngine;
+use mirror_agent::replica::{run_standby_with, Durability, ReplicaError, StandbyEnd, StandbyOptions};
+use mirror_proto::Message;
+use tokio::task::JoinHandle;
+
+const VOL: u64 = 1 << 20;
+
+type Standby = JoinHandle<Result<StandbyEnd, ReplicaError>>;
+
+fn start(engine: Arc<dyn BlockEngine>, durability: Durability) -> (Session, Standby) {
+    let size = engine.size();
+    let (a, b) = pair_in_memory(hello("alpha", "c", "r0", size, 4096), hello("beta", "c", "r0", size, 4096));
+    let opts = StandbyOptions { durability, ..StandbyOptions::default() };
+    (a, tokio::spawn(run_standby_with(engine, b.into(), opts)))
+}
+
+async fn recv(a: &mut Session) -> Message {
+    tokio::time::timeout(Duration::from_secs(10), a.rx.recv()).await.expect("no frame from the standby").expect("closed").msg
+}
+
+async fn write(a: &Session, offset: u64, byte: u8, len: usize) -> u64 {
+    a.tx.send(Message::Write { offset, fua: false, data: Bytes::from(vec![byte; len]) }).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_write_gets_ack2_einval_only() {
+    let mem = MemEngine::new(VOL as usize);
+    let (mut a, standby) = start(mem.clone(), Durability::GroupCommit);
+    let bad = write(&a, VOL - 100, 1, 4096).await;
+    assert_eq!(recv(&mut a).await, Message::Ack2 { seq: bad, status: -libc::EINVAL });
+    let good = write(&a, 0, 2, 4096).await;
+    assert_eq!(recv(&mut a).await, Message::Ack1 { seq: good });
+    assert_eq!(recv(&mut a).await, Message::Ack2 { seq: good, status: 0 });
+    assert!(mem.snapshot()[VOL as usize - 100..].iter().all(|&b| b == 0));
+    a.tx.close("done");
+    let end = standby.await.unwrap().unwrap();
+    assert_eq!((end.applied, end.disk_error), (1, None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack2_only_after_flush_and_flushes_are_shared() {
+    let mem = MemEngine::new(VOL as usize);
+    let gate = GatedEngine::new(mem.clone());
+    gate.set_flushes_open(false);
+    let (mut a, standby) = start(Arc::new(gate.clone()), Durability::GroupCommit);
+    let first = write(&a, 0, 1, 4096).await;
+    assert_eq!(recv(&mut a).await, Message::Ack1 { seq: first });
+    gate.wait_held(1).await; // the committer's flush is held
+    let mut rest = Vec::new();
+    for i in 1..10u64 {
+        rest.push(write(&a, i * 4096, i as u8, 4096).await);
+    }
+    for s in &rest {
+        assert_eq!(recv(&mut a).await, Message::Ack1 { seq: *s });
+    }
+    while gate.applied() < 10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(a.rx.try_recv().is_err(), "Ack2 before the data was flushed");
+    gate.set_flushes_open(true);
+    let mut acked = Vec::new();
+    for _ in 0..10 {
+        match recv(&mut a).await {
+            Message::Ack2 { seq, status: 0 } => acked.push(seq),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    acked.sort();
+    assert_eq!(acked[0], first);
+    assert_eq!(&acked[1..], &rest[..]);
+    // One flush for the first write, one for the nine that completed while it ran.
+    assert_eq!(gate.flushed(), 2);
+    a.tx.close("done");
+    assert_eq!(standby.await.unwrap().unwrap().flushes, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_write_fua_mode_writes_each_request_durably() {
+    let mem = MemEngine::new(VOL as usize);
+    let gate = GatedEngine::new(mem.clone());
+    let (mut a, standby) = start(Arc::new(gate.clone()), Durability::PerWriteFua);
+    for i in 0..5u64 {
+        write(&a, i * 4096, 9, 4096).await;
+    }
+    let mut ack2 = 0;
+    while ack2 < 5 {
+        if let Message::Ack2 { status, .. } = recv(&mut a).await {
+            assert_eq!(status, 0);
+            ack2 += 1;
+        }
+    }
+    assert_eq!((mem.flushes(), gate.flushed()), (5, 0), "FUA per write, no separate flushes");
+    a.tx.close("done");
+    standby.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_writes_apply_in_seq_order() {
+    let mem = MemEngine::new(VOL as usize);
+    let gate = GatedEngine::new(mem.clone());
+    // The first write is slow, the second fast: without ordering the first would win.
+    let mut delays = vec![Duration::ZERO, Duration::from_millis(50)];
+    gate.set_delay(move || delays.pop().unwrap_or_default());
+    let (mut a, standby) = start(Arc::new(gate.clone()), Durability::GroupCommit);
+    write(&a, 0, 1, 8192).await;
+    write(&a, 4096, 2, 8192).await;
+    let mut ack2 = 0;
+    while ack2 < 2 {
+        if let Message::Ack2 { .. } = recv(&mut a).await {
+            ack2 += 1;
+        }
+    }
+    let snap = mem.snapshot();
+    assert!(snap[..4096].iter().all(|&b| b == 1));
+    assert!(snap[4096..12288].iter().all(|&b| b == 2), "older write applied over the newer one");
+    a.tx.close("done");
+    standby.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_waits_for_earlier_writes() {
+    let mem = MemEngine::new(VOL as usize);
+    let gate = GatedEngine::new(mem.clone());
+    gate.set_writes_open(false);
+    let (mut a, standby) = start(Arc::new(gate.clone()), Durability::GroupCommit);
+    let w = write(&a, 0, 1, 4096).await;
+    let f = a.tx.send(Message::Flush).await.unwrap();
+    assert_eq!(recv(&mut a).await, Message::Ack1 { seq: w });
+    gate.wait_held(1).await;
+    // A later write overtakes the barrier (it need not wait for the flush).
+    let later = write(&a, 65536, 3, 4096).await;
+    assert_eq!(recv(&mut a).await, Message::Ack1 { seq: later });
+    assert!(a.rx.try_recv().is_err(), "FlushAck before the earlier write completed");
+    gate.set_writes_open(true);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.push(recv(&mut a).await);
+    }
+    assert!(got.contains(&Message::FlushAck { seq: f, status: 0 }));
+    assert!(got.contains(&Message::Ack2 { seq: w, status: 0 }));
+    a.tx.close("done");
+    standby.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_error_is_acked_and_reported() {
+    let mem = MemEngine::new(VOL as usize);
+    let f = FaultyEngine::new(mem.clone());
+    f.add_rule(FaultRule::fail_range(&[FaultOp::Write], 8192, 4096, libc::ENOSPC));
+    let (mut a, standby) = start(Arc::new(f), Durability::GroupCommit);
+    let s = write(&a, 8192, 1, 4096).await;
+    assert_eq!(recv(&mut a).await, Message::Ack1 { seq: s });
+    assert_eq!(recv(&mut a).await, Message::Ack2 { seq: s, status: -libc::ENOSPC });
+    a.tx.close("done");
+    let end = standby.await.unwrap().unwrap();
+    let de = end.disk_error.unwrap();
+    assert_eq!((de.op, de.offset, de.len, de.errno), ("write", 8192, 4096, libc::ENOSPC));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unexpected_frame_is_a_protocol_error() {
+    let mem = MemEngine::new(VOL as usize);
+    let (a, standby) = start(mem, Durability::GroupCommit);
+    a.tx.send(Message::Ack1 { seq: 3 }).await.unwrap();
+    let err = standby.await.unwrap().unwrap_err();
+    assert!(matches!(&err, ReplicaError::Protocol(m) if m.contains("Ack1")), "{err}");
+    assert!(a.closed.reason().is_some() || tokio::time::timeout(Duration::from_secs(10), a.closed.wait()).await.is_ok());
+}
+
+/// Drives `qd` concurrent 4 KiB random writes for `dur`; returns Ack2/s.
+async fn measure(engine: Arc<dyn BlockEngine>, durability: Durability, qd: usize, dur: Duration) -> f64 {
+    let size = engine.size();
+    let (mut a, standby) = start(engine, durability);
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut next_off = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % (size / 4096)) * 4096
+    };
+    let data = Bytes::from(vec![0xa5u8; 4096]);
+    for _ in 0..qd {
+        a.tx.send(Message::Write { offset: next_off(), fua: false, data: data.clone() }).await.unwrap();
+    }
+    let t0 = Instant::now();
+    let mut done = 0u64;
+    while t0.elapsed() < dur {
+        if let Message::Ack2 { status, .. } = recv(&mut a).await {
+            assert_eq!(status, 0);
+            done += 1;
+            a.tx.send(Message::Write { offset: next_off(), fua: false, data: data.clone() }).await.unwrap();
+        }
+    }
+    let rate = done as f64 / t0.elapsed().as_secs_f64();
+    a.tx.close("measurement done");
+    standby.await.unwrap().unwrap();
+    rate
+}
+
+/// Group commit vs per-write FUA on a real disk (run explicitly:
+/// `cargo test -p mirror-agent --release --test replica_standby -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement on a real disk; run explicitly"]
+async fn durability_measurement() {
+    let dir = tempfile::Builder::new().prefix("replica-measure").tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("data");
+    // Fully allocated, so fdatasync measures data, not block allocation.
+    std::fs::write(&path, vec![0u8; 64 << 20]).unwrap();
+    std::fs::File::open(&path).unwrap().sync_all().unwrap();
+    let engine = mirror_agent::engine::open(&path, &EngineOptions::default()).unwrap();
+    println!("engine: {}", engine.describe());
+    for qd in [32usize, 1] {
+        for d in [Durability::GroupCommit, Durability::PerWriteFua] {
+            let r = measure(engine.clone(), d, qd, Duration::from_secs(3)).await;
+            println!("QD{qd:<2} 4KiB {d:?}: {r:.0} writes/s");
+        }
+    }
+}
