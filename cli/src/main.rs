@@ -12,6 +12,7 @@
 //! Errors go to stderr.
 
 mod aliases;
+mod demo;
 mod render;
 
 use std::path::PathBuf;
@@ -91,6 +92,12 @@ enum Cmd {
     },
     /// Check that the local agent answers.
     Ping,
+    /// Local two-node demo on loopback with sparse files (needs no config).
+    Demo {
+        /// Keep the demo's directory (config, data, logs) afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -137,6 +144,9 @@ impl From<AdminError> for Failure {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
+    if let Cmd::Demo { keep } = cli.cmd {
+        return demo::run(keep).map_err(|e| Failure::new(exit::INTERNAL, format!("demo failed: {e}")));
+    }
     let config = Config::load(&cli.config).map_err(|e| Failure::new(exit::USAGE, e))?;
     let node = cli.node.unwrap_or_else(config::default_node_name);
     let me = config.node_check(&node).map_err(|e| Failure::new(exit::USAGE, e))?.clone();
@@ -197,6 +207,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Cmd::Demo { .. } => unreachable!("handled before the config is loaded"),
         Cmd::Ping => {
             let v: serde_json::Value = call(&me.admin_socket, &Request::Ping {})?;
             println!("agent for {} is running (pid {})", v["node"].as_str().unwrap_or("?"), v["pid"]);

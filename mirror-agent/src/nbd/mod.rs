@@ -19,12 +19,14 @@
 //! - [`proto`]: wire constants and codecs (big-endian, as NBD mandates).
 //! - [`error`]: [`NbdError`], the layer's error (also the reason a
 //!   connection was closed).
+//! - [`client`]: a small blocking NBD client (demo, tests).
 //! - [`testing`]: [`testing::MemEngine`], an in-memory `BlockEngine` for tests.
 //!
 //! Not implemented: TLS (`NBD_OPT_STARTTLS` answers `ERR_UNSUP`), metadata
 //! contexts / `NBD_CMD_BLOCK_STATUS` (`ERR_UNSUP` / `EINVAL`), extended
 //! headers, `NBD_CMD_CACHE` and fast zero (not advertised; `EINVAL`).
 
+pub mod client;
 mod conn;
 pub mod error;
 mod handshake;
