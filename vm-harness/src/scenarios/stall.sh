@@ -1,0 +1,53 @@
+# stall: the process serving /dev/nbd0 is SIGSTOPped for STALL seconds (less than the
+# kernel timeout) during a write stream, then resumed: no I/O error, data intact.
+# Sourced by /init (t, pass, fail defined there).
+C=/etc/nbd-mirror/cluster.toml
+MD="mdctrl --config $C --node nodea"
+TIMEOUT=30
+STALL=12
+for a in $(cat /proc/cmdline); do
+  case "$a" in
+    vmh.stall=*) STALL=${a#vmh.stall=};;
+  esac
+done
+
+$MD init md1 > /tmp/init.out 2>&1 || fail "mdctrl init md1: $(tail -3 /tmp/init.out)"
+vm-harness guest serve --timeout $TIMEOUT --ready /tmp/ready 2>/dev/ttyS1 > /tmp/serve.out &
+S=$!
+i=0; until [ -s /tmp/ready ]; do kill -0 $S 2>/dev/null || fail "serve exited: $(tail -2 /tmp/serve.out)"; i=$((i+1)); [ $i -gt 600 ] && fail "serve not ready"; sleep 0.1; done
+t "$(cat /tmp/ready)"
+mkfs.ext4 -q -F /dev/nbd0 || fail "mkfs.ext4"
+mount -t ext4 /dev/nbd0 /mnt/md1 2>/dev/null || { mkdir -p /mnt/md1; mount -t ext4 /dev/nbd0 /mnt/md1 || fail "mount"; }
+
+# Writer: 24 files of 2 MiB, each fsynced; records failures.
+(
+  i=0
+  while [ $i -lt 24 ]; do
+    dd if=/dev/urandom of=/mnt/md1/w$i bs=1M count=2 conv=fsync 2>/dev/null || echo "w$i" >> /tmp/werr
+    i=$((i+1))
+  done
+  echo done > /tmp/wdone
+) &
+W=$!
+sleep 2
+t "STEP SIGSTOP server for ${STALL}s (kernel timeout ${TIMEOUT}s)"
+kill -STOP $S
+T0=$(cut -d. -f1 /proc/uptime)
+sleep "$STALL"
+[ -f /tmp/wdone ] && { kill -CONT $S; fail "the writer finished during the stall: nothing was stalled"; }
+kill -CONT $S
+t "STEP SIGCONT after $(( $(cut -d. -f1 /proc/uptime) - T0 ))s"
+wait $W
+[ -s /tmp/werr ] && fail "writes failed during/after the stall: $(cat /tmp/werr | tr '\n' ' ')"
+[ -f /tmp/wdone ] || fail "writer did not finish"
+(cd /mnt/md1 && sha256sum w* > /tmp/sums) || fail "read back after stall"
+echo 3 > /proc/sys/vm/drop_caches
+(cd /mnt/md1 && sha256sum -c /tmp/sums > /tmp/sumc 2>&1) || fail "checksums differ after drop_caches: $(tail -2 /tmp/sumc)"
+umount /mnt/md1 || fail "umount"
+kill -TERM $S; wait $S; rc=$?
+[ $rc = 0 ] || fail "serve exit rc=$rc: $(tail -2 /tmp/serve.out)"
+e2fsck -fn /dev/vda > /tmp/fsck.out 2>&1 || fail "e2fsck -fn /dev/vda: $(tail -3 /tmp/fsck.out)"
+dmesg | grep -iE "I/O error|EXT4-fs error|EXT4-fs warning|Aborting journal" > /tmp/errs && fail "kernel reported: $(head -3 /tmp/errs | tr '\n' ' ')"
+RECONN=$(dmesg | grep -c "reconnected socket")
+TIMEDOUT=$(dmesg | grep -c "timed out")
+pass "server stopped ${STALL}s (kernel timeout ${TIMEOUT}s) during fsync writes: no I/O error, 24 files intact, e2fsck clean; kernel timeouts logged: $TIMEDOUT, re-attached: $RECONN"
