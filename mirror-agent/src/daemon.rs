@@ -108,6 +108,13 @@ fn log_outcome(op: &str, resource: &str, r: Result<crate::status::ResourceStatus
 pub fn run(config_path: &Path, node: &str) -> Result<(), DaemonError> {
     let config = Config::load(config_path)?;
     config.node_check(node)?;
+    // Serving a kernel nbd device on this host: writeback may have to go
+    // through this process, so it must not block on reclaim (before the
+    // runtime: the flag is per thread and inherited by the workers).
+    if config.resources.iter().any(|r| r.node(node).is_some_and(|n| n.nbd_device.is_some())) {
+        let report = crate::kernel::io_flusher_setup();
+        tracing::info!(?report, "kernel nbd device configured: IO_FLUSHER + mlockall");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(DaemonError::Runtime)?;
     rt.block_on(run_async(config, node.to_string()))
 }

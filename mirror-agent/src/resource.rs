@@ -65,6 +65,8 @@ enum Serving {
         since: Instant,
         /// What the export serves (the replicated volume when mirrored).
         volume: Arc<dyn BlockEngine>,
+        /// The local `/dev/nbdX` attached to the export (`nbd_device`).
+        device: Option<crate::kernel::KernelAttachment>,
     },
 }
 
@@ -141,7 +143,7 @@ impl Resource {
     }
 
     /// Start serving the NBD export on this node.
-    pub async fn activate(&self, _nomount: bool) -> Result<ResourceStatus, AdminError> {
+    pub async fn activate(&self, nomount: bool) -> Result<ResourceStatus, AdminError> {
         let mut serving = self.serving.lock().await;
         if let Serving::Active { .. } = *serving {
             return Err(AdminError::refused(
@@ -196,8 +198,29 @@ impl Resource {
                 }
             }));
         }
-        tracing::info!(resource = %self.name, socket = %self.me.nbd_socket.display(), tcp = ?self.me.nbd_tcp, "activated: serving NBD");
-        *serving = Serving::Active { server, accept_tasks, since: Instant::now(), volume };
+        // The kernel device (and mount) last: it needs the export running.
+        let device = match crate::kernel::activate_device(Arc::clone(&server), &self.name, &self.me, nomount, Default::default()).await {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.me.nbd_socket);
+                server.shutdown().await;
+                for t in accept_tasks {
+                    let _ = t.await;
+                }
+                let _ = volume.flush().await;
+                if let Some(pair) = &self.pair {
+                    let _ = pair.deactivate().await;
+                }
+                let _ = self.meta.record_activation(false).await;
+                return Err(AdminError::internal(format!(
+                    "cannot attach {} to {}: {e}",
+                    self.me.nbd_device.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                    self.name
+                )));
+            }
+        };
+        tracing::info!(resource = %self.name, socket = %self.me.nbd_socket.display(), tcp = ?self.me.nbd_tcp, device = ?self.me.nbd_device, "activated: serving NBD");
+        *serving = Serving::Active { server, accept_tasks, since: Instant::now(), volume, device };
         drop(serving);
         Ok(self.status().await)
     }
@@ -205,7 +228,16 @@ impl Resource {
     /// Stop accepting, let in-flight requests finish, flush, record state.
     pub async fn deactivate(&self) -> Result<ResourceStatus, AdminError> {
         let mut serving = self.serving.lock().await;
-        let Serving::Active { server, accept_tasks, since, volume } = std::mem::replace(&mut *serving, Serving::Inactive) else {
+        if let Serving::Active { device: Some(att), .. } = &mut *serving {
+            // Unmount and detach first; a busy mount refuses and we stay active.
+            if let Err(e) = crate::kernel::deactivate_device(att, &self.me).await {
+                return Err(AdminError::refused(
+                    format!("cannot deactivate {}: {e}", self.name),
+                    "stop the processes using the mount point, then retry",
+                ));
+            }
+        }
+        let Serving::Active { server, accept_tasks, since, volume, device: _ } = std::mem::replace(&mut *serving, Serving::Inactive) else {
             return Err(AdminError::refused(
                 format!("{} is not active on {}", self.name, self.node),
                 "nothing to do",
