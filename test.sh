@@ -11,6 +11,7 @@ declare -A NEED=(
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=libnbd-bin
   [nbdkit]=nbdkit [fio]=fio [qemu-img]=qemu-utils [qemu-io]=qemu-utils
   [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs [losetup]=mount [fusermount3]=fuse3
+  [nft]=nftables [ip]=iproute2
 )
 missing=()
 for bin in "${!NEED[@]}"; do
@@ -29,4 +30,4 @@ fi
 export NBD_MIRROR_REQUIRE_TOOLS="${NBD_MIRROR_REQUIRE_TOOLS:-1}"
 
 cargo build --release --workspace --bins
-cargo test --workspace --release "$@"
+cargo test --workspace --release --no-fail-fast "$@"

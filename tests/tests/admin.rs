@@ -129,6 +129,19 @@ fn mdctrl_as_nobody(c: &TestCluster, args: &[&str]) -> (std::process::Output, St
     if !copy.exists() {
         std::fs::copy(tests::bins::mdctrl(), &copy).expect("copying mdctrl");
         std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod mdctrl copy");
+        // A process forked by another test thread while the copy was open for
+        // writing holds that fd until it execs: exec then fails with ETXTBSY
+        // for a moment. Wait until the copy can be executed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::process::Command::new(&copy).arg("--version").output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("cannot execute {}: {e}", copy.display()),
+                Ok(_) => break,
+            }
+        }
     }
     let mut cmd = std::process::Command::new(&copy);
     cmd.arg("--config").arg(&c.config_path).arg("--node").arg(c.node()).args(args);
