@@ -33,7 +33,7 @@ use super::{BlockEngine, EngineFuture};
 /// Operation kinds a rule can select.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultOp {
-    /// [`BlockEngine::read`].
+    /// [`BlockEngine::read`] and [`BlockEngine::read_bytes`].
     Read,
     /// [`BlockEngine::write`].
     Write,
@@ -342,6 +342,14 @@ impl BlockEngine for FaultyEngine {
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>> {
         match self.decide(FaultOp::Read, Some((offset, len as u64))) {
             Decision::Pass => self.inner.read(offset, len),
+            Decision::Fail(e) => fail(e),
+            Decision::Torn(_) | Decision::Dropped => fail(libc::EIO),
+        }
+    }
+
+    fn read_bytes(&self, offset: u64, len: usize) -> EngineFuture<Bytes> {
+        match self.decide(FaultOp::Read, Some((offset, len as u64))) {
+            Decision::Pass => self.inner.read_bytes(offset, len),
             Decision::Fail(e) => fail(e),
             Decision::Torn(_) | Decision::Dropped => fail(libc::EIO),
         }

@@ -4,7 +4,7 @@
 //! [`BlockEngine`], so that the NBD server, replication and resync are written
 //! once and tests can swap the engine for one that injects faults.
 //!
-//! Requests own their buffers (`Bytes` in, `Vec<u8>`-like out): an io_uring
+//! Requests own their buffers (`Bytes` in, `Vec<u8>` or `Bytes` out): an io_uring
 //! submission must not borrow memory that the caller could free before the
 //! completion arrives.
 //!
@@ -16,10 +16,14 @@
 //!
 //! Module map:
 //!
-//! - [`uring`]: [`UringEngine`], io_uring on a dedicated ring thread, O_DIRECT
-//!   where the backing supports it (read-modify-write for unaligned writes).
-//! - [`portable`]: [`PortableEngine`], `pread`/`pwrite` on tokio's blocking
-//!   pool, buffered I/O; for kernels without io_uring and as a reference.
+//! - [`uring`]: [`UringEngine`], io_uring submitted from the calling task and
+//!   reaped on the tokio runtime (eventfd), O_DIRECT where the backing
+//!   supports it (read-modify-write for unaligned writes).
+//! - [`portable`]: [`PortableEngine`], `pread`/`pwrite` on a fixed set of I/O
+//!   threads, buffered I/O; for kernels without io_uring and as a reference.
+//! - [`buf`]: [`buf::IoBuf`], pooled page-aligned buffers for request data
+//!   (write payloads, read replies): no per-request allocation, zero-fill or
+//!   O_DIRECT bounce copy.
 //! - [`fault`]: [`FaultyEngine`], wraps any engine and injects errors, torn
 //!   writes and a crash point by rules (tests).
 //! - `backing` (private): opening the file or block device, its size and
@@ -38,6 +42,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 mod backing;
+pub mod buf;
 pub mod fault;
 pub mod portable;
 pub mod uring;
@@ -64,6 +69,15 @@ pub trait BlockEngine: Send + Sync + 'static {
     /// Read exactly `len` bytes at `offset`. Reading past the end is an error
     /// (`EINVAL`); callers bound requests first.
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>>;
+
+    /// [`BlockEngine::read`] returning `Bytes`, for callers that only pass
+    /// the data on (the NBD server): engines may return a pooled, aligned
+    /// buffer without a copy ([`buf::IoBuf`]). The default wraps `read`'s
+    /// `Vec` (no copy either).
+    fn read_bytes(&self, offset: u64, len: usize) -> EngineFuture<Bytes> {
+        let f = self.read(offset, len);
+        Box::pin(async move { f.await.map(Bytes::from) })
+    }
 
     /// Write `data` at `offset`. With `fua`, the data is on stable storage
     /// when the future resolves (RWF_DSYNC / O_DSYNC / write + fdatasync).

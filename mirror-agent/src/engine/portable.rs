@@ -1,27 +1,42 @@
-//! Portable engine: positioned `pread`/`pwrite` on tokio's blocking pool.
+//! Portable engine: positioned `pread`/`pwrite` on a fixed set of I/O threads.
 //!
-//! Buffered I/O only (no O_DIRECT). Each request runs as one blocking task;
-//! a semaphore of `queue_depth` permits bounds how many run at once, so
-//! callers beyond that wait (backpressure) instead of piling up threads.
+//! Buffered I/O only (no O_DIRECT). Requests are queued to at most
+//! [`IO_THREADS`] threads of the engine's own (started on demand, kept while
+//! the engine lives), like nbdkit's worker threads: no `spawn_blocking` per
+//! request, and the thread count (hence memory) stays fixed whatever the
+//! queue depth. A semaphore of `queue_depth` permits bounds how many requests
+//! are queued or running, so callers beyond that wait (backpressure).
+//! Dropping the engine lets the threads finish what is queued and exit.
+//! Small writes without FUA (up to [`INLINE_WRITE_MAX`]) are a `pwrite` in
+//! the calling task instead: a page-cache copy, cheaper than two thread hops.
+//! [`BlockEngine::read_bytes`] likewise first copies what the page cache
+//! holds with `preadv2(RWF_NOWAIT)` in the calling task (never blocks) and
+//! sends only the rest to an I/O thread.
 //! `read_exact_at`/`write_all_at` resubmit short transfers; a read hitting
 //! end of file (the file shrank) fails with `EIO`. FUA is `pwrite` followed
 //! by `fdatasync`. Discard and write-zeroes use the same fallocate/BLKZEROOUT
 //! primitives as the io_uring engine, writing zero buffers where those are
 //! unsupported.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
+
+use super::buf::IoBuf;
+use super::uring::INLINE_WRITE_MAX;
 
 use super::backing::{self, errno, Kind};
 use super::{BlockEngine, EngineFuture};
 
 const ZERO_CHUNK: usize = 1 << 20;
+/// Most I/O threads per engine (fewer if the queue depth is smaller).
+pub const IO_THREADS: usize = 8;
 
 struct Shared {
     file: File,
@@ -30,9 +45,85 @@ struct Shared {
     permits: Semaphore,
 }
 
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    idle: usize,
+    threads: usize,
+    closed: bool,
+}
+
+/// The engine's I/O threads and their job queue.
+struct Workers {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    max_threads: usize,
+}
+
+impl Workers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn submit(self: &Arc<Self>, job: Job) {
+        let mut q = self.lock();
+        q.jobs.push_back(job);
+        if q.idle > 0 {
+            self.wake.notify_one();
+            return;
+        }
+        if q.threads >= self.max_threads {
+            return; // a busy thread picks it up next
+        }
+        q.threads += 1;
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new().name("portable-io".into()).spawn(move || me.work());
+        if let Err(e) = spawned {
+            q.threads -= 1;
+            tracing::error!(error = %e, "portable engine: cannot start an I/O thread");
+            if q.threads == 0 {
+                // Nobody would ever run the queue: drop the jobs, whose
+                // callers then see EIO (their reply channel closes).
+                q.jobs.clear();
+            }
+        }
+    }
+
+    fn work(&self) {
+        let mut q = self.lock();
+        loop {
+            if let Some(job) = q.jobs.pop_front() {
+                drop(q);
+                job();
+                q = self.lock();
+                continue;
+            }
+            if q.closed {
+                q.threads -= 1;
+                return;
+            }
+            q.idle += 1;
+            q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+            q.idle -= 1;
+        }
+    }
+}
+
 /// Thread-pool block engine; see the module docs.
 pub struct PortableEngine {
     shared: Arc<Shared>,
+    workers: Arc<Workers>,
+}
+
+impl Drop for PortableEngine {
+    fn drop(&mut self) {
+        // Threads finish the queued jobs, then exit; no join (never block a
+        // runtime thread here).
+        self.workers.lock().closed = true;
+        self.workers.wake.notify_all();
+    }
 }
 
 impl std::fmt::Debug for PortableEngine {
@@ -58,25 +149,56 @@ impl PortableEngine {
         let depth = queue_depth.max(1) as usize;
         Ok(PortableEngine {
             shared: Arc::new(Shared { file: b.file, kind: b.kind, size: b.size, permits: Semaphore::new(depth) }),
+            workers: Arc::new(Workers {
+                queue: Mutex::new(Queue::default()),
+                wake: Condvar::new(),
+                max_threads: depth.min(IO_THREADS),
+            }),
         })
     }
 
-    /// Run `f` on the blocking pool under a queue-depth permit.
+    /// Run `f` on an I/O thread under a queue-depth permit.
     fn run<T, F>(&self, f: F) -> EngineFuture<T>
     where
         T: Send + 'static,
         F: FnOnce(&Shared) -> io::Result<T> + Send + 'static,
     {
         let s = self.shared.clone();
+        let workers = self.workers.clone();
         Box::pin(async move {
             let _permit = s.permits.acquire().await.map_err(|_| errno(libc::EIO))?;
+            let (tx, rx) = oneshot::channel();
             let s2 = s.clone();
-            tokio::task::spawn_blocking(move || f(&s2)).await.map_err(|e| {
-                tracing::error!(error = %e, "portable engine task failed");
+            workers.submit(Box::new(move || {
+                // The caller may have gone away; the result is dropped then.
+                let _ = tx.send(f(&s2));
+            }));
+            rx.await.map_err(|_| {
+                tracing::error!("portable engine: request dropped without a result");
                 errno(libc::EIO)
             })?
         })
     }
+}
+
+/// `preadv2(RWF_NOWAIT)`: the bytes available from the page cache without
+/// blocking, 0 on any error (`EAGAIN`, or `EOPNOTSUPP` where unsupported);
+/// the caller reads the rest the blocking way.
+fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
+        // SAFETY: one iovec over a live, writable, initialised slice that
+        // outlives the call; the fd is open.
+        let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, (offset + done as u64) as libc::off_t, libc::RWF_NOWAIT) };
+        if r <= 0 {
+            break;
+        }
+        done += r as usize;
+    }
+    done
 }
 
 fn zero(s: &Shared, offset: u64, len: u64, trim: bool, fua: bool) -> io::Result<()> {
@@ -119,7 +241,37 @@ impl BlockEngine for PortableEngine {
         })
     }
 
+    fn read_bytes(&self, offset: u64, len: usize) -> EngineFuture<Bytes> {
+        if let Err(e) = backing::check_range(self.shared.size, offset, len as u64) {
+            return Box::pin(async move { Err(e) });
+        }
+        // Pooled buffer: no fresh allocation, zero-fill or page faults.
+        let mut buf = IoBuf::new(len);
+        // What the page cache holds is copied here, without blocking
+        // (RWF_NOWAIT); only the rest (a cache miss needs the disk) goes to
+        // an I/O thread.
+        let got = read_nowait(&self.shared.file, &mut buf, offset);
+        if got == len {
+            return Box::pin(async move { Ok(buf.into_bytes()) });
+        }
+        self.run(move |s| {
+            s.file.read_exact_at(&mut buf[got..], offset + got as u64).map_err(map_eof)?;
+            Ok(buf.into_bytes())
+        })
+    }
+
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> EngineFuture<()> {
+        if !fua && data.len() <= INLINE_WRITE_MAX {
+            // A page-cache copy of a few microseconds: done in the calling
+            // task, without the two thread hops of the queue (same policy as
+            // the io_uring engine's buffered mode; see INLINE_WRITE_MAX).
+            let s = self.shared.clone();
+            return Box::pin(async move {
+                let _permit = s.permits.acquire().await.map_err(|_| errno(libc::EIO))?;
+                backing::check_range(s.size, offset, data.len() as u64)?;
+                s.file.write_all_at(&data, offset).map_err(map_eof)
+            });
+        }
         self.run(move |s| {
             backing::check_range(s.size, offset, data.len() as u64)?;
             s.file.write_all_at(&data, offset).map_err(map_eof)?;

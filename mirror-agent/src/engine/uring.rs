@@ -2,34 +2,48 @@
 //!
 //! # Architecture
 //!
-//! One dedicated thread owns the ring. Requests reach it through a bounded
-//! tokio mpsc channel (capacity = queue depth) and complete through oneshot
-//! channels. The thread pulls requests only while fewer than `queue_depth`
-//! are in flight, so the total outstanding work is bounded and callers wait
-//! (`send().await`) when the engine is saturated: backpressure, never an error.
+//! There is no ring thread on the request path. The ring, the in-flight slots
+//! and the free list live behind one mutex (`Core`):
 //!
-//! The thread blocks in `io_uring_enter(min_complete = 1)`. To be woken when a
-//! request arrives while it sleeps, it keeps a read of an eventfd (the
-//! "doorbell") in flight in the ring. A submitter rings the doorbell only if
-//! the thread announced it is going to sleep (`sleeping` flag, Dekker-style
-//! with SeqCst fences on both sides), so a busy engine takes no extra syscall
-//! per request, and all requests pulled in one pass are submitted with a
-//! single `io_uring_enter`.
+//! - **Submission** happens in the calling task: it takes a slot permit (a
+//!   semaphore of `queue_depth` permits, so callers wait when the engine is
+//!   saturated: backpressure, never an error), pushes its SQE, calls
+//!   `io_uring_enter` and reaps whatever completed meanwhile. Page-cache reads
+//!   complete inside that `io_uring_enter`, so they finish without any
+//!   wake-up or thread hop.
+//! - **Completion** of everything else is reaped by a *reaper* task on the
+//!   tokio runtime: an eventfd registered with the ring
+//!   (`IORING_REGISTER_EVENTFD`) is watched with `AsyncFd`, so a CQE posted by
+//!   the kernel wakes the runtime's own I/O driver. The reaper is spawned on
+//!   the first request, on the runtime of the caller; if that runtime goes
+//!   away (or has no I/O driver, or there is no runtime) a blocking reaper
+//!   thread that `poll`s the eventfd takes over.
+//!
+//! Whoever reaps a CQE finishes its slot: resubmits the rest of a short
+//! transfer, or sends the result through the request's oneshot and frees the
+//! slot (returning the permit).
+//!
+//! This removes, per request, the channel hop to a ring thread, the doorbell
+//! `write`, that thread's wake-up and the cross-thread completion wake-up
+//! (bench/README.md measured 3.6 context switches per QD1 write on the ring
+//! thread alone).
 //!
 //! # `user_data` key space
 //!
 //! - `0 .. queue_depth`: index of the in-flight slot (slab) holding the
 //!   request, its buffer and its reply channel.
-//! - `u64::MAX` (`DOORBELL`): the eventfd read.
+//! - Nothing else is submitted (the doorbell read of the former ring thread is
+//!   gone; the eventfd is signalled by the kernel itself).
 //!
 //! # Buffer lifetime
 //!
-//! Each slot owns its buffer (`Vec<u8>` for reads, `Bytes` or an aligned copy
-//! for writes) until the CQE of its last SQE has been reaped. If the caller
-//! drops its future, the reply send fails and the buffer is freed by the ring
-//! thread after the completion, never before. At shutdown the thread drains
-//! every in-flight entry, including the doorbell read (it rings its own bell),
-//! before the ring and buffers are dropped.
+//! Each slot owns its buffer (`Vec<u8>` spare capacity or a pooled
+//! [`IoBuf`] for reads, `Bytes` for writes) until the CQE of its last SQE has
+//! been reaped. If the caller drops its future, the reply send fails and the
+//! buffer is freed by whoever reaps the completion, never before. When the
+//! engine is dropped the reaper keeps reaping until nothing is in flight, and
+//! dropping `Core` (the last owner of the ring and the slab) first waits in
+//! `io_uring_enter` for every outstanding CQE.
 //!
 //! # Short transfers and large requests
 //!
@@ -37,6 +51,16 @@
 //! same slot. A single SQE moves at most [`MAX_SQE_BYTES`] (the kernel caps
 //! one transfer below 2 GiB anyway); larger requests are continued the same
 //! way. A read returning 0 before the end (file shrank) fails with `EIO`.
+//!
+//! # Read buffers
+//!
+//! [`BlockEngine::read`] reads into the spare capacity of a
+//! `Vec::with_capacity` (no zero-fill) and sets its length only once the
+//! kernel has reported every byte written; on error the `Vec` is dropped with
+//! length 0, so uninitialised bytes are never exposed.
+//! [`BlockEngine::read_bytes`] reads into a pooled, page-aligned [`IoBuf`]
+//! and returns it as `Bytes` (no copy; the buffer returns to the pool when
+//! the NBD reply has been written).
 //!
 //! # O_DIRECT and unaligned requests
 //!
@@ -48,8 +72,8 @@
 //!
 //! With O_DIRECT, everything goes through the one direct fd (no second,
 //! buffered fd, so there is no page-cache coherence question):
-//! - unaligned reads read the enclosing aligned span and copy out the part
-//!   asked for;
+//! - reads go to an aligned pooled buffer covering the enclosing aligned span;
+//!   unaligned ones return the part asked for;
 //! - unaligned writes do read-modify-write of the enclosing aligned span under
 //!   the exclusive side of a `RwLock` that every other modifying request
 //!   (aligned writes, discard, write-zeroes) takes shared. Two requests that
@@ -57,7 +81,8 @@
 //!   bytes. Unaligned writes are rare (a client with smaller sectors than the
 //!   backing), so serialising them is cheap in practice;
 //! - write buffers whose memory is not aligned are copied once into an
-//!   aligned buffer; aligned `Bytes` are submitted without a copy.
+//!   aligned buffer; aligned `Bytes` (NBD payloads are pooled [`IoBuf`]s) are
+//!   submitted without a copy.
 //!
 //! A future dropped before completion leaves the outcome of its request
 //! unspecified (the SQE may still run), as for any cancelled block request.
@@ -68,31 +93,39 @@
 //! pool (see `backing::zero_range_blocking`), falling back to writing zero
 //! buffers through the ring where the backing does not support them.
 
-use std::alloc::{self, Layout};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use io_uring::{opcode, squeue, types, IoUring};
-use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{mpsc, oneshot, RwLock};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, RwLock, Semaphore};
 
 use super::backing::{self, errno, Kind};
+use super::buf::IoBuf;
 use super::{BlockEngine, DirectIo, EngineFuture};
 
-/// `user_data` of the doorbell (eventfd) read.
-const DOORBELL: u64 = u64::MAX;
 /// Largest transfer put in one SQE; longer requests continue from the slot.
 pub const MAX_SQE_BYTES: usize = 1 << 30;
 /// Largest queue depth accepted (larger values are clamped).
 pub const MAX_QUEUE_DEPTH: u32 = 4096;
+/// Buffered (non-direct) writes up to this size without FUA are a plain
+/// `pwrite` in the calling task instead of an SQE. ext4 and most filesystems
+/// refuse non-blocking buffered writes (`RWF_NOWAIT` gives `EOPNOTSUPP`), so
+/// io_uring would hand every one of them to an io-wq worker thread and wake
+/// the runtime again for its completion: two thread hops for a copy of a few
+/// microseconds into the page cache (bench/README.md: `iou-wrk` threads in
+/// every buffered write row). Bounded so that a task never spends long in the
+/// copy; larger writes and FUA writes (which wait for the device) still go
+/// through the ring. Buffered mode only: O_DIRECT writes are issued by
+/// io_uring without a worker thread.
+pub const INLINE_WRITE_MAX: usize = 64 * 1024;
 /// Chunk used when zeroes must be written as data.
 const ZERO_CHUNK: usize = 1 << 20;
 
@@ -102,54 +135,19 @@ pub fn probe() -> io::Result<()> {
     IoUring::new(2).map(|_| ())
 }
 
-/// Heap buffer with a chosen alignment (O_DIRECT needs aligned memory; a
-/// `Vec<u8>` must be freed with alignment 1, so it cannot be over-aligned).
-struct AlignedBuf {
-    ptr: NonNull<u8>,
-    len: usize,
-    layout: Layout,
-}
-
-// SAFETY: AlignedBuf uniquely owns its allocation (like Vec<u8>); no shared
-// interior state.
-unsafe impl Send for AlignedBuf {}
-// SAFETY: only `&[u8]` access through `&self`; no interior mutability.
-unsafe impl Sync for AlignedBuf {}
-
-impl AlignedBuf {
-    fn zeroed(len: usize, align: usize) -> AlignedBuf {
-        let layout = Layout::from_size_align(len.max(1), align.max(1)).expect("aligned buffer layout");
-        // SAFETY: layout has non-zero size.
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
-        AlignedBuf { ptr, len, layout }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: ptr is valid for len initialised (zeroed) bytes, uniquely
-        // borrowed through &mut self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl AsRef<[u8]> for AlignedBuf {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len initialised bytes for the life of self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with exactly this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
-    }
+/// Where a read lands.
+enum ReadBuf {
+    /// The spare capacity of an empty `Vec` (capacity >= the read length);
+    /// its length is set when the read has completed.
+    Vec(Vec<u8>),
+    /// A pooled buffer of at least the read length (initialised memory).
+    Io(IoBuf),
 }
 
 /// A low-level ring operation. Buffers are owned here until completion.
 enum Op {
-    /// Read `len` bytes at `offset` into `buf[start..start + len]`.
-    Read { offset: u64, buf: Vec<u8>, start: usize, len: usize },
+    /// Read `len` bytes at `offset` into the start of `buf`.
+    Read { offset: u64, buf: ReadBuf, len: usize },
     /// Write all of `buf` at `offset` with `rw_flags` (RWF_DSYNC for FUA).
     Write { offset: u64, buf: Bytes, flags: i32 },
     /// fdatasync.
@@ -157,23 +155,23 @@ enum Op {
 }
 
 enum Reply {
-    Read(Vec<u8>),
+    Read(ReadBuf),
     Done,
 }
 
-struct Request {
-    op: Op,
-    reply: oneshot::Sender<io::Result<Reply>>,
-}
+type ReplyTx = oneshot::Sender<io::Result<Reply>>;
 
 struct Slot {
-    req: Request,
+    op: Op,
     done: usize,
+    reply: ReplyTx,
+    /// Queue-depth permit, returned when the slot is freed.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Slot {
     fn total(&self) -> usize {
-        match &self.req.op {
+        match &self.op {
             Op::Read { len, .. } => *len,
             Op::Write { buf, .. } => buf.len(),
             Op::Fsync => 0,
@@ -184,13 +182,15 @@ impl Slot {
     fn sqe(&mut self, fd: RawFd, key: u64) -> squeue::Entry {
         let done = self.done;
         let fd = types::Fd(fd);
-        match &mut self.req.op {
-            Op::Read { offset, buf, start, len } => {
+        match &mut self.op {
+            Op::Read { offset, buf, len } => {
                 let n = (*len - done).min(MAX_SQE_BYTES) as u32;
-                debug_assert!(*start + *len <= buf.len());
-                // `start + done < buf.len()`: checked by the debug_assert
-                // above and `done < len` (slot not finished).
-                let ptr = buf[*start + done..].as_mut_ptr();
+                // `done < len <= capacity`: the slice index cannot fail; the
+                // kernel writes at most `n` bytes from there, within `len`.
+                let ptr = match buf {
+                    ReadBuf::Vec(v) => v.spare_capacity_mut()[done..*len].as_mut_ptr().cast::<u8>(),
+                    ReadBuf::Io(b) => b[done..*len].as_mut_ptr(),
+                };
                 opcode::Read::new(fd, ptr, n).offset(*offset + done as u64).build().user_data(key)
             }
             Op::Write { offset, buf, flags } => {
@@ -207,24 +207,32 @@ impl Slot {
     }
 }
 
-/// The ring thread's state.
-struct RingThread {
+/// Results to send once the ring lock is released.
+type Deliveries = Vec<(ReplyTx, io::Result<Reply>)>;
+
+/// The ring and its in-flight slots (behind [`Core::state`]).
+struct State {
     ring: IoUring,
     fd: RawFd,
-    bell_fd: RawFd,
-    bell_buf: Box<u64>,
-    bell_armed: bool,
     slab: Vec<Option<Slot>>,
     free: Vec<usize>,
     pushed: bool,
+    /// Scratch for reaped CQEs (kept to avoid an allocation per reap).
+    cq: Vec<(u64, i32)>,
 }
 
-impl RingThread {
+impl State {
+    fn in_flight(&self) -> usize {
+        self.slab.len() - self.free.len()
+    }
+
     fn push(&mut self, e: &squeue::Entry) {
-        // SAFETY: every buffer an SQE points to is owned by a slab slot (or is
-        // `bell_buf`) and stays alive and unmoved until its CQE is reaped; the
-        // SQ has at least queue_depth + 1 entries and at most that many SQEs
-        // are ever outstanding, so the push cannot overflow.
+        // SAFETY: every buffer an SQE points to is owned by a slab slot and
+        // stays alive and unmoved until its CQE is reaped (slots are only
+        // freed in `finish`, after their last CQE; `Core`'s Drop waits for all
+        // CQEs); the SQ has at least queue_depth + 1 entries and each of the
+        // at most queue_depth slots has at most one SQE outstanding, so the
+        // push cannot overflow.
         let r = unsafe { self.ring.submission().push(e) };
         if r.is_err() {
             // Unreachable by the sizing above; submit to make room and retry.
@@ -235,27 +243,21 @@ impl RingThread {
         self.pushed = true;
     }
 
-    fn arm_bell(&mut self) {
-        let ptr = &mut *self.bell_buf as *mut u64 as *mut u8;
-        let e = opcode::Read::new(types::Fd(self.bell_fd), ptr, 8).build().user_data(DOORBELL);
-        self.push(&e);
-        self.bell_armed = true;
-    }
-
-    fn start(&mut self, req: Request) {
-        let idx = self.free.pop().expect("start() called with a free slot");
-        let mut slot = Slot { req, done: 0 };
+    fn start(&mut self, op: Op, reply: ReplyTx, permit: OwnedSemaphorePermit) {
+        // A permit is held per occupied slot, so a slot is free.
+        let idx = self.free.pop().expect("slot permit without a free slot");
+        let mut slot = Slot { op, done: 0, reply, _permit: permit };
         let e = slot.sqe(self.fd, idx as u64);
         self.slab[idx] = Some(slot);
         self.push(&e);
     }
 
-    fn finish(&mut self, idx: usize, res: io::Result<()>) {
+    fn finish(&mut self, idx: usize, res: io::Result<()>, out: &mut Deliveries) {
         let slot = self.slab[idx].take().expect("completion for a live slot");
         self.free.push(idx);
         if let Err(e) = &res {
             // Context for the log; the error itself stays a plain errno.
-            let (op, offset) = match &slot.req.op {
+            let (op, offset) = match &slot.op {
                 Op::Read { offset, .. } => ("read", *offset),
                 Op::Write { offset, .. } => ("write", *offset),
                 Op::Fsync => ("fsync", 0),
@@ -264,133 +266,172 @@ impl RingThread {
         }
         let reply = match res {
             Err(e) => Err(e),
-            Ok(()) => Ok(match slot.req.op {
+            Ok(()) => Ok(match slot.op {
+                Op::Read { buf: ReadBuf::Vec(mut v), len, .. } => {
+                    debug_assert!(len <= v.capacity());
+                    // SAFETY: the kernel reported `len` bytes written in total
+                    // to `[0, len)` of the spare capacity (each SQE covered
+                    // `[done, done + n)` and `done` only grew by what it
+                    // reported), so the first `len` bytes are initialised, and
+                    // `len <= capacity`.
+                    unsafe { v.set_len(len) };
+                    Reply::Read(ReadBuf::Vec(v))
+                }
                 Op::Read { buf, .. } => Reply::Read(buf),
                 _ => Reply::Done,
             }),
         };
-        // The caller may have gone away; then the buffer is simply dropped.
-        let _ = slot.req.reply.send(reply);
+        // The permit goes with `slot._permit` when the reply is delivered.
+        out.push((slot.reply, reply));
     }
 
-    fn complete(&mut self, key: u64, res: i32, closed: bool) {
-        if key == DOORBELL {
-            self.bell_armed = false;
-            if !closed {
-                self.arm_bell();
-            }
-            return;
-        }
+    fn complete(&mut self, key: u64, res: i32, out: &mut Deliveries) {
         let idx = key as usize;
         if res < 0 {
             let e = -res;
             if e == libc::EINTR || e == libc::EAGAIN {
+                let fd = self.fd;
                 let slot = self.slab[idx].as_mut().expect("live slot");
-                let sqe = slot.sqe(self.fd, key);
+                let sqe = slot.sqe(fd, key);
                 self.push(&sqe);
             } else {
-                self.finish(idx, Err(errno(e)));
+                self.finish(idx, Err(errno(e)), out);
             }
             return;
         }
+        let fd = self.fd;
         let slot = self.slab[idx].as_mut().expect("live slot");
-        if matches!(slot.req.op, Op::Fsync) {
-            self.finish(idx, Ok(()));
+        if matches!(slot.op, Op::Fsync) {
+            self.finish(idx, Ok(()), out);
             return;
         }
         if res == 0 {
             // No progress: EOF on read (file shrank) or a device refusing to
             // take more; never report a short transfer as success.
-            tracing::warn!(op = if matches!(slot.req.op, Op::Read { .. }) { "read" } else { "write" },
+            tracing::warn!(op = if matches!(slot.op, Op::Read { .. }) { "read" } else { "write" },
                 done = slot.done, total = slot.total(), "io_uring: transfer made no progress");
-            self.finish(idx, Err(errno(libc::EIO)));
+            self.finish(idx, Err(errno(libc::EIO)), out);
             return;
         }
         slot.done += res as usize;
         if slot.done < slot.total() {
-            let sqe = slot.sqe(self.fd, key);
+            let sqe = slot.sqe(fd, key);
             self.push(&sqe);
         } else {
-            self.finish(idx, Ok(()));
+            self.finish(idx, Ok(()), out);
         }
     }
 
-    fn submit(&mut self, wait: bool) {
-        let r = if wait { self.ring.submit_and_wait(1) } else { self.ring.submit() };
-        self.pushed = false;
-        if let Err(e) = r {
-            match e.raw_os_error() {
-                // Transient: unsubmitted SQEs stay in the SQ and go with the
-                // next io_uring_enter; EBUSY means reap completions first.
-                Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) => {}
-                _ => {
-                    tracing::error!(error = %e, "io_uring_enter failed; retrying");
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-            }
-        }
-    }
-
-    fn run(mut self, mut rx: mpsc::Receiver<Request>, sleeping: Arc<AtomicBool>) {
-        let depth = self.slab.len();
-        let mut closed = false;
-        let mut cq: Vec<(u64, i32)> = Vec::with_capacity(depth * 2);
-        self.arm_bell();
+    /// `io_uring_enter` for what was pushed. `false` if the kernel refused
+    /// for now (the SQEs stay queued for the next attempt).
+    fn submit(&mut self) -> bool {
         loop {
-            // Intake, bounded by free slots.
-            while !closed && !self.free.is_empty() {
-                match rx.try_recv() {
-                    Ok(req) => self.start(req),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => closed = true,
+            match self.ring.submit() {
+                Ok(_) => {
+                    self.pushed = false;
+                    return true;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    // EAGAIN/EBUSY: transient (resources, CQ backlog); others
+                    // are logged. Either way the SQEs stay in the SQ and the
+                    // caller arranges a retry.
+                    if !matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY)) {
+                        tracing::error!(error = %e, "io_uring_enter failed; will retry");
+                    }
+                    return false;
                 }
             }
-            cq.clear();
-            cq.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-            let reaped = !cq.is_empty();
-            for &(key, res) in &cq {
-                self.complete(key, res, closed);
-            }
-            if closed && self.free.len() == depth {
-                break;
-            }
-            if self.pushed {
-                self.submit(false);
-                continue;
-            }
-            if reaped {
-                continue;
-            }
-            // Idle: announce sleep, then look once more (pairs with the
-            // submitter's fence + swap in `Shared::call`).
-            if !closed && !self.free.is_empty() {
-                sleeping.store(true, Ordering::SeqCst);
-                fence(Ordering::SeqCst);
-                match rx.try_recv() {
-                    Ok(req) => {
-                        sleeping.store(false, Ordering::SeqCst);
-                        self.start(req);
-                        continue;
-                    }
-                    Err(TryRecvError::Empty) => {}
-                    Err(TryRecvError::Disconnected) => {
-                        sleeping.store(false, Ordering::SeqCst);
-                        closed = true;
-                        continue;
-                    }
-                }
-            }
-            self.submit(true);
-            sleeping.store(false, Ordering::SeqCst);
         }
-        // Retire the doorbell read before its buffer and the ring go away.
-        while self.bell_armed {
-            ring_bell(self.bell_fd);
-            self.submit(true);
+    }
+
+    /// Submits what was pushed and reaps every available completion (which
+    /// may push continuations), until nothing is left to do without waiting.
+    /// `false` if a submission must be retried later.
+    fn pump(&mut self, out: &mut Deliveries) -> bool {
+        loop {
+            if self.pushed && !self.submit() {
+                return false;
+            }
+            let mut cq = std::mem::take(&mut self.cq);
             cq.clear();
             cq.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            let any = !cq.is_empty();
             for &(key, res) in &cq {
-                self.complete(key, res, true);
+                self.complete(key, res, out);
+            }
+            self.cq = cq;
+            if !any && !self.pushed {
+                return true;
+            }
+        }
+    }
+}
+
+/// Shared by the engine, its callers and the reaper.
+struct Core {
+    state: Mutex<State>,
+    /// Eventfd registered with the ring (non-blocking).
+    bell: OwnedFd,
+    /// Keeps the data fd open while SQEs may reference it.
+    _file: Arc<File>,
+    /// One permit per slot.
+    slots: Arc<Semaphore>,
+    /// A reaper (task or thread) is running or being started.
+    reaper_alive: AtomicBool,
+    /// The engine was dropped: the reaper exits once nothing is in flight.
+    closing: AtomicBool,
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the state consistent enough
+        // to keep reaping (slots are plain data); do not cascade panics.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Submits and reaps under the lock, then delivers the results.
+    fn pump(&self) {
+        let mut out = Deliveries::new();
+        let ok = self.lock().pump(&mut out);
+        for (tx, r) in out {
+            // The caller may have gone away; the buffer is dropped then.
+            let _ = tx.send(r);
+        }
+        if !ok {
+            // Have the reaper retry the submission soon.
+            ring_bell(self.bell.as_raw_fd());
+        }
+    }
+
+    /// Clears the eventfd counter (non-blocking).
+    fn drain_bell(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64 from our eventfd.
+        let _ = unsafe { libc::read(self.bell.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+
+    fn finished(&self) -> bool {
+        self.closing.load(Ordering::SeqCst) && self.lock().in_flight() == 0
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        // Last owner: no caller and no reaper is left. Wait for every CQE so
+        // no buffer is freed while the kernel may still use it.
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        let mut out = Deliveries::new();
+        while st.in_flight() > 0 {
+            st.pump(&mut out);
+            out.clear();
+            if st.in_flight() > 0 {
+                if let Err(e) = st.ring.submit_and_wait(1) {
+                    if e.raw_os_error() != Some(libc::EINTR) {
+                        tracing::error!(error = %e, "io_uring: waiting for in-flight requests at close");
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
             }
         }
     }
@@ -399,30 +440,118 @@ impl RingThread {
 fn ring_bell(fd: RawFd) {
     let one: u64 = 1;
     // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-    let r = unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    let r = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
     if r < 0 {
         // Only possible if the counter would overflow, i.e. it is already
         // non-zero and the reader will wake anyway.
-        tracing::debug!(error = %io::Error::last_os_error(), "doorbell write failed");
+        tracing::debug!(error = %io::Error::last_os_error(), "eventfd write failed");
     }
 }
 
-struct RingHandle {
-    tx: Option<mpsc::Sender<Request>>,
-    bell: OwnedFd,
-    sleeping: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+/// Clears `reaper_alive` when the reaper ends (or its task is dropped
+/// unpolled), so the next request starts a new one.
+struct AliveGuard(Arc<Core>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.reaper_alive.store(false, Ordering::SeqCst);
+    }
 }
 
-impl Drop for RingHandle {
-    fn drop(&mut self) {
-        // Close the channel, wake the thread so it notices, wait for it to
-        // drain what is in flight (at most queue_depth requests).
-        self.tx.take();
-        ring_bell(self.bell.as_raw_fd());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+/// The eventfd as seen by `AsyncFd` (the `Arc` keeps the fd open).
+struct BellFd(Arc<Core>);
+
+impl AsRawFd for BellFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.bell.as_raw_fd()
+    }
+}
+
+/// Reaper on the tokio runtime; see the module docs.
+async fn reaper_task(guard: AliveGuard) {
+    let core = guard.0.clone();
+    // Registration panics (rather than failing) on a runtime without an I/O
+    // driver; every runtime of ours enables it, but never leave requests
+    // without a reaper: fall back to the thread.
+    let registered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: `BellFd::as_raw_fd` always returns the eventfd owned by the
+        // `Core` that `BellFd` keeps alive, so the fd stays open and the same
+        // for the whole life of the `AsyncFd`.
+        unsafe { AsyncFd::register_with_interest(BellFd(core.clone()), Interest::READABLE) }
+    }));
+    let afd = match registered {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "io_uring: cannot watch the completion eventfd on this runtime; reaping on a thread");
+            start_reaper_thread(guard);
+            return;
         }
+        Err(_) => {
+            tracing::debug!("io_uring: runtime without an I/O driver; reaping on a thread");
+            start_reaper_thread(guard);
+            return;
+        }
+    };
+    loop {
+        match afd.readable().await {
+            Ok(mut g) => {
+                // Clear the counter, then the readiness seen so far; a CQE
+                // posted after the read signals again (new readiness).
+                core.drain_bell();
+                g.clear_ready();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring: completion eventfd failed; reaping on a thread");
+                drop(afd);
+                start_reaper_thread(guard);
+                return;
+            }
+        }
+        core.pump();
+        if core.finished() {
+            return;
+        }
+    }
+}
+
+fn start_reaper_thread(guard: AliveGuard) {
+    let spawned = std::thread::Builder::new().name("io_uring-reap".into()).spawn(move || {
+        let core = guard.0.clone();
+        loop {
+            let mut pfd = libc::pollfd { fd: core.bell.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let _ = unsafe { libc::poll(&mut pfd, 1, -1) };
+            core.drain_bell();
+            core.pump();
+            if core.finished() {
+                return;
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        // The guard was dropped with the closure: the next request retries.
+        tracing::error!(error = %e, "io_uring: cannot start the completion thread");
+    }
+}
+
+impl Core {
+    /// Makes sure a reaper runs (spawned on the caller's runtime if any).
+    fn ensure_reaper(self: &Arc<Self>) {
+        if self.reaper_alive.load(Ordering::Acquire) {
+            return;
+        }
+        if self.reaper_alive.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+            return;
+        }
+        let guard = AliveGuard(self.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(reaper_task(guard));
+            }
+            Err(_) => start_reaper_thread(guard),
+        }
+        // Completions that arrived while no reaper ran are picked up by the
+        // new one: the eventfd is already readable when it registers.
     }
 }
 
@@ -439,11 +568,19 @@ struct Shared {
     /// Shared by modifying requests, exclusive for read-modify-write (direct
     /// mode only).
     rmw: RwLock<()>,
-    ring: RingHandle,
+    core: Arc<Core>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // No caller is left; let the reaper finish what is in flight and exit.
+        self.core.closing.store(true, Ordering::SeqCst);
+        ring_bell(self.core.bell.as_raw_fd());
+    }
 }
 
 fn ring_gone() -> io::Error {
-    tracing::error!("io_uring thread is gone");
+    tracing::error!("io_uring engine is closed");
     errno(libc::EIO)
 }
 
@@ -454,31 +591,36 @@ fn join_err(e: tokio::task::JoinError) -> io::Error {
 
 impl Shared {
     async fn call(&self, op: Op) -> io::Result<Reply> {
+        let core = &self.core;
+        core.ensure_reaper();
+        let permit = core.slots.clone().acquire_owned().await.map_err(|_| ring_gone())?;
         let (reply, rx) = oneshot::channel();
-        let tx = self.ring.tx.as_ref().ok_or_else(ring_gone)?;
-        tx.send(Request { op, reply }).await.map_err(|_| ring_gone())?;
-        fence(Ordering::SeqCst);
-        if self.ring.sleeping.swap(false, Ordering::SeqCst) {
-            ring_bell(self.ring.bell.as_raw_fd());
+        let mut out = Deliveries::new();
+        let ok = {
+            let mut st = core.lock();
+            st.start(op, reply, permit);
+            st.pump(&mut out)
+        };
+        for (tx, r) in out {
+            let _ = tx.send(r);
+        }
+        if !ok {
+            ring_bell(core.bell.as_raw_fd());
         }
         rx.await.map_err(|_| ring_gone())?
     }
 
-    /// Raw read of `len` bytes at `offset` (aligned when direct).
-    async fn read_raw(&self, offset: u64, len: usize, head: usize, want: usize) -> io::Result<Vec<u8>> {
-        let slack = self.mem_align.saturating_sub(1);
-        let buf = vec![0u8; len + slack];
-        let start = buf.as_ptr().align_offset(self.mem_align);
-        match self.call(Op::Read { offset, buf, start, len }).await? {
-            Reply::Read(mut buf) => {
-                let from = start + head;
-                if from != 0 {
-                    buf.copy_within(from..from + want, 0);
-                }
-                buf.truncate(want);
-                Ok(buf)
-            }
-            Reply::Done => unreachable!("read completes with its buffer"),
+    /// Reads the aligned span around `[offset, offset + len)` into a pooled
+    /// buffer; returns it and where the asked-for bytes start in it.
+    async fn read_span(&self, offset: u64, len: usize) -> io::Result<(IoBuf, usize)> {
+        let a = self.align as u64;
+        let lo = offset / a * a;
+        let hi = (offset + len as u64).div_ceil(a) * a;
+        let span = (hi - lo) as usize;
+        let buf = IoBuf::with_align(span, self.mem_align);
+        match self.call(Op::Read { offset: lo, buf: ReadBuf::Io(buf), len: span }).await? {
+            Reply::Read(ReadBuf::Io(buf)) => Ok((buf, (offset - lo) as usize)),
+            _ => unreachable!("read completes with its buffer"),
         }
     }
 
@@ -487,15 +629,43 @@ impl Shared {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let a = self.align as u64;
-        let lo = offset / a * a;
-        let hi = (offset + len as u64).div_ceil(a) * a;
-        self.read_raw(lo, (hi - lo) as usize, (offset - lo) as usize, len).await
+        if self.direct {
+            let (buf, head) = self.read_span(offset, len).await?;
+            return Ok(buf[head..head + len].to_vec());
+        }
+        let buf = ReadBuf::Vec(Vec::with_capacity(len));
+        match self.call(Op::Read { offset, buf, len }).await? {
+            Reply::Read(ReadBuf::Vec(v)) => Ok(v),
+            _ => unreachable!("read completes with its buffer"),
+        }
+    }
+
+    async fn read_bytes(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        backing::check_range(self.size, offset, len as u64)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let (buf, head) = self.read_span(offset, len).await?;
+        if head == 0 && buf.len() == len {
+            return Ok(buf.into_bytes());
+        }
+        Ok(buf.into_bytes().slice(head..head + len))
     }
 
     /// Write with the alignment rules; caller has checked the range.
     async fn write_unchecked(&self, offset: u64, data: Bytes, flags: i32) -> io::Result<()> {
         if !self.direct {
+            if flags == 0 && data.len() <= INLINE_WRITE_MAX {
+                // See INLINE_WRITE_MAX: a page-cache copy, done here.
+                return self.file.write_all_at(&data, offset).map_err(|e| {
+                    if e.kind() == io::ErrorKind::WriteZero {
+                        tracing::warn!(offset, len = data.len(), "io_uring engine: inline write made no progress");
+                        errno(libc::EIO)
+                    } else {
+                        e
+                    }
+                });
+            }
             self.call(Op::Write { offset, buf: data, flags }).await?;
             return Ok(());
         }
@@ -506,26 +676,20 @@ impl Shared {
             let buf = if (data.as_ptr() as usize).is_multiple_of(self.mem_align) {
                 data
             } else {
-                let mut ab = AlignedBuf::zeroed(data.len(), self.mem_align);
-                ab.as_mut_slice().copy_from_slice(&data);
-                Bytes::from_owner(ab)
+                let mut ab = IoBuf::with_align(data.len(), self.mem_align);
+                ab.copy_from_slice(&data);
+                ab.into_bytes()
             };
             self.call(Op::Write { offset, buf, flags }).await?;
             return Ok(());
         }
         // Read-modify-write of the enclosing aligned span, exclusive against
         // every other modifying request.
-        let lo = offset / a * a;
-        let hi = (offset + len).div_ceil(a) * a;
-        let span = (hi - lo) as usize;
         let _excl = self.rmw.write().await;
-        let old = self.read_raw(lo, span, 0, span).await?;
-        let mut ab = AlignedBuf::zeroed(span, self.mem_align);
-        let s = ab.as_mut_slice();
-        s.copy_from_slice(&old);
-        let head = (offset - lo) as usize;
-        s[head..head + data.len()].copy_from_slice(&data);
-        self.call(Op::Write { offset: lo, buf: Bytes::from_owner(ab), flags }).await?;
+        let (mut span, head) = self.read_span(offset, data.len()).await?;
+        span[head..head + data.len()].copy_from_slice(&data);
+        let lo = offset - head as u64;
+        self.call(Op::Write { offset: lo, buf: span.into_bytes(), flags }).await?;
         Ok(())
     }
 
@@ -553,7 +717,9 @@ impl Shared {
                     .map_err(join_err)??
             };
             if !rest.is_empty() {
-                let zeroes = Bytes::from_owner(AlignedBuf::zeroed(ZERO_CHUNK, self.mem_align));
+                let mut z = IoBuf::with_align(ZERO_CHUNK, self.mem_align);
+                z.fill(0);
+                let zeroes = z.into_bytes();
                 for (mut off, len) in rest {
                     let end = off + len;
                     while off < end {
@@ -604,8 +770,8 @@ fn try_direct(path: &Path) -> io::Result<Result<(backing::Backing, usize, usize)
     }
     // Some filesystems accept the flag at open and refuse at I/O time.
     if b.size >= align as u64 {
-        let mut probe = AlignedBuf::zeroed(align, mem_align.max(align));
-        if let Err(e) = b.file.read_at(probe.as_mut_slice(), 0) {
+        let mut probe = IoBuf::with_align(align, mem_align.max(align));
+        if let Err(e) = b.file.read_at(&mut probe, 0) {
             if e.raw_os_error() == Some(libc::EINVAL) {
                 return Ok(Err(format!("O_DIRECT read probe failed: {e}")));
             }
@@ -644,32 +810,30 @@ impl UringEngine {
         let depth = queue_depth.clamp(1, MAX_QUEUE_DEPTH) as usize;
         let ring = IoUring::builder().build(((depth + 1) as u32).next_power_of_two())?;
         // SAFETY: plain syscall; the returned fd is checked before use.
-        let bell = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let bell = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if bell < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `bell` is a freshly created fd that nothing else owns.
         let bell = unsafe { OwnedFd::from_raw_fd(bell) };
+        ring.submitter().register_eventfd(bell.as_raw_fd())?;
         let file = Arc::new(b.file);
-        let (tx, rx) = mpsc::channel(depth);
-        let sleeping = Arc::new(AtomicBool::new(false));
-        let rt = RingThread {
+        let state = State {
             ring,
             fd: file.as_raw_fd(),
-            bell_fd: bell.as_raw_fd(),
-            bell_buf: Box::new(0),
-            bell_armed: false,
             slab: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
             pushed: false,
+            cq: Vec::with_capacity(depth),
         };
-        let thread_file = file.clone();
-        let thread_sleeping = sleeping.clone();
-        let thread = std::thread::Builder::new().name("io_uring".into()).spawn(move || {
-            // The thread keeps the data fd open while SQEs may reference it.
-            let _keep = thread_file;
-            rt.run(rx, thread_sleeping);
-        })?;
+        let core = Arc::new(Core {
+            state: Mutex::new(state),
+            bell,
+            _file: file.clone(),
+            slots: Arc::new(Semaphore::new(depth)),
+            reaper_alive: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+        });
         let shared = Shared {
             file,
             kind: b.kind,
@@ -679,7 +843,7 @@ impl UringEngine {
             mem_align,
             description,
             rmw: RwLock::new(()),
-            ring: RingHandle { tx: Some(tx), bell, sleeping, thread: Some(thread) },
+            core,
         };
         Ok(UringEngine { shared: Arc::new(shared) })
     }
@@ -711,6 +875,11 @@ impl BlockEngine for UringEngine {
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>> {
         let s = self.shared.clone();
         Box::pin(async move { s.read(offset, len).await })
+    }
+
+    fn read_bytes(&self, offset: u64, len: usize) -> EngineFuture<Bytes> {
+        let s = self.shared.clone();
+        Box::pin(async move { s.read_bytes(offset, len).await })
     }
 
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> EngineFuture<()> {

@@ -12,6 +12,11 @@
 //! - the **writer** serialises replies from a bounded channel onto the
 //!   socket and releases the permits once a reply is written.
 //!
+//! The socket's write half sits behind an async mutex. A request that is the
+//! only one in flight on its connection (QD1) writes its own reply when the
+//! mutex is free, saving the hop to the writer task; with more in flight,
+//! replies go through the writer, which batches them into one flush.
+//!
 //! Replies are therefore sent in completion order, not request order.
 //! A write is handed to the engine only after its whole payload arrived, so a
 //! client vanishing mid-payload never causes a partial write or a reply.
@@ -23,7 +28,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Mutex, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -104,7 +109,7 @@ enum ReplyBody {
     /// Success without data.
     Done,
     /// Successful read.
-    Data { offset: u64, data: Vec<u8> },
+    Data { offset: u64, data: Bytes },
     /// Failure; `offset` is set for engine errors of ranged commands
     /// (structured `ERROR_OFFSET`), `is_read` forces a structured reply.
     Error { errno: u32, offset: Option<u64>, message: String },
@@ -208,14 +213,17 @@ where
     let conn_requests = Arc::new(Semaphore::new(limits.conn_inflight_requests));
     let (tx, rx) = mpsc::channel::<Outgoing>(limits.reply_queue);
     let wstate = Arc::new(WriterState::default());
+    let sink = Arc::new(Mutex::new(Sink { w: BufWriter::with_capacity(64 * 1024, wr), header: Vec::with_capacity(64), failed: false }));
     let mut writer = {
         let guard = server.gauge(Gauge::Task);
         let wstate = Arc::clone(&wstate);
+        let sink = Arc::clone(&sink);
         tokio::spawn(async move {
             let _task = guard;
-            writer_task(wr, rx, structured, wstate).await
+            writer_task(sink, rx, structured, wstate).await
         })
     };
+    let max_requests = limits.conn_inflight_requests;
 
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut shutting = *shutdown.borrow();
@@ -360,11 +368,23 @@ where
                 let engine = Arc::clone(&export.engine);
                 let tx = tx.clone();
                 let handle = h.handle;
+                let sink = Arc::clone(&sink);
+                let wstate = Arc::clone(&wstate);
+                let requests = Arc::clone(&conn_requests);
                 tasks.spawn(async move {
                     let _task = guard;
                     let body = execute(&server, engine.as_ref(), op).await;
+                    let out = Outgoing { handle, body, _permits: permits };
+                    // Alone in flight (our permit is the only one taken) and
+                    // the writer idle: reply directly.
+                    if requests.available_permits() + 1 >= max_requests {
+                        if let Ok(mut s) = sink.try_lock() {
+                            s.send_one(out, structured, &wstate).await;
+                            return;
+                        }
+                    }
                     // If the writer is gone the reply is dropped with its permits.
-                    let _ = tx.send(Outgoing { handle, body, _permits: permits }).await;
+                    let _ = tx.send(out).await;
                 });
             }
         }
@@ -463,7 +483,7 @@ async fn execute(server: &NbdServer, engine: &dyn crate::engine::BlockEngine, op
     let c = &server.counters;
     let (offset, result) = match op {
         Op::Read { offset, len } => {
-            let r = engine.read(offset, len as usize).await.and_then(|data| {
+            let r = engine.read_bytes(offset, len as usize).await.and_then(|data| {
                 if data.len() == len as usize {
                     Ok(data)
                 } else {
@@ -507,21 +527,54 @@ async fn execute(server: &NbdServer, engine: &dyn crate::engine::BlockEngine, op
     }
 }
 
+/// The socket's write half and the writer's state, shared by the writer
+/// task and request tasks that reply directly.
+struct Sink<W> {
+    w: BufWriter<W>,
+    /// Scratch for reply headers.
+    header: Vec<u8>,
+    /// A write failed: the connection is dead, replies are dropped.
+    failed: bool,
+}
+
+impl<W: AsyncWrite + Unpin> Sink<W> {
+    fn fail(&mut self, e: std::io::Error, state: &WriterState) {
+        tracing::debug!(error = %e, "NBD reply write failed");
+        self.failed = true;
+        state.dead.store(true, Ordering::SeqCst);
+        state.notify.notify_waiters();
+    }
+
+    /// Writes and flushes one reply, then releases its permits.
+    async fn send_one(&mut self, out: Outgoing, structured: bool, state: &WriterState) {
+        if self.failed {
+            return;
+        }
+        let mut res = write_reply(&mut self.w, &mut self.header, &out, structured).await;
+        drop(out); // releases the permits
+        if res.is_ok() {
+            res = self.w.flush().await;
+        }
+        if let Err(e) = res {
+            self.fail(e, state);
+        }
+    }
+}
+
 /// Writes replies in arrival order, flushing when the queue runs dry. After a
 /// socket error it marks the connection dead and keeps draining the queue so
 /// request tasks never block on a full channel.
-async fn writer_task<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoing>, structured: bool, state: Arc<WriterState>) {
-    let mut w = BufWriter::with_capacity(64 * 1024, wr);
-    let mut header = Vec::with_capacity(64);
-    let mut failed = false;
+async fn writer_task<W: AsyncWrite + Unpin>(sink: Arc<Mutex<Sink<W>>>, mut rx: mpsc::Receiver<Outgoing>, structured: bool, state: Arc<WriterState>) {
     while let Some(first) = rx.recv().await {
-        if failed {
+        let mut guard = sink.lock().await;
+        let s = &mut *guard;
+        if s.failed {
             continue;
         }
         let mut next = Some(first);
         let mut res = Ok(());
         while let Some(out) = next.take() {
-            res = write_reply(&mut w, &mut header, &out, structured).await;
+            res = write_reply(&mut s.w, &mut s.header, &out, structured).await;
             drop(out); // releases the permits
             if res.is_err() {
                 break;
@@ -529,17 +582,15 @@ async fn writer_task<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoi
             next = rx.try_recv().ok();
         }
         if res.is_ok() {
-            res = w.flush().await;
+            res = s.w.flush().await;
         }
         if let Err(e) = res {
-            tracing::debug!(error = %e, "NBD reply write failed");
-            failed = true;
-            state.dead.store(true, Ordering::SeqCst);
-            state.notify.notify_waiters();
+            s.fail(e, &state);
         }
     }
-    if !failed {
-        let _ = w.shutdown().await;
+    let mut s = sink.lock().await;
+    if !s.failed {
+        let _ = s.w.shutdown().await;
     }
 }
 

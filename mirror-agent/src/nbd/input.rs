@@ -6,6 +6,8 @@
 //! the stream.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::engine::buf::IoBuf;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Read-ahead per `read` call while waiting for small messages.
@@ -40,22 +42,26 @@ impl<R: AsyncRead + Unpin> Input<R> {
         Ok(true)
     }
 
-    /// Reads a payload of exactly `len` bytes into its own allocation (so the
-    /// engine can hold it without pinning the read-ahead buffer).
-    /// `Ok(Err(got))` if the stream ends first. Not cancel-safe: callers only
-    /// abandon it when the connection is being closed anyway.
+    /// Reads a payload of exactly `len` bytes into its own buffer (so the
+    /// engine can hold it without pinning the read-ahead buffer): a pooled,
+    /// page-aligned [`IoBuf`] that O_DIRECT can write as it is, returned to
+    /// the pool when the engine drops the `Bytes`. The socket reads go
+    /// straight into it. `Ok(Err(got))` if the stream ends first. Not
+    /// cancel-safe: callers only abandon it when the connection is being
+    /// closed anyway.
     pub(crate) async fn read_payload(&mut self, len: usize) -> std::io::Result<Result<Bytes, usize>> {
-        let mut payload = BytesMut::with_capacity(len);
+        let mut payload = IoBuf::new(len);
         let buffered = self.buf.len().min(len);
-        payload.extend_from_slice(&self.buf[..buffered]);
+        payload[..buffered].copy_from_slice(&self.buf[..buffered]);
         self.buf.advance(buffered);
-        while payload.len() < len {
-            let room = len - payload.len();
-            if self.reader.read_buf(&mut (&mut payload).limit(room)).await? == 0 {
-                return Ok(Err(payload.len()));
+        let mut filled = buffered;
+        while filled < len {
+            match self.reader.read(&mut payload[filled..]).await? {
+                0 => return Ok(Err(filled)),
+                n => filled += n,
             }
         }
-        Ok(Ok(payload.freeze()))
+        Ok(Ok(payload.into_bytes()))
     }
 
     /// Consumes and drops `len` bytes without holding them in memory.

@@ -68,8 +68,8 @@ pub async fn within<T>(f: impl Future<Output = T>) -> T {
     tokio::time::timeout(DEADLINE, f).await.expect("test step timed out")
 }
 
-/// `MIRROR_NBD_TEST_ENGINE=portable` runs the suites on the portable engine
-/// over a temporary file instead of the in-memory engine.
+/// `MIRROR_NBD_TEST_ENGINE=portable` (or `uring`) runs the suites on that
+/// engine over a temporary file instead of the in-memory engine.
 pub struct TestEngine {
     pub engine: Arc<dyn BlockEngine>,
     _dir: Option<tempfile::TempDir>,
@@ -83,6 +83,17 @@ pub fn make_engine(size: u64) -> TestEngine {
             mirror_agent::engine::create_data_file(&path, size).unwrap();
             let e = mirror_agent::engine::PortableEngine::open(&path, 32).unwrap();
             TestEngine { engine: Arc::new(e), _dir: Some(dir) }
+        }
+        Ok("uring") => {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("data.img");
+            mirror_agent::engine::create_data_file(&path, size).unwrap();
+            let opts = mirror_agent::engine::EngineOptions {
+                kind: mirror_agent::engine::EngineKind::IoUring,
+                ..Default::default()
+            };
+            let e = mirror_agent::engine::open(&path, &opts).unwrap();
+            TestEngine { engine: e, _dir: Some(dir) }
         }
         _ => TestEngine { engine: MemEngine::new(size as usize), _dir: None },
     }
