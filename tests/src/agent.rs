@@ -29,13 +29,22 @@ pub struct Agent {
     node: String,
     log: PathBuf,
     admin_socket: PathBuf,
+    /// Command (and arguments) the agent is run under, e.g. `ip netns exec NS`.
+    wrapper: Vec<String>,
     _dir: Arc<tempfile::TempDir>,
 }
 
 impl Agent {
     /// Spawns the agent for `node` (does not wait for readiness).
     pub fn spawn(cluster: &TestCluster, node: &str) -> Agent {
+        Self::spawn_wrapped(cluster, node, &[])
+    }
+
+    /// Spawns the agent for `node` under `wrapper` (a command that execs
+    /// its arguments, like `ip netns exec NS`, so the pid stays the agent's).
+    pub fn spawn_wrapped(cluster: &TestCluster, node: &str, wrapper: &[&str]) -> Agent {
         let mut a = Agent {
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             child: None,
             last_status: None,
             config: cluster.config_path.clone(),
@@ -55,7 +64,15 @@ impl Agent {
             .open(&self.log)
             .unwrap_or_else(|e| panic!("opening agent log {}: {e}", self.log.display()));
         let _ = writeln!(log, "=== harness: starting mirror-agent --node {} ===", self.node);
-        let child = Command::new(crate::bins::mirror_agent())
+        let mut cmd = match self.wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(crate::bins::mirror_agent());
+                c
+            }
+            None => Command::new(crate::bins::mirror_agent()),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .arg("--node")

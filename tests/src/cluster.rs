@@ -282,6 +282,16 @@ impl TestCluster {
         std::fs::write(&self.config_path, text).expect("writing the config");
     }
 
+    /// The same cluster (same temp dir, paths and ports) seen through another
+    /// config file `name` in the temp dir holding `text`: for a node whose
+    /// configuration disagrees with its peer's.
+    pub fn with_config_text(&self, name: &str, text: &str) -> TestCluster {
+        let path = self.dir().join(name);
+        std::fs::write(&path, text).expect("writing the second config");
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("the second config does not load: {e}\n{text}"));
+        TestCluster { dir: Arc::clone(&self.dir), config_path: path, config, opts: self.opts.clone() }
+    }
+
     /// `mdctrl --config C --node NODE ARGS...` as a command (not run).
     pub fn mdctrl_cmd_on(&self, node: &str, args: &[&str]) -> Command {
         let mut c = Command::new(crate::bins::mdctrl());

@@ -11,6 +11,10 @@
 //!   SIGTERM, configuration errors, `init`).
 //! - `tests/metadata.rs`: the cluster partition at agent start (blank,
 //!   garbage, one or both superblock slots corrupt, a corrupt bitmap chunk).
+//! - `tests/replication.rs`: two agents replicating: every mode byte for
+//!   byte, `kill -9` of the standby / the active at seeded random points,
+//!   refused links (secret, names, size), malformed frames from a fake peer,
+//!   network faults through [`proxy::Proxy`] and a netns + nftables partition.
 //!
 //! Module map of this library (the harness):
 //!
@@ -33,14 +37,25 @@
 //! - [`nbd_client`]: a minimal NBD client (fixed newstyle, `NBD_OPT_GO`,
 //!   simple replies, pipelined writes) for tests that need to know exactly
 //!   which requests were acknowledged.
+//! - [`mirror`]: [`mirror::MirrorPair`], a two-node cluster with short
+//!   timeouts, both sides `init --blank`, both agents running; config
+//!   rewrites (timeouts, mode, `listen_address`) and status polling.
+//! - [`proxy`]: [`proxy::Proxy`], a fault-injecting TCP proxy between the
+//!   agents (delay, stall, blackhole, reset, cut and heal).
+//! - [`fakepeer`]: [`fakepeer::FakePeer`], a hand-written peer that runs the
+//!   real handshake (`docs/protocol.md` §8) and then sends arbitrary, also
+//!   malformed, bytes.
 //! - [`wait`]: readiness polling with a deadline.
 
 pub mod agent;
 pub mod bins;
 pub mod cluster;
 pub mod data;
+pub mod fakepeer;
 pub mod fsmount;
+pub mod mirror;
 pub mod nbd_client;
+pub mod proxy;
 pub mod run;
 pub mod tools;
 pub mod wait;

@@ -20,6 +20,8 @@ pub fn package_of(tool: &str) -> &'static str {
         "losetup" | "mount" | "umount" => "mount",
         "fusermount3" => "fuse3",
         "sha256sum" | "sync" => "coreutils",
+        "nft" => "nftables",
+        "ip" => "iproute2",
         _ => "(unknown package)",
     }
 }
