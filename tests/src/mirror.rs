@@ -224,7 +224,9 @@ impl MirrorPair {
     /// Waits until both sides report a connected, in-sync pair (after activation:
     /// replicating).
     pub fn wait_connected(&self, node: &str, timeout: Duration) -> Value {
-        self.wait_status(node, "a connected pair", timeout, |s| connection(s) == "connected")
+        // Connected and the peer's state received (the session's first
+        // control message follows the connection by a moment).
+        self.wait_status(node, "a connected pair", timeout, |s| connection(s) == "connected" && !s["pair"]["peer_disk"].is_null())
     }
 
     /// `pair.rpo` unacknowledged writes (both levels) are zero.
