@@ -119,8 +119,12 @@ impl Flags {
     pub const RESYNC_TARGET: Flags = Flags(1 << 4);
     /// Bit 5: metadata freshly created; the data contents are unknown/never synchronised.
     pub const BLANK: Flags = Flags(1 << 5);
-    /// All bits defined by format version 1.
-    pub const ALL_V1: Flags = Flags(0x3f);
+    /// Bit 6: an operator force made this node's data the latest while its peer was
+    /// unreachable (`mdctrl force <this node> RES`); it wins the next reconnect and may
+    /// activate without a reachable peer (`docs/resync-rules.md` §3.2, §9).
+    pub const FORCED: Flags = Flags(1 << 6);
+    /// All bits defined by format version 1 (bit 6 added with the forced recovery).
+    pub const ALL_V1: Flags = Flags(0x7f);
 
     /// True if every bit of `other` is set.
     pub fn contains(self, other: Flags) -> bool {
@@ -152,13 +156,14 @@ impl fmt::Debug for Flags {
 
 impl fmt::Display for Flags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(Flags, &str); 6] = [
+        const NAMES: [(Flags, &str); 7] = [
             (Flags::INITIAL_SYNC_DONE, "initial-sync-done"),
             (Flags::CONSISTENT, "consistent"),
             (Flags::WAS_ACTIVE, "was-active"),
             (Flags::DISK_ERROR, "disk-error"),
             (Flags::RESYNC_TARGET, "resync-target"),
             (Flags::BLANK, "blank"),
+            (Flags::FORCED, "forced"),
         ];
         let mut first = true;
         for (flag, name) in NAMES {

@@ -81,6 +81,34 @@ enum Cmd {
         /// Resource name.
         resource: String,
     },
+    /// Start the mirror recovery (resync) in the direction the rules decided.
+    Recover {
+        /// Resource name.
+        resource: String,
+        /// Show the progress until the resync finished (exit 0) or stopped (exit 1).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Forced recovery: SERVER's data wins. Connected: the other node is resynced
+    /// from SERVER (its divergent regions saved first). Peer unreachable and SERVER
+    /// is this node: this node's data is declared the latest and may be activated.
+    Force {
+        /// The server whose data wins.
+        server: String,
+        /// Resource name.
+        resource: String,
+    },
+    /// Deliberately break the mirror: stop replicating, record the break.
+    Break {
+        /// Resource name.
+        resource: String,
+    },
+    /// Compare every region with the peer (checksums, online); differing regions are
+    /// marked dirty on this node (the active one) and resynchronised.
+    Verify {
+        /// Resource name.
+        resource: String,
+    },
     /// Show the state of a resource (all resources without a name).
     #[command(alias = "mirror")]
     Status {
@@ -192,6 +220,29 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{}: deactivated on {}", s.resource, s.node);
             Ok(())
         }
+        Cmd::Recover { resource, wait } => {
+            let s: ResourceStatus = call(&me.admin_socket, &Request::Recover { resource: resource.clone() })?;
+            println!("{}: recovery started ({})", s.resource, s.pair.as_ref().and_then(|p| p.decision.clone()).unwrap_or_default());
+            if wait {
+                wait_recovery(&me.admin_socket, &resource)?;
+            }
+            Ok(())
+        }
+        Cmd::Force { server, resource } => {
+            let s: ResourceStatus = call(&me.admin_socket, &Request::Force { resource, winner: server.clone() })?;
+            println!("{}: forced, {server}'s data wins; next: {}", s.resource, s.next_step);
+            Ok(())
+        }
+        Cmd::Break { resource } => {
+            let s: ResourceStatus = call(&me.admin_socket, &Request::Break { resource })?;
+            println!("{}: mirror broken on {}; `mdctrl recover {}` resumes it", s.resource, s.node, s.resource);
+            Ok(())
+        }
+        Cmd::Verify { resource } => {
+            let v: serde_json::Value = call(&me.admin_socket, &Request::Verify { resource })?;
+            println!("{}", v["result"].as_str().unwrap_or("?"));
+            Ok(())
+        }
         Cmd::Status { resource, json } => {
             let list: Vec<ResourceStatus> = match resource {
                 Some(r) => vec![call(&me.admin_socket, &Request::Status { resource: Some(r) })?],
@@ -214,6 +265,44 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Print the recovery progress every second until it finished or stopped.
+fn wait_recovery(socket: &std::path::Path, resource: &str) -> Result<(), Failure> {
+    let mut seen_running = false;
+    for _ in 0..(7 * 24 * 3600) {
+        let s: ResourceStatus = call(socket, &Request::Status { resource: Some(resource.to_string()) })?;
+        let p = s.pair.as_ref();
+        match p.and_then(|p| p.recovery.as_ref()) {
+            Some(r) if r.finished && (seen_running || p.is_some_and(|p| p.in_sync)) => {
+                println!("{}: recovery finished ({}, {} copied in {})", resource, r.direction, render::human(r.done_bytes), render::hms(r.elapsed_secs));
+                return Ok(());
+            }
+            Some(r) if r.error.is_some() => {
+                return Err(Failure::new(exit::INTERNAL, format!("{resource}: recovery stopped: {}", r.error.clone().unwrap_or_default())));
+            }
+            Some(r) => {
+                seen_running = true;
+                println!(
+                    "{}: {} {:.1}% ({} of {}), used {}, remain {}",
+                    resource,
+                    r.direction,
+                    r.percent,
+                    render::human(r.done_bytes),
+                    render::human(r.total_bytes),
+                    render::hms(r.elapsed_secs),
+                    r.remaining_secs.map(render::hms).unwrap_or_else(|| "-".into())
+                );
+            }
+            None if p.is_some_and(|p| p.in_sync) => {
+                println!("{resource}: in sync");
+                return Ok(());
+            }
+            None => println!("{resource}: waiting for the recovery to start ({})", p.map(|p| p.sync.as_str()).unwrap_or("-")),
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    Err(Failure::new(exit::INTERNAL, "gave up waiting"))
 }
 
 /// Send one request to the local agent and decode its result.

@@ -94,6 +94,15 @@ fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
         None => p.connection.clone(),
     });
     row(&mut o, "Sync", &p.sync);
+    if let Some(d) = &p.decision {
+        row(&mut o, "Decision", d);
+    }
+    if let Some(a) = &p.auto_recovery {
+        row(&mut o, "Auto Recovery", &format!("waiting: {a}"));
+    }
+    if let Some(r) = &p.recovery {
+        recovery_rows(&mut o, r);
+    }
     row(&mut o, "Mode", &s.mode);
     if let Some(b) = &p.last_break {
         row(&mut o, "Last Break", b);
@@ -123,6 +132,31 @@ fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
     o
 }
 
+/// The ancestor's "Recovery Status" rows (§11.10.3).
+pub fn recovery_rows(o: &mut String, r: &mirror_agent::status::RecoveryStatus) {
+    let state = if r.finished {
+        "finished"
+    } else if r.error.is_some() {
+        "stopped"
+    } else {
+        "running"
+    };
+    let _ = writeln!(o, "\nRecovery Status: {state} ({} resync, rule {}, this node is the {})", r.kind, r.rule, r.role);
+    row(o, "  Direction", &r.direction);
+    row(o, "  Percent", &format!("{:.1}% ({} of {})", r.percent, human(r.done_bytes), human(r.total_bytes)));
+    row(o, "  Used Time", &hms(r.elapsed_secs));
+    row(o, "  Remain Time", &r.remaining_secs.map(hms).unwrap_or_else(|| "-".into()));
+    if let Some(e) = &r.error {
+        row(o, "  Stopped", e);
+    }
+    let _ = writeln!(o);
+}
+
+/// `HH:MM:SS`.
+pub fn hms(s: u64) -> String {
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
 /// The peer's colour as seen from here.
 fn peer_color(s: &ResourceStatus, p: &PairStatus) -> String {
     if p.connection != "connected" {
@@ -134,7 +168,7 @@ fn peer_color(s: &ResourceStatus, p: &PairStatus) -> String {
     if p.in_sync {
         return if s.color == "YELLOW" { "YELLOW".into() } else { "GREEN".into() };
     }
-    let newer_there = p.sync.starts_with(&format!("{} has changes", p.peer));
+    let newer_there = p.decision.as_deref().is_some_and(|d| d.contains(&format!("resync {} ->", p.peer)));
     if newer_there { "GREEN".into() } else { "RED".into() }
 }
 

@@ -58,6 +58,30 @@ pub enum Request {
         /// Resource name.
         resource: String,
     },
+    /// Start the resync `rules::decide` chose (either node may ask; the source runs it).
+    Recover {
+        /// Resource name.
+        resource: String,
+    },
+    /// Forced recovery: `winner`'s data wins (connected: resync from it, the
+    /// loser's regions saved first; peer unreachable and `winner` is this node:
+    /// force alone, activation allowed).
+    Force {
+        /// Resource name.
+        resource: String,
+        /// The server whose data wins.
+        winner: String,
+    },
+    /// Deliberately break the mirror (detach replication, record the break).
+    Break {
+        /// Resource name.
+        resource: String,
+    },
+    /// Compare every region's checksum with the peer's (online).
+    Verify {
+        /// Resource name.
+        resource: String,
+    },
 }
 
 /// Why a request failed; also decides `mdctrl`'s exit code.

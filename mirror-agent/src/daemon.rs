@@ -79,6 +79,40 @@ impl Agent {
                 };
                 log_outcome("deactivate", &resource, r.deactivate().await)
             }
+            Request::Recover { resource } => {
+                let r = match self.find(&resource) {
+                    Ok(r) => r,
+                    Err(e) => return Response::err(e),
+                };
+                log_outcome("recover", &resource, r.recover().await)
+            }
+            Request::Force { resource, winner } => {
+                let r = match self.find(&resource) {
+                    Ok(r) => r,
+                    Err(e) => return Response::err(e),
+                };
+                log_outcome("force", &resource, r.force(&winner).await)
+            }
+            Request::Break { resource } => {
+                let r = match self.find(&resource) {
+                    Ok(r) => r,
+                    Err(e) => return Response::err(e),
+                };
+                log_outcome("break", &resource, r.break_mirror().await)
+            }
+            Request::Verify { resource } => {
+                let r = match self.find(&resource) {
+                    Ok(r) => r,
+                    Err(e) => return Response::err(e),
+                };
+                match r.verify().await {
+                    Ok(text) => Response::ok(serde_json::json!({ "result": text })),
+                    Err(e) => {
+                        tracing::warn!(resource, "verify refused: {}", e.message);
+                        Response::err(e)
+                    }
+                }
+            }
         }
     }
 

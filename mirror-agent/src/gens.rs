@@ -72,14 +72,14 @@ pub fn resync_done_target(gens: &mut Generations, source_current: u64) {
     gens.bitmap = 0;
 }
 
-/// Proposed superblock flag bit 6, `FORCED`: an operator force made this
+/// Superblock flag bit 6, `FORCED`: an operator force made this
 /// node's data the latest while its peer was unreachable (`mdctrl force
 /// <this node> RES`). It makes this node win the next reconnect even if the
 /// peer diverged too (rule R12), and lets it activate without a reachable
 /// peer. Cleared when a resync *from* this node completes, or at the start
-/// of a resync *into* it (it lost a later connected force). Until the bitmap
-/// crate defines `Flags::FORCED` (and accepts the bit), nothing may persist it.
-pub const FORCED: Flags = Flags(1 << 6);
+/// of a resync *into* it (it lost a later connected force). Persisted as
+/// `bitmap::Flags::FORCED` (bit 6).
+pub const FORCED: Flags = Flags::FORCED;
 
 /// Activation of this node. `peer_in_sync`: connected and in sync with the
 /// peer (replicating). Without it the data diverges from now on

@@ -27,6 +27,8 @@
 //! - [`gens`]: generation identifiers and their transitions (break, resync
 //!   done, blank pair).
 //! - [`rules`]: resync direction, forced recovery and activation rules (`docs/resync-rules.md`).
+//! - [`resync`]: copying regions source → target over the data link while the
+//!   source keeps serving (write gate, progress, divergent-region saving).
 //! - [`daemon`]: the process: attach resources, serve the admin socket,
 //!   graceful shutdown on SIGTERM/SIGINT.
 //!
@@ -45,5 +47,6 @@ pub mod pair;
 pub mod replica;
 pub mod peer;
 pub mod resource;
+pub mod resync;
 pub mod rules;
 pub mod status;

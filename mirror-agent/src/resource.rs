@@ -270,6 +270,41 @@ impl Resource {
         Ok(self.status().await)
     }
 
+    fn pair_or_refuse(&self, verb: &str) -> Result<&Arc<Pair>, AdminError> {
+        self.pair.as_ref().ok_or_else(|| {
+            AdminError::refused(
+                format!("{} is not mirrored (one server in the configuration): nothing to {verb}", self.name),
+                "add the second server to the resource in the configuration",
+            )
+        })
+    }
+
+    /// `mdctrl recover`: start the decided resync; the status shows its progress.
+    pub async fn recover(&self) -> Result<ResourceStatus, AdminError> {
+        let msg = self.pair_or_refuse("recover")?.recover().await?;
+        tracing::info!(resource = %self.name, "{msg}");
+        Ok(self.status().await)
+    }
+
+    /// `mdctrl force WINNER`.
+    pub async fn force(&self, winner: &str) -> Result<ResourceStatus, AdminError> {
+        let msg = self.pair_or_refuse("force")?.force(winner).await?;
+        tracing::warn!(resource = %self.name, "{msg}");
+        Ok(self.status().await)
+    }
+
+    /// `mdctrl break`.
+    pub async fn break_mirror(&self) -> Result<ResourceStatus, AdminError> {
+        let msg = self.pair_or_refuse("break")?.break_mirror("mdctrl break").await?;
+        tracing::warn!(resource = %self.name, "{msg}");
+        Ok(self.status().await)
+    }
+
+    /// `mdctrl verify`: the summary line.
+    pub async fn verify(&self) -> Result<String, AdminError> {
+        self.pair_or_refuse("verify")?.verify().await
+    }
+
     /// Whether the NBD export is being served.
     pub async fn is_active(&self) -> bool {
         matches!(*self.serving.lock().await, Serving::Active { .. })
@@ -317,6 +352,10 @@ impl Resource {
         if disk.disk_error {
             return ("RED", format!("the data partition of {r} reported an error: replace the disk (maintenance guide §6.7)"));
         }
+        let recovering = pair.and_then(|p| p.recovery.as_ref()).is_some_and(|r| !r.finished && r.error.is_none());
+        if !disk.consistent && recovering {
+            return ("YELLOW", format!("resync into this node running: the local data of {r} is inconsistent until it finishes (`mdctrl recover {r} --wait` follows it)"));
+        }
         if !disk.consistent {
             return ("RED", format!("the local data of {r} is inconsistent (interrupted resync): it must be resynced from the peer"));
         }
@@ -344,10 +383,25 @@ impl Resource {
                 (Role::Inactive, _) => ("GREEN", format!("in sync with {peer}; `mdctrl activate {r}` on one node starts serving")),
             };
         }
+        if let Some(rec) = p.recovery.as_ref().filter(|r| !r.finished && r.error.is_none()) {
+            let color = if rec.role == "source" { "GREEN" } else { "YELLOW" };
+            return (color, format!("mirror recovery running ({} {}, {:.1}%): wait; `mdctrl recover {r} --wait` follows it", rec.kind, rec.direction, rec.percent));
+        }
         // Out of sync: green on the side holding the latest data.
-        let newer_here = p.sync.starts_with(&format!("{} has changes", self.node));
+        let newer_here = p.decision.as_deref().is_some_and(|d| d.contains(&format!("resync {} ->", self.node)));
         let color = if newer_here { "GREEN" } else { "RED" };
-        (color, format!("mirror recovery required: {}; resync is not available in this build yet", p.sync))
+        let what = p.decision.clone().unwrap_or_else(|| p.sync.clone());
+        let next = if what.contains("split brain") || what.contains("unrelated") {
+            format!("name the winner: `mdctrl force <server> {r}` (the loser's regions are saved first)")
+        } else if what.contains("resync") {
+            match &p.auto_recovery {
+                Some(why) => format!("`mdctrl recover {r}` (automatic recovery waits: {why})"),
+                None => "automatic recovery is starting".to_string(),
+            }
+        } else {
+            format!("`mdctrl status {r}` on both nodes")
+        };
+        (color, format!("mirror recovery required ({what}): {next}"))
     }
 }
 

@@ -146,4 +146,40 @@ pub struct PairStatus {
     pub peer_disk_error: bool,
     /// Replication lag while active (the RPO meter).
     pub rpo: Option<crate::replica::RpoSnapshot>,
+    /// The rule decision for this session (`R14 ahead-differential: ...`).
+    #[serde(default)]
+    pub decision: Option<String>,
+    /// Why automatic recovery does not start (code: reason), if it does not.
+    #[serde(default)]
+    pub auto_recovery: Option<String>,
+    /// The running or last resync.
+    #[serde(default)]
+    pub recovery: Option<RecoveryStatus>,
+}
+
+/// Progress of a resync (the ancestor's "Recovery Status" rows).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryStatus {
+    /// `source` or `target` (this node).
+    pub role: String,
+    /// `server1 -> server2`.
+    pub direction: String,
+    /// `differential` or `full`.
+    pub kind: String,
+    /// Rule that chose it.
+    pub rule: String,
+    /// Percent done.
+    pub percent: f64,
+    /// Bytes copied.
+    pub done_bytes: u64,
+    /// Bytes to copy.
+    pub total_bytes: u64,
+    /// Seconds since it started.
+    pub elapsed_secs: u64,
+    /// Estimated seconds left.
+    pub remaining_secs: Option<u64>,
+    /// Finished successfully.
+    pub finished: bool,
+    /// Why it stopped.
+    pub error: Option<String>,
 }

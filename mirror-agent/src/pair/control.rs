@@ -62,6 +62,11 @@ pub struct NodeState {
     pub last_update: u64,
     /// Last mirror break (unix seconds, informational; 0 = never).
     pub break_time: u64,
+    /// Active and replicating to the receiver (the receiver is its standby:
+    /// the active decided "in sync" with fresh state and attached before
+    /// sending this, and sends it before any data frame).
+    #[serde(default)]
+    pub replicating: bool,
 }
 
 /// One control message.
@@ -85,6 +90,62 @@ pub enum ControlMsg {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// Source → target: a resync starts (`crate::resync` protocol). A
+    /// differential one is followed by the source's bitmap.
+    ResyncBegin {
+        /// Full (every region) rather than differential.
+        full: bool,
+        /// The target saves its copy of the regions first (forced recovery).
+        save: bool,
+        /// Chosen by an operator force (`decide_forced`).
+        forced: bool,
+        /// Rule id and name, for the target's log.
+        rule: String,
+    },
+    /// Target → source, after its merged bitmap: ready (RESYNC_TARGET durable), or refused.
+    ResyncReady {
+        /// Ready.
+        ok: bool,
+        /// Why not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// Source → target: every region is durable on the target; the source's
+    /// end record is durable; adopt `source_current`.
+    ResyncFinished {
+        /// The source's current generation.
+        source_current: u64,
+    },
+    /// Target → source: the target's end record is durable.
+    ResyncComplete {},
+    /// Ask the peer to start the resync it is the source of (`mdctrl recover`
+    /// run on the target node), or the forced one with the peer as winner.
+    StartResync {
+        /// Request id (echoed).
+        id: u64,
+        /// `mdctrl force <peer>`: the receiver is the winner.
+        forced: bool,
+    },
+    /// Answer to `StartResync`.
+    StartReply {
+        /// The request's id.
+        id: u64,
+        /// Started.
+        ok: bool,
+        /// Why not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+}
+
+impl ControlMsg {
+    /// Messages of the resync protocol (routed to the running resync).
+    pub fn is_resync(&self) -> bool {
+        matches!(
+            self,
+            ControlMsg::ResyncReady { .. } | ControlMsg::ResyncFinished { .. } | ControlMsg::ResyncComplete {}
+        )
+    }
 }
 
 impl ControlMsg {
@@ -117,6 +178,7 @@ mod tests {
             total_regions: 100,
             last_update: 1,
             break_time: 0,
+            replicating: false,
         });
         assert_eq!(ControlMsg::from_json(&m.to_json()).unwrap(), m);
         let m = ControlMsg::ActivateReply { id: 3, ok: false, reason: Some("active".into()) };

@@ -1,25 +1,31 @@
 //! A mirrored resource's side of the pair: the data link to the peer, the
-//! coordination of roles over it, and the wiring of the replication data path
-//! (`replica`) to each live session.
+//! coordination of roles over it, the resync decision and its execution, and
+//! the wiring of the replication data path (`replica`) to each live session.
 //!
 //! Module map:
 //! - this file: [`Pair`] — link sessions, dispatch of received frames
-//!   (control messages here, acks to the active volume, data to the standby
-//!   applier), activation requests, the decision whether the two sides are in
-//!   sync, status.
-//! - [`control`]: the JSON control messages (state, activation request/reply).
+//!   (control messages here, acks to the active volume or the running resync,
+//!   data to the standby applier, resync data to the resync target),
+//!   the per-session decision (`rules::decide`, logged with its rule id),
+//!   activation (`rules::may_activate`) and grants, automatic recovery
+//!   (`rules::auto_recovery_allowed`), `recover` / `force` / `break`, status.
+//! - [`control`]: the JSON control messages (state, activation, resync).
 //! - `adapt` (private): `peer::Session` pieces as the `replica` link traits.
 //!
 //! # Roles over one session
 //!
 //! Both agents send a `State` control message when a session starts, on
-//! every change, and every few seconds. A node becomes active only after the
-//! peer granted an `ActivateRequest` over the live session (the peer must not
-//! be active itself; two simultaneous requests are settled in favour of the
-//! node whose name sorts lower). The standby applies data frames only while it
-//! has granted the peer's activation and the two sides are in sync; data
-//! frames at any other time are a protocol violation that closes the session
-//! without touching the disk.
+//! every change, and every few seconds. On the first state of a session each
+//! side computes `rules::decide` on both `NodeView`s (docs/resync-rules.md);
+//! the decision is re-evaluated on every state until the pair is in sync or
+//! a resync runs. A node becomes active only after `may_activate` agrees and
+//! the peer granted an `ActivateRequest` over the live session (or, with the
+//! peer unreachable, when the local node is `FORCED`). The active attaches
+//! replication only with the write gate held and a fresh "in sync" decision,
+//! and tells the standby (`State.replicating`) before its first data frame.
+//! A resync ([`crate::resync`]) is started by its source: automatically when
+//! `auto_recovery` is on and `auto_recovery_allowed` agrees, or by `mdctrl
+//! recover` / `mdctrl force`.
 
 pub mod control;
 
@@ -33,35 +39,46 @@ use bitmap::Flags;
 use mirror_proto::{DiskState, Features, Frame, Generation, Message, Role};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::admin::AdminError;
+use crate::admin::{AdminError, ErrorKind};
 use crate::config::{self, Config, Timeouts};
 use crate::engine::BlockEngine;
+use crate::gens;
 use crate::meta::Meta;
 use crate::peer::{self, HelloState, LinkSpec, LinkState, Session, SessionSender};
 use crate::replica::{self, ActiveConfig, ActiveVolume, ReplicaEvent};
+use crate::resync::{self, GatedVolume, Progress, ProgressHandle, WriteGate};
+use crate::rules::{self, Decision, NodeView, PeerKnowledge, ResyncKind, Rule, Side};
 
 use control::{ControlMsg, NodeState, PeerRole};
 
 /// How often each side re-sends its state (status freshness).
 pub const STATE_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Frames queued from the session dispatcher to the active volume or the
-/// standby applier; the dispatcher stops reading the socket when full.
+/// Frames queued from the session dispatcher to the active volume, the
+/// standby applier or the resync; the dispatcher stops reading the socket when full.
 const FORWARD_QUEUE: usize = 256;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Whether the two sides hold the same data, and if not, why.
+/// Where the pair stands in the current session.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SyncState {
-    /// No peer state known since the agent started.
+pub enum Mirror {
+    /// No session, or no peer state yet.
     Unknown,
-    /// Same generation, nothing recorded as differing.
+    /// The rules decided something other than "in sync" (or the active
+    /// has not attached yet).
+    Decided {
+        /// The decision (from this node's point of view).
+        decision: Decision,
+        /// Its rule.
+        rule: Rule,
+    },
+    /// A resync runs on this session.
+    Resyncing,
+    /// Same data: replication may run.
     InSync,
-    /// The sides differ; the text says how (and which side is newer if known).
-    OutOfSync(String),
 }
 
 /// Live session handles.
@@ -72,6 +89,13 @@ struct Live {
     peer_addr: std::net::SocketAddr,
     to_active: Option<mpsc::Sender<Frame>>,
     to_standby: Option<mpsc::Sender<Frame>>,
+    to_resync: Option<mpsc::Sender<Frame>>,
+    /// A running `mdctrl verify` (ChecksumReply frames).
+    to_verify: Option<mpsc::Sender<Frame>>,
+    /// Automatic recovery was refused by the peer on this session: not retried until reconnect.
+    auto_suppressed: bool,
+    /// An attach task is running.
+    attaching: bool,
 }
 
 struct St {
@@ -86,6 +110,13 @@ struct St {
     last_break: Option<String>,
     peer_disk_error: bool,
     sessions: u64,
+    mirror: Mirror,
+    /// Last logged decision text (log only changes).
+    logged: Option<String>,
+    recovery: Option<ProgressHandle>,
+    auto_block: Option<String>,
+    /// `mdctrl break`: no attach, no automatic recovery until `recover`/`force`.
+    operator_break: Option<String>,
 }
 
 /// One mirrored resource's pair state on this node.
@@ -100,6 +131,8 @@ pub struct Pair {
     link_state: watch::Receiver<LinkState>,
     st: Mutex<St>,
     changed: Notify,
+    gate: Arc<WriteGate>,
+    save_dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Pair {
@@ -122,6 +155,25 @@ pub enum PairError {
         /// Why.
         source: peer::LinkError,
     },
+}
+
+fn describe_decision(decision: &Decision, rule: Rule, local: &str, peer: &str) -> String {
+    let text = match decision {
+        Decision::Resync { source, kind, save_loser_divergence } => {
+            let (s, t) = match source {
+                Side::Local => (local, peer),
+                Side::Peer => (peer, local),
+            };
+            let kind = match kind {
+                ResyncKind::Differential => "differential",
+                ResyncKind::Full => "full",
+            };
+            let save = if *save_loser_divergence { format!(", {t}'s regions saved first") } else { String::new() };
+            format!("{kind} resync {s} -> {t}{save}")
+        }
+        other => other.to_string(),
+    };
+    format!("{} {}: {text}", rule.id, rule.name)
 }
 
 impl Pair {
@@ -152,12 +204,19 @@ impl Pair {
         let spec = LinkSpec::data(config, node, &rc.name, engine.size(), secret, hello_state)
             .map_err(|source| PairError::Link { resource: rc.name.clone(), source })?;
         let mut handle = peer::spawn_link(spec, shutdown);
+        let save_dir = rc
+            .nodes
+            .iter()
+            .find(|n| n.server == node)
+            .map(|n| n.divergent_save_dir.clone())
+            .unwrap_or_else(|| std::env::temp_dir().join("nbd-mirror-divergent"));
         let pair = Arc::new(Pair {
             resource: rc.name.clone(),
             node: node.to_string(),
             peer_name,
             cfg: rc.clone(),
             timeouts: config.timeouts,
+            gate: WriteGate::new(meta.partition().region_size()),
             engine,
             meta,
             link_state: handle.state_watch(),
@@ -173,8 +232,14 @@ impl Pair {
                 last_break: None,
                 peer_disk_error: false,
                 sessions: 0,
+                mirror: Mirror::Unknown,
+                logged: None,
+                recovery: None,
+                auto_block: None,
+                operator_break: None,
             }),
             changed: Notify::new(),
+            save_dir,
         });
         let _ = slot.set(Arc::downgrade(&pair));
         let p = pair.clone();
@@ -192,11 +257,13 @@ impl Pair {
 
     /// This node's state as sent to the peer.
     fn local_state(&self) -> NodeState {
-        self.local_state_as(self.role())
+        let st = lock(&self.st);
+        let replicating = st.role == PeerRole::Active && st.volume.as_ref().map(|v| v.is_attached()).unwrap_or(false);
+        self.local_state_as(st.role, replicating)
     }
 
     /// This node's state with `role` (for callers holding the state lock).
-    fn local_state_as(&self, role: PeerRole) -> NodeState {
+    fn local_state_as(&self, role: PeerRole, replicating: bool) -> NodeState {
         let sb = self.meta.partition().superblock();
         NodeState {
             role,
@@ -206,43 +273,30 @@ impl Pair {
             total_regions: self.meta.partition().region_count(),
             last_update: sb.last_update_time,
             break_time: sb.state.break_time,
+            replicating,
         }
     }
 
-    /// Compare the two sides. Conservative: anything recorded as possibly
-    /// differing (a bitmap generation, dirty regions, an unfinished resync)
-    /// means out of sync.
-    fn sync_state(&self, role: PeerRole, peer: Option<&NodeState>) -> SyncState {
-        let Some(peer) = peer else { return SyncState::Unknown };
-        let local = self.local_state_as(role);
-        let (lf, pf) = (Flags(local.flags), Flags(peer.flags));
-        if lf.contains(Flags::RESYNC_TARGET) || pf.contains(Flags::RESYNC_TARGET) {
-            return SyncState::OutOfSync("a resync did not finish (one side is inconsistent)".into());
+    /// This node's view for the rules (fresh from the superblock).
+    pub fn local_view(&self) -> NodeView {
+        let cp = self.meta.partition();
+        NodeView::from_state(&self.node, &self.resource, &cp.state(), cp.dirty_count())
+    }
+
+    fn peer_view(&self, s: &NodeState) -> NodeView {
+        let state = bitmap::SbState { gens: s.gens.into(), flags: Flags(s.flags), ..self.meta.partition().state() };
+        NodeView::from_state(&self.peer_name, &self.resource, &state, s.dirty_regions)
+    }
+
+    fn knowledge(&self, st: &St) -> PeerKnowledge {
+        match (&st.live, &st.peer) {
+            (Some(_), Some(p)) => PeerKnowledge::Connected { view: self.peer_view(p), active: p.role == PeerRole::Active },
+            _ => PeerKnowledge::Unreachable { node: self.peer_name.clone() },
         }
-        if local.gens.current != peer.gens.current {
-            let why = if local.gens.bitmap != 0 && local.gens.bitmap == peer.gens.current {
-                format!("{} has changes {} lacks (since its mirror break)", self.node, self.peer_name)
-            } else if peer.gens.bitmap != 0 && peer.gens.bitmap == local.gens.current {
-                format!("{} has changes {} lacks (since its mirror break)", self.peer_name, self.node)
-            } else if local.gens.bitmap != 0 && local.gens.bitmap == peer.gens.bitmap {
-                "split brain: both sides changed since their last common generation".to_string()
-            } else {
-                "the generations are unrelated (different data histories)".to_string()
-            };
-            return SyncState::OutOfSync(why);
-        }
-        if local.gens.bitmap != 0 || peer.gens.bitmap != 0 {
-            return SyncState::OutOfSync("a mirror break is recorded and not yet resynced".into());
-        }
-        // Keep-dirty regions of the active side are expected while it runs.
-        let active_dirty_ok = |s: &NodeState, other_active| s.role == PeerRole::Active || other_active;
-        if local.dirty_regions > 0 && !active_dirty_ok(&local, false) {
-            return SyncState::OutOfSync(format!("{} regions on {} may differ (write intents left by a crash)", local.dirty_regions, self.node));
-        }
-        if peer.dirty_regions > 0 && !active_dirty_ok(peer, false) {
-            return SyncState::OutOfSync(format!("{} regions on {} may differ (write intents left by a crash)", peer.dirty_regions, self.peer_name));
-        }
-        SyncState::InSync
+    }
+
+    fn is_in_sync(st: &St) -> bool {
+        st.mirror == Mirror::InSync
     }
 
     async fn send_control(&self, tx: &SessionSender, msg: ControlMsg) {
@@ -265,8 +319,21 @@ impl Pair {
             let mut st = lock(&self.st);
             st.sessions += 1;
             let id = st.sessions;
-            st.live = Some(Live { id, tx: tx.clone(), closed: closed.clone(), peer_addr, to_active: None, to_standby: None });
+            st.live = Some(Live {
+                id,
+                tx: tx.clone(),
+                closed: closed.clone(),
+                peer_addr,
+                to_active: None,
+                to_standby: None,
+                to_resync: None,
+                to_verify: None,
+                auto_suppressed: false,
+                attaching: false,
+            });
             st.peer = None;
+            st.mirror = Mirror::Unknown;
+            st.logged = None;
             id
         };
         tracing::info!(resource = %self.resource, peer = %self.peer_name, %peer_addr, peer_generation = format_args!("{:016x}", peer_hello.generation.current), "peer connected");
@@ -294,6 +361,7 @@ impl Pair {
             let mut st = lock(&self.st);
             if st.live.as_ref().map(|l| l.id) == Some(id) {
                 st.live = None;
+                st.mirror = Mirror::Unknown;
             }
             for (_, w) in st.pending.drain() {
                 let _ = w.send((false, Some(format!("peer link lost: {end}"))));
@@ -305,36 +373,208 @@ impl Pair {
 
     /// Route one received frame. `Err` closes the session.
     async fn dispatch(self: &Arc<Self>, id: u64, tx: &SessionSender, frame: Frame) -> Result<(), String> {
+        let (to_active, to_standby, to_resync) = {
+            let st = lock(&self.st);
+            match st.live.as_ref() {
+                Some(l) => (l.to_active.clone(), l.to_standby.clone(), l.to_resync.clone()),
+                None => (None, None, None),
+            }
+        };
         match &frame.msg {
             Message::Control { json } => {
                 let msg = ControlMsg::from_json(json)?;
+                if msg.is_resync() {
+                    return match to_resync {
+                        Some(to) => to.send(frame).await.map_err(|_| "resync ended".to_string()),
+                        None => Err(format!("peer {} sent a resync message while no resync runs", self.peer_name)),
+                    };
+                }
                 self.on_control(id, tx, msg).await;
                 Ok(())
             }
-            Message::Ack1 { .. } | Message::Ack2 { .. } | Message::FlushAck { .. } => {
-                let to = lock(&self.st).live.as_ref().and_then(|l| l.to_active.clone());
-                match to {
-                    Some(to) => to.send(frame).await.map_err(|_| "active volume gone".to_string()),
-                    None => {
-                        tracing::debug!(resource = %self.resource, seq = frame.seq, "late acknowledgement ignored (not replicating)");
-                        Ok(())
-                    }
+            Message::Ack1 { .. } | Message::Ack2 { .. } | Message::FlushAck { .. } => match (to_active, to_resync) {
+                (Some(to), _) => to.send(frame).await.map_err(|_| "active volume gone".to_string()),
+                (None, Some(to)) => to.send(frame).await.map_err(|_| "resync ended".to_string()),
+                (None, None) => {
+                    tracing::debug!(resource = %self.resource, seq = frame.seq, "late acknowledgement ignored (not replicating)");
+                    Ok(())
                 }
+            },
+            Message::ResyncData { .. } | Message::BitmapChunk(_) => match to_resync {
+                Some(to) => to.send(frame).await.map_err(|_| "resync ended".to_string()),
+                None if matches!(frame.msg, Message::BitmapChunk(_)) => {
+                    // The bitmap of a resync this node refused: nothing to do with it.
+                    tracing::debug!(resource = %self.resource, "bitmap chunk of a refused resync ignored");
+                    Ok(())
+                }
+                None => Err(format!("peer {} sent resync data while {} is not its resync target: nothing applied", self.peer_name, self.node)),
+            },
+            Message::Write { .. } | Message::Trim { .. } | Message::WriteZeroes { .. } | Message::Flush => match to_standby {
+                Some(to) => to.send(frame).await.map_err(|_| "standby applier ended".to_string()),
+                None => Err(format!(
+                    "peer {} sent {:?} data while {} is not its standby (not granted, or not in sync): nothing applied",
+                    self.peer_name,
+                    frame.msg.kind(),
+                    self.node
+                )),
+            },
+            Message::ChecksumRequest { region_size, entries } => {
+                let reply = self.checksums(*region_size, entries.iter().map(|e| e.region)).await?;
+                tx.send(Message::ChecksumReply { request_seq: frame.seq, region_size: *region_size, entries: reply })
+                    .await
+                    .map_err(|_| "session closed".to_string())?;
+                Ok(())
             }
-            Message::Write { .. } | Message::Trim { .. } | Message::WriteZeroes { .. } | Message::Flush => {
-                let to = lock(&self.st).live.as_ref().and_then(|l| l.to_standby.clone());
+            Message::ChecksumReply { .. } => {
+                let to = lock(&self.st).live.as_ref().and_then(|l| l.to_verify.clone());
                 match to {
-                    Some(to) => to.send(frame).await.map_err(|_| "standby applier ended".to_string()),
-                    None => Err(format!(
-                        "peer {} sent {:?} data while {} is not its standby (not granted, or not in sync): nothing applied",
-                        self.peer_name,
-                        frame.msg.kind(),
-                        self.node
-                    )),
+                    Some(to) => to.send(frame).await.map_err(|_| "verify ended".to_string()),
+                    None => Ok(()),
                 }
             }
             other => Err(format!("unexpected {:?} frame on the data link", other.kind())),
         }
+    }
+
+    /// CRC-32 of each region's bytes (`region_size` must be ours).
+    async fn checksums(&self, region_size: u32, regions: impl Iterator<Item = u64>) -> Result<Vec<mirror_proto::RegionChecksum>, String> {
+        let cp = self.meta.partition();
+        if region_size as u64 != cp.region_size() {
+            return Err(format!("checksum request for {region_size}-byte regions, {} uses {}", self.resource, cp.region_size()));
+        }
+        let mut out = Vec::new();
+        for region in regions {
+            if region >= cp.region_count() {
+                return Err(format!("checksum request for region {region} of {}", cp.region_count()));
+            }
+            let b = cp.region_bytes(region);
+            let data = self
+                .engine
+                .read(b.start, (b.end - b.start) as usize)
+                .await
+                .map_err(|e| format!("verify: reading region {region} at {}: {e}", b.start))?;
+            out.push(mirror_proto::RegionChecksum { region, checksum: crc32fast::hash(&data) });
+        }
+        Ok(out)
+    }
+
+    /// `mdctrl verify`: compare every region's checksum with the peer's,
+    /// online. Differing regions are marked dirty here (this node is the
+    /// source side: the active node, or either when neither is active) and
+    /// the generation moves so that the next resync copies them.
+    pub async fn verify(self: &Arc<Self>) -> Result<String, AdminError> {
+        self.require_connected().await?;
+        let (tx, mut rx, id, active) = {
+            let mut st = lock(&self.st);
+            if st.mirror != Mirror::InSync {
+                return Err(AdminError::refused(
+                    format!("{} is not in sync ({}): verify compares an in-sync pair", self.resource, match &st.mirror {
+                        Mirror::Decided { decision, rule } => describe_decision(decision, *rule, &self.node, &self.peer_name),
+                        Mirror::Resyncing => "resync running".into(),
+                        _ => "deciding".into(),
+                    }),
+                    format!("`mdctrl recover {}` first", self.resource),
+                ));
+            }
+            if st.role != PeerRole::Active && st.peer.as_ref().is_some_and(|p| p.role == PeerRole::Active) {
+                return Err(AdminError::refused(
+                    format!("{} is active on {}", self.resource, self.peer_name),
+                    format!("run `mdctrl verify {}` on {} (the active node)", self.resource, self.peer_name),
+                ));
+            }
+            let active = st.role == PeerRole::Active;
+            let Some(live) = st.live.as_mut() else { return Err(self.unreachable()) };
+            if live.to_verify.is_some() {
+                return Err(AdminError::refused(format!("a verify of {} is already running", self.resource), "wait for it"));
+            }
+            let (ftx, frx) = mpsc::channel(4);
+            live.to_verify = Some(ftx);
+            (live.tx.clone(), frx, live.id, active)
+        };
+        let r = self.verify_run(&tx, &mut rx, active).await;
+        if let Some(l) = lock(&self.st).live.as_mut().filter(|l| l.id == id) {
+            l.to_verify = None;
+        }
+        let differing = r?;
+        let total = self.meta.partition().region_count();
+        if differing.is_empty() {
+            tracing::info!(resource = %self.resource, regions = total, "verify: every region identical on {} and {}", self.node, self.peer_name);
+            return Ok(format!("verify of {}: {total} regions compared, 0 differ", self.resource));
+        }
+        let n = differing.len();
+        tracing::warn!(resource = %self.resource, differing = n, first = ?differing.iter().take(16).collect::<Vec<_>>(), "verify: regions differ between {} and {}", self.node, self.peer_name);
+        let cp = self.meta.partition().clone();
+        tokio::task::spawn_blocking(move || {
+            cp.mark_dirty_regions(differing)?;
+            cp.update_superblock(|sb| {
+                gens::begin_diverging(&mut sb.gens);
+            })
+            .map(|_| ())
+        })
+        .await
+        .map_err(|e| AdminError::internal(format!("verify: {e}")))?
+        .map_err(|e| AdminError::internal(format!("verify: marking the differing regions: {e}")))?;
+        let vol = lock(&self.st).volume.clone();
+        if let Some(vol) = vol {
+            // The pair is no longer in sync: stop replicating; reconnecting
+            // decides R14 and automatic recovery copies the marked regions.
+            vol.detach(&format!("verify found {n} differing regions"))
+                .await
+                .map_err(|e| AdminError::internal(format!("verify: detaching replication: {e}")))?;
+        } else {
+            lock(&self.st).mirror = Mirror::Unknown;
+            self.evaluate(id);
+        }
+        Ok(format!(
+            "verify of {}: {total} regions compared, {n} differ; marked dirty on {} (the source side): {}",
+            self.resource,
+            self.node,
+            if active { "the mirror re-synchronises them now".to_string() } else { format!("`mdctrl recover {}` copies them", self.resource) }
+        ))
+    }
+
+    async fn verify_run(&self, tx: &SessionSender, rx: &mut mpsc::Receiver<Frame>, active: bool) -> Result<Vec<u64>, AdminError> {
+        const BATCH: u64 = 64;
+        let cp = self.meta.partition().clone();
+        let (n, rs) = (cp.region_count(), cp.region_size() as u32);
+        let mut differing = Vec::new();
+        let mut first = 0;
+        while first < n {
+            let regions = first..(first + BATCH).min(n);
+            first = regions.end;
+            // With the gate held no application write is in flight; in sync
+            // mode every completed write is durable on the peer.
+            let hold = if active { Some(self.gate.exclusive().await) } else { None };
+            let mine = self.checksums(rs, regions.clone()).await.map_err(AdminError::internal)?;
+            let seq = tx
+                .send(Message::ChecksumRequest { region_size: rs, entries: mine.clone() })
+                .await
+                .map_err(|_| self.unreachable())?;
+            let theirs = loop {
+                let f = tokio::time::timeout(self.timeouts.ack.max(Duration::from_secs(10)), rx.recv())
+                    .await
+                    .map_err(|_| AdminError { kind: ErrorKind::PeerUnreachable, message: format!("{} did not answer the checksum request", self.peer_name), hint: None })?
+                    .ok_or_else(|| self.unreachable())?;
+                if let Message::ChecksumReply { request_seq, entries, .. } = f.msg {
+                    if request_seq == seq {
+                        break entries;
+                    }
+                }
+            };
+            drop(hold);
+            if theirs.len() != mine.len() {
+                return Err(AdminError::internal(format!("{} answered {} checksums for {} regions", self.peer_name, theirs.len(), mine.len())));
+            }
+            for (m, t) in mine.iter().zip(&theirs) {
+                if m.region != t.region {
+                    return Err(AdminError::internal(format!("{} answered region {} for {}", self.peer_name, t.region, m.region)));
+                }
+                if m.checksum != t.checksum {
+                    differing.push(m.region);
+                }
+            }
+        }
+        Ok(differing)
     }
 
     async fn on_control(self: &Arc<Self>, id: u64, tx: &SessionSender, msg: ControlMsg) {
@@ -363,11 +603,28 @@ impl Pair {
                 self.send_control(tx, ControlMsg::ActivateReply { id: req, ok, reason }).await;
                 self.evaluate(id);
             }
-            ControlMsg::ActivateReply { id: req, ok, reason } => {
+            ControlMsg::ActivateReply { id: req, ok, reason } | ControlMsg::StartReply { id: req, ok, reason } => {
                 if let Some(w) = lock(&self.st).pending.remove(&req) {
                     let _ = w.send((ok, reason));
                 }
             }
+            ControlMsg::StartResync { id: req, forced } => {
+                // An operator's recover/force on either node ends an operator break.
+                lock(&self.st).operator_break = None;
+                let r = if forced { self.start_forced_local().await } else { self.start_decided(false).await };
+                let (ok, reason) = match r {
+                    Ok(_) => (true, None),
+                    Err(e) => (false, Some(e.to_string())),
+                };
+                self.send_control(tx, ControlMsg::StartReply { id: req, ok, reason }).await;
+            }
+            ControlMsg::ResyncBegin { full, save, forced, rule } => {
+                if let Err(why) = self.begin_target(id, tx, full, save, forced, &rule) {
+                    tracing::warn!(resource = %self.resource, peer = %self.peer_name, "refused the peer's resync ({rule}): {why}");
+                    self.send_control(tx, ControlMsg::ResyncReady { ok: false, reason: Some(why) }).await;
+                }
+            }
+            ControlMsg::ResyncReady { .. } | ControlMsg::ResyncFinished { .. } | ControlMsg::ResyncComplete {} => {}
         }
     }
 
@@ -380,10 +637,12 @@ impl Pair {
         if st.activating && self.node.as_bytes() < self.peer_name.as_bytes() {
             return Err(format!("{} is activating {} at the same moment and takes precedence", self.node, self.resource));
         }
-        match self.sync_state(st.role, st.peer.as_ref()) {
-            SyncState::InSync => {}
-            SyncState::Unknown => return Err("the state of the pair is not known yet".into()),
-            SyncState::OutOfSync(why) => return Err(format!("the pair is not in sync: {why}")),
+        let Some(peer) = st.peer.as_ref() else { return Err("the state of the pair is not known yet".into()) };
+        // The requester's may_activate, seen from here: it must hold the latest data.
+        let (decision, rule) = rules::decide(&self.local_view(), &self.peer_view(peer));
+        match decision {
+            Decision::InSync | Decision::Resync { source: Side::Peer, .. } => {}
+            other => return Err(format!("{} (rule {rule}) as seen by {}", describe_decision(&other, rule, &self.node, &self.peer_name), self.node)),
         }
         if let Some(p) = st.peer.as_mut() {
             p.role = PeerRole::Active;
@@ -391,31 +650,53 @@ impl Pair {
         Ok(())
     }
 
-    /// Start what the current state calls for: replication from the active
-    /// volume, or the standby applier.
+    /// Re-evaluate the session: decide (until in sync or resyncing), attach
+    /// replication, start the standby applier, start automatic recovery.
     fn evaluate(self: &Arc<Self>, id: u64) {
         let mut st = lock(&self.st);
-        let in_sync = self.sync_state(st.role, st.peer.as_ref()) == SyncState::InSync;
-        let peer_active = st.peer.as_ref().map(|p| p.role == PeerRole::Active).unwrap_or(false);
-        let role = st.role;
-        let volume = st.volume.clone();
-        let Some(live) = st.live.as_mut().filter(|l| l.id == id) else { return };
-        if role == PeerRole::Active && in_sync && live.to_active.is_none() {
-            if let Some(vol) = volume {
-                if !vol.is_attached() {
-                    let (ftx, frx) = mpsc::channel(FORWARD_QUEUE);
-                    let link = adapt::replica_link(live.tx.clone(), live.closed.clone(), frx);
-                    match vol.attach(link) {
-                        Ok(()) => {
-                            live.to_active = Some(ftx);
-                            tracing::info!(resource = %self.resource, peer = %self.peer_name, mode = %self.cfg.mode, "mirroring: writes are replicated");
-                        }
-                        Err(e) => tracing::error!(resource = %self.resource, "cannot attach replication: {e}"),
+        if st.live.as_ref().map(|l| l.id) != Some(id) {
+            return;
+        }
+        let Some(peer) = st.peer.clone() else { return };
+        let peer_active = peer.role == PeerRole::Active;
+        let local_active = st.role == PeerRole::Active;
+        // The active peer attached with a fresh "in sync" decision and told us
+        // before its first data frame: follow it.
+        if peer.replicating && peer_active && !local_active && st.mirror != Mirror::Resyncing && st.mirror != Mirror::InSync {
+            tracing::info!(resource = %self.resource, peer = %self.peer_name, "peer {} replicates to {}: in sync", self.peer_name, self.node);
+            st.mirror = Mirror::InSync;
+        }
+        if matches!(st.mirror, Mirror::Unknown | Mirror::Decided { .. }) {
+            let (decision, rule) = rules::decide(&self.local_view(), &self.peer_view(&peer));
+            let text = describe_decision(&decision, rule, &self.node, &self.peer_name);
+            if st.logged.as_deref() != Some(text.as_str()) {
+                tracing::info!(resource = %self.resource, peer = %self.peer_name, rule = rule.id, rule_name = rule.name, "decision {text}");
+                st.logged = Some(text);
+            }
+            if decision == Decision::InSync && !local_active {
+                st.mirror = Mirror::InSync;
+                // R7/R8: replication (re)starts; stale intents and WAS_ACTIVE go.
+                let cp = self.meta.partition().clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = cp.update_superblock(|sb| gens::on_replicating(sb, false));
+                    let dirty: Vec<u64> = cp.iter_dirty().collect();
+                    if !dirty.is_empty() {
+                        let _ = cp.clear_regions(dirty);
                     }
+                });
+            } else {
+                st.mirror = Mirror::Decided { decision: decision.clone(), rule };
+                if decision == Decision::InSync && local_active {
+                    self.spawn_attach(&mut st, id);
                 }
             }
         }
-        if role == PeerRole::Inactive && peer_active && in_sync && live.to_standby.is_none() {
+        if local_active && st.mirror == Mirror::InSync && !st.volume.as_ref().map(|v| v.is_attached()).unwrap_or(true) {
+            self.spawn_attach(&mut st, id);
+        }
+        let in_sync = Self::is_in_sync(&st);
+        let Some(live) = st.live.as_mut() else { return };
+        if !local_active && peer_active && in_sync && live.to_standby.is_none() {
             let (ftx, frx) = mpsc::channel(FORWARD_QUEUE);
             let link = adapt::replica_link(live.tx.clone(), live.closed.clone(), frx);
             live.to_standby = Some(ftx);
@@ -426,6 +707,94 @@ impl Pair {
                 let end = replica::run_standby(engine, link).await;
                 me.standby_ended(id, end).await;
             });
+        }
+        // Automatic recovery (ancestor §11.10.1).
+        let auto = self.auto_check(&st, &peer);
+        st.auto_block = auto.as_ref().err().cloned();
+        if let Ok(()) = auto {
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.start_decided(true).await {
+                    tracing::warn!(resource = %me.resource, "automatic recovery did not start: {e}");
+                }
+            });
+        }
+    }
+
+    /// `Ok` when an automatic recovery should start now from this node.
+    fn auto_check(&self, st: &St, peer: &NodeState) -> Result<(), String> {
+        if let Some(why) = &st.operator_break {
+            return Err(format!("mirror broken by the operator ({why}): `mdctrl recover {}`", self.resource));
+        }
+        if st.mirror == Mirror::Resyncing {
+            return Err("a resync is running".into());
+        }
+        if st.mirror == Mirror::InSync {
+            return Err("no-difference: in sync".into());
+        }
+        let knowledge = PeerKnowledge::Connected { view: self.peer_view(peer), active: peer.role == PeerRole::Active };
+        match rules::auto_recovery_allowed(&self.local_view(), st.role == PeerRole::Active, &knowledge) {
+            Err(b) => Err(format!("{}: {b}", b.code())),
+            Ok((d, _)) if d.source() != Some(Side::Local) => Err("the peer starts it (it is the source)".into()),
+            Ok(_) if !self.cfg.auto_recovery => Err(format!("auto_recovery is off: `mdctrl recover {}`", self.resource)),
+            Ok(_) if st.live.as_ref().map(|l| l.auto_suppressed).unwrap_or(true) => {
+                Err("the last automatic attempt was refused on this session (see the log)".into())
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// Attach replication with the write gate held and a fresh decision.
+    fn spawn_attach(self: &Arc<Self>, st: &mut St, id: u64) {
+        let Some(live) = st.live.as_mut().filter(|l| l.id == id) else { return };
+        if live.attaching {
+            return;
+        }
+        live.attaching = true;
+        let me = self.clone();
+        tokio::spawn(async move {
+            let hold = me.gate.exclusive().await;
+            me.attach_held(id, false);
+            me.send_state().await;
+            drop(hold);
+            if let Some(l) = lock(&me.st).live.as_mut().filter(|l| l.id == id) {
+                l.attaching = false;
+            }
+            me.changed.notify_waiters();
+        });
+    }
+
+    /// With the gate held (no application write in flight): attach if the
+    /// pair is in sync now (`after_resync`: a resync just made it so).
+    fn attach_held(self: &Arc<Self>, id: u64, after_resync: bool) {
+        let mut st = lock(&self.st);
+        if st.operator_break.is_some() || st.role != PeerRole::Active {
+            return;
+        }
+        let Some(peer) = st.peer.clone() else { return };
+        if !after_resync {
+            let (decision, rule) = rules::decide(&self.local_view(), &self.peer_view(&peer));
+            if decision != Decision::InSync {
+                tracing::info!(resource = %self.resource, rule = rule.id, "not attaching: {}", describe_decision(&decision, rule, &self.node, &self.peer_name));
+                st.mirror = Mirror::Decided { decision, rule };
+                return;
+            }
+        }
+        st.mirror = Mirror::InSync;
+        let volume = st.volume.clone();
+        let Some(live) = st.live.as_mut().filter(|l| l.id == id) else { return };
+        let Some(vol) = volume else { return };
+        if vol.is_attached() || live.to_active.is_some() {
+            return;
+        }
+        let (ftx, frx) = mpsc::channel(FORWARD_QUEUE);
+        let link = adapt::replica_link(live.tx.clone(), live.closed.clone(), frx);
+        match vol.attach(link) {
+            Ok(()) => {
+                live.to_active = Some(ftx);
+                tracing::info!(resource = %self.resource, peer = %self.peer_name, mode = %self.cfg.mode, "mirroring: writes are replicated");
+            }
+            Err(e) => tracing::error!(resource = %self.resource, "cannot attach replication: {e}"),
         }
     }
 
@@ -469,43 +838,44 @@ impl Pair {
         }
     }
 
-    /// Become active: the checks and the peer's grant. Returns the engine to
-    /// serve (the replicated volume).
+    fn new_volume(self: &Arc<Self>) -> Arc<dyn BlockEngine> {
+        let (vol, events) = ActiveVolume::new(self.engine.clone(), self.meta.partition().clone(), ActiveConfig::from_config(&self.cfg, &self.timeouts));
+        {
+            let mut st = lock(&self.st);
+            st.role = PeerRole::Active;
+            st.volume = Some(vol.clone());
+        }
+        self.spawn_event_consumer(events);
+        Arc::new(GatedVolume::new(Arc::new(vol), self.gate.clone()))
+    }
+
+    /// Become active: `rules::may_activate` and the peer's grant (or, with the
+    /// peer unreachable, the local FORCED flag). Returns the engine to serve
+    /// (the replicated volume behind the resync write gate).
     pub async fn activate(self: &Arc<Self>) -> Result<Arc<dyn BlockEngine>, AdminError> {
-        if !self.wait_peer_state(self.timeouts.connect).await {
+        let connected = self.wait_peer_state(self.timeouts.connect).await;
+        let knowledge = self.knowledge(&lock(&self.st));
+        if let Err(r) = rules::may_activate(&self.local_view(), &knowledge) {
+            let kind = if connected { ErrorKind::Refused } else { ErrorKind::PeerUnreachable };
             let link = describe_link(&self.link_state.borrow());
-            return Err(AdminError {
-                kind: crate::admin::ErrorKind::PeerUnreachable,
-                message: format!(
-                    "peer {} is unreachable ({link}): cannot prove the local data of {} is the latest",
-                    self.peer_name, self.resource
-                ),
-                hint: Some(format!(
-                    "start the agent on {}, or check the network; if {} is gone for good, a forced recovery (`mdctrl force {} {}`) makes this node's data the latest",
-                    self.peer_name, self.peer_name, self.node, self.resource
-                )),
-            });
+            let message = if connected { r.reason } else { format!("{} (link: {link})", r.reason) };
+            return Err(AdminError { kind, message, hint: Some(r.hint) });
+        }
+        if !connected {
+            tracing::warn!(resource = %self.resource, peer = %self.peer_name, "activating without the peer: {} is FORCED", self.node);
+            let vol = self.new_volume();
+            // Divergence is recorded now (before the first write): on_activate(false).
+            let cp = self.meta.partition().clone();
+            tokio::task::spawn_blocking(move || cp.update_superblock(|sb| {
+                gens::on_activate(sb, false);
+            }))
+            .await
+            .map_err(|e| AdminError::internal(format!("recording the activation: {e}")))?
+            .map_err(|e| AdminError::internal(format!("recording the activation in the cluster partition: {e}")))?;
+            return Ok(vol);
         }
         let (req, reply, tx) = {
             let mut st = lock(&self.st);
-            if let Some(p) = &st.peer {
-                if p.role == PeerRole::Active {
-                    return Err(AdminError::refused(
-                        format!("{} is active on {}", self.resource, self.peer_name),
-                        format!("deactivate it there first (`mdctrl --node {} deactivate {}`)", self.peer_name, self.resource),
-                    ));
-                }
-            }
-            match self.sync_state(st.role, st.peer.as_ref()) {
-                SyncState::InSync => {}
-                SyncState::Unknown => return Err(AdminError::refused("the state of the pair is not known yet", "retry in a few seconds")),
-                SyncState::OutOfSync(why) => {
-                    return Err(AdminError::refused(
-                        format!("{} is not in sync with {}: {why}", self.resource, self.peer_name),
-                        "a resync must bring the pair together first (not available in this build); `mdctrl status` shows both sides",
-                    ))
-                }
-            }
             let Some(tx) = st.live.as_ref().map(|l| l.tx.clone()) else {
                 return Err(AdminError::refused("the peer link dropped", "retry"));
             };
@@ -531,23 +901,20 @@ impl Pair {
             done(&mut lock(&self.st));
             return Err(AdminError::refused(
                 format!("{} refused the activation of {}: {}", self.peer_name, self.resource, reason.unwrap_or_default()),
-                "`mdctrl status` shows both sides",
+                format!("`mdctrl status {}` shows both sides", self.resource),
             ));
         }
-        let (vol, events) = ActiveVolume::new(self.engine.clone(), self.meta.partition().clone(), ActiveConfig::from_config(&self.cfg, &self.timeouts));
+        let vol = self.new_volume();
         let id = {
             let mut st = lock(&self.st);
             done(&mut st);
-            st.role = PeerRole::Active;
-            st.volume = Some(vol.clone());
             st.live.as_ref().map(|l| l.id)
         };
-        self.spawn_event_consumer(events);
         if let Some(id) = id {
             self.evaluate(id);
         }
         self.send_state().await;
-        Ok(Arc::new(vol))
+        Ok(vol)
     }
 
     fn spawn_event_consumer(self: &Arc<Self>, mut events: mpsc::UnboundedReceiver<ReplicaEvent>) {
@@ -561,6 +928,9 @@ impl Pair {
                         let mut st = lock(&me.st);
                         st.last_break = Some(reason);
                         st.peer_disk_error |= peer_disk_error;
+                        if st.mirror == Mirror::InSync {
+                            st.mirror = Mirror::Unknown;
+                        }
                         if let Some(l) = st.live.as_mut() {
                             l.to_active = None;
                         }
@@ -622,12 +992,373 @@ impl Pair {
         Ok(())
     }
 
+    // ----- recovery -----
+
+    fn running(&self) -> Option<String> {
+        let st = lock(&self.st);
+        if st.mirror == Mirror::Resyncing {
+            let dir = st.recovery.as_ref().map(|p| lock(p).direction.clone()).unwrap_or_default();
+            return Some(format!("a resync of {} is already running ({dir})", self.resource));
+        }
+        None
+    }
+
+    /// `mdctrl recover`: start the resync `decide` chose (this node or the
+    /// peer as source). Returns a description of what started.
+    pub async fn recover(self: &Arc<Self>) -> Result<String, AdminError> {
+        if let Some(r) = self.running() {
+            return Err(AdminError::refused(r, format!("`mdctrl status {}` shows its progress", self.resource)));
+        }
+        self.require_connected().await?;
+        let (decision, rule) = {
+            let mut st = lock(&self.st);
+            st.operator_break = None;
+            if st.mirror == Mirror::InSync {
+                return Err(AdminError::refused(
+                    format!("{} is in sync between {} and {}: nothing to recover", self.resource, self.node, self.peer_name),
+                    format!("nothing to do; `mdctrl status {}`", self.resource),
+                ));
+            }
+            let Some(peer) = st.peer.clone() else { return Err(self.unreachable()) };
+            rules::decide(&self.local_view(), &self.peer_view(&peer))
+        };
+        match decision.source() {
+            Some(Side::Local) => self.start_decided(false).await,
+            Some(Side::Peer) => self.ask_peer(false).await,
+            None => Err(self.no_resync_refusal(&decision, rule)),
+        }
+    }
+
+    fn no_resync_refusal(&self, decision: &Decision, rule: Rule) -> AdminError {
+        let r = &self.resource;
+        let hint = match decision {
+            Decision::InSync => format!("nothing to do; `mdctrl status {r}`"),
+            Decision::SplitBrain | Decision::Unrelated => format!("name the winner: `mdctrl force <server> {r}` (the loser's regions are saved first)"),
+            _ => format!("`mdctrl status {r}` on both nodes; `mdctrl force <server> {r}` overrides"),
+        };
+        AdminError::refused(format!("no resync to start for {r}: {}", describe_decision(decision, rule, &self.node, &self.peer_name)), hint)
+    }
+
+    fn unreachable(&self) -> AdminError {
+        AdminError {
+            kind: ErrorKind::PeerUnreachable,
+            message: format!("peer {} is unreachable ({})", self.peer_name, describe_link(&self.link_state.borrow())),
+            hint: Some(format!(
+                "start the agent on {}, or check the network; if {} is gone, `mdctrl force {} {}`",
+                self.peer_name, self.peer_name, self.node, self.resource
+            )),
+        }
+    }
+
+    async fn require_connected(&self) -> Result<(), AdminError> {
+        if self.wait_peer_state(self.timeouts.connect).await {
+            Ok(())
+        } else {
+            Err(self.unreachable())
+        }
+    }
+
+    /// `mdctrl force WINNER`: connected → forced resync winner → loser;
+    /// peer unreachable and WINNER is this node → `gens::force_alone`.
+    pub async fn force(self: &Arc<Self>, winner: &str) -> Result<String, AdminError> {
+        if winner != self.node && winner != self.peer_name {
+            return Err(AdminError {
+                kind: ErrorKind::BadRequest,
+                message: format!("{winner:?} is not a server of {} (servers: {}, {})", self.resource, self.node, self.peer_name),
+                hint: Some(format!("`mdctrl force {} {}` or `mdctrl force {} {}`", self.node, self.resource, self.peer_name, self.resource)),
+            });
+        }
+        if let Some(r) = self.running() {
+            return Err(AdminError::refused(r, format!("wait for it, or stop the peer link; `mdctrl status {}`", self.resource)));
+        }
+        let connected = self.wait_peer_state(self.timeouts.connect).await;
+        lock(&self.st).operator_break = None;
+        if !connected {
+            if winner != self.node {
+                return Err(AdminError {
+                    kind: ErrorKind::PeerUnreachable,
+                    message: format!("peer {winner} is unreachable: its data cannot be made the latest from {}", self.node),
+                    hint: Some(format!("run `mdctrl force {winner} {}` on {winner}", self.resource)),
+                });
+            }
+            let cp = self.meta.partition().clone();
+            let sb = tokio::task::spawn_blocking(move || cp.update_superblock(gens::force_alone))
+                .await
+                .map_err(|e| AdminError::internal(format!("force: {e}")))?
+                .map_err(|e| AdminError { kind: ErrorKind::Internal, message: format!("force: cannot update the cluster partition: {e}"), hint: None })?;
+            tracing::warn!(resource = %self.resource, generation = format_args!("{:016x}", sb.state.gens.current), "forced alone: the data of {} is declared the latest ({} unreachable)", self.node, self.peer_name);
+            self.send_state().await;
+            return Ok(format!(
+                "{} forced on {} with {} unreachable: this node's data is the latest (generation {:016x}); `mdctrl activate {}` may now serve it, and {} will be resynced from {} when it returns (its divergent regions saved first)",
+                self.resource, self.node, self.peer_name, sb.state.gens.current, self.resource, self.peer_name, self.node
+            ));
+        }
+        if winner == self.node {
+            self.start_forced_local().await
+        } else {
+            self.ask_peer(true).await
+        }
+    }
+
+    /// Ask the peer to start its resync (it is the source / the forced winner).
+    async fn ask_peer(self: &Arc<Self>, forced: bool) -> Result<String, AdminError> {
+        let (req, reply, tx) = {
+            let mut st = lock(&self.st);
+            let Some(tx) = st.live.as_ref().map(|l| l.tx.clone()) else { return Err(self.unreachable()) };
+            st.next_req += 1;
+            let req = st.next_req;
+            let (w, r) = oneshot::channel();
+            st.pending.insert(req, w);
+            (req, r, tx)
+        };
+        self.send_control(&tx, ControlMsg::StartResync { id: req, forced }).await;
+        let answer = tokio::time::timeout(self.timeouts.ack.max(Duration::from_secs(5)), reply).await;
+        lock(&self.st).pending.remove(&req);
+        match answer {
+            Ok(Ok((true, _))) => Ok(format!("resync of {} started on {} (source) -> {}", self.resource, self.peer_name, self.node)),
+            Ok(Ok((false, reason))) => Err(AdminError::refused(
+                format!("{} did not start the resync: {}", self.peer_name, reason.unwrap_or_default()),
+                format!("`mdctrl status {}` on both nodes", self.resource),
+            )),
+            Ok(Err(_)) => Err(self.unreachable()),
+            Err(_) => Err(AdminError { kind: ErrorKind::PeerUnreachable, message: format!("{} did not answer within the ack timeout", self.peer_name), hint: None }),
+        }
+    }
+
+    /// Start, as the source, the resync `decide` chose (auto: only if still allowed).
+    async fn start_decided(self: &Arc<Self>, auto: bool) -> Result<String, AdminError> {
+        let (decision, rule) = {
+            let st = lock(&self.st);
+            let Some(peer) = st.peer.clone() else { return Err(self.unreachable()) };
+            if auto {
+                self.auto_check(&st, &peer).map_err(|w| AdminError::refused(w, "automatic recovery"))?;
+            }
+            rules::decide(&self.local_view(), &self.peer_view(&peer))
+        };
+        if decision.source() != Some(Side::Local) {
+            return Err(self.no_resync_refusal(&decision, rule));
+        }
+        self.start_source(decision, rule, false, auto)
+    }
+
+    /// Start the forced resync with this node as the winner (`decide_forced`).
+    async fn start_forced_local(self: &Arc<Self>) -> Result<String, AdminError> {
+        let (decision, rule) = {
+            let st = lock(&self.st);
+            let Some(peer) = st.peer.clone() else { return Err(self.unreachable()) };
+            rules::decide_forced(Side::Local, &self.local_view(), &self.peer_view(&peer))
+        };
+        if decision.source() != Some(Side::Local) {
+            return Err(self.no_resync_refusal(&decision, rule));
+        }
+        self.start_source(decision, rule, true, false)
+    }
+
+    fn start_source(self: &Arc<Self>, decision: Decision, rule: Rule, forced: bool, auto: bool) -> Result<String, AdminError> {
+        let Decision::Resync { kind, save_loser_divergence, .. } = decision else {
+            return Err(AdminError::internal("not a resync decision"));
+        };
+        let text = describe_decision(&decision, rule, &self.node, &self.peer_name);
+        let (id, tx, rx, progress, active) = {
+            let mut st = lock(&self.st);
+            if st.mirror == Mirror::Resyncing {
+                return Err(AdminError::refused(format!("a resync of {} is already running", self.resource), "wait for it"));
+            }
+            if st.peer.as_ref().map(|p| p.role == PeerRole::Active).unwrap_or(false) {
+                return Err(AdminError::refused(
+                    format!("the resync target {} is active: a resync never writes into a serving node", self.peer_name),
+                    format!("deactivate {} on {} first", self.resource, self.peer_name),
+                ));
+            }
+            let active = st.role == PeerRole::Active;
+            let Some(live) = st.live.as_mut() else { return Err(self.unreachable()) };
+            let (ftx, frx) = mpsc::channel(FORWARD_QUEUE);
+            live.to_resync = Some(ftx);
+            let (id, tx) = (live.id, live.tx.clone());
+            let progress = Arc::new(Mutex::new(Progress::new(resync::Role::Source, format!("{} -> {}", self.node, self.peer_name), kind, format!("{} {}", rule.id, rule.name))));
+            st.recovery = Some(progress.clone());
+            st.mirror = Mirror::Resyncing;
+            (id, tx, frx, progress, active)
+        };
+        tracing::info!(resource = %self.resource, peer = %self.peer_name, rule = rule.id, rule_name = rule.name, auto, "resync starting as source: {text}");
+        let spec = resync::SourceSpec {
+            engine: self.engine.clone(),
+            part: self.meta.partition().clone(),
+            gate: if active { self.gate.clone() } else { WriteGate::new(self.meta.partition().region_size()) },
+            kind,
+            save: save_loser_divergence,
+            forced,
+            rule: format!("{} {}", rule.id, rule.name),
+            rate: self.cfg.resync_rate,
+            peer: self.peer_name.clone(),
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let r = resync::run_source(spec, tx.clone(), rx, progress.clone()).await;
+            match r {
+                Ok(done) => {
+                    tracing::info!(resource = %me.resource, peer = %me.peer_name, regions = done.regions, bytes = done.bytes, "resync finished: {} holds the data of {}", me.peer_name, me.node);
+                    {
+                        let mut st = lock(&me.st);
+                        if let Some(l) = st.live.as_mut().filter(|l| l.id == id) {
+                            l.to_resync = None;
+                        }
+                        st.mirror = Mirror::InSync;
+                    }
+                    // Attach before any further application write (the gate is held).
+                    me.attach_held(id, true);
+                    me.send_state().await;
+                    drop(done.hold);
+                }
+                Err(e) => {
+                    tracing::error!(resource = %me.resource, peer = %me.peer_name, "resync (source) failed: {e}");
+                    lock(&progress).error = Some(e.to_string());
+                    let refused = matches!(e, resync::ResyncError::Refused { .. });
+                    {
+                        let mut st = lock(&me.st);
+                        if let Some(l) = st.live.as_mut().filter(|l| l.id == id) {
+                            l.to_resync = None;
+                            l.auto_suppressed = true;
+                        }
+                        st.mirror = Mirror::Unknown;
+                    }
+                    if !refused {
+                        tx.close(&format!("resync failed: {e}"));
+                    }
+                }
+            }
+            me.changed.notify_waiters();
+        });
+        Ok(format!("resync of {} started: {text}", self.resource))
+    }
+
+    /// The peer's ResyncBegin: check it against our own decision, then run as target.
+    fn begin_target(self: &Arc<Self>, id: u64, tx: &SessionSender, full: bool, save: bool, forced: bool, rule_text: &str) -> Result<(), String> {
+        let mut st = lock(&self.st);
+        if let Some(why) = &st.operator_break {
+            return Err(format!("the mirror was broken by the operator on {} ({why}): `mdctrl recover {}` there", self.node, self.resource));
+        }
+        if st.role == PeerRole::Active {
+            return Err(format!("{} is active: a resync never writes into a serving node", self.node));
+        }
+        if st.mirror == Mirror::Resyncing {
+            return Err("a resync is already running".into());
+        }
+        let Some(peer) = st.peer.clone() else { return Err("the peer's state is not known yet".into()) };
+        let (local, pv) = (self.local_view(), self.peer_view(&peer));
+        let (decision, rule) = if forced { rules::decide_forced(Side::Peer, &local, &pv) } else { rules::decide(&local, &pv) };
+        let Decision::Resync { source: Side::Peer, kind, save_loser_divergence } = decision else {
+            return Err(format!("{} does not agree: {}", self.node, describe_decision(&decision, rule, &self.node, &self.peer_name)));
+        };
+        if kind == ResyncKind::Full && !full {
+            return Err(format!("rule {rule} needs a full resync, a differential one was offered"));
+        }
+        if save_loser_divergence && !save {
+            return Err(format!("rule {rule} saves {}'s regions first, the offer does not", self.node));
+        }
+        let Some(live) = st.live.as_mut().filter(|l| l.id == id) else { return Err("session ended".into()) };
+        let (ftx, frx) = mpsc::channel(FORWARD_QUEUE);
+        live.to_resync = Some(ftx);
+        let kind = if full { ResyncKind::Full } else { ResyncKind::Differential };
+        let progress = Arc::new(Mutex::new(Progress::new(resync::Role::Target, format!("{} -> {}", self.peer_name, self.node), kind, rule_text.to_string())));
+        st.recovery = Some(progress.clone());
+        st.mirror = Mirror::Resyncing;
+        drop(st);
+        tracing::info!(resource = %self.resource, peer = %self.peer_name, rule = rule.id, offered = rule_text, full, save, forced, "resync starting as target");
+        let spec = resync::TargetSpec {
+            engine: self.engine.clone(),
+            part: self.meta.partition().clone(),
+            save_dir: self.save_dir.clone(),
+            resource: self.resource.clone(),
+            node: self.node.clone(),
+        };
+        let me = self.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let me2 = me.clone();
+            let on_finished: Box<dyn FnOnce() + Send> = Box::new(move || {
+                {
+                    let mut st = lock(&me2.st);
+                    st.mirror = Mirror::InSync;
+                    if let Some(l) = st.live.as_mut().filter(|l| l.id == id) {
+                        l.to_resync = None;
+                    }
+                }
+                me2.evaluate(id);
+            });
+            match resync::run_target(spec, full, save, tx.clone(), frx, progress.clone(), on_finished).await {
+                Ok(done) => {
+                    tracing::info!(resource = %me.resource, peer = %me.peer_name, regions = done.regions, bytes = done.bytes, saved = ?done.saved, "resync finished: {} holds the data of {}", me.node, me.peer_name);
+                    me.send_state().await;
+                }
+                Err(e) => {
+                    tracing::error!(resource = %me.resource, peer = %me.peer_name, "resync (target) stopped: {e}; {} stays inconsistent and resumes on the next connection", me.node);
+                    lock(&progress).error = Some(e.to_string());
+                    {
+                        let mut st = lock(&me.st);
+                        if let Some(l) = st.live.as_mut().filter(|l| l.id == id) {
+                            l.to_resync = None;
+                        }
+                        st.mirror = Mirror::Unknown;
+                    }
+                    if !matches!(e, resync::ResyncError::Save(_) | resync::ResyncError::Refused { .. }) {
+                        tx.close(&format!("resync failed: {e}"));
+                    }
+                }
+            }
+            me.changed.notify_waiters();
+        });
+        Ok(())
+    }
+
+    /// `mdctrl break`: stop replicating on purpose and record it.
+    pub async fn break_mirror(self: &Arc<Self>, why: &str) -> Result<String, AdminError> {
+        let (vol, tx) = {
+            let mut st = lock(&self.st);
+            if st.mirror == Mirror::Resyncing {
+                return Err(AdminError::refused(format!("a resync of {} is running", self.resource), "wait for it to finish, then break"));
+            }
+            st.operator_break = Some(why.to_string());
+            st.last_break = Some(format!("broken by the operator on {}: {why}", self.node));
+            st.mirror = Mirror::Unknown;
+            if let Some(l) = st.live.as_mut() {
+                l.to_active = None;
+            }
+            (st.volume.clone(), st.live.as_ref().map(|l| l.tx.clone()))
+        };
+        if let Some(vol) = vol {
+            // Records begin_diverging (gens::on_break) before any write completes alone.
+            vol.detach(&format!("broken by the operator: {why}"))
+                .await
+                .map_err(|e| AdminError::internal(format!("detaching replication: {e}")))?;
+            tracing::warn!(resource = %self.resource, "mirror broken by the operator on {} (active): writes stay local, divergence recorded", self.node);
+            return Ok(format!("mirror of {} broken on {} (active): writes are local only until `mdctrl recover {}`", self.resource, self.node, self.resource));
+        }
+        if let Some(tx) = tx {
+            tx.close(&format!("mirror broken by the operator on {}", self.node));
+        }
+        tracing::warn!(resource = %self.resource, "mirror broken by the operator on {} (standby)", self.node);
+        Ok(format!("mirror of {} broken on {}: replication from {} stopped until `mdctrl recover {}`", self.resource, self.node, self.peer_name, self.resource))
+    }
+
     /// Status of the pair for `mdctrl status`.
     pub fn status(&self) -> crate::status::PairStatus {
         let st = lock(&self.st);
         let link = describe_link(&self.link_state.borrow());
-        let sync = self.sync_state(st.role, st.peer.as_ref());
         let connected = st.live.is_some();
+        let decision = st.peer.as_ref().filter(|_| connected && st.mirror != Mirror::InSync).map(|p| {
+            let (d, r) = rules::decide(&self.local_view(), &self.peer_view(p));
+            describe_decision(&d, r, &self.node, &self.peer_name)
+        });
+        let in_sync = st.mirror == Mirror::InSync;
+        let sync = match (&st.mirror, connected) {
+            (_, false) if st.peer.is_none() => "unknown (peer state not received since the agent started)".to_string(),
+            (_, false) => "unknown (peer not connected)".to_string(),
+            (Mirror::InSync, _) => "in sync".to_string(),
+            (Mirror::Resyncing, _) => "resync running".to_string(),
+            (Mirror::Decided { decision, rule }, _) => describe_decision(decision, *rule, &self.node, &self.peer_name),
+            (Mirror::Unknown, _) => "deciding".to_string(),
+        };
         crate::status::PairStatus {
             peer: self.peer_name.clone(),
             connection: if connected { "connected".into() } else { link },
@@ -646,17 +1377,20 @@ impl Pair {
                 current_generation: format!("{:016x}", p.gens.current),
             }),
             peer_state_age_ms: st.peer_seen.map(|t| t.elapsed().as_millis() as u64),
-            in_sync: matches!(sync, SyncState::InSync),
-            sync: match &sync {
-                SyncState::Unknown => "unknown (peer state not received since the agent started)".into(),
-                SyncState::InSync => "in sync".into(),
-                SyncState::OutOfSync(w) => w.clone(),
-            },
+            in_sync,
+            sync,
             replicating: st.volume.as_ref().map(|v| v.is_attached()).unwrap_or(false),
             standby_applying: st.live.as_ref().map(|l| l.to_standby.is_some()).unwrap_or(false),
             last_break: st.last_break.clone(),
             peer_disk_error: st.peer_disk_error,
             rpo: st.volume.as_ref().map(|v| v.rpo()),
+            decision,
+            auto_recovery: if in_sync {
+                None
+            } else if connected {
+                st.auto_block.clone()
+            } else { Some("peer-unknown: the peer is not connected".into()) },
+            recovery: st.recovery.as_ref().map(|p| lock(p).status()),
         }
     }
 }
@@ -709,6 +1443,7 @@ mod tests {
             total_regions: 1,
             last_update: 0,
             break_time: 0,
+            replicating: false,
         };
         let j = ControlMsg::State(s).to_json();
         assert!(j.starts_with("{\"type\":\"state\""), "{j}");
