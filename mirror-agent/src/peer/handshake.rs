@@ -48,6 +48,21 @@ struct HsIo<'a, S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> HsIo<'_, S> {
+    /// Steps 5+6a (initiator) or 6b+7 (acceptor): send our AuthResponse for
+    /// `transcript`, then wait for the peer's AuthResult on it.
+    async fn respond_and_await_result(&mut self, secret: &[u8], transcript: &Transcript<'_>) -> Result<(), LinkError> {
+        let mac = compute_response(secret, transcript);
+        self.send(Message::AuthResponse { mac }).await?;
+        let rejected = || LinkError::AuthRejected { peer: self.peer.to_string() };
+        match self.recv().await {
+            Ok(Message::AuthResult { accepted: true }) => Ok(()),
+            Ok(Message::AuthResult { accepted: false }) => Err(rejected()),
+            Err(LinkError::PeerError { code, .. }) if code == error_code::AUTH_FAILED => Err(rejected()),
+            Err(e) => Err(e),
+            Ok(m) => Err(self.unexpected("AuthResult", m.kind()).await),
+        }
+    }
+
     async fn send(&mut self, msg: Message) -> Result<(), LinkError> {
         let frame = Frame::new(self.tx_seq, msg);
         self.tx_seq += 1;
@@ -310,9 +325,6 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let auth_failed = || LinkError::AuthFailed {
         peer: peer.to_string(),
     };
-    let rejected = || LinkError::AuthRejected {
-        peer: peer.to_string(),
-    };
     let secret_msg = "authentication failed: the shared secrets differ".to_string();
 
     match side {
@@ -321,7 +333,7 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             io.send(Message::AuthChallenge { nonce: my_nonce }).await?;
             let their_nonce = io.recv_challenge().await?;
             // 5
-            let mac = compute_response(
+            io.respond_and_await_result(
                 secret,
                 &Transcript {
                     version,
@@ -331,18 +343,8 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     verifier_nonce: &their_nonce,
                     responder_nonce: &my_nonce,
                 },
-            );
-            io.send(Message::AuthResponse { mac }).await?;
-            // 6a
-            match io.recv().await {
-                Ok(Message::AuthResult { accepted: true }) => {}
-                Ok(Message::AuthResult { accepted: false }) => return Err(rejected()),
-                Err(LinkError::PeerError { code, .. }) if code == error_code::AUTH_FAILED => {
-                    return Err(rejected())
-                }
-                Err(e) => return Err(e),
-                Ok(m) => return Err(io.unexpected("AuthResult", m.kind()).await),
-            }
+            )
+            .await?;
             // 6b, 7
             let their_mac = io.recv_response().await?;
             let ok = verify_response(
@@ -392,7 +394,7 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             }
             io.send(Message::AuthResult { accepted: true }).await?;
             // 6b
-            let mac = compute_response(
+            io.respond_and_await_result(
                 secret,
                 &Transcript {
                     version,
@@ -402,18 +404,8 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     verifier_nonce: &their_nonce,
                     responder_nonce: &my_nonce,
                 },
-            );
-            io.send(Message::AuthResponse { mac }).await?;
-            // 7
-            match io.recv().await {
-                Ok(Message::AuthResult { accepted: true }) => {}
-                Ok(Message::AuthResult { accepted: false }) => return Err(rejected()),
-                Err(LinkError::PeerError { code, .. }) if code == error_code::AUTH_FAILED => {
-                    return Err(rejected())
-                }
-                Err(e) => return Err(e),
-                Ok(m) => return Err(io.unexpected("AuthResult", m.kind()).await),
-            }
+            )
+            .await?;
         }
     }
     io.stream.flush().await.map_err(|source| LinkError::Io {

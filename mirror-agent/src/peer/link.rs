@@ -108,7 +108,7 @@ async fn dial_once(spec: &LinkSpec) -> Result<Session, LinkError> {
         addr: spec.peer_addr.clone(),
         source,
     };
-    let mut stream = match tokio::time::timeout(to, TcpStream::connect(&spec.peer_addr)).await {
+    let stream = match tokio::time::timeout(to, TcpStream::connect(&spec.peer_addr)).await {
         Err(_) => {
             return Err(io(
                 "connect to",
@@ -117,27 +117,30 @@ async fn dial_once(spec: &LinkSpec) -> Result<Session, LinkError> {
         }
         Ok(r) => r.map_err(|e| io("connect to", e))?,
     };
-    let _ = stream.set_nodelay(true);
     let peer_addr = stream.peer_addr().map_err(|e| io("connect to", e))?;
-    let peer = peer_addr.to_string();
-    let est = tokio::time::timeout(to, handshake(&mut stream, Side::Initiator, spec, &peer))
-        .await
-        .map_err(|_| LinkError::HandshakeTimeout {
-            peer: peer.clone(),
-            secs: to.as_secs_f64(),
-        })??;
-    Ok(session::start(stream, est, peer_addr, spec.timeouts))
+    establish(stream, peer_addr, Side::Initiator, spec).await
 }
 
 async fn accept_one(
+    stream: TcpStream,
+    peer_addr: SocketAddr,
+    spec: &LinkSpec,
+) -> Result<Session, LinkError> {
+    establish(stream, peer_addr, Side::Acceptor, spec).await
+}
+
+/// Handshake on a connected stream (bounded by `timeouts.connect`), then
+/// start the session.
+async fn establish(
     mut stream: TcpStream,
     peer_addr: SocketAddr,
+    side: Side,
     spec: &LinkSpec,
 ) -> Result<Session, LinkError> {
     let _ = stream.set_nodelay(true);
     let peer = peer_addr.to_string();
     let to = spec.timeouts.connect;
-    let est = tokio::time::timeout(to, handshake(&mut stream, Side::Acceptor, spec, &peer))
+    let est = tokio::time::timeout(to, handshake(&mut stream, side, spec, &peer))
         .await
         .map_err(|_| LinkError::HandshakeTimeout {
             peer: peer.clone(),
