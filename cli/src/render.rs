@@ -84,7 +84,21 @@ fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
     row2(&mut o, "Break Time", &time(s.disk.break_time), &pd.map(|d| time(d.break_time)).unwrap_or_else(|| "-".into()));
     let err = |e: bool| if e { "ERROR" } else { "OK" };
     row2(&mut o, "Disk Error", err(s.disk.disk_error), pd.map(|d| err(d.disk_error || p.peer_disk_error)).unwrap_or(if p.peer_disk_error { "ERROR" } else { "-" }));
-    row2(&mut o, "Difference Percent", &percent(s.disk.difference_percent), &pd.map(|d| percent(d.difference_percent)).unwrap_or_else(|| "-".into()));
+    // In sync, set bits are write intents of the keep-dirty cache (regions
+    // recently written and acknowledged by both sides), not differences.
+    let diff = |pct: f64, regions: u64| {
+        if p.in_sync && regions > 0 {
+            format!("0% ({regions} write intents)")
+        } else {
+            percent(pct)
+        }
+    };
+    row2(
+        &mut o,
+        "Difference Percent",
+        &diff(s.disk.difference_percent, s.disk.dirty_regions),
+        &pd.map(|d| diff(d.difference_percent, d.dirty_regions)).unwrap_or_else(|| "-".into()),
+    );
     let cons = |c: bool| if c { "yes" } else { "NO (resync target)" };
     row2(&mut o, "Consistent", cons(s.disk.consistent), pd.map(|d| cons(d.consistent)).unwrap_or("-"));
     row2(&mut o, "Generation", &s.disk.current_generation, pd.map(|d| d.current_generation.as_str()).unwrap_or("-"));
