@@ -30,4 +30,14 @@ fi
 export NBD_MIRROR_REQUIRE_TOOLS="${NBD_MIRROR_REQUIRE_TOOLS:-1}"
 
 cargo build --release --workspace --bins
-cargo test --workspace --release --no-fail-fast "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --release --no-fail-fast "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line with the totals over every test binary (cargo prints one
+# "test result" line per binary, the last of which may be an empty doc-test run).
+awk '/^test result:/ { p += $4; f += $6; i += $8 }
+     END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+exit "$status"
