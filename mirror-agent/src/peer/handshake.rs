@@ -48,6 +48,19 @@ struct HsIo<'a, S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> HsIo<'_, S> {
+    /// Receive the peer's AuthResponse for `transcript` and answer with
+    /// AuthResult; a wrong one is refused (Error `AUTH_FAILED`, close).
+    async fn verify_and_answer(&mut self, secret: &[u8], transcript: &Transcript<'_>) -> Result<(), LinkError> {
+        let their_mac = self.recv_response().await?;
+        if !verify_response(secret, transcript, &their_mac) {
+            let _ = self.send(Message::AuthResult { accepted: false }).await;
+            let err = LinkError::AuthFailed { peer: self.peer.to_string() };
+            let msg = "authentication failed: the shared secrets differ".to_string();
+            return Err(self.refuse(error_code::AUTH_FAILED, msg, err).await);
+        }
+        self.send(Message::AuthResult { accepted: true }).await
+    }
+
     /// Steps 5+6a (initiator) or 6b+7 (acceptor): send our AuthResponse for
     /// `transcript`, then wait for the peer's AuthResult on it.
     async fn respond_and_await_result(&mut self, secret: &[u8], transcript: &Transcript<'_>) -> Result<(), LinkError> {
@@ -322,90 +335,44 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             Direction::InitiatorToAcceptor,
         ),
     };
-    let auth_failed = || LinkError::AuthFailed {
-        peer: peer.to_string(),
-    };
-    let secret_msg = "authentication failed: the shared secrets differ".to_string();
-
-    match side {
+    // 3, 4: the initiator's challenge goes first.
+    let their_nonce = match side {
         Side::Initiator => {
-            // 3, 4
             io.send(Message::AuthChallenge { nonce: my_nonce }).await?;
-            let their_nonce = io.recv_challenge().await?;
-            // 5
-            io.respond_and_await_result(
-                secret,
-                &Transcript {
-                    version,
-                    direction: my_dir,
-                    responder_name: me,
-                    verifier_name: them,
-                    verifier_nonce: &their_nonce,
-                    responder_nonce: &my_nonce,
-                },
-            )
-            .await?;
-            // 6b, 7
-            let their_mac = io.recv_response().await?;
-            let ok = verify_response(
-                secret,
-                &Transcript {
-                    version,
-                    direction: their_dir,
-                    responder_name: them,
-                    verifier_name: me,
-                    verifier_nonce: &my_nonce,
-                    responder_nonce: &their_nonce,
-                },
-                &their_mac,
-            );
-            if !ok {
-                let _ = io.send(Message::AuthResult { accepted: false }).await;
-                return Err(io
-                    .refuse(error_code::AUTH_FAILED, secret_msg, auth_failed())
-                    .await);
-            }
-            io.send(Message::AuthResult { accepted: true }).await?;
+            io.recv_challenge().await?
         }
         Side::Acceptor => {
-            // 3, 4
-            let their_nonce = io.recv_challenge().await?;
+            let n = io.recv_challenge().await?;
             io.send(Message::AuthChallenge { nonce: my_nonce }).await?;
-            // 5, 6a
-            let their_mac = io.recv_response().await?;
-            let ok = verify_response(
-                secret,
-                &Transcript {
-                    version,
-                    direction: their_dir,
-                    responder_name: them,
-                    verifier_name: me,
-                    verifier_nonce: &my_nonce,
-                    responder_nonce: &their_nonce,
-                },
-                &their_mac,
-            );
-            if !ok {
-                // Never answer with our own response to an unverified peer.
-                let _ = io.send(Message::AuthResult { accepted: false }).await;
-                return Err(io
-                    .refuse(error_code::AUTH_FAILED, secret_msg, auth_failed())
-                    .await);
-            }
-            io.send(Message::AuthResult { accepted: true }).await?;
-            // 6b
-            io.respond_and_await_result(
-                secret,
-                &Transcript {
-                    version,
-                    direction: my_dir,
-                    responder_name: me,
-                    verifier_name: them,
-                    verifier_nonce: &their_nonce,
-                    responder_nonce: &my_nonce,
-                },
-            )
-            .await?;
+            n
+        }
+    };
+    let ours_t = Transcript {
+        version,
+        direction: my_dir,
+        responder_name: me,
+        verifier_name: them,
+        verifier_nonce: &their_nonce,
+        responder_nonce: &my_nonce,
+    };
+    let theirs_t = Transcript {
+        version,
+        direction: their_dir,
+        responder_name: them,
+        verifier_name: me,
+        verifier_nonce: &my_nonce,
+        responder_nonce: &their_nonce,
+    };
+    match side {
+        Side::Initiator => {
+            // 5, 6a, then 6b, 7
+            io.respond_and_await_result(secret, &ours_t).await?;
+            io.verify_and_answer(secret, &theirs_t).await?;
+        }
+        Side::Acceptor => {
+            // 5, 6a — never answer with our own response to an unverified peer — then 6b
+            io.verify_and_answer(secret, &theirs_t).await?;
+            io.respond_and_await_result(secret, &ours_t).await?;
         }
     }
     io.stream.flush().await.map_err(|source| LinkError::Io {
