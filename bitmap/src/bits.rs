@@ -2,7 +2,9 @@
 //! chunk boundaries are word-aligned (32640 bits = 510 words per chunk). Used in memory by the
 //! tracker, for snapshots, and for the bitmap exchanged with the peer.
 
-use crate::layout::{check_chunk, chunk_words, encode_chunk, ChunkFault, BITS_PER_CHUNK, WORDS_PER_CHUNK};
+use crate::layout::{
+    check_chunk, chunk_words, encode_chunk, ChunkFault, BITS_PER_CHUNK, WORDS_PER_CHUNK,
+};
 use std::ops::Range;
 
 /// A dense set of region indices `0..len`.
@@ -14,7 +16,12 @@ pub struct DirtyBits {
 
 impl std::fmt::Debug for DirtyBits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DirtyBits {{ len: {}, ones: {} }}", self.len, self.count_ones())
+        write!(
+            f,
+            "DirtyBits {{ len: {}, ones: {} }}",
+            self.len,
+            self.count_ones()
+        )
     }
 }
 
@@ -31,7 +38,10 @@ pub struct BitmapChunk {
 impl DirtyBits {
     /// An empty set over `len` regions.
     pub fn new(len: u64) -> DirtyBits {
-        DirtyBits { words: vec![0; len.div_ceil(64) as usize], len }
+        DirtyBits {
+            words: vec![0; len.div_ceil(64) as usize],
+            len,
+        }
     }
 
     /// A full set over `len` regions.
@@ -123,7 +133,9 @@ impl DirtyBits {
         let mut out: Vec<Range<u64>> = Vec::new();
         let mut from = 0;
         while out.len() < max {
-            let Some(start) = self.next_one(from) else { break };
+            let Some(start) = self.next_one(from) else {
+                break;
+            };
             let mut end = start + 1;
             while end < self.len && self.get(end) {
                 end += 1;
@@ -189,7 +201,10 @@ impl DirtyBits {
             return Err(ChunkFault::IndexOutOfRange { index, chunk_count });
         }
         let valid = (len - index as u64 * BITS_PER_CHUNK).min(BITS_PER_CHUNK);
-        Ok(BitmapChunk { index, words: chunk_words(bytes, valid)? })
+        Ok(BitmapChunk {
+            index,
+            words: chunk_words(bytes, valid)?,
+        })
     }
 
     /// Heap bytes used.

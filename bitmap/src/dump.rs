@@ -70,7 +70,12 @@ pub fn dump<S: MetaStorage + ?Sized>(storage: &mut S, max_ranges: usize) -> Resu
                 },
                 _ => (None, None),
             };
-            SlotDump { offset: SB_SLOT_OFFSETS[i], status, superblock, parse_error }
+            SlotDump {
+                offset: SB_SLOT_OFFSETS[i],
+                status,
+                superblock,
+                parse_error,
+            }
         })
         .collect();
     let mut rep = DumpReport {
@@ -131,12 +136,20 @@ impl fmt::Display for DumpReport {
             let g = &sb.geometry;
             let st = &sb.state;
             writeln!(f, "chosen: slot {slot}, seq {}", sb.seq)?;
-            writeln!(f, "resource: {}  node: {}  uuid: {}", id.resource, id.node, id.uuid)?;
+            writeln!(
+                f,
+                "resource: {}  node: {}  uuid: {}",
+                id.resource, id.node, id.uuid
+            )?;
             writeln!(
                 f,
                 "data partition: {} bytes, stable id {:?}",
                 id.data_size,
-                if id.data_stable_id.is_empty() { "(none)" } else { &id.data_stable_id }
+                if id.data_stable_id.is_empty() {
+                    "(none)"
+                } else {
+                    &id.data_stable_id
+                }
             )?;
             writeln!(
                 f,
@@ -148,7 +161,12 @@ impl fmt::Display for DumpReport {
                 "generations: current {:#018x} bitmap {:#018x} history [{}]",
                 st.gens.current,
                 st.gens.bitmap,
-                st.gens.history.iter().map(|h| format!("{h:#018x}")).collect::<Vec<_>>().join(", ")
+                st.gens
+                    .history
+                    .iter()
+                    .map(|h| format!("{h:#018x}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )?;
             writeln!(f, "flags: {}", st.flags)?;
             writeln!(

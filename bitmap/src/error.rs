@@ -18,12 +18,20 @@ pub struct Mismatch {
 
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: expected {:?}, found {:?}", self.field, self.expected, self.found)
+        write!(
+            f,
+            "{}: expected {:?}, found {:?}",
+            self.field, self.expected, self.found
+        )
     }
 }
 
 fn join<T: fmt::Display>(items: &[T]) -> String {
-    items.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("; ")
+    items
+        .iter()
+        .map(|m| m.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Errors of the cluster-partition layer.
@@ -153,6 +161,11 @@ pub type Result<T, E = MetaError> = std::result::Result<T, E>;
 
 impl MetaError {
     pub(crate) fn io(op: &'static str, offset: u64, len: u64, source: io::Error) -> MetaError {
-        MetaError::Io { op, offset, len, source }
+        MetaError::Io {
+            op,
+            offset,
+            len,
+            source,
+        }
     }
 }

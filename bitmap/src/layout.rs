@@ -257,9 +257,16 @@ impl Geometry {
         let region_count = volume_size.div_ceil(region_size);
         let chunk_count = region_count.div_ceil(BITS_PER_CHUNK);
         if chunk_count > u32::MAX as u64 {
-            return Err(format!("volume of {volume_size} bytes needs too many bitmap chunks"));
+            return Err(format!(
+                "volume of {volume_size} bytes needs too many bitmap chunks"
+            ));
         }
-        Ok(Geometry { volume_size, region_size, region_count, chunk_count })
+        Ok(Geometry {
+            volume_size,
+            region_size,
+            region_count,
+            chunk_count,
+        })
     }
 
     /// Minimum cluster-partition size holding both slots and all bitmap chunks.
@@ -393,9 +400,17 @@ pub fn check_slot(buf: &[u8]) -> SlotStatus {
     let expected = get_u32(buf, OFF_CRC);
     let actual = crc_with_hole(buf, OFF_CRC);
     if expected != actual {
-        return SlotStatus::BadCrc { seq, expected, actual };
+        return SlotStatus::BadCrc {
+            seq,
+            expected,
+            actual,
+        };
     }
-    SlotStatus::Valid { seq, version: get_u32(buf, OFF_VERSION), crc: actual }
+    SlotStatus::Valid {
+        seq,
+        version: get_u32(buf, OFF_VERSION),
+        crc: actual,
+    }
 }
 
 fn get_str(buf: &[u8], off: usize, field_len: usize, what: &str) -> Result<String, String> {
@@ -429,17 +444,40 @@ impl Superblock {
         }
         let flags = Flags(get_u32(buf, OFF_FLAGS));
         if flags.0 & !Flags::ALL_V1.0 != 0 {
-            return Err(format!("unknown flag bits {:#x}", flags.0 & !Flags::ALL_V1.0));
+            return Err(format!(
+                "unknown flag bits {:#x}",
+                flags.0 & !Flags::ALL_V1.0
+            ));
         }
         let volume_size = get_u64(buf, OFF_VOLUME_SIZE);
         let region_size = get_u64(buf, OFF_REGION_SIZE);
         let geometry = Geometry::new(volume_size, region_size)?;
         let checks = [
-            ("region count", get_u64(buf, OFF_REGION_COUNT), geometry.region_count),
-            ("bitmap offset", get_u64(buf, OFF_BITMAP_OFFSET), BITMAP_OFFSET),
-            ("chunk size", get_u32(buf, OFF_CHUNK_SIZE) as u64, CHUNK_SIZE as u64),
-            ("bits per chunk", get_u32(buf, OFF_BITS_PER_CHUNK) as u64, BITS_PER_CHUNK),
-            ("chunk count", get_u64(buf, OFF_CHUNK_COUNT), geometry.chunk_count),
+            (
+                "region count",
+                get_u64(buf, OFF_REGION_COUNT),
+                geometry.region_count,
+            ),
+            (
+                "bitmap offset",
+                get_u64(buf, OFF_BITMAP_OFFSET),
+                BITMAP_OFFSET,
+            ),
+            (
+                "chunk size",
+                get_u32(buf, OFF_CHUNK_SIZE) as u64,
+                CHUNK_SIZE as u64,
+            ),
+            (
+                "bits per chunk",
+                get_u32(buf, OFF_BITS_PER_CHUNK) as u64,
+                BITS_PER_CHUNK,
+            ),
+            (
+                "chunk count",
+                get_u64(buf, OFF_CHUNK_COUNT),
+                geometry.chunk_count,
+            ),
         ];
         for (what, found, expected) in checks {
             if found != expected {
@@ -448,7 +486,9 @@ impl Superblock {
         }
         let data_size = get_u64(buf, OFF_DATA_SIZE);
         if volume_size > data_size {
-            return Err(format!("volume size {volume_size} exceeds data size {data_size}"));
+            return Err(format!(
+                "volume size {volume_size} exceeds data size {data_size}"
+            ));
         }
         let uuid = Uuid::from_bytes(buf[OFF_UUID..OFF_UUID + 16].try_into().expect("16 bytes"));
         let mut history = [0u64; HISTORY_LEN];
@@ -635,7 +675,10 @@ pub fn check_chunk(
     expected_tag: Option<u32>,
 ) -> Result<u32, ChunkFault> {
     if buf.len() != CHUNK_SIZE {
-        return Err(ChunkFault::BadLength { expected: CHUNK_SIZE, found: buf.len() });
+        return Err(ChunkFault::BadLength {
+            expected: CHUNK_SIZE,
+            found: buf.len(),
+        });
     }
     let got: [u8; 4] = buf[..4].try_into().expect("4 bytes");
     if got != CHUNK_MAGIC {
@@ -658,7 +701,10 @@ pub fn check_chunk(
     if let Some(e) = expected_tag {
         let t = get_u32(buf, CH_OFF_TAG);
         if e != t {
-            return Err(ChunkFault::TagMismatch { expected: e, found: t });
+            return Err(ChunkFault::TagMismatch {
+                expected: e,
+                found: t,
+            });
         }
     }
     Ok(found)
@@ -673,7 +719,11 @@ pub fn chunk_words(buf: &[u8], valid_bits: u64) -> Result<Vec<u64>, ChunkFault> 
         let w = get_u64(buf, CHUNK_HEADER_SIZE + 8 * i);
         if i < nwords {
             let keep_bits = (valid_bits - 64 * i as u64).min(64);
-            let mask = if keep_bits == 64 { u64::MAX } else { (1u64 << keep_bits) - 1 };
+            let mask = if keep_bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << keep_bits) - 1
+            };
             if w & !mask != 0 {
                 return Err(ChunkFault::TrailingBits);
             }
@@ -703,7 +753,11 @@ mod tests {
             geometry: Geometry::new(1 << 30, DEFAULT_REGION_SIZE).unwrap(),
             state: SbState {
                 flags: Flags::CONSISTENT,
-                gens: Generations { current: 5, bitmap: 3, history: [2, 1, 0, 0] },
+                gens: Generations {
+                    current: 5,
+                    bitmap: 3,
+                    history: [2, 1, 0, 0],
+                },
                 break_time: 99,
             },
             created_time: 10,

@@ -37,12 +37,20 @@ impl LoadReport {
 
 impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "superblock from slot {} (seq {})", self.chosen_slot, self.seq)?;
+        write!(
+            f,
+            "superblock from slot {} (seq {})",
+            self.chosen_slot, self.seq
+        )?;
         if let Some((slot, why)) = &self.ignored_slot {
             write!(f, "; ignored slot {slot}: {why}")?;
         }
         if !self.bad_chunks.is_empty() {
-            write!(f, "; {} bitmap chunk(s) failed checks and were loaded as all dirty:", self.bad_chunks.len())?;
+            write!(
+                f,
+                "; {} bitmap chunk(s) failed checks and were loaded as all dirty:",
+                self.bad_chunks.len()
+            )?;
             for (i, fault) in &self.bad_chunks {
                 write!(f, " [chunk {i}: {fault}]")?;
             }
@@ -63,7 +71,11 @@ pub(crate) struct ChosenSuperblock {
 pub(crate) fn read_slots<S: MetaStorage + ?Sized>(st: &mut S) -> Result<(u64, Vec<u8>)> {
     let len = st.len().map_err(|e| MetaError::io("size query", 0, 0, e))?;
     if len < BITMAP_OFFSET {
-        return Err(MetaError::TooSmall { len, need: BITMAP_OFFSET, what: "the two superblock slots".into() });
+        return Err(MetaError::TooSmall {
+            len,
+            need: BITMAP_OFFSET,
+            what: "the two superblock slots".into(),
+        });
     }
     let mut buf = vec![0u8; 2 * SB_SLOT_SIZE];
     st.read_at(0, &mut buf)
@@ -72,7 +84,11 @@ pub(crate) fn read_slots<S: MetaStorage + ?Sized>(st: &mut S) -> Result<(u64, Ve
 }
 
 /// Scans `from..len` for a non-zero byte.
-pub(crate) fn first_nonzero<S: MetaStorage + ?Sized>(st: &mut S, from: u64, len: u64) -> Result<Option<u64>> {
+pub(crate) fn first_nonzero<S: MetaStorage + ?Sized>(
+    st: &mut S,
+    from: u64,
+    len: u64,
+) -> Result<Option<u64>> {
     let mut buf = vec![0u8; 1 << 20];
     let mut off = from;
     while off < len {
@@ -119,12 +135,17 @@ pub(crate) fn read_superblock<S: MetaStorage + ?Sized>(st: &mut S) -> Result<Cho
     })?;
     let other = 1 - chosen;
     let ignored = match &slots[other] {
-        SlotStatus::Valid { .. } => {
-            Superblock::parse(slot_bytes(other)).err().map(|why| (other, format!("unusable contents: {why}")))
-        }
+        SlotStatus::Valid { .. } => Superblock::parse(slot_bytes(other))
+            .err()
+            .map(|why| (other, format!("unusable contents: {why}"))),
         s => Some((other, s.to_string())),
     };
-    Ok(ChosenSuperblock { sb, slots, chosen, ignored })
+    Ok(ChosenSuperblock {
+        sb,
+        slots,
+        chosen,
+        ignored,
+    })
 }
 
 /// Loads every bitmap chunk; a chunk failing any check becomes all dirty and is reported.
@@ -139,7 +160,10 @@ pub(crate) fn read_bitmap<S: MetaStorage + ?Sized>(
         return Err(MetaError::TooSmall {
             len,
             need,
-            what: format!("the bitmap of {} regions ({} chunks)", g.region_count, g.chunk_count),
+            what: format!(
+                "the bitmap of {} regions ({} chunks)",
+                g.region_count, g.chunk_count
+            ),
         });
     }
     let tag = uuid_tag(&sb.identity.uuid);

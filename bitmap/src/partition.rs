@@ -71,7 +71,11 @@ pub struct CreateParams {
 
 impl CreateParams {
     /// Parameters for mirroring the whole data partition with the default region size, all dirty.
-    pub fn new(resource: impl Into<String>, node: impl Into<String>, data: &DataIdentity) -> CreateParams {
+    pub fn new(
+        resource: impl Into<String>,
+        node: impl Into<String>,
+        data: &DataIdentity,
+    ) -> CreateParams {
         CreateParams {
             resource: resource.into(),
             node: node.into(),
@@ -99,7 +103,11 @@ pub struct AttachCheck {
 
 impl AttachCheck {
     /// Builds the check from the configuration names and the data partition's identity.
-    pub fn new(resource: impl Into<String>, node: impl Into<String>, data: &DataIdentity) -> AttachCheck {
+    pub fn new(
+        resource: impl Into<String>,
+        node: impl Into<String>,
+        data: &DataIdentity,
+    ) -> AttachCheck {
         AttachCheck {
             resource: resource.into(),
             node: node.into(),
@@ -125,7 +133,10 @@ pub struct MetaStats {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Keep-dirty LRU: recently written regions stay dirty on disk so a hot region costs no metadata
@@ -180,7 +191,9 @@ struct Inner {
 impl Inner {
     fn check_poison(&self) -> Result<()> {
         match &self.poisoned {
-            Some(cause) => Err(MetaError::Poisoned { cause: cause.clone() }),
+            Some(cause) => Err(MetaError::Poisoned {
+                cause: cause.clone(),
+            }),
             None => Ok(()),
         }
     }
@@ -239,7 +252,11 @@ impl Inner {
 
 struct Shared {
     storage: Mutex<Box<dyn MetaStorage>>,
+    /// The durable superblock. Held only to copy or publish, never across
+    /// I/O, so readers (status) never wait on a slow metadata disk.
     sb: Mutex<Superblock>,
+    /// Serializes superblock updates (read-modify-write-sync-publish).
+    sb_writer: Mutex<()>,
     geom: Geometry,
     tag: u32,
     inner: Mutex<Inner>,
@@ -248,7 +265,10 @@ struct Shared {
 
 impl fmt::Debug for Shared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Shared").field("geom", &self.geom).field("tag", &self.tag).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("geom", &self.geom)
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
     }
 }
 
@@ -276,7 +296,10 @@ impl WriteTicket {
 
 impl fmt::Debug for WriteTicket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WriteTicket").field("regions", &self.regions).field("done", &self.done).finish()
+        f.debug_struct("WriteTicket")
+            .field("regions", &self.regions)
+            .field("done", &self.done)
+            .finish()
     }
 }
 
@@ -304,17 +327,25 @@ fn validate_params(p: &CreateParams) -> Result<Geometry> {
         }
     }
     if p.data_stable_id.len() > STABLE_ID_MAX {
-        return bad(format!("data stable id is {} bytes, max {STABLE_ID_MAX}", p.data_stable_id.len()));
+        return bad(format!(
+            "data stable id is {} bytes, max {STABLE_ID_MAX}",
+            p.data_stable_id.len()
+        ));
     }
     if p.volume_size > p.data_size {
-        return bad(format!("volume size {} exceeds data size {}", p.volume_size, p.data_size));
+        return bad(format!(
+            "volume size {} exceeds data size {}",
+            p.volume_size, p.data_size
+        ));
     }
     Geometry::new(p.volume_size, p.region_size).map_err(MetaError::InvalidParams)
 }
 
 fn write_sync(st: &mut dyn MetaStorage, off: u64, buf: &[u8], what: &'static str) -> Result<()> {
-    st.write_at(off, buf).map_err(|e| MetaError::io(what, off, buf.len() as u64, e))?;
-    st.sync().map_err(|e| MetaError::io("sync", off, buf.len() as u64, e))
+    st.write_at(off, buf)
+        .map_err(|e| MetaError::io(what, off, buf.len() as u64, e))?;
+    st.sync()
+        .map_err(|e| MetaError::io("sync", off, buf.len() as u64, e))
 }
 
 impl ClusterPartition {
@@ -325,29 +356,51 @@ impl ClusterPartition {
     /// Order (crash-safe): zero both superblock slots + sync, write all chunks + sync, write both
     /// slots + sync. A crash before the end leaves zero superblocks (refused by `open`), never a
     /// valid superblock over a half-written bitmap.
-    pub fn create<S: MetaStorage + 'static>(mut storage: S, params: &CreateParams, force: bool) -> Result<ClusterPartition> {
+    pub fn create<S: MetaStorage + 'static>(
+        mut storage: S,
+        params: &CreateParams,
+        force: bool,
+    ) -> Result<ClusterPartition> {
         let geom = validate_params(params)?;
         if !force {
             match read_superblock(&mut storage) {
                 Ok(found) => {
                     let id = found.sb.identity;
-                    return Err(MetaError::AlreadyInitialised { resource: id.resource, node: id.node, uuid: id.uuid });
+                    return Err(MetaError::AlreadyInitialised {
+                        resource: id.resource,
+                        node: id.node,
+                        uuid: id.uuid,
+                    });
                 }
                 Err(MetaError::Blank) => {}
                 Err(e @ (MetaError::Io { .. } | MetaError::TooSmall { .. })) => return Err(e),
-                Err(e) => return Err(MetaError::Unrecognised { reason: e.to_string() }),
+                Err(e) => {
+                    return Err(MetaError::Unrecognised {
+                        reason: e.to_string(),
+                    })
+                }
             }
         }
-        let len = storage.len().map_err(|e| MetaError::io("size query", 0, 0, e))?;
+        let len = storage
+            .len()
+            .map_err(|e| MetaError::io("size query", 0, 0, e))?;
         let need = geom.required_partition_size();
         if len < need {
             return Err(MetaError::TooSmall {
                 len,
                 need,
-                what: format!("a bitmap of {} regions of {} bytes", geom.region_count, geom.region_size),
+                what: format!(
+                    "a bitmap of {} regions of {} bytes",
+                    geom.region_count, geom.region_size
+                ),
             });
         }
-        write_sync(&mut storage, 0, &vec![0u8; 2 * SB_SLOT_SIZE], "write (zero superblock slots)")?;
+        write_sync(
+            &mut storage,
+            0,
+            &vec![0u8; 2 * SB_SLOT_SIZE],
+            "write (zero superblock slots)",
+        )?;
 
         let uuid = Uuid::new_v4();
         let tag = uuid_tag(&uuid);
@@ -369,7 +422,9 @@ impl ClusterPartition {
                 .map_err(|e| MetaError::io("write bitmap chunks", off, buf.len() as u64, e))?;
             idx += n;
         }
-        storage.sync().map_err(|e| MetaError::io("sync bitmap", BITMAP_OFFSET, 0, e))?;
+        storage
+            .sync()
+            .map_err(|e| MetaError::io("sync bitmap", BITMAP_OFFSET, 0, e))?;
 
         let t = now();
         let mut sb = Superblock {
@@ -384,7 +439,11 @@ impl ClusterPartition {
             geometry: geom,
             state: SbState {
                 flags: Flags::BLANK,
-                gens: Generations { current: rand::random::<u64>() | 1, bitmap: 0, history: [0; 4] },
+                gens: Generations {
+                    current: rand::random::<u64>() | 1,
+                    bitmap: 0,
+                    history: [0; 4],
+                },
                 break_time: 0,
             },
             created_time: t,
@@ -394,9 +453,13 @@ impl ClusterPartition {
             sb.seq = seq;
             let off = SB_SLOT_OFFSETS[sb.slot()];
             let enc = sb.encode();
-            storage.write_at(off, &enc).map_err(|e| MetaError::io("write superblock", off, enc.len() as u64, e))?;
+            storage
+                .write_at(off, &enc)
+                .map_err(|e| MetaError::io("write superblock", off, enc.len() as u64, e))?;
         }
-        storage.sync().map_err(|e| MetaError::io("sync superblock", 0, 0, e))?;
+        storage
+            .sync()
+            .map_err(|e| MetaError::io("sync superblock", 0, 0, e))?;
         Ok(ClusterPartition::build(Box::new(storage), sb, bits))
     }
 
@@ -406,19 +469,34 @@ impl ClusterPartition {
     /// (with both slots' expected/actual CRC or magic) when neither slot is usable;
     /// [`MetaError::IdentityMismatch`] naming every differing field. One bad slot or bad chunks
     /// are tolerated and listed in the [`LoadReport`] (bad chunks load as all dirty).
-    pub fn open<S: MetaStorage + 'static>(mut storage: S, expected: &AttachCheck) -> Result<(ClusterPartition, LoadReport)> {
+    pub fn open<S: MetaStorage + 'static>(
+        mut storage: S,
+        expected: &AttachCheck,
+    ) -> Result<(ClusterPartition, LoadReport)> {
         let chosen = read_superblock(&mut storage)?;
         let id = &chosen.sb.identity;
         let mut mismatches = Vec::new();
         let mut cmp = |field: &'static str, e: String, f: String| {
             if e != f {
-                mismatches.push(Mismatch { field, expected: e, found: f });
+                mismatches.push(Mismatch {
+                    field,
+                    expected: e,
+                    found: f,
+                });
             }
         };
         cmp("resource", expected.resource.clone(), id.resource.clone());
         cmp("node", expected.node.clone(), id.node.clone());
-        cmp("data size", expected.data_size.to_string(), id.data_size.to_string());
-        cmp("data stable id", expected.data_stable_id.clone(), id.data_stable_id.clone());
+        cmp(
+            "data size",
+            expected.data_size.to_string(),
+            id.data_size.to_string(),
+        );
+        cmp(
+            "data stable id",
+            expected.data_stable_id.clone(),
+            id.data_stable_id.clone(),
+        );
         if !mismatches.is_empty() {
             return Err(MetaError::IdentityMismatch { mismatches });
         }
@@ -430,7 +508,10 @@ impl ClusterPartition {
             ignored_slot: chosen.ignored,
             bad_chunks,
         };
-        Ok((ClusterPartition::build(Box::new(storage), chosen.sb, bits), report))
+        Ok((
+            ClusterPartition::build(Box::new(storage), chosen.sb, bits),
+            report,
+        ))
     }
 
     fn build(storage: Box<dyn MetaStorage>, sb: Superblock, bits: DirtyBits) -> ClusterPartition {
@@ -440,7 +521,10 @@ impl ClusterPartition {
             bits,
             inflight: HashMap::new(),
             intent: HashSet::new(),
-            lru: Lru { cap: DEFAULT_KEEP_DIRTY, ..Lru::default() },
+            lru: Lru {
+                cap: DEFAULT_KEEP_DIRTY,
+                ..Lru::default()
+            },
             pending: BTreeSet::new(),
             chunk_epoch: HashMap::new(),
             region_epoch: HashMap::new(),
@@ -454,6 +538,7 @@ impl ClusterPartition {
             shared: Arc::new(Shared {
                 storage: Mutex::new(storage),
                 sb: Mutex::new(sb),
+                sb_writer: Mutex::new(()),
                 geom,
                 tag,
                 inner: Mutex::new(inner),
@@ -504,12 +589,15 @@ impl ClusterPartition {
     /// new superblock. On failure the in-memory superblock is unchanged and the partition is
     /// poisoned.
     pub fn update_superblock<F: FnOnce(&mut SbState)>(&self, f: F) -> Result<Superblock> {
-        let mut sb = lock(&self.shared.sb);
+        let _writer = lock(&self.shared.sb_writer);
         lock(&self.shared.inner).check_poison()?;
-        let mut next = sb.clone();
+        let mut next = lock(&self.shared.sb).clone();
         f(&mut next.state);
         if next.state.flags.0 & !Flags::ALL_V1.0 != 0 {
-            return Err(MetaError::InvalidParams(format!("unknown flag bits {:#x}", next.state.flags.0)));
+            return Err(MetaError::InvalidParams(format!(
+                "unknown flag bits {:#x}",
+                next.state.flags.0
+            )));
         }
         next.seq += 1;
         next.last_update_time = now();
@@ -523,7 +611,7 @@ impl ClusterPartition {
             Ok(()) => {
                 inner.stats.superblock_writes += 1;
                 inner.stats.syncs += 1;
-                *sb = next.clone();
+                *lock(&self.shared.sb) = next.clone();
                 Ok(next)
             }
             Err(e) => {
@@ -583,14 +671,22 @@ impl ClusterPartition {
                     Ok(offset / g.region_size..(end - 1) / g.region_size + 1)
                 }
             }
-            _ => Err(MetaError::OutOfRange { offset, len, volume_size: g.volume_size }),
+            _ => Err(MetaError::OutOfRange {
+                offset,
+                len,
+                volume_size: g.volume_size,
+            }),
         }
     }
 
     // ----- group commit -----
 
     /// Waits until `need` is durable, flushing ourselves if nobody else is.
-    fn commit<'a>(&'a self, mut g: MutexGuard<'a, Inner>, need: u64) -> Result<MutexGuard<'a, Inner>> {
+    fn commit<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Inner>,
+        need: u64,
+    ) -> Result<MutexGuard<'a, Inner>> {
         let mut counted = false;
         loop {
             g.check_poison()?;
@@ -608,11 +704,17 @@ impl ClusterPartition {
             let epoch = g.open_epoch;
             g.open_epoch += 1;
             let chunks = std::mem::take(&mut g.pending);
-            let bufs: Vec<(u32, Vec<u8>)> =
-                chunks.into_iter().map(|c| (c, g.bits.encode_chunk(c, self.shared.tag))).collect();
+            let bufs: Vec<(u32, Vec<u8>)> = chunks
+                .into_iter()
+                .map(|c| (c, g.bits.encode_chunk(c, self.shared.tag)))
+                .collect();
             g.flushing = true;
             drop(g);
-            let res = if bufs.is_empty() { Ok(()) } else { self.write_chunks(&bufs) };
+            let res = if bufs.is_empty() {
+                Ok(())
+            } else {
+                self.write_chunks(&bufs)
+            };
             g = lock(&self.shared.inner);
             g.flushing = false;
             self.shared.cv.notify_all();
@@ -641,19 +743,37 @@ impl ClusterPartition {
         let mut i = 0;
         while i < bufs.len() {
             let mut j = i + 1;
-            while j < bufs.len() && bufs[j].0 == bufs[j - 1].0 + 1 && (j - i) < CHUNKS_PER_IO as usize {
+            while j < bufs.len()
+                && bufs[j].0 == bufs[j - 1].0 + 1
+                && (j - i) < CHUNKS_PER_IO as usize
+            {
                 j += 1;
             }
             let off = Geometry::chunk_offset(bufs[i].0 as u64);
             let res = if j == i + 1 {
                 st.write_at(off, &bufs[i].1)
             } else {
-                st.write_at(off, &bufs[i..j].iter().flat_map(|(_, b)| b.iter().copied()).collect::<Vec<u8>>())
+                st.write_at(
+                    off,
+                    &bufs[i..j]
+                        .iter()
+                        .flat_map(|(_, b)| b.iter().copied())
+                        .collect::<Vec<u8>>(),
+                )
             };
-            res.map_err(|e| MetaError::io("write bitmap chunks", off, ((j - i) * CHUNK_SIZE) as u64, e))?;
+            res.map_err(|e| {
+                MetaError::io("write bitmap chunks", off, ((j - i) * CHUNK_SIZE) as u64, e)
+            })?;
             i = j;
         }
-        st.sync().map_err(|e| MetaError::io("sync bitmap", Geometry::chunk_offset(bufs[0].0 as u64), 0, e))
+        st.sync().map_err(|e| {
+            MetaError::io(
+                "sync bitmap",
+                Geometry::chunk_offset(bufs[0].0 as u64),
+                0,
+                e,
+            )
+        })
     }
 
     fn commit_if(&self, g: MutexGuard<'_, Inner>, need: u64) -> Result<()> {
@@ -678,7 +798,11 @@ impl ClusterPartition {
             g.lru.touch(r);
             need = need.max(g.set_dirty(r, true));
         }
-        let ticket = WriteTicket { shared: self.shared.clone(), regions, done: false };
+        let ticket = WriteTicket {
+            shared: self.shared.clone(),
+            regions,
+            done: false,
+        };
         if need > g.durable_epoch {
             if let Err(e) = self.commit(g, need) {
                 // Not issued: the ticket's drop undoes the in-flight counts (regions stay dirty).
@@ -702,14 +826,21 @@ impl ClusterPartition {
             *g.inflight.entry(r).or_insert(0) += 1;
             g.lru.touch(r);
         }
-        Some(WriteTicket { shared: self.shared.clone(), regions, done: false })
+        Some(WriteTicket {
+            shared: self.shared.clone(),
+            regions,
+            done: false,
+        })
     }
 
     /// After the data write completed locally: `peer_durable` says whether the peer acknowledged
     /// it durably (ack2). If not, the regions become sticky dirty (need resync) until cleared by
     /// [`Self::clear_regions`]. No I/O.
     pub fn end_write(&self, mut ticket: WriteTicket, peer_durable: bool) {
-        debug_assert!(Arc::ptr_eq(&ticket.shared, &self.shared), "ticket from another partition");
+        debug_assert!(
+            Arc::ptr_eq(&ticket.shared, &self.shared),
+            "ticket from another partition"
+        );
         ticket.done = true;
         lock(&ticket.shared.inner).end(ticket.regions.clone(), peer_durable);
     }
@@ -739,7 +870,10 @@ impl ClusterPartition {
     /// Number of regions `flush_clears` would clear now.
     pub fn clearable_count(&self) -> usize {
         let g = lock(&self.shared.inner);
-        g.intent.iter().filter(|r| !g.inflight.contains_key(r) && !g.lru.contains(**r)).count()
+        g.intent
+            .iter()
+            .filter(|r| !g.inflight.contains_key(r) && !g.lru.contains(**r))
+            .count()
     }
 
     /// Sets the keep-dirty LRU capacity (0 disables it); shrinking evicts the coldest.
@@ -772,7 +906,10 @@ impl ClusterPartition {
         let n = self.region_count();
         let v: Vec<u64> = regions.into_iter().collect();
         match v.iter().find(|&&r| r >= n) {
-            Some(&region) => Err(MetaError::RegionOutOfRange { region, region_count: n }),
+            Some(&region) => Err(MetaError::RegionOutOfRange {
+                region,
+                region_count: n,
+            }),
             None => Ok(v),
         }
     }
@@ -840,7 +977,10 @@ impl ClusterPartition {
         let mut g = lock(&self.shared.inner);
         g.check_poison()?;
         if other.len() != g.bits.len() {
-            return Err(MetaError::GeometryMismatch { expected: g.bits.len(), found: other.len() });
+            return Err(MetaError::GeometryMismatch {
+                expected: g.bits.len(),
+                found: other.len(),
+            });
         }
         let changed = g.bits.union_with(other);
         g.intent.retain(|&r| !other.get(r));
@@ -850,7 +990,13 @@ impl ClusterPartition {
             g.chunk_epoch.insert(c, epoch);
         }
         // Also wait for bits already set but not yet durable.
-        let need = g.chunk_epoch.values().chain(g.region_epoch.values()).copied().max().unwrap_or(0);
+        let need = g
+            .chunk_epoch
+            .values()
+            .chain(g.region_epoch.values())
+            .copied()
+            .max()
+            .unwrap_or(0);
         self.commit_if(g, need)
     }
 
@@ -858,10 +1004,12 @@ impl ClusterPartition {
     pub fn merge_chunk(&self, chunk: &BitmapChunk) -> Result<()> {
         let mut other = DirtyBits::new(self.region_count());
         if chunk.index as u64 >= self.chunk_count() {
-            return Err(MetaError::BadChunk(crate::layout::ChunkFault::IndexOutOfRange {
-                index: chunk.index,
-                chunk_count: self.chunk_count(),
-            }));
+            return Err(MetaError::BadChunk(
+                crate::layout::ChunkFault::IndexOutOfRange {
+                    index: chunk.index,
+                    chunk_count: self.chunk_count(),
+                },
+            ));
         }
         other.set_chunk_words(chunk.index, &chunk.words);
         self.merge(&other)
@@ -875,12 +1023,16 @@ impl ClusterPartition {
     /// Chunk `idx` of the in-memory bitmap in the chunk format (4096 bytes with CRC), for sending.
     pub fn export_chunk(&self, idx: u32) -> Result<Vec<u8>> {
         if idx as u64 >= self.chunk_count() {
-            return Err(MetaError::BadChunk(crate::layout::ChunkFault::IndexOutOfRange {
-                index: idx,
-                chunk_count: self.chunk_count(),
-            }));
+            return Err(MetaError::BadChunk(
+                crate::layout::ChunkFault::IndexOutOfRange {
+                    index: idx,
+                    chunk_count: self.chunk_count(),
+                },
+            ));
         }
-        Ok(lock(&self.shared.inner).bits.encode_chunk(idx, self.shared.tag))
+        Ok(lock(&self.shared.inner)
+            .bits
+            .encode_chunk(idx, self.shared.tag))
     }
 
     // ----- queries -----
@@ -897,7 +1049,11 @@ impl ClusterPartition {
 
     /// Number of writes in flight to region `r`.
     pub fn inflight(&self, r: u64) -> u32 {
-        lock(&self.shared.inner).inflight.get(&r).copied().unwrap_or(0)
+        lock(&self.shared.inner)
+            .inflight
+            .get(&r)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Number of dirty regions.
@@ -964,7 +1120,12 @@ impl ClusterPartition {
 
 /// Estimated steady-state tracker memory for a volume: the dense bitmap plus the sparse maps
 /// sized for `keep_dirty` LRU entries and `max_inflight_regions` regions with writes in flight.
-pub fn estimate_memory(volume_size: u64, region_size: u64, keep_dirty: usize, max_inflight_regions: usize) -> u64 {
+pub fn estimate_memory(
+    volume_size: u64,
+    region_size: u64,
+    keep_dirty: usize,
+    max_inflight_regions: usize,
+) -> u64 {
     let regions = volume_size.div_ceil(region_size);
     let dense = regions.div_ceil(64) * 8;
     let per_entry = 17 + 17 + 9 + 32; // inflight + lru map + intent + lru order

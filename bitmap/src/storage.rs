@@ -65,7 +65,10 @@ impl FileStorage {
             opts.custom_flags(libc::O_EXCL);
         }
         let file = opts.open(path).map_err(|e| {
-            io::Error::new(e.kind(), format!("opening cluster partition {}: {e}", path.display()))
+            io::Error::new(
+                e.kind(),
+                format!("opening cluster partition {}: {e}", path.display()),
+            )
         })?;
         if !block_device {
             // SAFETY: flock on a file descriptor we own and that stays open for the call; no
@@ -75,11 +78,18 @@ impl FileStorage {
                 let e = io::Error::last_os_error();
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("locking cluster partition {} (in use by another agent?): {e}", path.display()),
+                    format!(
+                        "locking cluster partition {} (in use by another agent?): {e}",
+                        path.display()
+                    ),
                 ));
             }
         }
-        Ok(FileStorage { file, path: path.to_owned(), block_device })
+        Ok(FileStorage {
+            file,
+            path: path.to_owned(),
+            block_device,
+        })
     }
 
     /// The path opened.
@@ -141,7 +151,8 @@ impl MemStorage {
 }
 
 pub(crate) fn range_check(len: usize, offset: u64, n: usize) -> io::Result<std::ops::Range<usize>> {
-    let start = usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let start =
+        usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     match start.checked_add(n) {
         Some(end) if end <= len => Ok(start..end),
         _ => Err(io::Error::new(
@@ -202,7 +213,14 @@ pub fn block_stable_id(major: u64, minor: u64) -> String {
 /// [`block_stable_id`] with the sysfs `dev/block` directory as a parameter (tests use a fake one).
 fn stable_id_in(dev_block: &Path, major: u64, minor: u64) -> String {
     let base = dev_block.join(format!("{major}:{minor}"));
-    let candidates = ["device/wwid", "wwid", "device/serial", "serial", "dm/uuid", "md/uuid"];
+    let candidates = [
+        "device/wwid",
+        "wwid",
+        "device/serial",
+        "serial",
+        "dm/uuid",
+        "md/uuid",
+    ];
     let find = |dir: &Path| candidates.iter().find_map(|c| read_sys(&dir.join(c)));
     let mut id = find(&base);
     if id.is_none() {
@@ -234,9 +252,15 @@ pub fn data_partition_identity(path: impl AsRef<Path>) -> io::Result<DataIdentit
         let f = File::open(path)?;
         let size = (&f).seek(SeekFrom::End(0))?;
         let (major, minor) = dev_major_minor(md.rdev());
-        Ok(DataIdentity { size, stable_id: block_stable_id(major, minor) })
+        Ok(DataIdentity {
+            size,
+            stable_id: block_stable_id(major, minor),
+        })
     } else {
-        Ok(DataIdentity { size: md.len(), stable_id: String::new() })
+        Ok(DataIdentity {
+            size: md.len(),
+            stable_id: String::new(),
+        })
     }
 }
 
@@ -249,7 +273,9 @@ mod tests {
         // makedev(8, 17) and makedev(259, 3) as glibc encodes them.
         assert_eq!(dev_major_minor(0x811), (8, 17));
         // glibc makedev.
-        let makedev = |ma: u64, mi: u64| ((ma & 0xfff) << 8) | ((ma & !0xfff) << 32) | (mi & 0xff) | ((mi & !0xff) << 12);
+        let makedev = |ma: u64, mi: u64| {
+            ((ma & 0xfff) << 8) | ((ma & !0xfff) << 32) | (mi & 0xff) | ((mi & !0xff) << 12)
+        };
         assert_eq!(dev_major_minor(makedev(259, 3)), (259, 3));
         assert_eq!(dev_major_minor(makedev(4100, 70000)), (4100, 70000));
     }
@@ -309,6 +335,12 @@ mod tests {
         let tmp = tempfile::NamedTempFile::new().unwrap();
         tmp.as_file().set_len(123456).unwrap();
         let id = data_partition_identity(tmp.path()).unwrap();
-        assert_eq!(id, DataIdentity { size: 123456, stable_id: String::new() });
+        assert_eq!(
+            id,
+            DataIdentity {
+                size: 123456,
+                stable_id: String::new()
+            }
+        );
     }
 }

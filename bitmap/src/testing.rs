@@ -58,7 +58,10 @@ pub struct FaultyStorage {
 }
 
 fn eio(what: &str) -> io::Error {
-    io::Error::new(io::Error::from_raw_os_error(libc::EIO).kind(), what.to_owned())
+    io::Error::new(
+        io::Error::from_raw_os_error(libc::EIO).kind(),
+        what.to_owned(),
+    )
 }
 
 fn injected_eio() -> io::Error {
@@ -73,8 +76,14 @@ impl FaultyStorage {
 
     /// A disk whose durable contents are `image`.
     pub fn from_image(image: Vec<u8>) -> FaultyStorage {
-        let st = State { view: image.clone(), durable: image, ..State::default() };
-        FaultyStorage { st: Arc::new(Mutex::new(st)) }
+        let st = State {
+            view: image.clone(),
+            durable: image,
+            ..State::default()
+        };
+        FaultyStorage {
+            st: Arc::new(Mutex::new(st)),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -257,8 +266,14 @@ mod tests {
         let mut b = [0u8; 4];
         s.read_at(0, &mut b).unwrap();
         assert_eq!(b, [1, 2, 3, 4]);
-        assert_eq!(&s.image_after_crash(CrashMode::DropUnsynced)[..4], &[1, 2, 0, 0]);
-        assert_eq!(&s.image_after_crash(CrashMode::KeepUnsynced)[..4], &[1, 2, 3, 4]);
+        assert_eq!(
+            &s.image_after_crash(CrashMode::DropUnsynced)[..4],
+            &[1, 2, 0, 0]
+        );
+        assert_eq!(
+            &s.image_after_crash(CrashMode::KeepUnsynced)[..4],
+            &[1, 2, 3, 4]
+        );
         assert!(s.write_at(0, &[9]).is_err());
     }
 

@@ -17,7 +17,9 @@ use std::collections::{HashMap, HashSet};
 const RS: u64 = 4096;
 const REGIONS: u64 = 70_000;
 /// Regions exercised: both ends of every chunk (32640 regions per chunk) and some neighbours.
-const INTERESTING: [u64; 14] = [0, 1, 2, 3, 63, 64, 65, 32_639, 32_640, 32_641, 65_279, 65_280, 65_281, 69_999];
+const INTERESTING: [u64; 14] = [
+    0, 1, 2, 3, 63, 64, 65, 32_639, 32_640, 32_641, 65_279, 65_280, 65_281, 69_999,
+];
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -63,7 +65,12 @@ fn params() -> CreateParams {
 
 fn attach() -> AttachCheck {
     let p = params();
-    AttachCheck { resource: p.resource, node: p.node, data_size: p.data_size, data_stable_id: p.data_stable_id }
+    AttachCheck {
+        resource: p.resource,
+        node: p.node,
+        data_size: p.data_size,
+        data_stable_id: p.data_stable_id,
+    }
 }
 
 #[derive(Default)]
@@ -74,19 +81,34 @@ struct Model {
 
 impl Model {
     fn required(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.inflight.keys().chain(self.sticky.iter()).copied().collect();
+        let mut v: Vec<u64> = self
+            .inflight
+            .keys()
+            .chain(self.sticky.iter())
+            .copied()
+            .collect();
         v.sort_unstable();
         v.dedup();
         v
     }
 }
 
-fn check_image(img: Vec<u8>, model: &Model, when: &str) -> std::result::Result<ClusterPartition, TestCaseError> {
+fn check_image(
+    img: Vec<u8>,
+    model: &Model,
+    when: &str,
+) -> std::result::Result<ClusterPartition, TestCaseError> {
     let (cp, _rep) = ClusterPartition::open(MemStorage::from_vec(img), &attach())
         .map_err(|e| TestCaseError::fail(format!("{when}: reopen failed: {e}")))?;
     for r in model.required() {
-        prop_assert!(cp.is_dirty(r), "{}: region {} must be dirty on disk (inflight {:?}, sticky {})",
-            when, r, model.inflight.get(&r), model.sticky.contains(&r));
+        prop_assert!(
+            cp.is_dirty(r),
+            "{}: region {} must be dirty on disk (inflight {:?}, sticky {})",
+            when,
+            r,
+            model.inflight.get(&r),
+            model.sticky.contains(&r)
+        );
     }
     Ok(cp)
 }
@@ -185,11 +207,20 @@ fn run(ops: Vec<Op>, lru: usize, seed: u64) -> std::result::Result<(), TestCaseE
         }
         // In memory: nothing in flight is ever clean.
         for (&r, &n) in &model.inflight {
-            prop_assert!(cp.is_dirty(r), "step {}: region {} in flight but clean in memory", step, r);
+            prop_assert!(
+                cp.is_dirty(r),
+                "step {}: region {} in flight but clean in memory",
+                step,
+                r
+            );
             prop_assert_eq!(cp.inflight(r), n);
         }
         // On stable storage, at this instant.
-        check_image(disk.durable_image(), &model, &format!("step {step} durable image"))?;
+        check_image(
+            disk.durable_image(),
+            &model,
+            &format!("step {step} durable image"),
+        )?;
     }
 
     let img = disk.image_after_crash(CrashMode::Random(seed));

@@ -53,13 +53,14 @@ fn create_then_open_roundtrip() {
     assert_ne!(cp.generations().current, 0);
     let t = cp.begin_write(5 * RS, 3 * RS).unwrap();
     cp.end_write(t, false);
-    let sb = cp.update_superblock(|st| {
-        st.flags.remove(Flags::BLANK);
-        st.flags.insert(Flags::CONSISTENT);
-        st.gens.bitmap = 42;
-        st.break_time = 1234;
-    })
-    .unwrap();
+    let sb = cp
+        .update_superblock(|st| {
+            st.flags.remove(Flags::BLANK);
+            st.flags.insert(Flags::CONSISTENT);
+            st.gens.bitmap = 42;
+            st.break_time = 1234;
+        })
+        .unwrap();
     let (cp2, rep) = reopen(s.durable_image(), &p).unwrap();
     assert!(rep.is_clean(), "{rep}");
     assert_eq!(rep.seq, sb.seq);
@@ -89,10 +90,14 @@ fn create_refuses_existing_metadata_without_force() {
     let img = s.durable_image();
     let mut other = p.clone();
     other.resource = "r1".into();
-    let err = ClusterPartition::create(MemStorage::from_vec(img.clone()), &other, false).unwrap_err();
+    let err =
+        ClusterPartition::create(MemStorage::from_vec(img.clone()), &other, false).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, MetaError::AlreadyInitialised { .. }), "{msg}");
-    assert!(msg.contains("\"r0\"") && msg.contains("\"alpha\"") && msg.contains(&uuid.to_string()), "{msg}");
+    assert!(
+        msg.contains("\"r0\"") && msg.contains("\"alpha\"") && msg.contains(&uuid.to_string()),
+        "{msg}"
+    );
     let cp = ClusterPartition::create(MemStorage::from_vec(img), &other, true).unwrap();
     assert_eq!(cp.identity().resource, "r1");
     assert_ne!(cp.identity().uuid, uuid);
@@ -112,13 +117,27 @@ fn create_refuses_unrecognised_content_without_force() {
 #[test]
 fn create_rejects_small_partition_and_bad_params() {
     let mut p = params(40_000);
-    let err = ClusterPartition::create(MemStorage::new(BITMAP_OFFSET as usize + CHUNK_SIZE), &p, false).unwrap_err();
-    assert!(matches!(err, MetaError::TooSmall { need, .. } if need == BITMAP_OFFSET + 2 * CHUNK_SIZE as u64), "{err}");
+    let err = ClusterPartition::create(
+        MemStorage::new(BITMAP_OFFSET as usize + CHUNK_SIZE),
+        &p,
+        false,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, MetaError::TooSmall { need, .. } if need == BITMAP_OFFSET + 2 * CHUNK_SIZE as u64),
+        "{err}"
+    );
     p.region_size = 5000;
-    assert!(matches!(ClusterPartition::create(MemStorage::new(1 << 20), &p, false), Err(MetaError::InvalidParams(_))));
+    assert!(matches!(
+        ClusterPartition::create(MemStorage::new(1 << 20), &p, false),
+        Err(MetaError::InvalidParams(_))
+    ));
     let mut p = params(10);
     p.volume_size = p.data_size + 1;
-    assert!(matches!(ClusterPartition::create(MemStorage::new(1 << 20), &p, false), Err(MetaError::InvalidParams(_))));
+    assert!(matches!(
+        ClusterPartition::create(MemStorage::new(1 << 20), &p, false),
+        Err(MetaError::InvalidParams(_))
+    ));
 }
 
 #[test]
@@ -137,7 +156,12 @@ fn open_rejects_wrong_identity_naming_expected_and_found() {
         MetaError::IdentityMismatch { mismatches } => assert_eq!(mismatches.len(), 4, "{msg}"),
         e => panic!("unexpected {e}"),
     }
-    for s in ["resource: expected \"r9\", found \"r0\"", "node: expected \"beta\", found \"alpha\"", "data stable id", "wwn-other"] {
+    for s in [
+        "resource: expected \"r9\", found \"r0\"",
+        "node: expected \"beta\", found \"alpha\"",
+        "data stable id",
+        "wwn-other",
+    ] {
         assert!(msg.contains(s), "{msg} lacks {s}");
     }
 }
@@ -151,7 +175,10 @@ fn all_zero_partition_is_blank() {
     let mut img = vec![0u8; 1 << 16];
     img[40_000] = 1;
     let err = ClusterPartition::open(MemStorage::from_vec(img), &check_for(&p)).unwrap_err();
-    assert!(matches!(err, MetaError::ZeroSuperblocksNotBlank { offset: 40_000 }), "{err}");
+    assert!(
+        matches!(err, MetaError::ZeroSuperblocksNotBlank { offset: 40_000 }),
+        "{err}"
+    );
     // Blank is accepted by create without force.
     ClusterPartition::create(MemStorage::new(1 << 16), &p, false).unwrap();
 }
@@ -163,7 +190,12 @@ fn garbage_is_reported_with_reason() {
     img[..8].copy_from_slice(b"GARBAGE!");
     let err = ClusterPartition::open(MemStorage::from_vec(img), &check_for(&p)).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("slot 0: bad magic") && msg.contains("GARBAGE!") && msg.contains("slot 1: all zero"), "{msg}");
+    assert!(
+        msg.contains("slot 0: bad magic")
+            && msg.contains("GARBAGE!")
+            && msg.contains("slot 1: all zero"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -178,8 +210,15 @@ fn torn_superblock_write_leaves_other_slot_valid() {
         s.tear_write(0, prefix);
         let err = cp.update_superblock(|st| st.gens.current = 8).unwrap_err();
         assert!(err.to_string().contains("write superblock"), "{err}");
-        assert_eq!(cp.superblock(), before, "in-memory superblock unchanged on failure");
-        assert!(matches!(cp.update_superblock(|_| {}), Err(MetaError::Poisoned { .. })));
+        assert_eq!(
+            cp.superblock(),
+            before,
+            "in-memory superblock unchanged on failure"
+        );
+        assert!(matches!(
+            cp.update_superblock(|_| {}),
+            Err(MetaError::Poisoned { .. })
+        ));
         let (cp2, rep) = reopen(s.durable_image(), &p).unwrap();
         // Byte 104 (the low byte of the generation, 7 -> 8) is the last byte that surely differs.
         if prefix > 104 && cp2.generations().current == 8 {
@@ -191,7 +230,10 @@ fn torn_superblock_write_leaves_other_slot_valid() {
         match rep.ignored_slot.clone() {
             Some((slot, why)) => {
                 assert_eq!(slot, 1 - before.slot());
-                assert!(why.contains("CRC mismatch") || why.contains("magic"), "{why}");
+                assert!(
+                    why.contains("CRC mismatch") || why.contains("magic"),
+                    "{why}"
+                );
             }
             // A prefix equal to the old contents leaves the older superblock intact.
             None => assert!(
@@ -212,7 +254,9 @@ fn superblock_alternates_slots_and_newest_wins() {
         assert_eq!(rep.chosen_slot, sb.slot());
         assert_eq!(cp2.generations().history[0], i);
         // The previous slot still holds the previous superblock.
-        assert!(matches!(rep.slots[1 - sb.slot()], SlotStatus::Valid { seq, .. } if seq == sb.seq - 1));
+        assert!(
+            matches!(rep.slots[1 - sb.slot()], SlotStatus::Valid { seq, .. } if seq == sb.seq - 1)
+        );
     }
 }
 
@@ -229,9 +273,15 @@ fn both_slots_corrupt_names_expected_and_actual_crc() {
         MetaError::NoValidSuperblock { slot0, slot1 } => {
             for st in [slot0, slot1] {
                 match st {
-                    SlotStatus::BadCrc { expected, actual, .. } => {
+                    SlotStatus::BadCrc {
+                        expected, actual, ..
+                    } => {
                         assert_ne!(expected, actual);
-                        assert!(msg.contains(&format!("{expected:#010x}")) && msg.contains(&format!("{actual:#010x}")), "{msg}");
+                        assert!(
+                            msg.contains(&format!("{expected:#010x}"))
+                                && msg.contains(&format!("{actual:#010x}")),
+                            "{msg}"
+                        );
                     }
                     other => panic!("slot status {other:?}"),
                 }
@@ -239,7 +289,13 @@ fn both_slots_corrupt_names_expected_and_actual_crc() {
         }
         e => panic!("unexpected {e}"),
     }
-    assert!(msg.contains("slot 0") && msg.contains("slot 1") && msg.contains("expected") && msg.contains("actual"), "{msg}");
+    assert!(
+        msg.contains("slot 0")
+            && msg.contains("slot 1")
+            && msg.contains("expected")
+            && msg.contains("actual"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -254,7 +310,10 @@ fn newer_slot_with_unsupported_version_is_an_error_not_a_fallback() {
     img[off + 24..off + 28].copy_from_slice(&crc.to_le_bytes());
     let err = reopen(img, &p).unwrap_err();
     assert!(matches!(err, MetaError::BadSuperblock { .. }), "{err}");
-    assert!(err.to_string().contains("unsupported format version 2"), "{err}");
+    assert!(
+        err.to_string().contains("unsupported format version 2"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -276,7 +335,8 @@ fn corrupt_chunk_loads_all_dirty_and_is_reported() {
     assert!(!cp2.is_dirty(2 * BITS_PER_CHUNK));
     assert!(cp2.is_durably_dirty(BITS_PER_CHUNK + 5));
     // A resync clear rewrites the chunk properly.
-    cp2.clear_regions(BITS_PER_CHUNK..2 * BITS_PER_CHUNK).unwrap();
+    cp2.clear_regions(BITS_PER_CHUNK..2 * BITS_PER_CHUNK)
+        .unwrap();
     assert_eq!(cp2.dirty_count(), 1);
 }
 
@@ -290,7 +350,10 @@ fn chunk_from_previous_create_is_rejected_by_tag() {
     let c2 = (BITMAP_OFFSET + 2 * CHUNK_SIZE as u64) as usize;
     img[c2..c2 + CHUNK_SIZE].copy_from_slice(&old[c2..c2 + CHUNK_SIZE]);
     let (_cp3, rep) = reopen(img, &p).unwrap();
-    assert!(matches!(rep.bad_chunks[..], [(2, ChunkFault::TagMismatch { .. })]), "{rep}");
+    assert!(
+        matches!(rep.bad_chunks[..], [(2, ChunkFault::TagMismatch { .. })]),
+        "{rep}"
+    );
 }
 
 #[test]
@@ -302,18 +365,35 @@ fn eio_surfaces_with_operation_and_offset() {
     s2.fail_op(OpKind::Read, 1);
     let err = ClusterPartition::open(s2, &check_for(&p)).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, MetaError::Io { offset, .. } if offset == BITMAP_OFFSET), "{msg}");
-    assert!(msg.contains("read bitmap chunks") && msg.contains("offset 8192"), "{msg}");
+    assert!(
+        matches!(err, MetaError::Io { offset, .. } if offset == BITMAP_OFFSET),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("read bitmap chunks") && msg.contains("offset 8192"),
+        "{msg}"
+    );
 
     // Write error on a begin_write: error, not a silently clean bitmap; partition poisoned.
     let (cp, s) = create(&p);
     s.fail_op(OpKind::Write, 0);
     let err = cp.begin_write(BITS_PER_CHUNK * RS, RS).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("write bitmap chunks") && msg.contains(&format!("offset {}", BITMAP_OFFSET + CHUNK_SIZE as u64)), "{msg}");
+    assert!(
+        msg.contains("write bitmap chunks")
+            && msg.contains(&format!("offset {}", BITMAP_OFFSET + CHUNK_SIZE as u64)),
+        "{msg}"
+    );
     assert!(cp.is_dirty(BITS_PER_CHUNK), "memory stays dirty");
-    assert_eq!(cp.inflight(BITS_PER_CHUNK), 0, "not counted in flight: the write was never allowed");
-    assert!(matches!(cp.begin_write(0, RS), Err(MetaError::Poisoned { .. })));
+    assert_eq!(
+        cp.inflight(BITS_PER_CHUNK),
+        0,
+        "not counted in flight: the write was never allowed"
+    );
+    assert!(matches!(
+        cp.begin_write(0, RS),
+        Err(MetaError::Poisoned { .. })
+    ));
     assert!(cp.try_begin_write_fast(BITS_PER_CHUNK * RS, RS).is_none());
 
     // Sync error.
@@ -328,8 +408,14 @@ fn eio_surfaces_with_operation_and_offset() {
 fn out_of_range_is_rejected() {
     let p = params(100);
     let (cp, _s) = create(&p);
-    assert!(matches!(cp.begin_write(99 * RS, 2 * RS), Err(MetaError::OutOfRange { .. })));
-    assert!(matches!(cp.begin_write(u64::MAX, 2), Err(MetaError::OutOfRange { .. })));
+    assert!(matches!(
+        cp.begin_write(99 * RS, 2 * RS),
+        Err(MetaError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        cp.begin_write(u64::MAX, 2),
+        Err(MetaError::OutOfRange { .. })
+    ));
     assert!(cp.clear_regions([100]).is_err());
     let t = cp.begin_write(5 * RS, 0).unwrap();
     assert_eq!(t.regions(), 0..0);
@@ -349,7 +435,10 @@ fn write_intent_lifecycle_with_lru() {
     let t2 = cp.try_begin_write_fast(RS + 200, 10).expect("fast path");
     assert_eq!(s.op_counts().1, w0);
     assert_eq!(cp.inflight(1), 2);
-    assert!(cp.try_begin_write_fast(2 * RS, 10).is_none(), "clean region needs the slow path");
+    assert!(
+        cp.try_begin_write_fast(2 * RS, 10).is_none(),
+        "clean region needs the slow path"
+    );
     cp.end_write(t, true);
     assert_eq!(cp.flush_clears().unwrap(), 0, "in flight and in LRU");
     cp.end_write(t2, true);
@@ -363,7 +452,11 @@ fn write_intent_lifecycle_with_lru() {
     assert_eq!(cp.flush_clears().unwrap(), 1);
     assert!(!cp.is_dirty(1));
     let (cp2, _) = reopen(s.durable_image(), &p).unwrap();
-    assert_eq!(cp2.iter_dirty().collect::<Vec<_>>(), vec![2, 3], "LRU regions stay dirty on disk");
+    assert_eq!(
+        cp2.iter_dirty().collect::<Vec<_>>(),
+        vec![2, 3],
+        "LRU regions stay dirty on disk"
+    );
 
     // A write not acknowledged by the peer makes the region sticky: flush_clears never clears it.
     let t = cp.begin_write(10 * RS, 1).unwrap();
@@ -396,7 +489,10 @@ fn clear_region_with_write_in_flight_is_deferred() {
     cp.set_keep_dirty_capacity(0);
     cp.mark_dirty_range(5 * RS, RS).unwrap();
     let t = cp.begin_write(5 * RS, RS).unwrap();
-    assert!(!cp.clear_region(5).unwrap(), "not cleared while a write is in flight");
+    assert!(
+        !cp.clear_region(5).unwrap(),
+        "not cleared while a write is in flight"
+    );
     assert!(cp.is_dirty(5));
     assert_eq!(cp.flush_clears().unwrap(), 0);
     cp.end_write(t, true);
@@ -416,15 +512,28 @@ fn set_all_merge_and_chunk_exchange() {
         let chunk = a.decode_chunk(&bytes).unwrap();
         a.merge_chunk(&chunk).unwrap();
     }
-    assert_eq!(a.iter_dirty().collect::<Vec<_>>(), vec![1, 2, 40_000, 69_999]);
+    assert_eq!(
+        a.iter_dirty().collect::<Vec<_>>(),
+        vec![1, 2, 40_000, 69_999]
+    );
     let (a2, _) = reopen(sa.durable_image(), &p).unwrap();
-    assert_eq!(a2.iter_dirty().collect::<Vec<_>>(), vec![1, 2, 40_000, 69_999], "merge is durable");
+    assert_eq!(
+        a2.iter_dirty().collect::<Vec<_>>(),
+        vec![1, 2, 40_000, 69_999],
+        "merge is durable"
+    );
     let mut bad = b.export_chunk(0).unwrap();
     bad[100] ^= 1;
-    assert!(matches!(a.decode_chunk(&bad), Err(MetaError::BadChunk(ChunkFault::BadCrc { .. }))));
+    assert!(matches!(
+        a.decode_chunk(&bad),
+        Err(MetaError::BadChunk(ChunkFault::BadCrc { .. }))
+    ));
     assert!(a.export_chunk(3).is_err());
     let small = DirtyBits::new(5);
-    assert!(matches!(a.merge(&small), Err(MetaError::GeometryMismatch { .. })));
+    assert!(matches!(
+        a.merge(&small),
+        Err(MetaError::GeometryMismatch { .. })
+    ));
     a.set_all().unwrap();
     assert_eq!(a.dirty_count(), 70_000);
     let (a3, _) = reopen(sa.durable_image(), &p).unwrap();
@@ -441,7 +550,11 @@ fn bit_in_image(img: &[u8], r: u64) -> bool {
 
 fn region_for(i: u64, k: u64) -> u64 {
     // Odd steps hit a small shared set, so threads race on the same regions and chunks.
-    if k.is_multiple_of(2) { (i * 1000 + k * 7) % 70_000 } else { (k * 31 + i) % 17 }
+    if k.is_multiple_of(2) {
+        (i * 1000 + k * 7) % 70_000
+    } else {
+        (k * 31 + i) % 17
+    }
 }
 
 #[test]
@@ -482,8 +595,14 @@ fn concurrent_writers_and_clears_keep_write_intent() {
                             cp.begin_write(r * RS, RS).unwrap()
                         }
                     };
-                    assert!(cp.is_durably_dirty(r), "region {r} not durably dirty after begin_write");
-                    assert!(bit_in_image(&s.durable_image(), r), "region {r} not dirty in the durable image");
+                    assert!(
+                        cp.is_durably_dirty(r),
+                        "region {r} not durably dirty after begin_write"
+                    );
+                    assert!(
+                        bit_in_image(&s.durable_image(), r),
+                        "region {r} not dirty in the durable image"
+                    );
                     cp.end_write(t, k % 5 != 0);
                 }
                 calls
@@ -494,11 +613,18 @@ fn concurrent_writers_and_clears_keep_write_intent() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let cleared = clearer.join().unwrap();
     // Group commit: never more than one bitmap flush per slow-path begin_write plus the clearer's.
-    assert!(cp.stats().flushes <= slow_calls + cleared as u64, "{:?} slow {slow_calls}", cp.stats());
+    assert!(
+        cp.stats().flushes <= slow_calls + cleared as u64,
+        "{:?} slow {slow_calls}",
+        cp.stats()
+    );
     assert_eq!(cp.stats().syncs, s.op_counts().2 - syncs0);
     for i in 0..8u64 {
         for k in (0..50u64).filter(|k| k % 5 == 0) {
-            assert!(cp.is_dirty(region_for(i, k)), "peer-not-durable write must leave the region dirty");
+            assert!(
+                cp.is_dirty(region_for(i, k)),
+                "peer-not-durable write must leave the region dirty"
+            );
         }
     }
     cp.flush_clears().unwrap();
@@ -527,7 +653,10 @@ fn crash_between_create_steps_never_yields_valid_superblock_over_old_bitmap() {
                     assert!(cp2.is_dirty(3), "old metadata intact");
                 }
             }
-            Err(e) => assert!(matches!(e, MetaError::ZeroSuperblocksNotBlank { .. }), "crash after {n}: {e}"),
+            Err(e) => assert!(
+                matches!(e, MetaError::ZeroSuperblocksNotBlank { .. }),
+                "crash after {n}: {e}"
+            ),
         }
     }
 }
@@ -549,9 +678,19 @@ fn memory_for_16_tib_at_64_kib_regions() {
     let g = Geometry::new(vol, DEFAULT_REGION_SIZE).unwrap();
     assert_eq!(g.region_count, 256 << 20);
     assert_eq!(g.chunk_count, 8225);
-    let cp = ClusterPartition::create(MemStorage::new(g.required_partition_size() as usize), &p, false).unwrap();
+    let cp = ClusterPartition::create(
+        MemStorage::new(g.required_partition_size() as usize),
+        &p,
+        false,
+    )
+    .unwrap();
     // Some writes in flight and some in the LRU.
-    let tickets: Vec<_> = (0..1000u64).map(|i| cp.begin_write(i * 7919 * DEFAULT_REGION_SIZE, 4096).unwrap()).collect();
+    let tickets: Vec<_> = (0..1000u64)
+        .map(|i| {
+            cp.begin_write(i * 7919 * DEFAULT_REGION_SIZE, 4096)
+                .unwrap()
+        })
+        .collect();
     let used = cp.memory_bytes();
     assert!(used >= 32 << 20, "dense bitmap is 32 MiB ({used})");
     assert!(used < 64 << 20, "tracker uses {used} bytes");
@@ -565,7 +704,8 @@ fn dump_describes_everything() {
     let p = params(70_000);
     let (cp, s) = create(&p);
     cp.mark_dirty_regions([1, 2, 3, 10]).unwrap();
-    cp.update_superblock(|st| st.flags.insert(Flags::RESYNC_TARGET)).unwrap();
+    cp.update_superblock(|st| st.flags.insert(Flags::RESYNC_TARGET))
+        .unwrap();
     let mut img = s.durable_image();
     let off = (BITMAP_OFFSET + 2 * CHUNK_SIZE as u64) as usize + 50;
     img[off] ^= 1;
@@ -575,7 +715,16 @@ fn dump_describes_everything() {
     assert_eq!(rep.dirty_count, 4 + (70_000 - 2 * BITS_PER_CHUNK));
     assert_eq!(rep.dirty_ranges, vec![1..4, 10..11]);
     assert!(rep.more_ranges);
-    for s in ["resource: r0", "node: alpha", "resync-target", "regions 1..4", "bad chunk 2", "slot 0 @ 0: valid", "slot 1 @ 4096: valid", "more dirty ranges"] {
+    for s in [
+        "resource: r0",
+        "node: alpha",
+        "resync-target",
+        "regions 1..4",
+        "bad chunk 2",
+        "slot 0 @ 0: valid",
+        "slot 1 @ 4096: valid",
+        "more dirty ranges",
+    ] {
         assert!(text.contains(s), "{text}\nlacks {s}");
     }
     let mut blank = MemStorage::new(1 << 16);
@@ -588,12 +737,19 @@ fn dump_describes_everything() {
 fn file_storage_end_to_end() {
     let p = params(1000);
     let tmp = tempfile::NamedTempFile::new().unwrap();
-    tmp.as_file().set_len(Geometry::new(p.volume_size, RS).unwrap().required_partition_size()).unwrap();
+    tmp.as_file()
+        .set_len(
+            Geometry::new(p.volume_size, RS)
+                .unwrap()
+                .required_partition_size(),
+        )
+        .unwrap();
     let cp = ClusterPartition::create(FileStorage::open(tmp.path()).unwrap(), &p, false).unwrap();
     let t = cp.begin_write(0, 3 * RS).unwrap();
     cp.end_write(t, false);
     drop(cp);
-    let (cp, rep) = ClusterPartition::open(FileStorage::open(tmp.path()).unwrap(), &check_for(&p)).unwrap();
+    let (cp, rep) =
+        ClusterPartition::open(FileStorage::open(tmp.path()).unwrap(), &check_for(&p)).unwrap();
     assert!(rep.is_clean());
     assert_eq!(cp.dirty_count(), 3);
 }
@@ -642,7 +798,9 @@ fn group_commit_shares_one_sync_among_waiters() {
     let p = params(70_000);
     let g = Geometry::new(p.volume_size, RS).unwrap();
     let gs = GatedStorage {
-        mem: Arc::new(std::sync::Mutex::new(MemStorage::new(g.required_partition_size() as usize))),
+        mem: Arc::new(std::sync::Mutex::new(MemStorage::new(
+            g.required_partition_size() as usize,
+        ))),
         gate: Arc::new((std::sync::Mutex::new((true, 0)), std::sync::Condvar::new())),
     };
     let cp = ClusterPartition::create(gs.clone(), &p, false).unwrap();
@@ -691,8 +849,15 @@ fn group_commit_shares_one_sync_among_waiters() {
         }
     });
     let stats = cp.stats();
-    assert_eq!(stats.flushes, 2, "one flush for the first writer, one shared by the other three: {stats:?}");
-    assert_eq!(stats.chunk_writes, 1 + 3, "three different chunks in the shared flush");
+    assert_eq!(
+        stats.flushes, 2,
+        "one flush for the first writer, one shared by the other three: {stats:?}"
+    );
+    assert_eq!(
+        stats.chunk_writes,
+        1 + 3,
+        "three different chunks in the shared flush"
+    );
     assert_eq!(m.lock().unwrap().1 - base_syncs, 2);
 }
 
@@ -701,7 +866,9 @@ fn no_ticket_before_the_bit_is_durable_and_fast_path_is_per_region() {
     let p = params(70_000);
     let g = Geometry::new(p.volume_size, RS).unwrap();
     let gs = GatedStorage {
-        mem: Arc::new(std::sync::Mutex::new(MemStorage::new(g.required_partition_size() as usize))),
+        mem: Arc::new(std::sync::Mutex::new(MemStorage::new(
+            g.required_partition_size() as usize,
+        ))),
         gate: Arc::new((std::sync::Mutex::new((true, 0)), std::sync::Condvar::new())),
     };
     let cp = ClusterPartition::create(gs.clone(), &p, false).unwrap();
@@ -731,7 +898,9 @@ fn no_ticket_before_the_bit_is_durable_and_fast_path_is_per_region() {
         assert!(cp.is_dirty(5) && !cp.is_durably_dirty(5));
         assert!(cp.try_begin_write_fast(5 * RS, RS).is_none());
         // Region 7 in the same chunk was durable already: the fast path still serves it.
-        let t7 = cp.try_begin_write_fast(7 * RS, RS).expect("durable region in a chunk being flushed");
+        let t7 = cp
+            .try_begin_write_fast(7 * RS, RS)
+            .expect("durable region in a chunk being flushed");
         cp.end_write(t7, true);
         let b = s.spawn(|| {
             let t = cp.begin_write(5 * RS + 512, 512).unwrap();
@@ -756,4 +925,64 @@ fn no_ticket_before_the_bit_is_durable_and_fast_path_is_per_region() {
     });
     assert!(returned.into_inner());
     assert!(cp.is_durably_dirty(5));
+}
+
+/// MemStorage whose superblock writes wait until the test opens the gate.
+struct HeldSuperblock {
+    inner: MemStorage,
+    entered: std::sync::mpsc::Sender<()>,
+    open: Arc<std::sync::Mutex<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl MetaStorage for HeldSuperblock {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        if offset < BITMAP_OFFSET {
+            let _ = self.entered.send(());
+            self.open.lock().unwrap().recv().unwrap();
+        }
+        self.inner.write_at(offset, buf)
+    }
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+}
+
+#[test]
+fn superblock_readers_do_not_wait_for_a_slow_superblock_write() {
+    // Status reads generations while a break is being recorded on a hung
+    // metadata disk: it must see the old durable state, not block.
+    let p = params(64);
+    let img = {
+        let (cp, s) = create(&p);
+        drop(cp);
+        s.durable_image()
+    };
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (open_tx, open_rx) = std::sync::mpsc::channel();
+    let st = HeldSuperblock {
+        inner: MemStorage::from_vec(img),
+        entered: entered_tx,
+        open: Arc::new(std::sync::Mutex::new(open_rx)),
+    };
+    let (cp, _) = ClusterPartition::open(st, &check_for(&p)).unwrap();
+    let cp = Arc::new(cp);
+    let before = cp.superblock();
+    let writer = {
+        let cp = cp.clone();
+        std::thread::spawn(move || cp.update_superblock(|s| s.break_time = 1234).unwrap())
+    };
+    entered_rx.recv().unwrap();
+    // The write is in progress and held: readers get the old, durable state.
+    assert_eq!(cp.break_time(), before.state.break_time);
+    assert_eq!(cp.superblock().seq, before.seq);
+    open_tx.send(()).unwrap();
+    let after = writer.join().unwrap();
+    assert_eq!(after.seq, before.seq + 1);
+    assert_eq!(cp.break_time(), 1234);
 }

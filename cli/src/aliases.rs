@@ -24,7 +24,9 @@ pub fn rewrite(args: Vec<String>) -> Vec<String> {
         }
     }
     let rest = &args[i..];
-    let Some(verb) = rest.first() else { return args };
+    let Some(verb) = rest.first() else {
+        return args;
+    };
     let tail: Vec<String> = rest[1..].to_vec();
     let mapped: Option<Vec<String>> = match verb.as_str() {
         "--create" => Some(match tail.first().map(String::as_str) {
@@ -32,11 +34,19 @@ pub fn rewrite(args: Vec<String>) -> Vec<String> {
                 .chain(std::iter::once("--force".to_string()))
                 .chain(tail[1..].iter().cloned())
                 .collect(),
-            _ => std::iter::once("init".to_string()).chain(tail.iter().cloned()).collect(),
+            _ => std::iter::once("init".to_string())
+                .chain(tail.iter().cloned())
+                .collect(),
         }),
         "--active" => Some(
             std::iter::once("activate".to_string())
-                .chain(tail.iter().map(|t| if t == "-nomount" { "--nomount".to_string() } else { t.clone() }))
+                .chain(tail.iter().map(|t| {
+                    if t == "-nomount" {
+                        "--nomount".to_string()
+                    } else {
+                        t.clone()
+                    }
+                }))
                 .collect(),
         ),
         "--deactive" | "--deactivate" => Some(with_verb("deactivate", &tail)),
@@ -56,7 +66,9 @@ pub fn rewrite(args: Vec<String>) -> Vec<String> {
 }
 
 fn with_verb(verb: &str, tail: &[String]) -> Vec<String> {
-    std::iter::once(verb.to_string()).chain(tail.iter().cloned()).collect()
+    std::iter::once(verb.to_string())
+        .chain(tail.iter().cloned())
+        .collect()
 }
 
 #[cfg(test)]
@@ -82,13 +94,22 @@ mod tests {
 
     #[test]
     fn global_options_are_kept_before_the_verb() {
-        assert_eq!(rw("--config c.toml --node s1 --active -nomount md1"), "--config c.toml --node s1 activate --nomount md1");
-        assert_eq!(rw("--config=c.toml --mirror md1"), "--config=c.toml status md1");
+        assert_eq!(
+            rw("--config c.toml --node s1 --active -nomount md1"),
+            "--config c.toml --node s1 activate --nomount md1"
+        );
+        assert_eq!(
+            rw("--config=c.toml --mirror md1"),
+            "--config=c.toml status md1"
+        );
     }
 
     #[test]
     fn modern_spellings_unchanged() {
-        assert_eq!(rw("--config c.toml status md1 --json"), "--config c.toml status md1 --json");
+        assert_eq!(
+            rw("--config c.toml status md1 --json"),
+            "--config c.toml status md1 --json"
+        );
         assert_eq!(rw("init --force md1"), "init --force md1");
         assert_eq!(rw(""), "");
     }

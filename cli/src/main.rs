@@ -36,7 +36,11 @@ mod exit {
 
 /// Control nbd-mirror resources (mirrored block devices served over NBD).
 #[derive(Debug, Parser)]
-#[command(name = "mdctrl", version, after_help = "The ancestor's spellings work too: --create [force] md1, --active [-nomount] md1, --deactive md1, --mirror md1.")]
+#[command(
+    name = "mdctrl",
+    version,
+    after_help = "The ancestor's spellings work too: --create [force] md1, --active [-nomount] md1, --deactive md1, --mirror md1."
+)]
 struct Cli {
     /// Cluster configuration file.
     #[arg(long, global = true, default_value = config::DEFAULT_CONFIG_PATH)]
@@ -133,7 +137,11 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse_from(std::iter::once("mdctrl".to_string()).chain(args)) {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             return ExitCode::from(code);
         }
@@ -155,7 +163,10 @@ struct Failure {
 
 impl Failure {
     fn new(code: u8, message: impl std::fmt::Display) -> Self {
-        Failure { code, message: message.to_string() }
+        Failure {
+            code,
+            message: message.to_string(),
+        }
     }
 }
 
@@ -173,11 +184,15 @@ impl From<AdminError> for Failure {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     if let Cmd::Demo { keep } = cli.cmd {
-        return demo::run(keep).map_err(|e| Failure::new(exit::INTERNAL, format!("demo failed: {e}")));
+        return demo::run(keep)
+            .map_err(|e| Failure::new(exit::INTERNAL, format!("demo failed: {e}")));
     }
     let config = Config::load(&cli.config).map_err(|e| Failure::new(exit::USAGE, e))?;
     let node = cli.node.unwrap_or_else(config::default_node_name);
-    let me = config.node_check(&node).map_err(|e| Failure::new(exit::USAGE, e))?.clone();
+    let me = config
+        .node_check(&node)
+        .map_err(|e| Failure::new(exit::USAGE, e))?
+        .clone();
     let resource_cfg = |name: &str| {
         config.resource(name).ok_or_else(|| {
             Failure::new(
@@ -185,34 +200,66 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 format!(
                     "no resource named {name:?} in {} (configured: {})",
                     config.path.display(),
-                    config.resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+                    config
+                        .resources
+                        .iter()
+                        .map(|r| r.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )
         })
     };
     match cli.cmd {
-        Cmd::Init { resource, force, blank } => {
+        Cmd::Init {
+            resource,
+            force,
+            blank,
+        } => {
             let rc = resource_cfg(&resource)?;
-            let report = mirror_agent::meta::init_resource(rc, &node, force, blank).map_err(|e| {
-                let code = if e.is_refusal() { exit::REFUSED } else { exit::INTERNAL };
-                Failure::new(code, e)
-            })?;
+            let report =
+                mirror_agent::meta::init_resource(rc, &node, force, blank).map_err(|e| {
+                    let code = if e.is_refusal() {
+                        exit::REFUSED
+                    } else {
+                        exit::INTERNAL
+                    };
+                    Failure::new(code, e)
+                })?;
             println!("{report}");
             Ok(())
         }
         Cmd::DumpMd { resource } => {
             let rc = resource_cfg(&resource)?;
-            let rn = rc.node(&node).ok_or_else(|| Failure::new(exit::USAGE, format!("resource {resource} has no section for node {node}")))?;
-            let dump = mirror_agent::meta::dump(&rn.cluster_partition).map_err(|e| Failure::new(exit::METADATA, e))?;
+            let rn = rc.node(&node).ok_or_else(|| {
+                Failure::new(
+                    exit::USAGE,
+                    format!("resource {resource} has no section for node {node}"),
+                )
+            })?;
+            let dump = mirror_agent::meta::dump(&rn.cluster_partition)
+                .map_err(|e| Failure::new(exit::METADATA, e))?;
             println!("{dump}");
             if dump.is_damaged() {
-                return Err(Failure::new(exit::METADATA, format!("cluster partition {} is damaged (see above)", rn.cluster_partition.display())));
+                return Err(Failure::new(
+                    exit::METADATA,
+                    format!(
+                        "cluster partition {} is damaged (see above)",
+                        rn.cluster_partition.display()
+                    ),
+                ));
             }
             Ok(())
         }
         Cmd::Activate { resource, nomount } => {
-            let s: ResourceStatus = call(&me.admin_socket, &Request::Activate { resource, nomount })?;
-            println!("{}: active on {}, serving {}", s.resource, s.node, s.nbd_socket.as_deref().unwrap_or("-"));
+            let s: ResourceStatus =
+                call(&me.admin_socket, &Request::Activate { resource, nomount })?;
+            println!(
+                "{}: active on {}, serving {}",
+                s.resource,
+                s.node,
+                s.nbd_socket.as_deref().unwrap_or("-")
+            );
             Ok(())
         }
         Cmd::Deactivate { resource } => {
@@ -221,21 +268,45 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Recover { resource, wait } => {
-            let s: ResourceStatus = call(&me.admin_socket, &Request::Recover { resource: resource.clone() })?;
-            println!("{}: recovery started ({})", s.resource, s.pair.as_ref().and_then(|p| p.decision.clone()).unwrap_or_default());
+            let s: ResourceStatus = call(
+                &me.admin_socket,
+                &Request::Recover {
+                    resource: resource.clone(),
+                },
+            )?;
+            println!(
+                "{}: recovery started ({})",
+                s.resource,
+                s.pair
+                    .as_ref()
+                    .and_then(|p| p.decision.clone())
+                    .unwrap_or_default()
+            );
             if wait {
                 wait_recovery(&me.admin_socket, &resource)?;
             }
             Ok(())
         }
         Cmd::Force { server, resource } => {
-            let s: ResourceStatus = call(&me.admin_socket, &Request::Force { resource, winner: server.clone() })?;
-            println!("{}: forced, {server}'s data wins; next: {}", s.resource, s.next_step);
+            let s: ResourceStatus = call(
+                &me.admin_socket,
+                &Request::Force {
+                    resource,
+                    winner: server.clone(),
+                },
+            )?;
+            println!(
+                "{}: forced, {server}'s data wins; next: {}",
+                s.resource, s.next_step
+            );
             Ok(())
         }
         Cmd::Break { resource } => {
             let s: ResourceStatus = call(&me.admin_socket, &Request::Break { resource })?;
-            println!("{}: mirror broken on {}; `mdctrl recover {}` resumes it", s.resource, s.node, s.resource);
+            println!(
+                "{}: mirror broken on {}; `mdctrl recover {}` resumes it",
+                s.resource, s.node, s.resource
+            );
             Ok(())
         }
         Cmd::Verify { resource } => {
@@ -245,11 +316,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Status { resource, json } => {
             let list: Vec<ResourceStatus> = match resource {
-                Some(r) => vec![call(&me.admin_socket, &Request::Status { resource: Some(r) })?],
+                Some(r) => vec![call(
+                    &me.admin_socket,
+                    &Request::Status { resource: Some(r) },
+                )?],
                 None => call(&me.admin_socket, &Request::Status { resource: None })?,
             };
             if json {
-                let v = if list.len() == 1 { serde_json::to_string_pretty(&list[0]) } else { serde_json::to_string_pretty(&list) };
+                let v = if list.len() == 1 {
+                    serde_json::to_string_pretty(&list[0])
+                } else {
+                    serde_json::to_string_pretty(&list)
+                };
                 println!("{}", v.map_err(|e| Failure::new(exit::INTERNAL, e))?);
             } else {
                 for s in &list {
@@ -261,7 +339,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Demo { .. } => unreachable!("handled before the config is loaded"),
         Cmd::Ping => {
             let v: serde_json::Value = call(&me.admin_socket, &Request::Ping {})?;
-            println!("agent for {} is running (pid {})", v["node"].as_str().unwrap_or("?"), v["pid"]);
+            println!(
+                "agent for {} is running (pid {})",
+                v["node"].as_str().unwrap_or("?"),
+                v["pid"]
+            );
             Ok(())
         }
     }
@@ -271,15 +353,32 @@ fn run(cli: Cli) -> Result<(), Failure> {
 fn wait_recovery(socket: &std::path::Path, resource: &str) -> Result<(), Failure> {
     let mut seen_running = false;
     for _ in 0..(7 * 24 * 3600) {
-        let s: ResourceStatus = call(socket, &Request::Status { resource: Some(resource.to_string()) })?;
+        let s: ResourceStatus = call(
+            socket,
+            &Request::Status {
+                resource: Some(resource.to_string()),
+            },
+        )?;
         let p = s.pair.as_ref();
         match p.and_then(|p| p.recovery.as_ref()) {
             Some(r) if r.finished && (seen_running || p.is_some_and(|p| p.in_sync)) => {
-                println!("{}: recovery finished ({}, {} copied in {})", resource, r.direction, render::human(r.done_bytes), render::hms(r.elapsed_secs));
+                println!(
+                    "{}: recovery finished ({}, {} copied in {})",
+                    resource,
+                    r.direction,
+                    render::human(r.done_bytes),
+                    render::hms(r.elapsed_secs)
+                );
                 return Ok(());
             }
             Some(r) if r.error.is_some() => {
-                return Err(Failure::new(exit::INTERNAL, format!("{resource}: recovery stopped: {}", r.error.clone().unwrap_or_default())));
+                return Err(Failure::new(
+                    exit::INTERNAL,
+                    format!(
+                        "{resource}: recovery stopped: {}",
+                        r.error.clone().unwrap_or_default()
+                    ),
+                ));
             }
             Some(r) => {
                 seen_running = true;
@@ -291,14 +390,19 @@ fn wait_recovery(socket: &std::path::Path, resource: &str) -> Result<(), Failure
                     render::human(r.done_bytes),
                     render::human(r.total_bytes),
                     render::hms(r.elapsed_secs),
-                    r.remaining_secs.map(render::hms).unwrap_or_else(|| "-".into())
+                    r.remaining_secs
+                        .map(render::hms)
+                        .unwrap_or_else(|| "-".into())
                 );
             }
             None if p.is_some_and(|p| p.in_sync) => {
                 println!("{resource}: in sync");
                 return Ok(());
             }
-            None => println!("{resource}: waiting for the recovery to start ({})", p.map(|p| p.sync.as_str()).unwrap_or("-")),
+            None => println!(
+                "{resource}: waiting for the recovery to start ({})",
+                p.map(|p| p.sync.as_str()).unwrap_or("-")
+            ),
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
@@ -306,7 +410,10 @@ fn wait_recovery(socket: &std::path::Path, resource: &str) -> Result<(), Failure
 }
 
 /// Send one request to the local agent and decode its result.
-fn call<T: serde::de::DeserializeOwned>(socket: &std::path::Path, req: &Request) -> Result<T, Failure> {
+fn call<T: serde::de::DeserializeOwned>(
+    socket: &std::path::Path,
+    req: &Request,
+) -> Result<T, Failure> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -320,5 +427,10 @@ fn call<T: serde::de::DeserializeOwned>(socket: &std::path::Path, req: &Request)
         other => Failure::new(exit::INTERNAL, other),
     })?;
     let value = resp.into_result()?;
-    serde_json::from_value(value).map_err(|e| Failure::new(exit::INTERNAL, format!("unexpected answer from the agent: {e}")))
+    serde_json::from_value(value).map_err(|e| {
+        Failure::new(
+            exit::INTERNAL,
+            format!("unexpected answer from the agent: {e}"),
+        )
+    })
 }

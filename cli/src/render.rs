@@ -29,10 +29,26 @@ fn role_name(r: Role) -> &'static str {
 
 fn nbd_rows(o: &mut String, s: &ResourceStatus) {
     match (&s.nbd_socket, &s.nbd_tcp) {
-        (Some(sock), tcp) => row(o, "NBD export", &format!("{sock}{}", tcp.as_ref().map(|t| format!(", tcp {t}")).unwrap_or_default())),
+        (Some(sock), tcp) => row(
+            o,
+            "NBD export",
+            &format!(
+                "{sock}{}",
+                tcp.as_ref()
+                    .map(|t| format!(", tcp {t}"))
+                    .unwrap_or_default()
+            ),
+        ),
         (None, _) => row(o, "NBD export", "- (not active)"),
     }
-    row(o, "NBD connections", &format!("{} open, {} since start", s.nbd.connections_open, s.nbd.connections_total));
+    row(
+        o,
+        "NBD connections",
+        &format!(
+            "{} open, {} since start",
+            s.nbd.connections_open, s.nbd.connections_total
+        ),
+    );
     row(
         o,
         "NBD requests",
@@ -48,16 +64,28 @@ fn nbd_rows(o: &mut String, s: &ResourceStatus) {
 
 fn standalone_table(s: &ResourceStatus) -> String {
     let mut o = String::new();
-    let status = if s.color == "GREEN" { "Standalone (no peer configured)" } else { "Standalone, local disk needs attention" };
+    let status = if s.color == "GREEN" {
+        "Standalone (no peer configured)"
+    } else {
+        "Standalone, local disk needs attention"
+    };
     let _ = writeln!(o, "Mirror Status: {status}\n");
     row(&mut o, &s.resource, &s.node);
     row(&mut o, "Mirror Color", &s.color);
     row(&mut o, "Role", role_name(s.role));
     row(&mut o, "Lastupdate Time", &time(s.disk.last_update));
-    row(&mut o, "Disk Error", if s.disk.disk_error { "ERROR" } else { "OK" });
+    row(
+        &mut o,
+        "Disk Error",
+        if s.disk.disk_error { "ERROR" } else { "OK" },
+    );
     // Without a peer nothing is mirrored: the bitmap has no meaning.
     row(&mut o, "Difference Percent", "n/a (standalone)");
-    row(&mut o, "Size", &format!("{} bytes ({})", s.size, human(s.size)));
+    row(
+        &mut o,
+        "Size",
+        &format!("{} bytes ({})", s.size, human(s.size)),
+    );
     row(&mut o, "Engine", &s.engine);
     nbd_rows(&mut o, s);
     let _ = writeln!(o, "\nNext step: {}", s.next_step);
@@ -66,7 +94,12 @@ fn standalone_table(s: &ResourceStatus) -> String {
 
 fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
     let mut o = String::new();
-    let total = p.peer_disk.as_ref().map(|d| d.difference_percent).unwrap_or(0.0).max(s.disk.difference_percent);
+    let total = p
+        .peer_disk
+        .as_ref()
+        .map(|d| d.difference_percent)
+        .unwrap_or(0.0)
+        .max(s.disk.difference_percent);
     let status = if p.in_sync && s.color == "GREEN" {
         "Normal".to_string()
     } else if s.color == "YELLOW" {
@@ -79,11 +112,33 @@ fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
     let peer_color = peer_color(s, p);
     row2(&mut o, &s.resource, &s.node, &p.peer);
     row2(&mut o, "Mirror Color", &s.color, &peer_color);
-    row2(&mut o, "Role", role_name(s.role), p.peer_role.map(role_name).unwrap_or("unknown"));
-    row2(&mut o, "Lastupdate Time", &time(s.disk.last_update), &pd.map(|d| time(d.last_update)).unwrap_or_else(|| "-".into()));
-    row2(&mut o, "Break Time", &time(s.disk.break_time), &pd.map(|d| time(d.break_time)).unwrap_or_else(|| "-".into()));
+    row2(
+        &mut o,
+        "Role",
+        role_name(s.role),
+        p.peer_role.map(role_name).unwrap_or("unknown"),
+    );
+    row2(
+        &mut o,
+        "Lastupdate Time",
+        &time(s.disk.last_update),
+        &pd.map(|d| time(d.last_update))
+            .unwrap_or_else(|| "-".into()),
+    );
+    row2(
+        &mut o,
+        "Break Time",
+        &time(s.disk.break_time),
+        &pd.map(|d| time(d.break_time)).unwrap_or_else(|| "-".into()),
+    );
     let err = |e: bool| if e { "ERROR" } else { "OK" };
-    row2(&mut o, "Disk Error", err(s.disk.disk_error), pd.map(|d| err(d.disk_error || p.peer_disk_error)).unwrap_or(if p.peer_disk_error { "ERROR" } else { "-" }));
+    row2(
+        &mut o,
+        "Disk Error",
+        err(s.disk.disk_error),
+        pd.map(|d| err(d.disk_error || p.peer_disk_error))
+            .unwrap_or(if p.peer_disk_error { "ERROR" } else { "-" }),
+    );
     // In sync, set bits are write intents of the keep-dirty cache (regions
     // recently written and acknowledged by both sides), not differences.
     let diff = |pct: f64, regions: u64| {
@@ -97,16 +152,31 @@ fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
         &mut o,
         "Difference Percent",
         &diff(s.disk.difference_percent, s.disk.dirty_regions),
-        &pd.map(|d| diff(d.difference_percent, d.dirty_regions)).unwrap_or_else(|| "-".into()),
+        &pd.map(|d| diff(d.difference_percent, d.dirty_regions))
+            .unwrap_or_else(|| "-".into()),
     );
     let cons = |c: bool| if c { "yes" } else { "NO (resync target)" };
-    row2(&mut o, "Consistent", cons(s.disk.consistent), pd.map(|d| cons(d.consistent)).unwrap_or("-"));
-    row2(&mut o, "Generation", &s.disk.current_generation, pd.map(|d| d.current_generation.as_str()).unwrap_or("-"));
+    row2(
+        &mut o,
+        "Consistent",
+        cons(s.disk.consistent),
+        pd.map(|d| cons(d.consistent)).unwrap_or("-"),
+    );
+    row2(
+        &mut o,
+        "Generation",
+        &s.disk.current_generation,
+        pd.map(|d| d.current_generation.as_str()).unwrap_or("-"),
+    );
     let _ = writeln!(o);
-    row(&mut o, "Connection", &match &p.peer_address {
-        Some(a) => format!("{} ({a})", p.connection),
-        None => p.connection.clone(),
-    });
+    row(
+        &mut o,
+        "Connection",
+        &match &p.peer_address {
+            Some(a) => format!("{} ({a})", p.connection),
+            None => p.connection.clone(),
+        },
+    );
     row(&mut o, "Sync", &p.sync);
     if let Some(d) = &p.decision {
         row(&mut o, "Decision", d);
@@ -132,14 +202,31 @@ fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
             "RPO (not ack2)",
             &format!("{} writes, {}", r.unacked2_writes, human(r.unacked2_bytes)),
         );
-        row(&mut o, "RPO (oldest)", &format!("{} ms not yet durable on {}", r.oldest_not_durable_ms, p.peer));
+        row(
+            &mut o,
+            "RPO (oldest)",
+            &format!(
+                "{} ms not yet durable on {}",
+                r.oldest_not_durable_ms, p.peer
+            ),
+        );
         row(
             &mut o,
             "Replicated",
-            &format!("{} writes, {}; {} local-only; {} breaks", r.writes_replicated, human(r.bytes_replicated), r.writes_local_only, r.breaks),
+            &format!(
+                "{} writes, {}; {} local-only; {} breaks",
+                r.writes_replicated,
+                human(r.bytes_replicated),
+                r.writes_local_only,
+                r.breaks
+            ),
         );
     }
-    row(&mut o, "Size", &format!("{} bytes ({})", s.size, human(s.size)));
+    row(
+        &mut o,
+        "Size",
+        &format!("{} bytes ({})", s.size, human(s.size)),
+    );
     row(&mut o, "Engine", &s.engine);
     nbd_rows(&mut o, s);
     let _ = writeln!(o, "\nNext step: {}", s.next_step);
@@ -155,11 +242,28 @@ pub fn recovery_rows(o: &mut String, r: &mirror_agent::status::RecoveryStatus) {
     } else {
         "running"
     };
-    let _ = writeln!(o, "\nRecovery Status: {state} ({} resync, rule {}, this node is the {})", r.kind, r.rule, r.role);
+    let _ = writeln!(
+        o,
+        "\nRecovery Status: {state} ({} resync, rule {}, this node is the {})",
+        r.kind, r.rule, r.role
+    );
     row(o, "  Direction", &r.direction);
-    row(o, "  Percent", &format!("{:.1}% ({} of {})", r.percent, human(r.done_bytes), human(r.total_bytes)));
+    row(
+        o,
+        "  Percent",
+        &format!(
+            "{:.1}% ({} of {})",
+            r.percent,
+            human(r.done_bytes),
+            human(r.total_bytes)
+        ),
+    );
     row(o, "  Used Time", &hms(r.elapsed_secs));
-    row(o, "  Remain Time", &r.remaining_secs.map(hms).unwrap_or_else(|| "-".into()));
+    row(
+        o,
+        "  Remain Time",
+        &r.remaining_secs.map(hms).unwrap_or_else(|| "-".into()),
+    );
     if let Some(e) = &r.error {
         row(o, "  Stopped", e);
     }
@@ -180,10 +284,21 @@ fn peer_color(s: &ResourceStatus, p: &PairStatus) -> String {
         return "RED".into();
     }
     if p.in_sync {
-        return if s.color == "YELLOW" { "YELLOW".into() } else { "GREEN".into() };
+        return if s.color == "YELLOW" {
+            "YELLOW".into()
+        } else {
+            "GREEN".into()
+        };
     }
-    let newer_there = p.decision.as_deref().is_some_and(|d| d.contains(&format!("resync {} ->", p.peer)));
-    if newer_there { "GREEN".into() } else { "RED".into() }
+    let newer_there = p
+        .decision
+        .as_deref()
+        .is_some_and(|d| d.contains(&format!("resync {} ->", p.peer)));
+    if newer_there {
+        "GREEN".into()
+    } else {
+        "RED".into()
+    }
 }
 
 fn percent(p: f64) -> String {
@@ -212,7 +327,9 @@ pub fn human(n: u64) -> String {
 
 /// `YYYY/MM/DD HH:MM:SS UTC` (the ancestor's layout), or `-`.
 pub fn time(t: Option<u64>) -> String {
-    let Some(t) = t.filter(|&t| t > 0) else { return "-".into() };
+    let Some(t) = t.filter(|&t| t > 0) else {
+        return "-".into();
+    };
     let days = (t / 86400) as i64;
     let secs = t % 86400;
     // Civil-from-days (Howard Hinnant's algorithm), proleptic Gregorian.
@@ -225,7 +342,12 @@ pub fn time(t: Option<u64>) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}/{m:02}/{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
+    format!(
+        "{y:04}/{m:02}/{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 #[cfg(test)]

@@ -115,12 +115,20 @@ pub struct AdminError {
 impl AdminError {
     /// A refusal with a reason and what to do next.
     pub fn refused(message: impl Into<String>, hint: impl Into<String>) -> Self {
-        AdminError { kind: ErrorKind::Refused, message: message.into(), hint: Some(hint.into()) }
+        AdminError {
+            kind: ErrorKind::Refused,
+            message: message.into(),
+            hint: Some(hint.into()),
+        }
     }
 
     /// A failure inside the agent.
     pub fn internal(message: impl Into<String>) -> Self {
-        AdminError { kind: ErrorKind::Internal, message: message.into(), hint: None }
+        AdminError {
+            kind: ErrorKind::Internal,
+            message: message.into(),
+            hint: None,
+        }
     }
 
     /// Unknown resource name.
@@ -162,14 +170,22 @@ impl Response {
     /// Successful response carrying `value`.
     pub fn ok(value: impl Serialize) -> Self {
         match serde_json::to_value(value) {
-            Ok(v) => Response { ok: true, result: Some(v), error: None },
+            Ok(v) => Response {
+                ok: true,
+                result: Some(v),
+                error: None,
+            },
             Err(e) => Response::err(AdminError::internal(format!("cannot encode result: {e}"))),
         }
     }
 
     /// Failed response.
     pub fn err(e: AdminError) -> Self {
-        Response { ok: false, result: None, error: Some(e) }
+        Response {
+            ok: false,
+            result: None,
+            error: Some(e),
+        }
     }
 
     /// Convert to a `Result`.
@@ -177,7 +193,9 @@ impl Response {
         match (self.ok, self.result, self.error) {
             (true, r, _) => Ok(r.unwrap_or(serde_json::Value::Null)),
             (false, _, Some(e)) => Err(e),
-            (false, _, None) => Err(AdminError::internal("agent answered ok=false without an error")),
+            (false, _, None) => Err(AdminError::internal(
+                "agent answered ok=false without an error",
+            )),
         }
     }
 }
@@ -209,12 +227,22 @@ impl AccessPolicy {
             return Ok(());
         }
         if let Some((name, g)) = &self.group {
-            if gid == *g || pid.map(|p| supplementary_groups(p).contains(g)).unwrap_or(false) {
+            if gid == *g
+                || pid
+                    .map(|p| supplementary_groups(p).contains(g))
+                    .unwrap_or(false)
+            {
                 return Ok(());
             }
-            return Err(format!("uid {uid} gid {gid} is neither root, the agent's uid {}, nor in group {name}", self.own_uid));
+            return Err(format!(
+                "uid {uid} gid {gid} is neither root, the agent's uid {}, nor in group {name}",
+                self.own_uid
+            ));
         }
-        Err(format!("uid {uid} is neither root nor the agent's uid {}", self.own_uid))
+        Err(format!(
+            "uid {uid} is neither root nor the agent's uid {}",
+            self.own_uid
+        ))
     }
 }
 
@@ -229,15 +257,25 @@ fn lookup_group(name: &str) -> io::Result<u32> {
             (n == name).then_some(gid)
         })
         .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("admin group {name:?} not found in /etc/group")))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("admin group {name:?} not found in /etc/group"),
+            )
+        })
 }
 
 fn supplementary_groups(pid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:").map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect()))
+            s.lines().find_map(|l| {
+                l.strip_prefix("Groups:").map(|g| {
+                    g.split_whitespace()
+                        .filter_map(|x| x.parse().ok())
+                        .collect()
+                })
+            })
         })
         .unwrap_or_default()
 }
@@ -256,14 +294,20 @@ pub fn bind_admin_socket(path: &Path, policy: &AccessPolicy) -> io::Result<UnixL
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
-                    format!("admin socket {} is in use: is another agent running for this node?", path.display()),
+                    format!(
+                        "admin socket {} is in use: is another agent running for this node?",
+                        path.display()
+                    ),
                 ));
             }
         }
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket; refusing to replace it", path.display()),
+                format!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                ),
             ))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -300,7 +344,11 @@ where
         // it unread would make the client's write fail with EPIPE instead of
         // showing this refusal.
         let mut reader = BufReader::new(r);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read_line_bounded(&mut reader)).await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            read_line_bounded(&mut reader),
+        )
+        .await;
         let resp = Response::err(AdminError {
             kind: ErrorKind::Refused,
             message: format!("permission denied: {why}"),
@@ -334,7 +382,10 @@ where
     }
 }
 
-async fn write_line<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, resp: &Response) -> io::Result<()> {
+async fn write_line<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    resp: &Response,
+) -> io::Result<()> {
     let mut buf = serde_json::to_vec(resp).map_err(io::Error::other)?;
     buf.push(b'\n');
     w.write_all(&buf).await?;
@@ -342,7 +393,9 @@ async fn write_line<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, resp: &Response
 }
 
 /// Read one `\n`-terminated line of at most [`MAX_LINE`] bytes; `None` at clean EOF.
-async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
+async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+) -> io::Result<Option<Vec<u8>>> {
     let mut line = Vec::new();
     loop {
         let buf = r.fill_buf().await?;
@@ -350,7 +403,10 @@ async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> io:
             return if line.is_empty() {
                 Ok(None)
             } else {
-                Err(io::Error::new(io::ErrorKind::UnexpectedEof, "request line not terminated by a newline"))
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "request line not terminated by a newline",
+                ))
             };
         }
         let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
@@ -358,7 +414,10 @@ async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> io:
             None => (buf, None),
         };
         if line.len() + chunk.len() > MAX_LINE {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("request line longer than {MAX_LINE} bytes")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("request line longer than {MAX_LINE} bytes"),
+            ));
         }
         line.extend_from_slice(chunk);
         match done {
@@ -378,17 +437,29 @@ async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> io:
 pub async fn request(path: &Path, req: &Request) -> Result<Response, ClientError> {
     let stream = UnixStream::connect(path)
         .await
-        .map_err(|e| ClientError::Connect { path: path.to_path_buf(), source: e })?;
+        .map_err(|e| ClientError::Connect {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
     let (r, mut w) = stream.into_split();
     let mut buf = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
     buf.push(b'\n');
-    w.write_all(&buf).await.map_err(|e| ClientError::Io { path: path.to_path_buf(), source: e })?;
+    w.write_all(&buf).await.map_err(|e| ClientError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
     let mut reader = BufReader::new(r);
     let line = read_line_bounded(&mut reader)
         .await
-        .map_err(|e| ClientError::Io { path: path.to_path_buf(), source: e })?
-        .ok_or_else(|| ClientError::Protocol("agent closed the connection without answering".into()))?;
-    serde_json::from_slice(&line).map_err(|e| ClientError::Protocol(format!("malformed response: {e}")))
+        .map_err(|e| ClientError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?
+        .ok_or_else(|| {
+            ClientError::Protocol("agent closed the connection without answering".into())
+        })?;
+    serde_json::from_slice(&line)
+        .map_err(|e| ClientError::Protocol(format!("malformed response: {e}")))
 }
 
 /// Errors of the admin client.
@@ -421,8 +492,15 @@ mod tests {
 
     #[test]
     fn request_json_shape() {
-        let r: Request = serde_json::from_str(r#"{"op":"activate","resource":"md1","nomount":true}"#).unwrap();
-        assert_eq!(r, Request::Activate { resource: "md1".into(), nomount: true });
+        let r: Request =
+            serde_json::from_str(r#"{"op":"activate","resource":"md1","nomount":true}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Activate {
+                resource: "md1".into(),
+                nomount: true
+            }
+        );
         let r: Request = serde_json::from_str(r#"{"op":"status"}"#).unwrap();
         assert_eq!(r, Request::Status { resource: None });
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
@@ -431,12 +509,18 @@ mod tests {
 
     #[test]
     fn policy_admits_root_and_self_only() {
-        let p = AccessPolicy { own_uid: 1000, group: None };
+        let p = AccessPolicy {
+            own_uid: 1000,
+            group: None,
+        };
         assert!(p.admit(0, 0, None).is_ok());
         assert!(p.admit(1000, 1000, None).is_ok());
         let e = p.admit(1001, 1001, None).unwrap_err();
         assert!(e.contains("uid 1001"), "{e}");
-        let p = AccessPolicy { own_uid: 0, group: Some(("mdadm".into(), 4242)) };
+        let p = AccessPolicy {
+            own_uid: 0,
+            group: Some(("mdadm".into(), 4242)),
+        };
         assert!(p.admit(1001, 4242, None).is_ok());
         assert!(p.admit(1001, 1001, None).unwrap_err().contains("mdadm"));
     }

@@ -44,17 +44,31 @@ pub struct Agent {
 
 impl Agent {
     fn find(&self, name: &str) -> Result<&Arc<Resource>, AdminError> {
-        self.resources.iter().find(|r| r.name == name).ok_or_else(|| {
-            AdminError::not_found(name, &self.resources.iter().map(|r| r.name.clone()).collect::<Vec<_>>())
-        })
+        self.resources
+            .iter()
+            .find(|r| r.name == name)
+            .ok_or_else(|| {
+                AdminError::not_found(
+                    name,
+                    &self
+                        .resources
+                        .iter()
+                        .map(|r| r.name.clone())
+                        .collect::<Vec<_>>(),
+                )
+            })
     }
 
     /// Answer one admin request.
     pub async fn handle(&self, req: Request) -> Response {
         tracing::debug!(?req, "admin request");
         match req {
-            Request::Ping {} => Response::ok(serde_json::json!({ "node": self.node, "pid": std::process::id() })),
-            Request::Status { resource: Some(name) } => match self.find(&name) {
+            Request::Ping {} => {
+                Response::ok(serde_json::json!({ "node": self.node, "pid": std::process::id() }))
+            }
+            Request::Status {
+                resource: Some(name),
+            } => match self.find(&name) {
                 Ok(r) => Response::ok(r.status().await),
                 Err(e) => Response::err(e),
             },
@@ -128,7 +142,11 @@ impl Agent {
     }
 }
 
-fn log_outcome(op: &str, resource: &str, r: Result<crate::status::ResourceStatus, AdminError>) -> Response {
+fn log_outcome(
+    op: &str,
+    resource: &str,
+    r: Result<crate::status::ResourceStatus, AdminError>,
+) -> Response {
     match r {
         Ok(s) => Response::ok(s),
         Err(e) => {
@@ -145,11 +163,21 @@ pub fn run(config_path: &Path, node: &str) -> Result<(), DaemonError> {
     // Serving a kernel nbd device on this host: writeback may have to go
     // through this process, so it must not block on reclaim (before the
     // runtime: the flag is per thread and inherited by the workers).
-    if config.resources.iter().any(|r| r.node(node).is_some_and(|n| n.nbd_device.is_some())) {
+    if config
+        .resources
+        .iter()
+        .any(|r| r.node(node).is_some_and(|n| n.nbd_device.is_some()))
+    {
         let report = crate::kernel::io_flusher_setup();
-        tracing::info!(?report, "kernel nbd device configured: IO_FLUSHER + mlockall");
+        tracing::info!(
+            ?report,
+            "kernel nbd device configured: IO_FLUSHER + mlockall"
+        );
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(DaemonError::Runtime)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
     rt.block_on(run_async(config, node.to_string()))
 }
 
@@ -159,16 +187,28 @@ async fn run_async(config: Config, node: String) -> Result<(), DaemonError> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut resources = Vec::new();
     for rc in &config.resources {
-        resources.push(Arc::new(Resource::attach(&config, rc, &node, shutdown_rx.clone()).await?));
+        resources.push(Arc::new(
+            Resource::attach(&config, rc, &node, shutdown_rx.clone()).await?,
+        ));
     }
     let _control = spawn_control_link(&config, &node, shutdown_rx.clone());
-    let agent = Arc::new(Agent { node: node.clone(), resources });
+    let agent = Arc::new(Agent {
+        node: node.clone(),
+        resources,
+    });
 
-    let policy = AccessPolicy::for_current_process(config.cluster.admin_group.as_deref()).map_err(|source| {
-        DaemonError::AdminSocket { path: me.admin_socket.display().to_string(), source }
+    let policy = AccessPolicy::for_current_process(config.cluster.admin_group.as_deref()).map_err(
+        |source| DaemonError::AdminSocket {
+            path: me.admin_socket.display().to_string(),
+            source,
+        },
+    )?;
+    let listener = admin::bind_admin_socket(&me.admin_socket, &policy).map_err(|source| {
+        DaemonError::AdminSocket {
+            path: me.admin_socket.display().to_string(),
+            source,
+        }
     })?;
-    let listener = admin::bind_admin_socket(&me.admin_socket, &policy)
-        .map_err(|source| DaemonError::AdminSocket { path: me.admin_socket.display().to_string(), source })?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
     tracing::info!(
@@ -214,7 +254,11 @@ async fn run_async(config: Config, node: String) -> Result<(), DaemonError> {
 
 /// The per-node control link to the peer's agent (heartbeats; the peer's
 /// liveness independent of any resource). `None` when standalone.
-fn spawn_control_link(config: &Config, node: &str, shutdown: tokio::sync::watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
+fn spawn_control_link(
+    config: &Config,
+    node: &str,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
     config.peer(node)?;
     let secret = match config.read_secret() {
         Ok(s) => s,
@@ -226,7 +270,11 @@ fn spawn_control_link(config: &Config, node: &str, shutdown: tokio::sync::watch:
     let hello: crate::peer::HelloStateFn = Arc::new(|| crate::peer::HelloState {
         role: mirror_proto::Role::None,
         disk_state: mirror_proto::DiskState::Diskless,
-        generation: mirror_proto::Generation { current: 0, bitmap: 0, history: Vec::new() },
+        generation: mirror_proto::Generation {
+            current: 0,
+            bitmap: 0,
+            history: Vec::new(),
+        },
         features: mirror_proto::Features::empty(),
     });
     let spec = match crate::peer::LinkSpec::control(config, node, secret, hello) {

@@ -175,7 +175,11 @@ pub fn on_replicating(sb: &mut SbState, active: bool) {
 
 /// Generations of a freshly created, blank pair member.
 pub fn blank() -> Generations {
-    Generations { current: BLANK, bitmap: 0, history: Default::default() }
+    Generations {
+        current: BLANK,
+        bitmap: 0,
+        history: Default::default(),
+    }
 }
 
 #[cfg(test)]
@@ -184,7 +188,10 @@ mod tests {
 
     #[test]
     fn diverging_is_idempotent_until_resync() {
-        let mut g = Generations { current: 7, ..Default::default() };
+        let mut g = Generations {
+            current: 7,
+            ..Default::default()
+        };
         assert!(begin_diverging(&mut g));
         assert_eq!(g.bitmap, 7);
         assert_ne!(g.current, 7);
@@ -197,14 +204,23 @@ mod tests {
 
     #[test]
     fn target_adopts_source_generation() {
-        let mut t = Generations { current: 7, ..Default::default() };
+        let mut t = Generations {
+            current: 7,
+            ..Default::default()
+        };
         resync_done_target(&mut t, 9);
         assert_eq!((t.current, t.bitmap, t.history[0]), (9, 0, 7));
     }
 
     #[test]
     fn force_alone_rotates_and_marks() {
-        let mut sb = SbState { gens: Generations { current: 7, ..Default::default() }, ..Default::default() };
+        let mut sb = SbState {
+            gens: Generations {
+                current: 7,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         sb.flags.insert(Flags::RESYNC_TARGET);
         force_alone(&mut sb);
         assert_eq!(sb.gens.bitmap, 7);
@@ -230,7 +246,13 @@ mod tests {
 
     #[test]
     fn only_an_active_node_diverges_on_break() {
-        let mut sb = SbState { gens: Generations { current: 7, ..Default::default() }, ..Default::default() };
+        let mut sb = SbState {
+            gens: Generations {
+                current: 7,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         assert!(!on_break(&mut sb, false));
         assert_eq!(sb.gens.current, 7);
         assert!(!on_activate(&mut sb, true));

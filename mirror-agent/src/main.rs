@@ -30,7 +30,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
-    let node = args.node.unwrap_or_else(mirror_agent::config::default_node_name);
+    let node = args
+        .node
+        .unwrap_or_else(mirror_agent::config::default_node_name);
     match mirror_agent::daemon::run(&args.config, &node) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

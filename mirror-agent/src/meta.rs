@@ -8,7 +8,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bitmap::{AttachCheck, ClusterPartition, CreateParams, FileStorage, Flags, Geometry, MetaError};
+use bitmap::{
+    AttachCheck, ClusterPartition, CreateParams, FileStorage, Flags, Geometry, MetaError,
+};
 
 use crate::config::{self, ResourceNode};
 use crate::status::DiskStatus;
@@ -116,7 +118,10 @@ impl InitError {
     pub fn is_refusal(&self) -> bool {
         match self {
             InitError::Meta { source, .. } => {
-                matches!(source, MetaError::AlreadyInitialised { .. } | MetaError::Unrecognised { .. })
+                matches!(
+                    source,
+                    MetaError::AlreadyInitialised { .. } | MetaError::Unrecognised { .. }
+                )
             }
             InitError::Io { source, .. } => source.kind() == std::io::ErrorKind::WouldBlock,
             InitError::NotBlank { .. } => true,
@@ -148,9 +153,18 @@ impl fmt::Display for InitReport {
             "  data partition    {} ({} bytes{})",
             self.data_path.display(),
             self.data_size,
-            if self.data_created { ", created sparse" } else { ", existing" }
+            if self.data_created {
+                ", created sparse"
+            } else {
+                ", existing"
+            }
         )?;
-        writeln!(f, "  cluster partition {} (metadata uuid {})", self.cluster_partition.display(), self.uuid)?;
+        writeln!(
+            f,
+            "  cluster partition {} (metadata uuid {})",
+            self.cluster_partition.display(),
+            self.uuid
+        )?;
         if self.blank {
             write!(
                 f,
@@ -160,7 +174,11 @@ impl fmt::Display for InitReport {
                 crate::gens::BLANK
             )
         } else {
-            write!(f, "  regions           {} x {} bytes, all marked dirty until the first sync", self.region_count, self.region_size)
+            write!(
+                f,
+                "  regions           {} x {} bytes, all marked dirty until the first sync",
+                self.region_count, self.region_size
+            )
         }
     }
 }
@@ -176,38 +194,61 @@ impl fmt::Display for InitReport {
 /// bitmap, so the pair connects in sync without an initial copy (DRBD's
 /// `new-current-uuid --clear-bitmap`). A regular file that holds data refuses
 /// `blank`; a block device is taken on the operator's word.
-pub fn init_resource(rc: &config::Resource, node: &str, force: bool, blank: bool) -> Result<InitReport, InitError> {
-    let me = rc
-        .node(node)
-        .ok_or_else(|| InitError::NotOnNode { resource: rc.name.clone(), node: node.to_string() })?;
+pub fn init_resource(
+    rc: &config::Resource,
+    node: &str,
+    force: bool,
+    blank: bool,
+) -> Result<InitReport, InitError> {
+    let me = rc.node(node).ok_or_else(|| InitError::NotOnNode {
+        resource: rc.name.clone(),
+        node: node.to_string(),
+    })?;
     let io = |what: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |source| InitError::Io { what, path, source }
     };
     let mut data_created = false;
     if !me.data_path.exists() {
-        let size = rc.size.ok_or_else(|| InitError::NoSize { path: me.data_path.clone(), resource: rc.name.clone() })?;
+        let size = rc.size.ok_or_else(|| InitError::NoSize {
+            path: me.data_path.clone(),
+            resource: rc.name.clone(),
+        })?;
         if let Some(dir) = me.data_path.parent() {
             std::fs::create_dir_all(dir).map_err(io("creating directory", dir))?;
         }
-        crate::engine::create_data_file(&me.data_path, size).map_err(io("creating data file", &me.data_path))?;
+        crate::engine::create_data_file(&me.data_path, size)
+            .map_err(io("creating data file", &me.data_path))?;
         data_created = true;
     }
     if blank && !data_created {
-        if let Some(off) = first_data_offset(&me.data_path).map_err(io("checking", &me.data_path))? {
-            return Err(InitError::NotBlank { path: me.data_path.clone(), offset: off });
+        if let Some(off) =
+            first_data_offset(&me.data_path).map_err(io("checking", &me.data_path))?
+        {
+            return Err(InitError::NotBlank {
+                path: me.data_path.clone(),
+                offset: off,
+            });
         }
     }
-    let ident = bitmap::data_partition_identity(&me.data_path).map_err(io("reading", &me.data_path))?;
+    let ident =
+        bitmap::data_partition_identity(&me.data_path).map_err(io("reading", &me.data_path))?;
     let volume_size = ident.size;
-    let geometry = Geometry::new(volume_size, rc.region_size)
-        .map_err(|e| InitError::Meta { path: me.cluster_partition.clone(), source: MetaError::InvalidParams(e) })?;
-    ensure_cp_file(&me.cluster_partition, geometry.required_partition_size()).map_err(io("creating", &me.cluster_partition))?;
-    let storage = FileStorage::open(&me.cluster_partition).map_err(io("opening", &me.cluster_partition))?;
+    let geometry = Geometry::new(volume_size, rc.region_size).map_err(|e| InitError::Meta {
+        path: me.cluster_partition.clone(),
+        source: MetaError::InvalidParams(e),
+    })?;
+    ensure_cp_file(&me.cluster_partition, geometry.required_partition_size())
+        .map_err(io("creating", &me.cluster_partition))?;
+    let storage =
+        FileStorage::open(&me.cluster_partition).map_err(io("opening", &me.cluster_partition))?;
     let mut params = CreateParams::new(rc.name.clone(), node, &ident);
     params.region_size = rc.region_size;
     params.initially_dirty = !blank;
-    let meta_err = |source| InitError::Meta { path: me.cluster_partition.clone(), source };
+    let meta_err = |source| InitError::Meta {
+        path: me.cluster_partition.clone(),
+        source,
+    };
     let cp = ClusterPartition::create(storage, &params, force).map_err(meta_err)?;
     if blank {
         cp.update_superblock(|sb| {
@@ -288,7 +329,11 @@ fn ensure_cp_file(path: &Path, size: u64) -> std::io::Result<()> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            let f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(path)?;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(path)?;
             if f.metadata()?.len() < size {
                 f.set_len(size)?;
             }
@@ -302,7 +347,10 @@ fn ensure_cp_file(path: &Path, size: u64) -> std::io::Result<()> {
 pub fn dump(path: &Path) -> Result<Dump, std::io::Error> {
     let mut storage = ReadOnlyFile::open(path)?;
     let report = bitmap::dump(&mut storage, 32).map_err(std::io::Error::other)?;
-    Ok(Dump { path: path.to_path_buf(), report })
+    Ok(Dump {
+        path: path.to_path_buf(),
+        report,
+    })
 }
 
 /// A dump plus the path it came from.
@@ -342,7 +390,10 @@ impl bitmap::MetaStorage for ReadOnlyFile {
         std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
     }
     fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> std::io::Result<()> {
-        Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "dump-md never writes"))
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "dump-md never writes",
+        ))
     }
     fn sync(&mut self) -> std::io::Result<()> {
         Ok(())
@@ -365,10 +416,19 @@ impl Meta {
     /// ancestor did after `dd if=/dev/zero`); anything unrecognised, damaged
     /// beyond repair, or belonging to another resource/node/data partition
     /// makes the agent refuse to start, naming the file and why.
-    pub fn attach(rc: &config::Resource, me: &ResourceNode, node: &str, _data_size: u64) -> Result<Meta, MetaAttachError> {
+    pub fn attach(
+        rc: &config::Resource,
+        me: &ResourceNode,
+        node: &str,
+        _data_size: u64,
+    ) -> Result<Meta, MetaAttachError> {
         let path = me.cluster_partition.clone();
-        let ident = bitmap::data_partition_identity(&me.data_path)
-            .map_err(|source| MetaAttachError::DataIdentity { path: me.data_path.clone(), source })?;
+        let ident = bitmap::data_partition_identity(&me.data_path).map_err(|source| {
+            MetaAttachError::DataIdentity {
+                path: me.data_path.clone(),
+                source,
+            }
+        })?;
         let open_storage = || {
             FileStorage::open(&path).map_err(|source| MetaAttachError::Open {
                 path: path.clone(),
@@ -388,16 +448,27 @@ impl Meta {
                 tracing::warn!(cluster_partition = %path.display(), "cluster partition is all zero: initialising it (every region dirty)");
                 let mut params = CreateParams::new(rc.name.clone(), node, &ident);
                 params.region_size = rc.region_size;
-                ClusterPartition::create(open_storage()?, &params, false)
-                    .map_err(|source| MetaAttachError::Refused { path: path.clone(), source })?
+                ClusterPartition::create(open_storage()?, &params, false).map_err(|source| {
+                    MetaAttachError::Refused {
+                        path: path.clone(),
+                        source,
+                    }
+                })?
             }
             Err(source) => return Err(MetaAttachError::Refused { path, source }),
         };
         if cp.region_size() != rc.region_size {
-            return Err(MetaAttachError::RegionSize { path, on_disk: cp.region_size(), configured: rc.region_size });
+            return Err(MetaAttachError::RegionSize {
+                path,
+                on_disk: cp.region_size(),
+                configured: rc.region_size,
+            });
         }
         cp.set_keep_dirty_capacity(rc.keep_dirty);
-        Ok(Meta { cp: Arc::new(cp), path })
+        Ok(Meta {
+            cp: Arc::new(cp),
+            path,
+        })
     }
 
     /// The cluster partition (for the data path's write intents).
@@ -409,13 +480,21 @@ impl Meta {
     pub fn check_activatable(&self) -> Result<(), String> {
         let flags = self.cp.flags();
         if flags.contains(Flags::DISK_ERROR) {
-            return Err(format!("the data partition had an I/O error (recorded in {})", self.path.display()));
+            return Err(format!(
+                "the data partition had an I/O error (recorded in {})",
+                self.path.display()
+            ));
         }
         if flags.contains(Flags::RESYNC_TARGET) {
-            return Err("the local data is inconsistent: a resync into this node has not finished".into());
+            return Err(
+                "the local data is inconsistent: a resync into this node has not finished".into(),
+            );
         }
         if let Some(why) = self.cp.poisoned() {
-            return Err(format!("the cluster partition {} failed earlier: {why}", self.path.display()));
+            return Err(format!(
+                "the cluster partition {} failed earlier: {why}",
+                self.path.display()
+            ));
         }
         Ok(())
     }
@@ -423,17 +502,27 @@ impl Meta {
     /// Record activation/deactivation (the was-active flag) durably.
     pub async fn record_activation(&self, active: bool) -> Result<(), MetaError> {
         let cp = Arc::clone(&self.cp);
-        tokio::task::spawn_blocking(move || cp.update_superblock(|sb| sb.flags.set(Flags::WAS_ACTIVE, active)).map(|_| ()))
-            .await
-            .map_err(|e| MetaError::Poisoned { cause: format!("metadata task failed: {e}") })?
+        tokio::task::spawn_blocking(move || {
+            cp.update_superblock(|sb| sb.flags.set(Flags::WAS_ACTIVE, active))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| MetaError::Poisoned {
+            cause: format!("metadata task failed: {e}"),
+        })?
     }
 
     /// Record a data-disk error durably (the disk must not be trusted any more).
     pub async fn record_disk_error(&self) -> Result<(), MetaError> {
         let cp = Arc::clone(&self.cp);
-        tokio::task::spawn_blocking(move || cp.update_superblock(|sb| sb.flags.insert(Flags::DISK_ERROR)).map(|_| ()))
-            .await
-            .map_err(|e| MetaError::Poisoned { cause: format!("metadata task failed: {e}") })?
+        tokio::task::spawn_blocking(move || {
+            cp.update_superblock(|sb| sb.flags.insert(Flags::DISK_ERROR))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| MetaError::Poisoned {
+            cause: format!("metadata task failed: {e}"),
+        })?
     }
 
     /// Disk part of `status`.

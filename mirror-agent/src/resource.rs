@@ -88,7 +88,10 @@ pub struct Resource {
 
 impl std::fmt::Debug for Resource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Resource").field("name", &self.name).field("node", &self.node).finish_non_exhaustive()
+        f.debug_struct("Resource")
+            .field("name", &self.name)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
     }
 }
 
@@ -101,22 +104,35 @@ impl Resource {
         node: &str,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Resource, AttachError> {
-        let me = cfg.node(node).cloned().ok_or_else(|| AttachError::NotOnNode {
-            resource: cfg.name.clone(),
-            node: node.to_string(),
-            config: config.path.display().to_string(),
-        })?;
+        let me = cfg
+            .node(node)
+            .cloned()
+            .ok_or_else(|| AttachError::NotOnNode {
+                resource: cfg.name.clone(),
+                node: node.to_string(),
+                config: config.path.display().to_string(),
+            })?;
         let opts = engine_options(cfg);
         let engine = engine::open(&me.data_path, &opts).map_err(|source| AttachError::Data {
             resource: cfg.name.clone(),
             path: me.data_path.display().to_string(),
             source,
         })?;
-        let meta = Meta::attach(cfg, &me, node, engine.size())
-            .map_err(|source| AttachError::Meta { resource: cfg.name.clone(), source })?;
+        let meta =
+            Meta::attach(cfg, &me, node, engine.size()).map_err(|source| AttachError::Meta {
+                resource: cfg.name.clone(),
+                source,
+            })?;
         let meta = Arc::new(meta);
         let pair = if cfg.is_mirrored() {
-            Some(Pair::start(config, cfg, node, engine.clone(), meta.clone(), shutdown)?)
+            Some(Pair::start(
+                config,
+                cfg,
+                node,
+                engine.clone(),
+                meta.clone(),
+                shutdown,
+            )?)
         } else {
             None
         };
@@ -148,11 +164,17 @@ impl Resource {
         if let Serving::Active { .. } = *serving {
             return Err(AdminError::refused(
                 format!("{} is already active on {}", self.name, self.node),
-                format!("nothing to do; `mdctrl status {}` shows its state", self.name),
+                format!(
+                    "nothing to do; `mdctrl status {}` shows its state",
+                    self.name
+                ),
             ));
         }
         if let Err(e) = self.meta.check_activatable() {
-            return Err(AdminError::refused(e, format!("`mdctrl dump-md {}` shows the metadata", self.name)));
+            return Err(AdminError::refused(
+                e,
+                format!("`mdctrl dump-md {}` shows the metadata", self.name),
+            ));
         }
 
         let volume: Arc<dyn BlockEngine> = match &self.pair {
@@ -169,7 +191,10 @@ impl Resource {
         let server = NbdServer::new(vec![export], nbd::Limits::default())
             .map_err(|e| AdminError::internal(format!("cannot create NBD server: {e}")))?;
         let unix = nbd::bind_unix(&self.me.nbd_socket, None).map_err(|e| {
-            AdminError::internal(format!("cannot listen on NBD socket {}: {e}", self.me.nbd_socket.display()))
+            AdminError::internal(format!(
+                "cannot listen on NBD socket {}: {e}",
+                self.me.nbd_socket.display()
+            ))
         })?;
         let tcp = match self.me.nbd_tcp {
             Some(addr) => Some(nbd::bind_tcp(addr).await.map_err(|e| {
@@ -178,10 +203,11 @@ impl Resource {
             })?),
             None => None,
         };
-        self.meta
-            .record_activation(true)
-            .await
-            .map_err(|e| AdminError::internal(format!("cannot record activation in the cluster partition: {e}")))?;
+        self.meta.record_activation(true).await.map_err(|e| {
+            AdminError::internal(format!(
+                "cannot record activation in the cluster partition: {e}"
+            ))
+        })?;
 
         let mut accept_tasks = Vec::new();
         let s = Arc::clone(&server);
@@ -199,7 +225,15 @@ impl Resource {
             }));
         }
         // The kernel device (and mount) last: it needs the export running.
-        let device = match crate::kernel::activate_device(Arc::clone(&server), &self.name, &self.me, nomount, Default::default()).await {
+        let device = match crate::kernel::activate_device(
+            Arc::clone(&server),
+            &self.name,
+            &self.me,
+            nomount,
+            Default::default(),
+        )
+        .await
+        {
             Ok(d) => d,
             Err(e) => {
                 let _ = std::fs::remove_file(&self.me.nbd_socket);
@@ -214,13 +248,23 @@ impl Resource {
                 let _ = self.meta.record_activation(false).await;
                 return Err(AdminError::internal(format!(
                     "cannot attach {} to {}: {e}",
-                    self.me.nbd_device.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                    self.me
+                        .nbd_device
+                        .as_ref()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_default(),
                     self.name
                 )));
             }
         };
         tracing::info!(resource = %self.name, socket = %self.me.nbd_socket.display(), tcp = ?self.me.nbd_tcp, device = ?self.me.nbd_device, "activated: serving NBD");
-        *serving = Serving::Active { server, accept_tasks, since: Instant::now(), volume, device };
+        *serving = Serving::Active {
+            server,
+            accept_tasks,
+            since: Instant::now(),
+            volume,
+            device,
+        };
         drop(serving);
         Ok(self.status().await)
     }
@@ -228,7 +272,10 @@ impl Resource {
     /// Stop accepting, let in-flight requests finish, flush, record state.
     pub async fn deactivate(&self) -> Result<ResourceStatus, AdminError> {
         let mut serving = self.serving.lock().await;
-        if let Serving::Active { device: Some(att), .. } = &mut *serving {
+        if let Serving::Active {
+            device: Some(att), ..
+        } = &mut *serving
+        {
             // Unmount and detach first; a busy mount refuses and we stay active.
             if let Err(e) = crate::kernel::deactivate_device(att, &self.me).await {
                 return Err(AdminError::refused(
@@ -237,7 +284,14 @@ impl Resource {
                 ));
             }
         }
-        let Serving::Active { server, accept_tasks, since, volume, device: _ } = std::mem::replace(&mut *serving, Serving::Inactive) else {
+        let Serving::Active {
+            server,
+            accept_tasks,
+            since,
+            volume,
+            device: _,
+        } = std::mem::replace(&mut *serving, Serving::Inactive)
+        else {
             return Err(AdminError::refused(
                 format!("{} is not active on {}", self.name, self.node),
                 "nothing to do",
@@ -263,9 +317,18 @@ impl Resource {
         };
         let recorded = self.meta.record_activation(false).await;
         tracing::info!(resource = %self.name, active_for = ?since.elapsed(), "deactivated");
-        flushed.map_err(|e| AdminError::internal(format!("flush of {} failed after deactivation: {e}", self.me.data_path.display())))?;
+        flushed.map_err(|e| {
+            AdminError::internal(format!(
+                "flush of {} failed after deactivation: {e}",
+                self.me.data_path.display()
+            ))
+        })?;
         released?;
-        recorded.map_err(|e| AdminError::internal(format!("cannot record deactivation in the cluster partition: {e}")))?;
+        recorded.map_err(|e| {
+            AdminError::internal(format!(
+                "cannot record deactivation in the cluster partition: {e}"
+            ))
+        })?;
         drop(serving);
         Ok(self.status().await)
     }
@@ -273,7 +336,10 @@ impl Resource {
     fn pair_or_refuse(&self, verb: &str) -> Result<&Arc<Pair>, AdminError> {
         self.pair.as_ref().ok_or_else(|| {
             AdminError::refused(
-                format!("{} is not mirrored (one server in the configuration): nothing to {verb}", self.name),
+                format!(
+                    "{} is not mirrored (one server in the configuration): nothing to {verb}",
+                    self.name
+                ),
                 "add the second server to the resource in the configuration",
             )
         })
@@ -295,7 +361,10 @@ impl Resource {
 
     /// `mdctrl break`.
     pub async fn break_mirror(&self) -> Result<ResourceStatus, AdminError> {
-        let msg = self.pair_or_refuse("break")?.break_mirror("mdctrl break").await?;
+        let msg = self
+            .pair_or_refuse("break")?
+            .break_mirror("mdctrl break")
+            .await?;
         tracing::warn!(resource = %self.name, "{msg}");
         Ok(self.status().await)
     }
@@ -319,7 +388,11 @@ impl Resource {
                 let now = counters_of(server);
                 add_counters(&mut nbd, &now);
                 nbd.connections_open = now.connections_open;
-                (Role::Active, Some(self.me.nbd_socket.display().to_string()), self.me.nbd_tcp.map(|a| a.to_string()))
+                (
+                    Role::Active,
+                    Some(self.me.nbd_socket.display().to_string()),
+                    self.me.nbd_tcp.map(|a| a.to_string()),
+                )
             }
             Serving::Inactive => (Role::Inactive, None, None),
         };
@@ -347,12 +420,19 @@ impl Resource {
     }
 
     /// The ancestor's mirror colour for this node and the one-line advice.
-    fn color_and_next_step(&self, role: Role, disk: &crate::status::DiskStatus, pair: Option<&crate::status::PairStatus>) -> (&'static str, String) {
+    fn color_and_next_step(
+        &self,
+        role: Role,
+        disk: &crate::status::DiskStatus,
+        pair: Option<&crate::status::PairStatus>,
+    ) -> (&'static str, String) {
         let r = &self.name;
         if disk.disk_error {
             return ("RED", format!("the data partition of {r} reported an error: replace the disk (maintenance guide §6.7)"));
         }
-        let recovering = pair.and_then(|p| p.recovery.as_ref()).is_some_and(|r| !r.finished && r.error.is_none());
+        let recovering = pair
+            .and_then(|p| p.recovery.as_ref())
+            .is_some_and(|r| !r.finished && r.error.is_none());
         if !disk.consistent && recovering {
             return ("YELLOW", format!("resync into this node running: the local data of {r} is inconsistent until it finishes (`mdctrl recover {r} --wait` follows it)"));
         }
@@ -361,13 +441,22 @@ impl Resource {
         }
         let Some(p) = pair else {
             return match role {
-                Role::Active => ("GREEN", format!("serving; `mdctrl deactivate {r}` stops it")),
-                Role::Inactive => ("GREEN", format!("ready; `mdctrl activate {r}` starts serving")),
+                Role::Active => (
+                    "GREEN",
+                    format!("serving; `mdctrl deactivate {r}` stops it"),
+                ),
+                Role::Inactive => (
+                    "GREEN",
+                    format!("ready; `mdctrl activate {r}` starts serving"),
+                ),
             };
         };
         let peer = &p.peer;
         if p.peer_disk_error {
-            return ("GREEN", format!("{peer} reported a disk error: replace its disk, then recover the mirror"));
+            return (
+                "GREEN",
+                format!("{peer} reported a disk error: replace its disk, then recover the mirror"),
+            );
         }
         if p.connection != "connected" {
             return match role {
@@ -377,18 +466,38 @@ impl Resource {
         }
         if p.in_sync {
             return match (role, p.peer_role) {
-                (Role::Active, _) if p.replicating => ("GREEN", format!("mirroring to {peer}; nothing to do")),
+                (Role::Active, _) if p.replicating => {
+                    ("GREEN", format!("mirroring to {peer}; nothing to do"))
+                }
                 (Role::Active, _) => ("YELLOW", format!("active, replication to {peer} starting")),
-                (Role::Inactive, Some(Role::Active)) => ("GREEN", format!("standby for {peer}; nothing to do")),
-                (Role::Inactive, _) => ("GREEN", format!("in sync with {peer}; `mdctrl activate {r}` on one node starts serving")),
+                (Role::Inactive, Some(Role::Active)) => {
+                    ("GREEN", format!("standby for {peer}; nothing to do"))
+                }
+                (Role::Inactive, _) => (
+                    "GREEN",
+                    format!(
+                        "in sync with {peer}; `mdctrl activate {r}` on one node starts serving"
+                    ),
+                ),
             };
         }
-        if let Some(rec) = p.recovery.as_ref().filter(|r| !r.finished && r.error.is_none()) {
-            let color = if rec.role == "source" { "GREEN" } else { "YELLOW" };
+        if let Some(rec) = p
+            .recovery
+            .as_ref()
+            .filter(|r| !r.finished && r.error.is_none())
+        {
+            let color = if rec.role == "source" {
+                "GREEN"
+            } else {
+                "YELLOW"
+            };
             return (color, format!("mirror recovery running ({} {}, {:.1}%): wait; `mdctrl recover {r} --wait` follows it", rec.kind, rec.direction, rec.percent));
         }
         // Out of sync: green on the side holding the latest data.
-        let newer_here = p.decision.as_deref().is_some_and(|d| d.contains(&format!("resync {} ->", self.node)));
+        let newer_here = p
+            .decision
+            .as_deref()
+            .is_some_and(|d| d.contains(&format!("resync {} ->", self.node)));
         let color = if newer_here { "GREEN" } else { "RED" };
         let what = p.decision.clone().unwrap_or_else(|| p.sync.clone());
         let next = if what.contains("split brain") || what.contains("unrelated") {

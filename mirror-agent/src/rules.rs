@@ -82,7 +82,10 @@ impl NodeView {
         g != 0 && self.gens.history.contains(&g)
     }
     fn all_gens(&self) -> impl Iterator<Item = u64> + '_ {
-        [self.gens.current, self.gens.bitmap].into_iter().chain(self.gens.history).filter(|&g| g != 0)
+        [self.gens.current, self.gens.bitmap]
+            .into_iter()
+            .chain(self.gens.history)
+            .filter(|&g| g != 0)
     }
 }
 
@@ -158,7 +161,11 @@ impl Decision {
     /// The same decision seen from the peer (sides swapped).
     pub fn mirrored(&self) -> Decision {
         match self {
-            Decision::Resync { source, kind, save_loser_divergence } => Decision::Resync {
+            Decision::Resync {
+                source,
+                kind,
+                save_loser_divergence,
+            } => Decision::Resync {
                 source: source.other(),
                 kind: *kind,
                 save_loser_divergence: *save_loser_divergence,
@@ -169,8 +176,14 @@ impl Decision {
     /// Regions a resync copies, if this is a resync.
     pub fn copy_set(&self) -> Option<RegionSet> {
         match self {
-            Decision::Resync { kind: ResyncKind::Differential, .. } => Some(RegionSet::UnionOfBitmaps),
-            Decision::Resync { kind: ResyncKind::Full, .. } => Some(RegionSet::All),
+            Decision::Resync {
+                kind: ResyncKind::Differential,
+                ..
+            } => Some(RegionSet::UnionOfBitmaps),
+            Decision::Resync {
+                kind: ResyncKind::Full,
+                ..
+            } => Some(RegionSet::All),
             _ => None,
         }
     }
@@ -178,7 +191,10 @@ impl Decision {
     /// notes property 8): the copy set, when the target loses by force.
     pub fn save_set(&self) -> Option<RegionSet> {
         match self {
-            Decision::Resync { save_loser_divergence: true, .. } => self.copy_set(),
+            Decision::Resync {
+                save_loser_divergence: true,
+                ..
+            } => self.copy_set(),
             _ => None,
         }
     }
@@ -196,7 +212,11 @@ impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Decision::InSync => f.write_str("in sync"),
-            Decision::Resync { source, kind, save_loser_divergence } => {
+            Decision::Resync {
+                source,
+                kind,
+                save_loser_divergence,
+            } => {
                 let dir = match source {
                     Side::Local => "local -> peer",
                     Side::Peer => "peer -> local",
@@ -275,7 +295,11 @@ fn pick<'a>(local: &'a NodeView, peer: &'a NodeView, side: Side) -> &'a NodeView
 }
 
 fn resync(source: Side, kind: ResyncKind, save: bool) -> Decision {
-    Decision::Resync { source, kind, save_loser_divergence: save }
+    Decision::Resync {
+        source,
+        kind,
+        save_loser_divergence: save,
+    }
 }
 
 /// Whether the union of both bitmaps covers every region where the winner's
@@ -305,7 +329,11 @@ fn ahead(x: &NodeView, y: &NodeView) -> Option<(ResyncKind, Rule)> {
 
 fn names_with(local: &NodeView, peer: &NodeView, f: impl Fn(&NodeView) -> bool) -> String {
     // Sorted so that the text is the same on both nodes (symmetry).
-    let mut v: Vec<&str> = [local, peer].into_iter().filter(|n| f(n)).map(|n| n.node.as_str()).collect();
+    let mut v: Vec<&str> = [local, peer]
+        .into_iter()
+        .filter(|n| f(n))
+        .map(|n| n.node.as_str())
+        .collect();
     v.sort_unstable();
     v.join(" and ")
 }
@@ -316,7 +344,9 @@ pub fn decide(local: &NodeView, peer: &NodeView) -> (Decision, Rule) {
     let (l, p) = (local, peer);
     if l.disk_error() || p.disk_error() {
         let who = names_with(l, p, NodeView::disk_error);
-        let reason = format!("data-disk I/O error recorded on {who}: replace the disk and re-create its metadata");
+        let reason = format!(
+            "data-disk I/O error recorded on {who}: replace the disk and re-create its metadata"
+        );
         return (Decision::Blocked { reason }, R1);
     }
     match (l.inconsistent(), p.inconsistent()) {
@@ -329,7 +359,11 @@ pub fn decide(local: &NodeView, peer: &NodeView) -> (Decision, Rule) {
             return (Decision::Blocked { reason }, R2);
         }
         (true, false) | (false, true) => {
-            let src = if l.inconsistent() { Side::Peer } else { Side::Local };
+            let src = if l.inconsistent() {
+                Side::Peer
+            } else {
+                Side::Local
+            };
             let (s, t) = (pick(l, p, src), pick(l, p, src.other()));
             if s.never_synced() {
                 let reason = format!(
@@ -381,7 +415,12 @@ pub fn decide(local: &NodeView, peer: &NodeView) -> (Decision, Rule) {
 
 /// Equal current generations (R7–R11).
 fn decide_equal(l: &NodeView, p: &NodeView) -> (Decision, Rule) {
-    if l.c() == gens::BLANK && l.b() == 0 && p.b() == 0 && l.dirty_regions == 0 && p.dirty_regions == 0 {
+    if l.c() == gens::BLANK
+        && l.b() == 0
+        && p.b() == 0
+        && l.dirty_regions == 0
+        && p.dirty_regions == 0
+    {
         return (Decision::InSync, R7);
     }
     if l.b() != 0 || p.b() != 0 {
@@ -393,8 +432,12 @@ fn decide_equal(l: &NodeView, p: &NodeView) -> (Decision, Rule) {
     let dirty_active = |n: &NodeView| n.was_active() && n.dirty_regions > 0;
     match (l.was_active(), p.was_active()) {
         (true, true) if dirty_active(l) || dirty_active(p) => (Decision::SplitBrain, R10),
-        (true, false) if dirty_active(l) => (resync(Side::Local, ResyncKind::Differential, false), R9),
-        (false, true) if dirty_active(p) => (resync(Side::Peer, ResyncKind::Differential, false), R9),
+        (true, false) if dirty_active(l) => {
+            (resync(Side::Local, ResyncKind::Differential, false), R9)
+        }
+        (false, true) if dirty_active(p) => {
+            (resync(Side::Peer, ResyncKind::Differential, false), R9)
+        }
         _ => (Decision::InSync, R8),
     }
 }
@@ -475,7 +518,9 @@ pub fn may_activate(local: &NodeView, peer: &PeerKnowledge) -> Result<(), Refusa
     if local.disk_error() {
         return refuse(
             format!("the data disk of {me} had an I/O error"),
-            format!("replace the disk, re-create the metadata (`mdctrl init {res} --force`) and resync"),
+            format!(
+                "replace the disk, re-create the metadata (`mdctrl init {res} --force`) and resync"
+            ),
         );
     }
     if local.inconsistent() {
@@ -588,13 +633,22 @@ impl fmt::Display for BlockReason {
         match self {
             BlockReason::PeerUnknown => f.write_str("the peer's state is unknown (not connected)"),
             BlockReason::NoDifference => f.write_str("no difference between the nodes"),
-            BlockReason::NotActive => f.write_str("the resource is active on neither node (`mdctrl recover` starts it)"),
+            BlockReason::NotActive => {
+                f.write_str("the resource is active on neither node (`mdctrl recover` starts it)")
+            }
             BlockReason::BothActive => f.write_str("the resource is active on both nodes"),
             BlockReason::ActiveNotLatest { rule } => {
-                write!(f, "the active node does not hold the latest data (rule {rule})")
+                write!(
+                    f,
+                    "the active node does not hold the latest data (rule {rule})"
+                )
             }
-            BlockReason::SplitBrain { rule } => write!(f, "split brain (rule {rule}): `mdctrl force <winner>`"),
-            BlockReason::Unrelated { rule } => write!(f, "unrelated data (rule {rule}): `mdctrl force <winner>`"),
+            BlockReason::SplitBrain { rule } => {
+                write!(f, "split brain (rule {rule}): `mdctrl force <winner>`")
+            }
+            BlockReason::Unrelated { rule } => {
+                write!(f, "unrelated data (rule {rule}): `mdctrl force <winner>`")
+            }
             BlockReason::Blocked { rule, reason } => write!(f, "{reason} (rule {rule})"),
         }
     }
@@ -610,7 +664,11 @@ pub fn auto_recovery_allowed(
     local_active: bool,
     peer: &PeerKnowledge,
 ) -> Result<(Decision, Rule), BlockReason> {
-    let PeerKnowledge::Connected { view, active: peer_active } = peer else {
+    let PeerKnowledge::Connected {
+        view,
+        active: peer_active,
+    } = peer
+    else {
         return Err(BlockReason::PeerUnknown);
     };
     let (decision, rule) = decide(local, view);
@@ -618,7 +676,12 @@ pub fn auto_recovery_allowed(
         Decision::InSync => return Err(BlockReason::NoDifference),
         Decision::SplitBrain => return Err(BlockReason::SplitBrain { rule }),
         Decision::Unrelated => return Err(BlockReason::Unrelated { rule }),
-        Decision::Blocked { reason } => return Err(BlockReason::Blocked { rule, reason: reason.clone() }),
+        Decision::Blocked { reason } => {
+            return Err(BlockReason::Blocked {
+                rule,
+                reason: reason.clone(),
+            })
+        }
         Decision::Resync { source, .. } => *source,
     };
     let active_side = match (local_active, *peer_active) {
@@ -642,7 +705,11 @@ mod tests {
         NodeView {
             node: node.into(),
             resource: "md1".into(),
-            gens: Generations { current: c, bitmap: b, history: h },
+            gens: Generations {
+                current: c,
+                bitmap: b,
+                history: h,
+            },
             flags: Flags::CONSISTENT,
             dirty_regions: 0,
             forced: false,
@@ -728,16 +795,36 @@ mod tests {
 
     #[test]
     fn r7_blank_pair() {
-        check(&view("s1", gens::BLANK, 0, H0), &view("s2", gens::BLANK, 0, H0), Decision::InSync, R7);
+        check(
+            &view("s1", gens::BLANK, 0, H0),
+            &view("s2", gens::BLANK, 0, H0),
+            Decision::InSync,
+            R7,
+        );
     }
 
     #[test]
     fn r8_in_sync() {
-        check(&view("s1", 5, 0, [3, 0, 0, 0]), &view("s2", 5, 0, [3, 0, 0, 0]), Decision::InSync, R8);
+        check(
+            &view("s1", 5, 0, [3, 0, 0, 0]),
+            &view("s2", 5, 0, [3, 0, 0, 0]),
+            Decision::InSync,
+            R8,
+        );
         // Stale write intents of a cleanly deactivated node.
-        check(&dirty(view("s1", 5, 0, H0), 4), &view("s2", 5, 0, H0), Decision::InSync, R8);
+        check(
+            &dirty(view("s1", 5, 0, H0), 4),
+            &view("s2", 5, 0, H0),
+            Decision::InSync,
+            R8,
+        );
         // A blank pair that has dirty intents but no active crash.
-        check(&dirty(view("s1", gens::BLANK, 0, H0), 4), &view("s2", gens::BLANK, 0, H0), Decision::InSync, R8);
+        check(
+            &dirty(view("s1", gens::BLANK, 0, H0), 4),
+            &view("s2", gens::BLANK, 0, H0),
+            Decision::InSync,
+            R8,
+        );
     }
 
     #[test]
@@ -746,7 +833,12 @@ mod tests {
         check(&crashed, &view("s2", 5, 0, H0), diff(Side::Local), R9);
         // A crashed active of a blank pair.
         let crashed = dirty(with(view("s1", gens::BLANK, 0, H0), Flags::WAS_ACTIVE), 3);
-        check(&crashed, &view("s2", gens::BLANK, 0, H0), diff(Side::Local), R9);
+        check(
+            &crashed,
+            &view("s2", gens::BLANK, 0, H0),
+            diff(Side::Local),
+            R9,
+        );
         // Nothing was in flight: in sync.
         let clean = with(view("s1", 5, 0, H0), Flags::WAS_ACTIVE);
         check(&clean, &view("s2", 5, 0, H0), Decision::InSync, R8);
@@ -761,7 +853,12 @@ mod tests {
 
     #[test]
     fn r11_equal_current_diverged() {
-        check(&view("s1", 5, 3, H0), &view("s2", 5, 0, H0), Decision::SplitBrain, R11);
+        check(
+            &view("s1", 5, 3, H0),
+            &view("s2", 5, 0, H0),
+            Decision::SplitBrain,
+            R11,
+        );
     }
 
     #[test]
@@ -769,7 +866,12 @@ mod tests {
         // Both diverged from 5; s2 was forced while s1 was unreachable.
         let a = dirty(view("s1", 8, 5, H0), 2);
         let b = forced(view("s2", 9, 5, H0));
-        check(&a, &b, resync(Side::Peer, ResyncKind::Differential, true), R12);
+        check(
+            &a,
+            &b,
+            resync(Side::Peer, ResyncKind::Differential, true),
+            R12,
+        );
         // Unrelated data, forced side wins with a full copy.
         let a = view("s1", 8, 0, H0);
         let b = forced(view("s2", 9, 7, H0));
@@ -782,12 +884,22 @@ mod tests {
 
     #[test]
     fn r13_both_forced() {
-        check(&forced(view("s1", 8, 5, H0)), &forced(view("s2", 9, 5, H0)), Decision::SplitBrain, R13);
+        check(
+            &forced(view("s1", 8, 5, H0)),
+            &forced(view("s2", 9, 5, H0)),
+            Decision::SplitBrain,
+            R13,
+        );
     }
 
     #[test]
     fn r14_ahead_differential() {
-        check(&view("s1", 8, 5, H0), &view("s2", 5, 0, [2, 0, 0, 0]), diff(Side::Local), R14);
+        check(
+            &view("s1", 8, 5, H0),
+            &view("s2", 5, 0, [2, 0, 0, 0]),
+            diff(Side::Local),
+            R14,
+        );
         // The behind side crashed while active before: its intents join the union.
         let behind = dirty(with(view("s2", 5, 0, H0), Flags::WAS_ACTIVE), 4);
         check(&view("s1", 8, 5, H0), &behind, diff(Side::Local), R14);
@@ -795,26 +907,56 @@ mod tests {
 
     #[test]
     fn r15_ahead_full() {
-        check(&view("s1", 8, 6, [5, 0, 0, 0]), &view("s2", 5, 0, H0), resync(Side::Local, ResyncKind::Full, false), R15);
-        check(&view("s1", 8, 0, [5, 0, 0, 0]), &view("s2", 5, 0, H0), resync(Side::Local, ResyncKind::Full, false), R15);
+        check(
+            &view("s1", 8, 6, [5, 0, 0, 0]),
+            &view("s2", 5, 0, H0),
+            resync(Side::Local, ResyncKind::Full, false),
+            R15,
+        );
+        check(
+            &view("s1", 8, 0, [5, 0, 0, 0]),
+            &view("s2", 5, 0, H0),
+            resync(Side::Local, ResyncKind::Full, false),
+            R15,
+        );
     }
 
     #[test]
     fn r16_split_brain() {
-        check(&view("s1", 8, 5, H0), &view("s2", 9, 5, H0), Decision::SplitBrain, R16);
+        check(
+            &view("s1", 8, 5, H0),
+            &view("s2", 9, 5, H0),
+            Decision::SplitBrain,
+            R16,
+        );
     }
 
     #[test]
     fn r17_split_brain_related() {
         // s2 diverged from 5 (B=5); s1 diverged from a later 6 but knows 5.
-        check(&view("s1", 8, 6, [5, 0, 0, 0]), &view("s2", 9, 5, H0), Decision::SplitBrain, R17);
+        check(
+            &view("s1", 8, 6, [5, 0, 0, 0]),
+            &view("s2", 9, 5, H0),
+            Decision::SplitBrain,
+            R17,
+        );
         // Each side's current is in the other's history (only by corruption).
-        check(&view("s1", 8, 0, [9, 0, 0, 0]), &view("s2", 9, 0, [8, 0, 0, 0]), Decision::SplitBrain, R17);
+        check(
+            &view("s1", 8, 0, [9, 0, 0, 0]),
+            &view("s2", 9, 0, [8, 0, 0, 0]),
+            Decision::SplitBrain,
+            R17,
+        );
     }
 
     #[test]
     fn r18_unrelated() {
-        check(&view("s1", 8, 3, [1, 0, 0, 0]), &view("s2", 9, 4, [2, 0, 0, 0]), Decision::Unrelated, R18);
+        check(
+            &view("s1", 8, 3, [1, 0, 0, 0]),
+            &view("s2", 9, 4, [2, 0, 0, 0]),
+            Decision::Unrelated,
+            R18,
+        );
     }
 
     #[test]
@@ -834,14 +976,20 @@ mod tests {
         let (d, r) = decide_forced(Side::Local, &a, &b);
         assert!(blocked(&d) && r == F2);
         // Forcing the consistent side is the ordinary resume, saving the partial copy anyway.
-        assert_eq!(decide_forced(Side::Peer, &a, &b), (resync(Side::Peer, ResyncKind::Differential, true), F4));
+        assert_eq!(
+            decide_forced(Side::Peer, &a, &b),
+            (resync(Side::Peer, ResyncKind::Differential, true), F4)
+        );
     }
 
     #[test]
     fn f3_forced_both_inconsistent() {
         let a = with(view("s1", 5, 0, H0), Flags::RESYNC_TARGET);
         let b = with(view("s2", 9, 0, H0), Flags::RESYNC_TARGET);
-        assert_eq!(decide_forced(Side::Peer, &a, &b), (resync(Side::Peer, ResyncKind::Full, true), F3));
+        assert_eq!(
+            decide_forced(Side::Peer, &a, &b),
+            (resync(Side::Peer, ResyncKind::Full, true), F3)
+        );
     }
 
     #[test]
@@ -850,7 +998,10 @@ mod tests {
         let a = view("s1", 8, 5, H0);
         let b = view("s2", 9, 5, H0);
         let (d, r) = decide_forced(Side::Peer, &a, &b);
-        assert_eq!((d.clone(), r), (resync(Side::Peer, ResyncKind::Differential, true), F4));
+        assert_eq!(
+            (d.clone(), r),
+            (resync(Side::Peer, ResyncKind::Differential, true), F4)
+        );
         assert_eq!(d.save_set(), Some(RegionSet::UnionOfBitmaps));
         // Unrelated: full, save all.
         let (d, _) = decide_forced(Side::Local, &view("s1", 8, 0, H0), &view("s2", 9, 0, H0));
@@ -858,7 +1009,10 @@ mod tests {
         // Both new (initial sync): full.
         let n1 = with(view("s1", 3, 0, H0), Flags::BLANK);
         let n2 = with(view("s2", 4, 0, H0), Flags::BLANK);
-        assert_eq!(decide_forced(Side::Local, &n1, &n2).0, resync(Side::Local, ResyncKind::Full, true));
+        assert_eq!(
+            decide_forced(Side::Local, &n1, &n2).0,
+            resync(Side::Local, ResyncKind::Full, true)
+        );
         // Forcing the older side of an ahead pair: the union still covers.
         let (d, _) = decide_forced(Side::Peer, &view("s1", 8, 5, H0), &view("s2", 5, 0, H0));
         assert_eq!(d, resync(Side::Peer, ResyncKind::Differential, true));
@@ -867,22 +1021,43 @@ mod tests {
     #[test]
     fn activation_rules() {
         let me = view("server1", 8, 5, H0);
-        let peer_node = PeerKnowledge::Unreachable { node: "server2".into() };
+        let peer_node = PeerKnowledge::Unreachable {
+            node: "server2".into(),
+        };
         let e = may_activate(&me, &peer_node).unwrap_err();
-        assert!(e.reason.contains("unreachable") && e.hint.contains("mdctrl force server1 md1"), "{e}");
+        assert!(
+            e.reason.contains("unreachable") && e.hint.contains("mdctrl force server1 md1"),
+            "{e}"
+        );
         assert!(may_activate(&forced(me.clone()), &peer_node).is_ok());
 
         let peer = view("server2", 5, 0, H0);
-        let conn = |v: &NodeView, active| PeerKnowledge::Connected { view: v.clone(), active };
-        assert!(may_activate(&me, &conn(&peer, false)).is_ok(), "local is the source");
+        let conn = |v: &NodeView, active| PeerKnowledge::Connected {
+            view: v.clone(),
+            active,
+        };
+        assert!(
+            may_activate(&me, &conn(&peer, false)).is_ok(),
+            "local is the source"
+        );
         let e = may_activate(&peer, &conn(&me, false)).unwrap_err();
-        assert!(e.reason.contains("older than server1") && e.reason.contains("R14"), "{e}");
+        assert!(
+            e.reason.contains("older than server1") && e.reason.contains("R14"),
+            "{e}"
+        );
         assert!(e.hint.contains("mdctrl recover md1"));
         let e = may_activate(&me, &conn(&peer, true)).unwrap_err();
-        assert!(e.reason.contains("peer server2 is active") && e.hint.contains("deactivate"), "{e}");
+        assert!(
+            e.reason.contains("peer server2 is active") && e.hint.contains("deactivate"),
+            "{e}"
+        );
         let e = may_activate(&me, &conn(&view("server2", 9, 5, H0), false)).unwrap_err();
-        assert!(e.reason.contains("split brain") && e.hint.contains("mdctrl force <winner> md1"), "{e}");
-        let e = may_activate(&with(me.clone(), Flags::RESYNC_TARGET), &conn(&peer, false)).unwrap_err();
+        assert!(
+            e.reason.contains("split brain") && e.hint.contains("mdctrl force <winner> md1"),
+            "{e}"
+        );
+        let e =
+            may_activate(&with(me.clone(), Flags::RESYNC_TARGET), &conn(&peer, false)).unwrap_err();
         assert!(e.reason.contains("inconsistent"), "{e}");
         let e = may_activate(&with(me.clone(), Flags::DISK_ERROR), &peer_node).unwrap_err();
         assert!(e.reason.contains("I/O error"), "{e}");
@@ -897,32 +1072,66 @@ mod tests {
     fn auto_recovery_conditions() {
         let ahead = view("s1", 8, 5, H0);
         let behind = view("s2", 5, 0, H0);
-        let conn = |v: &NodeView, active| PeerKnowledge::Connected { view: v.clone(), active };
+        let conn = |v: &NodeView, active| PeerKnowledge::Connected {
+            view: v.clone(),
+            active,
+        };
         assert!(auto_recovery_allowed(&ahead, true, &conn(&behind, false)).is_ok());
         assert_eq!(
-            auto_recovery_allowed(&ahead, true, &PeerKnowledge::Unreachable { node: "s2".into() }),
+            auto_recovery_allowed(
+                &ahead,
+                true,
+                &PeerKnowledge::Unreachable { node: "s2".into() }
+            ),
             Err(BlockReason::PeerUnknown)
         );
-        assert_eq!(auto_recovery_allowed(&ahead, false, &conn(&behind, false)), Err(BlockReason::NotActive));
+        assert_eq!(
+            auto_recovery_allowed(&ahead, false, &conn(&behind, false)),
+            Err(BlockReason::NotActive)
+        );
         assert_eq!(
             auto_recovery_allowed(&behind, true, &conn(&ahead, false)),
             Err(BlockReason::ActiveNotLatest { rule: R14 })
         );
-        assert_eq!(auto_recovery_allowed(&ahead, true, &conn(&behind, true)), Err(BlockReason::BothActive));
+        assert_eq!(
+            auto_recovery_allowed(&ahead, true, &conn(&behind, true)),
+            Err(BlockReason::BothActive)
+        );
         let same = view("s2", 8, 0, H0);
-        assert_eq!(auto_recovery_allowed(&view("s1", 8, 0, H0), true, &conn(&same, false)), Err(BlockReason::NoDifference));
+        assert_eq!(
+            auto_recovery_allowed(&view("s1", 8, 0, H0), true, &conn(&same, false)),
+            Err(BlockReason::NoDifference)
+        );
         let sb = view("s2", 9, 5, H0);
-        assert_eq!(auto_recovery_allowed(&ahead, true, &conn(&sb, false)).unwrap_err().code(), "split-brain");
+        assert_eq!(
+            auto_recovery_allowed(&ahead, true, &conn(&sb, false))
+                .unwrap_err()
+                .code(),
+            "split-brain"
+        );
         let err = with(behind.clone(), Flags::DISK_ERROR);
-        assert_eq!(auto_recovery_allowed(&ahead, true, &conn(&err, false)).unwrap_err().code(), "blocked");
+        assert_eq!(
+            auto_recovery_allowed(&ahead, true, &conn(&err, false))
+                .unwrap_err()
+                .code(),
+            "blocked"
+        );
         let unrel = view("s2", 99, 0, H0);
-        assert_eq!(auto_recovery_allowed(&ahead, true, &conn(&unrel, false)).unwrap_err().code(), "unrelated");
+        assert_eq!(
+            auto_recovery_allowed(&ahead, true, &conn(&unrel, false))
+                .unwrap_err()
+                .code(),
+            "unrelated"
+        );
     }
 
     #[test]
     fn decisions_display_for_logs() {
         let d = resync(Side::Peer, ResyncKind::Full, true);
-        assert_eq!(d.to_string(), "full resync peer -> local, target's regions saved first");
+        assert_eq!(
+            d.to_string(),
+            "full resync peer -> local, target's regions saved first"
+        );
         assert_eq!(R12.to_string(), "R12 forced-wins");
     }
 
@@ -931,7 +1140,10 @@ mod tests {
         let doc = include_str!("../../docs/resync-rules.md");
         for r in ALL_RULES {
             let row = format!("| {} | `{}` |", r.id, r.name);
-            assert!(doc.contains(&row), "docs/resync-rules.md lacks the row start {row:?}");
+            assert!(
+                doc.contains(&row),
+                "docs/resync-rules.md lacks the row start {row:?}"
+            );
         }
     }
 
@@ -940,16 +1152,26 @@ mod tests {
         // history) occur often; 0 and BLANK included.
         let g = prop_oneof![Just(0u64), Just(gens::BLANK), 1u64..6];
         let flags = prop::bits::u32::between(0, 6).prop_map(Flags);
-        (g.clone(), g.clone(), [g.clone(), g.clone(), g.clone(), g], flags, 0u64..3, any::<bool>()).prop_map(
-            move |(c, b, h, flags, dirty, forced)| NodeView {
+        (
+            g.clone(),
+            g.clone(),
+            [g.clone(), g.clone(), g.clone(), g],
+            flags,
+            0u64..3,
+            any::<bool>(),
+        )
+            .prop_map(move |(c, b, h, flags, dirty, forced)| NodeView {
                 node: name.into(),
                 resource: "md1".into(),
-                gens: Generations { current: c, bitmap: b, history: h },
+                gens: Generations {
+                    current: c,
+                    bitmap: b,
+                    history: h,
+                },
                 flags,
                 dirty_regions: dirty,
                 forced,
-            },
-        )
+            })
     }
 
     proptest! {

@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use mirror_agent::engine::{self, BlockEngine, DirectIo, EngineKind, EngineOptions, PortableEngine, UringEngine};
+use mirror_agent::engine::{
+    self, BlockEngine, DirectIo, EngineKind, EngineOptions, PortableEngine, UringEngine,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -36,7 +38,10 @@ struct LoopDev(PathBuf);
 
 impl Drop for LoopDev {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup").arg("-d").arg(&self.0).status();
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -48,21 +53,34 @@ fn blockdev(sector: u32, portable_engine: bool) -> Fixture {
         .arg(&path)
         .output()
         .expect("run losetup");
-    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dev = LoopDev(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
     let engine: Arc<dyn BlockEngine> = if portable_engine {
         Arc::new(PortableEngine::open(&dev.0, 64).expect("open portable"))
     } else {
-        let e = UringEngine::open(&dev.0, DirectIo::On, 64).expect("open io_uring O_DIRECT on loop device");
+        let e = UringEngine::open(&dev.0, DirectIo::On, 64)
+            .expect("open io_uring O_DIRECT on loop device");
         assert_eq!(e.alignment(), sector as usize, "{}", e.describe());
         Arc::new(e)
     };
-    Fixture { engine, _loop: Some(dev), path, _dir: dir }
+    Fixture {
+        engine,
+        _loop: Some(dev),
+        path,
+        _dir: dir,
+    }
 }
 
 fn temp_in(base: &str) -> tempfile::TempDir {
     if Path::new(base).is_dir() {
-        if let Ok(d) = tempfile::Builder::new().prefix("engine-test").tempdir_in(base) {
+        if let Ok(d) = tempfile::Builder::new()
+            .prefix("engine-test")
+            .tempdir_in(base)
+        {
             return d;
         }
     }
@@ -80,7 +98,12 @@ fn uring_buffered() -> Fixture {
     let path = make_file(&dir);
     let e = UringEngine::open(&path, DirectIo::Off, 64).expect("open io_uring");
     assert!(!e.direct());
-    Fixture { _dir: dir, path, engine: Arc::new(e), _loop: None }
+    Fixture {
+        _dir: dir,
+        path,
+        engine: Arc::new(e),
+        _loop: None,
+    }
 }
 
 fn uring_direct() -> Fixture {
@@ -89,14 +112,24 @@ fn uring_direct() -> Fixture {
     let e = UringEngine::open(&path, DirectIo::On, 64).expect("open io_uring with O_DIRECT");
     assert!(e.direct(), "{}", e.describe());
     assert!(e.alignment() >= 512, "{}", e.describe());
-    Fixture { _dir: dir, path, engine: Arc::new(e), _loop: None }
+    Fixture {
+        _dir: dir,
+        path,
+        engine: Arc::new(e),
+        _loop: None,
+    }
 }
 
 fn portable() -> Fixture {
     let dir = temp_in("/var/tmp");
     let path = make_file(&dir);
     let e = PortableEngine::open(&path, 64).expect("open portable");
-    Fixture { _dir: dir, path, engine: Arc::new(e), _loop: None }
+    Fixture {
+        _dir: dir,
+        path,
+        engine: Arc::new(e),
+        _loop: None,
+    }
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -107,19 +140,32 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 async fn write(e: &Arc<dyn BlockEngine>, off: u64, data: &[u8]) {
-    e.write(off, Bytes::copy_from_slice(data), false).await.unwrap_or_else(|err| panic!("write {off}+{}: {err}", data.len()));
+    e.write(off, Bytes::copy_from_slice(data), false)
+        .await
+        .unwrap_or_else(|err| panic!("write {off}+{}: {err}", data.len()));
 }
 
 async fn read(e: &Arc<dyn BlockEngine>, off: u64, len: usize) -> Vec<u8> {
-    let v = e.read(off, len).await.unwrap_or_else(|err| panic!("read {off}+{len}: {err}"));
+    let v = e
+        .read(off, len)
+        .await
+        .unwrap_or_else(|err| panic!("read {off}+{len}: {err}"));
     assert_eq!(v.len(), len);
     v
 }
 
 fn assert_same(got: &[u8], want: &[u8], what: &str) {
     if got != want {
-        let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
-        panic!("{what}: first difference at byte {i} (len got {} want {})", got.len(), want.len());
+        let i = got
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(want.len()));
+        panic!(
+            "{what}: first difference at byte {i} (len got {} want {})",
+            got.len(),
+            want.len()
+        );
     }
 }
 
@@ -137,8 +183,19 @@ mod checks {
         let mut model = vec![0u8; SIZE as usize];
         let mut rng = StdRng::seed_from_u64(7);
         // Fixed awkward cases first, then random ones.
-        let mut cases: Vec<(u64, usize)> =
-            vec![(0, 1), (1, 1), (511, 1), (3, 511), (513, 511), (4095, 4097), (12345, 4097), (SIZE - 1, 1), (SIZE - 4097, 4097), (8192, 4096), (0, 512)];
+        let mut cases: Vec<(u64, usize)> = vec![
+            (0, 1),
+            (1, 1),
+            (511, 1),
+            (3, 511),
+            (513, 511),
+            (4095, 4097),
+            (12345, 4097),
+            (SIZE - 1, 1),
+            (SIZE - 4097, 4097),
+            (8192, 4096),
+            (0, 512),
+        ];
         for _ in 0..150 {
             let len = match rng.gen_range(0..4) {
                 0 => rng.gen_range(1..600),
@@ -159,14 +216,22 @@ mod checks {
             let lo = off.saturating_sub(3);
             let hi = (off + len as u64 + 5).min(SIZE);
             let back = read(e, lo, (hi - lo) as usize).await;
-            assert_same(&back, &model[lo as usize..hi as usize], &format!("case {i} with edges"));
+            assert_same(
+                &back,
+                &model[lo as usize..hi as usize],
+                &format!("case {i} with edges"),
+            );
         }
         let chunk = 8 << 20;
         let mut off = 0u64;
         while off < SIZE {
             let n = chunk.min((SIZE - off) as usize);
             let back = read(e, off, n).await;
-            assert_same(&back, &model[off as usize..off as usize + n], &format!("final sweep at {off}"));
+            assert_same(
+                &back,
+                &model[off as usize..off as usize + n],
+                &format!("final sweep at {off}"),
+            );
             off += n as u64;
         }
         // Zero-length requests are no-ops.
@@ -196,13 +261,17 @@ mod checks {
                 let base = t * region;
                 // Several writes per task: whole region, then sub-ranges.
                 let mut content = pattern(t, region as usize);
-                e.write(base, Bytes::from(content.clone()), false).await.expect("write");
+                e.write(base, Bytes::from(content.clone()), false)
+                    .await
+                    .expect("write");
                 let mut rng = StdRng::seed_from_u64(t + 99);
                 for k in 0..4 {
                     let len = rng.gen_range(1..20_000usize);
                     let off = rng.gen_range(0..region - len as u64);
                     let d = pattern(t * 100 + k, len);
-                    e.write(base + off, Bytes::from(d.clone()), k % 2 == 0).await.expect("write");
+                    e.write(base + off, Bytes::from(d.clone()), k % 2 == 0)
+                        .await
+                        .expect("write");
                     content[off as usize..off as usize + len].copy_from_slice(&d);
                 }
                 content
@@ -221,10 +290,14 @@ mod checks {
     pub async fn fua_and_flush(f: &Fixture) {
         let e = &f.engine;
         let d = pattern(5, 10_000);
-        e.write(777, Bytes::from(d.clone()), true).await.expect("fua write");
+        e.write(777, Bytes::from(d.clone()), true)
+            .await
+            .expect("fua write");
         e.flush().await.expect("flush");
         assert_same(&read(e, 777, d.len()).await, &d, "after fua");
-        e.write_zeroes(777, 100, false, true).await.expect("fua write_zeroes");
+        e.write_zeroes(777, 100, false, true)
+            .await
+            .expect("fua write_zeroes");
         assert!(read(e, 777, 100).await.iter().all(|&b| b == 0));
     }
 
@@ -246,11 +319,20 @@ mod checks {
         let mut want = d.clone();
         want[(zo - base) as usize..(zo - base + zl) as usize].fill(0);
         assert_same(&back, &want, "after discard");
-        e.discard(base + (1 << 20), 1 << 20).await.expect("aligned discard");
+        e.discard(base + (1 << 20), 1 << 20)
+            .await
+            .expect("aligned discard");
         want[1 << 20..].fill(0);
-        assert_same(&read(e, base, d.len()).await, &want, "after aligned discard");
+        assert_same(
+            &read(e, base, d.len()).await,
+            &want,
+            "after aligned discard",
+        );
         let after = blocks(&f.path);
-        assert!(after < before, "punch hole should free blocks: {before} -> {after}");
+        assert!(
+            after < before,
+            "punch hole should free blocks: {before} -> {after}"
+        );
     }
 
     pub async fn write_zeroes(f: &Fixture) {
@@ -262,14 +344,23 @@ mod checks {
             e.flush().await.expect("flush");
             let before = blocks(&f.path);
             let (zo, zl) = (base + 1, (1u64 << 20) + 4097);
-            e.write_zeroes(zo, zl, trim, false).await.expect("write_zeroes");
+            e.write_zeroes(zo, zl, trim, false)
+                .await
+                .expect("write_zeroes");
             let mut want = d.clone();
             want[1..1 + zl as usize].fill(0);
-            assert_same(&read(e, base, d.len()).await, &want, &format!("write_zeroes trim={trim}"));
+            assert_same(
+                &read(e, base, d.len()).await,
+                &want,
+                &format!("write_zeroes trim={trim}"),
+            );
             if !trim {
                 e.flush().await.expect("flush");
                 let after = blocks(&f.path);
-                assert!(after >= before, "NO_HOLE write_zeroes deallocated: {before} -> {after}");
+                assert!(
+                    after >= before,
+                    "NO_HOLE write_zeroes deallocated: {before} -> {after}"
+                );
             }
         }
     }
@@ -285,9 +376,25 @@ mod checks {
         }
         let w = e.write(SIZE - 1, Bytes::from_static(b"ab"), false).await;
         assert_eq!(w.expect_err("write past end").raw_os_error(), einval);
-        assert_eq!(e.discard(SIZE - 1, 2).await.expect_err("discard past end").raw_os_error(), einval);
-        assert_eq!(e.write_zeroes(SIZE, 1, false, false).await.expect_err("zeroes past end").raw_os_error(), einval);
-        assert_eq!(std::fs::metadata(&f.path).expect("stat").len(), SIZE, "file must not grow");
+        assert_eq!(
+            e.discard(SIZE - 1, 2)
+                .await
+                .expect_err("discard past end")
+                .raw_os_error(),
+            einval
+        );
+        assert_eq!(
+            e.write_zeroes(SIZE, 1, false, false)
+                .await
+                .expect_err("zeroes past end")
+                .raw_os_error(),
+            einval
+        );
+        assert_eq!(
+            std::fs::metadata(&f.path).expect("stat").len(),
+            SIZE,
+            "file must not grow"
+        );
         assert_eq!(read(e, SIZE - 10, 10).await.len(), 10);
     }
 }
@@ -360,11 +467,25 @@ async fn open_auto_picks_an_engine_and_reports_mode() {
     assert_eq!(e.size(), SIZE);
     // This test machine has io_uring; the probe must find it.
     assert_eq!(e.name(), "io_uring", "{}", e.describe());
-    let p = engine::open(&path, &EngineOptions { kind: EngineKind::Portable, ..Default::default() }).expect("portable");
+    let p = engine::open(
+        &path,
+        &EngineOptions {
+            kind: EngineKind::Portable,
+            ..Default::default()
+        },
+    )
+    .expect("portable");
     assert_eq!(p.name(), "portable");
-    let err = engine::open(&path, &EngineOptions { kind: EngineKind::Portable, direct_io: DirectIo::On, queue_depth: 4 })
-        .err()
-        .expect("portable cannot do O_DIRECT");
+    let err = engine::open(
+        &path,
+        &EngineOptions {
+            kind: EngineKind::Portable,
+            direct_io: DirectIo::On,
+            queue_depth: 4,
+        },
+    )
+    .err()
+    .expect("portable cannot do O_DIRECT");
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
 }
 
@@ -400,8 +521,17 @@ fn options_deserialize() {
     struct W {
         engine: EngineOptions,
     }
-    let w: W = toml::from_str("[engine]\nkind = \"io-uring\"\ndirect_io = \"off\"\nqueue_depth = 32\n").expect("parse");
-    assert_eq!(w.engine, EngineOptions { kind: EngineKind::IoUring, direct_io: DirectIo::Off, queue_depth: 32 });
+    let w: W =
+        toml::from_str("[engine]\nkind = \"io-uring\"\ndirect_io = \"off\"\nqueue_depth = 32\n")
+            .expect("parse");
+    assert_eq!(
+        w.engine,
+        EngineOptions {
+            kind: EngineKind::IoUring,
+            direct_io: DirectIo::Off,
+            queue_depth: 32
+        }
+    );
     let w: W = toml::from_str("[engine]\nkind = \"io_uring\"\n").expect("parse");
     assert_eq!(w.engine.kind, EngineKind::IoUring);
     assert_eq!(w.engine.queue_depth, engine::DEFAULT_QUEUE_DEPTH);
@@ -444,13 +574,17 @@ async fn queue_depth_one_applies_backpressure_not_errors() {
             .map(|i| {
                 let e = e.clone();
                 tokio::spawn(async move {
-                    e.write(i * 4096, Bytes::from(vec![i as u8; 4096]), false).await?;
+                    e.write(i * 4096, Bytes::from(vec![i as u8; 4096]), false)
+                        .await?;
                     e.read(i * 4096, 4096).await
                 })
             })
             .collect();
         for (i, t) in tasks.into_iter().enumerate() {
-            let back = t.await.expect("task").unwrap_or_else(|err| panic!("{}: request {i}: {err}", e.name()));
+            let back = t
+                .await
+                .expect("task")
+                .unwrap_or_else(|err| panic!("{}: request {i}: {err}", e.name()));
             assert!(back.iter().all(|&b| b == i as u8));
         }
     }
@@ -466,14 +600,31 @@ async fn file_shrinking_underneath_gives_eio_not_short_data() {
         Arc::new(PortableEngine::open(&path, 8).expect("portable")),
     ];
     // The engines keep the size they saw at open; cut the file to 1 MiB.
-    std::fs::OpenOptions::new().write(true).open(&path).expect("open").set_len(1 << 20).expect("truncate");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open")
+        .set_len(1 << 20)
+        .expect("truncate");
     for e in engines {
         // Spans the new end: the first transfer is short, the retry gets 0.
         let err = match e.read((1 << 20) - 12288, 65536).await {
-            Ok(v) => panic!("{}: read across the shrunk end returned {} bytes", e.describe(), v.len()),
+            Ok(v) => panic!(
+                "{}: read across the shrunk end returned {} bytes",
+                e.describe(),
+                v.len()
+            ),
             Err(err) => err,
         };
-        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{}: {err}", e.describe());
-        assert_eq!(e.read((1 << 20) - 4096, 4096).await.expect("inside").len(), 4096);
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::EIO),
+            "{}: {err}",
+            e.describe()
+        );
+        assert_eq!(
+            e.read((1 << 20) - 4096, 4096).await.expect("inside").len(),
+            4096
+        );
     }
 }

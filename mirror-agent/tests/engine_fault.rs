@@ -4,7 +4,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use mirror_agent::engine::{self, BlockEngine, DirectIo, FaultAction, FaultOp, FaultRule, FaultTrigger, FaultyEngine, UringEngine};
+use mirror_agent::engine::{
+    self, BlockEngine, DirectIo, FaultAction, FaultOp, FaultRule, FaultTrigger, FaultyEngine,
+    UringEngine,
+};
 
 const SIZE: u64 = 4 << 20;
 
@@ -23,30 +26,52 @@ fn bytes(v: u8, n: usize) -> Bytes {
 #[tokio::test(flavor = "multi_thread")]
 async fn eio_on_a_range_fails_only_that_request() {
     let (_d, f) = setup();
-    let id = f.add_rule(FaultRule::fail_range(&[FaultOp::Write, FaultOp::Read], 65536, 4096, libc::EIO));
+    let id = f.add_rule(FaultRule::fail_range(
+        &[FaultOp::Write, FaultOp::Read],
+        65536,
+        4096,
+        libc::EIO,
+    ));
     // Concurrent requests: only the one touching the range fails.
     let mut tasks = Vec::new();
     for i in 0..32u64 {
         let f = f.clone();
-        tasks.push(tokio::spawn(async move { (i, f.write(i * 8192, bytes(i as u8 + 1, 8192), false).await) }));
+        tasks.push(tokio::spawn(async move {
+            (i, f.write(i * 8192, bytes(i as u8 + 1, 8192), false).await)
+        }));
     }
     for t in tasks {
         let (i, r) = t.await.expect("task");
         if i == 8 {
-            assert_eq!(r.expect_err("range write must fail").raw_os_error(), Some(libc::EIO));
+            assert_eq!(
+                r.expect_err("range write must fail").raw_os_error(),
+                Some(libc::EIO)
+            );
         } else {
             r.unwrap_or_else(|e| panic!("write {i} failed: {e}"));
         }
     }
     assert_eq!(f.fired(id), Some(1));
-    assert_eq!(f.read(65536 + 4095, 1).await.expect_err("read in range").raw_os_error(), Some(libc::EIO));
+    assert_eq!(
+        f.read(65536 + 4095, 1)
+            .await
+            .expect_err("read in range")
+            .raw_os_error(),
+        Some(libc::EIO)
+    );
     // Just outside the range on both sides: fine.
     assert_eq!(f.read(65536 - 1, 1).await.expect("before"), vec![8]);
-    assert_eq!(f.read(65536 + 4096, 1).await.expect("after"), vec![0], "failed write must not have been applied");
+    assert_eq!(
+        f.read(65536 + 4096, 1).await.expect("after"),
+        vec![0],
+        "failed write must not have been applied"
+    );
     let c = f.counters();
     assert_eq!((c.writes, c.reads, c.injected), (32, 3, 2));
     assert!(f.remove_rule(id));
-    f.write(65536, bytes(9, 10), false).await.expect("rule removed");
+    f.write(65536, bytes(9, 10), false)
+        .await
+        .expect("rule removed");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -67,10 +92,18 @@ async fn enospc_surfaces_with_errno_and_nth_counts() {
             r.unwrap_or_else(|e| panic!("write {i}: {e}"));
         }
     }
-    assert_eq!(f.flush().await.expect_err("flush 1").raw_os_error(), Some(libc::EIO));
-    assert_eq!(f.flush().await.expect_err("flush 2").raw_os_error(), Some(libc::EIO));
+    assert_eq!(
+        f.flush().await.expect_err("flush 1").raw_os_error(),
+        Some(libc::EIO)
+    );
+    assert_eq!(
+        f.flush().await.expect_err("flush 2").raw_os_error(),
+        Some(libc::EIO)
+    );
     f.flush().await.expect("rule exhausted");
-    f.write_zeroes(0, 512, false, false).await.expect("other ops unaffected");
+    f.write_zeroes(0, 512, false, false)
+        .await
+        .expect("other ops unaffected");
     assert_eq!(f.counters().write_zeroes, 1);
 }
 
@@ -83,8 +116,15 @@ async fn torn_write_applies_only_prefix() {
     let back = f.read(4096, 4096).await.expect("read");
     assert!(back[..1000].iter().all(|&b| b == 0xAB));
     assert!(back[1000..].iter().all(|&b| b == 0));
-    f.write(4096, bytes(0xCD, 4096), false).await.expect("second write passes");
-    assert!(f.read(4096, 4096).await.expect("read").iter().all(|&b| b == 0xCD));
+    f.write(4096, bytes(0xCD, 4096), false)
+        .await
+        .expect("second write passes");
+    assert!(f
+        .read(4096, 4096)
+        .await
+        .expect("read")
+        .iter()
+        .all(|&b| b == 0xCD));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -97,11 +137,19 @@ async fn crash_point_drops_later_writes() {
     let r = f.write(1024, bytes(3, 512), false).await;
     assert_eq!(r.expect_err("after crash").raw_os_error(), Some(libc::EIO));
     assert!(f.crashed());
-    assert_eq!(f.flush().await.expect_err("flush after crash").raw_os_error(), Some(libc::EIO));
+    assert_eq!(
+        f.flush()
+            .await
+            .expect_err("flush after crash")
+            .raw_os_error(),
+        Some(libc::EIO)
+    );
     // Reads pass and show the write never reached the disk.
     assert_eq!(f.read(1024, 512).await.expect("read"), vec![0; 512]);
     assert_eq!(f.read(0, 1).await.expect("read"), vec![1]);
     assert_eq!(f.counters().dropped, 2);
     f.reset_crash();
-    f.write(1024, bytes(3, 512), false).await.expect("after restart");
+    f.write(1024, bytes(3, 512), false)
+        .await
+        .expect("after restart");
 }

@@ -113,7 +113,10 @@ async fn default_name_ambiguous_with_two_exports() {
     let srv = NbdServer::new(vec![a, b], Limits::default()).unwrap();
     let (mut s, _conn) = pair(&srv);
     hello(&mut s, 3).await;
-    assert_eq!(info_or_go(&mut s, OPT_INFO, "", &[]).await.unwrap_err(), REP_ERR_UNKNOWN);
+    assert_eq!(
+        info_or_go(&mut s, OPT_INFO, "", &[]).await.unwrap_err(),
+        REP_ERR_UNKNOWN
+    );
     let infos = info_or_go(&mut s, OPT_INFO, "md2", &[]).await.unwrap();
     assert_eq!(export_info(&infos).0, 8192);
     let infos = info_or_go(&mut s, OPT_GO, "md1", &[]).await.unwrap();
@@ -125,15 +128,32 @@ async fn unknown_and_unsupported_options() {
     let srv = server();
     let (mut s, _conn) = pair(&srv);
     hello(&mut s, 3).await;
-    for opt in [OPT_STARTTLS, OPT_SET_META_CONTEXT, 9, OPT_EXTENDED_HEADERS, 4, 12345] {
-        let data: &[u8] = if opt == OPT_SET_META_CONTEXT { b"\0\0\0\x03md1\0\0\0\0" } else { b"" };
+    for opt in [
+        OPT_STARTTLS,
+        OPT_SET_META_CONTEXT,
+        9,
+        OPT_EXTENDED_HEADERS,
+        4,
+        12345,
+    ] {
+        let data: &[u8] = if opt == OPT_SET_META_CONTEXT {
+            b"\0\0\0\x03md1\0\0\0\0"
+        } else {
+            b""
+        };
         send_opt(&mut s, opt, data).await;
         let (o, typ, _) = opt_reply(&mut s).await;
         assert_eq!((o, typ), (opt, REP_ERR_UNSUP), "option {opt}");
     }
     // Unknown export on INFO and GO: ERR_UNKNOWN, negotiation continues.
-    assert_eq!(info_or_go(&mut s, OPT_INFO, "nope", &[]).await.unwrap_err(), REP_ERR_UNKNOWN);
-    assert_eq!(info_or_go(&mut s, OPT_GO, "nope", &[]).await.unwrap_err(), REP_ERR_UNKNOWN);
+    assert_eq!(
+        info_or_go(&mut s, OPT_INFO, "nope", &[]).await.unwrap_err(),
+        REP_ERR_UNKNOWN
+    );
+    assert_eq!(
+        info_or_go(&mut s, OPT_GO, "nope", &[]).await.unwrap_err(),
+        REP_ERR_UNKNOWN
+    );
     // Malformed INFO payload (name length beyond data): ERR_INVALID.
     send_opt(&mut s, OPT_INFO, b"\0\0\0\x40md1\0\0").await;
     assert_eq!(opt_reply(&mut s).await.1, REP_ERR_INVALID);
@@ -176,30 +196,64 @@ async fn hostile_handshakes_close_and_server_keeps_serving() {
 
     type Check = fn(&NbdError) -> bool;
     let cases: Vec<(&str, Vec<u8>, bool, Check)> = vec![
-        ("garbage instead of client flags", b"GET / HTTP/1.1\r\n\r\n".to_vec(), false, |e| {
-            matches!(e, NbdError::BadClientFlags { .. })
+        (
+            "garbage instead of client flags",
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            false,
+            |e| matches!(e, NbdError::BadClientFlags { .. }),
+        ),
+        (
+            "wrong option magic",
+            {
+                let mut v = 3u32.to_be_bytes().to_vec();
+                v.extend_from_slice(b"NOTMAGIC\0\0\0\x07\0\0\0\0");
+                v
+            },
+            false,
+            |e| matches!(e, NbdError::BadOptionMagic { .. }),
+        ),
+        (
+            "truncated option",
+            {
+                let mut v = 3u32.to_be_bytes().to_vec();
+                v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+                v.extend_from_slice(&OPT_GO.to_be_bytes());
+                v.extend_from_slice(&100u32.to_be_bytes());
+                v.extend_from_slice(b"\0\0\0\x03md1");
+                v
+            },
+            true,
+            |e| {
+                matches!(
+                    e,
+                    NbdError::Truncated {
+                        what: "option data",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            "option length beyond bound",
+            {
+                let mut v = 3u32.to_be_bytes().to_vec();
+                v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+                v.extend_from_slice(&OPT_GO.to_be_bytes());
+                v.extend_from_slice(&(1u32 << 30).to_be_bytes());
+                v
+            },
+            false,
+            |e| matches!(e, NbdError::OptionTooLong { length, .. } if *length == 1 << 30),
+        ),
+        ("truncated client flags", vec![0, 0], true, |e| {
+            matches!(
+                e,
+                NbdError::Truncated {
+                    what: "client flags",
+                    ..
+                }
+            )
         }),
-        ("wrong option magic", {
-            let mut v = 3u32.to_be_bytes().to_vec();
-            v.extend_from_slice(b"NOTMAGIC\0\0\0\x07\0\0\0\0");
-            v
-        }, false, |e| matches!(e, NbdError::BadOptionMagic { .. })),
-        ("truncated option", {
-            let mut v = 3u32.to_be_bytes().to_vec();
-            v.extend_from_slice(&IHAVEOPT.to_be_bytes());
-            v.extend_from_slice(&OPT_GO.to_be_bytes());
-            v.extend_from_slice(&100u32.to_be_bytes());
-            v.extend_from_slice(b"\0\0\0\x03md1");
-            v
-        }, true, |e| matches!(e, NbdError::Truncated { what: "option data", .. })),
-        ("option length beyond bound", {
-            let mut v = 3u32.to_be_bytes().to_vec();
-            v.extend_from_slice(&IHAVEOPT.to_be_bytes());
-            v.extend_from_slice(&OPT_GO.to_be_bytes());
-            v.extend_from_slice(&(1u32 << 30).to_be_bytes());
-            v
-        }, false, |e| matches!(e, NbdError::OptionTooLong { length, .. } if *length == 1 << 30)),
-        ("truncated client flags", vec![0, 0], true, |e| matches!(e, NbdError::Truncated { what: "client flags", .. })),
     ];
     for (what, bytes, half_close, check) in cases {
         let (mut s, conn) = pair(&srv);
@@ -222,33 +276,52 @@ async fn hostile_handshakes_close_and_server_keeps_serving() {
         assert_eq!(c.recv().await.error, 0);
         c.disconnect().await;
     }
-    assert_eq!(engine.snapshot()[512..], vec![0u8; SIZE as usize - 512][..], "nothing else written");
+    assert_eq!(
+        engine.snapshot()[512..],
+        vec![0u8; SIZE as usize - 512][..],
+        "nothing else written"
+    );
 }
 
 #[tokio::test]
 async fn handshake_timeout_closes_idle_client() {
-    let limits = Limits { handshake_timeout: std::time::Duration::from_millis(200), ..Limits::default() };
+    let limits = Limits {
+        handshake_timeout: std::time::Duration::from_millis(200),
+        ..Limits::default()
+    };
     let srv = server_with(MemEngine::new(4096), limits);
     let (mut s, conn) = pair(&srv);
     hello(&mut s, 3).await;
     // Send nothing: the server gives up after the timeout.
     expect_closed(&mut s).await;
-    assert!(matches!(within(conn).await.unwrap(), Err(NbdError::HandshakeTimeout(_))));
+    assert!(matches!(
+        within(conn).await.unwrap(),
+        Err(NbdError::HandshakeTimeout(_))
+    ));
 }
 
 #[tokio::test]
 async fn config_validation() {
     let e = || Export::new("md1", MemEngine::new(1 << 20));
     assert!(NbdServer::new(vec![], Limits::default()).is_err());
-    assert!(NbdServer::new(vec![e(), e()], Limits::default()).is_err(), "duplicate names");
+    assert!(
+        NbdServer::new(vec![e(), e()], Limits::default()).is_err(),
+        "duplicate names"
+    );
     let mut bad = e();
     bad.block_sizes.minimum = 3;
     assert!(NbdServer::new(vec![bad], Limits::default()).is_err());
     let mut bad = e();
     bad.block_sizes.maximum = 1000;
     assert!(NbdServer::new(vec![bad], Limits::default()).is_err());
-    let small = Limits { conn_inflight_bytes: 1 << 20, ..Limits::default() };
-    assert!(NbdServer::new(vec![e()], small).is_err(), "max block above per-connection budget");
+    let small = Limits {
+        conn_inflight_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    assert!(
+        NbdServer::new(vec![e()], small).is_err(),
+        "max block above per-connection budget"
+    );
     assert!(NbdServer::new(vec![e()], Limits::default()).is_ok());
 }
 
@@ -266,14 +339,22 @@ async fn unix_listener_permissions_and_stale_socket() {
     drop(l);
     // Stale socket is replaced; custom mode honoured.
     let _l = mirror_agent::nbd::bind_unix(&path, Some(0o660)).unwrap();
-    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
     // A regular file is never removed.
     let file = dir.path().join("data");
     std::fs::write(&file, b"keep").unwrap();
-    assert!(matches!(mirror_agent::nbd::bind_unix(&file, None), Err(NbdError::NotASocket { .. })));
+    assert!(matches!(
+        mirror_agent::nbd::bind_unix(&file, None),
+        Err(NbdError::NotASocket { .. })
+    ));
     assert_eq!(std::fs::read(&file).unwrap(), b"keep");
     // TCP helper binds an ephemeral loopback port.
-    let t = mirror_agent::nbd::bind_tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let t = mirror_agent::nbd::bind_tcp("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     assert!(t.local_addr().unwrap().port() != 0);
 }
 
@@ -293,7 +374,10 @@ async fn close_reason_is_logged() {
     }
     let buf = Buf::default();
     let writer = buf.clone();
-    let sub = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+    let sub = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
     // current_thread runtime: the server's tasks run on this thread.
     let _g = tracing::subscriber::set_default(sub);
     let srv = server();

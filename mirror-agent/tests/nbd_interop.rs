@@ -29,9 +29,11 @@ fn uri(sock: &Path) -> String {
 /// Runs a client command off the runtime threads and returns its stdout.
 async fn run(cmd: &str, args: Vec<String>) -> String {
     let cmd = cmd.to_owned();
-    let out = within(tokio::task::spawn_blocking(move || Command::new(&cmd).args(&args).output().unwrap()))
-        .await
-        .unwrap();
+    let out = within(tokio::task::spawn_blocking(move || {
+        Command::new(&cmd).args(&args).output().unwrap()
+    }))
+    .await
+    .unwrap();
     assert!(
         out.status.success(),
         "{:?} failed: {}\nstdout: {}",
@@ -68,7 +70,15 @@ async fn nbdinfo_sees_export_and_flags() {
     assert_eq!(e["block_size_maximum"], 32 << 20);
     assert_eq!(v["protocol"], "newstyle-fixed");
 
-    let list = run("nbdinfo", vec!["--list".into(), "--json".into(), format!("nbd+unix://?socket={}", l.path.display())]).await;
+    let list = run(
+        "nbdinfo",
+        vec![
+            "--list".into(),
+            "--json".into(),
+            format!("nbd+unix://?socket={}", l.path.display()),
+        ],
+    )
+    .await;
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert_eq!(v["exports"][0]["export-name"], "md1");
     srv.shutdown().await;
@@ -83,16 +93,26 @@ async fn qemu_io_writes_reads_and_flushes() {
     let srv = server_with(te.engine.clone(), Limits::default());
     let l = listen(&srv);
     let args: Vec<String> = [
-        "-f", "raw",
-        "-c", "write -P 0xab 0 64k",
-        "-c", "write -P 0xcd 1M 4k",
-        "-c", "write -z 64k 64k",
-        "-c", "flush",
-        "-c", "read -P 0xab 0 64k",
-        "-c", "read -P 0xcd 1M 4k",
-        "-c", "read -P 0 64k 64k",
-        "-c", "discard 1M 4k",
-        "-c", "read -P 0 1M 4k",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0xab 0 64k",
+        "-c",
+        "write -P 0xcd 1M 4k",
+        "-c",
+        "write -z 64k 64k",
+        "-c",
+        "flush",
+        "-c",
+        "read -P 0xab 0 64k",
+        "-c",
+        "read -P 0xcd 1M 4k",
+        "-c",
+        "read -P 0 64k 64k",
+        "-c",
+        "discard 1M 4k",
+        "-c",
+        "read -P 0 1M 4k",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -122,9 +142,26 @@ async fn nbdcopy_roundtrip_multi_conn() {
     img[(1 << 20)..(3 << 20)].fill(0);
     std::fs::write(&src, &img).unwrap();
     std::fs::write(&back, b"").unwrap();
-    run("nbdcopy", vec!["--connections=4".into(), "--requests=16".into(), src.display().to_string(), uri(&l.path)]).await;
+    run(
+        "nbdcopy",
+        vec![
+            "--connections=4".into(),
+            "--requests=16".into(),
+            src.display().to_string(),
+            uri(&l.path),
+        ],
+    )
+    .await;
     assert_eq!(te.engine.read(0, SIZE as usize).await.unwrap(), img);
-    run("nbdcopy", vec!["--connections=4".into(), uri(&l.path), back.display().to_string()]).await;
+    run(
+        "nbdcopy",
+        vec![
+            "--connections=4".into(),
+            uri(&l.path),
+            back.display().to_string(),
+        ],
+    )
+    .await;
     assert_eq!(std::fs::read(&back).unwrap(), img);
     within(srv.wait_idle()).await;
     assert_eq!(srv.stats().errors, 0);

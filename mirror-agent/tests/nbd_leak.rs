@@ -85,7 +85,10 @@ async fn thousand_dropped_connections_leak_nothing() {
     let st = srv.stats();
     assert_eq!(st.connections_open, 0);
     assert_eq!(st.tasks_alive, 0);
-    assert_eq!(st.connections_total - before.connections_total, total as u64);
+    assert_eq!(
+        st.connections_total - before.connections_total,
+        total as u64
+    );
     eventually("fd count back to baseline", || fd_count() <= baseline).await;
     assert_eq!(fd_count(), baseline);
     // No partial write was applied.

@@ -51,8 +51,18 @@ fn req() -> impl Strategy<Value = Req> {
         1 => Just(MAX + 512),
     ];
     (kind, flags, offset, len, any::<u8>()).prop_map(|(kind, flags, offset, len, seed)| {
-        let (offset, len) = if kind == CMD_FLUSH && flags != 0x0100 { (0, 0) } else { (offset, len) };
-        Req { kind, flags, offset, len, seed }
+        let (offset, len) = if kind == CMD_FLUSH && flags != 0x0100 {
+            (0, 0)
+        } else {
+            (offset, len)
+        };
+        Req {
+            kind,
+            flags,
+            offset,
+            len,
+            seed,
+        }
     })
 }
 
@@ -68,7 +78,11 @@ fn expected_errno(r: &Req, structured: bool) -> u32 {
         return EINVAL;
     }
     if r.kind == CMD_FLUSH {
-        return if r.offset == 0 && r.len == 0 { 0 } else { EINVAL };
+        return if r.offset == 0 && r.len == 0 {
+            0
+        } else {
+            EINVAL
+        };
     }
     if r.len == 0 || !r.offset.is_multiple_of(512) || !r.len.is_multiple_of(512) {
         return EINVAL;
@@ -78,7 +92,11 @@ fn expected_errno(r: &Req, structured: bool) -> u32 {
     }
     let beyond = r.offset.checked_add(r.len as u64).is_none_or(|e| e > SIZE);
     if beyond {
-        return if matches!(r.kind, CMD_WRITE | CMD_WRITE_ZEROES) { ENOSPC } else { EINVAL };
+        return if matches!(r.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+            ENOSPC
+        } else {
+            EINVAL
+        };
     }
     0
 }

@@ -36,7 +36,8 @@ async fn commands_roundtrip_simple_and_structured() {
         let a = pattern(1, 8192);
         let b = pattern(2, 4096);
         c.write(1, 0, &a).await;
-        c.request(FLAG_FUA, CMD_WRITE, 2, 65536, b.len() as u32, &b).await;
+        c.request(FLAG_FUA, CMD_WRITE, 2, 65536, b.len() as u32, &b)
+            .await;
         let r = c.recv_n(2).await;
         assert!(r.values().all(|r| r.error == 0 && r.data.is_none()));
         c.read(3, 0, 8192).await;
@@ -46,21 +47,38 @@ async fn commands_roundtrip_simple_and_structured() {
         if structured {
             assert_eq!(r.data.unwrap(), b, "DF read is one chunk");
         } else {
-            assert_eq!(r.error, EINVAL, "DF not negotiated without structured replies");
+            assert_eq!(
+                r.error, EINVAL,
+                "DF not negotiated without structured replies"
+            );
         }
         // Trim and write-zeroes (with and without NO_HOLE) read back as zero.
         c.request(FLAG_FUA, CMD_TRIM, 5, 0, 4096, &[]).await;
         c.request(0, CMD_WRITE_ZEROES, 6, 4096, 4096, &[]).await;
-        c.request(FLAG_NO_HOLE | FLAG_FUA, CMD_WRITE_ZEROES, 7, 65536, 4096, &[]).await;
+        c.request(
+            FLAG_NO_HOLE | FLAG_FUA,
+            CMD_WRITE_ZEROES,
+            7,
+            65536,
+            4096,
+            &[],
+        )
+        .await;
         c.request(0, CMD_FLUSH, 8, 0, 0, &[]).await;
         let r = c.recv_n(4).await;
         assert!(r.values().all(|r| r.error == 0), "{r:?}");
         c.read(9, 0, 8192).await;
         assert_eq!(c.recv().await.data.unwrap(), vec![0; 8192]);
-        assert_eq!(engine_bytes(te.engine.as_ref(), 65536, 4096).await, vec![0; 4096]);
+        assert_eq!(
+            engine_bytes(te.engine.as_ref(), 65536, 4096).await,
+            vec![0; 4096]
+        );
         let st = srv.stats();
         assert_eq!(st.written_bytes, 8192 + 4096);
-        assert_eq!(st.read_bytes, 8192 + 8192 + if structured { 4096 } else { 0 });
+        assert_eq!(
+            st.read_bytes,
+            8192 + 8192 + if structured { 4096 } else { 0 }
+        );
         assert_eq!(st.requests, 9);
         c.disconnect().await;
     }
@@ -70,7 +88,10 @@ async fn commands_roundtrip_simple_and_structured() {
 async fn replies_complete_out_of_order() {
     for structured in [false, true] {
         let te = make_engine(SIZE);
-        te.engine.write(0, pattern(9, 4096).into(), false).await.unwrap();
+        te.engine
+            .write(0, pattern(9, 4096).into(), false)
+            .await
+            .unwrap();
         let gated = GatedEngine::new(te.engine.clone(), 0);
         let srv = server_with(gated.clone(), Limits::default());
         let mut c = connect(&srv, structured).await;
@@ -79,7 +100,10 @@ async fn replies_complete_out_of_order() {
         c.write(3, 8192, &pattern(3, 512)).await;
         gated.wait_started(1).await;
         let later = c.recv_n(2).await;
-        assert!(later.contains_key(&2) && later.contains_key(&3), "requests behind a slow one complete first");
+        assert!(
+            later.contains_key(&2) && later.contains_key(&3),
+            "requests behind a slow one complete first"
+        );
         gated.open();
         let first = c.recv().await;
         assert_eq!(first.handle, 1);
@@ -104,7 +128,10 @@ async fn many_pipelined_requests() {
     }
     let r = c.recv_n(n as usize).await;
     for i in 0..n {
-        assert_eq!(r[&(1000 + i)].data.as_deref().unwrap(), &pattern(i as u8, 4096)[..]);
+        assert_eq!(
+            r[&(1000 + i)].data.as_deref().unwrap(),
+            &pattern(i as u8, 4096)[..]
+        );
     }
     c.disconnect().await;
 }
@@ -116,7 +143,11 @@ async fn hostile_requests_get_errno_and_connection_survives() {
     for structured in [false, true] {
         let te = make_engine(SIZE);
         let mut export = Export::new("md1", te.engine.clone());
-        export.block_sizes = BlockSizes { minimum: 512, preferred: 4096, maximum: 1 << 20 };
+        export.block_sizes = BlockSizes {
+            minimum: 512,
+            preferred: 4096,
+            maximum: 1 << 20,
+        };
         let srv = NbdServer::new(vec![export], Limits::default()).unwrap();
         let mut c = connect(&srv, structured).await;
         let big = vec![0xAAu8; 2 << 20];
@@ -148,14 +179,22 @@ async fn hostile_requests_get_errno_and_connection_survives() {
             let h = 100 + i as u64;
             c.request(flags, kind, h, off, len, payload).await;
             let r = c.recv().await;
-            assert_eq!((r.handle, r.error), (h, errno), "{what} (structured={structured})");
+            assert_eq!(
+                (r.handle, r.error),
+                (h, errno),
+                "{what} (structured={structured})"
+            );
             assert!(r.data.is_none(), "{what}");
             // Still in sync: a valid read right after.
             c.read(h + 1000, 0, 512).await;
             let ok = c.recv().await;
             assert_eq!((ok.handle, ok.error), (h + 1000, 0), "after {what}");
         }
-        assert_eq!(engine_bytes(te.engine.as_ref(), 0, SIZE as usize).await, vec![0; SIZE as usize], "nothing written");
+        assert_eq!(
+            engine_bytes(te.engine.as_ref(), 0, SIZE as usize).await,
+            vec![0; SIZE as usize],
+            "nothing written"
+        );
         assert_eq!(srv.stats().written_bytes, 0);
         c.disconnect().await;
     }
@@ -170,7 +209,10 @@ async fn bad_request_magic_closes_connection_only() {
     let mut other = connect(&srv, false).await;
     c.s.write_all(&[0x55u8; 28]).await.unwrap();
     expect_closed(&mut c.s).await;
-    assert!(matches!(within(conn).await.unwrap(), Err(NbdError::BadRequestMagic(_))));
+    assert!(matches!(
+        within(conn).await.unwrap(),
+        Err(NbdError::BadRequestMagic(_))
+    ));
     other.read(1, 0, 512).await;
     assert_eq!(other.recv().await.error, 0);
     other.disconnect().await;
@@ -185,7 +227,10 @@ async fn oversized_write_payload_closes_connection() {
     // 64 MiB announced (above 32 MiB max and the skip bound): header only.
     c.request(0, CMD_WRITE, 1, 0, 64 << 20, &[]).await;
     expect_closed(&mut c.s).await;
-    assert!(matches!(within(conn).await.unwrap(), Err(NbdError::PayloadTooLarge { .. })));
+    assert!(matches!(
+        within(conn).await.unwrap(),
+        Err(NbdError::PayloadTooLarge { .. })
+    ));
     assert_eq!(srv.stats().written_bytes, 0);
 }
 
@@ -201,8 +246,21 @@ async fn truncated_write_payload_is_never_applied() {
     // No reply: the server closes without acknowledging anything.
     expect_closed(&mut c.s).await;
     let err = within(conn).await.unwrap().unwrap_err();
-    assert!(matches!(err, NbdError::Truncated { what: "write payload", got: 30000, expected: 65536 }), "{err}");
-    assert_eq!(engine_bytes(te.engine.as_ref(), 0, 65536).await, vec![0; 65536]);
+    assert!(
+        matches!(
+            err,
+            NbdError::Truncated {
+                what: "write payload",
+                got: 30000,
+                expected: 65536
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        engine_bytes(te.engine.as_ref(), 0, 65536).await,
+        vec![0; 65536]
+    );
     assert_eq!(srv.stats().written_bytes, 0);
 }
 
@@ -214,13 +272,20 @@ async fn read_only_export_refuses_writes() {
     let srv = NbdServer::new(vec![e], Limits::default()).unwrap();
     let mut c = connect(&srv, false).await;
     assert_eq!(c.tflags & 2, 2, "READ_ONLY advertised");
-    assert_eq!(c.tflags & (8 | 32 | 64), 0, "no FUA/TRIM/WRITE_ZEROES on a read-only export");
+    assert_eq!(
+        c.tflags & (8 | 32 | 64),
+        0,
+        "no FUA/TRIM/WRITE_ZEROES on a read-only export"
+    );
     c.write(1, 0, &[1u8; 512]).await;
     c.request(0, CMD_TRIM, 2, 0, 512, &[]).await;
     c.request(0, CMD_WRITE_ZEROES, 3, 0, 512, &[]).await;
     c.read(4, 0, 512).await;
     let r = c.recv_n(4).await;
-    assert_eq!([r[&1].error, r[&2].error, r[&3].error, r[&4].error], [EPERM, EPERM, EPERM, 0]);
+    assert_eq!(
+        [r[&1].error, r[&2].error, r[&3].error, r[&4].error],
+        [EPERM, EPERM, EPERM, 0]
+    );
     c.disconnect().await;
 }
 
@@ -244,12 +309,19 @@ async fn engine_errors_reach_only_their_request() {
         assert_eq!(r[&1].error, EIO);
         assert!(r[&1].data.is_none());
         assert_eq!(r[&2].error, ENOSPC);
-        assert_eq!((r[&3].error, r[&3].data.as_ref().map(Vec::len)), (0, Some(4096)));
+        assert_eq!(
+            (r[&3].error, r[&3].data.as_ref().map(Vec::len)),
+            (0, Some(4096))
+        );
         assert_eq!(r[&4].error, 0);
         assert_eq!(r[&5].error, EIO);
         assert_eq!(r[&6].error, ENOSPC);
         if structured {
-            assert_eq!(r[&1].err_offset, Some(65536), "engine read error carries its offset");
+            assert_eq!(
+                r[&1].err_offset,
+                Some(65536),
+                "engine read error carries its offset"
+            );
         }
         *failing.flush_errno.lock().unwrap() = Some(libc::EIO);
         c.request(0, CMD_FLUSH, 7, 0, 0, &[]).await;
@@ -274,10 +346,17 @@ async fn disconnect_finishes_in_flight_requests() {
     gated.wait_started(1).await;
     gated.open();
     let r = c.recv().await;
-    assert_eq!((r.handle, r.error), (1, 0), "in-flight write answered after DISC");
+    assert_eq!(
+        (r.handle, r.error),
+        (1, 0),
+        "in-flight write answered after DISC"
+    );
     expect_closed(&mut c.s).await;
     assert!(within(conn).await.unwrap().is_ok());
-    assert_eq!(engine_bytes(te.engine.as_ref(), 0, 4096).await, pattern(4, 4096));
+    assert_eq!(
+        engine_bytes(te.engine.as_ref(), 0, 4096).await,
+        pattern(4, 4096)
+    );
     srv.wait_idle().await;
 }
 
@@ -290,7 +369,10 @@ async fn backpressure_per_connection_budget() {
     let gated = GatedEngine::new(te.engine.clone(), 0);
     let mut e = Export::new("md1", gated.clone() as Arc<dyn BlockEngine>);
     e.block_sizes.maximum = 65536;
-    let limits = Limits { conn_inflight_bytes: 65536, ..Limits::default() };
+    let limits = Limits {
+        conn_inflight_bytes: 65536,
+        ..Limits::default()
+    };
     let srv = NbdServer::new(vec![e], limits).unwrap();
     let mut c = connect(&srv, false).await;
     c.read(1, 0, 65536).await; // holds the whole budget, gated
@@ -315,7 +397,10 @@ async fn backpressure_global_budget() {
     let gated = GatedEngine::new(te.engine.clone(), 0);
     let mut e = Export::new("md1", gated.clone() as Arc<dyn BlockEngine>);
     e.block_sizes.maximum = 65536;
-    let limits = Limits { global_inflight_bytes: 65536, ..Limits::default() };
+    let limits = Limits {
+        global_inflight_bytes: 65536,
+        ..Limits::default()
+    };
     let srv = NbdServer::new(vec![e], limits).unwrap();
     let mut a = connect(&srv, false).await;
     let mut b = connect(&srv, false).await;
@@ -339,7 +424,10 @@ async fn backpressure_global_budget() {
     for _ in 0..200 {
         tokio::task::yield_now().await;
     }
-    assert!(!brecv.is_finished(), "B completed while A held the global budget");
+    assert!(
+        !brecv.is_finished(),
+        "B completed while A held the global budget"
+    );
     gated.open();
     assert_eq!(a.recv().await.handle, 1);
     let (r, b) = within(brecv).await.unwrap();
@@ -382,7 +470,10 @@ async fn shutdown_drains_in_flight_and_refuses_new_requests() {
     within(shutdown).await.unwrap();
     assert_eq!(srv.stats().connections_open, 0);
     assert!(within(l.accept).await.unwrap().is_ok(), "accept loop ended");
-    assert_eq!(engine_bytes(te.engine.as_ref(), 0, 4096).await, pattern(5, 4096));
+    assert_eq!(
+        engine_bytes(te.engine.as_ref(), 0, 4096).await,
+        pattern(5, 4096)
+    );
     // The listener is gone: nobody accepts new clients any more.
     match tokio::net::UnixStream::connect(&l.path).await {
         Err(_) => {}
@@ -406,7 +497,10 @@ async fn handshake_client_during_shutdown_is_closed() {
     if within(s.read_exact(&mut head)).await.is_ok() {
         let _opt = read_u32(&mut s).await;
         let typ = read_u32(&mut s).await;
-        assert!(typ == REP_ERR_SHUTDOWN || typ == REP_SERVER, "reply {typ:#x}");
+        assert!(
+            typ == REP_ERR_SHUTDOWN || typ == REP_SERVER,
+            "reply {typ:#x}"
+        );
     }
     expect_closed(&mut s).await;
     within(shut).await.unwrap();
@@ -429,7 +523,8 @@ async fn preconnected_transmission_without_handshake() {
     let srv2 = Arc::clone(&srv);
     let conn = tokio::spawn(async move { srv2.serve_transmission(b, "md1").await });
     let mut c = Client::connect_raw(a, false, p.size, p.transmission_flags);
-    c.request(FLAG_FUA, CMD_WRITE, 1, 8192, 4096, &pattern(8, 4096)).await;
+    c.request(FLAG_FUA, CMD_WRITE, 1, 8192, 4096, &pattern(8, 4096))
+        .await;
     assert_eq!(c.recv().await.error, 0);
     c.read(2, 8192, 4096).await;
     assert_eq!(c.recv().await.data.unwrap(), pattern(8, 4096));
@@ -437,6 +532,9 @@ async fn preconnected_transmission_without_handshake() {
     assert!(within(conn).await.unwrap().is_ok());
 
     let (_a, b) = tokio::net::UnixStream::pair().unwrap();
-    assert!(matches!(srv.serve_transmission(b, "md9").await, Err(NbdError::UnknownExport(_))));
+    assert!(matches!(
+        srv.serve_transmission(b, "md9").await,
+        Err(NbdError::UnknownExport(_))
+    ));
     assert_eq!(srv.stats().connections_open, 0);
 }

@@ -283,13 +283,17 @@ async fn nodes_connect_through_a_proxy_via_listen_address_and_recover_from_a_cut
     assert!(
         // A cut shows as EOF, as a reset (the proxy's socket closed with
         // data in flight) or, if neither arrives, as silence.
-        ra.contains("closed the connection") || ra.contains("Connection reset") || ra.contains("silent"),
+        ra.contains("closed the connection")
+            || ra.contains("Connection reset")
+            || ra.contains("silent"),
         "{ra}"
     );
     assert!(
         // A cut shows as EOF, as a reset (the proxy's socket closed with
         // data in flight) or, if neither arrives, as silence.
-        rb.contains("closed the connection") || rb.contains("Connection reset") || rb.contains("silent"),
+        rb.contains("closed the connection")
+            || rb.contains("Connection reset")
+            || rb.contains("silent"),
         "{rb}"
     );
     // The dialer redials through the proxy; both get a fresh session.

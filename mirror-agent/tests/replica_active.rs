@@ -34,7 +34,10 @@ struct GatedStorage {
 
 impl GatedStorage {
     fn new(len: usize) -> GatedStorage {
-        GatedStorage { inner: Arc::new(Mutex::new(MemStorage::new(len))), gate: Arc::new((Mutex::new(true), Condvar::new())) }
+        GatedStorage {
+            inner: Arc::new(Mutex::new(MemStorage::new(len))),
+            gate: Arc::new((Mutex::new(true), Condvar::new())),
+        }
     }
     fn set_superblock_open(&self, open: bool) {
         *self.gate.0.lock().unwrap() = open;
@@ -64,7 +67,10 @@ impl MetaStorage for GatedStorage {
 }
 
 fn partition() -> (Arc<ClusterPartition>, GatedStorage) {
-    let id = DataIdentity { size: VOL, stable_id: String::new() };
+    let id = DataIdentity {
+        size: VOL,
+        stable_id: String::new(),
+    };
     let mut p = CreateParams::new("r0", "alpha", &id);
     p.region_size = REGION;
     p.initially_dirty = false;
@@ -89,10 +95,17 @@ struct Pair {
 }
 
 fn cfg(mode: Mode) -> ActiveConfig {
-    ActiveConfig { mode, ack_timeout: Duration::from_secs(20), async_queue: 64 << 20 }
+    ActiveConfig {
+        mode,
+        ack_timeout: Duration::from_secs(20),
+        async_queue: 64 << 20,
+    }
 }
 
-fn setup_with(cfg: ActiveConfig, standby_engine: impl FnOnce(Arc<MemEngine>) -> Arc<dyn BlockEngine>) -> Pair {
+fn setup_with(
+    cfg: ActiveConfig,
+    standby_engine: impl FnOnce(Arc<MemEngine>) -> Arc<dyn BlockEngine>,
+) -> Pair {
     let (part, meta) = partition();
     let local = MemEngine::new(VOL as usize);
     let remote = MemEngine::new(VOL as usize);
@@ -105,7 +118,17 @@ fn setup_with(cfg: ActiveConfig, standby_engine: impl FnOnce(Arc<MemEngine>) -> 
     let (vol, events) = ActiveVolume::new(local.clone(), part.clone(), cfg);
     vol.attach(a.into()).unwrap();
     let standby = tokio::spawn(run_standby(Arc::new(gate.clone()), b.into()));
-    Pair { vol, events, part, meta, local, remote, gate, standby_tx, standby }
+    Pair {
+        vol,
+        events,
+        part,
+        meta,
+        local,
+        remote,
+        gate,
+        standby_tx,
+        standby,
+    }
 }
 
 fn setup(cfg: ActiveConfig) -> Pair {
@@ -116,7 +139,10 @@ fn setup(cfg: ActiveConfig) -> Pair {
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -136,8 +162,15 @@ async fn quiesce(p: &Pair) {
 
 async fn next_break(events: &mut mpsc::UnboundedReceiver<ReplicaEvent>) -> (String, bool) {
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("no event").expect("closed") {
-            ReplicaEvent::MirrorBroken { reason, peer_disk_error } => return (reason, peer_disk_error),
+        match tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("no event")
+            .expect("closed")
+        {
+            ReplicaEvent::MirrorBroken {
+                reason,
+                peer_disk_error,
+            } => return (reason, peer_disk_error),
             _ => continue,
         }
     }
@@ -170,13 +203,25 @@ async fn every_mode_leaves_both_sides_identical() {
         let (l, rm) = (p.local.snapshot(), p.remote.snapshot());
         let first = l.iter().zip(&rm).position(|(a, b)| a != b);
         let ev = p.events.try_recv();
-        assert!(first.is_none(), "{mode}: volumes differ at {first:?}: {:?} {ev:?}", p.vol.rpo());
+        assert!(
+            first.is_none(),
+            "{mode}: volumes differ at {first:?}: {:?} {ev:?}",
+            p.vol.rpo()
+        );
         let r = p.vol.rpo();
-        assert_eq!((r.writes_replicated, r.breaks, r.writes_local_only), (200, 0, 0), "{mode}: {r:?}");
+        assert_eq!(
+            (r.writes_replicated, r.breaks, r.writes_local_only),
+            (200, 0, 0),
+            "{mode}: {r:?}"
+        );
         // Every region written was dirty only for intent: clearing empties the bitmap.
         p.vol.clear_now().await.unwrap();
         assert_eq!(p.part.dirty_count(), 0, "{mode}");
-        assert_eq!(p.part.generations(), gens::blank(), "{mode}: no break recorded");
+        assert_eq!(
+            p.part.generations(),
+            gens::blank(),
+            "{mode}: no break recorded"
+        );
     }
 }
 
@@ -190,7 +235,10 @@ async fn sync_write_completes_only_after_ack2() {
     // Ack1 arrives (the standby queued the write) but the client still waits.
     wait_until("Ack1", || p.vol.rpo().unacked2_writes == 1).await;
     tokio::task::yield_now().await;
-    assert!(!w.is_finished(), "sync write completed before the standby wrote it");
+    assert!(
+        !w.is_finished(),
+        "sync write completed before the standby wrote it"
+    );
     assert!(p.part.is_durably_dirty(2));
     p.gate.set_writes_open(true);
     w.await.unwrap().unwrap();
@@ -204,9 +252,16 @@ async fn semi_write_completes_after_ack1() {
     let p = setup(cfg(Mode::Semi));
     p.gate.set_writes_open(false);
     p.vol.write(0, pattern(2, 4096), false).await.unwrap();
-    assert_eq!(p.gate.applied(), 0, "completed although the standby did not write");
+    assert_eq!(
+        p.gate.applied(),
+        0,
+        "completed although the standby did not write"
+    );
     let r = p.vol.rpo();
-    assert_eq!((r.unacked1_writes, r.unacked2_writes, r.unacked2_bytes), (0, 1, 4096));
+    assert_eq!(
+        (r.unacked1_writes, r.unacked2_writes, r.unacked2_bytes),
+        (0, 1, 4096)
+    );
     p.gate.set_writes_open(true);
     quiesce(&p).await;
     assert!(p.local.snapshot() == p.remote.snapshot());
@@ -214,10 +269,17 @@ async fn semi_write_completes_after_ack1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_budget_overflow_breaks_mirror_but_writes_succeed() {
-    let mut p = setup(ActiveConfig { mode: Mode::Async, ack_timeout: Duration::from_secs(20), async_queue: 64 * 1024 });
+    let mut p = setup(ActiveConfig {
+        mode: Mode::Async,
+        ack_timeout: Duration::from_secs(20),
+        async_queue: 64 * 1024,
+    });
     p.gate.set_writes_open(false);
     for i in 0..32u64 {
-        p.vol.write(i * REGION, pattern(i, 4096), false).await.unwrap();
+        p.vol
+            .write(i * REGION, pattern(i, 4096), false)
+            .await
+            .unwrap();
     }
     let (reason, disk) = next_break(&mut p.events).await;
     assert!(reason.contains("async queue budget exceeded"), "{reason}");
@@ -233,9 +295,15 @@ async fn async_budget_overflow_breaks_mirror_but_writes_succeed() {
     assert_ne!(g.current, gens::BLANK);
     assert!(p.part.break_time() > 0);
     // Writes after the break keep working, local-only and dirty.
-    p.vol.write(40 * REGION, pattern(99, 4096), false).await.unwrap();
+    p.vol
+        .write(40 * REGION, pattern(99, 4096), false)
+        .await
+        .unwrap();
     assert!(p.part.is_durably_dirty(40));
-    assert_eq!(p.local.snapshot()[40 * 4096..41 * 4096], pattern(99, 4096)[..]);
+    assert_eq!(
+        p.local.snapshot()[40 * 4096..41 * 4096],
+        pattern(99, 4096)[..]
+    );
     p.gate.set_writes_open(true);
     let end = p.standby.await.unwrap().unwrap();
     assert!(end.disk_error.is_none());
@@ -248,19 +316,27 @@ async fn session_closed_mid_stream_completes_locally_after_break_recorded() {
     let mut writes = Vec::new();
     for i in 0..4u64 {
         let vol = p.vol.clone();
-        writes.push(tokio::spawn(async move { vol.write(i * REGION, pattern(i, 4096), false).await }));
+        writes.push(tokio::spawn(async move {
+            vol.write(i * REGION, pattern(i, 4096), false).await
+        }));
     }
     p.gate.wait_held(4).await;
     // Hold superblock writes: nothing may complete local-only before the break is on disk.
     p.meta.set_superblock_open(false);
     p.standby_tx.close("test: cable pulled");
     let (reason, disk) = next_break(&mut p.events).await;
-    assert!(reason.contains("cable pulled") || reason.contains("closed"), "{reason}");
+    assert!(
+        reason.contains("cable pulled") || reason.contains("closed"),
+        "{reason}"
+    );
     assert!(!disk);
     let vol = p.vol.clone();
     let late = tokio::spawn(async move { vol.write(10 * REGION, pattern(10, 4096), false).await });
     tokio::task::yield_now().await;
-    assert!(writes.iter().all(|w| !w.is_finished()) && !late.is_finished(), "completed before the break was recorded");
+    assert!(
+        writes.iter().all(|w| !w.is_finished()) && !late.is_finished(),
+        "completed before the break was recorded"
+    );
     assert_eq!(p.part.generations(), gens::blank());
     p.meta.set_superblock_open(true);
     for w in writes {
@@ -283,10 +359,17 @@ async fn session_closed_mid_stream_completes_locally_after_break_recorded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_timeout_breaks_and_completes_locally() {
-    let mut p = setup(ActiveConfig { mode: Mode::Sync, ack_timeout: Duration::from_millis(300), async_queue: 1 << 20 });
+    let mut p = setup(ActiveConfig {
+        mode: Mode::Sync,
+        ack_timeout: Duration::from_millis(300),
+        async_queue: 1 << 20,
+    });
     p.gate.set_writes_open(false);
     let t0 = std::time::Instant::now();
-    p.vol.write(5 * REGION, pattern(5, 4096), true).await.unwrap();
+    p.vol
+        .write(5 * REGION, pattern(5, 4096), true)
+        .await
+        .unwrap();
     assert!(t0.elapsed() >= Duration::from_millis(300));
     let (reason, disk) = next_break(&mut p.events).await;
     assert!(reason.contains("ack timeout"), "{reason}");
@@ -302,12 +385,20 @@ async fn ack_timeout_breaks_and_completes_locally() {
 async fn ack2_error_breaks_with_peer_disk_error() {
     let mut p = setup_with(cfg(Mode::Sync), |m| {
         let f = FaultyEngine::new(m);
-        f.add_rule(FaultRule::fail_range(&[FaultOp::Write], 3 * REGION, REGION, libc::EIO));
+        f.add_rule(FaultRule::fail_range(
+            &[FaultOp::Write],
+            3 * REGION,
+            REGION,
+            libc::EIO,
+        ));
         Arc::new(f)
     });
     p.vol.write(0, pattern(0, 4096), false).await.unwrap();
     // The standby fails this one: the client still succeeds (local copy is fine).
-    p.vol.write(3 * REGION, pattern(3, 4096), false).await.unwrap();
+    p.vol
+        .write(3 * REGION, pattern(3, 4096), false)
+        .await
+        .unwrap();
     let (reason, disk) = next_break(&mut p.events).await;
     assert!(disk, "{reason}");
     assert!(reason.contains("-5"), "{reason}");
@@ -316,14 +407,20 @@ async fn ack2_error_breaks_with_peer_disk_error() {
     assert!(!p.part.is_dirty(0), "the acked write's region was cleared");
     let end = p.standby.await.unwrap().unwrap();
     let de = end.disk_error.expect("standby reports its disk error");
-    assert_eq!((de.op, de.offset, de.errno), ("write", 3 * REGION, libc::EIO));
+    assert_eq!(
+        (de.op, de.offset, de.errno),
+        ("write", 3 * REGION, libc::EIO)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bitmap_clears_only_after_ack2() {
     let p = setup(cfg(Mode::Semi));
     p.gate.set_flushes_open(false);
-    p.vol.write(7 * REGION, pattern(7, 4096), false).await.unwrap();
+    p.vol
+        .write(7 * REGION, pattern(7, 4096), false)
+        .await
+        .unwrap();
     wait_until("standby applied", || p.gate.applied() == 1).await;
     // Written on both sides but not yet durable on the peer: no Ack2, region stays dirty.
     assert_eq!(p.vol.clear_now().await.unwrap(), 0);
@@ -347,7 +444,10 @@ async fn sync_flush_is_a_barrier_on_the_standby() {
     let f = tokio::spawn(async move { vol.flush().await });
     wait_until("local flush", || p.local.flushes() >= 1).await;
     tokio::task::yield_now().await;
-    assert!(!f.is_finished(), "FlushAck before an earlier write was applied");
+    assert!(
+        !f.is_finished(),
+        "FlushAck before an earlier write was applied"
+    );
     let flushed = p.gate.flushed();
     p.gate.set_writes_open(true);
     f.await.unwrap().unwrap();
@@ -362,7 +462,10 @@ async fn rpo_meter_tracks_a_stalled_standby() {
     assert_eq!(p.vol.rpo().oldest_not_durable_ms, 0);
     p.gate.set_writes_open(false);
     for i in 0..5u64 {
-        p.vol.write(i * REGION, pattern(i, 4096), false).await.unwrap();
+        p.vol
+            .write(i * REGION, pattern(i, 4096), false)
+            .await
+            .unwrap();
     }
     let mut last = p.vol.rpo();
     wait_until("Ack1s and some age", || {
@@ -370,13 +473,23 @@ async fn rpo_meter_tracks_a_stalled_standby() {
         last.unacked2_writes == 5 && last.oldest_not_durable_ms > 0
     })
     .await;
-    assert_eq!((last.unacked1_writes, last.unacked2_bytes, last.writes_replicated), (0, 5 * 4096, 0));
+    assert_eq!(
+        (
+            last.unacked1_writes,
+            last.unacked2_bytes,
+            last.writes_replicated
+        ),
+        (0, 5 * 4096, 0)
+    );
     let json = serde_json::to_value(&last).unwrap();
     assert_eq!(json["unacked2_writes"], 5);
     p.gate.set_writes_open(true);
     quiesce(&p).await;
     let r = p.vol.rpo();
-    assert_eq!((r.unacked1_bytes, r.unacked2_bytes, r.oldest_not_durable_ms), (0, 0, 0));
+    assert_eq!(
+        (r.unacked1_bytes, r.unacked2_bytes, r.oldest_not_durable_ms),
+        (0, 0, 0)
+    );
     assert_eq!((r.writes_replicated, r.bytes_replicated), (5, 5 * 4096));
 }
 
@@ -390,7 +503,11 @@ async fn never_attached_volume_records_divergence_before_first_write() {
     let w = tokio::spawn(async move { v.write(0, pattern(1, 4096), false).await });
     tokio::task::yield_now().await;
     assert!(!w.is_finished());
-    assert_eq!(local.snapshot()[..4096], [0u8; 4096][..], "data written before divergence was recorded");
+    assert_eq!(
+        local.snapshot()[..4096],
+        [0u8; 4096][..],
+        "data written before divergence was recorded"
+    );
     meta.set_superblock_open(true);
     w.await.unwrap().unwrap();
     assert_eq!(part.generations().bitmap, gens::BLANK);
@@ -398,11 +515,16 @@ async fn never_attached_volume_records_divergence_before_first_write() {
 }
 
 fn ordering_case(seed: u64, ops: Vec<(u64, u64, u8)>) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let p = setup(cfg(Mode::Semi));
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        p.gate.set_delay(move || Duration::from_micros(rng.gen_range(0..2000)));
+        p.gate
+            .set_delay(move || Duration::from_micros(rng.gen_range(0..2000)));
         let mut tasks = Vec::new();
         for (i, (off, len, kind)) in ops.into_iter().enumerate() {
             let vol = p.vol.clone();
@@ -410,7 +532,14 @@ fn ordering_case(seed: u64, ops: Vec<(u64, u64, u8)>) {
                 match kind {
                     0 => vol.discard(off * 512, len * 512).await,
                     1 => vol.write_zeroes(off * 512, len * 512, false, false).await,
-                    _ => vol.write(off * 512, pattern(seed ^ i as u64, (len * 512) as usize), false).await,
+                    _ => {
+                        vol.write(
+                            off * 512,
+                            pattern(seed ^ i as u64, (len * 512) as usize),
+                            false,
+                        )
+                        .await
+                    }
                 }
             }));
         }
@@ -444,11 +573,18 @@ async fn release_waits_for_acks_and_records_nothing() {
     let rel = tokio::spawn(async move { vol.release(Duration::from_secs(10)).await });
     p.gate.wait_held(1).await;
     tokio::task::yield_now().await;
-    assert!(!rel.is_finished(), "released while a write was not durable on the peer");
+    assert!(
+        !rel.is_finished(),
+        "released while a write was not durable on the peer"
+    );
     p.gate.set_writes_open(true);
     assert!(rel.await.unwrap().unwrap(), "clean release expected");
     assert!(!p.vol.is_attached());
-    assert_eq!(p.part.generations(), gens::blank(), "a clean release records no divergence");
+    assert_eq!(
+        p.part.generations(),
+        gens::blank(),
+        "a clean release records no divergence"
+    );
     // (The volume does not close the session; a peer Session whose `rx` is
     // dropped closes itself, which is why the owner routes frames through its
     // own channel.)

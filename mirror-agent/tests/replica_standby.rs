@@ -11,7 +11,9 @@ use mirror_agent::nbd::testing::MemEngine;
 use mirror_agent::peer::testing::{hello, pair_in_memory};
 use mirror_agent::peer::Session;
 use mirror_agent::replica::testing::GatedEngine;
-use mirror_agent::replica::{run_standby_with, Durability, ReplicaError, StandbyEnd, StandbyOptions};
+use mirror_agent::replica::{
+    run_standby_with, Durability, ReplicaError, StandbyEnd, StandbyOptions,
+};
 use mirror_proto::Message;
 use tokio::task::JoinHandle;
 
@@ -21,17 +23,33 @@ type Standby = JoinHandle<Result<StandbyEnd, ReplicaError>>;
 
 fn start(engine: Arc<dyn BlockEngine>, durability: Durability) -> (Session, Standby) {
     let size = engine.size();
-    let (a, b) = pair_in_memory(hello("alpha", "c", "r0", size, 4096), hello("beta", "c", "r0", size, 4096));
-    let opts = StandbyOptions { durability, ..StandbyOptions::default() };
+    let (a, b) = pair_in_memory(
+        hello("alpha", "c", "r0", size, 4096),
+        hello("beta", "c", "r0", size, 4096),
+    );
+    let opts = StandbyOptions {
+        durability,
+        ..StandbyOptions::default()
+    };
     (a, tokio::spawn(run_standby_with(engine, b.into(), opts)))
 }
 
 async fn recv(a: &mut Session) -> Message {
-    tokio::time::timeout(Duration::from_secs(10), a.rx.recv()).await.expect("no frame from the standby").expect("closed").msg
+    tokio::time::timeout(Duration::from_secs(10), a.rx.recv())
+        .await
+        .expect("no frame from the standby")
+        .expect("closed")
+        .msg
 }
 
 async fn write(a: &Session, offset: u64, byte: u8, len: usize) -> u64 {
-    a.tx.send(Message::Write { offset, fua: false, data: Bytes::from(vec![byte; len]) }).await.unwrap()
+    a.tx.send(Message::Write {
+        offset,
+        fua: false,
+        data: Bytes::from(vec![byte; len]),
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,10 +57,22 @@ async fn out_of_range_write_gets_ack2_einval_only() {
     let mem = MemEngine::new(VOL as usize);
     let (mut a, standby) = start(mem.clone(), Durability::GroupCommit);
     let bad = write(&a, VOL - 100, 1, 4096).await;
-    assert_eq!(recv(&mut a).await, Message::Ack2 { seq: bad, status: -libc::EINVAL });
+    assert_eq!(
+        recv(&mut a).await,
+        Message::Ack2 {
+            seq: bad,
+            status: -libc::EINVAL
+        }
+    );
     let good = write(&a, 0, 2, 4096).await;
     assert_eq!(recv(&mut a).await, Message::Ack1 { seq: good });
-    assert_eq!(recv(&mut a).await, Message::Ack2 { seq: good, status: 0 });
+    assert_eq!(
+        recv(&mut a).await,
+        Message::Ack2 {
+            seq: good,
+            status: 0
+        }
+    );
     assert!(mem.snapshot()[VOL as usize - 100..].iter().all(|&b| b == 0));
     a.tx.close("done");
     let end = standby.await.unwrap().unwrap();
@@ -101,7 +131,11 @@ async fn per_write_fua_mode_writes_each_request_durably() {
             ack2 += 1;
         }
     }
-    assert_eq!((mem.flushes(), gate.flushed()), (5, 0), "FUA per write, no separate flushes");
+    assert_eq!(
+        (mem.flushes(), gate.flushed()),
+        (5, 0),
+        "FUA per write, no separate flushes"
+    );
     a.tx.close("done");
     standby.await.unwrap().unwrap();
 }
@@ -124,7 +158,10 @@ async fn overlapping_writes_apply_in_seq_order() {
     }
     let snap = mem.snapshot();
     assert!(snap[..4096].iter().all(|&b| b == 1));
-    assert!(snap[4096..12288].iter().all(|&b| b == 2), "older write applied over the newer one");
+    assert!(
+        snap[4096..12288].iter().all(|&b| b == 2),
+        "older write applied over the newer one"
+    );
     a.tx.close("done");
     standby.await.unwrap().unwrap();
 }
@@ -142,7 +179,10 @@ async fn flush_waits_for_earlier_writes() {
     // A later write overtakes the barrier (it need not wait for the flush).
     let later = write(&a, 65536, 3, 4096).await;
     assert_eq!(recv(&mut a).await, Message::Ack1 { seq: later });
-    assert!(a.rx.try_recv().is_err(), "FlushAck before the earlier write completed");
+    assert!(
+        a.rx.try_recv().is_err(),
+        "FlushAck before the earlier write completed"
+    );
     gate.set_writes_open(true);
     let mut got = Vec::new();
     while got.len() < 3 {
@@ -158,15 +198,29 @@ async fn flush_waits_for_earlier_writes() {
 async fn disk_error_is_acked_and_reported() {
     let mem = MemEngine::new(VOL as usize);
     let f = FaultyEngine::new(mem.clone());
-    f.add_rule(FaultRule::fail_range(&[FaultOp::Write], 8192, 4096, libc::ENOSPC));
+    f.add_rule(FaultRule::fail_range(
+        &[FaultOp::Write],
+        8192,
+        4096,
+        libc::ENOSPC,
+    ));
     let (mut a, standby) = start(Arc::new(f), Durability::GroupCommit);
     let s = write(&a, 8192, 1, 4096).await;
     assert_eq!(recv(&mut a).await, Message::Ack1 { seq: s });
-    assert_eq!(recv(&mut a).await, Message::Ack2 { seq: s, status: -libc::ENOSPC });
+    assert_eq!(
+        recv(&mut a).await,
+        Message::Ack2 {
+            seq: s,
+            status: -libc::ENOSPC
+        }
+    );
     a.tx.close("done");
     let end = standby.await.unwrap().unwrap();
     let de = end.disk_error.unwrap();
-    assert_eq!((de.op, de.offset, de.len, de.errno), ("write", 8192, 4096, libc::ENOSPC));
+    assert_eq!(
+        (de.op, de.offset, de.len, de.errno),
+        ("write", 8192, 4096, libc::ENOSPC)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,12 +229,25 @@ async fn unexpected_frame_is_a_protocol_error() {
     let (a, standby) = start(mem, Durability::GroupCommit);
     a.tx.send(Message::Ack1 { seq: 3 }).await.unwrap();
     let err = standby.await.unwrap().unwrap_err();
-    assert!(matches!(&err, ReplicaError::Protocol(m) if m.contains("Ack1")), "{err}");
-    assert!(a.closed.reason().is_some() || tokio::time::timeout(Duration::from_secs(10), a.closed.wait()).await.is_ok());
+    assert!(
+        matches!(&err, ReplicaError::Protocol(m) if m.contains("Ack1")),
+        "{err}"
+    );
+    assert!(
+        a.closed.reason().is_some()
+            || tokio::time::timeout(Duration::from_secs(10), a.closed.wait())
+                .await
+                .is_ok()
+    );
 }
 
 /// Drives `qd` concurrent 4 KiB random writes for `dur`; returns Ack2/s.
-async fn measure(engine: Arc<dyn BlockEngine>, durability: Durability, qd: usize, dur: Duration) -> f64 {
+async fn measure(
+    engine: Arc<dyn BlockEngine>,
+    durability: Durability,
+    qd: usize,
+    dur: Duration,
+) -> f64 {
     let size = engine.size();
     let (mut a, standby) = start(engine, durability);
     let mut rng = 0x9e3779b97f4a7c15u64;
@@ -192,7 +259,13 @@ async fn measure(engine: Arc<dyn BlockEngine>, durability: Durability, qd: usize
     };
     let data = Bytes::from(vec![0xa5u8; 4096]);
     for _ in 0..qd {
-        a.tx.send(Message::Write { offset: next_off(), fua: false, data: data.clone() }).await.unwrap();
+        a.tx.send(Message::Write {
+            offset: next_off(),
+            fua: false,
+            data: data.clone(),
+        })
+        .await
+        .unwrap();
     }
     let t0 = Instant::now();
     let mut done = 0u64;
@@ -200,7 +273,13 @@ async fn measure(engine: Arc<dyn BlockEngine>, durability: Durability, qd: usize
         if let Message::Ack2 { status, .. } = recv(&mut a).await {
             assert_eq!(status, 0);
             done += 1;
-            a.tx.send(Message::Write { offset: next_off(), fua: false, data: data.clone() }).await.unwrap();
+            a.tx.send(Message::Write {
+                offset: next_off(),
+                fua: false,
+                data: data.clone(),
+            })
+            .await
+            .unwrap();
         }
     }
     let rate = done as f64 / t0.elapsed().as_secs_f64();
@@ -214,7 +293,10 @@ async fn measure(engine: Arc<dyn BlockEngine>, durability: Durability, qd: usize
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement on a real disk; run explicitly"]
 async fn durability_measurement() {
-    let dir = tempfile::Builder::new().prefix("replica-measure").tempdir_in("/var/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("replica-measure")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let path = dir.path().join("data");
     // Fully allocated, so fdatasync measures data, not block allocation.
     std::fs::write(&path, vec![0u8; 64 << 20]).unwrap();

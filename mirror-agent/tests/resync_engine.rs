@@ -31,12 +31,20 @@ struct Node {
 }
 
 async fn node(name: &'static str, gens: Generations, fill: u8) -> Node {
-    let id = DataIdentity { size: VOL, stable_id: String::new() };
+    let id = DataIdentity {
+        size: VOL,
+        stable_id: String::new(),
+    };
     let mut p = CreateParams::new("md1", name, &id);
     p.region_size = REGION;
     p.initially_dirty = false;
     let g = bitmap::Geometry::new(VOL, REGION).unwrap();
-    let cp = ClusterPartition::create(MemStorage::new(g.required_partition_size() as usize), &p, false).unwrap();
+    let cp = ClusterPartition::create(
+        MemStorage::new(g.required_partition_size() as usize),
+        &p,
+        false,
+    )
+    .unwrap();
     cp.update_superblock(|s| {
         s.gens = gens;
         s.flags = Flags::CONSISTENT;
@@ -45,9 +53,16 @@ async fn node(name: &'static str, gens: Generations, fill: u8) -> Node {
     cp.set_keep_dirty_capacity(0);
     let engine = MemEngine::new(VOL as usize);
     if fill != 0 {
-        engine.write(0, Bytes::from(vec![fill; VOL as usize]), false).await.unwrap();
+        engine
+            .write(0, Bytes::from(vec![fill; VOL as usize]), false)
+            .await
+            .unwrap();
     }
-    Node { name, engine, part: Arc::new(cp) }
+    Node {
+        name,
+        engine,
+        part: Arc::new(cp),
+    }
 }
 
 fn view(n: &Node) -> NodeView {
@@ -55,22 +70,42 @@ fn view(n: &Node) -> NodeView {
 }
 
 fn sessions() -> (Session, Session) {
-    pair_in_memory(hello("a", "c", "md1", VOL, REGION as u32), hello("b", "c", "md1", VOL, REGION as u32))
+    pair_in_memory(
+        hello("a", "c", "md1", VOL, REGION as u32),
+        hello("b", "c", "md1", VOL, REGION as u32),
+    )
 }
 
 fn progress(role: resync::Role) -> ProgressHandle {
-    Arc::new(Mutex::new(Progress::new(role, "a -> b".into(), ResyncKind::Differential, "test".into())))
+    Arc::new(Mutex::new(Progress::new(
+        role,
+        "a -> b".into(),
+        ResyncKind::Differential,
+        "test".into(),
+    )))
 }
 
 /// Write `pattern` over region `r` of `n` and mark it dirty (a change since B).
 async fn change(n: &Node, r: u64, pattern: u8) {
-    n.engine.write(r * REGION, Bytes::from(vec![pattern; REGION as usize]), false).await.unwrap();
+    n.engine
+        .write(
+            r * REGION,
+            Bytes::from(vec![pattern; REGION as usize]),
+            false,
+        )
+        .await
+        .unwrap();
     n.part.mark_dirty_regions([r]).unwrap();
 }
 
 /// Forward every frame of `rx` to the resync inbox; after `limit` ResyncData
 /// frames, close the session instead (an interrupted resync).
-fn forward(mut rx: mpsc::Receiver<Frame>, limit: Option<u64>, tx: mirror_agent::peer::SessionSender, data_frames: Arc<AtomicU64>) -> mpsc::Receiver<Frame> {
+fn forward(
+    mut rx: mpsc::Receiver<Frame>,
+    limit: Option<u64>,
+    tx: mirror_agent::peer::SessionSender,
+    data_frames: Arc<AtomicU64>,
+) -> mpsc::Receiver<Frame> {
     let (ftx, frx) = mpsc::channel(256);
     tokio::spawn(async move {
         while let Some(f) = rx.recv().await {
@@ -96,7 +131,14 @@ struct Outcome {
 }
 
 /// Run one resync a → b with `kind`; `cut_after` interrupts it.
-async fn run(a: &Node, b: &Node, kind: ResyncKind, save: Option<std::path::PathBuf>, gate: Arc<WriteGate>, cut_after: Option<u64>) -> Outcome {
+async fn run(
+    a: &Node,
+    b: &Node,
+    kind: ResyncKind,
+    save: Option<std::path::PathBuf>,
+    gate: Arc<WriteGate>,
+    cut_after: Option<u64>,
+) -> Outcome {
     let (sa, mut sb) = sessions();
     let frames = Arc::new(AtomicU64::new(0));
     let spec = resync::SourceSpec {
@@ -111,11 +153,25 @@ async fn run(a: &Node, b: &Node, kind: ResyncKind, save: Option<std::path::PathB
         peer: "b".into(),
     };
     let src_in = forward(sa.rx, None, sa.tx.clone(), Arc::new(AtomicU64::new(0)));
-    let source = tokio::spawn(resync::run_source(spec, sa.tx.clone(), src_in, progress(resync::Role::Source)));
+    let source = tokio::spawn(resync::run_source(
+        spec,
+        sa.tx.clone(),
+        src_in,
+        progress(resync::Role::Source),
+    ));
     // The target's dispatcher: the first frame is ResyncBegin.
     let first = sb.rx.recv().await.unwrap();
-    let Message::Control { json } = &first.msg else { panic!("expected ResyncBegin, got {:?}", first.msg.kind()) };
-    let ControlMsg::ResyncBegin { full, save: do_save, .. } = ControlMsg::from_json(json).unwrap() else { panic!("{json}") };
+    let Message::Control { json } = &first.msg else {
+        panic!("expected ResyncBegin, got {:?}", first.msg.kind())
+    };
+    let ControlMsg::ResyncBegin {
+        full,
+        save: do_save,
+        ..
+    } = ControlMsg::from_json(json).unwrap()
+    else {
+        panic!("{json}")
+    };
     assert_eq!(full, kind == ResyncKind::Full);
     let tspec = resync::TargetSpec {
         engine: b.engine.clone(),
@@ -125,16 +181,33 @@ async fn run(a: &Node, b: &Node, kind: ResyncKind, save: Option<std::path::PathB
         node: "b".into(),
     };
     let tgt_in = forward(sb.rx, cut_after, sb.tx.clone(), frames.clone());
-    let target = resync::run_target(tspec, full, do_save, sb.tx.clone(), tgt_in, progress(resync::Role::Target), Box::new(|| {})).await;
+    let target = resync::run_target(
+        tspec,
+        full,
+        do_save,
+        sb.tx.clone(),
+        tgt_in,
+        progress(resync::Role::Target),
+        Box::new(|| {}),
+    )
+    .await;
     if target.is_err() {
         sb.tx.close("target stopped");
     }
     let source = source.await.unwrap();
-    Outcome { source, target, data_frames: frames.load(Ordering::SeqCst) }
+    Outcome {
+        source,
+        target,
+        data_frames: frames.load(Ordering::SeqCst),
+    }
 }
 
 fn g(c: u64, b: u64) -> Generations {
-    Generations { current: c, bitmap: b, history: [0; 4] }
+    Generations {
+        current: c,
+        bitmap: b,
+        history: [0; 4],
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,8 +222,23 @@ async fn differential_copies_exactly_the_union() {
     b.part.mark_dirty_regions([500, 3]).unwrap();
     let (d, rule) = rules::decide(&view(&a), &view(&b));
     assert_eq!(rule.id, "R14");
-    assert_eq!(d, Decision::Resync { source: Side::Local, kind: ResyncKind::Differential, save_loser_divergence: false });
-    let out = run(&a, &b, ResyncKind::Differential, None, WriteGate::new(REGION), None).await;
+    assert_eq!(
+        d,
+        Decision::Resync {
+            source: Side::Local,
+            kind: ResyncKind::Differential,
+            save_loser_divergence: false
+        }
+    );
+    let out = run(
+        &a,
+        &b,
+        ResyncKind::Differential,
+        None,
+        WriteGate::new(REGION),
+        None,
+    )
+    .await;
     let done = out.source.unwrap();
     let t = out.target.unwrap();
     // Union = 10 changed + region 500 (region 3 is in both).
@@ -180,7 +268,11 @@ async fn full_copies_every_region() {
     assert_eq!(done.regions, VOL / REGION);
     assert_eq!(a.engine.snapshot(), b.engine.snapshot());
     assert_eq!(b.part.generations().current, 20);
-    assert_eq!(b.part.generations().history[0], 30, "the target's old generation goes to its history");
+    assert_eq!(
+        b.part.generations().history[0],
+        30,
+        "the target's old generation goes to its history"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,7 +283,15 @@ async fn interrupted_resync_resumes_without_recopying() {
     for &r in &changed {
         change(&a, r, 0x40 + (r % 100) as u8).await;
     }
-    let out = run(&a, &b, ResyncKind::Differential, None, WriteGate::new(REGION), Some(30)).await;
+    let out = run(
+        &a,
+        &b,
+        ResyncKind::Differential,
+        None,
+        WriteGate::new(REGION),
+        Some(30),
+    )
+    .await;
     assert!(out.source.is_err(), "the source must see the cut");
     assert!(out.target.is_err(), "the target must see the cut");
     // Still a partial copy, durably, with exactly the remaining regions dirty.
@@ -200,10 +300,17 @@ async fn interrupted_resync_resumes_without_recopying() {
     // At most the 30 forwarded regions were cleared (a region written but
     // whose ack could not be sent any more may stay dirty: clearing late is safe).
     let left = b.part.dirty_count();
-    assert!((70..100).contains(&left), "30 regions forwarded before the cut, {left} remain dirty");
+    assert!(
+        (70..100).contains(&left),
+        "30 regions forwarded before the cut, {left} remain dirty"
+    );
     assert_ne!(a.engine.snapshot(), b.engine.snapshot());
     // An interrupted target can neither activate nor be a source.
-    assert!(rules::may_activate(&view(&b), &rules::PeerKnowledge::Unreachable { node: "a".into() }).is_err());
+    assert!(rules::may_activate(
+        &view(&b),
+        &rules::PeerKnowledge::Unreachable { node: "a".into() }
+    )
+    .is_err());
     let (d, rule) = rules::decide(&view(&a), &view(&b));
     assert_eq!(rule.id, "R3");
     assert_eq!(d.source(), Some(Side::Local));
@@ -216,14 +323,28 @@ async fn interrupted_resync_resumes_without_recopying() {
         }
         u.count_ones()
     };
-    assert!(union < 100, "done regions must not be in the resume set: union {union}");
+    assert!(
+        union < 100,
+        "done regions must not be in the resume set: union {union}"
+    );
     // Resume: only the union crosses the link, never the whole original set.
-    let out = run(&a, &b, ResyncKind::Differential, None, WriteGate::new(REGION), None).await;
+    let out = run(
+        &a,
+        &b,
+        ResyncKind::Differential,
+        None,
+        WriteGate::new(REGION),
+        None,
+    )
+    .await;
     out.source.unwrap();
     out.target.unwrap();
     assert_eq!(a.engine.snapshot(), b.engine.snapshot());
     assert!(!b.part.flags().contains(Flags::RESYNC_TARGET));
-    assert_eq!(out.data_frames, union, "exactly the remaining union is copied on resume");
+    assert_eq!(
+        out.data_frames, union,
+        "exactly the remaining union is copied on resume"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,19 +358,45 @@ async fn interrupted_target_resumes_from_its_bitmap_not_from_zero() {
     for r in 0..100u64 {
         change(&a, r * 10, 0x40 + r as u8).await;
     }
-    let out = run(&a, &b, ResyncKind::Differential, None, WriteGate::new(REGION), Some(40)).await;
+    let out = run(
+        &a,
+        &b,
+        ResyncKind::Differential,
+        None,
+        WriteGate::new(REGION),
+        Some(40),
+    )
+    .await;
     assert!(out.target.is_err());
     let left = b.part.dirty_count();
-    assert!((60..100).contains(&left), "40 regions forwarded before the cut, {left} remain dirty");
+    assert!(
+        (60..100).contains(&left),
+        "40 regions forwarded before the cut, {left} remain dirty"
+    );
     // Regions the target holds but whose bits the source still has (the
     // unbatched tail) are cleared here as the source would at its next batch:
     // the target's bitmap alone then covers the rest (R3 reads the union).
     let remaining: Vec<u64> = b.part.iter_dirty().collect();
-    let done: Vec<u64> = (0..100u64).map(|r| r * 10).filter(|r| !remaining.contains(r)).collect();
+    let done: Vec<u64> = (0..100u64)
+        .map(|r| r * 10)
+        .filter(|r| !remaining.contains(r))
+        .collect();
     a.part.clear_regions(done).unwrap();
-    let out = run(&a, &b, ResyncKind::Differential, None, WriteGate::new(REGION), None).await;
+    let out = run(
+        &a,
+        &b,
+        ResyncKind::Differential,
+        None,
+        WriteGate::new(REGION),
+        None,
+    )
+    .await;
     out.source.unwrap();
-    assert_eq!(out.data_frames, remaining.len() as u64, "only the regions left are copied");
+    assert_eq!(
+        out.data_frames,
+        remaining.len() as u64,
+        "only the regions left are copied"
+    );
     assert!(out.data_frames < 100);
     assert_eq!(a.engine.snapshot(), b.engine.snapshot());
 }
@@ -263,23 +410,32 @@ async fn hot_writes_during_resync_never_leave_older_data() {
             change(&a, r, r as u8).await;
         }
         let gate = WriteGate::new(REGION);
-        let vol: Arc<dyn BlockEngine> = Arc::new(GatedVolume::new(a.engine.clone() as Arc<dyn BlockEngine>, gate.clone()));
+        let vol: Arc<dyn BlockEngine> = Arc::new(GatedVolume::new(
+            a.engine.clone() as Arc<dyn BlockEngine>,
+            gate.clone(),
+        ));
         let stop = Arc::new(AtomicBool::new(false));
         let writes = Arc::new(AtomicU64::new(0));
         // The application: small writes to hot regions (some being copied).
         let mut apps = Vec::new();
         for w in 0..3u64 {
-            let (vol, stop, writes, part) = (vol.clone(), stop.clone(), writes.clone(), a.part.clone());
+            let (vol, stop, writes, part) =
+                (vol.clone(), stop.clone(), writes.clone(), a.part.clone());
             apps.push(tokio::spawn(async move {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 10 + w);
                 while !stop.load(Ordering::SeqCst) {
                     let r = rng.gen_range(0..320u64);
                     let off = r * REGION + rng.gen_range(0..REGION / 512) * 512;
-                    let len = 512 * rng.gen_range(1..8u64).min((r * REGION + REGION - off) / 512);
+                    let len = 512
+                        * rng
+                            .gen_range(1..8u64)
+                            .min((r * REGION + REGION - off) / 512);
                     // Write intent first (as the active volume does).
                     part.mark_dirty_range(off, len).unwrap();
                     let byte: u8 = rng.gen();
-                    vol.write(off, Bytes::from(vec![byte; len as usize]), false).await.unwrap();
+                    vol.write(off, Bytes::from(vec![byte; len as usize]), false)
+                        .await
+                        .unwrap();
                     writes.fetch_add(1, Ordering::SeqCst);
                     tokio::task::yield_now().await;
                 }
@@ -296,13 +452,19 @@ async fn hot_writes_during_resync_never_leave_older_data() {
             sa[x.clone()] != sb[x]
         });
         let differing: Vec<u64> = differing.collect();
-        assert!(differing.is_empty(), "seed {seed}: regions differ after the resync: {differing:?}");
+        assert!(
+            differing.is_empty(),
+            "seed {seed}: regions differ after the resync: {differing:?}"
+        );
         stop.store(true, Ordering::SeqCst);
         drop(done.hold);
         for t in apps {
             t.await.unwrap();
         }
-        assert!(writes.load(Ordering::SeqCst) > 0, "the application wrote during the resync");
+        assert!(
+            writes.load(Ordering::SeqCst) > 0,
+            "the application wrote during the resync"
+        );
     }
 }
 
@@ -318,16 +480,37 @@ async fn forced_resync_saves_the_losers_regions_first() {
     let (d, rule) = rules::decide_forced(Side::Local, &view(&a), &view(&b));
     assert_eq!(rule.id, "F4");
     assert_eq!(d.save_set(), Some(rules::RegionSet::UnionOfBitmaps));
-    let out = run(&a, &b, ResyncKind::Differential, Some(dir.path().to_path_buf()), WriteGate::new(REGION), None).await;
+    let out = run(
+        &a,
+        &b,
+        ResyncKind::Differential,
+        Some(dir.path().to_path_buf()),
+        WriteGate::new(REGION),
+        None,
+    )
+    .await;
     out.source.unwrap();
     let t = out.target.unwrap();
     let img = t.saved.expect("saved image");
     let saved = std::fs::read(&img).unwrap();
     assert_eq!(saved.len() as u64, VOL);
-    assert!(saved[(7 * REGION) as usize..(8 * REGION) as usize].iter().all(|&x| x == 0xbb), "b's version of region 7 saved");
-    assert!(saved[(9 * REGION) as usize..(10 * REGION) as usize].iter().all(|&x| x == 0xb9), "b's region 9 saved");
+    assert!(
+        saved[(7 * REGION) as usize..(8 * REGION) as usize]
+            .iter()
+            .all(|&x| x == 0xbb),
+        "b's version of region 7 saved"
+    );
+    assert!(
+        saved[(9 * REGION) as usize..(10 * REGION) as usize]
+            .iter()
+            .all(|&x| x == 0xb9),
+        "b's region 9 saved"
+    );
     let list = std::fs::read_to_string(format!("{}.regions", img.display())).unwrap();
-    assert_eq!(list, format!("7 {} {REGION}\n9 {} {REGION}\n", 7 * REGION, 9 * REGION));
+    assert_eq!(
+        list,
+        format!("7 {} {REGION}\n9 {} {REGION}\n", 7 * REGION, 9 * REGION)
+    );
     assert_eq!(a.engine.snapshot(), b.engine.snapshot());
 }
 
@@ -340,12 +523,26 @@ async fn save_failure_refuses_the_resync_and_overwrites_nothing() {
     let before = b.engine.snapshot();
     // A file where the directory should be: saving cannot succeed.
     let f = tempfile::NamedTempFile::new().unwrap();
-    let out = run(&a, &b, ResyncKind::Differential, Some(f.path().join("sub")), WriteGate::new(REGION), None).await;
+    let out = run(
+        &a,
+        &b,
+        ResyncKind::Differential,
+        Some(f.path().join("sub")),
+        WriteGate::new(REGION),
+        None,
+    )
+    .await;
     let err = out.source.unwrap_err().to_string();
-    assert!(err.contains("refused") && err.contains("divergent_save_dir"), "{err}");
+    assert!(
+        err.contains("refused") && err.contains("divergent_save_dir"),
+        "{err}"
+    );
     assert!(matches!(out.target, Err(resync::ResyncError::Save(_))));
     assert_eq!(b.engine.snapshot(), before, "nothing overwritten");
-    assert!(!b.part.flags().contains(Flags::RESYNC_TARGET), "not marked inconsistent: nothing was copied");
+    assert!(
+        !b.part.flags().contains(Flags::RESYNC_TARGET),
+        "not marked inconsistent: nothing was copied"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,15 +566,39 @@ async fn resync_rate_paces_the_copy() {
     a.part.mark_dirty_regions(small.clone()).unwrap();
     let started = std::time::Instant::now();
     let src_in = forward(sa.rx, None, sa.tx.clone(), Arc::new(AtomicU64::new(0)));
-    let source = tokio::spawn(resync::run_source(spec, sa.tx.clone(), src_in, progress(resync::Role::Source)));
+    let source = tokio::spawn(resync::run_source(
+        spec,
+        sa.tx.clone(),
+        src_in,
+        progress(resync::Role::Source),
+    ));
     let _begin = sb.rx.recv().await.unwrap();
-    let tspec = resync::TargetSpec { engine: b.engine.clone(), part: b.part.clone(), save_dir: std::env::temp_dir(), resource: "md1".into(), node: "b".into() };
+    let tspec = resync::TargetSpec {
+        engine: b.engine.clone(),
+        part: b.part.clone(),
+        save_dir: std::env::temp_dir(),
+        resource: "md1".into(),
+        node: "b".into(),
+    };
     let tgt_in = forward(sb.rx, None, sb.tx.clone(), Arc::new(AtomicU64::new(0)));
-    let t = resync::run_target(tspec, false, false, sb.tx.clone(), tgt_in, progress(resync::Role::Target), Box::new(|| {})).await.unwrap();
+    let t = resync::run_target(
+        tspec,
+        false,
+        false,
+        sb.tx.clone(),
+        tgt_in,
+        progress(resync::Role::Target),
+        Box::new(|| {}),
+    )
+    .await
+    .unwrap();
     let done = source.await.unwrap().unwrap();
     assert_eq!(t.bytes, 64 * REGION);
     assert_eq!(done.bytes, 64 * REGION);
     let el = started.elapsed();
     // The last region may go out as soon as its predecessors' time is due.
-    assert!(el >= std::time::Duration::from_millis(230), "1 MiB at 4 MiB/s took only {el:?}");
+    assert!(
+        el >= std::time::Duration::from_millis(230),
+        "1 MiB at 4 MiB/s took only {el:?}"
+    );
 }

@@ -22,8 +22,8 @@ use std::collections::BTreeSet;
 use bitmap::{Flags, Generations, SbState};
 use mirror_agent::gens;
 use mirror_agent::rules::{
-    auto_recovery_allowed, decide, decide_forced, may_activate, BlockReason, Decision, NodeView, PeerKnowledge,
-    ResyncKind, Rule, Side,
+    auto_recovery_allowed, decide, decide_forced, may_activate, BlockReason, Decision, NodeView,
+    PeerKnowledge, ResyncKind, Rule, Side,
 };
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -114,7 +114,11 @@ fn fresh_node(name: &'static str, garbage: u32) -> Node {
         name,
         sb: SbState {
             flags: Flags::BLANK,
-            gens: Generations { current: gens::fresh() | 1, bitmap: 0, history: [0; 4] },
+            gens: Generations {
+                current: gens::fresh() | 1,
+                bitmap: 0,
+                history: [0; 4],
+            },
             break_time: 0,
         },
         bitmap: (0..R).collect(),
@@ -131,7 +135,11 @@ fn blank_node(name: &'static str) -> Node {
     flags.insert(Flags::INITIAL_SYNC_DONE);
     Node {
         name,
-        sb: SbState { flags, gens: gens::blank(), break_time: 0 },
+        sb: SbState {
+            flags,
+            gens: gens::blank(),
+            break_time: 0,
+        },
         bitmap: BTreeSet::new(),
         regions: [0; R],
         acked: BTreeSet::new(),
@@ -168,9 +176,14 @@ impl World {
     fn peer_knowledge(&self, i: usize) -> PeerKnowledge {
         let p = &self.n[1 - i];
         if self.connected() {
-            PeerKnowledge::Connected { view: p.view(), active: p.active }
+            PeerKnowledge::Connected {
+                view: p.view(),
+                active: p.active,
+            }
         } else {
-            PeerKnowledge::Unreachable { node: p.name.to_string() }
+            PeerKnowledge::Unreachable {
+                node: p.name.to_string(),
+            }
         }
     }
 
@@ -213,7 +226,11 @@ impl World {
             self.check_decision(&d, rule, None);
             let auto = auto_recovery_allowed(&a, self.n[0].active, &self.peer_knowledge(0));
             let auto2 = auto_recovery_allowed(&b, self.n[1].active, &self.peer_knowledge(1));
-            assert_eq!(auto.is_ok(), auto2.is_ok(), "auto recovery asymmetric: {auto:?} {auto2:?}");
+            assert_eq!(
+                auto.is_ok(),
+                auto2.is_ok(),
+                "auto recovery asymmetric: {auto:?} {auto2:?}"
+            );
             match (&d, &auto) {
                 (Decision::Resync { .. }, Ok((ad, ar))) => {
                     assert_eq!((ad, ar), (&d, &rule));
@@ -221,7 +238,12 @@ impl World {
                     assert!(src, "auto recovery from an inactive source");
                 }
                 (Decision::Resync { .. }, Err(why)) => assert!(
-                    matches!(why, BlockReason::NotActive | BlockReason::BothActive | BlockReason::ActiveNotLatest { .. }),
+                    matches!(
+                        why,
+                        BlockReason::NotActive
+                            | BlockReason::BothActive
+                            | BlockReason::ActiveNotLatest { .. }
+                    ),
                     "resync blocked for {why}"
                 ),
                 (_, Ok(_)) => panic!("auto recovery allowed for {d:?}"),
@@ -247,7 +269,11 @@ impl World {
         let lacks = |x: &Node, y: &Node| !y.acked.is_subset(&x.acked);
         let local = forced_winner.unwrap_or(0);
         match d {
-            Decision::Resync { source, save_loser_divergence, .. } => {
+            Decision::Resync {
+                source,
+                save_loser_divergence,
+                ..
+            } => {
                 let s = &self.n[Self::side_index(local, *source)];
                 let t = &self.n[1 - Self::side_index(local, *source)];
                 if forced_winner.is_none() {
@@ -265,20 +291,37 @@ impl World {
                 }
             }
             Decision::InSync => {
-                assert_eq!(a.regions, b.regions, "rule {rule}: in sync with different data");
-                assert_eq!(a.acked, b.acked, "rule {rule}: in sync with different histories");
+                assert_eq!(
+                    a.regions, b.regions,
+                    "rule {rule}: in sync with different data"
+                );
+                assert_eq!(
+                    a.acked, b.acked,
+                    "rule {rule}: in sync with different histories"
+                );
             }
             Decision::SplitBrain | Decision::Unrelated | Decision::Blocked { .. } => {}
         }
         if forced_winner.is_none() && !a.partial && !b.partial && lacks(a, b) && lacks(b, a) {
             let ok = match d {
                 Decision::SplitBrain | Decision::Unrelated | Decision::Blocked { .. } => true,
-                Decision::Resync { source, save_loser_divergence, .. } => {
-                    *save_loser_divergence && self.n[Self::side_index(0, *source)].sb.flags.contains(gens::FORCED)
+                Decision::Resync {
+                    source,
+                    save_loser_divergence,
+                    ..
+                } => {
+                    *save_loser_divergence
+                        && self.n[Self::side_index(0, *source)]
+                            .sb
+                            .flags
+                            .contains(gens::FORCED)
                 }
                 Decision::InSync => false,
             };
-            assert!(ok, "rule {rule}: both sides have unique writes but decided {d:?}");
+            assert!(
+                ok,
+                "rule {rule}: both sides have unique writes but decided {d:?}"
+            );
         }
     }
 
@@ -297,7 +340,11 @@ impl World {
                 }
                 self.replicating();
             }
-            Decision::Resync { source, kind, save_loser_divergence } => {
+            Decision::Resync {
+                source,
+                kind,
+                save_loser_divergence,
+            } => {
                 let s = Self::side_index(local, source);
                 if self.n[1 - s].active {
                     // Never resync into a serving node: wait for its deactivation.
@@ -312,10 +359,14 @@ impl World {
     fn resync(&mut self, s: usize, kind: ResyncKind, save: bool) {
         let t = 1 - s;
         let copy: BTreeSet<usize> = match kind {
-            ResyncKind::Differential => self.n[s].bitmap.union(&self.n[t].bitmap).copied().collect(),
+            ResyncKind::Differential => {
+                self.n[s].bitmap.union(&self.n[t].bitmap).copied().collect()
+            }
             ResyncKind::Full => (0..R).collect(),
         };
-        let divergent: BTreeSet<usize> = (0..R).filter(|&r| self.n[s].regions[r] != self.n[t].regions[r]).collect();
+        let divergent: BTreeSet<usize> = (0..R)
+            .filter(|&r| self.n[s].regions[r] != self.n[t].regions[r])
+            .collect();
         assert!(
             divergent.is_subset(&copy),
             "{kind:?} resync {}→{} copies {copy:?} but the data differs in {divergent:?} (bitmaps do not cover)",
@@ -358,7 +409,10 @@ impl World {
         gens::resync_finished_target(&mut self.n[t].sb, c);
         self.n[t].acked = self.n[s].acked.clone();
         self.n[t].partial = false;
-        assert_eq!(self.n[t].regions, self.n[s].regions, "resync left differences");
+        assert_eq!(
+            self.n[t].regions, self.n[s].regions,
+            "resync left differences"
+        );
         self.replicating();
     }
 
@@ -439,7 +493,11 @@ impl World {
             let (me, peer) = (self.n[i].view(), self.n[1 - i].view());
             let (d, rule) = decide_forced(Side::Local, &me, &peer);
             let (d2, rule2) = decide_forced(Side::Peer, &peer, &me);
-            assert_eq!((d2, rule2), (d.mirrored(), rule), "asymmetric forced decision");
+            assert_eq!(
+                (d2, rule2),
+                (d.mirrored(), rule),
+                "asymmetric forced decision"
+            );
             self.seen.insert(rule.id);
             self.check_decision(&d, rule, Some(i));
             if let Decision::Resync { source, .. } = &d {
@@ -469,7 +527,11 @@ impl World {
                     self.n[1 - i].regions[r] = w;
                     self.n[1 - i].acked.insert(w);
                 } else {
-                    assert_ne!(self.n[i].sb.gens.bitmap, 0, "{} writes alone in a non-diverged generation", self.n[i].name);
+                    assert_ne!(
+                        self.n[i].sb.gens.bitmap, 0,
+                        "{} writes alone in a non-diverged generation",
+                        self.n[i].name
+                    );
                 }
             }
             Op::Crash(i, mode) => self.crash(i, mode),
@@ -521,7 +583,11 @@ impl World {
     fn check_invariants(&self) {
         for (i, node) in self.n.iter().enumerate() {
             if node.partial {
-                assert!(node.sb.flags.contains(Flags::RESYNC_TARGET), "{} partial but not marked inconsistent", node.name);
+                assert!(
+                    node.sb.flags.contains(Flags::RESYNC_TARGET),
+                    "{} partial but not marked inconsistent",
+                    node.name
+                );
                 if node.alive {
                     assert!(may_activate(&node.view(), &self.peer_knowledge(i)).is_err());
                 }
@@ -529,14 +595,24 @@ impl World {
             if node.active {
                 assert!(node.alive);
                 if !self.link_up {
-                    assert_ne!(node.sb.gens.bitmap, 0, "{} active alone in a non-diverged generation", node.name);
+                    assert_ne!(
+                        node.sb.gens.bitmap, 0,
+                        "{} active alone in a non-diverged generation",
+                        node.name
+                    );
                 }
             }
         }
         if self.link_up {
             assert!(self.connected());
-            assert!(!(self.n[0].active && self.n[1].active), "both active while replicating");
-            assert_eq!(self.n[0].sb.gens.current, self.n[1].sb.gens.current, "replicating with different generations");
+            assert!(
+                !(self.n[0].active && self.n[1].active),
+                "both active while replicating"
+            );
+            assert_eq!(
+                self.n[0].sb.gens.current, self.n[1].sb.gens.current,
+                "replicating with different generations"
+            );
         }
     }
 }
@@ -578,7 +654,10 @@ fn worked_example_failover_by_force() {
     assert!(w.link_up, "forced side resynced the returning node");
     assert!(w.seen.contains("R12"));
     assert_eq!(w.n[0].regions, w.n[1].regions);
-    assert!(!w.n[1].sb.flags.contains(gens::FORCED), "force marker cleared at resync end");
+    assert!(
+        !w.n[1].sb.flags.contains(gens::FORCED),
+        "force marker cleared at resync end"
+    );
 }
 
 /// The rows the protocol can produce are reached by the model's random
@@ -598,7 +677,21 @@ fn model_reaches_the_rules() {
         let (blank, ops) = strat.new_tree(&mut runner).expect("strategy").current();
         seen.extend(run(blank, &ops));
     }
-    for id in ["R3", "R4", "R5", "R6", "R7", "R8", "R9", "R12", "R13", "R14", "F2", "F4", "force-alone"] {
+    for id in [
+        "R3",
+        "R4",
+        "R5",
+        "R6",
+        "R7",
+        "R8",
+        "R9",
+        "R12",
+        "R13",
+        "R14",
+        "F2",
+        "F4",
+        "force-alone",
+    ] {
         assert!(seen.contains(id), "rule {id} never reached; seen {seen:?}");
     }
 }

@@ -63,7 +63,11 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap_or_else(|e| panic!("opening agent log {}: {e}", self.log.display()));
-        let _ = writeln!(log, "=== harness: starting mirror-agent --node {} ===", self.node);
+        let _ = writeln!(
+            log,
+            "=== harness: starting mirror-agent --node {} ===",
+            self.node
+        );
         let mut cmd = match self.wrapper.split_first() {
             Some((w, rest)) => {
                 let mut c = Command::new(w);
@@ -77,7 +81,10 @@ impl Agent {
             .arg(&self.config)
             .arg("--node")
             .arg(&self.node)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
             .stderr(log)
@@ -112,12 +119,19 @@ impl Agent {
 
     /// Prints the log to stderr (shown by the test harness on failure).
     pub fn dump_log(&self) {
-        eprintln!("===== log of mirror-agent {} ({}) =====\n{}\n===== end of log =====", self.node, self.log.display(), self.log());
+        eprintln!(
+            "===== log of mirror-agent {} ({}) =====\n{}\n===== end of log =====",
+            self.node,
+            self.log.display(),
+            self.log()
+        );
     }
 
     /// True while the process has not exited (reaps it if it has).
     pub fn is_running(&mut self) -> bool {
-        let Some(child) = self.child.as_mut() else { return false };
+        let Some(child) = self.child.as_mut() else {
+            return false;
+        };
         match child.try_wait() {
             Ok(None) => true,
             Ok(Some(s)) => {
@@ -152,7 +166,10 @@ impl Agent {
         loop {
             if !self.is_running() {
                 self.dump_log();
-                panic!("mirror-agent {} exited while starting: {:?}", self.node, self.last_status);
+                panic!(
+                    "mirror-agent {} exited while starting: {:?}",
+                    self.node, self.last_status
+                );
             }
             let pid = u64::from(self.pid());
             if self.ping() == Some(pid) {
@@ -160,7 +177,10 @@ impl Agent {
             }
             if Instant::now() >= deadline {
                 self.dump_log();
-                panic!("mirror-agent {} not ready within {READY_TIMEOUT:?}", self.node);
+                panic!(
+                    "mirror-agent {} not ready within {READY_TIMEOUT:?}",
+                    self.node
+                );
             }
             std::thread::sleep(crate::wait::POLL);
         }
@@ -195,7 +215,12 @@ impl Agent {
         // SAFETY: kill has no memory-safety preconditions; `pid` is our own
         // unreaped child, so it cannot name an unrelated process.
         let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM) failed: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "kill(SIGTERM) failed: {}",
+            std::io::Error::last_os_error()
+        );
         self.wait_exit(Duration::from_secs(60))
     }
 
@@ -221,19 +246,28 @@ impl Agent {
         let found = poll_until(timeout, || self.log().contains(needle).then_some(()));
         if found.is_none() {
             self.dump_log();
-            panic!("agent log of {} never contained {needle:?} within {timeout:?}", self.node);
+            panic!(
+                "agent log of {} never contained {needle:?} within {timeout:?}",
+                self.node
+            );
         }
     }
 
     /// Asserts that the log contains `needle` now (printing the log if not).
     pub fn assert_log_contains(&self, needle: &str) {
         let log = self.log();
-        assert!(log.contains(needle), "agent log of {} lacks {needle:?}:\n{log}", self.node);
+        assert!(
+            log.contains(needle),
+            "agent log of {} lacks {needle:?}:\n{log}",
+            self.node
+        );
     }
 
     /// Waits until `path` exists (a socket appearing, ...).
     pub fn wait_for_path(&self, path: &std::path::Path, timeout: Duration) {
-        wait_until(&format!("{} to exist", path.display()), timeout, || path.exists().then_some(()));
+        wait_until(&format!("{} to exist", path.display()), timeout, || {
+            path.exists().then_some(())
+        });
     }
 }
 

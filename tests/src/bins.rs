@@ -13,7 +13,10 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let exe = std::env::current_exe().expect("cannot determine the test executable's path");
-    let mut dir = exe.parent().expect("test executable has no parent directory").to_path_buf();
+    let mut dir = exe
+        .parent()
+        .expect("test executable has no parent directory")
+        .to_path_buf();
     if dir.file_name().is_some_and(|n| n == "deps") {
         dir.pop();
     }

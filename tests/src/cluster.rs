@@ -99,7 +99,12 @@ pub struct ClusterOpts {
 impl ClusterOpts {
     /// 64 MiB, 64 KiB regions, on `engine`.
     pub fn new(engine: Engine) -> Self {
-        ClusterOpts { engine, size: 64 << 20, region_size: 64 << 10, resource_keys: Vec::new() }
+        ClusterOpts {
+            engine,
+            size: 64 << 20,
+            region_size: 64 << 10,
+            resource_keys: Vec::new(),
+        }
     }
 
     /// With another volume size.
@@ -110,7 +115,8 @@ impl ClusterOpts {
 
     /// With an extra resource key (`value` is TOML: quote strings).
     pub fn resource_key(mut self, key: &str, value: &str) -> Self {
-        self.resource_keys.push((key.to_string(), value.to_string()));
+        self.resource_keys
+            .push((key.to_string(), value.to_string()));
         self
     }
 }
@@ -164,7 +170,8 @@ impl TestCluster {
 
     fn create(opts: ClusterOpts, servers: usize) -> Self {
         let base = opts.engine.base_dir();
-        std::fs::create_dir_all(&base).unwrap_or_else(|e| panic!("creating {}: {e}", base.display()));
+        std::fs::create_dir_all(&base)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", base.display()));
         let dir = tempfile::Builder::new()
             .prefix("nbd-mirror-test-")
             .tempdir_in(&base)
@@ -183,14 +190,24 @@ impl TestCluster {
         std::fs::create_dir_all(dir.path().join("logs")).expect("creating logs dir");
         let text = inject_resource_keys(&spec.render(), &opts);
         std::fs::write(&config_path, &text).expect("writing the config");
-        let config = Config::load(&config_path)
-            .unwrap_or_else(|e| panic!("the generated config does not load: {e}\n--- config ---\n{text}"));
+        let config = Config::load(&config_path).unwrap_or_else(|e| {
+            panic!("the generated config does not load: {e}\n--- config ---\n{text}")
+        });
         if servers == 2 {
             let secret = dir.path().join("secret");
-            let mode = std::fs::metadata(&secret).expect("secret file").permissions().mode() & 0o777;
+            let mode = std::fs::metadata(&secret)
+                .expect("secret file")
+                .permissions()
+                .mode()
+                & 0o777;
             assert_eq!(mode, 0o600, "secret file mode");
         }
-        TestCluster { dir: Arc::new(dir), config_path, config, opts }
+        TestCluster {
+            dir: Arc::new(dir),
+            config_path,
+            config,
+            opts,
+        }
     }
 
     /// The temp dir.
@@ -214,7 +231,9 @@ impl TestCluster {
     }
 
     fn rnode(&self, node: &str) -> &mirror_agent::config::ResourceNode {
-        self.config.resources[0].node(node).unwrap_or_else(|| panic!("no node {node} in the test config"))
+        self.config.resources[0]
+            .node(node)
+            .unwrap_or_else(|| panic!("no node {node} in the test config"))
     }
 
     /// Data partition of the resource on `node`.
@@ -249,7 +268,11 @@ impl TestCluster {
 
     /// Admin socket of `node`.
     pub fn admin_socket_on(&self, node: &str) -> PathBuf {
-        self.config.server(node).unwrap_or_else(|| panic!("no server {node}")).admin_socket.clone()
+        self.config
+            .server(node)
+            .unwrap_or_else(|| panic!("no server {node}"))
+            .admin_socket
+            .clone()
     }
 
     /// Admin socket of the first node.
@@ -259,7 +282,11 @@ impl TestCluster {
 
     /// `nbd+unix:///md1?socket=PATH` of `node`.
     pub fn nbd_uri_on(&self, node: &str) -> String {
-        format!("nbd+unix:///{}?socket={}", self.resource(), self.nbd_socket_on(node).display())
+        format!(
+            "nbd+unix:///{}?socket={}",
+            self.resource(),
+            self.nbd_socket_on(node).display()
+        )
     }
 
     /// NBD URI of the first node.
@@ -288,14 +315,24 @@ impl TestCluster {
     pub fn with_config_text(&self, name: &str, text: &str) -> TestCluster {
         let path = self.dir().join(name);
         std::fs::write(&path, text).expect("writing the second config");
-        let config = Config::load(&path).unwrap_or_else(|e| panic!("the second config does not load: {e}\n{text}"));
-        TestCluster { dir: Arc::clone(&self.dir), config_path: path, config, opts: self.opts.clone() }
+        let config = Config::load(&path)
+            .unwrap_or_else(|e| panic!("the second config does not load: {e}\n{text}"));
+        TestCluster {
+            dir: Arc::clone(&self.dir),
+            config_path: path,
+            config,
+            opts: self.opts.clone(),
+        }
     }
 
     /// `mdctrl --config C --node NODE ARGS...` as a command (not run).
     pub fn mdctrl_cmd_on(&self, node: &str, args: &[&str]) -> Command {
         let mut c = Command::new(crate::bins::mdctrl());
-        c.arg("--config").arg(&self.config_path).arg("--node").arg(node).args(args);
+        c.arg("--config")
+            .arg(&self.config_path)
+            .arg("--node")
+            .arg(node)
+            .args(args);
         c
     }
 
@@ -315,7 +352,11 @@ impl TestCluster {
         let mut c = self.mdctrl_cmd_on(self.node(), args);
         let line = cmdline(&c);
         let out = run(&mut c, Duration::from_secs(60));
-        assert!(out.status.success(), "mdctrl failed\n{}", describe(&line, &out));
+        assert!(
+            out.status.success(),
+            "mdctrl failed\n{}",
+            describe(&line, &out)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -325,7 +366,12 @@ impl TestCluster {
         let mut c = self.mdctrl_cmd_on(self.node(), args);
         let line = cmdline(&c);
         let out = run(&mut c, Duration::from_secs(60));
-        assert_eq!(out.status.code(), Some(code), "unexpected exit code\n{}", describe(&line, &out));
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "unexpected exit code\n{}",
+            describe(&line, &out)
+        );
         crate::run::all_output(&out)
     }
 
@@ -338,7 +384,8 @@ impl TestCluster {
     /// `mdctrl status md1 --json`, parsed.
     pub fn status_json(&self) -> serde_json::Value {
         let out = self.mdctrl_ok(&["status", self.resource(), "--json"]);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{out}"))
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{out}"))
     }
 
     /// Spawns `node`'s agent without waiting for it.
@@ -361,7 +408,11 @@ impl TestCluster {
     /// `mdctrl activate md1` and a check that the NBD socket is there.
     pub fn activate(&self) {
         self.mdctrl_ok(&["activate", self.resource()]);
-        assert!(self.nbd_socket().exists(), "NBD socket {} missing after activate", self.nbd_socket().display());
+        assert!(
+            self.nbd_socket().exists(),
+            "NBD socket {} missing after activate",
+            self.nbd_socket().display()
+        );
     }
 
     /// `mdctrl deactivate md1`.
@@ -382,12 +433,19 @@ impl TestCluster {
     /// by every user (the secret file stays 0600), for tests running
     /// `mdctrl` as an unprivileged user.
     pub fn make_world_readable(&self) {
-        for d in [self.dir().to_path_buf(), self.dir().join("run"), self.dir().join("data"), self.dir().join("logs")] {
+        for d in [
+            self.dir().to_path_buf(),
+            self.dir().join("run"),
+            self.dir().join("data"),
+            self.dir().join("logs"),
+        ] {
             if d.exists() {
-                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
+                    .expect("chmod dir");
             }
         }
-        std::fs::set_permissions(&self.config_path, std::fs::Permissions::from_mode(0o644)).expect("chmod config");
+        std::fs::set_permissions(&self.config_path, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod config");
     }
 }
 
@@ -415,7 +473,10 @@ fn inject_resource_keys(text: &str, opts: &ClusterOpts) -> String {
             injected += 1;
         }
     }
-    assert!(injected > 0, "generated config has no [[resource]] name line:\n{text}");
+    assert!(
+        injected > 0,
+        "generated config has no [[resource]] name line:\n{text}"
+    );
     out
 }
 
@@ -425,14 +486,25 @@ mod tests {
 
     #[test]
     fn pair_config_has_two_nodes_free_ports_and_a_private_secret() {
-        let c = TestCluster::pair(ClusterOpts::new(Engine::Portable).resource_key("keep_dirty", "8"));
+        let c =
+            TestCluster::pair(ClusterOpts::new(Engine::Portable).resource_key("keep_dirty", "8"));
         assert_eq!(c.config.servers.len(), 2);
         assert_eq!(c.config.resources[0].nodes.len(), 2);
         assert_eq!(c.config.resources[0].keep_dirty, 8);
-        assert_eq!(c.config.resources[0].engine, mirror_agent::config::EngineChoice::Portable);
+        assert_eq!(
+            c.config.resources[0].engine,
+            mirror_agent::config::EngineChoice::Portable
+        );
         let secret = c.config.read_secret().expect("the secret reads back");
         drop(secret);
-        assert_eq!(std::fs::metadata(c.dir().join("secret")).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(c.dir().join("secret"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
         assert_ne!(c.data_path_on("server1"), c.data_path_on("server2"));
         assert_ne!(c.admin_socket_on("server1"), c.admin_socket_on("server2"));
         let mut ports: Vec<u16> = c.config.servers.iter().map(|s| s.control_port).collect();
@@ -441,17 +513,28 @@ mod tests {
         ports.dedup();
         assert_eq!(ports.len(), 4, "ports must be distinct: {ports:?}");
         for p in ports {
-            std::net::TcpListener::bind(("127.0.0.1", p)).unwrap_or_else(|e| panic!("port {p} not free: {e}"));
+            std::net::TcpListener::bind(("127.0.0.1", p))
+                .unwrap_or_else(|e| panic!("port {p} not free: {e}"));
         }
     }
 
     #[test]
     fn io_uring_clusters_ask_for_direct_io() {
         let c = TestCluster::standalone(ClusterOpts::new(Engine::IoUring));
-        assert_eq!(c.config.resources[0].engine, mirror_agent::config::EngineChoice::IoUring);
-        assert_eq!(c.config.resources[0].direct_io, mirror_agent::config::DirectIo::On);
+        assert_eq!(
+            c.config.resources[0].engine,
+            mirror_agent::config::EngineChoice::IoUring
+        );
+        assert_eq!(
+            c.config.resources[0].direct_io,
+            mirror_agent::config::DirectIo::On
+        );
         assert!(c.dir().starts_with(Engine::IoUring.base_dir()));
-        assert!(c.nbd_uri().starts_with("nbd+unix:///md1?socket=/"), "{}", c.nbd_uri());
+        assert!(
+            c.nbd_uri().starts_with("nbd+unix:///md1?socket=/"),
+            "{}",
+            c.nbd_uri()
+        );
     }
 
     #[test]

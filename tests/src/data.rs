@@ -10,7 +10,10 @@ use rand::{RngCore, SeedableRng};
 /// A seed for this test run: `NBD_MIRROR_SEED` or random; printed so a
 /// failure can be reproduced.
 pub fn seed(what: &str) -> u64 {
-    let s = std::env::var("NBD_MIRROR_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let s = std::env::var("NBD_MIRROR_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
     eprintln!("{what}: seed {s} (NBD_MIRROR_SEED={s} reproduces)");
     s
 }
@@ -21,7 +24,8 @@ pub fn seed(what: &str) -> u64 {
 pub fn random_image(path: &Path, size: u64, seed: u64) {
     const MIB: usize = 1 << 20;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut f = std::fs::File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    let mut f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
     let mut buf = vec![0u8; MIB];
     let mut written = 0u64;
     let mut i = 0u64;
@@ -64,11 +68,22 @@ pub fn assert_files_equal(a: &Path, b: &Path, len: Option<u64>) {
     let lb = fb.metadata().expect("metadata").len();
     let len = match len {
         Some(l) => {
-            assert!(la >= l && lb >= l, "{} ({la} bytes) or {} ({lb} bytes) is shorter than {l}", a.display(), b.display());
+            assert!(
+                la >= l && lb >= l,
+                "{} ({la} bytes) or {} ({lb} bytes) is shorter than {l}",
+                a.display(),
+                b.display()
+            );
             l
         }
         None => {
-            assert_eq!(la, lb, "sizes differ: {} has {la} bytes, {} has {lb}", a.display(), b.display());
+            assert_eq!(
+                la,
+                lb,
+                "sizes differ: {} has {la} bytes, {} has {lb}",
+                a.display(),
+                b.display()
+            );
             la
         }
     };
@@ -81,7 +96,11 @@ pub fn assert_files_equal(a: &Path, b: &Path, len: Option<u64>) {
         fa.read_exact_at(&mut ba[..n], off).expect("reading");
         fb.read_exact_at(&mut bb[..n], off).expect("reading");
         if ba[..n] != bb[..n] {
-            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap_or(0);
+            let i = ba[..n]
+                .iter()
+                .zip(&bb[..n])
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
             panic!(
                 "{} and {} differ at offset {} ({:#04x} vs {:#04x})",
                 a.display(),
@@ -99,7 +118,8 @@ pub fn assert_files_equal(a: &Path, b: &Path, len: Option<u64>) {
 pub fn read_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
     let mut v = vec![0u8; len];
-    f.read_exact_at(&mut v, offset).unwrap_or_else(|e| panic!("reading {len} bytes at {offset} of {}: {e}", path.display()));
+    f.read_exact_at(&mut v, offset)
+        .unwrap_or_else(|e| panic!("reading {len} bytes at {offset} of {}: {e}", path.display()));
     v
 }
 
@@ -118,13 +138,24 @@ pub fn assert_range_is(path: &Path, offset: u64, len: usize, byte: u8) {
 
 /// Overwrites `len` bytes at `offset` of `path` with `byte` (and syncs).
 pub fn overwrite(path: &Path, offset: u64, len: usize, byte: u8) {
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    f.write_all_at(&vec![byte; len], offset).expect("overwriting");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    f.write_all_at(&vec![byte; len], offset)
+        .expect("overwriting");
     f.sync_all().expect("sync");
 }
 
 /// SHA-256 of a file, hex, via `sha256sum` (an independent implementation).
 pub fn sha256(path: &Path) -> String {
-    let out = crate::run::run_ok(std::process::Command::new("sha256sum").arg(path), crate::run::CMD_TIMEOUT);
-    crate::run::stdout(&out).split_whitespace().next().unwrap_or_default().to_string()
+    let out = crate::run::run_ok(
+        std::process::Command::new("sha256sum").arg(path),
+        crate::run::CMD_TIMEOUT,
+    );
+    crate::run::stdout(&out)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }

@@ -133,9 +133,15 @@ impl FakePeer {
         p.peer_hello = peer_hello;
         let my_nonce: [u8; 32] = rand::random();
         let (dir_mine, dir_theirs) = if initiator {
-            (Direction::InitiatorToAcceptor, Direction::AcceptorToInitiator)
+            (
+                Direction::InitiatorToAcceptor,
+                Direction::AcceptorToInitiator,
+            )
         } else {
-            (Direction::AcceptorToInitiator, Direction::InitiatorToAcceptor)
+            (
+                Direction::AcceptorToInitiator,
+                Direction::InitiatorToAcceptor,
+            )
         };
         let mut their_nonce = [0u8; 32];
         let mut take_challenge = |p: &mut FakePeer| -> io::Result<()> {
@@ -182,7 +188,9 @@ impl FakePeer {
             )
         };
         if initiator {
-            p.send(Message::AuthResponse { mac: my_mac(&their_nonce) })?;
+            p.send(Message::AuthResponse {
+                mac: my_mac(&their_nonce),
+            })?;
             match p.recv_handshake(t)? {
                 Message::AuthResult { accepted: true } => {}
                 m => return Err(other(format!("our AuthResponse was not accepted: {m:?}"))),
@@ -206,7 +214,9 @@ impl FakePeer {
             if !ok {
                 return Err(other("the agent's AuthResponse does not verify".into()));
             }
-            p.send(Message::AuthResponse { mac: my_mac(&their_nonce) })?;
+            p.send(Message::AuthResponse {
+                mac: my_mac(&their_nonce),
+            })?;
             match p.recv_handshake(t)? {
                 Message::AuthResult { accepted: true } => {}
                 m => return Err(other(format!("our AuthResponse was not accepted: {m:?}"))),
@@ -219,7 +229,8 @@ impl FakePeer {
     pub fn send(&mut self, msg: Message) -> io::Result<()> {
         let f = Frame::new(self.tx_seq, msg);
         let mut out = BytesMut::new();
-        f.encode(&mut out).map_err(|e| other(format!("encoding: {e}")))?;
+        f.encode(&mut out)
+            .map_err(|e| other(format!("encoding: {e}")))?;
         self.tx_seq += 1;
         self.s.write_all(&out)
     }
@@ -243,16 +254,28 @@ impl FakePeer {
     fn recv_frame(&mut self, timeout: Duration) -> io::Result<Option<Frame>> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(f) = self.dec.decode(&mut self.buf).map_err(|e| other(format!("agent sent a bad frame: {e}")))? {
+            if let Some(f) = self
+                .dec
+                .decode(&mut self.buf)
+                .map_err(|e| other(format!("agent sent a bad frame: {e}")))?
+            {
                 return Ok(Some(f));
             }
             let mut tmp = [0u8; 64 << 10];
             match self.s.read(&mut tmp) {
                 Ok(0) => return Ok(None),
                 Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
                     if Instant::now() >= deadline {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "no frame from the agent"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no frame from the agent",
+                        ));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
@@ -264,9 +287,12 @@ impl FakePeer {
     fn recv_handshake(&mut self, timeout: Duration) -> io::Result<Message> {
         match self.recv_frame(timeout)? {
             None => Err(other("connection closed during the handshake".into())),
-            Some(Frame { msg: Message::Error { code, message }, .. }) => {
-                Err(other(format!("agent refused the handshake: Error {code}: {message}")))
-            }
+            Some(Frame {
+                msg: Message::Error { code, message },
+                ..
+            }) => Err(other(format!(
+                "agent refused the handshake: Error {code}: {message}"
+            ))),
             Some(f) => Ok(f.msg),
         }
     }
@@ -287,8 +313,15 @@ impl FakePeer {
     }
 
     fn handle(&mut self, f: Frame) -> io::Result<()> {
-        if let Message::Ping { nonce, timestamp_ns } = f.msg {
-            self.send(Message::Pong { nonce, timestamp_ns })
+        if let Message::Ping {
+            nonce,
+            timestamp_ns,
+        } = f.msg
+        {
+            self.send(Message::Pong {
+                nonce,
+                timestamp_ns,
+            })
         } else {
             self.received.push(f);
             Ok(())
@@ -300,13 +333,19 @@ impl FakePeer {
     pub fn ping(&mut self, timeout: Duration) -> io::Result<Duration> {
         let nonce: u64 = rand::random();
         let t0 = Instant::now();
-        self.send(Message::Ping { nonce, timestamp_ns: 1 })?;
+        self.send(Message::Ping {
+            nonce,
+            timestamp_ns: 1,
+        })?;
         let deadline = t0 + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.recv_frame(left)? {
                 None => return Err(other("connection closed while waiting for Pong".into())),
-                Some(Frame { msg: Message::Pong { nonce: n, .. }, .. }) if n == nonce => return Ok(t0.elapsed()),
+                Some(Frame {
+                    msg: Message::Pong { nonce: n, .. },
+                    ..
+                }) if n == nonce => return Ok(t0.elapsed()),
                 Some(f) => self.handle(f)?,
             }
         }
@@ -317,13 +356,22 @@ impl FakePeer {
     /// Returns the Error/Goodbye frames seen before the close.
     pub fn wait_closed(&mut self, timeout: Duration) -> Closed {
         let deadline = Instant::now() + timeout;
-        let mut c = Closed { errors: Vec::new(), goodbye: false };
+        let mut c = Closed {
+            errors: Vec::new(),
+            goodbye: false,
+        };
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.recv_frame(left) {
                 Ok(None) => return c,
-                Ok(Some(Frame { msg: Message::Error { code, message }, .. })) => c.errors.push((code, message)),
-                Ok(Some(Frame { msg: Message::Goodbye { .. }, .. })) => c.goodbye = true,
+                Ok(Some(Frame {
+                    msg: Message::Error { code, message },
+                    ..
+                })) => c.errors.push((code, message)),
+                Ok(Some(Frame {
+                    msg: Message::Goodbye { .. },
+                    ..
+                })) => c.goodbye = true,
                 Ok(Some(f)) => {
                     // Pong may fail once the agent has shut its side: that is the close.
                     if self.handle(f).is_err() {
@@ -361,7 +409,11 @@ pub fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

@@ -66,11 +66,22 @@ impl FuseLoopMount {
             Some(Err(s)) => {
                 m.nbdfuse = None;
                 m.fuse_mounted = false;
-                panic!("nbdfuse exited ({s}) before exposing {}: {}", file.display(), m.nbdfuse_log());
+                panic!(
+                    "nbdfuse exited ({s}) before exposing {}: {}",
+                    file.display(),
+                    m.nbdfuse_log()
+                );
             }
-            None => panic!("nbdfuse did not expose {} within 30s: {}", file.display(), m.nbdfuse_log()),
+            None => panic!(
+                "nbdfuse did not expose {} within 30s: {}",
+                file.display(),
+                m.nbdfuse_log()
+            ),
         }
-        let out = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&file), CMD_TIMEOUT);
+        let out = run_ok(
+            Command::new("losetup").args(["-f", "--show"]).arg(&file),
+            CMD_TIMEOUT,
+        );
         let dev = stdout(&out).trim().to_string();
         assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
         m.loopdev = Some(dev);
@@ -94,12 +105,18 @@ impl FuseLoopMount {
 
     /// `mkfs.ext4 -q -F DEV`.
     pub fn mkfs_ext4(&self) {
-        run_ok(Command::new("mkfs.ext4").args(["-q", "-F", self.device()]), Duration::from_secs(120));
+        run_ok(
+            Command::new("mkfs.ext4").args(["-q", "-F", self.device()]),
+            Duration::from_secs(120),
+        );
     }
 
     /// `mount DEV MNT`.
     pub fn mount(&mut self) {
-        run_ok(Command::new("mount").arg(self.device()).arg(&self.mnt), CMD_TIMEOUT);
+        run_ok(
+            Command::new("mount").arg(self.device()).arg(&self.mnt),
+            CMD_TIMEOUT,
+        );
         self.mounted = true;
     }
 
@@ -112,7 +129,10 @@ impl FuseLoopMount {
     /// `e2fsck -fn DEV` must report a clean file system (exit 0).
     pub fn fsck_clean(&self) {
         assert!(!self.mounted, "fsck of a mounted file system");
-        run_ok(Command::new("e2fsck").args(["-fn", self.device()]), Duration::from_secs(120));
+        run_ok(
+            Command::new("e2fsck").args(["-fn", self.device()]),
+            Duration::from_secs(120),
+        );
     }
 
     /// Full teardown, in order; panics if a step fails (Drop retries quietly).
@@ -125,7 +145,11 @@ impl FuseLoopMount {
         if self.mounted {
             let out = run(Command::new("umount").arg(&self.mnt), CMD_TIMEOUT);
             if !out.status.success() {
-                errors.push(format!("umount {}: {}", self.mnt.display(), crate::run::all_output(&out)));
+                errors.push(format!(
+                    "umount {}: {}",
+                    self.mnt.display(),
+                    crate::run::all_output(&out)
+                ));
                 let _ = run(Command::new("umount").arg("-l").arg(&self.mnt), CMD_TIMEOUT);
             }
             self.mounted = false;
@@ -133,14 +157,27 @@ impl FuseLoopMount {
         if let Some(dev) = self.loopdev.take() {
             let out = run(Command::new("losetup").args(["-d", &dev]), CMD_TIMEOUT);
             if !out.status.success() {
-                errors.push(format!("losetup -d {dev}: {}", crate::run::all_output(&out)));
+                errors.push(format!(
+                    "losetup -d {dev}: {}",
+                    crate::run::all_output(&out)
+                ));
             }
         }
         if self.fuse_mounted {
-            let out = run(Command::new("fusermount3").arg("-u").arg(&self.fuse_dir), CMD_TIMEOUT);
+            let out = run(
+                Command::new("fusermount3").arg("-u").arg(&self.fuse_dir),
+                CMD_TIMEOUT,
+            );
             if !out.status.success() {
-                errors.push(format!("fusermount3 -u {}: {}", self.fuse_dir.display(), crate::run::all_output(&out)));
-                let _ = run(Command::new("umount").arg("-l").arg(&self.fuse_dir), CMD_TIMEOUT);
+                errors.push(format!(
+                    "fusermount3 -u {}: {}",
+                    self.fuse_dir.display(),
+                    crate::run::all_output(&out)
+                ));
+                let _ = run(
+                    Command::new("umount").arg("-l").arg(&self.fuse_dir),
+                    CMD_TIMEOUT,
+                );
             }
             self.fuse_mounted = false;
         }
@@ -153,7 +190,11 @@ impl FuseLoopMount {
             }
         }
         if strict && !errors.is_empty() {
-            panic!("teardown failed:\n{}\nnbdfuse log:\n{}", errors.join("\n"), self.nbdfuse_log());
+            panic!(
+                "teardown failed:\n{}\nnbdfuse log:\n{}",
+                errors.join("\n"),
+                self.nbdfuse_log()
+            );
         }
     }
 }
@@ -167,8 +208,15 @@ impl Drop for FuseLoopMount {
 /// Waits until `path` is no longer a mount point (per /proc/self/mounts).
 pub fn wait_unmounted(path: &Path) {
     let p = path.display().to_string();
-    wait_until(&format!("{p} to be unmounted"), Duration::from_secs(20), || {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        (!mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(p.as_str()))).then_some(())
-    });
+    wait_until(
+        &format!("{p} to be unmounted"),
+        Duration::from_secs(20),
+        || {
+            let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+            (!mounts
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(p.as_str())))
+            .then_some(())
+        },
+    );
 }

@@ -60,8 +60,13 @@ impl Timing {
 /// Replaces the `[timeouts]` table of the config text.
 pub fn set_timeouts(c: &TestCluster, t: &Timing) {
     let text = c.config_text();
-    let start = text.find("[timeouts]").expect("generated config has a [timeouts] table");
-    let end = text[start..].find("\n\n").map(|i| start + i + 1).unwrap_or(text.len());
+    let start = text
+        .find("[timeouts]")
+        .expect("generated config has a [timeouts] table");
+    let end = text[start..]
+        .find("\n\n")
+        .map(|i| start + i + 1)
+        .unwrap_or(text.len());
     let new = format!("{}{}{}", &text[..start], t.render(), &text[end..]);
     c.write_config_text(&new);
 }
@@ -170,7 +175,11 @@ impl MirrorPair {
         }
         for n in ["server1", "server2"] {
             let out = c.mdctrl_on(n, &["init", c.resource(), "--blank"]);
-            assert!(out.status.success(), "init --blank on {n}\n{}", describe("mdctrl init --blank", &out));
+            assert!(
+                out.status.success(),
+                "init --blank on {n}\n{}",
+                describe("mdctrl init --blank", &out)
+            );
         }
         c
     }
@@ -188,7 +197,11 @@ impl MirrorPair {
     /// `mdctrl --node NODE ARGS` and its output, asserting exit 0.
     pub fn mdctrl_ok(&self, node: &str, args: &[&str]) -> String {
         let out = self.c.mdctrl_on(node, args);
-        assert!(out.status.success(), "mdctrl on {node} failed\n{}", describe(&args.join(" "), &out));
+        assert!(
+            out.status.success(),
+            "mdctrl on {node} failed\n{}",
+            describe(&args.join(" "), &out)
+        );
         crate::run::all_output(&out)
     }
 
@@ -205,12 +218,23 @@ impl MirrorPair {
     /// `mdctrl status md1 --json` on `node`, parsed (panics unless exit 0).
     pub fn status(&self, node: &str) -> Value {
         let out = self.mdctrl_ok(node, &["status", self.c.resource(), "--json"]);
-        let json = out.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join("\n");
-        serde_json::from_str(&json).unwrap_or_else(|e| panic!("status --json of {node} is not JSON ({e}):\n{out}"))
+        let json = out
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        serde_json::from_str(&json)
+            .unwrap_or_else(|e| panic!("status --json of {node} is not JSON ({e}):\n{out}"))
     }
 
     /// Polls `node`'s status until `pred` holds; panics with the last status.
-    pub fn wait_status(&self, node: &str, what: &str, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Value {
+    pub fn wait_status(
+        &self,
+        node: &str,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&Value) -> bool,
+    ) -> Value {
         let mut last = Value::Null;
         let got = poll_until(timeout, || {
             let s = self.status(node);
@@ -218,7 +242,9 @@ impl MirrorPair {
             last = s;
             ok.then(|| last.clone())
         });
-        got.unwrap_or_else(|| panic!("{node}: timed out after {timeout:?} waiting for {what}; last status:\n{last:#}"))
+        got.unwrap_or_else(|| {
+            panic!("{node}: timed out after {timeout:?} waiting for {what}; last status:\n{last:#}")
+        })
     }
 
     /// Waits until both sides report a connected, in-sync pair (after activation:
@@ -226,7 +252,9 @@ impl MirrorPair {
     pub fn wait_connected(&self, node: &str, timeout: Duration) -> Value {
         // Connected and the peer's state received (the session's first
         // control message follows the connection by a moment).
-        self.wait_status(node, "a connected pair", timeout, |s| connection(s) == "connected" && !s["pair"]["peer_disk"].is_null())
+        self.wait_status(node, "a connected pair", timeout, |s| {
+            connection(s) == "connected" && !s["pair"]["peer_disk"].is_null()
+        })
     }
 
     /// `pair.rpo` unacknowledged writes (both levels) are zero.
@@ -275,8 +303,13 @@ impl bitmap::MetaStorage for ReadOnly {
 /// (read with the product's own dump code, read-only, while the agent runs).
 pub fn dirty_regions(cp: &std::path::Path) -> std::collections::BTreeSet<u64> {
     let f = std::fs::File::open(cp).unwrap_or_else(|e| panic!("opening {}: {e}", cp.display()));
-    let rep = bitmap::dump(&mut ReadOnly(f), 1 << 20).unwrap_or_else(|e| panic!("dumping {}: {e}", cp.display()));
-    assert!(rep.error.is_none() && rep.bad_chunks.is_empty(), "damaged cluster partition {}: {rep}", cp.display());
+    let rep = bitmap::dump(&mut ReadOnly(f), 1 << 20)
+        .unwrap_or_else(|e| panic!("dumping {}: {e}", cp.display()));
+    assert!(
+        rep.error.is_none() && rep.bad_chunks.is_empty(),
+        "damaged cluster partition {}: {rep}",
+        cp.display()
+    );
     assert!(!rep.more_ranges, "too many dirty ranges");
     rep.dirty_ranges.iter().flat_map(|r| r.clone()).collect()
 }

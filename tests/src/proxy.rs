@@ -65,7 +65,10 @@ pub struct Proxy {
 /// Closes `s` with an RST instead of a FIN once its last handle is dropped,
 /// and wakes the threads blocked reading it.
 fn abort(s: &TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: `s` owns a valid socket fd for the duration of the call; the
     // option value is a properly initialised `linger` of the size passed.
     unsafe {
@@ -83,7 +86,8 @@ fn abort(s: &TcpStream) {
 impl Proxy {
     /// Starts forwarding connections to `listen` to `target`.
     pub fn start(listen: SocketAddr, target: SocketAddr) -> Proxy {
-        let l = TcpListener::bind(listen).unwrap_or_else(|e| panic!("proxy: cannot listen on {listen}: {e}"));
+        let l = TcpListener::bind(listen)
+            .unwrap_or_else(|e| panic!("proxy: cannot listen on {listen}: {e}"));
         let shared = Arc::new(Shared {
             fault: Mutex::new(Fault::None),
             conns: Mutex::new(Vec::new()),
@@ -97,7 +101,12 @@ impl Proxy {
             .name(format!("proxy-{listen}"))
             .spawn(move || accept_loop(l, target, sh))
             .expect("spawning the proxy thread");
-        Proxy { listen, target, shared, acceptor: Some(acceptor) }
+        Proxy {
+            listen,
+            target,
+            shared,
+            acceptor: Some(acceptor),
+        }
     }
 
     /// Where it listens.
@@ -122,7 +131,11 @@ impl Proxy {
 
     /// Connections currently open through the proxy.
     pub fn open_connections(&self) -> usize {
-        self.shared.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.shared
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     fn set(&self, f: Fault) {
@@ -151,7 +164,8 @@ impl Proxy {
 
     /// Resets every current connection (new ones are accepted).
     pub fn reset(&self) {
-        let conns = std::mem::take(&mut *self.shared.conns.lock().unwrap_or_else(|p| p.into_inner()));
+        let conns =
+            std::mem::take(&mut *self.shared.conns.lock().unwrap_or_else(|p| p.into_inner()));
         for (_, a, b) in &conns {
             abort(a);
             abort(b);
@@ -195,10 +209,18 @@ fn accept_loop(l: TcpListener, target: SocketAddr, sh: Arc<Shared>) {
         let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);
         let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
-        let (Ok(c2), Ok(s2), Ok(c3), Ok(s3)) = (client.try_clone(), server.try_clone(), client.try_clone(), server.try_clone()) else {
+        let (Ok(c2), Ok(s2), Ok(c3), Ok(s3)) = (
+            client.try_clone(),
+            server.try_clone(),
+            client.try_clone(),
+            server.try_clone(),
+        ) else {
             continue;
         };
-        sh.conns.lock().unwrap_or_else(|p| p.into_inner()).push((id, c3, s3));
+        sh.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, c3, s3));
         pump(client, s2, id, Arc::clone(&sh));
         pump(server, c2, id, Arc::clone(&sh));
     }
@@ -227,7 +249,13 @@ fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, sh: Arc<Shared>) {
         let _ = to.set_write_timeout(Some(Duration::from_millis(500)));
         'chunks: while let Ok((at, chunk)) = rx.recv() {
             loop {
-                if !sh.conns.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|c| c.0 == id) {
+                if !sh
+                    .conns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .any(|c| c.0 == id)
+                {
                     break 'chunks;
                 }
                 match sh.fault() {
@@ -252,8 +280,19 @@ fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, sh: Arc<Shared>) {
                         off += n;
                         sh.forwarded.fetch_add(n as u64, Ordering::Relaxed);
                     }
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                        if !sh.conns.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|c| c.0 == id) {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        if !sh
+                            .conns
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .iter()
+                            .any(|c| c.0 == id)
+                        {
                             break 'chunks;
                         }
                     }

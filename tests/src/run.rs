@@ -86,7 +86,11 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
 pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Output {
     let line = cmdline(cmd);
     let out = run(cmd, timeout);
-    assert!(out.status.success(), "command failed\n{}", describe(&line, &out));
+    assert!(
+        out.status.success(),
+        "command failed\n{}",
+        describe(&line, &out)
+    );
     out
 }
 

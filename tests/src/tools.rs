@@ -56,7 +56,10 @@ pub fn require_tool(tool: &str) -> bool {
     if which(tool).is_some() {
         return true;
     }
-    skip_or_panic(&format!("{tool} is not installed"), &format!("install the Debian package {}", package_of(tool)))
+    skip_or_panic(
+        &format!("{tool} is not installed"),
+        &format!("install the Debian package {}", package_of(tool)),
+    )
 }
 
 /// [`require_tool`] for several tools; reports every missing one.
@@ -74,11 +77,17 @@ pub fn require_root(what: &str, devices: &[&str]) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 {
-        return skip_or_panic(&format!("{what} needs root (running as uid {euid})"), "run the tests as root");
+        return skip_or_panic(
+            &format!("{what} needs root (running as uid {euid})"),
+            "run the tests as root",
+        );
     }
     for d in devices {
         if !std::path::Path::new(d).exists() {
-            return skip_or_panic(&format!("{what} needs {d}"), "load the module / give the container the device");
+            return skip_or_panic(
+                &format!("{what} needs {d}"),
+                "load the module / give the container the device",
+            );
         }
     }
     true

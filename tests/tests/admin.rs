@@ -11,17 +11,25 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use tests::nbd_client::{NbdClient, NBD_ESHUTDOWN};
-use tests::run::{all_output, describe, run, cmdline};
+use tests::run::{all_output, cmdline, describe, run};
 use tests::wait::wait_until;
 use tests::{require_root, require_tool, ClusterOpts, TestCluster, CMD_TIMEOUT};
 
 fn mode_of(p: &Path) -> u32 {
-    std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display())).permissions().mode() & 0o7777
+    std::fs::symlink_metadata(p)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
 }
 
 fn assert_socket_0600(p: &Path) {
     let md = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
-    assert!(md.file_type().is_socket(), "{} is not a socket", p.display());
+    assert!(
+        md.file_type().is_socket(),
+        "{} is not a socket",
+        p.display()
+    );
     assert_eq!(mode_of(p), 0o600, "mode of {}", p.display());
 }
 
@@ -62,25 +70,53 @@ fn status_json_tracks_client_io() {
     assert_eq!(s["role"], "inactive", "{s:#}");
     assert_eq!(s["size"], c.opts.size, "{s:#}");
     assert_eq!(s["nbd_socket"], serde_json::Value::Null, "{s:#}");
-    for k in ["connections_open", "connections_total", "requests", "errors", "read_bytes", "written_bytes"] {
+    for k in [
+        "connections_open",
+        "connections_total",
+        "requests",
+        "errors",
+        "read_bytes",
+        "written_bytes",
+    ] {
         assert_eq!(s["nbd"][k], 0, "{k} before any client: {s:#}");
     }
 
     c.activate();
     let s = c.status_json();
     assert_eq!(s["role"], "active", "{s:#}");
-    assert_eq!(s["nbd_socket"], c.nbd_socket().display().to_string(), "{s:#}");
+    assert_eq!(
+        s["nbd_socket"],
+        c.nbd_socket().display().to_string(),
+        "{s:#}"
+    );
 
     let out = run(
-        std::process::Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x11 0 1M", "-c", "read -P 0x11 0 1M"]).arg(c.nbd_uri()),
+        std::process::Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x11 0 1M",
+                "-c",
+                "read -P 0x11 0 1M",
+            ])
+            .arg(c.nbd_uri()),
         CMD_TIMEOUT,
     );
-    assert!(out.status.success() && !all_output(&out).contains("fail"), "qemu-io: {}", all_output(&out));
+    assert!(
+        out.status.success() && !all_output(&out).contains("fail"),
+        "qemu-io: {}",
+        all_output(&out)
+    );
     // The server notices the disconnect asynchronously.
-    let s = wait_until("connections_open to drop to 0", Duration::from_secs(10), || {
-        let s = c.status_json();
-        (s["nbd"]["connections_open"] == 0).then_some(s)
-    });
+    let s = wait_until(
+        "connections_open to drop to 0",
+        Duration::from_secs(10),
+        || {
+            let s = c.status_json();
+            (s["nbd"]["connections_open"] == 0).then_some(s)
+        },
+    );
     let n = &s["nbd"];
     assert!(n["connections_total"].as_u64() >= Some(1), "{s:#}");
     assert!(n["requests"].as_u64() >= Some(2), "{s:#}");
@@ -91,7 +127,10 @@ fn status_json_tracks_client_io() {
     // An out-of-range read is an error reply, counted.
     let mut client = NbdClient::connect(&c.nbd_socket(), "md1").expect("NBD connect");
     assert_eq!(client.size, c.opts.size);
-    assert!(client.read(c.opts.size, 4096).is_err(), "read past the end succeeded");
+    assert!(
+        client.read(c.opts.size, 4096).is_err(),
+        "read past the end succeeded"
+    );
     let s2 = c.status_json();
     assert_eq!(s2["nbd"]["connections_open"], 1, "{s2:#}");
     assert_eq!(s2["nbd"]["errors"], 1, "{s2:#}");
@@ -102,7 +141,10 @@ fn status_json_tracks_client_io() {
     let s3 = c.status_json();
     assert_eq!(s3["role"], "inactive", "{s3:#}");
     assert_eq!(s3["nbd"]["errors"], 1, "{s3:#}");
-    assert!(s3["nbd"]["written_bytes"].as_u64() >= Some(1 << 20), "{s3:#}");
+    assert!(
+        s3["nbd"]["written_bytes"].as_u64() >= Some(1 << 20),
+        "{s3:#}"
+    );
     assert_eq!(s3["nbd"]["connections_open"], 0, "{s3:#}");
 }
 
@@ -112,12 +154,18 @@ fn sockets_exist_only_while_active_with_mode_0600() {
     c.init();
     let _agent = c.start_agent();
     assert_socket_0600(&c.admin_socket());
-    assert!(!c.nbd_socket().exists(), "NBD socket exists before activation");
+    assert!(
+        !c.nbd_socket().exists(),
+        "NBD socket exists before activation"
+    );
     for _ in 0..2 {
         c.activate();
         assert_socket_0600(&c.nbd_socket());
         c.deactivate();
-        assert!(!c.nbd_socket().exists(), "NBD socket still exists after deactivation");
+        assert!(
+            !c.nbd_socket().exists(),
+            "NBD socket still exists after deactivation"
+        );
     }
     assert_socket_0600(&c.admin_socket());
 }
@@ -128,14 +176,18 @@ fn mdctrl_as_nobody(c: &TestCluster, args: &[&str]) -> (std::process::Output, St
     let copy = c.dir().join("mdctrl-for-nobody");
     if !copy.exists() {
         std::fs::copy(tests::bins::mdctrl(), &copy).expect("copying mdctrl");
-        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod mdctrl copy");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod mdctrl copy");
         // A process forked by another test thread while the copy was open for
         // writing holds that fd until it execs: exec then fails with ETXTBSY
         // for a moment. Wait until the copy can be executed.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             match std::process::Command::new(&copy).arg("--version").output() {
-                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && std::time::Instant::now() < deadline => {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ETXTBSY)
+                        && std::time::Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => panic!("cannot execute {}: {e}", copy.display()),
@@ -144,7 +196,11 @@ fn mdctrl_as_nobody(c: &TestCluster, args: &[&str]) -> (std::process::Output, St
         }
     }
     let mut cmd = std::process::Command::new(&copy);
-    cmd.arg("--config").arg(&c.config_path).arg("--node").arg(c.node()).args(args);
+    cmd.arg("--config")
+        .arg(&c.config_path)
+        .arg("--node")
+        .arg(c.node())
+        .args(args);
     cmd.uid(65534).gid(65534);
     let line = cmdline(&cmd);
     (run(&mut cmd, CMD_TIMEOUT), line)
@@ -158,7 +214,8 @@ fn cluster_with_open_admin_socket() -> (TestCluster, tests::Agent) {
     c.init();
     c.make_world_readable();
     let agent = c.start_agent();
-    std::fs::set_permissions(c.admin_socket(), std::fs::Permissions::from_mode(0o666)).expect("chmod admin socket");
+    std::fs::set_permissions(c.admin_socket(), std::fs::Permissions::from_mode(0o666))
+        .expect("chmod admin socket");
     (c, agent)
 }
 
@@ -169,7 +226,11 @@ fn non_root_caller_is_refused_by_the_credential_check_and_logged() {
     }
     let (c, agent) = cluster_with_open_admin_socket();
     let (out, line) = mdctrl_as_nobody(&c, &["activate", "md1"]);
-    assert!(!out.status.success(), "nobody's activate succeeded\n{}", describe(&line, &out));
+    assert!(
+        !out.status.success(),
+        "nobody's activate succeeded\n{}",
+        describe(&line, &out)
+    );
     agent.wait_for_log("refused connection", Duration::from_secs(5));
     agent.assert_log_contains("uid 65534");
     // Nothing happened, and root still gets in.
@@ -186,7 +247,13 @@ fn non_root_caller_gets_exit_3_permission_denied() {
     for _ in 0..5 {
         let (out, line) = mdctrl_as_nobody(&c, &["status", "md1"]);
         assert_eq!(out.status.code(), Some(3), "{}", describe(&line, &out));
-        assert!(all_output(&out).to_lowercase().contains("permission denied"), "{}", describe(&line, &out));
+        assert!(
+            all_output(&out)
+                .to_lowercase()
+                .contains("permission denied"),
+            "{}",
+            describe(&line, &out)
+        );
     }
     agent.assert_log_contains("refused connection");
 }
@@ -201,8 +268,19 @@ fn non_root_caller_is_refused_with_the_default_socket_mode() {
     c.make_world_readable();
     let _agent = c.start_agent();
     let (out, line) = mdctrl_as_nobody(&c, &["activate", "md1"]);
-    assert_eq!(out.status.code(), Some(3), "a permission refusal is exit 3 (refused)\n{}", describe(&line, &out));
-    assert!(all_output(&out).to_lowercase().contains("permission denied"), "{}", describe(&line, &out));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a permission refusal is exit 3 (refused)\n{}",
+        describe(&line, &out)
+    );
+    assert!(
+        all_output(&out)
+            .to_lowercase()
+            .contains("permission denied"),
+        "{}",
+        describe(&line, &out)
+    );
     assert_eq!(c.status_json()["role"], "inactive");
 }
 
@@ -244,8 +322,16 @@ fn deactivate_while_a_client_streams_writes() {
         let mut g = m.lock().unwrap();
         match r {
             Ok(rep) => {
-                assert!(g.sent.contains_key(&rep.handle), "reply for unknown handle {}", rep.handle);
-                assert!(g.replies.insert(rep.handle, rep.error).is_none(), "two replies for handle {}", rep.handle);
+                assert!(
+                    g.sent.contains_key(&rep.handle),
+                    "reply for unknown handle {}",
+                    rep.handle
+                );
+                assert!(
+                    g.replies.insert(rep.handle, rep.error).is_none(),
+                    "two replies for handle {}",
+                    rep.handle
+                );
                 if rep.error == 0 {
                     g.ok += 1;
                 }
@@ -276,7 +362,9 @@ fn deactivate_while_a_client_streams_writes() {
                 g.sent.insert(seq, seq % nblocks);
             }
             let block = seq % nblocks;
-            if let Err(e) = client.send_write(seq, block * BLOCK as u64, &block_pattern(seq, block), false) {
+            if let Err(e) =
+                client.send_write(seq, block * BLOCK as u64, &block_pattern(seq, block), false)
+            {
                 return format!("send failed after {seq} writes: {e}");
             }
         }
@@ -293,7 +381,10 @@ fn deactivate_while_a_client_streams_writes() {
         let mut g = m.lock().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while g.closed.is_none() {
-            assert!(std::time::Instant::now() < deadline, "the connection was not closed within 20s of deactivation");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the connection was not closed within 20s of deactivation"
+            );
             g = cv.wait_timeout(g, Duration::from_millis(100)).unwrap().0;
         }
     }
@@ -313,7 +404,10 @@ fn deactivate_while_a_client_streams_writes() {
     assert!(g.ok >= acked_before, "acknowledged writes went backwards");
     // Later requests failed (ESHUTDOWN) or were never answered; nothing else.
     for (seq, err) in &g.replies {
-        assert!(*err == 0 || *err == NBD_ESHUTDOWN, "write {seq} failed with NBD error {err}");
+        assert!(
+            *err == 0 || *err == NBD_ESHUTDOWN,
+            "write {seq} failed with NBD error {err}"
+        );
     }
     // Every acknowledged write is in the data file; a block whose later
     // write was sent but never answered may hold that one instead.
@@ -330,19 +424,28 @@ fn deactivate_while_a_client_streams_writes() {
     for (block, ok_seq) in &last_ok {
         let off = *block as usize * BLOCK;
         let got = &data[off..off + BLOCK];
-        let unanswered: Vec<u64> =
-            g.sent.iter().filter(|(s, b)| *b == block && **s > *ok_seq && !g.replies.contains_key(s)).map(|(s, _)| *s).collect();
+        let unanswered: Vec<u64> = g
+            .sent
+            .iter()
+            .filter(|(s, b)| *b == block && **s > *ok_seq && !g.replies.contains_key(s))
+            .map(|(s, _)| *s)
+            .collect();
         if got == block_pattern(*ok_seq, *block).as_slice() {
             continue;
         }
         ambiguous += 1;
         assert!(
-            unanswered.iter().any(|s| got == block_pattern(*s, *block).as_slice()),
+            unanswered
+                .iter()
+                .any(|s| got == block_pattern(*s, *block).as_slice()),
             "block {block}: acknowledged write {ok_seq} lost (file holds seq {})",
             u64::from_le_bytes(got[..8].try_into().unwrap())
         );
     }
-    assert!(ambiguous <= window, "{ambiguous} blocks hold unanswered writes, more than the window {window}");
+    assert!(
+        ambiguous <= window,
+        "{ambiguous} blocks hold unanswered writes, more than the window {window}"
+    );
     let s = c.status_json();
     assert_eq!(s["role"], "inactive", "{s:#}");
     assert_eq!(s["nbd"]["connections_open"], 0, "{s:#}");
@@ -352,12 +455,25 @@ fn deactivate_while_a_client_streams_writes() {
 fn misaligned_request_is_refused_and_the_connection_survives() {
     let (c, _agent) = TestCluster::standalone_active(ClusterOpts::default());
     let min = c.config.resources[0].nbd_block_size_min;
-    assert!(min > 1, "the export advertises byte granularity; nothing to test");
+    assert!(
+        min > 1,
+        "the export advertises byte granularity; nothing to test"
+    );
     let mut client = NbdClient::connect(&c.nbd_socket(), "md1").expect("NBD connect");
-    let err = client.write(1, &vec![0xaa; min as usize], false).expect("write reply");
+    let err = client
+        .write(1, &vec![0xaa; min as usize], false)
+        .expect("write reply");
     assert_eq!(err, 22, "misaligned write: expected NBD_EINVAL");
-    assert_eq!(client.write(0, &vec![0xbb; min as usize], true).expect("write reply"), 0);
-    assert_eq!(client.read(0, min as u32).expect("read"), vec![0xbb; min as usize]);
+    assert_eq!(
+        client
+            .write(0, &vec![0xbb; min as usize], true)
+            .expect("write reply"),
+        0
+    );
+    assert_eq!(
+        client.read(0, min as u32).expect("read"),
+        vec![0xbb; min as usize]
+    );
     assert_eq!(client.flush().expect("flush reply"), 0);
     client.disconnect().expect("disconnect");
     let s = c.status_json();
@@ -368,7 +484,10 @@ fn misaligned_request_is_refused_and_the_connection_survives() {
 fn sigterm_deactivates_cleanly_and_removes_sockets() {
     let (c, mut agent) = TestCluster::standalone_active(ClusterOpts::default());
     let status = agent.terminate();
-    assert!(status.success(), "agent exit status after SIGTERM: {status}");
+    assert!(
+        status.success(),
+        "agent exit status after SIGTERM: {status}"
+    );
     agent.assert_log_contains("SIGTERM");
     agent.assert_log_contains("deactivated");
     agent.assert_log_contains("agent stopped");
@@ -376,8 +495,14 @@ fn sigterm_deactivates_cleanly_and_removes_sockets() {
     assert!(!c.admin_socket().exists(), "admin socket left behind");
     // The deactivation was recorded: the was-active flag is clear.
     let out = c.mdctrl_ok(&["dump-md", "md1"]);
-    let flags = out.lines().find(|l| l.starts_with("flags:")).unwrap_or_else(|| panic!("no flags line:\n{out}"));
-    assert!(!flags.contains("was-active"), "was-active still set after a clean shutdown:\n{out}");
+    let flags = out
+        .lines()
+        .find(|l| l.starts_with("flags:"))
+        .unwrap_or_else(|| panic!("no flags line:\n{out}"));
+    assert!(
+        !flags.contains("was-active"),
+        "was-active still set after a clean shutdown:\n{out}"
+    );
     // And a restart works, inactive.
     agent.restart();
     assert_eq!(c.status_json()["role"], "inactive");
@@ -391,9 +516,16 @@ fn unknown_resource_names_the_configured_ones() {
     assert!(out.contains("md9") && out.contains("md1"), "{out}");
     c.init();
     let _agent = c.start_agent();
-    for args in [&["status", "md9"][..], &["activate", "md9"], &["deactivate", "md9"]] {
+    for args in [
+        &["status", "md9"][..],
+        &["activate", "md9"],
+        &["deactivate", "md9"],
+    ] {
         let out = c.mdctrl_expect(args, 2);
-        assert!(out.contains("md9") && out.contains("md1"), "{args:?}: {out}");
+        assert!(
+            out.contains("md9") && out.contains("md1"),
+            "{args:?}: {out}"
+        );
     }
 }
 
@@ -418,10 +550,20 @@ fn replace_line(text: &str, starts_with: &str, new: &str) -> String {
 fn config_unknown_key_is_a_usage_error_naming_file_and_key() {
     let c = TestCluster::standalone(ClusterOpts::default());
     let text = c.config_text();
-    c.write_config_text(&replace_line(&text, "mode =", "mode = \"sync\"\nbogus_key = 1"));
+    c.write_config_text(&replace_line(
+        &text,
+        "mode =",
+        "mode = \"sync\"\nbogus_key = 1",
+    ));
     let out = c.mdctrl_expect(&["status", "md1"], 2);
-    assert!(out.contains("resource[0].bogus_key") || out.contains("resource.md1.bogus_key"), "message does not name the key:\n{out}");
-    assert!(out.contains(&c.config_path.display().to_string()), "message does not name the file:\n{out}");
+    assert!(
+        out.contains("resource[0].bogus_key") || out.contains("resource.md1.bogus_key"),
+        "message does not name the key:\n{out}"
+    );
+    assert!(
+        out.contains(&c.config_path.display().to_string()),
+        "message does not name the file:\n{out}"
+    );
     // The agent refuses to start on it, with the same detail.
     let mut agent = c.spawn_agent_on(c.node());
     let status = agent.wait_exit(Duration::from_secs(20));
@@ -435,10 +577,22 @@ fn config_bad_size_is_a_usage_error_naming_file_and_key() {
     let text = c.config_text();
     c.write_config_text(&replace_line(&text, "size =", "size = \"64 potatoes\""));
     let out = c.mdctrl_expect(&["init", "md1"], 2);
-    assert!(out.contains("resource.md1.size") || out.contains("resource[0].size"), "message does not name the key:\n{out}");
-    assert!(out.contains("potatoes"), "message does not quote the bad value:\n{out}");
-    assert!(out.contains(&c.config_path.display().to_string()), "message does not name the file:\n{out}");
-    assert!(!c.data_path().exists(), "init created a data file from a bad config");
+    assert!(
+        out.contains("resource.md1.size") || out.contains("resource[0].size"),
+        "message does not name the key:\n{out}"
+    );
+    assert!(
+        out.contains("potatoes"),
+        "message does not quote the bad value:\n{out}"
+    );
+    assert!(
+        out.contains(&c.config_path.display().to_string()),
+        "message does not name the file:\n{out}"
+    );
+    assert!(
+        !c.data_path().exists(),
+        "init created a data file from a bad config"
+    );
 }
 
 fn uuid_of(init_output: &str) -> String {
@@ -455,20 +609,37 @@ fn init_refuses_to_overwrite_and_force_works() {
     let c = TestCluster::standalone(ClusterOpts::default());
     let first = c.mdctrl_ok(&["init", "md1"]);
     assert!(first.contains("created sparse"), "{first}");
-    assert_eq!(std::fs::metadata(c.data_path()).expect("data file").len(), c.opts.size);
+    assert_eq!(
+        std::fs::metadata(c.data_path()).expect("data file").len(),
+        c.opts.size
+    );
     let out = c.mdctrl_expect(&["init", "md1"], 3);
-    assert!(out.contains("--force"), "refusal should tell about --force:\n{out}");
+    assert!(
+        out.contains("--force"),
+        "refusal should tell about --force:\n{out}"
+    );
     let out = c.mdctrl_expect(&["--create", "md1"], 3);
     assert!(out.contains("--force"), "{out}");
     let second = c.mdctrl_ok(&["init", "--force", "md1"]);
     assert!(second.contains("existing"), "{second}");
-    assert_ne!(uuid_of(&first), uuid_of(&second), "--force did not re-create the metadata");
+    assert_ne!(
+        uuid_of(&first),
+        uuid_of(&second),
+        "--force did not re-create the metadata"
+    );
     let third = c.mdctrl_ok(&["--create", "force", "md1"]);
-    assert_ne!(uuid_of(&second), uuid_of(&third), "--create force did not re-create the metadata");
+    assert_ne!(
+        uuid_of(&second),
+        uuid_of(&third),
+        "--create force did not re-create the metadata"
+    );
     // While an agent holds the cluster partition, even --force is refused.
     let _agent = c.start_agent();
     let out = c.mdctrl_expect(&["init", "--force", "md1"], 3);
     assert!(!out.is_empty());
     let dump = c.mdctrl_ok(&["dump-md", "md1"]);
-    assert!(dump.contains(&uuid_of(&third)), "metadata changed under the agent:\n{dump}");
+    assert!(
+        dump.contains(&uuid_of(&third)),
+        "metadata changed under the agent:\n{dump}"
+    );
 }

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use tests::data::{assert_files_equal, assert_range_is, random_bytes, random_image, seed, sha256};
 use tests::run::{all_output, stdout};
-use tests::{on_both_engines, require_root, require_tool, require_tools, run_ok, ClusterOpts, Engine, FuseLoopMount, TestCluster, CMD_TIMEOUT};
+use tests::{
+    on_both_engines, require_root, require_tool, require_tools, run_ok, ClusterOpts, Engine,
+    FuseLoopMount, TestCluster, CMD_TIMEOUT,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -35,7 +38,10 @@ fn assert_engine(c: &TestCluster, engine: Engine) {
     let s = c.status_json();
     let got = s["engine"].as_str().unwrap_or_default().to_string();
     if let Some(prefix) = engine.status_prefix() {
-        assert!(got.starts_with(prefix), "status engine is {got:?}, expected {prefix}...");
+        assert!(
+            got.starts_with(prefix),
+            "status engine is {got:?}, expected {prefix}..."
+        );
     }
 }
 
@@ -63,20 +69,33 @@ fn nbdinfo_reports_size_and_flags(engine: Engine) {
         return;
     }
     let (c, _agent) = active(engine);
-    let out = run_ok(Command::new("nbdinfo").arg("--json").arg(c.nbd_uri()), CMD_TIMEOUT);
-    let v: serde_json::Value =
-        serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("nbdinfo --json output is not JSON ({e}):\n{}", stdout(&out)));
+    let out = run_ok(
+        Command::new("nbdinfo").arg("--json").arg(c.nbd_uri()),
+        CMD_TIMEOUT,
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("nbdinfo --json output is not JSON ({e}):\n{}", stdout(&out)));
     assert_eq!(v["protocol"], "newstyle-fixed", "{v:#}");
     let e = &v["exports"][0];
     assert_eq!(e["export-name"], "md1", "{v:#}");
     assert_eq!(e["export-size"], c.opts.size, "{v:#}");
-    for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"] {
+    for flag in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+    ] {
         assert_eq!(e[flag], true, "{flag} in {v:#}");
     }
     assert_eq!(e["is_read_only"], false, "{v:#}");
     let r = &c.config.resources[0];
     assert_eq!(e["block_size_minimum"], r.nbd_block_size_min, "{v:#}");
-    assert_eq!(e["block_size_preferred"], 4096u64.max(r.nbd_block_size_min), "{v:#}");
+    assert_eq!(
+        e["block_size_preferred"],
+        4096u64.max(r.nbd_block_size_min),
+        "{v:#}"
+    );
     assert_eq!(e["block_size_maximum"], r.nbd_max_request, "{v:#}");
 }
 
@@ -89,9 +108,25 @@ fn qemu_img_convert_round_trip(engine: Engine) {
     let out = c.dir().join("out.img");
     let len = 48 * MIB;
     random_image(&src, len, seed("qemu-img image"));
-    run_ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(c.nbd_uri()), CMD_TIMEOUT);
-    run_ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(c.nbd_uri()).arg(&out), CMD_TIMEOUT);
-    assert_eq!(std::fs::metadata(&out).expect("out.img").len(), c.opts.size, "exported image size");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(c.nbd_uri()),
+        CMD_TIMEOUT,
+    );
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(c.nbd_uri())
+            .arg(&out),
+        CMD_TIMEOUT,
+    );
+    assert_eq!(
+        std::fs::metadata(&out).expect("out.img").len(),
+        c.opts.size,
+        "exported image size"
+    );
     assert_files_equal(&src, &out, Some(len));
     assert_range_is(&out, len, (c.opts.size - len) as usize, 0);
     c.deactivate();
@@ -117,7 +152,16 @@ fn qemu_io_patterns_zeroes_discard_fua(engine: Engine) {
         ],
     );
     // A second connection: zeroes, discard and a sub-4KiB write over the data.
-    qemu_io(&uri, &["write -z 2M 1M", "discard 3M 1M", "write -f -P 0x77 4608 1536", "write -z -f 5M 512k", "flush"]);
+    qemu_io(
+        &uri,
+        &[
+            "write -z 2M 1M",
+            "discard 3M 1M",
+            "write -f -P 0x77 4608 1536",
+            "write -z -f 5M 512k",
+            "flush",
+        ],
+    );
     qemu_io(
         &uri,
         &[
@@ -158,9 +202,18 @@ fn nbdcopy_both_directions(engine: Engine) {
     random_image(&first, c.opts.size, s);
     random_image(&second, c.opts.size, s.wrapping_add(1));
     for img in [&first, &second] {
-        run_ok(Command::new("nbdcopy").arg("--flush").arg(img).arg(c.nbd_uri()), CMD_TIMEOUT);
+        run_ok(
+            Command::new("nbdcopy")
+                .arg("--flush")
+                .arg(img)
+                .arg(c.nbd_uri()),
+            CMD_TIMEOUT,
+        );
     }
-    run_ok(Command::new("nbdcopy").arg(c.nbd_uri()).arg(&back), CMD_TIMEOUT);
+    run_ok(
+        Command::new("nbdcopy").arg(c.nbd_uri()).arg(&back),
+        CMD_TIMEOUT,
+    );
     assert_files_equal(&second, &back, None);
     c.deactivate();
     assert_files_equal(&second, &c.data_path(), None);
@@ -174,13 +227,24 @@ fn fio_nbd_engine_with_crc32c_verify(engine: Engine) {
     let uri_arg = format!("--uri={}", c.nbd_uri());
     let fio = |name: &str, extra: &[&str]| {
         let mut cmd = Command::new("fio");
-        cmd.args([&format!("--name={name}"), "--ioengine=nbd", &uri_arg, "--output-format=json", "--iodepth=16"]).args(extra);
+        cmd.args([
+            &format!("--name={name}"),
+            "--ioengine=nbd",
+            &uri_arg,
+            "--output-format=json",
+            "--iodepth=16",
+        ])
+        .args(extra);
         let out = run_ok(&mut cmd, Duration::from_secs(120));
         let text = stdout(&out);
         // fio may print notes before the JSON document.
         let json = &text[text.find('{').unwrap_or(0)..];
-        let v: serde_json::Value =
-            serde_json::from_str(json).unwrap_or_else(|e| panic!("fio output is not JSON ({e}):\n{text}\n{}", all_output(&out)));
+        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| {
+            panic!(
+                "fio output is not JSON ({e}):\n{text}\n{}",
+                all_output(&out)
+            )
+        });
         for job in v["jobs"].as_array().expect("fio jobs") {
             assert_eq!(job["error"], 0, "fio job {name} reported an error: {job:#}");
         }
@@ -188,16 +252,42 @@ fn fio_nbd_engine_with_crc32c_verify(engine: Engine) {
     };
     // Random 4k writes over 32 MiB, then fio reads everything back and
     // checks each block's crc32c header.
-    fio("randwrite-verify", &["--rw=randwrite", "--bs=4k", "--size=32M", "--offset=0", "--verify=crc32c", "--verify_fatal=1"]);
+    fio(
+        "randwrite-verify",
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=32M",
+            "--offset=0",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ],
+    );
     // Sequential 64k writes in the other half, verified by a separate run
     // (a new connection) that only reads and verifies.
-    let seq = ["--rw=write", "--bs=64k", "--size=32M", "--offset=32M", "--verify=crc32c", "--verify_fatal=1"];
+    let seq = [
+        "--rw=write",
+        "--bs=64k",
+        "--size=32M",
+        "--offset=32M",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+    ];
     fio("seqwrite", &seq);
     let mut only = seq.to_vec();
     only.push("--verify_only=1");
     fio("seqwrite", &only);
     // Random reads, bounded in time.
-    let v = fio("randread", &["--rw=randread", "--bs=4k", "--size=64M", "--time_based=1", "--runtime=2"]);
+    let v = fio(
+        "randread",
+        &[
+            "--rw=randread",
+            "--bs=4k",
+            "--size=64M",
+            "--time_based=1",
+            "--runtime=2",
+        ],
+    );
     let reads = v["jobs"][0]["read"]["io_bytes"].as_u64().unwrap_or(0);
     assert!(reads > 0, "fio randread read nothing: {v:#}");
     let st = c.status_json();
@@ -206,7 +296,10 @@ fn fio_nbd_engine_with_crc32c_verify(engine: Engine) {
 
 fn ext4_through_nbdfuse_and_loop(engine: Engine) {
     if !require_tools(&["nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "e2fsck"])
-        || !require_root("the ext4 test (nbdfuse + loop device + mount)", &["/dev/fuse", "/dev/loop-control"])
+        || !require_root(
+            "the ext4 test (nbdfuse + loop device + mount)",
+            &["/dev/fuse", "/dev/loop-control"],
+        )
     {
         return;
     }
@@ -217,11 +310,20 @@ fn ext4_through_nbdfuse_and_loop(engine: Engine) {
     m.mount();
     let s = seed("ext4 files");
     let mut sums = Vec::new();
-    for (i, len) in [3 * MIB as usize, MIB as usize + 12_345, 4096, 2 * MIB as usize].into_iter().enumerate() {
+    for (i, len) in [
+        3 * MIB as usize,
+        MIB as usize + 12_345,
+        4096,
+        2 * MIB as usize,
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let dir = m.mount_point().join(format!("d{}", i % 2));
         std::fs::create_dir_all(&dir).expect("mkdir on ext4");
         let p = dir.join(format!("file{i}.bin"));
-        std::fs::write(&p, random_bytes(len, s.wrapping_add(i as u64))).expect("writing a file on ext4");
+        std::fs::write(&p, random_bytes(len, s.wrapping_add(i as u64)))
+            .expect("writing a file on ext4");
         sums.push((p.clone(), sha256(&p)));
     }
     run_ok(&mut Command::new("sync"), CMD_TIMEOUT);
@@ -234,8 +336,14 @@ fn ext4_through_nbdfuse_and_loop(engine: Engine) {
     m.teardown();
     tests::fsmount::wait_unmounted(&work.join("fuse"));
     let st = c.status_json();
-    assert_eq!(st["nbd"]["errors"], 0, "NBD errors during the file system test: {st:#}");
-    assert!(st["nbd"]["written_bytes"].as_u64().unwrap_or(0) >= 6 * MIB, "written_bytes too small: {st:#}");
+    assert_eq!(
+        st["nbd"]["errors"], 0,
+        "NBD errors during the file system test: {st:#}"
+    );
+    assert!(
+        st["nbd"]["written_bytes"].as_u64().unwrap_or(0) >= 6 * MIB,
+        "written_bytes too small: {st:#}"
+    );
 }
 
 fn fua_write_survives_kill9(engine: Engine) {
@@ -258,7 +366,10 @@ fn write_and_flush_survive_kill9(engine: Engine) {
         return;
     }
     let (c, mut agent) = active(engine);
-    qemu_io(&c.nbd_uri(), &["write -P 0x3c 2M 128k", "write -P 0x4d 7M 4k", "flush"]);
+    qemu_io(
+        &c.nbd_uri(),
+        &["write -P 0x3c 2M 128k", "write -P 0x4d 7M 4k", "flush"],
+    );
     agent.kill9();
     assert_range_is(&c.data_path(), 2 * MIB, 128 << 10, 0x3c);
     assert_range_is(&c.data_path(), 7 * MIB, 4096, 0x4d);

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tests::run::{all_output, describe, run, cmdline};
+use tests::run::{all_output, cmdline, describe, run};
 
 #[test]
 fn mdctrl_demo_runs_end_to_end() {
@@ -14,7 +14,17 @@ fn mdctrl_demo_runs_end_to_end() {
     let out = run(&mut cmd, Duration::from_secs(180));
     assert!(out.status.success(), "{}", describe(&line, &out));
     let text = all_output(&out);
-    for expect in ["mirroring to server2", "unreachable", "Recovery Status", "data files identical on both nodes", "demo finished"] {
-        assert!(text.contains(expect), "demo output lacks {expect:?}\n{}", describe(&line, &out));
+    for expect in [
+        "mirroring to server2",
+        "unreachable",
+        "Recovery Status",
+        "data files identical on both nodes",
+        "demo finished",
+    ] {
+        assert!(
+            text.contains(expect),
+            "demo output lacks {expect:?}\n{}",
+            describe(&line, &out)
+        );
     }
 }

@@ -45,9 +45,15 @@ fn agent_refuses_a_cluster_partition_with_garbage() {
     let status = agent.wait_exit(Duration::from_secs(20));
     assert!(!status.success(), "agent started on garbage metadata");
     let log = agent.log();
-    assert!(log.contains(&c.cp_path().display().to_string()), "log does not name the cluster partition:\n{log}");
+    assert!(
+        log.contains(&c.cp_path().display().to_string()),
+        "log does not name the cluster partition:\n{log}"
+    );
     assert!(log.contains("not usable"), "log does not say why:\n{log}");
-    assert!(!c.admin_socket().exists(), "admin socket left by a refused start");
+    assert!(
+        !c.admin_socket().exists(),
+        "admin socket left by a refused start"
+    );
     let out = c.mdctrl_expect(&["dump-md", "md1"], 6);
     assert!(out.contains("bad magic"), "{out}");
 }
@@ -71,9 +77,18 @@ fn one_corrupt_superblock_slot_is_survived() {
     corrupt_slot(&c, newest);
     let dump = c.mdctrl_ok(&["dump-md", "md1"]);
     let bad = format!("slot {newest}");
-    let line = dump.lines().find(|l| l.starts_with(&bad)).unwrap_or_else(|| panic!("no {bad} line:\n{dump}"));
-    assert!(line.contains("CRC mismatch") && line.contains("expected") && line.contains("actual"), "{dump}");
-    assert!(dump.contains(&format!("chosen: slot {}", 1 - newest)), "{dump}");
+    let line = dump
+        .lines()
+        .find(|l| l.starts_with(&bad))
+        .unwrap_or_else(|| panic!("no {bad} line:\n{dump}"));
+    assert!(
+        line.contains("CRC mismatch") && line.contains("expected") && line.contains("actual"),
+        "{dump}"
+    );
+    assert!(
+        dump.contains(&format!("chosen: slot {}", 1 - newest)),
+        "{dump}"
+    );
     agent.start_again();
     agent.wait_ready();
     c.activate();
@@ -90,13 +105,25 @@ fn both_superblock_slots_corrupt_are_refused() {
     corrupt_slot(&c, 1);
     agent.start_again();
     let status = agent.wait_exit(Duration::from_secs(20));
-    assert!(!status.success(), "agent started with both superblock slots corrupt");
+    assert!(
+        !status.success(),
+        "agent started with both superblock slots corrupt"
+    );
     let log = agent.log();
-    assert!(log.contains(&c.cp_path().display().to_string()), "log does not name the cluster partition:\n{log}");
+    assert!(
+        log.contains(&c.cp_path().display().to_string()),
+        "log does not name the cluster partition:\n{log}"
+    );
     let out = c.mdctrl_expect(&["dump-md", "md1"], 6);
     for slot in ["slot 0", "slot 1"] {
-        let line = out.lines().find(|l| l.starts_with(slot)).unwrap_or_else(|| panic!("no {slot} line:\n{out}"));
-        assert!(line.contains("CRC mismatch") && line.contains("expected") && line.contains("actual"), "{out}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(slot))
+            .unwrap_or_else(|| panic!("no {slot} line:\n{out}"));
+        assert!(
+            line.contains("CRC mismatch") && line.contains("expected") && line.contains("actual"),
+            "{out}"
+        );
     }
     assert!(out.contains("damaged"), "{out}");
 }
@@ -111,17 +138,27 @@ fn corrupt_bitmap_chunk_is_reported_and_its_regions_are_dirty() {
         let storage = bitmap::FileStorage::open(c.cp_path()).expect("open cp");
         let check = bitmap::AttachCheck::new("md1", c.node(), &ident);
         let (cp, _) = bitmap::ClusterPartition::open(storage, &check).expect("attach cp");
-        cp.clear_regions(0..cp.region_count()).expect("clear regions");
+        cp.clear_regions(0..cp.region_count())
+            .expect("clear regions");
         assert_eq!(cp.dirty_count(), 0);
     }
     let dump = c.mdctrl_ok(&["dump-md", "md1"]);
-    assert!(dump.contains(&format!("dirty: 0 of {}", regions(&c))), "{dump}");
+    assert!(
+        dump.contains(&format!("dirty: 0 of {}", regions(&c))),
+        "{dump}"
+    );
     // Damage chunk 0's bits (its header intact: a CRC failure).
     overwrite(&c.cp_path(), BITMAP_OFFSET + 512, 32, 0x00);
     overwrite(&c.cp_path(), BITMAP_OFFSET + 100, 8, 0xff);
     let out = c.mdctrl_expect(&["dump-md", "md1"], 6);
-    assert!(out.contains("bad chunk 0") && out.contains("CRC mismatch"), "{out}");
-    assert!(out.contains(&format!("dirty: {n} of {n}", n = regions(&c))), "bad chunk's regions not dirty:\n{out}");
+    assert!(
+        out.contains("bad chunk 0") && out.contains("CRC mismatch"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("dirty: {n} of {n}", n = regions(&c))),
+        "bad chunk's regions not dirty:\n{out}"
+    );
     // The agent starts and treats the chunk's regions as dirty.
     let _agent = c.start_agent();
     let s = c.status_json();

@@ -35,11 +35,16 @@ fn opts(size: u64, keys: &[(&str, &str)]) -> PairOpts {
 
 /// The configured `divergent_save_dir` of `node`.
 fn divergent_dir(p: &MirrorPair, node: &str) -> PathBuf {
-    p.c.config.resources[0].node(node).expect("node of the resource").divergent_save_dir.clone()
+    p.c.config.resources[0]
+        .node(node)
+        .expect("node of the resource")
+        .divergent_save_dir
+        .clone()
 }
 
 fn connect(p: &MirrorPair, node: &str) -> NbdClient {
-    NbdClient::connect(&p.socket(node), p.c.resource()).unwrap_or_else(|e| panic!("NBD connect to {node}: {e}"))
+    NbdClient::connect(&p.socket(node), p.c.resource())
+        .unwrap_or_else(|e| panic!("NBD connect to {node}: {e}"))
 }
 
 /// Writes `len` bytes of `byte` at `off` through `node`'s export, then flushes.
@@ -49,8 +54,15 @@ fn fill(p: &MirrorPair, node: &str, off: u64, len: u64, byte: u8) {
     let mut done = 0;
     while done < len {
         let n = (len - done).min(chunk.len() as u64) as usize;
-        let err = c.write(off + done, &chunk[..n], false).unwrap_or_else(|e| panic!("write at {}: {e}", off + done));
-        assert_eq!(err, 0, "write at {} failed with NBD error {err}", off + done);
+        let err = c
+            .write(off + done, &chunk[..n], false)
+            .unwrap_or_else(|e| panic!("write at {}: {e}", off + done));
+        assert_eq!(
+            err,
+            0,
+            "write at {} failed with NBD error {err}",
+            off + done
+        );
         done += n as u64;
     }
     assert_eq!(c.flush().expect("flush"), 0, "flush failed");
@@ -60,7 +72,12 @@ fn fill(p: &MirrorPair, node: &str, off: u64, len: u64, byte: u8) {
 /// `mdctrl ARGS` on `node` expecting exit `code`; returns stdout+stderr.
 fn expect_code(p: &MirrorPair, node: &str, args: &[&str], code: i32) -> String {
     let out = p.c.mdctrl_on(node, args);
-    assert_eq!(out.status.code(), Some(code), "expected exit {code}\n{}", describe(&args.join(" "), &out));
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "expected exit {code}\n{}",
+        describe(&args.join(" "), &out)
+    );
     all_output(&out)
 }
 
@@ -75,13 +92,18 @@ fn wait_in_sync(p: &MirrorPair, node: &str, timeout: Duration) -> Value {
 
 /// Waits until `node` reports a finished recovery and an in-sync pair.
 fn wait_recovered(p: &MirrorPair, node: &str, timeout: Duration) -> Value {
-    p.wait_status(node, "a finished recovery and an in-sync pair", timeout, |s| {
-        in_sync(s) && s["pair"]["recovery"]["finished"] == true
-    })
+    p.wait_status(
+        node,
+        "a finished recovery and an in-sync pair",
+        timeout,
+        |s| in_sync(s) && s["pair"]["recovery"]["finished"] == true,
+    )
 }
 
 fn recovery_u64(s: &Value, key: &str) -> u64 {
-    s["pair"]["recovery"][key].as_u64().unwrap_or_else(|| panic!("no pair.recovery.{key}: {s:#}"))
+    s["pair"]["recovery"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pair.recovery.{key}: {s:#}"))
 }
 
 fn assert_identical(p: &MirrorPair) {
@@ -101,15 +123,24 @@ fn saved_image(p: &MirrorPair, node: &str) -> (PathBuf, Vec<(u64, u64, u64)>) {
             n.starts_with(&prefix) && n.ends_with(".img")
         })
         .collect();
-    assert_eq!(imgs.len(), 1, "expected one saved image of {node} in {}: {imgs:?}", dir.display());
+    assert_eq!(
+        imgs.len(),
+        1,
+        "expected one saved image of {node} in {}: {imgs:?}",
+        dir.display()
+    );
     let img = imgs[0].clone();
     let regions_path = PathBuf::from(format!("{}.regions", img.display()));
-    let text = std::fs::read_to_string(&regions_path).unwrap_or_else(|e| panic!("reading {}: {e}", regions_path.display()));
+    let text = std::fs::read_to_string(&regions_path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", regions_path.display()));
     let regions = text
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
         .map(|l| {
-            let f: Vec<u64> = l.split_whitespace().map(|x| x.parse().unwrap_or_else(|e| panic!("{l:?}: {e}"))).collect();
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or_else(|e| panic!("{l:?}: {e}")))
+                .collect();
             assert_eq!(f.len(), 3, "regions line {l:?}");
             (f[0], f[1], f[2])
         })
@@ -122,13 +153,19 @@ fn assert_saved_region(img: &Path, regions: &[(u64, u64, u64)], off: u64, len: u
     let last = (off + len - 1) / REGION;
     for r in first..=last {
         assert!(
-            regions.iter().any(|&(i, o, l)| i == r && o == r * REGION && l == REGION),
+            regions
+                .iter()
+                .any(|&(i, o, l)| i == r && o == r * REGION && l == REGION),
             "region {r} missing from the .regions list of {}: {regions:?}",
             img.display()
         );
     }
     let got = read_range(img, off, len as usize);
-    assert!(got.iter().all(|&b| b == byte), "saved image {} at {off}+{len} is not all {byte:#x}", img.display());
+    assert!(
+        got.iter().all(|&b| b == byte),
+        "saved image {} at {off}+{len} is not all {byte:#x}",
+        img.display()
+    );
 }
 
 /// Scenario 1: Standby killed and restarted: automatic recovery, identical.
@@ -145,12 +182,20 @@ fn standby_restart_recovers_automatically() {
     let s = wait_recovered(&p, "server1", T);
     // The session's decision is reported while the recovery is pending; once
     // finished, the recovery row keeps the rule that chose it.
-    assert_eq!(s["pair"]["recovery"]["rule"], "R14 ahead-differential", "{s:#}");
+    assert_eq!(
+        s["pair"]["recovery"]["rule"], "R14 ahead-differential",
+        "{s:#}"
+    );
     assert_eq!(s["pair"]["recovery"]["kind"], "differential", "{s:#}");
-    assert_eq!(s["pair"]["recovery"]["direction"], "server1 -> server2", "{s:#}");
+    assert_eq!(
+        s["pair"]["recovery"]["direction"], "server1 -> server2",
+        "{s:#}"
+    );
     assert_eq!(s["color"], "GREEN", "{s:#}");
     assert!(recovery_u64(&s, "done_bytes") >= 192 << 10, "{s:#}");
-    p.a1.assert_log_contains("decision R14 ahead-differential: differential resync server1 -> server2");
+    p.a1.assert_log_contains(
+        "decision R14 ahead-differential: differential resync server1 -> server2",
+    );
     wait_in_sync(&p, "server2", T);
     assert_identical(&p);
     fill(&p, "server1", 3 << 20, 64 << 10, 0x33);
@@ -179,9 +224,16 @@ fn force_after_active_crash_saves_divergent_regions() {
     p.a1.start_again();
     p.a1.wait_ready();
     let s = wait_recovered(&p, "server2", T);
-    assert_eq!(s["pair"]["recovery"]["direction"], "server2 -> server1", "{s:#}");
+    assert_eq!(
+        s["pair"]["recovery"]["direction"], "server2 -> server1",
+        "{s:#}"
+    );
     assert_identical(&p);
-    assert_eq!(read_range(&p.data("server1"), 8 << 20, 4), vec![0; 4], "server1's lone write survived the resync");
+    assert_eq!(
+        read_range(&p.data("server1"), 8 << 20, 4),
+        vec![0; 4],
+        "server1's lone write survived the resync"
+    );
     let (img, regions) = saved_image(&p, "server1");
     assert_saved_region(&img, &regions, 8 << 20, 64 << 10, 0x77);
     expect_code(&p, "server1", &["activate", "md1", "--nomount"], 3);
@@ -218,10 +270,17 @@ fn split_brain_resolved_by_force() {
     for n in ["server1", "server2"] {
         let s = p.wait_status(n, "split brain", T, |s| {
             s["pair"]["connection"] == "connected"
-                && s["pair"]["sync"].as_str().unwrap_or("").to_lowercase().contains("split")
+                && s["pair"]["sync"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_lowercase()
+                    .contains("split")
         });
         assert_eq!(s["color"], "RED", "{n}: {s:#}");
-        assert!(s["next_step"].as_str().unwrap_or("").contains("force"), "{n}: {s:#}");
+        assert!(
+            s["next_step"].as_str().unwrap_or("").contains("force"),
+            "{n}: {s:#}"
+        );
     }
     for n in ["server1", "server2"] {
         let out = expect_code(&p, n, &["activate", "md1", "--nomount"], 3);
@@ -231,7 +290,9 @@ fn split_brain_resolved_by_force() {
     wait_recovered(&p, "server1", T);
     wait_in_sync(&p, "server2", T);
     assert_identical(&p);
-    assert!(read_range(&p.data("server2"), 6 << 20, 64 << 10).iter().all(|&b| b == 0x11));
+    assert!(read_range(&p.data("server2"), 6 << 20, 64 << 10)
+        .iter()
+        .all(|&b| b == 0x11));
     let (img, regions) = saved_image(&p, "server2");
     assert_saved_region(&img, &regions, 4 << 20, 64 << 10, 0x22);
 }
@@ -267,14 +328,25 @@ fn resync_resumes_after_target_kill() {
     p.a2.start_again();
     p.a2.wait_ready();
     let st = p.status("server2");
-    assert_eq!(st["disk"]["consistent"], false, "target after kill mid-resync: {st:#}");
+    assert_eq!(
+        st["disk"]["consistent"], false,
+        "target after kill mid-resync: {st:#}"
+    );
     let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
-    assert!(out.contains("inconsistent"), "refusal does not name the inconsistent data: {out}");
+    assert!(
+        out.contains("inconsistent"),
+        "refusal does not name the inconsistent data: {out}"
+    );
     let s = p.wait_status("server1", "the resumed recovery", T, |s| {
-        s["pair"]["connection"] == "connected" && s["pair"]["recovery"]["total_bytes"].as_u64().is_some_and(|t| t < total)
+        s["pair"]["connection"] == "connected"
+            && s["pair"]["recovery"]["total_bytes"]
+                .as_u64()
+                .is_some_and(|t| t < total)
     });
     let resumed_total = recovery_u64(&s, "total_bytes");
-    eprintln!("first total {total}, done before the kill {done_before}, resumed total {resumed_total}");
+    eprintln!(
+        "first total {total}, done before the kill {done_before}, resumed total {resumed_total}"
+    );
     // Slack: regions copied but not yet cleared in the persistent bitmap
     // when the process died (bitmap clears are flushed lazily).
     assert!(
@@ -282,7 +354,9 @@ fn resync_resumes_after_target_kill() {
         "resumed resync recopies: first total {total}, {done_before} done before the kill, resumed total {resumed_total}"
     );
     wait_recovered(&p, "server1", Duration::from_secs(60));
-    p.a1.assert_log_contains("decision R3 resume-interrupted-resync: differential resync server1 -> server2");
+    p.a1.assert_log_contains(
+        "decision R3 resume-interrupted-resync: differential resync server1 -> server2",
+    );
     wait_in_sync(&p, "server2", T);
     assert_identical(&p);
 }
@@ -304,15 +378,28 @@ fn resync_resumes_after_source_kill() {
     p.a1.wait_ready();
     // Neither node is active now: automatic recovery waits for the operator.
     let s = p.wait_status("server1", "the resume decision", T, |s| {
-        s["pair"]["decision"].as_str().is_some_and(|d| d.starts_with("R3 resume-interrupted-resync"))
+        s["pair"]["decision"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("R3 resume-interrupted-resync"))
     });
-    assert!(s["pair"]["auto_recovery"].as_str().unwrap_or("").starts_with("not-active"), "{s:#}");
+    assert!(
+        s["pair"]["auto_recovery"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("not-active"),
+        "{s:#}"
+    );
     p.mdctrl_ok("server1", &["recover", "md1"]);
     let s = p.wait_status("server1", "the resumed recovery", T, |s| {
-        s["pair"]["connection"] == "connected" && s["pair"]["recovery"]["total_bytes"].as_u64().is_some_and(|t| t < total)
+        s["pair"]["connection"] == "connected"
+            && s["pair"]["recovery"]["total_bytes"]
+                .as_u64()
+                .is_some_and(|t| t < total)
     });
     let resumed_total = recovery_u64(&s, "total_bytes");
-    eprintln!("first total {total}, done before the kill {done_before}, resumed total {resumed_total}");
+    eprintln!(
+        "first total {total}, done before the kill {done_before}, resumed total {resumed_total}"
+    );
     // Slack: regions copied but not yet cleared in the persistent bitmap
     // when the process died (bitmap clears are flushed lazily).
     assert!(
@@ -320,7 +407,9 @@ fn resync_resumes_after_source_kill() {
         "resumed resync recopies: first total {total}, {done_before} done before the kill, resumed total {resumed_total}"
     );
     wait_recovered(&p, "server1", Duration::from_secs(60));
-    p.a1.assert_log_contains("decision R3 resume-interrupted-resync: differential resync server1 -> server2");
+    p.a1.assert_log_contains(
+        "decision R3 resume-interrupted-resync: differential resync server1 -> server2",
+    );
     wait_in_sync(&p, "server2", T);
     assert_identical(&p);
 }
@@ -340,7 +429,8 @@ fn writes_during_resync_converge() {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 // Hot regions inside the dirty set (still to copy or copied) and outside it.
-                let off = [0u64, 5 << 20, 15 << 20, 20 << 20, 31 << 20][(n % 5) as usize] + (n % 16) * 4096;
+                let off = [0u64, 5 << 20, 15 << 20, 20 << 20, 31 << 20][(n % 5) as usize]
+                    + (n % 16) * 4096;
                 let data = random_bytes(4096, n);
                 assert_eq!(c.write(off, &data, false).expect("write"), 0);
                 n += 1;
@@ -351,7 +441,8 @@ fn writes_during_resync_converge() {
     };
     p.wait_status("server1", "half of the resync", T, |s| {
         let r = &s["pair"]["recovery"];
-        r["done_bytes"].as_u64().unwrap_or(0) * 2 >= r["total_bytes"].as_u64().unwrap_or(u64::MAX) || r["finished"] == true
+        r["done_bytes"].as_u64().unwrap_or(0) * 2 >= r["total_bytes"].as_u64().unwrap_or(u64::MAX)
+            || r["finished"] == true
     });
     wait_recovered(&p, "server1", Duration::from_secs(60));
     stop.store(true, Ordering::Relaxed);
@@ -384,10 +475,16 @@ fn differential_resync_copies_only_dirty_regions() {
     p.a2.wait_ready();
     let s = wait_recovered(&p, "server1", Duration::from_secs(60));
     let copied = recovery_u64(&s, "done_bytes");
-    eprintln!("{dirty} of {regions} regions dirty, {copied} bytes copied ({:.3}% of the volume)", copied as f64 * 100.0 / VOL as f64);
+    eprintln!(
+        "{dirty} of {regions} regions dirty, {copied} bytes copied ({:.3}% of the volume)",
+        copied as f64 * 100.0 / VOL as f64
+    );
     let lo = dirty * REGION;
     let hi = VOL * 15 / 1000 + 8 * REGION;
-    assert!((lo..=hi).contains(&copied), "copied {copied} bytes, expected within [{lo}, {hi}] (1% dirty of {VOL}): {s:#}");
+    assert!(
+        (lo..=hi).contains(&copied),
+        "copied {copied} bytes, expected within [{lo}, {hi}] (1% dirty of {VOL}): {s:#}"
+    );
     assert!(VOL / 100 <= copied + REGION, "copied {copied} < 1%");
     wait_in_sync(&p, "server2", T);
     assert_identical(&p);
@@ -401,7 +498,9 @@ fn break_recover_and_verify() {
     fill(&p, "server1", 0, 2 << 20, 0xab);
     p.mdctrl_ok("server1", &["break", "md1"]);
     fill(&p, "server1", 5 << 20, 3 << 20, 0x99);
-    p.wait_status("server2", "out of sync", T, |s| s["pair"]["in_sync"] == false);
+    p.wait_status("server2", "out of sync", T, |s| {
+        s["pair"]["in_sync"] == false
+    });
     expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
     let out = p.mdctrl_ok("server2", &["recover", "md1", "--wait"]);
     assert!(out.contains("recovery finished"), "{out}");

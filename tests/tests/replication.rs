@@ -30,17 +30,23 @@ const REGION: u64 = 64 << 10;
 const T: Duration = Duration::from_secs(15);
 
 fn trials(default: usize) -> usize {
-    std::env::var("NBD_MIRROR_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var("NBD_MIRROR_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 fn connect(p: &MirrorPair, node: &str) -> NbdClient {
-    NbdClient::connect(&p.socket(node), p.c.resource()).unwrap_or_else(|e| panic!("NBD connect to {node}: {e}"))
+    NbdClient::connect(&p.socket(node), p.c.resource())
+        .unwrap_or_else(|e| panic!("NBD connect to {node}: {e}"))
 }
 
 /// A write of unique data at a 4 KiB-aligned offset.
 fn one_write(c: &mut NbdClient, off: u64, len: usize, tag: u64, shadow: Option<&mut [u8]>) {
     let data = random_bytes(len, tag);
-    let err = c.write(off, &data, tag.is_multiple_of(5)).unwrap_or_else(|e| panic!("write at {off}+{len}: {e}"));
+    let err = c
+        .write(off, &data, tag.is_multiple_of(5))
+        .unwrap_or_else(|e| panic!("write at {off}+{len}: {e}"));
     assert_eq!(err, 0, "write at {off}+{len} failed with NBD error {err}");
     if let Some(s) = shadow {
         s[off as usize..off as usize + len].copy_from_slice(&data);
@@ -48,7 +54,9 @@ fn one_write(c: &mut NbdClient, off: u64, len: usize, tag: u64, shadow: Option<&
 }
 
 fn break_recorded(s: &Value) -> bool {
-    connection(s) != "connected" && !s["disk"]["break_time"].is_null() && s["pair"]["replicating"] == false
+    connection(s) != "connected"
+        && !s["disk"]["break_time"].is_null()
+        && s["pair"]["replicating"] == false
 }
 
 /// The status of an active node whose peer is gone: break recorded, peer
@@ -56,10 +64,19 @@ fn break_recorded(s: &Value) -> bool {
 fn assert_peer_unreachable(s: &Value) {
     assert_eq!(s["role"], "active", "{s:#}");
     assert_ne!(connection(s), "connected", "{s:#}");
-    assert!(s["disk"]["break_time"].as_u64().is_some(), "no break_time: {s:#}");
+    assert!(
+        s["disk"]["break_time"].as_u64().is_some(),
+        "no break_time: {s:#}"
+    );
     assert_eq!(s["pair"]["in_sync"], false, "{s:#}");
     assert!(s["pair"]["last_break"].is_string(), "no last_break: {s:#}");
-    assert!(s["next_step"].as_str().unwrap_or("").contains("unreachable"), "next_step: {s:#}");
+    assert!(
+        s["next_step"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unreachable"),
+        "next_step: {s:#}"
+    );
     // The active holds the latest data: green in the ancestor's sense.
     assert_eq!(s["color"], "GREEN", "{s:#}");
 }
@@ -72,7 +89,9 @@ fn writes_replicate(mode: &str) {
     let mut rng = StdRng::seed_from_u64(seed);
     let p = MirrorPair::start(&PairOpts::new(mode));
     p.activate("server1");
-    let s = p.wait_status("server1", "replicating", T, |s| s["pair"]["replicating"] == true);
+    let s = p.wait_status("server1", "replicating", T, |s| {
+        s["pair"]["replicating"] == true
+    });
     assert_eq!(s["pair"]["rpo"]["mode"], mode, "{s:#}");
     let mut shadow = vec![0u8; VOL as usize];
     let mut c = connect(&p, "server1");
@@ -107,7 +126,10 @@ fn writes_replicate(mode: &str) {
         }
     }
     let s = p.wait_rpo_zero("server1", T);
-    assert!(s["pair"]["rpo"]["writes_replicated"].as_u64().unwrap_or(0) >= n, "{s:#}");
+    assert!(
+        s["pair"]["rpo"]["writes_replicated"].as_u64().unwrap_or(0) >= n,
+        "{s:#}"
+    );
     assert_eq!(s["pair"]["rpo"]["writes_local_only"], 0, "{s:#}");
     assert_eq!(s["pair"]["in_sync"], true, "{s:#}");
     // Reads through NBD see the same data.
@@ -160,7 +182,9 @@ fn kill_standby_at_random_points() {
         let tseed: u64 = rng.gen();
         let mut p = MirrorPair::start(&PairOpts::new(mode));
         p.activate("server1");
-        p.wait_status("server1", "replicating", T, |s| s["pair"]["replicating"] == true);
+        p.wait_status("server1", "replicating", T, |s| {
+            s["pair"]["replicating"] == true
+        });
         let gen_before = p.status("server1")["disk"]["current_generation"].clone();
         let pid = p.a2.pid();
         let killed = Arc::new(AtomicBool::new(false));
@@ -181,21 +205,35 @@ fn kill_standby_at_random_points() {
                 after += 1;
             }
             let off = trng.gen_range(0..(VOL / 2 / 4096 - 16)) * 4096;
-            one_write(&mut c, off, trng.gen_range(1..=16usize) * 4096, tseed ^ n, None);
+            one_write(
+                &mut c,
+                off,
+                trng.gen_range(1..=16usize) * 4096,
+                tseed ^ n,
+                None,
+            );
             n += 1;
         }
         killer.join().expect("killer thread");
         p.a2.kill9();
         let s = p.wait_status("server1", "the break to be recorded", T, break_recorded);
         assert_peer_unreachable(&s);
-        assert_ne!(s["disk"]["current_generation"], gen_before, "generation did not move at the break: {s:#}");
+        assert_ne!(
+            s["disk"]["current_generation"], gen_before,
+            "generation did not move at the break: {s:#}"
+        );
         // Writes after the break land in fresh regions of the second half: each is dirty.
         let mut regions = BTreeSet::new();
         for i in 0..6u64 {
-            let off = VOL / 2 + trng.gen_range(0..(VOL / 2 / REGION)) * REGION + trng.gen_range(0..8u64) * 4096;
+            let off = VOL / 2
+                + trng.gen_range(0..(VOL / 2 / REGION)) * REGION
+                + trng.gen_range(0..8u64) * 4096;
             let len = 4096 * trng.gen_range(1..=8usize);
             one_write(&mut c, off, len, tseed ^ (1000 + i), None);
-            assert_eq!(c.read(off, len as u32).expect("read back"), random_bytes(len, tseed ^ (1000 + i)));
+            assert_eq!(
+                c.read(off, len as u32).expect("read back"),
+                random_bytes(len, tseed ^ (1000 + i))
+            );
             for r in off / REGION..=(off + len as u64 - 1) / REGION {
                 regions.insert(r);
             }
@@ -204,11 +242,23 @@ fn kill_standby_at_random_points() {
         let missing: Vec<_> = regions.difference(&dirty).collect();
         assert!(missing.is_empty(), "trial {trial} ({mode}): regions {missing:?} written after the break are not dirty (dirty: {dirty:?})");
         let s = p.status("server1");
-        assert!(s["disk"]["dirty_regions"].as_u64().unwrap_or(0) >= regions.len() as u64, "{s:#}");
+        assert!(
+            s["disk"]["dirty_regions"].as_u64().unwrap_or(0) >= regions.len() as u64,
+            "{s:#}"
+        );
         assert_eq!(s["nbd"]["errors"], 0, "{s:#}");
-        assert!(s["pair"]["rpo"]["writes_local_only"].as_u64().unwrap_or(0) >= 6, "{s:#}");
-        assert!(s["pair"]["rpo"]["breaks"].as_u64().unwrap_or(0) >= 1, "{s:#}");
-        eprintln!("trial {trial}: {mode}, kill after {delay:?}, {n} writes before, dirty {}", dirty.len());
+        assert!(
+            s["pair"]["rpo"]["writes_local_only"].as_u64().unwrap_or(0) >= 6,
+            "{s:#}"
+        );
+        assert!(
+            s["pair"]["rpo"]["breaks"].as_u64().unwrap_or(0) >= 1,
+            "{s:#}"
+        );
+        eprintln!(
+            "trial {trial}: {mode}, kill after {delay:?}, {n} writes before, dirty {}",
+            dirty.len()
+        );
     }
 }
 
@@ -224,7 +274,9 @@ fn kill_active_in_sync_mode_loses_no_acknowledged_write() {
         let tseed: u64 = rng.gen();
         let mut p = MirrorPair::start(&PairOpts::new("sync"));
         p.activate("server1");
-        p.wait_status("server1", "replicating", T, |s| s["pair"]["replicating"] == true);
+        p.wait_status("server1", "replicating", T, |s| {
+            s["pair"]["replicating"] == true
+        });
         // Each write goes to its own 4 KiB slot (never overwritten), so
         // every acknowledged write must be found intact on the standby.
         let mut slots: Vec<u64> = (0..VOL / 4096).collect();
@@ -262,7 +314,14 @@ fn kill_active_in_sync_mode_loses_no_acknowledged_write() {
                 continue;
             }
             let (off, len) = writes[sent];
-            if c.send_write(sent as u64, off, &random_bytes(len, tseed ^ sent as u64), false).is_err() {
+            if c.send_write(
+                sent as u64,
+                off,
+                &random_bytes(len, tseed ^ sent as u64),
+                false,
+            )
+            .is_err()
+            {
                 break;
             }
             sent += 1;
@@ -271,7 +330,10 @@ fn kill_active_in_sync_mode_loses_no_acknowledged_write() {
         p.a1.kill9();
         replies.join().expect("reply thread");
         let acked = acked.lock().unwrap().clone();
-        assert!(sent < writes.len(), "trial {trial}: the stream ended before the kill; make the volume larger");
+        assert!(
+            sent < writes.len(),
+            "trial {trial}: the stream ended before the kill; make the volume larger"
+        );
         for h in &acked {
             let (off, len) = writes[*h as usize];
             let got = read_range(&p.data("server2"), off, len);
@@ -280,7 +342,9 @@ fn kill_active_in_sync_mode_loses_no_acknowledged_write() {
                 "trial {trial} (seed {seed}): acknowledged write {h} at {off}+{len} is not on the standby's data path"
             );
         }
-        let s2 = p.wait_status("server2", "the standby to see the active gone", T, |s| connection(s) != "connected");
+        let s2 = p.wait_status("server2", "the standby to see the active gone", T, |s| {
+            connection(s) != "connected"
+        });
         assert_eq!(s2["role"], "inactive", "{s2:#}");
         eprintln!("trial {trial}: kill after {delay:?}: {} of {sent} writes acknowledged, all on the standby", acked.len());
     }
@@ -291,19 +355,31 @@ fn kill_active_in_sync_mode_loses_no_acknowledged_write() {
 
 /// Starts server1 with the pair's config and server2 with `text2`; returns
 /// the pair (a2 runs the second config) and the second cluster view.
-fn mismatched(mut edit: impl FnMut(&str) -> String, res2: &str, size2: Option<u64>, reason: &[&str]) {
+fn mismatched(
+    mut edit: impl FnMut(&str) -> String,
+    res2: &str,
+    size2: Option<u64>,
+    reason: &[&str],
+) {
     let c = MirrorPair::configure(&PairOpts::new("sync"));
     let text2 = edit(&c.config_text());
     let c2 = c.with_config_text("cluster-server2.toml", &text2);
     if let Some(size) = size2 {
         // The volume size in Hello is the data partition's real size.
-        let f = std::fs::OpenOptions::new().write(true).open(c.data_path_on("server2")).expect("open data");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.data_path_on("server2"))
+            .expect("open data");
         f.set_len(size).expect("resizing server2's data path");
     }
     if res2 != "md1" || size2.is_some() {
         // Server2's own view of its resource needs its own metadata.
         let out = c2.mdctrl_on("server2", &["init", res2, "--blank", "--force"]);
-        assert!(out.status.success(), "init on server2: {}", tests::run::all_output(&out));
+        assert!(
+            out.status.success(),
+            "init on server2: {}",
+            tests::run::all_output(&out)
+        );
     }
     let sum2 = sha256(&c.data_path_on("server2"));
     let mut a1 = c.spawn_agent_on("server1");
@@ -318,31 +394,58 @@ fn mismatched(mut edit: impl FnMut(&str) -> String, res2: &str, size2: Option<u6
     let refused = poll_until(T, || {
         let s1 = st(&c, "server1", "md1");
         let s2 = st(&c2, "server2", res2);
-        [connection(&s1), connection(&s2)].into_iter().find(|c| c.starts_with("refused"))
+        [connection(&s1), connection(&s2)]
+            .into_iter()
+            .find(|c| c.starts_with("refused"))
     });
     let logs = format!("{}\n{}", a1.log(), a2.log());
-    let refused = refused.unwrap_or_else(|| panic!("no side reports a refused connection within {T:?}\n{logs}"));
+    let refused = refused
+        .unwrap_or_else(|| panic!("no side reports a refused connection within {T:?}\n{logs}"));
     let l = refused.to_lowercase();
-    assert!(reason.iter().any(|r| l.contains(r)), "refusal {refused:?} does not name the reason {reason:?}");
-    assert!(reason.iter().any(|r| logs.to_lowercase().contains(r)), "the logs do not name the reason {reason:?}:\n{logs}");
+    assert!(
+        reason.iter().any(|r| l.contains(r)),
+        "refusal {refused:?} does not name the reason {reason:?}"
+    );
+    assert!(
+        reason.iter().any(|r| logs.to_lowercase().contains(r)),
+        "the logs do not name the reason {reason:?}:\n{logs}"
+    );
     // Activation cannot find a peer session; whatever it answers, nothing reaches server2.
     let out = c.mdctrl_on("server1", &["activate", "md1", "--nomount"]);
-    eprintln!("refusal: {refused}; activate on server1: {}: {}", out.status, tests::run::all_output(&out).trim());
+    eprintln!(
+        "refusal: {refused}; activate on server1: {}: {}",
+        out.status,
+        tests::run::all_output(&out).trim()
+    );
     if out.status.success() {
         let mut cl = NbdClient::connect(&c.nbd_socket_on("server1"), "md1").expect("connect");
         assert_eq!(cl.write(0, &vec![0xa5; 1 << 20], true).expect("write"), 0);
         assert_eq!(cl.flush().expect("flush"), 0);
         let s1 = st(&c, "server1", "md1");
-        assert_eq!(s1["pair"]["replicating"], false, "replicating over a refused link: {s1:#}");
+        assert_eq!(
+            s1["pair"]["replicating"], false,
+            "replicating over a refused link: {s1:#}"
+        );
     } else {
         let text = tests::run::all_output(&out);
-        assert!(text.contains("refused") || text.contains("rejected"), "activation failed without naming the refused link: {text}");
+        assert!(
+            text.contains("refused") || text.contains("rejected"),
+            "activation failed without naming the refused link: {text}"
+        );
     }
     for (cl, node, res) in [(&c, "server1", "md1"), (&c2, "server2", res2)] {
         let s = st(cl, node, res);
-        assert_ne!(connection(&s), "connected", "{node} connected despite the mismatch: {s:#}");
+        assert_ne!(
+            connection(&s),
+            "connected",
+            "{node} connected despite the mismatch: {s:#}"
+        );
     }
-    assert_eq!(sha256(&c.data_path_on("server2")), sum2, "server2's data changed");
+    assert_eq!(
+        sha256(&c.data_path_on("server2")),
+        sum2,
+        "server2's data changed"
+    );
     let s2 = st(&c2, "server2", res2);
     assert_eq!(s2["pair"]["standby_applying"], false, "{s2:#}");
 }
@@ -351,11 +454,15 @@ fn mismatched(mut edit: impl FnMut(&str) -> String, res2: &str, size2: Option<u6
 fn refused_wrong_secret() {
     mismatched(
         |t| {
-            let dir = t.lines().find(|l| l.starts_with("secret_file")).expect("secret_file line");
+            let dir = t
+                .lines()
+                .find(|l| l.starts_with("secret_file"))
+                .expect("secret_file line");
             let path = dir.split('"').nth(1).expect("quoted path");
             let other = format!("{path}.other");
             std::fs::write(&other, format!("{}\n", "ab".repeat(32))).expect("second secret");
-            std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+            std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod");
             t.replace(path, &other)
         },
         "md1",
@@ -366,14 +473,22 @@ fn refused_wrong_secret() {
 
 #[test]
 fn refused_wrong_cluster_name() {
-    mismatched(|t| t.replacen("name = \"demo\"", "name = \"other-cluster\"", 1), "md1", None, &["cluster name"]);
+    mismatched(
+        |t| t.replacen("name = \"demo\"", "name = \"other-cluster\"", 1),
+        "md1",
+        None,
+        &["cluster name"],
+    );
 }
 
 #[test]
 fn refused_unknown_node_name() {
     // Server2 believes its peer is called server0 (still the dialer).
     mismatched(
-        |t| t.replace("name = \"server1\"", "name = \"server0\"").replace("[resource.server.server1]", "[resource.server.server0]"),
+        |t| {
+            t.replace("name = \"server1\"", "name = \"server0\"")
+                .replace("[resource.server.server1]", "[resource.server.server0]")
+        },
         "md1",
         None,
         &["node name"],
@@ -382,7 +497,12 @@ fn refused_unknown_node_name() {
 
 #[test]
 fn refused_wrong_resource_name() {
-    mismatched(|t| t.replace("name = \"md1\"", "name = \"md2\""), "md2", None, &["resource name"]);
+    mismatched(
+        |t| t.replace("name = \"md1\"", "name = \"md2\""),
+        "md2",
+        None,
+        &["resource name"],
+    );
 }
 
 #[test]
@@ -414,39 +534,73 @@ const FAKE_WRITE_OFF: u64 = VOL - REGION;
 
 fn bad_frames() -> Vec<BadFrame> {
     fn write(f: &mut FakePeer) -> Vec<u8> {
-        f.encode_next(Message::Write { offset: FAKE_WRITE_OFF, fua: true, data: vec![0xab; 65536].into() })
+        f.encode_next(Message::Write {
+            offset: FAKE_WRITE_OFF,
+            fua: true,
+            data: vec![0xab; 65536].into(),
+        })
     }
     vec![
-        ("bad header CRC", |f| {
-            let mut b = write(f);
-            b[26] ^= 0x40;
-            b
-        }, "header checksum"),
-        ("bad payload CRC", |f| {
-            let mut b = write(f);
-            let n = b.len();
-            b[n - 100] ^= 0x01;
-            b
-        }, "payload checksum"),
-        ("bad magic", |f| {
-            let mut b = write(f);
-            b[0] = b'X';
-            tests::fakepeer::reseal_header(&mut b);
-            b
-        }, "magic"),
-        ("oversized length", |f| {
-            let mut b = f.encode_next(Message::Ping { nonce: 1, timestamp_ns: 2 });
-            b[16..20].copy_from_slice(&(64u32 << 20).to_le_bytes());
-            tests::fakepeer::reseal_header(&mut b);
-            b
-        }, "exceeds the maximum"),
-        ("unknown kind", |f| {
-            let mut b = f.encode_next(Message::Ping { nonce: 1, timestamp_ns: 2 });
-            b[5] = 0x7e;
-            tests::fakepeer::reseal_header(&mut b);
-            b
-        }, "unknown message kind"),
-        ("Write to a node that is not the peer's standby", write, "not its standby"),
+        (
+            "bad header CRC",
+            |f| {
+                let mut b = write(f);
+                b[26] ^= 0x40;
+                b
+            },
+            "header checksum",
+        ),
+        (
+            "bad payload CRC",
+            |f| {
+                let mut b = write(f);
+                let n = b.len();
+                b[n - 100] ^= 0x01;
+                b
+            },
+            "payload checksum",
+        ),
+        (
+            "bad magic",
+            |f| {
+                let mut b = write(f);
+                b[0] = b'X';
+                tests::fakepeer::reseal_header(&mut b);
+                b
+            },
+            "magic",
+        ),
+        (
+            "oversized length",
+            |f| {
+                let mut b = f.encode_next(Message::Ping {
+                    nonce: 1,
+                    timestamp_ns: 2,
+                });
+                b[16..20].copy_from_slice(&(64u32 << 20).to_le_bytes());
+                tests::fakepeer::reseal_header(&mut b);
+                b
+            },
+            "exceeds the maximum",
+        ),
+        (
+            "unknown kind",
+            |f| {
+                let mut b = f.encode_next(Message::Ping {
+                    nonce: 1,
+                    timestamp_ns: 2,
+                });
+                b[5] = 0x7e;
+                tests::fakepeer::reseal_header(&mut b);
+                b
+            },
+            "unknown message kind",
+        ),
+        (
+            "Write to a node that is not the peer's standby",
+            write,
+            "not its standby",
+        ),
     ]
 }
 
@@ -456,10 +610,12 @@ fn bad_frames() -> Vec<BadFrame> {
 fn feed_bad_frames(agent: &mut tests::Agent, mut session: impl FnMut() -> FakePeer) {
     for (name, make, word) in bad_frames() {
         let mut f = session();
-        f.ping(Duration::from_secs(3)).unwrap_or_else(|e| panic!("{name}: session not usable before the bad frame: {e}"));
+        f.ping(Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("{name}: session not usable before the bad frame: {e}"));
         let before = agent.log().len();
         let bytes = make(&mut f);
-        f.send_raw(&bytes).unwrap_or_else(|e| panic!("{name}: sending: {e}"));
+        f.send_raw(&bytes)
+            .unwrap_or_else(|e| panic!("{name}: sending: {e}"));
         let t0 = Instant::now();
         let closed = f.wait_closed(Duration::from_secs(5));
         let took = t0.elapsed();
@@ -467,10 +623,20 @@ fn feed_bad_frames(agent: &mut tests::Agent, mut session: impl FnMut() -> FakePe
         let found = poll_until(Duration::from_secs(3), || {
             let log = agent.log();
             let new = &log[before.min(log.len())..];
-            new.lines().find(|l| (l.contains("closed") || l.contains("ended")) && l.contains(word)).map(str::to_string)
+            new.lines()
+                .find(|l| (l.contains("closed") || l.contains("ended")) && l.contains(word))
+                .map(str::to_string)
         });
-        let line = found.unwrap_or_else(|| panic!("{name}: the agent logged no closed link naming {word:?}:\n{}", agent.log()));
-        eprintln!("{name}: link dropped after {took:?}, errors sent {:?}; log: {line}", closed.errors);
+        let line = found.unwrap_or_else(|| {
+            panic!(
+                "{name}: the agent logged no closed link naming {word:?}:\n{}",
+                agent.log()
+            )
+        });
+        eprintln!(
+            "{name}: link dropped after {took:?}, errors sent {:?}; log: {line}",
+            closed.errors
+        );
     }
 }
 
@@ -480,12 +646,25 @@ fn malformed_frames_to_a_standby_are_refused_and_nothing_applied() {
     tests::data::overwrite(&c.data_path_on("server2"), 0, VOL as usize, 0x11);
     let sum = sha256(&c.data_path_on("server2"));
     let mut a2 = c.start_agent_on("server2");
-    let addr: SocketAddr = format!("127.0.0.1:{}", c.config.resources[0].node("server2").expect("node").mirror_port).parse().unwrap();
+    let addr: SocketAddr = format!(
+        "127.0.0.1:{}",
+        c.config.resources[0]
+            .node("server2")
+            .expect("node")
+            .mirror_port
+    )
+    .parse()
+    .unwrap();
     let id = identity(&c, "server1", "server2");
     feed_bad_frames(&mut a2, || {
-        poll_until(T, || FakePeer::dial(addr, &id).ok()).expect("the fake peer could not complete the handshake with server2")
+        poll_until(T, || FakePeer::dial(addr, &id).ok())
+            .expect("the fake peer could not complete the handshake with server2")
     });
-    assert_eq!(sha256(&c.data_path_on("server2")), sum, "server2's data path changed");
+    assert_eq!(
+        sha256(&c.data_path_on("server2")),
+        sum,
+        "server2's data path changed"
+    );
     let out = c.mdctrl_on("server2", &["status", "md1", "--json"]);
     let s: Value = serde_json::from_str(&tests::run::stdout(&out)).expect("status");
     assert_eq!(s["pair"]["standby_applying"], false, "{s:#}");
@@ -496,8 +675,13 @@ fn malformed_frames_to_a_standby_are_refused_and_nothing_applied() {
 fn malformed_frames_to_an_active_break_the_mirror_cleanly() {
     let mut p = MirrorPair::start(&PairOpts::new("sync"));
     p.activate("server1");
-    p.wait_status("server1", "replicating", T, |s| s["pair"]["replicating"] == true);
-    let port = p.c.config.resources[0].node("server2").expect("node").mirror_port;
+    p.wait_status("server1", "replicating", T, |s| {
+        s["pair"]["replicating"] == true
+    });
+    let port = p.c.config.resources[0]
+        .node("server2")
+        .expect("node")
+        .mirror_port;
     p.a2.kill9();
     let l = TcpListener::bind(("127.0.0.1", port)).expect("taking over server2's mirror port");
     // A client keeps writing (first half of the volume) the whole time.
@@ -515,7 +699,9 @@ fn malformed_frames_to_an_active_break_the_mirror_cleanly() {
         n
     });
     let id = identity(&p.c, "server2", "server1");
-    feed_bad_frames(&mut p.a1, || FakePeer::accept(&l, &id, T).expect("server1 did not redial the fake peer"));
+    feed_bad_frames(&mut p.a1, || {
+        FakePeer::accept(&l, &id, T).expect("server1 did not redial the fake peer")
+    });
     stop.store(true, Ordering::SeqCst);
     let n = writer.join().expect("the NBD client saw an error");
     assert!(n > 0);
@@ -545,15 +731,32 @@ fn proxied(mode: &str) -> Proxied {
     o.server2_listen = Some("127.0.0.2".to_string());
     let c = MirrorPair::configure(&o);
     let ctl = c.config.server("server2").expect("server2").control_port;
-    let mp = c.config.resources[0].node("server2").expect("node").mirror_port;
-    let px = |port: u16| Proxy::start(format!("127.0.0.1:{port}").parse().unwrap(), format!("127.0.0.2:{port}").parse().unwrap());
+    let mp = c.config.resources[0]
+        .node("server2")
+        .expect("node")
+        .mirror_port;
+    let px = |port: u16| {
+        Proxy::start(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            format!("127.0.0.2:{port}").parse().unwrap(),
+        )
+    };
     let control = px(ctl);
     let data = px(mp);
     let p = MirrorPair::start_on(c);
     p.activate("server1");
-    p.wait_status("server1", "replicating", T, |s| s["pair"]["replicating"] == true);
-    assert!(data.forwarded() > 0, "the data link does not run through the proxy");
-    Proxied { p, data, _control: control }
+    p.wait_status("server1", "replicating", T, |s| {
+        s["pair"]["replicating"] == true
+    });
+    assert!(
+        data.forwarded() > 0,
+        "the data link does not run through the proxy"
+    );
+    Proxied {
+        p,
+        data,
+        _control: control,
+    }
 }
 
 /// Median latency of `n` 4 KiB sync writes.
@@ -578,7 +781,10 @@ fn proxy_delay_slows_sync_writes_but_they_complete() {
     x.data.delay(delay);
     let slow = median_write_latency(&mut c, 20, 100);
     // A sync write waits for Ack2: one round trip through the delayed proxy.
-    assert!(slow >= delay * 2 - Duration::from_millis(5), "sync write latency {slow:?} with a {delay:?} delay each way (base {base:?})");
+    assert!(
+        slow >= delay * 2 - Duration::from_millis(5),
+        "sync write latency {slow:?} with a {delay:?} delay each way (base {base:?})"
+    );
     let s = x.p.status("server1");
     assert_eq!(connection(&s), "connected", "{s:#}");
     assert_eq!(s["pair"]["replicating"], true, "{s:#}");
@@ -602,14 +808,31 @@ fn assert_reconnected_after_break(p: &MirrorPair, dirty_written: &BTreeSet<u64>)
     if s["pair"]["recovery"].is_null() && s["pair"]["in_sync"] == false {
         assert_eq!(s["pair"]["replicating"], false, "{s:#}");
         assert_ne!(s["pair"]["sync"], "in sync", "{s:#}");
-        assert!(s["pair"]["sync"].as_str().unwrap_or("").contains("server1"), "sync text does not say which side is newer: {s:#}");
+        assert!(
+            s["pair"]["sync"].as_str().unwrap_or("").contains("server1"),
+            "sync text does not say which side is newer: {s:#}"
+        );
         let dirty = dirty_regions(&p.c.cp_path_on("server1"));
-        assert!(dirty_written.is_subset(&dirty), "post-break regions {dirty_written:?} not all dirty: {dirty:?}");
+        assert!(
+            dirty_written.is_subset(&dirty),
+            "post-break regions {dirty_written:?} not all dirty: {dirty:?}"
+        );
         assert_eq!(s2["pair"]["in_sync"], false, "{s2:#}");
-        assert_eq!(s2["pair"]["standby_applying"], false, "standby applies writes while out of sync: {s2:#}");
-        eprintln!("reconnected, out of sync: {} / next step: {}", s["pair"]["sync"], s["next_step"]);
+        assert_eq!(
+            s2["pair"]["standby_applying"], false,
+            "standby applies writes while out of sync: {s2:#}"
+        );
+        eprintln!(
+            "reconnected, out of sync: {} / next step: {}",
+            s["pair"]["sync"], s["next_step"]
+        );
     } else {
-        p.wait_status("server1", "the resync to finish", Duration::from_secs(30), |s| s["pair"]["in_sync"] == true && s["pair"]["replicating"] == true);
+        p.wait_status(
+            "server1",
+            "the resync to finish",
+            Duration::from_secs(30),
+            |s| s["pair"]["in_sync"] == true && s["pair"]["replicating"] == true,
+        );
         p.wait_rpo_zero("server1", T);
         p.deactivate("server1");
         assert_files_equal(&p.data("server1"), &p.data("server2"), None);
@@ -624,7 +847,11 @@ fn writes_after_break(c: &mut NbdClient, tag: u64) -> BTreeSet<u64> {
         let off = VOL / 2 + (tag * 7 + i * 13) % (VOL / 2 / REGION) * REGION;
         let t = Instant::now();
         one_write(c, off, 8192, tag + i, None);
-        assert!(t.elapsed() < Duration::from_millis(500), "a write after the break took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "a write after the break took {:?}",
+            t.elapsed()
+        );
         set.insert(off / REGION);
     }
     set
@@ -648,11 +875,20 @@ fn silent_link(blackhole: bool) {
     let s = x.p.wait_status("server1", "the break", T, break_recorded);
     assert_peer_unreachable(&s);
     assert!(s["pair"]["last_break"].is_string(), "{s:#}");
-    assert!(took < Duration::from_secs(5), "the write in flight at the stall took {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the write in flight at the stall took {took:?}"
+    );
     let dirty = writes_after_break(&mut c, 10);
-    assert!(dirty_regions(&x.p.c.cp_path_on("server1")).contains(&0), "the write in flight at the break is not dirty");
+    assert!(
+        dirty_regions(&x.p.c.cp_path_on("server1")).contains(&0),
+        "the write in flight at the break is not dirty"
+    );
     x.data.heal();
-    eprintln!("write in flight at the fault took {took:?}; break: {}", s["pair"]["last_break"]);
+    eprintln!(
+        "write in flight at the fault took {took:?}; break: {}",
+        s["pair"]["last_break"]
+    );
     assert_reconnected_after_break(&x.p, &dirty);
 }
 
@@ -673,11 +909,16 @@ fn proxy_reset_breaks_then_the_link_reconnects() {
     one_write(&mut c, 0, 4096, 1, None);
     let accepted = x.data.accepted();
     x.data.reset();
-    let s = x.p.wait_status("server1", "the break", T, |s| !s["disk"]["break_time"].is_null());
+    let s = x.p.wait_status("server1", "the break", T, |s| {
+        !s["disk"]["break_time"].is_null()
+    });
     assert!(s["pair"]["last_break"].is_string(), "{s:#}");
     let dirty = writes_after_break(&mut c, 20);
     assert_reconnected_after_break(&x.p, &dirty);
-    assert!(x.data.accepted() > accepted, "no new connection through the proxy");
+    assert!(
+        x.data.accepted() > accepted,
+        "no new connection through the proxy"
+    );
 }
 
 #[test]
@@ -702,7 +943,11 @@ fn proxy_cut_and_heal() {
 }
 
 fn wait_until_accepted(p: &Proxy, n: u64) {
-    tests::wait_until("server1 to redial through the cut proxy", Duration::from_secs(10), || (p.accepted() >= n).then_some(()));
+    tests::wait_until(
+        "server1 to redial through the cut proxy",
+        Duration::from_secs(10),
+        || (p.accepted() >= n).then_some(()),
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -718,17 +963,28 @@ struct Netns {
 }
 
 fn ip(args: &[&str]) {
-    tests::run_ok(std::process::Command::new("ip").args(args), tests::CMD_TIMEOUT);
+    tests::run_ok(
+        std::process::Command::new("ip").args(args),
+        tests::CMD_TIMEOUT,
+    );
 }
 
 impl Netns {
     fn create() -> Netns {
         let id = std::process::id();
-        let n = Netns { a: format!("nbdm-a-{id}"), b: format!("nbdm-b-{id}") };
+        let n = Netns {
+            a: format!("nbdm-a-{id}"),
+            b: format!("nbdm-b-{id}"),
+        };
         ip(&["netns", "add", &n.a]);
         ip(&["netns", "add", &n.b]);
-        let (va, vb) = (format!("nbdma{}", id % 100_000), format!("nbdmb{}", id % 100_000));
-        ip(&["link", "add", &va, "netns", &n.a, "type", "veth", "peer", "name", &vb, "netns", &n.b]);
+        let (va, vb) = (
+            format!("nbdma{}", id % 100_000),
+            format!("nbdmb{}", id % 100_000),
+        );
+        ip(&[
+            "link", "add", &va, "netns", &n.a, "type", "veth", "peer", "name", &vb, "netns", &n.b,
+        ]);
         for (ns, dev, addr) in [(&n.a, &va, "10.99.0.1/24"), (&n.b, &vb, "10.99.0.2/24")] {
             ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
             ip(&["-n", ns, "link", "set", dev, "up"]);
@@ -747,10 +1003,39 @@ impl Netns {
     /// Drops everything between the two addresses, in `a`.
     fn partition(&self) {
         Self::nft(&self.a, &["add", "table", "inet", "nbdm"]);
-        Self::nft(&self.a, &["add chain inet nbdm input { type filter hook input priority 0 ; policy accept ; }"]);
+        Self::nft(
+            &self.a,
+            &["add chain inet nbdm input { type filter hook input priority 0 ; policy accept ; }"],
+        );
         Self::nft(&self.a, &["add chain inet nbdm output { type filter hook output priority 0 ; policy accept ; }"]);
-        Self::nft(&self.a, &["add", "rule", "inet", "nbdm", "input", "ip", "saddr", "10.99.0.2", "drop"]);
-        Self::nft(&self.a, &["add", "rule", "inet", "nbdm", "output", "ip", "daddr", "10.99.0.2", "drop"]);
+        Self::nft(
+            &self.a,
+            &[
+                "add",
+                "rule",
+                "inet",
+                "nbdm",
+                "input",
+                "ip",
+                "saddr",
+                "10.99.0.2",
+                "drop",
+            ],
+        );
+        Self::nft(
+            &self.a,
+            &[
+                "add",
+                "rule",
+                "inet",
+                "nbdm",
+                "output",
+                "ip",
+                "daddr",
+                "10.99.0.2",
+                "drop",
+            ],
+        );
     }
 
     fn heal(&self) {
@@ -761,7 +1046,9 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         for ns in [&self.a, &self.b] {
-            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
         }
     }
 }
@@ -775,9 +1062,18 @@ fn netns_partition_with_nftables_and_heal() {
     let c = MirrorPair::configure(&PairOpts::new("sync"));
     let text = c
         .config_text()
-        .replace("name = \"server1\"\naddress = \"127.0.0.1\"", "name = \"server1\"\naddress = \"10.99.0.1\"")
-        .replace("name = \"server2\"\naddress = \"127.0.0.1\"", "name = \"server2\"\naddress = \"10.99.0.2\"");
-    assert!(text.contains("10.99.0.1") && text.contains("10.99.0.2"), "addresses not replaced:\n{text}");
+        .replace(
+            "name = \"server1\"\naddress = \"127.0.0.1\"",
+            "name = \"server1\"\naddress = \"10.99.0.1\"",
+        )
+        .replace(
+            "name = \"server2\"\naddress = \"127.0.0.1\"",
+            "name = \"server2\"\naddress = \"10.99.0.2\"",
+        );
+    assert!(
+        text.contains("10.99.0.1") && text.contains("10.99.0.2"),
+        "addresses not replaced:\n{text}"
+    );
     c.write_config_text(&text);
     let mut a1 = tests::Agent::spawn_wrapped(&c, "server1", &["ip", "netns", "exec", &ns.a]);
     let mut a2 = tests::Agent::spawn_wrapped(&c, "server2", &["ip", "netns", "exec", &ns.b]);
@@ -785,8 +1081,16 @@ fn netns_partition_with_nftables_and_heal() {
     a2.wait_ready();
     let p = MirrorPair { c, a1, a2 };
     p.activate("server1");
-    let s = p.wait_status("server1", "replicating", T, |s| s["pair"]["replicating"] == true);
-    assert!(s["pair"]["peer_address"].as_str().unwrap_or("").starts_with("10.99.0.2"), "{s:#}");
+    let s = p.wait_status("server1", "replicating", T, |s| {
+        s["pair"]["replicating"] == true
+    });
+    assert!(
+        s["pair"]["peer_address"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("10.99.0.2"),
+        "{s:#}"
+    );
     let mut cl = connect(&p, "server1");
     one_write(&mut cl, 0, 65536, 1, None);
     ns.partition();

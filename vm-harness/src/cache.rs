@@ -39,21 +39,33 @@ pub fn default_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("VMH_CACHE") {
         return PathBuf::from(d);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".cache/nbd-mirror-vmh")
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
-    let o = cmd.output().with_context(|| format!("cannot run {shown}"))?;
+    let o = cmd
+        .output()
+        .with_context(|| format!("cannot run {shown}"))?;
     if !o.status.success() {
-        bail!("{shown} failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr).trim());
+        bail!(
+            "{shown} failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn which(prog: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(prog)).find(|p| p.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(prog))
+        .find(|p| p.is_file())
 }
 
 /// The versioned kernel package `linux-image-amd64` currently depends on.
@@ -68,8 +80,14 @@ fn kernel_package() -> Result<String> {
 
 /// Packages `apt-get install -s --no-install-recommends PKG` would install.
 fn simulated_installs(pkg: &str) -> Result<Vec<String>> {
-    let sim = output(Command::new("apt-get").args(["install", "-s", "--no-install-recommends", pkg]))?;
-    Ok(sim.lines().filter_map(|l| l.strip_prefix("Inst ")).filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect())
+    let sim =
+        output(Command::new("apt-get").args(["install", "-s", "--no-install-recommends", pkg]))?;
+    Ok(sim
+        .lines()
+        .filter_map(|l| l.strip_prefix("Inst "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect())
 }
 
 /// Makes sure every package is downloaded and unpacked; returns the cache.
@@ -81,16 +99,33 @@ pub fn prepare(dir: &Path) -> Result<Cache> {
     let host_qemu = which("qemu-system-x86_64");
     if !stamp.exists() {
         let kpkg = kernel_package()?;
-        let mut pkgs: Vec<String> =
-            [kpkg.as_str(), "busybox-static", "nbd-client", "libnl-genl-3-200", "e2fsprogs"].iter().map(|s| s.to_string()).collect();
+        let mut pkgs: Vec<String> = [
+            kpkg.as_str(),
+            "busybox-static",
+            "nbd-client",
+            "libnl-genl-3-200",
+            "e2fsprogs",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         if host_qemu.is_none() {
             pkgs.extend(simulated_installs("qemu-system-x86")?);
             if !pkgs.iter().any(|p| p == "qemu-system-x86") {
                 pkgs.push("qemu-system-x86".into());
             }
         }
-        eprintln!("vm-harness: downloading {} Debian packages into {}", pkgs.len(), debs.display());
-        output(Command::new("apt-get").arg("download").args(&pkgs).current_dir(&debs))?;
+        eprintln!(
+            "vm-harness: downloading {} Debian packages into {}",
+            pkgs.len(),
+            debs.display()
+        );
+        output(
+            Command::new("apt-get")
+                .arg("download")
+                .args(&pkgs)
+                .current_dir(&debs),
+        )?;
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root)?;
         for e in std::fs::read_dir(&debs)? {
@@ -101,7 +136,12 @@ pub fn prepare(dir: &Path) -> Result<Cache> {
         }
         let kver = find_kver(&root)?;
         // modules.dep is generated at install time, not shipped: make it with busybox depmod.
-        output(Command::new(root.join("bin/busybox")).args(["depmod", "-b"]).arg(&root).arg(&kver))?;
+        output(
+            Command::new(root.join("bin/busybox"))
+                .args(["depmod", "-b"])
+                .arg(&root)
+                .arg(&kver),
+        )?;
         std::fs::write(&stamp, format!("{}\n", pkgs.join("\n")))?;
     }
     let kver = find_kver(&root)?;
@@ -113,12 +153,28 @@ pub fn prepare(dir: &Path) -> Result<Cache> {
             if !q.exists() {
                 bail!("no qemu-system-x86_64 on the host and none in the cache ({}); remove {} to re-download", q.display(), stamp.display());
             }
-            let lib = format!("{}:{}", root.join("usr/lib/x86_64-linux-gnu").display(), root.join("lib/x86_64-linux-gnu").display());
-            let fw = vec![root.join("usr/share/qemu"), root.join("usr/share/seabios"), root.join("usr/lib/ipxe/qemu")];
+            let lib = format!(
+                "{}:{}",
+                root.join("usr/lib/x86_64-linux-gnu").display(),
+                root.join("lib/x86_64-linux-gnu").display()
+            );
+            let fw = vec![
+                root.join("usr/share/qemu"),
+                root.join("usr/share/seabios"),
+                root.join("usr/lib/ipxe/qemu"),
+            ];
             (q, vec![("LD_LIBRARY_PATH".to_owned(), lib)], fw)
         }
     };
-    Ok(Cache { dir: dir.to_owned(), root, kver, vmlinuz, qemu, qemu_env, qemu_firmware })
+    Ok(Cache {
+        dir: dir.to_owned(),
+        root,
+        kver,
+        vmlinuz,
+        qemu,
+        qemu_env,
+        qemu_firmware,
+    })
 }
 
 fn find_kver(root: &Path) -> Result<String> {
@@ -130,14 +186,19 @@ fn find_kver(root: &Path) -> Result<String> {
         .filter(|n| n.ends_with("-amd64"))
         .collect();
     v.sort();
-    v.pop().with_context(|| format!("no kernel modules under {}", m.display()))
+    v.pop()
+        .with_context(|| format!("no kernel modules under {}", m.display()))
 }
 
 impl Cache {
     /// `LD_LIBRARY_PATH` for resolving libraries of binaries unpacked here
     /// (the host's libraries come after).
     pub fn lib_path(&self) -> String {
-        format!("{}:{}", self.root.join("usr/lib/x86_64-linux-gnu").display(), self.root.join("lib/x86_64-linux-gnu").display())
+        format!(
+            "{}:{}",
+            self.root.join("usr/lib/x86_64-linux-gnu").display(),
+            self.root.join("lib/x86_64-linux-gnu").display()
+        )
     }
 
     /// A binary from the unpacked packages (`sbin/mke2fs`, ...).
@@ -158,6 +219,8 @@ impl Cache {
         for (k, v) in &self.qemu_env {
             c.env(k, v);
         }
-        output(&mut c).map(|s| s.lines().next().unwrap_or_default().to_owned()).unwrap_or_else(|e| format!("unknown ({e})"))
+        output(&mut c)
+            .map(|s| s.lines().next().unwrap_or_default().to_owned())
+            .unwrap_or_else(|e| format!("unknown ({e})"))
     }
 }

@@ -71,8 +71,15 @@ pub enum GuestCmd {
 /// the runtime's threads exist, so every worker inherits the flag.
 pub fn run(cmd: GuestCmd) -> Result<()> {
     let flusher = kernel::io_flusher_setup();
-    println!("io_flusher={} mlockall={}", ok(&flusher.io_flusher), ok(&flusher.mlockall));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    println!(
+        "io_flusher={} mlockall={}",
+        ok(&flusher.io_flusher),
+        ok(&flusher.mlockall)
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         match cmd {
             GuestCmd::KernelSmoke { args, files } => kernel_smoke(args, files).await,
@@ -104,10 +111,22 @@ struct Setup {
 /// (the `nbd-client` fallback connects there).
 async fn setup(a: &GuestArgs) -> Result<Setup> {
     let cfg = Config::load(&a.config).with_context(|| format!("load {}", a.config.display()))?;
-    let rc = cfg.resource(&a.resource).with_context(|| format!("no resource {}", a.resource))?.clone();
-    let me = rc.node(&a.node).with_context(|| format!("resource {} has no node {}", a.resource, a.node))?.clone();
-    let device = me.nbd_device.clone().context("the config sets no nbd_device for this node")?;
-    let mount_point = me.mount_point.clone().context("the config sets no mount_point for this node")?;
+    let rc = cfg
+        .resource(&a.resource)
+        .with_context(|| format!("no resource {}", a.resource))?
+        .clone();
+    let me = rc
+        .node(&a.node)
+        .with_context(|| format!("resource {} has no node {}", a.resource, a.node))?
+        .clone();
+    let device = me
+        .nbd_device
+        .clone()
+        .context("the config sets no nbd_device for this node")?;
+    let mount_point = me
+        .mount_point
+        .clone()
+        .context("the config sets no mount_point for this node")?;
     let engine = engine::open(&me.data_path, &engine::EngineOptions::default())
         .with_context(|| format!("open data partition {}", me.data_path.display()))?;
     let mut export = Export::new(rc.name.clone(), Arc::clone(&engine));
@@ -127,7 +146,16 @@ async fn setup(a: &GuestArgs) -> Result<Setup> {
         fallback_socket: Some(me.nbd_socket.clone()),
         ..AttachOptions::default()
     };
-    Ok(Setup { server, engine, device, mount_point, fs: me.fs.clone(), mount_options: me.mount_options.clone(), socket: me.nbd_socket, opts })
+    Ok(Setup {
+        server,
+        engine,
+        device,
+        mount_point,
+        fs: me.fs.clone(),
+        mount_options: me.mount_options.clone(),
+        socket: me.nbd_socket,
+        opts,
+    })
 }
 
 struct Steps {
@@ -144,7 +172,11 @@ impl Steps {
 fn sh(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
     let o = cmd.output().with_context(|| format!("run {shown}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     if !o.status.success() {
         bail!("{shown} failed ({}): {}", o.status, text.trim());
     }
@@ -197,16 +229,34 @@ async fn kernel_smoke(a: GuestArgs, files: usize) -> Result<()> {
     let s = setup(&a).await?;
     let st = Steps { t0: Instant::now() };
     let dev = s.device.clone();
-    let devname = dev.file_name().and_then(|n| n.to_str()).unwrap_or("nbd0").to_owned();
+    let devname = dev
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("nbd0")
+        .to_owned();
     let size_path = format!("/sys/block/{devname}/size");
 
     st.step("attach via netlink");
     let mut o = s.opts.clone();
     o.method = AttachMethod::Netlink;
     let att = kernel::attach(Arc::clone(&s.server), &a.resource, &dev, o.clone()).await?;
-    ensure!(matches!(att.method(), Attached::Netlink { reconfigured: false }), "unexpected attach method {:?}", att.method());
+    ensure!(
+        matches!(
+            att.method(),
+            Attached::Netlink {
+                reconfigured: false
+            }
+        ),
+        "unexpected attach method {:?}",
+        att.method()
+    );
     let sectors = sysfs_u64(&size_path).context("read device size")?;
-    ensure!(sectors * 512 == s.engine.size(), "{devname} has {} bytes, export has {}", sectors * 512, s.engine.size());
+    ensure!(
+        sectors * 512 == s.engine.size(),
+        "{devname} has {} bytes, export has {}",
+        sectors * 512,
+        s.engine.size()
+    );
     println!(
         "device {} bytes, logical block {:?}, max_sectors_kb {:?}",
         sectors * 512,
@@ -220,21 +270,35 @@ async fn kernel_smoke(a: GuestArgs, files: usize) -> Result<()> {
     println!("fsck: {:?}", kernel::fsck(&dev, &s.fs)?);
     st.step("mount");
     kernel::mount(&dev, &s.mount_point, &s.fs, s.mount_options.as_deref())?;
-    ensure!(kernel::mounted_source(&s.mount_point)?.is_some(), "mount point not in mountinfo after mount");
+    ensure!(
+        kernel::mounted_source(&s.mount_point)?.is_some(),
+        "mount point not in mountinfo after mount"
+    );
 
     st.step(&format!("write {files} x 4 MiB, fsync each"));
     let w0 = s.server.stats().written_bytes;
     let sums = write_files(&s.mount_point, files)?;
     let written = s.server.stats().written_bytes - w0;
-    ensure!(written >= (files as u64) << 22, "server saw only {written} bytes written for {} bytes of files", files << 22);
+    ensure!(
+        written >= (files as u64) << 22,
+        "server saw only {written} bytes written for {} bytes of files",
+        files << 22
+    );
     println!("server wrote {written} bytes for the files");
 
     st.step("umount refused while a process holds the mount");
-    let mut holder = Command::new("sh").arg("-c").arg("exec sleep 600").current_dir(&s.mount_point).spawn()?;
+    let mut holder = Command::new("sh")
+        .arg("-c")
+        .arg("exec sleep 600")
+        .current_dir(&s.mount_point)
+        .spawn()?;
     let pid = holder.id();
     let cwd = PathBuf::from(format!("/proc/{pid}/cwd"));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_link(&cwd).map(|p| p != s.mount_point).unwrap_or(true) {
+    while std::fs::read_link(&cwd)
+        .map(|p| p != s.mount_point)
+        .unwrap_or(true)
+    {
         ensure!(Instant::now() < deadline, "holder never reached its cwd");
         tokio::task::yield_now().await;
     }
@@ -243,15 +307,26 @@ async fn kernel_smoke(a: GuestArgs, files: usize) -> Result<()> {
     let _ = holder.wait();
     match busy {
         Err(KernelError::Busy { holders, .. }) => {
-            ensure!(holders.iter().any(|h| h.pid == pid), "Busy but holder {pid} not named: {holders:?}");
-            println!("busy umount refused: {}", KernelError::Busy { mount_point: s.mount_point.clone(), holders });
+            ensure!(
+                holders.iter().any(|h| h.pid == pid),
+                "Busy but holder {pid} not named: {holders:?}"
+            );
+            println!(
+                "busy umount refused: {}",
+                KernelError::Busy {
+                    mount_point: s.mount_point.clone(),
+                    holders
+                }
+            );
         }
         other => bail!("umount with a holder returned {other:?}, expected Busy"),
     }
     st.step("detach refused while mounted");
     let mut att = att;
     match att.detach().await {
-        Err(KernelError::DeviceMounted { mount_point, .. }) => println!("detach refused: mounted on {mount_point}"),
+        Err(KernelError::DeviceMounted { mount_point, .. }) => {
+            println!("detach refused: mounted on {mount_point}")
+        }
         other => bail!("detach of a mounted device returned {other:?}, expected DeviceMounted"),
     }
     ensure!(att.is_serving(), "the refused detach stopped serving");
@@ -260,15 +335,25 @@ async fn kernel_smoke(a: GuestArgs, files: usize) -> Result<()> {
     st.step("detach");
     att.detach().await?;
     ensure!(!att.is_serving(), "still serving after detach");
-    ensure!(sysfs_u64(&size_path) == Some(0), "{devname} still has a size after disconnect");
+    ensure!(
+        sysfs_u64(&size_path) == Some(0),
+        "{devname} still has a size after disconnect"
+    );
 
     st.step("e2fsck -fn on the backing data partition");
     let cfg = Config::load(&a.config)?;
-    let data = cfg.resource(&a.resource).and_then(|r| r.node(&a.node)).map(|n| n.data_path.clone()).context("data path")?;
+    let data = cfg
+        .resource(&a.resource)
+        .and_then(|r| r.node(&a.node))
+        .map(|n| n.data_path.clone())
+        .context("data path")?;
     s.engine.flush().await.context("engine flush")?;
     drop_caches();
     let out = sh(Command::new("e2fsck").arg("-fn").arg(&data))?;
-    let summary = out.lines().find(|l| l.contains(" files, ")).unwrap_or_default();
+    let summary = out
+        .lines()
+        .find(|l| l.contains(" files, "))
+        .unwrap_or_default();
     println!("e2fsck -fn {}: clean: {summary}", data.display());
 
     st.step("re-attach, mount, verify checksums");
@@ -279,7 +364,10 @@ async fn kernel_smoke(a: GuestArgs, files: usize) -> Result<()> {
     let r0 = s.server.stats().read_bytes;
     verify_files(&s.mount_point, &sums)?;
     let read = s.server.stats().read_bytes - r0;
-    ensure!(read >= (files as u64) << 22, "server served only {read} bytes for the verification reads");
+    ensure!(
+        read >= (files as u64) << 22,
+        "server served only {read} bytes for the verification reads"
+    );
     println!("verified {files} files; server read {read} bytes");
     kernel::umount(&s.mount_point)?;
     att.detach().await?;
@@ -308,15 +396,35 @@ async fn kernel_smoke(a: GuestArgs, files: usize) -> Result<()> {
 async fn serve(a: GuestArgs, ready: PathBuf, mount: bool) -> Result<()> {
     let s = setup(&a).await?;
     let cfg = Config::load(&a.config)?;
-    let me = cfg.resource(&a.resource).and_then(|r| r.node(&a.node)).context("resource node")?.clone();
+    let me = cfg
+        .resource(&a.resource)
+        .and_then(|r| r.node(&a.node))
+        .context("resource node")?
+        .clone();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut att = if mount {
-        kernel::activate_device(Arc::clone(&s.server), &a.resource, &me, false, s.opts.clone()).await?.context("no nbd_device")?
+        kernel::activate_device(
+            Arc::clone(&s.server),
+            &a.resource,
+            &me,
+            false,
+            s.opts.clone(),
+        )
+        .await?
+        .context("no nbd_device")?
     } else {
-        kernel::attach(Arc::clone(&s.server), &a.resource, &s.device, s.opts.clone()).await?
+        kernel::attach(
+            Arc::clone(&s.server),
+            &a.resource,
+            &s.device,
+            s.opts.clone(),
+        )
+        .await?
     };
     let how = match att.method() {
-        Attached::Netlink { reconfigured } => format!("attached netlink reconfigured={reconfigured}"),
+        Attached::Netlink { reconfigured } => {
+            format!("attached netlink reconfigured={reconfigured}")
+        }
         Attached::NbdClient { reason } => format!("attached nbd-client ({reason})"),
     };
     println!("{how}");
@@ -324,7 +432,11 @@ async fn serve(a: GuestArgs, ready: PathBuf, mount: bool) -> Result<()> {
     loop {
         term.recv().await;
         println!("SIGTERM: detaching");
-        let r = if mount { kernel::deactivate_device(&mut att, &me).await } else { att.detach().await };
+        let r = if mount {
+            kernel::deactivate_device(&mut att, &me).await
+        } else {
+            att.detach().await
+        };
         match r {
             Ok(()) => break,
             // Like a refused `mdctrl deactivate`: stay active and serving.

@@ -35,7 +35,24 @@ impl Initramfs {
     /// A tree with the usual top-level directories.
     pub fn new() -> Self {
         let mut i = Initramfs::default();
-        for d in ["bin", "sbin", "etc", "proc", "sys", "dev", "mnt", "tmp", "run", "lib64", "lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "usr/bin", "usr/sbin", "lib/modules", "root"] {
+        for d in [
+            "bin",
+            "sbin",
+            "etc",
+            "proc",
+            "sys",
+            "dev",
+            "mnt",
+            "tmp",
+            "run",
+            "lib64",
+            "lib/x86_64-linux-gnu",
+            "usr/lib/x86_64-linux-gnu",
+            "usr/bin",
+            "usr/sbin",
+            "lib/modules",
+            "root",
+        ] {
             i.dir(d);
         }
         i
@@ -62,7 +79,13 @@ impl Initramfs {
     /// A file with `data`.
     pub fn bytes(&mut self, path: &str, data: impl Into<Vec<u8>>, mode: u32) {
         self.parent(path);
-        self.entries.insert(rel(path), Entry::File { data: data.into(), mode });
+        self.entries.insert(
+            rel(path),
+            Entry::File {
+                data: data.into(),
+                mode,
+            },
+        );
     }
 
     /// A copy of host file `src` (symlinks followed).
@@ -75,7 +98,8 @@ impl Initramfs {
     /// A symlink.
     pub fn symlink(&mut self, path: &str, target: &str) {
         self.parent(path);
-        self.entries.insert(rel(path), Entry::Symlink(target.to_owned()));
+        self.entries
+            .insert(rel(path), Entry::Symlink(target.to_owned()));
     }
 
     /// A dynamically linked program at `dest` plus every library `ldd`
@@ -84,8 +108,18 @@ impl Initramfs {
     /// drops debug info first (our release binaries carry `debug = 1`).
     pub fn program(&mut self, cache: &Cache, src: &Path, dest: &str, strip: bool) -> Result<()> {
         if strip {
-            let tmp = std::env::temp_dir().join(format!("vmh-strip-{}-{}", std::process::id(), rand::random::<u32>()));
-            let st = Command::new("strip").arg("--strip-debug").arg("-o").arg(&tmp).arg(src).status().context("run strip")?;
+            let tmp = std::env::temp_dir().join(format!(
+                "vmh-strip-{}-{}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            let st = Command::new("strip")
+                .arg("--strip-debug")
+                .arg("-o")
+                .arg(&tmp)
+                .arg(src)
+                .status()
+                .context("run strip")?;
             if !st.success() {
                 bail!("strip {} failed", src.display());
             }
@@ -95,9 +129,15 @@ impl Initramfs {
         } else {
             self.file(dest, src, 0o755)?;
         }
-        let out = Command::new("ldd").arg(src).env("LD_LIBRARY_PATH", cache.lib_path()).output().context("run ldd")?;
+        let out = Command::new("ldd")
+            .arg(src)
+            .env("LD_LIBRARY_PATH", cache.lib_path())
+            .output()
+            .context("run ldd")?;
         let text = String::from_utf8_lossy(&out.stdout);
-        if text.contains("not a dynamic executable") || String::from_utf8_lossy(&out.stderr).contains("not a dynamic executable") {
+        if text.contains("not a dynamic executable")
+            || String::from_utf8_lossy(&out.stderr).contains("not a dynamic executable")
+        {
             return Ok(());
         }
         for line in text.lines() {
@@ -107,11 +147,19 @@ impl Initramfs {
             }
             let lib = match line.split_once(" => ") {
                 Some((_, rest)) => rest.split_whitespace().next(),
-                None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+                None => line
+                    .split_whitespace()
+                    .next()
+                    .filter(|p| p.starts_with('/')),
             };
-            let Some(lib) = lib.filter(|l| l.starts_with('/')) else { continue };
+            let Some(lib) = lib.filter(|l| l.starts_with('/')) else {
+                continue;
+            };
             let host = PathBuf::from(lib);
-            let inside = host.strip_prefix(&cache.root).map(|p| format!("/{}", p.display())).unwrap_or_else(|_| lib.to_owned());
+            let inside = host
+                .strip_prefix(&cache.root)
+                .map(|p| format!("/{}", p.display()))
+                .unwrap_or_else(|_| lib.to_owned());
             if !self.entries.contains_key(&rel(&inside)) {
                 self.file(&inside, &host, 0o755)?;
             }
@@ -124,14 +172,24 @@ impl Initramfs {
     pub fn modules(&mut self, cache: &Cache, want: &[&str]) -> Result<Vec<String>> {
         let mdir = cache.root.join("lib/modules").join(&cache.kver);
         let depfile = mdir.join("modules.dep");
-        let text = std::fs::read_to_string(&depfile).with_context(|| format!("read {}", depfile.display()))?;
+        let text = std::fs::read_to_string(&depfile)
+            .with_context(|| format!("read {}", depfile.display()))?;
         let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut by_name: BTreeMap<String, String> = BTreeMap::new();
         for line in text.lines() {
-            let Some((m, d)) = line.split_once(':') else { continue };
+            let Some((m, d)) = line.split_once(':') else {
+                continue;
+            };
             let m = m.trim().to_owned();
-            let name = Path::new(&m).file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            let name = name.split(".ko").next().unwrap_or_default().replace('-', "_");
+            let name = Path::new(&m)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let name = name
+                .split(".ko")
+                .next()
+                .unwrap_or_default()
+                .replace('-', "_");
             by_name.insert(name, m.clone());
             deps.insert(m, d.split_whitespace().map(str::to_owned).collect());
         }
@@ -149,7 +207,9 @@ impl Initramfs {
         }
         let mut order = Vec::new();
         for w in want {
-            let m = by_name.get(&w.replace('-', "_")).with_context(|| format!("module {w} not in {}", depfile.display()))?;
+            let m = by_name
+                .get(&w.replace('-', "_"))
+                .with_context(|| format!("module {w} not in {}", depfile.display()))?;
             visit(m, &deps, &mut order);
         }
         for m in &order {
@@ -201,8 +261,17 @@ impl Initramfs {
         }
         put("TRAILER!!!", 0, &[]);
         let f = std::fs::File::create(out).with_context(|| format!("create {}", out.display()))?;
-        let mut gz = Command::new("gzip").arg("-1").stdin(Stdio::piped()).stdout(f).spawn().context("run gzip")?;
-        gz.stdin.take().context("gzip stdin")?.write_all(&cpio).context("write to gzip")?;
+        let mut gz = Command::new("gzip")
+            .arg("-1")
+            .stdin(Stdio::piped())
+            .stdout(f)
+            .spawn()
+            .context("run gzip")?;
+        gz.stdin
+            .take()
+            .context("gzip stdin")?
+            .write_all(&cpio)
+            .context("write to gzip")?;
         if !gz.wait()?.success() {
             bail!("gzip failed");
         }
@@ -224,8 +293,18 @@ mod tests {
         let out = d.join("a.cpio.gz");
         i.write(&out).unwrap();
         // gzip -t proves the compression; listing with `gzip -dc | cpio -t` needs cpio, often absent.
-        assert!(Command::new("gzip").arg("-t").arg(&out).status().unwrap().success());
-        let raw = Command::new("gzip").arg("-dc").arg(&out).output().unwrap().stdout;
+        assert!(Command::new("gzip")
+            .arg("-t")
+            .arg(&out)
+            .status()
+            .unwrap()
+            .success());
+        let raw = Command::new("gzip")
+            .arg("-dc")
+            .arg(&out)
+            .output()
+            .unwrap()
+            .stdout;
         let s = String::from_utf8_lossy(&raw);
         assert!(s.contains("etc/hello") && s.contains("TRAILER!!!"));
         assert_eq!(raw.len() % 4, 0);

@@ -92,7 +92,10 @@ mount_options = "noatime"
 }
 
 fn disks() -> Vec<(String, u64)> {
-    vec![("nodea-data.img".into(), 256 << 20), ("nodea-cp.img".into(), 16 << 20)]
+    vec![
+        ("nodea-data.img".into(), 256 << 20),
+        ("nodea-cp.img".into(), 16 << 20),
+    ]
 }
 
 fn smoke_spec() -> vm::GuestSpec {
@@ -146,7 +149,11 @@ enum Cmd {
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(Cmd::Guest(g)) = args.cmd {
-        tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_env_filter(tracing_subscriber::EnvFilter::new("info")).init();
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .init();
         return match guest::run(g) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -171,7 +178,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let Some(spec) = sc.spec else {
-        println!("FAIL {}: designed in docs/vm-harness.md but not built yet; nothing was run", sc.name);
+        println!(
+            "FAIL {}: designed in docs/vm-harness.md but not built yet; nothing was run",
+            sc.name
+        );
         return ExitCode::FAILURE;
     };
     let mut spec = spec();
@@ -180,8 +190,17 @@ fn main() -> ExitCode {
     }
     match run_scenario(sc.name, spec, args.run_dir) {
         Ok((o, run)) => {
-            let guest = o.guest_secs.map(|g| format!(", guest uptime {g:.1} s")).unwrap_or_default();
-            println!("{} {}: {} (wall {:.1} s{guest})", if o.pass { "PASS" } else { "FAIL" }, sc.name, o.reason, o.wall.as_secs_f64());
+            let guest = o
+                .guest_secs
+                .map(|g| format!(", guest uptime {g:.1} s"))
+                .unwrap_or_default();
+            println!(
+                "{} {}: {} (wall {:.1} s{guest})",
+                if o.pass { "PASS" } else { "FAIL" },
+                sc.name,
+                o.reason,
+                o.wall.as_secs_f64()
+            );
             println!("run directory: {}", run.display());
             if o.pass {
                 ExitCode::SUCCESS
@@ -196,24 +215,41 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_scenario(name: &str, spec: vm::GuestSpec, run_dir: Option<PathBuf>) -> Result<(vm::Outcome, PathBuf)> {
+fn run_scenario(
+    name: &str,
+    spec: vm::GuestSpec,
+    run_dir: Option<PathBuf>,
+) -> Result<(vm::Outcome, PathBuf)> {
     let t0 = std::time::Instant::now();
     // Validate the guest config with this build's parser before booting anything.
-    mirror_agent::config::Config::parse(&spec.config, std::path::Path::new("/etc/nbd-mirror/cluster.toml"))
-        .map_err(|e| anyhow::anyhow!("guest config invalid: {e}"))?;
+    mirror_agent::config::Config::parse(
+        &spec.config,
+        std::path::Path::new("/etc/nbd-mirror/cluster.toml"),
+    )
+    .map_err(|e| anyhow::anyhow!("guest config invalid: {e}"))?;
     let cache = cache::prepare(&cache::default_dir())?;
     let bins = vm::OurBins::locate()?;
     let run = match run_dir {
         Some(d) => d,
         None => {
-            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
             cache.dir.join("runs").join(format!("{name}-{stamp}"))
         }
     };
     std::fs::create_dir_all(&run).with_context(|| format!("create {}", run.display()))?;
-    eprintln!("vm-harness: {name}: kernel {} / {}; run dir {}", cache.kver, cache.qemu_version(), run.display());
+    eprintln!(
+        "vm-harness: {name}: kernel {} / {}; run dir {}",
+        cache.kver,
+        cache.qemu_version(),
+        run.display()
+    );
     let initrd = vm::build_initramfs(&cache, &bins, &spec, &run)?;
-    eprintln!("vm-harness: prepared in {:.1} s; booting (TCG)", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "vm-harness: prepared in {:.1} s; booting (TCG)",
+        t0.elapsed().as_secs_f64()
+    );
     let o = vm::boot(&cache, &spec, &initrd, &run)?;
     Ok((o, run))
 }

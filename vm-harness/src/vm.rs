@@ -17,7 +17,15 @@ use crate::cache::Cache;
 use crate::initramfs::Initramfs;
 
 /// Modules every guest loads (dependencies are added from `modules.dep`).
-pub const MODULES: &[&str] = &["nbd", "ext4", "virtio_blk", "virtio_pci", "virtio_net", "crc32c_generic", "crc32c_intel"];
+pub const MODULES: &[&str] = &[
+    "nbd",
+    "ext4",
+    "virtio_blk",
+    "virtio_pci",
+    "virtio_net",
+    "crc32c_generic",
+    "crc32c_intel",
+];
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -66,7 +74,10 @@ impl OurBins {
     /// `mirror-agent` and `mdctrl` next to this executable (target/release).
     pub fn locate() -> Result<OurBins> {
         let me = std::env::current_exe().context("current_exe")?;
-        let dir = me.parent().context("executable without a directory")?.to_owned();
+        let dir = me
+            .parent()
+            .context("executable without a directory")?
+            .to_owned();
         let agent = dir.join("mirror-agent");
         let mdctrl = dir.join("mdctrl");
         for p in [&agent, &mdctrl] {
@@ -81,20 +92,37 @@ impl OurBins {
         if ta + 600 < th {
             eprintln!("vm-harness: warning: {} is older than vm-harness by {} s (rebuild with cargo build --release -p mirror-agent -p cli)", agent.display(), th - ta);
         }
-        Ok(OurBins { agent, mdctrl, harness: me })
+        Ok(OurBins {
+            agent,
+            mdctrl,
+            harness: me,
+        })
     }
 }
 
 fn mtime(p: &Path) -> u64 {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs())
+    std::fs::metadata(p)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Assembles the initramfs for `spec` into `run/initramfs.cpio.gz`.
-pub fn build_initramfs(cache: &Cache, bins: &OurBins, spec: &GuestSpec, run: &Path) -> Result<PathBuf> {
+pub fn build_initramfs(
+    cache: &Cache,
+    bins: &OurBins,
+    spec: &GuestSpec,
+    run: &Path,
+) -> Result<PathBuf> {
     let mut i = Initramfs::new();
     i.file("/bin/busybox", &cache.bin("bin/busybox")?, 0o755)?;
     i.symlink("/bin/sh", "busybox");
-    for (src, dest) in [("sbin/mke2fs", "/sbin/mke2fs"), ("sbin/e2fsck", "/sbin/e2fsck"), ("sbin/nbd-client", "/sbin/nbd-client")] {
+    for (src, dest) in [
+        ("sbin/mke2fs", "/sbin/mke2fs"),
+        ("sbin/e2fsck", "/sbin/e2fsck"),
+        ("sbin/nbd-client", "/sbin/nbd-client"),
+    ] {
         i.program(cache, &cache.bin(src)?, dest, false)?;
     }
     i.symlink("/sbin/mkfs.ext4", "mke2fs");
@@ -103,7 +131,11 @@ pub fn build_initramfs(cache: &Cache, bins: &OurBins, spec: &GuestSpec, run: &Pa
         i.file("/etc/mke2fs.conf", &conf, 0o644)?;
     }
     // The loader at the path the ELF interpreter names.
-    i.file("/lib64/ld-linux-x86-64.so.2", Path::new("/lib64/ld-linux-x86-64.so.2"), 0o755)?;
+    i.file(
+        "/lib64/ld-linux-x86-64.so.2",
+        Path::new("/lib64/ld-linux-x86-64.so.2"),
+        0o755,
+    )?;
     i.program(cache, &bins.agent, "/usr/sbin/mirror-agent", true)?;
     i.program(cache, &bins.mdctrl, "/usr/sbin/mdctrl", true)?;
     i.program(cache, &bins.harness, "/usr/sbin/vm-harness", true)?;
@@ -115,7 +147,11 @@ pub fn build_initramfs(cache: &Cache, bins: &OurBins, spec: &GuestSpec, run: &Pa
     i.dir("/run/md");
     let out = run.join("initramfs.cpio.gz");
     let size = i.write(&out)?;
-    eprintln!("vm-harness: initramfs {} ({:.1} MiB)", out.display(), size as f64 / (1 << 20) as f64);
+    eprintln!(
+        "vm-harness: initramfs {} ({:.1} MiB)",
+        out.display(),
+        size as f64 / (1 << 20) as f64
+    );
     Ok(out)
 }
 
@@ -130,27 +166,46 @@ pub fn boot(cache: &Cache, spec: &GuestSpec, initrd: &Path, run: &Path) -> Resul
     }
     cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m"])
         .arg(spec.mem_mib.to_string())
-        .args(["-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none"])
+        .args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-nic",
+            "none",
+        ])
         .arg("-kernel")
         .arg(&cache.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
         .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 loglevel=4 vmh.wd={} {}", spec.guest_watchdog, spec.cmdline));
+        .arg(format!(
+            "console=ttyS0 panic=-1 loglevel=4 vmh.wd={} {}",
+            spec.guest_watchdog, spec.cmdline
+        ));
     for log in ["console.log", "agent.log", "helper.log", "dmesg.log"] {
-        cmd.arg("-serial").arg(format!("file:{}", run.join(log).display()));
+        cmd.arg("-serial")
+            .arg(format!("file:{}", run.join(log).display()));
     }
     for (name, size) in &spec.disks {
         let p = run.join(name);
         let f = std::fs::File::create(&p).with_context(|| format!("create {}", p.display()))?;
         f.set_len(*size)?;
-        cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio,cache=writeback", p.display()));
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,cache=writeback",
+            p.display()
+        ));
     }
     let qlog = std::fs::File::create(run.join("qemu.log"))?;
-    cmd.stdin(Stdio::null()).stdout(qlog.try_clone()?).stderr(qlog);
+    cmd.stdin(Stdio::null())
+        .stdout(qlog.try_clone()?)
+        .stderr(qlog);
     std::fs::write(run.join("qemu.cmdline"), format!("{cmd:?}\n"))?;
     let t0 = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("start {}", cache.qemu.display()))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("start {}", cache.qemu.display()))?;
     let pid = child.id();
     // A thread owns the wait so the host timeout is a channel deadline, not polling.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -169,20 +224,46 @@ pub fn boot(cache: &Cache, spec: &GuestSpec, initrd: &Path, run: &Path) -> Resul
     let _ = waiter.join();
     let wall = t0.elapsed();
     let console = std::fs::read_to_string(run.join("console.log")).unwrap_or_default();
-    let verdict = console.lines().find_map(|l| l.split_once("VMH-RESULT ").map(|(_, r)| r.trim().to_owned()));
+    let verdict = console.lines().find_map(|l| {
+        l.split_once("VMH-RESULT ")
+            .map(|(_, r)| r.trim().to_owned())
+    });
     // Uptime of the "verdict" line printed just before VMH-RESULT.
     let guest_secs = console
         .lines()
-        .filter_map(|l| l.strip_prefix("VMH ").and_then(|r| r.strip_suffix(" verdict")))
+        .filter_map(|l| {
+            l.strip_prefix("VMH ")
+                .and_then(|r| r.strip_suffix(" verdict"))
+        })
         .find_map(|s| s.trim().parse().ok());
     let outcome = match (verdict, status) {
         (Some(v), _) => {
             let pass = v.starts_with("PASS");
-            let reason = v.split_once(' ').map_or(String::new(), |(_, r)| r.to_owned());
-            Outcome { pass, reason, wall, guest_secs }
+            let reason = v
+                .split_once(' ')
+                .map_or(String::new(), |(_, r)| r.to_owned());
+            Outcome {
+                pass,
+                reason,
+                wall,
+                guest_secs,
+            }
         }
-        (None, None) => Outcome { pass: false, reason: format!("host timeout: QEMU killed after {} s without a verdict", spec.host_timeout), wall, guest_secs },
-        (None, Some(st)) => Outcome { pass: false, reason: format!("QEMU exited ({st}) without a verdict (see console.log, qemu.log)"), wall, guest_secs },
+        (None, None) => Outcome {
+            pass: false,
+            reason: format!(
+                "host timeout: QEMU killed after {} s without a verdict",
+                spec.host_timeout
+            ),
+            wall,
+            guest_secs,
+        },
+        (None, Some(st)) => Outcome {
+            pass: false,
+            reason: format!("QEMU exited ({st}) without a verdict (see console.log, qemu.log)"),
+            wall,
+            guest_secs,
+        },
     };
     Ok(outcome)
 }

@@ -21,7 +21,9 @@ const BLKZEROOUT: libc::Ioctl = 0x127f; // _IO(0x12, 127), arg: [u64; 2]
 pub(crate) enum Kind {
     File,
     /// Block device with its logical block size (BLKSSZGET).
-    BlockDevice { logical_block: u32 },
+    BlockDevice {
+        logical_block: u32,
+    },
 }
 
 /// An opened backing store.
@@ -55,7 +57,10 @@ pub(crate) fn open(path: &Path, direct: bool) -> io::Result<Backing> {
     } else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{}: neither a regular file nor a block device", path.display()),
+            format!(
+                "{}: neither a regular file nor a block device",
+                path.display()
+            ),
         ));
     };
     Ok(Backing { file, kind, size })
@@ -76,7 +81,13 @@ fn blk_logical_block_size(file: &File) -> io::Result<u32> {
     let mut lbs: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which points to a
     // live, writable c_int.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut lbs as *mut libc::c_int) };
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::BLKSSZGET,
+            &mut lbs as *mut libc::c_int,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -118,9 +129,14 @@ pub(crate) fn dio_alignment(file: &File, kind: Kind) -> Option<(usize, usize)> {
         }
     }
     match kind {
-        Kind::BlockDevice { logical_block } => Some((logical_block as usize, logical_block as usize)),
+        Kind::BlockDevice { logical_block } => {
+            Some((logical_block as usize, logical_block as usize))
+        }
         Kind::File => {
-            let bs = file.metadata().map(|m| m.blksize() as usize).unwrap_or(4096);
+            let bs = file
+                .metadata()
+                .map(|m| m.blksize() as usize)
+                .unwrap_or(4096);
             let bs = bs.clamp(512, 65536).next_power_of_two();
             Some((bs, bs))
         }
@@ -158,7 +174,14 @@ pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     loop {
         // SAFETY: plain syscall on an open fd; no pointers involved.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+        let r = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
         if r == 0 {
             return Ok(());
         }
@@ -181,7 +204,10 @@ fn blk_zeroout(file: &File, offset: u64, len: u64) -> io::Result<()> {
 }
 
 fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENOTTY))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENOTTY)
+    )
 }
 
 /// Make `[offset, offset + len)` read as zeroes without writing data buffers
@@ -195,7 +221,13 @@ fn unsupported(e: &io::Error) -> bool {
 ///   (the kernel guarantees zeroes and may unmap), else `BLKZEROOUT`.
 /// - Block device, `!trim`: `BLKZEROOUT`, which the kernel issues with
 ///   NOUNMAP semantics (blocks stay provisioned).
-pub(crate) fn zero_range_blocking(file: &File, kind: Kind, offset: u64, len: u64, trim: bool) -> io::Result<Vec<(u64, u64)>> {
+pub(crate) fn zero_range_blocking(
+    file: &File,
+    kind: Kind,
+    offset: u64,
+    len: u64,
+    trim: bool,
+) -> io::Result<Vec<(u64, u64)>> {
     if len == 0 {
         return Ok(Vec::new());
     }
@@ -232,7 +264,12 @@ pub(crate) fn zero_range_blocking(file: &File, kind: Kind, offset: u64, len: u64
             }
             let mlen = mid_end - mid_start;
             if trim {
-                match fallocate(file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, mid_start, mlen) {
+                match fallocate(
+                    file,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    mid_start,
+                    mlen,
+                ) {
                     Ok(()) => return Ok(rest),
                     Err(e) if unsupported(&e) => {}
                     Err(e) => return Err(e),
@@ -246,14 +283,22 @@ pub(crate) fn zero_range_blocking(file: &File, kind: Kind, offset: u64, len: u64
 
 /// See [`super::create_data_file`].
 pub(crate) fn create_data_file(path: &Path, size: u64) -> io::Result<()> {
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
     let meta = file.metadata()?;
     if meta.file_type().is_block_device() {
         let have = blk_size(&file)?;
         if have < size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{}: block device has {have} bytes, {size} needed", path.display()),
+                format!(
+                    "{}: block device has {have} bytes, {size} needed",
+                    path.display()
+                ),
             ));
         }
         return Ok(());
@@ -261,14 +306,20 @@ pub(crate) fn create_data_file(path: &Path, size: u64) -> io::Result<()> {
     if !meta.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{}: neither a regular file nor a block device", path.display()),
+            format!(
+                "{}: neither a regular file nor a block device",
+                path.display()
+            ),
         ));
     }
     let have = meta.len();
     if have > size {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{}: existing file has {have} bytes, refusing to shrink it to {size}", path.display()),
+            format!(
+                "{}: existing file has {have} bytes, refusing to shrink it to {size}",
+                path.display()
+            ),
         ));
     }
     if have < size {

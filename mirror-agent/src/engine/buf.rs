@@ -51,7 +51,10 @@ struct Pool {
     retained: AtomicUsize,
 }
 
-static POOL: Pool = Pool { classes: [const { Mutex::new(Vec::new()) }; CLASSES], retained: AtomicUsize::new(0) };
+static POOL: Pool = Pool {
+    classes: [const { Mutex::new(Vec::new()) }; CLASSES],
+    retained: AtomicUsize::new(0),
+};
 
 /// Size class index and capacity for `len`, or `None` if not pooled.
 fn class_of(len: usize) -> Option<(usize, usize)> {
@@ -95,16 +98,37 @@ impl IoBuf {
         let align = align.max(IO_ALIGN);
         if align == IO_ALIGN {
             if let Some((class, cap)) = class_of(len) {
-                let got = POOL.classes[class].lock().unwrap_or_else(|p| p.into_inner()).pop();
+                let got = POOL.classes[class]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop();
                 if let Some(FreeBuf(ptr)) = got {
                     POOL.retained.fetch_sub(cap, Ordering::Relaxed);
-                    return IoBuf { ptr, len, cap, align, class: Some(class) };
+                    return IoBuf {
+                        ptr,
+                        len,
+                        cap,
+                        align,
+                        class: Some(class),
+                    };
                 }
-                return IoBuf { ptr: alloc_zeroed(cap, align), len, cap, align, class: Some(class) };
+                return IoBuf {
+                    ptr: alloc_zeroed(cap, align),
+                    len,
+                    cap,
+                    align,
+                    class: Some(class),
+                };
             }
         }
         let cap = len.max(1).next_multiple_of(align);
-        IoBuf { ptr: alloc_zeroed(cap, align), len, cap, align, class: None }
+        IoBuf {
+            ptr: alloc_zeroed(cap, align),
+            len,
+            cap,
+            align,
+            class: None,
+        }
     }
 
     /// Shortens the visible length (no effect if `len` is not smaller).
@@ -151,7 +175,10 @@ impl AsRef<[u8]> for IoBuf {
 
 impl std::fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IoBuf").field("len", &self.len).field("cap", &self.cap).finish()
+        f.debug_struct("IoBuf")
+            .field("len", &self.len)
+            .field("cap", &self.cap)
+            .finish()
     }
 }
 
@@ -159,9 +186,13 @@ impl Drop for IoBuf {
     fn drop(&mut self) {
         if let Some(class) = self.class {
             let keep = (CLASS_RETAIN_BYTES / self.cap).max(2);
-            let mut free = POOL.classes[class].lock().unwrap_or_else(|p| p.into_inner());
+            let mut free = POOL.classes[class]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if free.len() < keep {
-                if POOL.retained.fetch_add(self.cap, Ordering::Relaxed) + self.cap <= POOL_RETAIN_BYTES {
+                if POOL.retained.fetch_add(self.cap, Ordering::Relaxed) + self.cap
+                    <= POOL_RETAIN_BYTES
+                {
                     free.push(FreeBuf(self.ptr));
                     return;
                 }

@@ -47,7 +47,10 @@ pub enum FaultOp {
 
 impl FaultOp {
     fn modifies(self) -> bool {
-        matches!(self, FaultOp::Write | FaultOp::Discard | FaultOp::WriteZeroes)
+        matches!(
+            self,
+            FaultOp::Write | FaultOp::Discard | FaultOp::WriteZeroes
+        )
     }
 }
 
@@ -99,7 +102,10 @@ impl FaultRule {
     pub fn fail_range(ops: &[FaultOp], offset: u64, len: u64, errno: i32) -> FaultRule {
         FaultRule {
             ops: ops.to_vec(),
-            trigger: FaultTrigger::Range { start: offset, end: offset.saturating_add(len) },
+            trigger: FaultTrigger::Range {
+                start: offset,
+                end: offset.saturating_add(len),
+            },
             action: FaultAction::Fail(errno),
             times: None,
         }
@@ -107,7 +113,12 @@ impl FaultRule {
 
     /// Fail the `n`-th (1-based) request of `ops` (empty: all) with `errno`.
     pub fn fail_nth(ops: &[FaultOp], n: u64, errno: i32) -> FaultRule {
-        FaultRule { ops: ops.to_vec(), trigger: FaultTrigger::Nth(n), action: FaultAction::Fail(errno), times: Some(1) }
+        FaultRule {
+            ops: ops.to_vec(),
+            trigger: FaultTrigger::Nth(n),
+            action: FaultAction::Fail(errno),
+            times: Some(1),
+        }
     }
 
     /// Tear the `n`-th (1-based) write: apply its first `keep` bytes, fail EIO.
@@ -124,7 +135,10 @@ impl FaultRule {
     pub fn torn_write_range(offset: u64, len: u64, keep: usize) -> FaultRule {
         FaultRule {
             ops: vec![FaultOp::Write],
-            trigger: FaultTrigger::Range { start: offset, end: offset.saturating_add(len) },
+            trigger: FaultTrigger::Range {
+                start: offset,
+                end: offset.saturating_add(len),
+            },
             action: FaultAction::TornWrite { keep },
             times: None,
         }
@@ -189,14 +203,20 @@ pub struct FaultyEngine {
 
 impl std::fmt::Debug for FaultyEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FaultyEngine").field("inner", &self.inner.describe()).field("state", &self.state).finish()
+        f.debug_struct("FaultyEngine")
+            .field("inner", &self.inner.describe())
+            .field("state", &self.state)
+            .finish()
     }
 }
 
 impl FaultyEngine {
     /// Wrap `inner` with no rules (everything passes).
     pub fn new(inner: Arc<dyn BlockEngine>) -> FaultyEngine {
-        FaultyEngine { inner, state: Mutex::new(State::default()) }
+        FaultyEngine {
+            inner,
+            state: Mutex::new(State::default()),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -213,7 +233,12 @@ impl FaultyEngine {
         let mut st = self.lock();
         let id = st.next_id;
         st.next_id += 1;
-        st.rules.push(RuleState { id, rule, seen: 0, fired: 0 });
+        st.rules.push(RuleState {
+            id,
+            rule,
+            seen: 0,
+            fired: 0,
+        });
         id
     }
 
@@ -256,7 +281,11 @@ impl FaultyEngine {
 
     /// How many times rule `id` has fired (`None` if unknown).
     pub fn fired(&self, id: u64) -> Option<u64> {
-        self.lock().rules.iter().find(|r| r.id == id).map(|r| r.fired)
+        self.lock()
+            .rules
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.fired)
     }
 
     fn decide(&self, op: FaultOp, range: Option<(u64, u64)>) -> Decision {

@@ -146,7 +146,11 @@ pub const DEFAULT_QUEUE_DEPTH: u32 = 128;
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { kind: EngineKind::Auto, direct_io: DirectIo::Auto, queue_depth: DEFAULT_QUEUE_DEPTH }
+        EngineOptions {
+            kind: EngineKind::Auto,
+            direct_io: DirectIo::Auto,
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+        }
     }
 }
 

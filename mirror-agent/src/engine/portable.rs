@@ -79,7 +79,9 @@ impl Workers {
         }
         q.threads += 1;
         let me = Arc::clone(self);
-        let spawned = std::thread::Builder::new().name("portable-io".into()).spawn(move || me.work());
+        let spawned = std::thread::Builder::new()
+            .name("portable-io".into())
+            .spawn(move || me.work());
         if let Err(e) = spawned {
             q.threads -= 1;
             tracing::error!(error = %e, "portable engine: cannot start an I/O thread");
@@ -128,7 +130,9 @@ impl Drop for PortableEngine {
 
 impl std::fmt::Debug for PortableEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PortableEngine").field("size", &self.shared.size).finish()
+        f.debug_struct("PortableEngine")
+            .field("size", &self.shared.size)
+            .finish()
     }
 }
 
@@ -148,7 +152,12 @@ impl PortableEngine {
         let b = backing::open(path, false)?;
         let depth = queue_depth.max(1) as usize;
         Ok(PortableEngine {
-            shared: Arc::new(Shared { file: b.file, kind: b.kind, size: b.size, permits: Semaphore::new(depth) }),
+            shared: Arc::new(Shared {
+                file: b.file,
+                kind: b.kind,
+                size: b.size,
+                permits: Semaphore::new(depth),
+            }),
             workers: Arc::new(Workers {
                 queue: Mutex::new(Queue::default()),
                 wake: Condvar::new(),
@@ -189,10 +198,21 @@ fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> usize {
     let mut done = 0;
     while done < buf.len() {
         let rest = &mut buf[done..];
-        let iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
+        let iov = libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        };
         // SAFETY: one iovec over a live, writable, initialised slice that
         // outlives the call; the fd is open.
-        let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, (offset + done as u64) as libc::off_t, libc::RWF_NOWAIT) };
+        let r = unsafe {
+            libc::preadv2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                (offset + done as u64) as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
         if r <= 0 {
             break;
         }
@@ -255,7 +275,9 @@ impl BlockEngine for PortableEngine {
             return Box::pin(async move { Ok(buf.into_bytes()) });
         }
         self.run(move |s| {
-            s.file.read_exact_at(&mut buf[got..], offset + got as u64).map_err(map_eof)?;
+            s.file
+                .read_exact_at(&mut buf[got..], offset + got as u64)
+                .map_err(map_eof)?;
             Ok(buf.into_bytes())
         })
     }

@@ -147,7 +147,11 @@ enum ReadBuf {
 /// A low-level ring operation. Buffers are owned here until completion.
 enum Op {
     /// Read `len` bytes at `offset` into the start of `buf`.
-    Read { offset: u64, buf: ReadBuf, len: usize },
+    Read {
+        offset: u64,
+        buf: ReadBuf,
+        len: usize,
+    },
     /// Write all of `buf` at `offset` with `rw_flags` (RWF_DSYNC for FUA).
     Write { offset: u64, buf: Bytes, flags: i32 },
     /// fdatasync.
@@ -191,7 +195,10 @@ impl Slot {
                     ReadBuf::Vec(v) => v.spare_capacity_mut()[done..*len].as_mut_ptr().cast::<u8>(),
                     ReadBuf::Io(b) => b[done..*len].as_mut_ptr(),
                 };
-                opcode::Read::new(fd, ptr, n).offset(*offset + done as u64).build().user_data(key)
+                opcode::Read::new(fd, ptr, n)
+                    .offset(*offset + done as u64)
+                    .build()
+                    .user_data(key)
             }
             Op::Write { offset, buf, flags } => {
                 let n = (buf.len() - done).min(MAX_SQE_BYTES) as u32;
@@ -202,7 +209,10 @@ impl Slot {
                     .build()
                     .user_data(key)
             }
-            Op::Fsync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build().user_data(key),
+            Op::Fsync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(key),
         }
     }
 }
@@ -246,7 +256,12 @@ impl State {
     fn start(&mut self, op: Op, reply: ReplyTx, permit: OwnedSemaphorePermit) {
         // A permit is held per occupied slot, so a slot is free.
         let idx = self.free.pop().expect("slot permit without a free slot");
-        let mut slot = Slot { op, done: 0, reply, _permit: permit };
+        let mut slot = Slot {
+            op,
+            done: 0,
+            reply,
+            _permit: permit,
+        };
         let e = slot.sqe(self.fd, idx as u64);
         self.slab[idx] = Some(slot);
         self.push(&e);
@@ -267,7 +282,11 @@ impl State {
         let reply = match res {
             Err(e) => Err(e),
             Ok(()) => Ok(match slot.op {
-                Op::Read { buf: ReadBuf::Vec(mut v), len, .. } => {
+                Op::Read {
+                    buf: ReadBuf::Vec(mut v),
+                    len,
+                    ..
+                } => {
                     debug_assert!(len <= v.capacity());
                     // SAFETY: the kernel reported `len` bytes written in total
                     // to `[0, len)` of the spare capacity (each SQE covered
@@ -308,8 +327,16 @@ impl State {
         if res == 0 {
             // No progress: EOF on read (file shrank) or a device refusing to
             // take more; never report a short transfer as success.
-            tracing::warn!(op = if matches!(slot.op, Op::Read { .. }) { "read" } else { "write" },
-                done = slot.done, total = slot.total(), "io_uring: transfer made no progress");
+            tracing::warn!(
+                op = if matches!(slot.op, Op::Read { .. }) {
+                    "read"
+                } else {
+                    "write"
+                },
+                done = slot.done,
+                total = slot.total(),
+                "io_uring: transfer made no progress"
+            );
             self.finish(idx, Err(errno(libc::EIO)), out);
             return;
         }
@@ -515,19 +542,25 @@ async fn reaper_task(guard: AliveGuard) {
 }
 
 fn start_reaper_thread(guard: AliveGuard) {
-    let spawned = std::thread::Builder::new().name("io_uring-reap".into()).spawn(move || {
-        let core = guard.0.clone();
-        loop {
-            let mut pfd = libc::pollfd { fd: core.bell.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd for the duration of the call.
-            let _ = unsafe { libc::poll(&mut pfd, 1, -1) };
-            core.drain_bell();
-            core.pump();
-            if core.finished() {
-                return;
+    let spawned = std::thread::Builder::new()
+        .name("io_uring-reap".into())
+        .spawn(move || {
+            let core = guard.0.clone();
+            loop {
+                let mut pfd = libc::pollfd {
+                    fd: core.bell.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                let _ = unsafe { libc::poll(&mut pfd, 1, -1) };
+                core.drain_bell();
+                core.pump();
+                if core.finished() {
+                    return;
+                }
             }
-        }
-    });
+        });
     if let Err(e) = spawned {
         // The guard was dropped with the closure: the next request retries.
         tracing::error!(error = %e, "io_uring: cannot start the completion thread");
@@ -540,7 +573,11 @@ impl Core {
         if self.reaper_alive.load(Ordering::Acquire) {
             return;
         }
-        if self.reaper_alive.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+        if self
+            .reaper_alive
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
             return;
         }
         let guard = AliveGuard(self.clone());
@@ -593,7 +630,12 @@ impl Shared {
     async fn call(&self, op: Op) -> io::Result<Reply> {
         let core = &self.core;
         core.ensure_reaper();
-        let permit = core.slots.clone().acquire_owned().await.map_err(|_| ring_gone())?;
+        let permit = core
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ring_gone())?;
         let (reply, rx) = oneshot::channel();
         let mut out = Deliveries::new();
         let ok = {
@@ -618,7 +660,14 @@ impl Shared {
         let hi = (offset + len as u64).div_ceil(a) * a;
         let span = (hi - lo) as usize;
         let buf = IoBuf::with_align(span, self.mem_align);
-        match self.call(Op::Read { offset: lo, buf: ReadBuf::Io(buf), len: span }).await? {
+        match self
+            .call(Op::Read {
+                offset: lo,
+                buf: ReadBuf::Io(buf),
+                len: span,
+            })
+            .await?
+        {
             Reply::Read(ReadBuf::Io(buf)) => Ok((buf, (offset - lo) as usize)),
             _ => unreachable!("read completes with its buffer"),
         }
@@ -659,14 +708,23 @@ impl Shared {
                 // See INLINE_WRITE_MAX: a page-cache copy, done here.
                 return self.file.write_all_at(&data, offset).map_err(|e| {
                     if e.kind() == io::ErrorKind::WriteZero {
-                        tracing::warn!(offset, len = data.len(), "io_uring engine: inline write made no progress");
+                        tracing::warn!(
+                            offset,
+                            len = data.len(),
+                            "io_uring engine: inline write made no progress"
+                        );
                         errno(libc::EIO)
                     } else {
                         e
                     }
                 });
             }
-            self.call(Op::Write { offset, buf: data, flags }).await?;
+            self.call(Op::Write {
+                offset,
+                buf: data,
+                flags,
+            })
+            .await?;
             return Ok(());
         }
         let a = self.align as u64;
@@ -689,7 +747,12 @@ impl Shared {
         let (mut span, head) = self.read_span(offset, data.len()).await?;
         span[head..head + data.len()].copy_from_slice(&data);
         let lo = offset - head as u64;
-        self.call(Op::Write { offset: lo, buf: span.into_bytes(), flags }).await?;
+        self.call(Op::Write {
+            offset: lo,
+            buf: span.into_bytes(),
+            flags,
+        })
+        .await?;
         Ok(())
     }
 
@@ -710,11 +773,17 @@ impl Shared {
         backing::check_range(self.size, offset, len)?;
         if len > 0 {
             let rest = {
-                let _shared = if self.direct { Some(self.rmw.read().await) } else { None };
+                let _shared = if self.direct {
+                    Some(self.rmw.read().await)
+                } else {
+                    None
+                };
                 let me = self.clone();
-                tokio::task::spawn_blocking(move || backing::zero_range_blocking(&me.file, me.kind, offset, len, trim))
-                    .await
-                    .map_err(join_err)??
+                tokio::task::spawn_blocking(move || {
+                    backing::zero_range_blocking(&me.file, me.kind, offset, len, trim)
+                })
+                .await
+                .map_err(join_err)??
             };
             if !rest.is_empty() {
                 let mut z = IoBuf::with_align(ZERO_CHUNK, self.mem_align);
@@ -756,17 +825,24 @@ impl std::fmt::Debug for UringEngine {
 fn try_direct(path: &Path) -> io::Result<Result<(backing::Backing, usize, usize), String>> {
     let b = match backing::open(path, true) {
         Ok(b) => b,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Err(format!("O_DIRECT refused at open: {e}"))),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            return Ok(Err(format!("O_DIRECT refused at open: {e}")))
+        }
         Err(e) => return Err(e),
     };
     if b.kind == Kind::File && backing::on_tmpfs(&b.file) {
-        return Ok(Err("tmpfs has no direct I/O (the page cache is always used)".into()));
+        return Ok(Err(
+            "tmpfs has no direct I/O (the page cache is always used)".into(),
+        ));
     }
     let Some((align, mem_align)) = backing::dio_alignment(&b.file, b.kind) else {
         return Ok(Err("statx reports no direct I/O support".into()));
     };
     if !b.size.is_multiple_of(align as u64) {
-        return Ok(Err(format!("size {} is not a multiple of the direct I/O alignment {align}", b.size)));
+        return Ok(Err(format!(
+            "size {} is not a multiple of the direct I/O alignment {align}",
+            b.size
+        )));
     }
     // Some filesystems accept the flag at open and refuse at I/O time.
     if b.size >= align as u64 {
@@ -789,7 +865,13 @@ impl UringEngine {
     /// not otherwise; `On` fails with `EINVAL` instead; `Off` is buffered.
     pub fn open(path: &Path, direct_io: DirectIo, queue_depth: u32) -> io::Result<UringEngine> {
         let (b, direct, align, mem_align, why) = match direct_io {
-            DirectIo::Off => (backing::open(path, false)?, false, 1, 1, "direct_io = off".to_string()),
+            DirectIo::Off => (
+                backing::open(path, false)?,
+                false,
+                1,
+                1,
+                "direct_io = off".to_string(),
+            ),
             DirectIo::On | DirectIo::Auto => match try_direct(path)? {
                 Ok((b, a, m)) => (b, true, a, m, String::new()),
                 Err(reason) => {
@@ -845,7 +927,9 @@ impl UringEngine {
             rmw: RwLock::new(()),
             core,
         };
-        Ok(UringEngine { shared: Arc::new(shared) })
+        Ok(UringEngine {
+            shared: Arc::new(shared),
+        })
     }
 
     /// Whether O_DIRECT is in use.

@@ -32,9 +32,20 @@ const PR_GET_IO_FLUSHER: libc::c_int = 58;
 /// IO_FLUSHER state. See the module documentation.
 pub fn set_io_flusher() -> Result<(), KernelError> {
     // SAFETY: prctl with integer arguments only.
-    let r = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    let r = unsafe {
+        libc::prctl(
+            PR_SET_IO_FLUSHER,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
     if r < 0 {
-        return Err(KernelError::Os { what: "prctl(PR_SET_IO_FLUSHER)", source: io::Error::last_os_error() });
+        return Err(KernelError::Os {
+            what: "prctl(PR_SET_IO_FLUSHER)",
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -42,9 +53,20 @@ pub fn set_io_flusher() -> Result<(), KernelError> {
 /// Whether the calling thread is in the IO_FLUSHER state.
 pub fn is_io_flusher() -> Result<bool, KernelError> {
     // SAFETY: prctl with integer arguments only.
-    let r = unsafe { libc::prctl(PR_GET_IO_FLUSHER, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    let r = unsafe {
+        libc::prctl(
+            PR_GET_IO_FLUSHER,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
     if r < 0 {
-        return Err(KernelError::Os { what: "prctl(PR_GET_IO_FLUSHER)", source: io::Error::last_os_error() });
+        return Err(KernelError::Os {
+            what: "prctl(PR_GET_IO_FLUSHER)",
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(r == 1)
 }
@@ -54,7 +76,10 @@ pub fn lock_memory() -> Result<(), KernelError> {
     // SAFETY: mlockall takes flags only.
     let r = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) };
     if r < 0 {
-        return Err(KernelError::Os { what: "mlockall(MCL_CURRENT|MCL_FUTURE)", source: io::Error::last_os_error() });
+        return Err(KernelError::Os {
+            what: "mlockall(MCL_CURRENT|MCL_FUTURE)",
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -80,7 +105,10 @@ impl IoFlusherReport {
 /// as a warning (the agent still works, with the deadlock risk described in
 /// the module documentation) and returned in the report.
 pub fn io_flusher_setup() -> IoFlusherReport {
-    let report = IoFlusherReport { io_flusher: set_io_flusher(), mlockall: lock_memory() };
+    let report = IoFlusherReport {
+        io_flusher: set_io_flusher(),
+        mlockall: lock_memory(),
+    };
     if let Err(e) = &report.io_flusher {
         tracing::warn!("{e}: writeback through this agent may deadlock under memory pressure");
     }
@@ -107,7 +135,10 @@ mod tests {
             Err(get) => {
                 assert!(get.to_string().contains("PR_GET_IO_FLUSHER"), "{get}");
                 let e = set_io_flusher().unwrap_err().to_string();
-                assert!(e.contains("PR_SET_IO_FLUSHER") && e.contains("not permitted"), "{e}");
+                assert!(
+                    e.contains("PR_SET_IO_FLUSHER") && e.contains("not permitted"),
+                    "{e}"
+                );
             }
         })
         .join()

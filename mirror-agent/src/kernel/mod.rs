@@ -162,7 +162,10 @@ fn fmt_holders(h: &[Holder]) -> String {
     if h.is_empty() {
         return "no process found in /proc (a kernel user such as a bind mount, swap or loop device?)".into();
     }
-    h.iter().map(Holder::to_string).collect::<Vec<_>>().join("; ")
+    h.iter()
+        .map(Holder::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// How to attach.
@@ -290,7 +293,10 @@ impl KernelAttachment {
             return Ok(());
         }
         if let Some(mp) = device_mount_point(&self.device)? {
-            return Err(KernelError::DeviceMounted { device: self.device.clone(), mount_point: mp });
+            return Err(KernelError::DeviceMounted {
+                device: self.device.clone(),
+                mount_point: mp,
+            });
         }
         let device = self.device.clone();
         let index = self.index;
@@ -300,7 +306,10 @@ impl KernelAttachment {
         tokio::task::spawn_blocking(move || -> Result<(), KernelError> {
             match how {
                 Attached::Netlink { .. } => {
-                    let nl_err = |source| KernelError::Netlink { device: device.clone(), source };
+                    let nl_err = |source| KernelError::Netlink {
+                        device: device.clone(),
+                        source,
+                    };
                     let mut nl = NbdNetlink::open().map_err(nl_err)?;
                     if nl.status(index).map_err(nl_err)? != Some(true) {
                         // Disconnected behind our back: no flush (it would only fail with EIO).
@@ -322,16 +331,28 @@ impl KernelAttachment {
             }
         })
         .await
-        .map_err(|e| KernelError::Os { what: "detach task", source: io::Error::other(e.to_string()) })?
-        .inspect_err(|_| self.stopping.store(false, std::sync::atomic::Ordering::SeqCst))?;
+        .map_err(|e| KernelError::Os {
+            what: "detach task",
+            source: io::Error::other(e.to_string()),
+        })?
+        .inspect_err(|_| {
+            self.stopping
+                .store(false, std::sync::atomic::Ordering::SeqCst)
+        })?;
         self.detached = true;
         if let Some(t) = self.serve.take() {
             // The kernel sent NBD_CMD_DISC and shut its end down: the task ends promptly.
             match tokio::time::timeout(Duration::from_secs(30), t).await {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => tracing::info!(device = %self.device.display(), "kernel connection ended: {e}"),
-                Ok(Err(e)) => tracing::warn!(device = %self.device.display(), "kernel connection task failed: {e}"),
-                Err(_) => tracing::warn!(device = %self.device.display(), "kernel connection still open 30 s after disconnect"),
+                Ok(Ok(Err(e))) => {
+                    tracing::info!(device = %self.device.display(), "kernel connection ended: {e}")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(device = %self.device.display(), "kernel connection task failed: {e}")
+                }
+                Err(_) => {
+                    tracing::warn!(device = %self.device.display(), "kernel connection still open 30 s after disconnect")
+                }
             }
         }
         tracing::info!(device = %self.device.display(), "kernel device detached");
@@ -371,12 +392,16 @@ pub async fn activate_device(
     nomount: bool,
     mut opts: AttachOptions,
 ) -> Result<Option<KernelAttachment>, KernelError> {
-    let Some(dev) = me.nbd_device.as_deref() else { return Ok(None) };
+    let Some(dev) = me.nbd_device.as_deref() else {
+        return Ok(None);
+    };
     if opts.fallback_socket.is_none() {
         opts.fallback_socket = Some(me.nbd_socket.clone());
     }
     let mut att = attach(server, export, dev, opts).await?;
-    let Some(mnt) = me.mount_point.as_deref().filter(|_| !nomount) else { return Ok(Some(att)) };
+    let Some(mnt) = me.mount_point.as_deref().filter(|_| !nomount) else {
+        return Ok(Some(att));
+    };
     let fs = me.fs.clone();
     let options = me.mount_options.clone();
     let (dev2, mnt2) = (dev.to_owned(), mnt.to_owned());
@@ -406,11 +431,17 @@ pub async fn activate_device(
 /// Deactivation in one call: [`umount`] `me.mount_point` (if set) — a busy
 /// mount refuses with [`KernelError::Busy`] naming the holders, leaving
 /// everything attached and mounted — then [`KernelAttachment::detach`].
-pub async fn deactivate_device(att: &mut KernelAttachment, me: &crate::config::ResourceNode) -> Result<(), KernelError> {
+pub async fn deactivate_device(
+    att: &mut KernelAttachment,
+    me: &crate::config::ResourceNode,
+) -> Result<(), KernelError> {
     if let Some(mnt) = me.mount_point.clone() {
         tokio::task::spawn_blocking(move || umount(&mnt))
             .await
-            .map_err(|e| KernelError::Os { what: "umount task", source: io::Error::other(e.to_string()) })??;
+            .map_err(|e| KernelError::Os {
+                what: "umount task",
+                source: io::Error::other(e.to_string()),
+            })??;
     }
     att.detach().await
 }
@@ -429,10 +460,21 @@ pub async fn deactivate_device(att: &mut KernelAttachment, me: &crate::config::R
 /// fallback socket is configured, logging why.
 ///
 /// Must run inside a tokio runtime (it spawns the serving task).
-pub async fn attach(server: Arc<NbdServer>, export: &str, device: &Path, opts: AttachOptions) -> Result<KernelAttachment, KernelError> {
+pub async fn attach(
+    server: Arc<NbdServer>,
+    export: &str,
+    device: &Path,
+    opts: AttachOptions,
+) -> Result<KernelAttachment, KernelError> {
     let index = device_index(device)?;
-    let params = server.export_params(export).ok_or_else(|| KernelError::UnknownExport(export.to_owned()))?;
-    let block_size = block_size_for(opts.block_size, params.block_sizes.minimum, params.block_sizes.preferred);
+    let params = server
+        .export_params(export)
+        .ok_or_else(|| KernelError::UnknownExport(export.to_owned()))?;
+    let block_size = block_size_for(
+        opts.block_size,
+        params.block_sizes.minimum,
+        params.block_sizes.preferred,
+    );
     let cp = ConnectParams {
         index,
         size: params.size,
@@ -445,17 +487,35 @@ pub async fn attach(server: Arc<NbdServer>, export: &str, device: &Path, opts: A
         "netlink not requested (AttachMethod::NbdClient)".to_owned()
     } else {
         match open_netlink(opts.modprobe).await {
-            Ok(_) => return attach_netlink(server, export, device, cp, &opts, params.block_sizes.maximum).await,
+            Ok(_) => {
+                return attach_netlink(
+                    server,
+                    export,
+                    device,
+                    cp,
+                    &opts,
+                    params.block_sizes.maximum,
+                )
+                .await
+            }
             Err(NetlinkError::NoFamily(f)) if opts.method == AttachMethod::Auto => {
                 format!("generic netlink family {f:?} not found even after `modprobe nbd`")
             }
-            Err(source) => return Err(KernelError::Netlink { device: device.to_owned(), source }),
+            Err(source) => {
+                return Err(KernelError::Netlink {
+                    device: device.to_owned(),
+                    source,
+                })
+            }
         }
     };
     let Some(sock) = opts.fallback_socket.clone() else {
         return Err(KernelError::NoAttachMethod {
             netlink: netlink_reason,
-            fallback: Box::new(KernelError::Os { what: "nbd-client fallback", source: io::Error::other("no export socket configured") }),
+            fallback: Box::new(KernelError::Os {
+                what: "nbd-client fallback",
+                source: io::Error::other("no export socket configured"),
+            }),
         });
     };
     tracing::warn!(device = %device.display(), "nbd netlink unavailable ({netlink_reason}); falling back to nbd-client on {}", sock.display());
@@ -463,18 +523,28 @@ pub async fn attach(server: Arc<NbdServer>, export: &str, device: &Path, opts: A
     let exp = export.to_owned();
     let prog = opts.nbd_client.clone();
     let timeout = cp.timeout_secs;
-    let r = tokio::task::spawn_blocking(move || nbd_client_attach(&prog, &sock, &dev, &exp, timeout, block_size))
-        .await
-        .map_err(|e| KernelError::Os { what: "nbd-client task", source: io::Error::other(e.to_string()) })?;
+    let r = tokio::task::spawn_blocking(move || {
+        nbd_client_attach(&prog, &sock, &dev, &exp, timeout, block_size)
+    })
+    .await
+    .map_err(|e| KernelError::Os {
+        what: "nbd-client task",
+        source: io::Error::other(e.to_string()),
+    })?;
     if let Err(e) = r {
-        return Err(KernelError::NoAttachMethod { netlink: netlink_reason, fallback: Box::new(e) });
+        return Err(KernelError::NoAttachMethod {
+            netlink: netlink_reason,
+            fallback: Box::new(e),
+        });
     }
     cap_max_sectors(device, params.block_sizes.maximum);
     tracing::info!(device = %device.display(), export, "kernel device attached with nbd-client");
     Ok(KernelAttachment {
         device: device.to_owned(),
         index,
-        how: Attached::NbdClient { reason: netlink_reason },
+        how: Attached::NbdClient {
+            reason: netlink_reason,
+        },
         serve: None,
         stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         nbd_client: opts.nbd_client,
@@ -487,7 +557,9 @@ async fn open_netlink(modprobe: bool) -> Result<NbdNetlink, NetlinkError> {
         Err(NetlinkError::NoFamily(_)) if modprobe => {
             match Command::new("modprobe").arg("nbd").output() {
                 Ok(o) if o.status.success() => tracing::info!("loaded the nbd module"),
-                Ok(o) => tracing::info!("modprobe nbd failed: {}", mount::tail(&o.stdout, &o.stderr)),
+                Ok(o) => {
+                    tracing::info!("modprobe nbd failed: {}", mount::tail(&o.stdout, &o.stderr))
+                }
                 Err(e) => tracing::info!("cannot run modprobe: {e}"),
             }
             NbdNetlink::open()
@@ -495,15 +567,27 @@ async fn open_netlink(modprobe: bool) -> Result<NbdNetlink, NetlinkError> {
         r => r,
     })
     .await
-    .map_err(|e| NetlinkError::Io { what: "netlink task", source: io::Error::other(e.to_string()) })?
+    .map_err(|e| NetlinkError::Io {
+        what: "netlink task",
+        source: io::Error::other(e.to_string()),
+    })?
 }
 
 /// Our end of a fresh socketpair as a tokio stream, and the kernel's end.
 fn kernel_pair() -> Result<(tokio::net::UnixStream, OwnedFd), KernelError> {
     let (ours, theirs) = socketpair()?;
     let std_stream = std::os::unix::net::UnixStream::from(ours);
-    std_stream.set_nonblocking(true).map_err(|source| KernelError::Os { what: "set_nonblocking", source })?;
-    let stream = tokio::net::UnixStream::from_std(std_stream).map_err(|source| KernelError::Os { what: "register socket", source })?;
+    std_stream
+        .set_nonblocking(true)
+        .map_err(|source| KernelError::Os {
+            what: "set_nonblocking",
+            source,
+        })?;
+    let stream =
+        tokio::net::UnixStream::from_std(std_stream).map_err(|source| KernelError::Os {
+            what: "register socket",
+            source,
+        })?;
     Ok((stream, theirs))
 }
 
@@ -511,17 +595,30 @@ fn kernel_pair() -> Result<(tokio::net::UnixStream, OwnedFd), KernelError> {
 /// is still configured); returns whether it was a reconfigure. With
 /// `only_reconfigure`, a device that is no longer configured is an error
 /// ([`KernelError::NotConfigured`]) instead of a new `CONNECT`. Blocking.
-fn hand_over(dev: &Path, cp: &ConnectParams, theirs: OwnedFd, reattach: bool, only_reconfigure: bool) -> Result<bool, KernelError> {
-    let nl_err = |source| KernelError::Netlink { device: dev.to_owned(), source };
+fn hand_over(
+    dev: &Path,
+    cp: &ConnectParams,
+    theirs: OwnedFd,
+    reattach: bool,
+    only_reconfigure: bool,
+) -> Result<bool, KernelError> {
+    let nl_err = |source| KernelError::Netlink {
+        device: dev.to_owned(),
+        source,
+    };
     let mut nl = NbdNetlink::open().map_err(nl_err)?;
     let connected = nl.status(cp.index).map_err(nl_err)?.unwrap_or(false);
     if !connected && only_reconfigure {
-        return Err(KernelError::NotConfigured { device: dev.to_owned() });
+        return Err(KernelError::NotConfigured {
+            device: dev.to_owned(),
+        });
     }
     let fd = theirs.as_raw_fd();
     let reconfigured = if connected {
         if !reattach {
-            return Err(KernelError::DeviceInUse { device: dev.to_owned() });
+            return Err(KernelError::DeviceInUse {
+                device: dev.to_owned(),
+            });
         }
         nl.reconfigure(cp, fd).map_err(nl_err)?;
         true
@@ -535,11 +632,20 @@ fn hand_over(dev: &Path, cp: &ConnectParams, theirs: OwnedFd, reattach: bool, on
     Ok(reconfigured)
 }
 
-async fn hand_over_async(dev: &Path, cp: ConnectParams, theirs: OwnedFd, reattach: bool, only_reconfigure: bool) -> Result<bool, KernelError> {
+async fn hand_over_async(
+    dev: &Path,
+    cp: ConnectParams,
+    theirs: OwnedFd,
+    reattach: bool,
+    only_reconfigure: bool,
+) -> Result<bool, KernelError> {
     let dev = dev.to_owned();
     tokio::task::spawn_blocking(move || hand_over(&dev, &cp, theirs, reattach, only_reconfigure))
         .await
-        .map_err(|e| KernelError::Os { what: "netlink task", source: io::Error::other(e.to_string()) })?
+        .map_err(|e| KernelError::Os {
+            what: "netlink task",
+            source: io::Error::other(e.to_string()),
+        })?
 }
 
 /// Serves the kernel connection; when the kernel drops it while we are still
@@ -564,14 +670,20 @@ async fn supervise(
             return r;
         }
         match &r {
-            Ok(()) => tracing::warn!(device = %dev.display(), "kernel closed the connection unasked (request timeout?); re-attaching"),
-            Err(e) => tracing::warn!(device = %dev.display(), "kernel connection ended: {e}; re-attaching"),
+            Ok(()) => {
+                tracing::warn!(device = %dev.display(), "kernel closed the connection unasked (request timeout?); re-attaching")
+            }
+            Err(e) => {
+                tracing::warn!(device = %dev.display(), "kernel connection ended: {e}; re-attaching")
+            }
         }
         let give_up = std::time::Instant::now() + dead_window;
         stream = loop {
             let attempt = async {
                 let (ours, theirs) = kernel_pair()?;
-                hand_over_async(&dev, cp, theirs, true, true).await.map(|reconf| (ours, reconf))
+                hand_over_async(&dev, cp, theirs, true, true)
+                    .await
+                    .map(|reconf| (ours, reconf))
             };
             match attempt.await {
                 Ok((ours, reconf)) => {
@@ -583,7 +695,9 @@ async fn supervise(
                     tracing::error!(device = %dev.display(), "{e}: not re-attaching");
                     return r;
                 }
-                Err(e) if std::time::Instant::now() < give_up && !stopping.load(Ordering::SeqCst) => {
+                Err(e)
+                    if std::time::Instant::now() < give_up && !stopping.load(Ordering::SeqCst) =>
+                {
                     tracing::warn!(device = %dev.display(), "re-attach failed: {e}; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -649,9 +763,19 @@ async fn attach_netlink(
 fn socketpair() -> Result<(OwnedFd, OwnedFd), KernelError> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: fds is a valid array of two ints for socketpair to fill.
-    let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) };
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
     if r < 0 {
-        return Err(KernelError::Os { what: "socketpair(AF_UNIX, SOCK_STREAM)", source: io::Error::last_os_error() });
+        return Err(KernelError::Os {
+            what: "socketpair(AF_UNIX, SOCK_STREAM)",
+            source: io::Error::last_os_error(),
+        });
     }
     use std::os::fd::FromRawFd;
     // SAFETY: both descriptors were just created and are owned by nobody else.
@@ -665,9 +789,15 @@ fn socketpair() -> Result<(OwnedFd, OwnedFd), KernelError> {
 /// queue's `max_sectors_kb` can (the default is 32 MiB requests... larger
 /// than a small `nbd_max_request`). Best effort: logged on failure.
 fn cap_max_sectors(device: &Path, max_request: u32) {
-    let Some(name) = device.file_name() else { return };
+    let Some(name) = device.file_name() else {
+        return;
+    };
     let q = Path::new("/sys/block").join(name).join("queue");
-    let read = |f: &str| std::fs::read_to_string(q.join(f)).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    let read = |f: &str| {
+        std::fs::read_to_string(q.join(f))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
     let want = u64::from(max_request) / 1024;
     match (read("max_sectors_kb"), read("max_hw_sectors_kb")) {
         (Some(cur), Some(hw)) if cur > want => {
@@ -687,18 +817,33 @@ fn flush_device(device: &Path) -> Result<(), KernelError> {
         Ok(m) if m.file_type().is_block_device() => {}
         _ => return Ok(()),
     }
-    let f = std::fs::File::open(device).map_err(|source| KernelError::Io { what: "open for flush", path: device.to_owned(), source })?;
-    f.sync_all().map_err(|source| KernelError::Io { what: "fsync", path: device.to_owned(), source })
+    let f = std::fs::File::open(device).map_err(|source| KernelError::Io {
+        what: "open for flush",
+        path: device.to_owned(),
+        source,
+    })?;
+    f.sync_all().map_err(|source| KernelError::Io {
+        what: "fsync",
+        path: device.to_owned(),
+        source,
+    })
 }
 
 /// Where a file system on `device` is mounted, if anywhere (mountinfo's
 /// source field, or its major:minor).
 fn device_mount_point(device: &Path) -> Result<Option<String>, KernelError> {
     use std::os::unix::fs::MetadataExt;
-    let rdev = std::fs::metadata(device).ok().filter(|m| m.file_type().is_block_device()).map(|m| m.rdev());
+    let rdev = std::fs::metadata(device)
+        .ok()
+        .filter(|m| m.file_type().is_block_device())
+        .map(|m| m.rdev());
     let majmin = rdev.map(|r| format!("{}:{}", libc::major(r), libc::minor(r)));
     let p = Path::new("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(p).map_err(|source| KernelError::Io { what: "read", path: p.to_owned(), source })?;
+    let text = std::fs::read_to_string(p).map_err(|source| KernelError::Io {
+        what: "read",
+        path: p.to_owned(),
+        source,
+    })?;
     let dev_s = device.to_string_lossy();
     for line in text.lines() {
         let f: Vec<&str> = line.split(' ').collect();
@@ -710,11 +855,25 @@ fn device_mount_point(device: &Path) -> Result<Option<String>, KernelError> {
     Ok(None)
 }
 
-fn nbd_client_attach(prog: &Path, sock: &Path, device: &Path, export: &str, timeout: u64, block_size: u32) -> Result<(), KernelError> {
+fn nbd_client_attach(
+    prog: &Path,
+    sock: &Path,
+    device: &Path,
+    export: &str,
+    timeout: u64,
+    block_size: u32,
+) -> Result<(), KernelError> {
     let base = |extra: Option<&str>| {
         let mut c = Command::new(prog);
-        c.arg("-unix").arg(sock).arg(device).arg("-name").arg(export);
-        c.arg("-timeout").arg(timeout.to_string()).arg("-block-size").arg(block_size.to_string());
+        c.arg("-unix")
+            .arg(sock)
+            .arg(device)
+            .arg("-name")
+            .arg(export);
+        c.arg("-timeout")
+            .arg(timeout.to_string())
+            .arg("-block-size")
+            .arg(block_size.to_string());
         if let Some(x) = extra {
             c.arg(x);
         }
@@ -723,21 +882,30 @@ fn nbd_client_attach(prog: &Path, sock: &Path, device: &Path, export: &str, time
     match run_checked(base(None), prog) {
         Ok(()) => Ok(()),
         // nbd-client itself prefers netlink; without the family it can still use the ioctls.
-        Err(first) => run_checked(base(Some("-nonetlink")), prog).map_err(|second| KernelError::Command {
-            command: format!("{} (netlink, then -nonetlink)", prog.display()),
-            status: "both failed".into(),
-            output: format!("{first} ; {second}"),
-        }),
+        Err(first) => {
+            run_checked(base(Some("-nonetlink")), prog).map_err(|second| KernelError::Command {
+                command: format!("{} (netlink, then -nonetlink)", prog.display()),
+                status: "both failed".into(),
+                output: format!("{first} ; {second}"),
+            })
+        }
     }
 }
 
 fn run_checked(mut c: Command, prog: &Path) -> Result<(), KernelError> {
     let shown = format!("{c:?}").replace('"', "");
-    let out = c.output().map_err(|source| KernelError::Spawn { program: prog.display().to_string(), source })?;
+    let out = c.output().map_err(|source| KernelError::Spawn {
+        program: prog.display().to_string(),
+        source,
+    })?;
     if out.status.success() {
         return Ok(());
     }
-    Err(KernelError::Command { command: shown, status: out.status.to_string(), output: mount::tail(&out.stdout, &out.stderr) })
+    Err(KernelError::Command {
+        command: shown,
+        status: out.status.to_string(),
+        output: mount::tail(&out.stdout, &out.stderr),
+    })
 }
 
 #[cfg(test)]
@@ -749,7 +917,13 @@ mod tests {
         assert_eq!(device_index(Path::new("/dev/nbd0")).unwrap(), 0);
         assert_eq!(device_index(Path::new("/dev/nbd15")).unwrap(), 15);
         for bad in ["/dev/nbd", "/dev/sda", "/dev/nbd0p1", "/dev/nbdx"] {
-            assert!(matches!(device_index(Path::new(bad)), Err(KernelError::NotNbdDevice(_))), "{bad}");
+            assert!(
+                matches!(
+                    device_index(Path::new(bad)),
+                    Err(KernelError::NotNbdDevice(_))
+                ),
+                "{bad}"
+            );
         }
     }
 
@@ -765,9 +939,16 @@ mod tests {
     fn busy_error_names_the_holders() {
         let e = KernelError::Busy {
             mount_point: PathBuf::from("/mnt/md1"),
-            holders: vec![Holder { pid: 42, comm: "bash".into(), how: "cwd".into() }],
+            holders: vec![Holder {
+                pid: 42,
+                comm: "bash".into(),
+                how: "cwd".into(),
+            }],
         };
-        assert_eq!(e.to_string(), "/mnt/md1 is busy, not unmounted; used by: pid 42 (bash): cwd");
+        assert_eq!(
+            e.to_string(),
+            "/mnt/md1 is busy, not unmounted; used by: pid 42 (bash): cwd"
+        );
     }
 
     #[tokio::test]
@@ -775,15 +956,35 @@ mod tests {
         // On hosts without the nbd module (like the development machine) this
         // exercises family resolution; where nbd exists it must refuse /dev/nbd
         // paths that are not devices before touching the kernel.
-        let engine: Arc<dyn crate::engine::BlockEngine> = crate::nbd::testing::MemEngine::new(1 << 20);
-        let server = NbdServer::new(vec![crate::nbd::Export::new("md1", engine)], crate::nbd::Limits::default()).unwrap();
-        let e = attach(Arc::clone(&server), "nope", Path::new("/dev/nbd0"), AttachOptions::default()).await.unwrap_err();
+        let engine: Arc<dyn crate::engine::BlockEngine> =
+            crate::nbd::testing::MemEngine::new(1 << 20);
+        let server = NbdServer::new(
+            vec![crate::nbd::Export::new("md1", engine)],
+            crate::nbd::Limits::default(),
+        )
+        .unwrap();
+        let e = attach(
+            Arc::clone(&server),
+            "nope",
+            Path::new("/dev/nbd0"),
+            AttachOptions::default(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, KernelError::UnknownExport(_)), "{e}");
         if netlink::NbdNetlink::open().is_err() {
-            let opts = AttachOptions { modprobe: false, ..AttachOptions::default() };
-            let e = attach(server, "md1", Path::new("/dev/nbd0"), opts).await.unwrap_err();
+            let opts = AttachOptions {
+                modprobe: false,
+                ..AttachOptions::default()
+            };
+            let e = attach(server, "md1", Path::new("/dev/nbd0"), opts)
+                .await
+                .unwrap_err();
             let s = e.to_string();
-            assert!(s.contains("\"nbd\" not found") && s.contains("no export socket"), "{s}");
+            assert!(
+                s.contains("\"nbd\" not found") && s.contains("no export socket"),
+                "{s}"
+            );
         }
     }
 }

@@ -55,7 +55,10 @@ pub fn fsck(dev: &Path, fs: &str) -> Result<FsckOutcome, KernelError> {
         .arg("-p")
         .arg(dev)
         .output()
-        .map_err(|source| KernelError::Spawn { program: "e2fsck".into(), source })?;
+        .map_err(|source| KernelError::Spawn {
+            program: "e2fsck".into(),
+            source,
+        })?;
     match out.status.code() {
         Some(0) => Ok(FsckOutcome::Clean),
         Some(1) | Some(2) => {
@@ -74,9 +77,16 @@ pub fn fsck(dev: &Path, fs: &str) -> Result<FsckOutcome, KernelError> {
 /// options into flags and file system data as the administrator expects).
 /// Creates `mnt` if missing. Refuses if something is already mounted there.
 pub fn mount(dev: &Path, mnt: &Path, fs: &str, options: Option<&str>) -> Result<(), KernelError> {
-    std::fs::create_dir_all(mnt).map_err(|source| KernelError::Io { what: "create mount point", path: mnt.to_owned(), source })?;
+    std::fs::create_dir_all(mnt).map_err(|source| KernelError::Io {
+        what: "create mount point",
+        path: mnt.to_owned(),
+        source,
+    })?;
     if let Some(src) = mounted_source(mnt)? {
-        return Err(KernelError::AlreadyMounted { mount_point: mnt.to_owned(), source_dev: src });
+        return Err(KernelError::AlreadyMounted {
+            mount_point: mnt.to_owned(),
+            source_dev: src,
+        });
     }
     let mut cmd = Command::new("mount");
     cmd.arg("-t").arg(fs);
@@ -106,16 +116,27 @@ pub fn umount(mnt: &Path) -> Result<(), KernelError> {
     }
     let e = io::Error::last_os_error();
     if e.raw_os_error() == Some(libc::EBUSY) {
-        return Err(KernelError::Busy { mount_point: mnt.to_owned(), holders: holders(mnt) });
+        return Err(KernelError::Busy {
+            mount_point: mnt.to_owned(),
+            holders: holders(mnt),
+        });
     }
-    Err(KernelError::Io { what: "umount", path: mnt.to_owned(), source: e })
+    Err(KernelError::Io {
+        what: "umount",
+        path: mnt.to_owned(),
+        source: e,
+    })
 }
 
 /// The device mounted at `mnt` according to `/proc/self/mountinfo`, if any
 /// (the last mount there wins, as the kernel stacks them).
 pub fn mounted_source(mnt: &Path) -> Result<Option<String>, KernelError> {
     let p = Path::new("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(p).map_err(|source| KernelError::Io { what: "read", path: p.to_owned(), source })?;
+    let text = std::fs::read_to_string(p).map_err(|source| KernelError::Io {
+        what: "read",
+        path: p.to_owned(),
+        source,
+    })?;
     let want = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_owned());
     let mut found = None;
     for line in text.lines() {
@@ -123,7 +144,11 @@ pub fn mounted_source(mnt: &Path) -> Result<Option<String>, KernelError> {
         let mut f = line.split(' ');
         let mount_point = f.nth(4).map(unescape);
         if mount_point.as_deref() == Some(want.as_os_str().to_str().unwrap_or_default()) {
-            let source = line.split(" - ").nth(1).and_then(|r| r.split(' ').nth(1)).map(unescape);
+            let source = line
+                .split(" - ")
+                .nth(1)
+                .and_then(|r| r.split(' ').nth(1))
+                .map(unescape);
             found = Some(source.unwrap_or_default());
         }
     }
@@ -136,7 +161,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -156,15 +184,31 @@ pub fn holders(mnt: &Path) -> Vec<Holder> {
     let under = |p: &Path| p == base || p.starts_with(&base);
     let me = std::process::id();
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
         if pid == me {
             continue;
         }
         let proc_dir = entry.path();
-        let comm = std::fs::read_to_string(proc_dir.join("comm")).map(|s| s.trim().to_owned()).unwrap_or_default();
-        let mut push = |how: String| out.push(Holder { pid, comm: comm.clone(), how });
+        let comm = std::fs::read_to_string(proc_dir.join("comm"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        let mut push = |how: String| {
+            out.push(Holder {
+                pid,
+                comm: comm.clone(),
+                how,
+            })
+        };
         for link in ["cwd", "root", "exe"] {
             if let Ok(t) = std::fs::read_link(proc_dir.join(link)) {
                 // A process chrooted into the mount has root == mnt; `/` as root is everyone.
@@ -177,7 +221,11 @@ pub fn holders(mnt: &Path) -> Vec<Holder> {
             for fd in fds.flatten() {
                 if let Ok(t) = std::fs::read_link(fd.path()) {
                     if under(&t) {
-                        push(format!("fd {} -> {}", fd.file_name().to_string_lossy(), t.display()));
+                        push(format!(
+                            "fd {} -> {}",
+                            fd.file_name().to_string_lossy(),
+                            t.display()
+                        ));
                     }
                 }
             }
@@ -186,7 +234,9 @@ pub fn holders(mnt: &Path) -> Vec<Holder> {
             let mut seen: Vec<PathBuf> = Vec::new();
             for line in maps.lines() {
                 // addr perms offset dev inode   path
-                let Some(path) = line.split_whitespace().nth(5) else { continue };
+                let Some(path) = line.split_whitespace().nth(5) else {
+                    continue;
+                };
                 let p = PathBuf::from(path);
                 if under(&p) && !seen.contains(&p) {
                     push(format!("mmap {}", p.display()));
@@ -200,11 +250,18 @@ pub fn holders(mnt: &Path) -> Vec<Holder> {
 
 fn run(mut cmd: Command, program: &str) -> Result<(), KernelError> {
     let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd.output().map_err(|source| KernelError::Spawn { program: program.into(), source })?;
+    let out = cmd.output().map_err(|source| KernelError::Spawn {
+        program: program.into(),
+        source,
+    })?;
     if out.status.success() {
         return Ok(());
     }
-    Err(KernelError::Command { command: shown, status: out.status.to_string(), output: tail(&out.stdout, &out.stderr) })
+    Err(KernelError::Command {
+        command: shown,
+        status: out.status.to_string(),
+        output: tail(&out.stdout, &out.stderr),
+    })
 }
 
 /// The last lines of a command's output, for error messages.
@@ -258,13 +315,23 @@ mod tests {
         let fd3 = PathBuf::from(format!("/proc/{pid}/fd/3"));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while std::fs::read_link(&fd3).is_err() {
-            assert!(std::time::Instant::now() < deadline, "child never opened fd 3");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child never opened fd 3"
+            );
             std::thread::yield_now();
         }
-        let h: Vec<Holder> = holders(d.path()).into_iter().filter(|h| h.pid == pid).collect();
+        let h: Vec<Holder> = holders(d.path())
+            .into_iter()
+            .filter(|h| h.pid == pid)
+            .collect();
         drop(child.stdin.take());
         let _ = child.wait();
         assert!(h.iter().any(|h| h.how == "cwd"), "{h:?}");
-        assert!(h.iter().any(|h| h.how.starts_with("fd 3 -> ") && h.how.ends_with("held")), "{h:?}");
+        assert!(
+            h.iter()
+                .any(|h| h.how.starts_with("fd 3 -> ") && h.how.ends_with("held")),
+            "{h:?}"
+        );
     }
 }

@@ -133,7 +133,10 @@ impl MsgBuilder {
         buf.extend_from_slice(&0u32.to_ne_bytes()); // seq
         buf.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
         buf.extend_from_slice(&[cmd, version, 0, 0]);
-        MsgBuilder { buf, nests: Vec::new() }
+        MsgBuilder {
+            buf,
+            nests: Vec::new(),
+        }
     }
 
     fn put(&mut self, ty: u16, payload: &[u8]) -> &mut Self {
@@ -166,7 +169,8 @@ impl MsgBuilder {
     pub fn begin_nest(&mut self, ty: u16) -> &mut Self {
         self.nests.push(self.buf.len());
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
         self
     }
 
@@ -206,12 +210,18 @@ pub struct Attr<'a> {
 impl Attr<'_> {
     /// The payload as a native-endian u16.
     pub fn as_u16(&self) -> Result<u16, NetlinkError> {
-        self.data.try_into().map(u16::from_ne_bytes).map_err(|_| self.bad_len(2))
+        self.data
+            .try_into()
+            .map(u16::from_ne_bytes)
+            .map_err(|_| self.bad_len(2))
     }
 
     /// The payload as a native-endian u32.
     pub fn as_u32(&self) -> Result<u32, NetlinkError> {
-        self.data.try_into().map(u32::from_ne_bytes).map_err(|_| self.bad_len(4))
+        self.data
+            .try_into()
+            .map(u32::from_ne_bytes)
+            .map_err(|_| self.bad_len(4))
     }
 
     /// The payload as a u8.
@@ -223,7 +233,11 @@ impl Attr<'_> {
     }
 
     fn bad_len(&self, expected: usize) -> NetlinkError {
-        NetlinkError::Malformed(format!("attribute {}: expected {expected} payload bytes, found {}", self.ty, self.data.len()))
+        NetlinkError::Malformed(format!(
+            "attribute {}: expected {expected} payload bytes, found {}",
+            self.ty,
+            self.data.len()
+        ))
     }
 }
 
@@ -241,7 +255,10 @@ pub fn parse_attrs(mut buf: &[u8]) -> Result<Vec<Attr<'_>>, NetlinkError> {
                 buf.len()
             )));
         }
-        out.push(Attr { ty, data: &buf[NLA_HDRLEN..len] });
+        out.push(Attr {
+            ty,
+            data: &buf[NLA_HDRLEN..len],
+        });
         let step = align4(len).min(buf.len());
         buf = &buf[step..];
         off += step;
@@ -278,22 +295,34 @@ pub fn parse_messages(mut buf: &[u8]) -> Result<Vec<(u32, Reply)>, NetlinkError>
         let ty = u16::from_ne_bytes([buf[4], buf[5]]);
         let seq = u32::from_ne_bytes(buf[8..12].try_into().expect("4 bytes"));
         if len < NLMSG_HDRLEN || len > buf.len() {
-            return Err(NetlinkError::Malformed(format!("message length {len} outside {NLMSG_HDRLEN}..={}", buf.len())));
+            return Err(NetlinkError::Malformed(format!(
+                "message length {len} outside {NLMSG_HDRLEN}..={}",
+                buf.len()
+            )));
         }
         let body = &buf[NLMSG_HDRLEN..len];
         let reply = match ty {
             NLMSG_ERROR => {
-                let e: [u8; 4] = body
-                    .get(0..4)
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| NetlinkError::Malformed(format!("NLMSG_ERROR body of {} bytes", body.len())))?;
+                let e: [u8; 4] =
+                    body.get(0..4)
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or_else(|| {
+                            NetlinkError::Malformed(format!(
+                                "NLMSG_ERROR body of {} bytes",
+                                body.len()
+                            ))
+                        })?;
                 match i32::from_ne_bytes(e) {
                     0 => Reply::Ack,
                     e => Reply::Error(e),
                 }
             }
             NLMSG_DONE => Reply::Done,
-            _ => Reply::Data { ty, seq, payload: body.to_vec() },
+            _ => Reply::Data {
+                ty,
+                seq,
+                payload: body.to_vec(),
+            },
         };
         out.push((seq, reply));
         buf = &buf[align4(len).min(buf.len())..];
@@ -312,9 +341,18 @@ impl GenlSocket {
     /// Opens and binds a generic netlink socket (the kernel assigns the port id).
     pub fn open() -> Result<GenlSocket, NetlinkError> {
         // SAFETY: plain socket(2) call; the result is checked below.
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_GENERIC) };
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_GENERIC,
+            )
+        };
         if fd < 0 {
-            return Err(NetlinkError::Io { what: "socket(AF_NETLINK, NETLINK_GENERIC)", source: io::Error::last_os_error() });
+            return Err(NetlinkError::Io {
+                what: "socket(AF_NETLINK, NETLINK_GENERIC)",
+                source: io::Error::last_os_error(),
+            });
         }
         // SAFETY: fd is a freshly created descriptor owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -330,10 +368,16 @@ impl GenlSocket {
             )
         };
         if r < 0 {
-            return Err(NetlinkError::Io { what: "bind", source: io::Error::last_os_error() });
+            return Err(NetlinkError::Io {
+                what: "bind",
+                source: io::Error::last_os_error(),
+            });
         }
         // A reply the kernel never sends must not hang the agent forever.
-        let tv = libc::timeval { tv_sec: 30, tv_usec: 0 };
+        let tv = libc::timeval {
+            tv_sec: 30,
+            tv_usec: 0,
+        };
         // SAFETY: tv is a valid timeval and the length matches it.
         let r = unsafe {
             libc::setsockopt(
@@ -345,28 +389,42 @@ impl GenlSocket {
             )
         };
         if r < 0 {
-            return Err(NetlinkError::Io { what: "setsockopt(SO_RCVTIMEO)", source: io::Error::last_os_error() });
+            return Err(NetlinkError::Io {
+                what: "setsockopt(SO_RCVTIMEO)",
+                source: io::Error::last_os_error(),
+            });
         }
-        Ok(GenlSocket { fd, seq: rand::random::<u32>() >> 1 })
+        Ok(GenlSocket {
+            fd,
+            seq: rand::random::<u32>() >> 1,
+        })
     }
 
     /// Sends a request and collects its data replies until the kernel's
     /// acknowledgement. A negative errno from the kernel becomes
     /// [`NetlinkError::Kernel`] naming `what`.
-    pub fn request(&mut self, what: &'static str, msg: MsgBuilder) -> Result<Vec<Vec<u8>>, NetlinkError> {
+    pub fn request(
+        &mut self,
+        what: &'static str,
+        msg: MsgBuilder,
+    ) -> Result<Vec<Vec<u8>>, NetlinkError> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let bytes = msg.finish(seq);
         // SAFETY: bytes is a valid buffer of bytes.len() bytes; the fd is open.
         let n = unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
         if n < 0 {
-            return Err(NetlinkError::Io { what: "send", source: io::Error::last_os_error() });
+            return Err(NetlinkError::Io {
+                what: "send",
+                source: io::Error::last_os_error(),
+            });
         }
         let mut data = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             // SAFETY: buf is a valid writable buffer of buf.len() bytes.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -380,7 +438,12 @@ impl GenlSocket {
                 }
                 match reply {
                     Reply::Ack | Reply::Done => return Ok(data),
-                    Reply::Error(e) => return Err(NetlinkError::Kernel { what, source: io::Error::from_raw_os_error(-e) }),
+                    Reply::Error(e) => {
+                        return Err(NetlinkError::Kernel {
+                            what,
+                            source: io::Error::from_raw_os_error(-e),
+                        })
+                    }
                     Reply::Data { payload, .. } => data.push(payload),
                 }
             }
@@ -392,7 +455,9 @@ impl GenlSocket {
         let mut m = MsgBuilder::new(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1);
         m.string(CTRL_ATTR_FAMILY_NAME, name);
         let replies = match self.request("CTRL_CMD_GETFAMILY", m) {
-            Err(NetlinkError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            Err(NetlinkError::Kernel { source, .. })
+                if source.raw_os_error() == Some(libc::ENOENT) =>
+            {
                 return Err(NetlinkError::NoFamily(name.to_owned()))
             }
             r => r?,
@@ -403,7 +468,9 @@ impl GenlSocket {
                 return a.as_u16();
             }
         }
-        Err(NetlinkError::Malformed(format!("CTRL_CMD_GETFAMILY reply for {name:?} without CTRL_ATTR_FAMILY_ID")))
+        Err(NetlinkError::Malformed(format!(
+            "CTRL_CMD_GETFAMILY reply for {name:?} without CTRL_ATTR_FAMILY_ID"
+        )))
     }
 }
 
@@ -500,10 +567,21 @@ impl NbdNetlink {
                 if a.ty != attr::DEVICE_LIST {
                     continue;
                 }
-                for item in parse_attrs(a.data)?.into_iter().filter(|i| i.ty == attr::DEVICE_ITEM) {
+                for item in parse_attrs(a.data)?
+                    .into_iter()
+                    .filter(|i| i.ty == attr::DEVICE_ITEM)
+                {
                     let fields = parse_attrs(item.data)?;
-                    let idx = fields.iter().find(|f| f.ty == attr::DEVICE_INDEX).map(Attr::as_u32).transpose()?;
-                    let conn = fields.iter().find(|f| f.ty == attr::DEVICE_CONNECTED).map(Attr::as_u8).transpose()?;
+                    let idx = fields
+                        .iter()
+                        .find(|f| f.ty == attr::DEVICE_INDEX)
+                        .map(Attr::as_u32)
+                        .transpose()?;
+                    let conn = fields
+                        .iter()
+                        .find(|f| f.ty == attr::DEVICE_CONNECTED)
+                        .map(Attr::as_u8)
+                        .transpose()?;
                     if idx == Some(index) {
                         return Ok(Some(conn.unwrap_or(0) != 0));
                     }
@@ -515,7 +593,11 @@ impl NbdNetlink {
 }
 
 fn sockets(m: &mut MsgBuilder, fd: RawFd) {
-    m.begin_nest(attr::SOCKETS).begin_nest(attr::SOCK_ITEM).u32(attr::SOCK_FD, fd as u32).end_nest().end_nest();
+    m.begin_nest(attr::SOCKETS)
+        .begin_nest(attr::SOCK_ITEM)
+        .u32(attr::SOCK_FD, fd as u32)
+        .end_nest()
+        .end_nest();
 }
 
 #[cfg(test)]
@@ -529,7 +611,10 @@ mod tests {
         m.u32(attr::INDEX, 3);
         sockets(&mut m, 7);
         let b = m.finish(42);
-        assert_eq!(u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize, b.len());
+        assert_eq!(
+            u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize,
+            b.len()
+        );
         assert_eq!(u32::from_ne_bytes(b[8..12].try_into().unwrap()), 42);
         assert_eq!(&b[16..18], &[NbdCmd::Connect as u8, 1]);
         let attrs = parse_attrs(&b[20..]).unwrap();
@@ -537,7 +622,10 @@ mod tests {
         assert_eq!((attrs[0].ty, attrs[0].as_u32().unwrap()), (attr::INDEX, 3));
         assert_eq!(attrs[1].ty, attr::SOCKETS);
         // NLA_F_NESTED is set on the wire and masked by the parser.
-        assert_eq!(u16::from_ne_bytes([b[30], b[31]]), attr::SOCKETS | NLA_F_NESTED);
+        assert_eq!(
+            u16::from_ne_bytes([b[30], b[31]]),
+            attr::SOCKETS | NLA_F_NESTED
+        );
         let items = parse_attrs(attrs[1].data).unwrap();
         assert_eq!(items.len(), 1);
         let fd = parse_attrs(items[0].data).unwrap();

@@ -68,11 +68,15 @@ impl NbdClient {
         let magic = u64::from_be_bytes(rd(&mut s)?);
         let opt = u64::from_be_bytes(rd(&mut s)?);
         if magic != NBDMAGIC || opt != IHAVEOPT {
-            return Err(bad(format!("not a fixed newstyle server: magic {magic:#x} {opt:#x}")));
+            return Err(bad(format!(
+                "not a fixed newstyle server: magic {magic:#x} {opt:#x}"
+            )));
         }
         let hflags = u16::from_be_bytes(rd(&mut s)?);
         if hflags & 1 == 0 {
-            return Err(bad(format!("server lacks FIXED_NEWSTYLE (flags {hflags:#x})")));
+            return Err(bad(format!(
+                "server lacks FIXED_NEWSTYLE (flags {hflags:#x})"
+            )));
         }
         s.write_all(&(1u32 | u32::from(hflags & 2)).to_be_bytes())?;
         let mut opt = Vec::new();
@@ -98,9 +102,15 @@ impl NbdClient {
             let mut data = vec![0u8; len as usize];
             s.read_exact(&mut data)?;
             if t & 0x8000_0000 != 0 {
-                return Err(bad(format!("NBD_OPT_GO refused: type {t:#x}: {}", String::from_utf8_lossy(&data))));
+                return Err(bad(format!(
+                    "NBD_OPT_GO refused: type {t:#x}: {}",
+                    String::from_utf8_lossy(&data)
+                )));
             }
-            if t == REP_INFO && data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT {
+            if t == REP_INFO
+                && data.len() >= 12
+                && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT
+            {
                 let size = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
                 let flags = u16::from_be_bytes([data[10], data[11]]);
                 export_info = Some((size, flags));
@@ -109,8 +119,13 @@ impl NbdClient {
                 break;
             }
         }
-        let (size, flags) = export_info.ok_or_else(|| bad("no NBD_INFO_EXPORT before ACK".into()))?;
-        Ok(NbdClient { stream: s, size, flags })
+        let (size, flags) =
+            export_info.ok_or_else(|| bad("no NBD_INFO_EXPORT before ACK".into()))?;
+        Ok(NbdClient {
+            stream: s,
+            size,
+            flags,
+        })
     }
 
     /// A second handle on the socket, for reading replies on another thread.
@@ -119,7 +134,15 @@ impl NbdClient {
     }
 
     /// Sends one request (with `payload` for writes).
-    pub fn send(&mut self, kind: u16, flags: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) -> io::Result<()> {
+    pub fn send(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<()> {
         let mut h = Vec::with_capacity(28 + payload.len());
         h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         h.extend_from_slice(&flags.to_be_bytes());
@@ -132,8 +155,21 @@ impl NbdClient {
     }
 
     /// Sends a write.
-    pub fn send_write(&mut self, handle: u64, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.send(CMD_WRITE, if fua { FLAG_FUA } else { 0 }, handle, offset, data.len() as u32, data)
+    pub fn send_write(
+        &mut self,
+        handle: u64,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> io::Result<()> {
+        self.send(
+            CMD_WRITE,
+            if fua { FLAG_FUA } else { 0 },
+            handle,
+            offset,
+            data.len() as u32,
+            data,
+        )
     }
 
     /// Reads one simple reply header (no payload: not for reads).
@@ -164,7 +200,10 @@ impl NbdClient {
         self.send(CMD_READ, 0, 3, offset, len, &[])?;
         let r = Self::read_reply(&mut self.stream)?;
         if r.error != 0 {
-            return Err(io::Error::other(format!("read failed: NBD error {}", r.error)));
+            return Err(io::Error::other(format!(
+                "read failed: NBD error {}",
+                r.error
+            )));
         }
         let mut v = vec![0u8; len as usize];
         self.stream.read_exact(&mut v)?;

@@ -60,13 +60,19 @@ where
     let result = serve(&server, stream, preselected).await;
     match &result {
         Ok(()) => tracing::debug!(%peer, "NBD connection closed"),
-        Err(NbdError::Shutdown) => tracing::info!(%peer, "NBD connection closed: server shutting down"),
+        Err(NbdError::Shutdown) => {
+            tracing::info!(%peer, "NBD connection closed: server shutting down")
+        }
         Err(e) => tracing::warn!(%peer, reason = %e, "NBD connection closed"),
     }
     result
 }
 
-async fn serve<S>(server: &Arc<NbdServer>, stream: S, preselected: Option<usize>) -> Result<(), NbdError>
+async fn serve<S>(
+    server: &Arc<NbdServer>,
+    stream: S,
+    preselected: Option<usize>,
+) -> Result<(), NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -74,13 +80,19 @@ where
     let mut input = Input::new(rd);
     let mut shutdown = server.subscribe_shutdown();
     if let Some(export) = preselected {
-        let session = Session { export, structured: false };
+        let session = Session {
+            export,
+            structured: false,
+        };
         return transmission(server, session, input, wr, shutdown).await;
     }
     let timeout = server.limits.handshake_timeout;
-    let outcome = tokio::time::timeout(timeout, handshake::negotiate(server, &mut input, &mut wr, &mut shutdown))
-        .await
-        .map_err(|_| NbdError::HandshakeTimeout(timeout))??;
+    let outcome = tokio::time::timeout(
+        timeout,
+        handshake::negotiate(server, &mut input, &mut wr, &mut shutdown),
+    )
+    .await
+    .map_err(|_| NbdError::HandshakeTimeout(timeout))??;
     match outcome {
         Outcome::Aborted => Ok(()),
         Outcome::Transmission(session) => transmission(server, session, input, wr, shutdown).await,
@@ -112,17 +124,37 @@ enum ReplyBody {
     Data { offset: u64, data: Bytes },
     /// Failure; `offset` is set for engine errors of ranged commands
     /// (structured `ERROR_OFFSET`), `is_read` forces a structured reply.
-    Error { errno: u32, offset: Option<u64>, message: String },
+    Error {
+        errno: u32,
+        offset: Option<u64>,
+        message: String,
+    },
 }
 
 /// An admitted request ready for the engine.
 #[derive(Debug)]
 enum Op {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Bytes, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    WriteZeroes { offset: u64, len: u32, may_trim: bool, fua: bool },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        may_trim: bool,
+        fua: bool,
+    },
 }
 
 /// The verdict on a request header.
@@ -146,7 +178,14 @@ fn validate(h: &RequestHeader, e: &Export, structured: bool) -> Verdict {
         other => return reject(NBD_EINVAL, format!("unknown command {other}")),
     };
     if h.flags & !allowed != 0 {
-        return reject(NBD_EINVAL, format!("command {} does not accept flags {:#06x}", h.kind, h.flags & !allowed));
+        return reject(
+            NBD_EINVAL,
+            format!(
+                "command {} does not accept flags {:#06x}",
+                h.kind,
+                h.flags & !allowed
+            ),
+        );
     }
     match h.kind {
         CMD_DISC => return Verdict::Disconnect,
@@ -168,16 +207,38 @@ fn validate(h: &RequestHeader, e: &Export, structured: bool) -> Verdict {
     let b = e.block_sizes;
     let min = b.minimum as u64;
     if !h.offset.is_multiple_of(min) || !(h.length as u64).is_multiple_of(min) {
-        return reject(NBD_EINVAL, format!("offset {} / length {} not aligned to {}", h.offset, h.length, b.minimum));
+        return reject(
+            NBD_EINVAL,
+            format!(
+                "offset {} / length {} not aligned to {}",
+                h.offset, h.length, b.minimum
+            ),
+        );
     }
     if h.kind != CMD_TRIM && h.length > b.maximum {
-        return reject(NBD_EINVAL, format!("length {} above maximum block size {}", h.length, b.maximum));
+        return reject(
+            NBD_EINVAL,
+            format!("length {} above maximum block size {}", h.length, b.maximum),
+        );
     }
     let size = e.engine.size();
-    let beyond = h.offset.checked_add(h.length as u64).is_none_or(|end| end > size);
+    let beyond = h
+        .offset
+        .checked_add(h.length as u64)
+        .is_none_or(|end| end > size);
     if beyond {
-        let errno = if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) { NBD_ENOSPC } else { NBD_EINVAL };
-        return reject(errno, format!("range {}+{} beyond export size {}", h.offset, h.length, size));
+        let errno = if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+            NBD_ENOSPC
+        } else {
+            NBD_EINVAL
+        };
+        return reject(
+            errno,
+            format!(
+                "range {}+{} beyond export size {}",
+                h.offset, h.length, size
+            ),
+        );
     }
     Verdict::Execute
 }
@@ -213,7 +274,11 @@ where
     let conn_requests = Arc::new(Semaphore::new(limits.conn_inflight_requests));
     let (tx, rx) = mpsc::channel::<Outgoing>(limits.reply_queue);
     let wstate = Arc::new(WriterState::default());
-    let sink = Arc::new(Mutex::new(Sink { w: BufWriter::with_capacity(64 * 1024, wr), header: Vec::with_capacity(64), failed: false }));
+    let sink = Arc::new(Mutex::new(Sink {
+        w: BufWriter::with_capacity(64 * 1024, wr),
+        header: Vec::with_capacity(64),
+        failed: false,
+    }));
     let mut writer = {
         let guard = server.gauge(Gauge::Task);
         let wstate = Arc::clone(&wstate);
@@ -255,8 +320,15 @@ where
         };
         let got = match event {
             Event::WriterDead => break Err(writer_failed()),
-            Event::GraceExpired => break Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace)),
-            Event::Header(Err(source)) => break Err(NbdError::Io { phase: "request header", source }),
+            Event::GraceExpired => {
+                break Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace))
+            }
+            Event::Header(Err(source)) => {
+                break Err(NbdError::Io {
+                    phase: "request header",
+                    source,
+                })
+            }
             Event::Header(Ok(got)) => got,
         };
         if !got {
@@ -265,7 +337,11 @@ where
                 tracing::debug!("NBD client closed the connection without NBD_CMD_DISC");
                 break Ok(());
             }
-            break Err(NbdError::Truncated { what: "request header", got: input.buf.len(), expected: REQUEST_HEADER_LEN });
+            break Err(NbdError::Truncated {
+                what: "request header",
+                got: input.buf.len(),
+                expected: REQUEST_HEADER_LEN,
+            });
         }
         let h = match RequestHeader::decode(&input.buf[..REQUEST_HEADER_LEN]) {
             Ok(Some(h)) => h,
@@ -277,12 +353,19 @@ where
 
         let payload_len = if h.kind == CMD_WRITE { h.length } else { 0 };
         if payload_len > max_payload {
-            break Err(NbdError::PayloadTooLarge { offset: h.offset, length: h.length, bound: max_payload });
+            break Err(NbdError::PayloadTooLarge {
+                offset: h.offset,
+                length: h.length,
+                bound: max_payload,
+            });
         }
 
         let mut verdict = validate(&h, &export, structured);
         if shutting && matches!(verdict, Verdict::Execute) {
-            verdict = Verdict::Reject { errno: NBD_ESHUTDOWN, message: "server shutting down".into() };
+            verdict = Verdict::Reject {
+                errno: NBD_ESHUTDOWN,
+                message: "server shutting down".into(),
+            };
         }
 
         // Admission: permits before the payload is read, so memory stays bounded.
@@ -292,7 +375,12 @@ where
                 CMD_READ | CMD_WRITE => h.length,
                 _ => 0,
             };
-            let acquire = acquire_permits(&conn_requests, &conn_bytes, &server.global_bytes, data_bytes);
+            let acquire = acquire_permits(
+                &conn_requests,
+                &conn_bytes,
+                &server.global_bytes,
+                data_bytes,
+            );
             tokio::select! {
                 biased;
                 _ = wait_dead(&wstate) => break 'reader Err(writer_failed()),
@@ -321,14 +409,33 @@ where
                         r = input.skip(payload_len as usize) => r,
                     };
                     match skipped {
-                        Err(source) => break Err(NbdError::Io { phase: "write payload", source }),
-                        Ok(Err(got)) => break Err(NbdError::Truncated { what: "write payload", got, expected: payload_len as usize }),
+                        Err(source) => {
+                            break Err(NbdError::Io {
+                                phase: "write payload",
+                                source,
+                            })
+                        }
+                        Ok(Err(got)) => {
+                            break Err(NbdError::Truncated {
+                                what: "write payload",
+                                got,
+                                expected: payload_len as usize,
+                            })
+                        }
                         Ok(Ok(())) => {}
                     }
                 }
                 tracing::debug!(handle = h.handle, kind = h.kind, errno, %message, "NBD request rejected");
                 server.counters.errors.fetch_add(1, Ordering::Relaxed);
-                let out = Outgoing { handle: h.handle, body: ReplyBody::Error { errno, offset: None, message }, _permits: None };
+                let out = Outgoing {
+                    handle: h.handle,
+                    body: ReplyBody::Error {
+                        errno,
+                        offset: None,
+                        message,
+                    },
+                    _permits: None,
+                };
                 tokio::select! {
                     biased;
                     _ = wait_dead(&wstate) => break 'reader Err(writer_failed()),
@@ -338,7 +445,10 @@ where
             }
             Verdict::Execute => {
                 let op = match h.kind {
-                    CMD_READ => Op::Read { offset: h.offset, len: h.length },
+                    CMD_READ => Op::Read {
+                        offset: h.offset,
+                        len: h.length,
+                    },
                     CMD_WRITE => {
                         let read = tokio::select! {
                             biased;
@@ -347,14 +457,33 @@ where
                             r = input.read_payload(h.length as usize) => r,
                         };
                         match read {
-                            Err(source) => break Err(NbdError::Io { phase: "write payload", source }),
+                            Err(source) => {
+                                break Err(NbdError::Io {
+                                    phase: "write payload",
+                                    source,
+                                })
+                            }
                             // Never applied, never acknowledged.
-                            Ok(Err(got)) => break Err(NbdError::Truncated { what: "write payload", got, expected: h.length as usize }),
-                            Ok(Ok(data)) => Op::Write { offset: h.offset, data, fua: h.flags & CMD_FLAG_FUA != 0 },
+                            Ok(Err(got)) => {
+                                break Err(NbdError::Truncated {
+                                    what: "write payload",
+                                    got,
+                                    expected: h.length as usize,
+                                })
+                            }
+                            Ok(Ok(data)) => Op::Write {
+                                offset: h.offset,
+                                data,
+                                fua: h.flags & CMD_FLAG_FUA != 0,
+                            },
                         }
                     }
                     CMD_FLUSH => Op::Flush,
-                    CMD_TRIM => Op::Trim { offset: h.offset, len: h.length, fua: h.flags & CMD_FLAG_FUA != 0 },
+                    CMD_TRIM => Op::Trim {
+                        offset: h.offset,
+                        len: h.length,
+                        fua: h.flags & CMD_FLAG_FUA != 0,
+                    },
                     CMD_WRITE_ZEROES => Op::WriteZeroes {
                         offset: h.offset,
                         len: h.length,
@@ -374,7 +503,11 @@ where
                 tasks.spawn(async move {
                     let _task = guard;
                     let body = execute(&server, engine.as_ref(), op).await;
-                    let out = Outgoing { handle, body, _permits: permits };
+                    let out = Outgoing {
+                        handle,
+                        body,
+                        _permits: permits,
+                    };
                     // Alone in flight (our permit is the only one taken) and
                     // the writer idle: reply directly.
                     if requests.available_permits() + 1 >= max_requests {
@@ -427,7 +560,11 @@ where
 }
 
 /// Completes `grace` after shutdown started (or at the given deadline).
-async fn grace_timer(shutdown: &mut watch::Receiver<bool>, grace: Option<Instant>, dur: std::time::Duration) {
+async fn grace_timer(
+    shutdown: &mut watch::Receiver<bool>,
+    grace: Option<Instant>,
+    dur: std::time::Duration,
+) {
     let deadline = match grace {
         Some(d) => d,
         None => {
@@ -439,7 +576,10 @@ async fn grace_timer(shutdown: &mut watch::Receiver<bool>, grace: Option<Instant
 }
 
 fn writer_failed() -> NbdError {
-    NbdError::Io { phase: "reply write", source: std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reply writer failed") }
+    NbdError::Io {
+        phase: "reply write",
+        source: std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reply writer failed"),
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -468,28 +608,47 @@ async fn acquire_permits(
     bytes: u32,
 ) -> Permits {
     // The semaphores are never closed, so acquisition only waits.
-    let request = Arc::clone(requests).acquire_owned().await.expect("semaphore never closed");
+    let request = Arc::clone(requests)
+        .acquire_owned()
+        .await
+        .expect("semaphore never closed");
     let (c, g) = if bytes > 0 {
-        let c = Arc::clone(conn_bytes).acquire_many_owned(bytes).await.expect("semaphore never closed");
-        let g = Arc::clone(global_bytes).acquire_many_owned(bytes).await.expect("semaphore never closed");
+        let c = Arc::clone(conn_bytes)
+            .acquire_many_owned(bytes)
+            .await
+            .expect("semaphore never closed");
+        let g = Arc::clone(global_bytes)
+            .acquire_many_owned(bytes)
+            .await
+            .expect("semaphore never closed");
         (Some(c), Some(g))
     } else {
         (None, None)
     };
-    Permits { _request: request, _conn_bytes: c, _global_bytes: g }
+    Permits {
+        _request: request,
+        _conn_bytes: c,
+        _global_bytes: g,
+    }
 }
 
 async fn execute(server: &NbdServer, engine: &dyn crate::engine::BlockEngine, op: Op) -> ReplyBody {
     let c = &server.counters;
     let (offset, result) = match op {
         Op::Read { offset, len } => {
-            let r = engine.read_bytes(offset, len as usize).await.and_then(|data| {
-                if data.len() == len as usize {
-                    Ok(data)
-                } else {
-                    Err(std::io::Error::other(format!("engine returned {} bytes for a {len}-byte read", data.len())))
-                }
-            });
+            let r = engine
+                .read_bytes(offset, len as usize)
+                .await
+                .and_then(|data| {
+                    if data.len() == len as usize {
+                        Ok(data)
+                    } else {
+                        Err(std::io::Error::other(format!(
+                            "engine returned {} bytes for a {len}-byte read",
+                            data.len()
+                        )))
+                    }
+                });
             match r {
                 Ok(data) => {
                     c.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
@@ -514,7 +673,15 @@ async fn execute(server: &NbdServer, engine: &dyn crate::engine::BlockEngine, op
             }
             (Some(offset), r)
         }
-        Op::WriteZeroes { offset, len, may_trim, fua } => (Some(offset), engine.write_zeroes(offset, len as u64, may_trim, fua).await),
+        Op::WriteZeroes {
+            offset,
+            len,
+            may_trim,
+            fua,
+        } => (
+            Some(offset),
+            engine.write_zeroes(offset, len as u64, may_trim, fua).await,
+        ),
     };
     match result {
         Ok(()) => ReplyBody::Done,
@@ -522,7 +689,11 @@ async fn execute(server: &NbdServer, engine: &dyn crate::engine::BlockEngine, op
             c.errors.fetch_add(1, Ordering::Relaxed);
             let errno = nbd_errno(&e);
             tracing::warn!(engine = engine.name(), ?offset, error = %e, nbd_errno = errno, "NBD request failed in the engine");
-            ReplyBody::Error { errno, offset, message: e.to_string() }
+            ReplyBody::Error {
+                errno,
+                offset,
+                message: e.to_string(),
+            }
         }
     }
 }
@@ -564,7 +735,12 @@ impl<W: AsyncWrite + Unpin> Sink<W> {
 /// Writes replies in arrival order, flushing when the queue runs dry. After a
 /// socket error it marks the connection dead and keeps draining the queue so
 /// request tasks never block on a full channel.
-async fn writer_task<W: AsyncWrite + Unpin>(sink: Arc<Mutex<Sink<W>>>, mut rx: mpsc::Receiver<Outgoing>, structured: bool, state: Arc<WriterState>) {
+async fn writer_task<W: AsyncWrite + Unpin>(
+    sink: Arc<Mutex<Sink<W>>>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    structured: bool,
+    state: Arc<WriterState>,
+) {
     while let Some(first) = rx.recv().await {
         let mut guard = sink.lock().await;
         let s = &mut *guard;
@@ -608,7 +784,13 @@ async fn write_reply<W: AsyncWrite + Unpin>(
                 // One chunk, final: the data is complete in memory, so no
                 // error can be detected while sending it. Lengths are bounded
                 // by the maximum block size (<= 2^32 - 8 checked at config).
-                put_chunk_header(header, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, out.handle, 8 + data.len() as u32);
+                put_chunk_header(
+                    header,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    out.handle,
+                    8 + data.len() as u32,
+                );
                 header.extend_from_slice(&offset.to_be_bytes());
             } else {
                 put_simple_reply(header, 0, out.handle);
@@ -616,7 +798,11 @@ async fn write_reply<W: AsyncWrite + Unpin>(
             w.write_all(header).await?;
             return w.write_all(data).await;
         }
-        ReplyBody::Error { errno, offset, message } => {
+        ReplyBody::Error {
+            errno,
+            offset,
+            message,
+        } => {
             if structured {
                 put_error_chunk(header, out.handle, *errno, *offset, message);
             } else {

@@ -17,7 +17,9 @@ pub enum NbdError {
     Config(String),
 
     /// The unix socket path exists and is not a socket; it is never removed.
-    #[error("refusing to replace {path}: it exists and is not a socket (file type bits {mode:#o})")]
+    #[error(
+        "refusing to replace {path}: it exists and is not a socket (file type bits {mode:#o})"
+    )]
     NotASocket {
         /// The path given to the listener helper.
         path: PathBuf,
@@ -48,7 +50,9 @@ pub enum NbdError {
     },
 
     /// The client closed the connection in the middle of a message.
-    #[error("client closed the connection in the middle of {what} (got {got} of {expected} bytes)")]
+    #[error(
+        "client closed the connection in the middle of {what} (got {got} of {expected} bytes)"
+    )]
     Truncated {
         /// Which message was cut.
         what: &'static str,
@@ -101,7 +105,9 @@ pub enum NbdError {
     BadRequestMagic(#[from] BadRequestMagic),
 
     /// A write announced a payload too large to skip safely.
-    #[error("write at offset {offset} announces a {length}-byte payload, above the bound of {bound}")]
+    #[error(
+        "write at offset {offset} announces a {length}-byte payload, above the bound of {bound}"
+    )]
     PayloadTooLarge {
         /// Request offset.
         offset: u64,

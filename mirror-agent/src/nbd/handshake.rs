@@ -36,7 +36,9 @@ fn io_err(phase: &'static str) -> impl FnOnce(std::io::Error) -> NbdError {
 }
 
 async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<(), NbdError> {
-    w.write_all(bytes).await.map_err(io_err("handshake write"))?;
+    w.write_all(bytes)
+        .await
+        .map_err(io_err("handshake write"))?;
     w.flush().await.map_err(io_err("handshake write"))
 }
 
@@ -58,13 +60,20 @@ where
     send(w, &hello).await?;
 
     if !input.fill(4).await.map_err(io_err("client flags"))? {
-        return Err(NbdError::Truncated { what: "client flags", got: input.buf.len(), expected: 4 });
+        return Err(NbdError::Truncated {
+            what: "client flags",
+            got: input.buf.len(),
+            expected: 4,
+        });
     }
     let client_flags = be_u32(&input.buf[..4]);
     let _ = input.buf.split_to(4);
     let unknown = client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
     if unknown != 0 {
-        return Err(NbdError::BadClientFlags { flags: client_flags, unknown });
+        return Err(NbdError::BadClientFlags {
+            flags: client_flags,
+            unknown,
+        });
     }
     // Clients without FIXED_NEWSTYLE only ever send EXPORT_NAME, which is
     // answered identically, so both kinds are served by the same loop.
@@ -82,22 +91,41 @@ where
         if !got {
             if input.buf.is_empty() {
                 // A client may simply hang up during negotiation.
-                return Err(NbdError::Truncated { what: "option haggling (no option)", got: 0, expected: OPTION_HEADER_LEN });
+                return Err(NbdError::Truncated {
+                    what: "option haggling (no option)",
+                    got: 0,
+                    expected: OPTION_HEADER_LEN,
+                });
             }
-            return Err(NbdError::Truncated { what: "option header", got: input.buf.len(), expected: OPTION_HEADER_LEN });
+            return Err(NbdError::Truncated {
+                what: "option header",
+                got: input.buf.len(),
+                expected: OPTION_HEADER_LEN,
+            });
         }
         let magic = be_u64(&input.buf[0..8]);
         if magic != IHAVEOPT {
-            return Err(NbdError::BadOptionMagic { expected: IHAVEOPT, actual: magic });
+            return Err(NbdError::BadOptionMagic {
+                expected: IHAVEOPT,
+                actual: magic,
+            });
         }
         let option = be_u32(&input.buf[8..12]);
         let length = be_u32(&input.buf[12..16]);
         if length > server.limits.max_option_len {
-            return Err(NbdError::OptionTooLong { option, length, bound: server.limits.max_option_len });
+            return Err(NbdError::OptionTooLong {
+                option,
+                length,
+                bound: server.limits.max_option_len,
+            });
         }
         let total = OPTION_HEADER_LEN + length as usize;
         if !input.fill(total).await.map_err(io_err("option data"))? {
-            return Err(NbdError::Truncated { what: "option data", got: input.buf.len() - OPTION_HEADER_LEN, expected: length as usize });
+            return Err(NbdError::Truncated {
+                what: "option data",
+                got: input.buf.len() - OPTION_HEADER_LEN,
+                expected: length as usize,
+            });
         }
         let msg = input.buf.split_to(total);
         let data = &msg[OPTION_HEADER_LEN..];
@@ -105,7 +133,11 @@ where
 
         let mut out = Vec::new();
         if *shutdown.borrow() {
-            let rep = if option == OPT_ABORT { REP_ACK } else { REP_ERR_SHUTDOWN };
+            let rep = if option == OPT_ABORT {
+                REP_ACK
+            } else {
+                REP_ERR_SHUTDOWN
+            };
             put_option_reply(&mut out, option, rep, b"");
             send(w, &out).await?;
             return Err(NbdError::Shutdown);
@@ -123,7 +155,10 @@ where
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 send(w, &out).await?;
-                return Ok(Outcome::Transmission(Session { export: idx, structured }));
+                return Ok(Outcome::Transmission(Session {
+                    export: idx,
+                    structured,
+                }));
             }
             OPT_ABORT => {
                 put_option_reply(&mut out, option, REP_ACK, b"");
@@ -133,7 +168,12 @@ where
             }
             OPT_LIST => {
                 if !data.is_empty() {
-                    put_option_reply(&mut out, option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
+                    put_option_reply(
+                        &mut out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_LIST takes no data",
+                    );
                 } else {
                     for e in &server.exports {
                         let mut item = Vec::with_capacity(4 + e.name.len());
@@ -146,7 +186,12 @@ where
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    put_option_reply(&mut out, option, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data");
+                    put_option_reply(
+                        &mut out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
                 } else {
                     structured = true;
                     put_option_reply(&mut out, option, REP_ACK, b"");
@@ -159,14 +204,22 @@ where
                 Ok(req) => match lookup(server, &req.name) {
                     None => {
                         let msg = format!("unknown export {:?}", req.name);
-                        put_option_reply(&mut out, option, REP_ERR_UNKNOWN, truncate(&msg).as_bytes());
+                        put_option_reply(
+                            &mut out,
+                            option,
+                            REP_ERR_UNKNOWN,
+                            truncate(&msg).as_bytes(),
+                        );
                     }
                     Some(idx) => {
                         put_export_info(&mut out, option, &server.exports[idx], &req, structured);
                         put_option_reply(&mut out, option, REP_ACK, b"");
                         if option == OPT_GO {
                             send(w, &out).await?;
-                            return Ok(Outcome::Transmission(Session { export: idx, structured }));
+                            return Ok(Outcome::Transmission(Session {
+                                export: idx,
+                                structured,
+                            }));
                         }
                     }
                 },
@@ -197,7 +250,13 @@ fn truncate(s: &str) -> &str {
 /// `NBD_REP_INFO` items: EXPORT always, BLOCK_SIZE always (the server
 /// enforces non-default constraints, so it announces them unasked), NAME and
 /// DESCRIPTION when requested.
-fn put_export_info(out: &mut Vec<u8>, option: u32, e: &Export, req: &InfoRequest, structured: bool) {
+fn put_export_info(
+    out: &mut Vec<u8>,
+    option: u32,
+    e: &Export,
+    req: &InfoRequest,
+    structured: bool,
+) {
     let mut item = Vec::with_capacity(14);
     item.extend_from_slice(&INFO_EXPORT.to_be_bytes());
     item.extend_from_slice(&e.engine.size().to_be_bytes());

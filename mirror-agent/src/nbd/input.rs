@@ -24,7 +24,10 @@ pub(crate) struct Input<R> {
 
 impl<R: AsyncRead + Unpin> Input<R> {
     pub(crate) fn new(reader: R) -> Self {
-        Input { reader, buf: BytesMut::with_capacity(READ_AHEAD) }
+        Input {
+            reader,
+            buf: BytesMut::with_capacity(READ_AHEAD),
+        }
     }
 
     /// Waits until at least `n` bytes are buffered. `Ok(false)` on end of
@@ -49,7 +52,10 @@ impl<R: AsyncRead + Unpin> Input<R> {
     /// straight into it. `Ok(Err(got))` if the stream ends first. Not
     /// cancel-safe: callers only abandon it when the connection is being
     /// closed anyway.
-    pub(crate) async fn read_payload(&mut self, len: usize) -> std::io::Result<Result<Bytes, usize>> {
+    pub(crate) async fn read_payload(
+        &mut self,
+        len: usize,
+    ) -> std::io::Result<Result<Bytes, usize>> {
         let mut payload = IoBuf::new(len);
         let buffered = self.buf.len().min(len);
         payload[..buffered].copy_from_slice(&self.buf[..buffered]);
@@ -72,7 +78,12 @@ impl<R: AsyncRead + Unpin> Input<R> {
             if self.buf.is_empty() {
                 self.buf.reserve(READ_AHEAD);
                 let room = (len - done).min(READ_AHEAD);
-                if self.reader.read_buf(&mut (&mut self.buf).limit(room)).await? == 0 {
+                if self
+                    .reader
+                    .read_buf(&mut (&mut self.buf).limit(room))
+                    .await?
+                    == 0
+                {
                     return Ok(Err(done));
                 }
             }

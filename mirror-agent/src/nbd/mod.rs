@@ -36,4 +36,6 @@ pub mod server;
 pub mod testing;
 
 pub use error::NbdError;
-pub use server::{bind_tcp, bind_unix, BlockSizes, Export, ExportParams, Limits, NbdServer, NbdStats};
+pub use server::{
+    bind_tcp, bind_unix, BlockSizes, Export, ExportParams, Limits, NbdServer, NbdStats,
+};

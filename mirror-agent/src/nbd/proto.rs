@@ -219,7 +219,10 @@ impl RequestHeader {
         }
         let magic = be_u32(&buf[0..4]);
         if magic != REQUEST_MAGIC {
-            return Err(BadRequestMagic { expected: REQUEST_MAGIC, actual: magic });
+            return Err(BadRequestMagic {
+                expected: REQUEST_MAGIC,
+                actual: magic,
+            });
         }
         Ok(Some(RequestHeader {
             flags: be_u16(&buf[4..6]),
@@ -280,7 +283,10 @@ impl InfoRequest {
     /// Parses the option data of `NBD_OPT_INFO` / `NBD_OPT_GO`: name length,
     /// name, count of information requests, the requests.
     pub fn decode(data: &[u8]) -> Result<InfoRequest, InfoRequestError> {
-        let too_short = |expected: usize| InfoRequestError::TooShort { expected, actual: data.len() };
+        let too_short = |expected: usize| InfoRequestError::TooShort {
+            expected,
+            actual: data.len(),
+        };
         if data.len() < 6 {
             return Err(too_short(6));
         }
@@ -299,12 +305,12 @@ impl InfoRequest {
             return Err(too_short(expected));
         }
         if data.len() > expected {
-            return Err(InfoRequestError::TrailingBytes { expected, actual: data.len() });
+            return Err(InfoRequestError::TrailingBytes {
+                expected,
+                actual: data.len(),
+            });
         }
-        let infos = data[name_end + 2..]
-            .chunks_exact(2)
-            .map(be_u16)
-            .collect();
+        let infos = data[name_end + 2..].chunks_exact(2).map(be_u16).collect();
         Ok(InfoRequest { name, infos })
     }
 }
@@ -338,7 +344,13 @@ pub fn put_chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, handle: u64, l
 /// Appends a complete, final (`DONE`) structured error chunk: `ERROR_OFFSET`
 /// when `offset` is given, else `ERROR`. The message is cut to the
 /// protocol's 4096-byte string limit on a character boundary.
-pub fn put_error_chunk(out: &mut Vec<u8>, handle: u64, error: u32, offset: Option<u64>, message: &str) {
+pub fn put_error_chunk(
+    out: &mut Vec<u8>,
+    handle: u64,
+    error: u32,
+    offset: Option<u64>,
+    message: &str,
+) {
     let mut end = message.len().min(4096);
     while !message.is_char_boundary(end) {
         end -= 1;

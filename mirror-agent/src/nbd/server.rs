@@ -32,7 +32,11 @@ pub struct BlockSizes {
 impl Default for BlockSizes {
     /// 512 / 4096 / 32 MiB.
     fn default() -> Self {
-        BlockSizes { minimum: 512, preferred: 4096, maximum: 32 * 1024 * 1024 }
+        BlockSizes {
+            minimum: 512,
+            preferred: 4096,
+            maximum: 32 * 1024 * 1024,
+        }
     }
 }
 
@@ -190,10 +194,16 @@ impl Drop for GaugeGuard {
     fn drop(&mut self) {
         match self.kind {
             Gauge::Connection => {
-                self.server.counters.connections_open.fetch_sub(1, Ordering::SeqCst);
+                self.server
+                    .counters
+                    .connections_open
+                    .fetch_sub(1, Ordering::SeqCst);
             }
             Gauge::Task => {
-                self.server.counters.tasks_alive.fetch_sub(1, Ordering::SeqCst);
+                self.server
+                    .counters
+                    .tasks_alive
+                    .fetch_sub(1, Ordering::SeqCst);
             }
         }
         self.server.changed.notify_waiters();
@@ -242,22 +252,34 @@ impl NbdServer {
             ("conn_inflight_requests", limits.conn_inflight_requests),
         ] {
             if v > Semaphore::MAX_PERMITS {
-                return cfg(format!("{what} {v} too large (at most {})", Semaphore::MAX_PERMITS));
+                return cfg(format!(
+                    "{what} {v} too large (at most {})",
+                    Semaphore::MAX_PERMITS
+                ));
             }
         }
         for (i, e) in exports.iter().enumerate() {
             if e.name.len() > 4096 || e.name.contains('\0') {
-                return cfg(format!("export name {:?}: longer than 4096 bytes or contains NUL", e.name));
+                return cfg(format!(
+                    "export name {:?}: longer than 4096 bytes or contains NUL",
+                    e.name
+                ));
             }
             if e.description.len() > 4096 || e.description.contains('\0') {
-                return cfg(format!("export {:?}: description longer than 4096 bytes or contains NUL", e.name));
+                return cfg(format!(
+                    "export {:?}: description longer than 4096 bytes or contains NUL",
+                    e.name
+                ));
             }
             if exports[..i].iter().any(|o| o.name == e.name) {
                 return cfg(format!("duplicate export name {:?}", e.name));
             }
             let b = e.block_sizes;
             if !b.minimum.is_power_of_two() || b.minimum > 65536 {
-                return cfg(format!("export {:?}: minimum block size {} is not a power of two <= 65536", e.name, b.minimum));
+                return cfg(format!(
+                    "export {:?}: minimum block size {} is not a power of two <= 65536",
+                    e.name, b.minimum
+                ));
             }
             if !b.preferred.is_power_of_two() || b.preferred < b.minimum.max(512) {
                 return cfg(format!(
@@ -281,7 +303,9 @@ impl NbdServer {
                 ));
             }
             // A request must be able to obtain its in-flight permits, or it would wait forever.
-            if b.maximum as usize > limits.conn_inflight_bytes || b.maximum as usize > limits.global_inflight_bytes {
+            if b.maximum as usize > limits.conn_inflight_bytes
+                || b.maximum as usize > limits.global_inflight_bytes
+            {
                 return cfg(format!(
                     "export {:?}: maximum block size {} exceeds the in-flight byte limits ({} per connection, {} global)",
                     e.name, b.maximum, limits.conn_inflight_bytes, limits.global_inflight_bytes
@@ -350,14 +374,21 @@ impl NbdServer {
     pub(crate) fn gauge(self: &Arc<Self>, kind: Gauge) -> GaugeGuard {
         match kind {
             Gauge::Connection => {
-                self.counters.connections_open.fetch_add(1, Ordering::SeqCst);
-                self.counters.connections_total.fetch_add(1, Ordering::SeqCst);
+                self.counters
+                    .connections_open
+                    .fetch_add(1, Ordering::SeqCst);
+                self.counters
+                    .connections_total
+                    .fetch_add(1, Ordering::SeqCst);
             }
             Gauge::Task => {
                 self.counters.tasks_alive.fetch_add(1, Ordering::SeqCst);
             }
         }
-        GaugeGuard { server: Arc::clone(self), kind }
+        GaugeGuard {
+            server: Arc::clone(self),
+            kind,
+        }
     }
 
     /// Stops accepting connections and drains the existing ones: requests
@@ -402,7 +433,11 @@ impl NbdServer {
     /// out of band with [`export_params`](Self::export_params) — the Linux
     /// kernel NBD driver on one end of a socketpair. Transmission starts at
     /// once on export `name`, with simple replies.
-    pub async fn serve_transmission<S>(self: &Arc<Self>, stream: S, name: &str) -> Result<(), NbdError>
+    pub async fn serve_transmission<S>(
+        self: &Arc<Self>,
+        stream: S,
+        name: &str,
+    ) -> Result<(), NbdError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -412,7 +447,14 @@ impl NbdServer {
             .position(|e| e.name == name)
             .ok_or_else(|| NbdError::UnknownExport(name.to_owned()))?;
         let guard = self.gauge(Gauge::Connection);
-        conn::run(Arc::clone(self), stream, guard, format!("preconnected:{name}"), Some(idx)).await
+        conn::run(
+            Arc::clone(self),
+            stream,
+            guard,
+            format!("preconnected:{name}"),
+            Some(idx),
+        )
+        .await
     }
 
     /// What a client negotiating export `name` would be told (simple
@@ -421,7 +463,11 @@ impl NbdServer {
     /// `NBD_ATTR_SERVER_FLAGS`, `NBD_ATTR_BLOCK_SIZE_BYTES`).
     pub fn export_params(&self, name: &str) -> Option<ExportParams> {
         let e = self.exports.iter().find(|e| e.name == name)?;
-        Some(ExportParams { size: e.engine.size(), transmission_flags: e.transmission_flags(false), block_sizes: e.block_sizes })
+        Some(ExportParams {
+            size: e.engine.size(),
+            transmission_flags: e.transmission_flags(false),
+            block_sizes: e.block_sizes,
+        })
     }
 
     fn spawn_connection<S>(self: &Arc<Self>, stream: S, peer: String)
@@ -478,7 +524,10 @@ impl NbdServer {
 /// pausing briefly when out of descriptors so the loop does not spin.
 async fn accept_error(e: io::Error) {
     tracing::warn!(error = %e, "NBD accept failed");
-    if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)) {
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    ) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -501,11 +550,26 @@ pub fn bind_unix(path: &Path, mode: Option<u32>) -> Result<UnixListener, NbdErro
                     source: io::Error::from(io::ErrorKind::AddrInUse),
                 });
             }
-            std::fs::remove_file(path).map_err(|source| NbdError::Listen { what: "remove stale socket", target: target.clone(), source })?;
+            std::fs::remove_file(path).map_err(|source| NbdError::Listen {
+                what: "remove stale socket",
+                target: target.clone(),
+                source,
+            })?;
         }
-        Ok(md) => return Err(NbdError::NotASocket { path: path.to_owned(), mode: md.mode() & libc::S_IFMT }),
+        Ok(md) => {
+            return Err(NbdError::NotASocket {
+                path: path.to_owned(),
+                mode: md.mode() & libc::S_IFMT,
+            })
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => return Err(NbdError::Listen { what: "stat", target, source }),
+        Err(source) => {
+            return Err(NbdError::Listen {
+                what: "stat",
+                target,
+                source,
+            })
+        }
     }
     let file_name = path.file_name().ok_or_else(|| NbdError::Listen {
         what: "bind",
@@ -513,13 +577,30 @@ pub fn bind_unix(path: &Path, mode: Option<u32>) -> Result<UnixListener, NbdErro
         source: io::Error::new(io::ErrorKind::InvalidInput, "socket path has no file name"),
     })?;
     let mut tmp_name = file_name.to_os_string();
-    tmp_name.push(format!(".tmp{}-{}", std::process::id(), rand::random::<u32>()));
+    tmp_name.push(format!(
+        ".tmp{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     let tmp = path.with_file_name(tmp_name);
-    let listener = UnixListener::bind(&tmp).map_err(|source| NbdError::Listen { what: "bind", target: tmp.display().to_string(), source })?;
+    let listener = UnixListener::bind(&tmp).map_err(|source| NbdError::Listen {
+        what: "bind",
+        target: tmp.display().to_string(),
+        source,
+    })?;
     let finish = || -> Result<(), NbdError> {
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-            .map_err(|source| NbdError::Listen { what: "chmod", target: tmp.display().to_string(), source })?;
-        std::fs::rename(&tmp, path).map_err(|source| NbdError::Listen { what: "rename socket into", target: target.clone(), source })
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(
+            |source| NbdError::Listen {
+                what: "chmod",
+                target: tmp.display().to_string(),
+                source,
+            },
+        )?;
+        std::fs::rename(&tmp, path).map_err(|source| NbdError::Listen {
+            what: "rename socket into",
+            target: target.clone(),
+            source,
+        })
     };
     if let Err(e) = finish() {
         let _ = std::fs::remove_file(&tmp);
@@ -530,5 +611,11 @@ pub fn bind_unix(path: &Path, mode: Option<u32>) -> Result<UnixListener, NbdErro
 
 /// Binds a TCP listener (the agent chooses the address; default `127.0.0.1:10809`).
 pub async fn bind_tcp(addr: std::net::SocketAddr) -> Result<TcpListener, NbdError> {
-    TcpListener::bind(addr).await.map_err(|source| NbdError::Listen { what: "bind", target: addr.to_string(), source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NbdError::Listen {
+            what: "bind",
+            target: addr.to_string(),
+            source,
+        })
 }

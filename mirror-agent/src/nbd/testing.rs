@@ -24,7 +24,11 @@ pub struct MemEngine {
 impl MemEngine {
     /// A zero-filled volume of `size` bytes.
     pub fn new(size: usize) -> Arc<MemEngine> {
-        Arc::new(MemEngine { data: Mutex::new(vec![0; size]), size: size as u64, flushes: AtomicU64::new(0) })
+        Arc::new(MemEngine {
+            data: Mutex::new(vec![0; size]),
+            size: size as u64,
+            flushes: AtomicU64::new(0),
+        })
     }
 
     /// A copy of the whole volume.
@@ -69,7 +73,9 @@ impl BlockEngine for MemEngine {
     }
 
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>> {
-        let r = self.range(offset, len as u64).map(|r| self.lock()[r].to_vec());
+        let r = self
+            .range(offset, len as u64)
+            .map(|r| self.lock()[r].to_vec());
         Box::pin(async move { r })
     }
 

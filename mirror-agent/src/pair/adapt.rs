@@ -38,6 +38,14 @@ impl CloseSignal for Closed {
 
 /// A replica link over a live session; `rx` carries the frames the session
 /// dispatcher routes to this consumer.
-pub(super) fn replica_link(tx: SessionSender, closed: CloseWatch, rx: mpsc::Receiver<Frame>) -> ReplicaLink {
-    ReplicaLink { tx: Arc::new(Tx(tx)), rx, closed: Arc::new(Closed(closed)) }
+pub(super) fn replica_link(
+    tx: SessionSender,
+    closed: CloseWatch,
+    rx: mpsc::Receiver<Frame>,
+) -> ReplicaLink {
+    ReplicaLink {
+        tx: Arc::new(Tx(tx)),
+        rx,
+        closed: Arc::new(Closed(closed)),
+    }
 }

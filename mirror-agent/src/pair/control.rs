@@ -34,13 +34,21 @@ pub struct WireGens {
 
 impl From<bitmap::Generations> for WireGens {
     fn from(g: bitmap::Generations) -> Self {
-        WireGens { current: g.current, bitmap: g.bitmap, history: g.history }
+        WireGens {
+            current: g.current,
+            bitmap: g.bitmap,
+            history: g.history,
+        }
     }
 }
 
 impl From<WireGens> for bitmap::Generations {
     fn from(g: WireGens) -> Self {
-        bitmap::Generations { current: g.current, bitmap: g.bitmap, history: g.history }
+        bitmap::Generations {
+            current: g.current,
+            bitmap: g.bitmap,
+            history: g.history,
+        }
     }
 }
 
@@ -143,7 +151,9 @@ impl ControlMsg {
     pub fn is_resync(&self) -> bool {
         matches!(
             self,
-            ControlMsg::ResyncReady { .. } | ControlMsg::ResyncFinished { .. } | ControlMsg::ResyncComplete {}
+            ControlMsg::ResyncReady { .. }
+                | ControlMsg::ResyncFinished { .. }
+                | ControlMsg::ResyncComplete {}
         )
     }
 }
@@ -152,13 +162,17 @@ impl ControlMsg {
     /// Encode as JSON text.
     pub fn to_json(&self) -> String {
         // Serialising these plain types cannot fail.
-        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"type\":\"error\",\"message\":\"{e}\"}}"))
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!("{{\"type\":\"error\",\"message\":\"{e}\"}}"))
     }
 
     /// Decode from JSON text, naming what was wrong.
     pub fn from_json(s: &str) -> Result<ControlMsg, String> {
         if s.len() > MAX_CONTROL_LEN {
-            return Err(format!("control message of {} bytes exceeds {MAX_CONTROL_LEN}", s.len()));
+            return Err(format!(
+                "control message of {} bytes exceeds {MAX_CONTROL_LEN}",
+                s.len()
+            ));
         }
         serde_json::from_str(s).map_err(|e| format!("malformed control message: {e}"))
     }
@@ -172,7 +186,11 @@ mod tests {
     fn round_trip() {
         let m = ControlMsg::State(NodeState {
             role: PeerRole::Active,
-            gens: WireGens { current: 5, bitmap: 3, history: [1, 2, 0, 0] },
+            gens: WireGens {
+                current: 5,
+                bitmap: 3,
+                history: [1, 2, 0, 0],
+            },
             flags: 3,
             dirty_regions: 10,
             total_regions: 100,
@@ -181,8 +199,14 @@ mod tests {
             replicating: false,
         });
         assert_eq!(ControlMsg::from_json(&m.to_json()).unwrap(), m);
-        let m = ControlMsg::ActivateReply { id: 3, ok: false, reason: Some("active".into()) };
+        let m = ControlMsg::ActivateReply {
+            id: 3,
+            ok: false,
+            reason: Some("active".into()),
+        };
         assert_eq!(ControlMsg::from_json(&m.to_json()).unwrap(), m);
-        assert!(ControlMsg::from_json(r#"{"type":"format_peer"}"#).unwrap_err().contains("malformed"));
+        assert!(ControlMsg::from_json(r#"{"type":"format_peer"}"#)
+            .unwrap_err()
+            .contains("malformed"));
     }
 }

@@ -137,7 +137,10 @@ pub struct Pair {
 
 impl std::fmt::Debug for Pair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pair").field("resource", &self.resource).field("peer", &self.peer_name).finish_non_exhaustive()
+        f.debug_struct("Pair")
+            .field("resource", &self.resource)
+            .field("peer", &self.peer_name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -159,7 +162,11 @@ pub enum PairError {
 
 fn describe_decision(decision: &Decision, rule: Rule, local: &str, peer: &str) -> String {
     let text = match decision {
-        Decision::Resync { source, kind, save_loser_divergence } => {
+        Decision::Resync {
+            source,
+            kind,
+            save_loser_divergence,
+        } => {
             let (s, t) = match source {
                 Side::Local => (local, peer),
                 Side::Peer => (peer, local),
@@ -168,7 +175,11 @@ fn describe_decision(decision: &Decision, rule: Rule, local: &str, peer: &str) -
                 ResyncKind::Differential => "differential",
                 ResyncKind::Full => "full",
             };
-            let save = if *save_loser_divergence { format!(", {t}'s regions saved first") } else { String::new() };
+            let save = if *save_loser_divergence {
+                format!(", {t}'s regions saved first")
+            } else {
+                String::new()
+            };
             format!("{kind} resync {s} -> {t}{save}")
         }
         other => other.to_string(),
@@ -190,7 +201,8 @@ impl Pair {
         let secret = config.read_secret()?;
         // The Hello callback needs the pair, which needs the link state: break the
         // cycle with a slot filled right after construction.
-        let slot: Arc<std::sync::OnceLock<std::sync::Weak<Pair>>> = Arc::new(std::sync::OnceLock::new());
+        let slot: Arc<std::sync::OnceLock<std::sync::Weak<Pair>>> =
+            Arc::new(std::sync::OnceLock::new());
         let hello_slot = slot.clone();
         let hello_meta = meta.clone();
         let hello_state: peer::HelloStateFn = Arc::new(move || {
@@ -202,7 +214,10 @@ impl Pair {
             hello_state_of(&hello_meta, role)
         });
         let spec = LinkSpec::data(config, node, &rc.name, engine.size(), secret, hello_state)
-            .map_err(|source| PairError::Link { resource: rc.name.clone(), source })?;
+            .map_err(|source| PairError::Link {
+                resource: rc.name.clone(),
+                source,
+            })?;
         let mut handle = peer::spawn_link(spec, shutdown);
         let save_dir = rc
             .nodes
@@ -258,7 +273,8 @@ impl Pair {
     /// This node's state as sent to the peer.
     fn local_state(&self) -> NodeState {
         let st = lock(&self.st);
-        let replicating = st.role == PeerRole::Active && st.volume.as_ref().map(|v| v.is_attached()).unwrap_or(false);
+        let replicating = st.role == PeerRole::Active
+            && st.volume.as_ref().map(|v| v.is_attached()).unwrap_or(false);
         self.local_state_as(st.role, replicating)
     }
 
@@ -284,14 +300,23 @@ impl Pair {
     }
 
     fn peer_view(&self, s: &NodeState) -> NodeView {
-        let state = bitmap::SbState { gens: s.gens.into(), flags: Flags(s.flags), ..self.meta.partition().state() };
+        let state = bitmap::SbState {
+            gens: s.gens.into(),
+            flags: Flags(s.flags),
+            ..self.meta.partition().state()
+        };
         NodeView::from_state(&self.peer_name, &self.resource, &state, s.dirty_regions)
     }
 
     fn knowledge(&self, st: &St) -> PeerKnowledge {
         match (&st.live, &st.peer) {
-            (Some(_), Some(p)) => PeerKnowledge::Connected { view: self.peer_view(p), active: p.role == PeerRole::Active },
-            _ => PeerKnowledge::Unreachable { node: self.peer_name.clone() },
+            (Some(_), Some(p)) => PeerKnowledge::Connected {
+                view: self.peer_view(p),
+                active: p.role == PeerRole::Active,
+            },
+            _ => PeerKnowledge::Unreachable {
+                node: self.peer_name.clone(),
+            },
         }
     }
 
@@ -300,7 +325,13 @@ impl Pair {
     }
 
     async fn send_control(&self, tx: &SessionSender, msg: ControlMsg) {
-        if tx.send(Message::Control { json: msg.to_json() }).await.is_err() {
+        if tx
+            .send(Message::Control {
+                json: msg.to_json(),
+            })
+            .await
+            .is_err()
+        {
             tracing::debug!(resource = %self.resource, "control message not sent: session closed");
         }
     }
@@ -308,13 +339,20 @@ impl Pair {
     async fn send_state(&self) {
         let tx = lock(&self.st).live.as_ref().map(|l| l.tx.clone());
         if let Some(tx) = tx {
-            self.send_control(&tx, ControlMsg::State(self.local_state())).await;
+            self.send_control(&tx, ControlMsg::State(self.local_state()))
+                .await;
         }
     }
 
     /// Serve one authenticated session until it ends.
     async fn run_session(self: Arc<Self>, session: Session) {
-        let Session { peer_hello, tx, mut rx, closed, peer_addr } = session;
+        let Session {
+            peer_hello,
+            tx,
+            mut rx,
+            closed,
+            peer_addr,
+        } = session;
         let id = {
             let mut st = lock(&self.st);
             st.sessions += 1;
@@ -338,7 +376,8 @@ impl Pair {
         };
         tracing::info!(resource = %self.resource, peer = %self.peer_name, %peer_addr, peer_generation = format_args!("{:016x}", peer_hello.generation.current), "peer connected");
         self.changed.notify_waiters();
-        self.send_control(&tx, ControlMsg::State(self.local_state())).await;
+        self.send_control(&tx, ControlMsg::State(self.local_state()))
+            .await;
         let mut tick = tokio::time::interval(STATE_INTERVAL);
         tick.tick().await;
         let end = loop {
@@ -372,11 +411,20 @@ impl Pair {
     }
 
     /// Route one received frame. `Err` closes the session.
-    async fn dispatch(self: &Arc<Self>, id: u64, tx: &SessionSender, frame: Frame) -> Result<(), String> {
+    async fn dispatch(
+        self: &Arc<Self>,
+        id: u64,
+        tx: &SessionSender,
+        frame: Frame,
+    ) -> Result<(), String> {
         let (to_active, to_standby, to_resync) = {
             let st = lock(&self.st);
             match st.live.as_ref() {
-                Some(l) => (l.to_active.clone(), l.to_standby.clone(), l.to_resync.clone()),
+                Some(l) => (
+                    l.to_active.clone(),
+                    l.to_standby.clone(),
+                    l.to_resync.clone(),
+                ),
                 None => (None, None, None),
             }
         };
@@ -437,15 +485,26 @@ impl Pair {
     }
 
     /// CRC-32 of each region's bytes (`region_size` must be ours).
-    async fn checksums(&self, region_size: u32, regions: impl Iterator<Item = u64>) -> Result<Vec<mirror_proto::RegionChecksum>, String> {
+    async fn checksums(
+        &self,
+        region_size: u32,
+        regions: impl Iterator<Item = u64>,
+    ) -> Result<Vec<mirror_proto::RegionChecksum>, String> {
         let cp = self.meta.partition();
         if region_size as u64 != cp.region_size() {
-            return Err(format!("checksum request for {region_size}-byte regions, {} uses {}", self.resource, cp.region_size()));
+            return Err(format!(
+                "checksum request for {region_size}-byte regions, {} uses {}",
+                self.resource,
+                cp.region_size()
+            ));
         }
         let mut out = Vec::new();
         for region in regions {
             if region >= cp.region_count() {
-                return Err(format!("checksum request for region {region} of {}", cp.region_count()));
+                return Err(format!(
+                    "checksum request for region {region} of {}",
+                    cp.region_count()
+                ));
             }
             let b = cp.region_bytes(region);
             let data = self
@@ -453,7 +512,10 @@ impl Pair {
                 .read(b.start, (b.end - b.start) as usize)
                 .await
                 .map_err(|e| format!("verify: reading region {region} at {}: {e}", b.start))?;
-            out.push(mirror_proto::RegionChecksum { region, checksum: crc32fast::hash(&data) });
+            out.push(mirror_proto::RegionChecksum {
+                region,
+                checksum: crc32fast::hash(&data),
+            });
         }
         Ok(out)
     }
@@ -468,24 +530,39 @@ impl Pair {
             let mut st = lock(&self.st);
             if st.mirror != Mirror::InSync {
                 return Err(AdminError::refused(
-                    format!("{} is not in sync ({}): verify compares an in-sync pair", self.resource, match &st.mirror {
-                        Mirror::Decided { decision, rule } => describe_decision(decision, *rule, &self.node, &self.peer_name),
-                        Mirror::Resyncing => "resync running".into(),
-                        _ => "deciding".into(),
-                    }),
+                    format!(
+                        "{} is not in sync ({}): verify compares an in-sync pair",
+                        self.resource,
+                        match &st.mirror {
+                            Mirror::Decided { decision, rule } =>
+                                describe_decision(decision, *rule, &self.node, &self.peer_name),
+                            Mirror::Resyncing => "resync running".into(),
+                            _ => "deciding".into(),
+                        }
+                    ),
                     format!("`mdctrl recover {}` first", self.resource),
                 ));
             }
-            if st.role != PeerRole::Active && st.peer.as_ref().is_some_and(|p| p.role == PeerRole::Active) {
+            if st.role != PeerRole::Active
+                && st.peer.as_ref().is_some_and(|p| p.role == PeerRole::Active)
+            {
                 return Err(AdminError::refused(
                     format!("{} is active on {}", self.resource, self.peer_name),
-                    format!("run `mdctrl verify {}` on {} (the active node)", self.resource, self.peer_name),
+                    format!(
+                        "run `mdctrl verify {}` on {} (the active node)",
+                        self.resource, self.peer_name
+                    ),
                 ));
             }
             let active = st.role == PeerRole::Active;
-            let Some(live) = st.live.as_mut() else { return Err(self.unreachable()) };
+            let Some(live) = st.live.as_mut() else {
+                return Err(self.unreachable());
+            };
             if live.to_verify.is_some() {
-                return Err(AdminError::refused(format!("a verify of {} is already running", self.resource), "wait for it"));
+                return Err(AdminError::refused(
+                    format!("a verify of {} is already running", self.resource),
+                    "wait for it",
+                ));
             }
             let (ftx, frx) = mpsc::channel(4);
             live.to_verify = Some(ftx);
@@ -499,7 +576,10 @@ impl Pair {
         let total = self.meta.partition().region_count();
         if differing.is_empty() {
             tracing::info!(resource = %self.resource, regions = total, "verify: every region identical on {} and {}", self.node, self.peer_name);
-            return Ok(format!("verify of {}: {total} regions compared, 0 differ", self.resource));
+            return Ok(format!(
+                "verify of {}: {total} regions compared, 0 differ",
+                self.resource
+            ));
         }
         let n = differing.len();
         tracing::warn!(resource = %self.resource, differing = n, first = ?differing.iter().take(16).collect::<Vec<_>>(), "verify: regions differ between {} and {}", self.node, self.peer_name);
@@ -533,7 +613,12 @@ impl Pair {
         ))
     }
 
-    async fn verify_run(&self, tx: &SessionSender, rx: &mut mpsc::Receiver<Frame>, active: bool) -> Result<Vec<u64>, AdminError> {
+    async fn verify_run(
+        &self,
+        tx: &SessionSender,
+        rx: &mut mpsc::Receiver<Frame>,
+        active: bool,
+    ) -> Result<Vec<u64>, AdminError> {
         const BATCH: u64 = 64;
         let cp = self.meta.partition().clone();
         let (n, rs) = (cp.region_count(), cp.region_size() as u32);
@@ -544,18 +629,41 @@ impl Pair {
             first = regions.end;
             // With the gate held no application write is in flight; in sync
             // mode every completed write is durable on the peer.
-            let hold = if active { Some(self.gate.exclusive().await) } else { None };
-            let mine = self.checksums(rs, regions.clone()).await.map_err(AdminError::internal)?;
+            let hold = if active {
+                Some(self.gate.exclusive().await)
+            } else {
+                None
+            };
+            let mine = self
+                .checksums(rs, regions.clone())
+                .await
+                .map_err(AdminError::internal)?;
             let seq = tx
-                .send(Message::ChecksumRequest { region_size: rs, entries: mine.clone() })
+                .send(Message::ChecksumRequest {
+                    region_size: rs,
+                    entries: mine.clone(),
+                })
                 .await
                 .map_err(|_| self.unreachable())?;
             let theirs = loop {
-                let f = tokio::time::timeout(self.timeouts.ack.max(Duration::from_secs(10)), rx.recv())
-                    .await
-                    .map_err(|_| AdminError { kind: ErrorKind::PeerUnreachable, message: format!("{} did not answer the checksum request", self.peer_name), hint: None })?
-                    .ok_or_else(|| self.unreachable())?;
-                if let Message::ChecksumReply { request_seq, entries, .. } = f.msg {
+                let f =
+                    tokio::time::timeout(self.timeouts.ack.max(Duration::from_secs(10)), rx.recv())
+                        .await
+                        .map_err(|_| AdminError {
+                            kind: ErrorKind::PeerUnreachable,
+                            message: format!(
+                                "{} did not answer the checksum request",
+                                self.peer_name
+                            ),
+                            hint: None,
+                        })?
+                        .ok_or_else(|| self.unreachable())?;
+                if let Message::ChecksumReply {
+                    request_seq,
+                    entries,
+                    ..
+                } = f.msg
+                {
                     if request_seq == seq {
                         break entries;
                     }
@@ -563,11 +671,19 @@ impl Pair {
             };
             drop(hold);
             if theirs.len() != mine.len() {
-                return Err(AdminError::internal(format!("{} answered {} checksums for {} regions", self.peer_name, theirs.len(), mine.len())));
+                return Err(AdminError::internal(format!(
+                    "{} answered {} checksums for {} regions",
+                    self.peer_name,
+                    theirs.len(),
+                    mine.len()
+                )));
             }
             for (m, t) in mine.iter().zip(&theirs) {
                 if m.region != t.region {
-                    return Err(AdminError::internal(format!("{} answered region {} for {}", self.peer_name, t.region, m.region)));
+                    return Err(AdminError::internal(format!(
+                        "{} answered region {} for {}",
+                        self.peer_name, t.region, m.region
+                    )));
                 }
                 if m.checksum != t.checksum {
                     differing.push(m.region);
@@ -600,10 +716,27 @@ impl Pair {
                         (false, Some(r))
                     }
                 };
-                self.send_control(tx, ControlMsg::ActivateReply { id: req, ok, reason }).await;
+                self.send_control(
+                    tx,
+                    ControlMsg::ActivateReply {
+                        id: req,
+                        ok,
+                        reason,
+                    },
+                )
+                .await;
                 self.evaluate(id);
             }
-            ControlMsg::ActivateReply { id: req, ok, reason } | ControlMsg::StartReply { id: req, ok, reason } => {
+            ControlMsg::ActivateReply {
+                id: req,
+                ok,
+                reason,
+            }
+            | ControlMsg::StartReply {
+                id: req,
+                ok,
+                reason,
+            } => {
                 if let Some(w) = lock(&self.st).pending.remove(&req) {
                     let _ = w.send((ok, reason));
                 }
@@ -611,20 +744,46 @@ impl Pair {
             ControlMsg::StartResync { id: req, forced } => {
                 // An operator's recover/force on either node ends an operator break.
                 lock(&self.st).operator_break = None;
-                let r = if forced { self.start_forced_local().await } else { self.start_decided(false).await };
+                let r = if forced {
+                    self.start_forced_local().await
+                } else {
+                    self.start_decided(false).await
+                };
                 let (ok, reason) = match r {
                     Ok(_) => (true, None),
                     Err(e) => (false, Some(e.to_string())),
                 };
-                self.send_control(tx, ControlMsg::StartReply { id: req, ok, reason }).await;
+                self.send_control(
+                    tx,
+                    ControlMsg::StartReply {
+                        id: req,
+                        ok,
+                        reason,
+                    },
+                )
+                .await;
             }
-            ControlMsg::ResyncBegin { full, save, forced, rule } => {
+            ControlMsg::ResyncBegin {
+                full,
+                save,
+                forced,
+                rule,
+            } => {
                 if let Err(why) = self.begin_target(id, tx, full, save, forced, &rule) {
                     tracing::warn!(resource = %self.resource, peer = %self.peer_name, "refused the peer's resync ({rule}): {why}");
-                    self.send_control(tx, ControlMsg::ResyncReady { ok: false, reason: Some(why) }).await;
+                    self.send_control(
+                        tx,
+                        ControlMsg::ResyncReady {
+                            ok: false,
+                            reason: Some(why),
+                        },
+                    )
+                    .await;
                 }
             }
-            ControlMsg::ResyncReady { .. } | ControlMsg::ResyncFinished { .. } | ControlMsg::ResyncComplete {} => {}
+            ControlMsg::ResyncReady { .. }
+            | ControlMsg::ResyncFinished { .. }
+            | ControlMsg::ResyncComplete {} => {}
         }
     }
 
@@ -635,14 +794,28 @@ impl Pair {
             return Err(format!("{} is active for {}", self.node, self.resource));
         }
         if st.activating && self.node.as_bytes() < self.peer_name.as_bytes() {
-            return Err(format!("{} is activating {} at the same moment and takes precedence", self.node, self.resource));
+            return Err(format!(
+                "{} is activating {} at the same moment and takes precedence",
+                self.node, self.resource
+            ));
         }
-        let Some(peer) = st.peer.as_ref() else { return Err("the state of the pair is not known yet".into()) };
+        let Some(peer) = st.peer.as_ref() else {
+            return Err("the state of the pair is not known yet".into());
+        };
         // The requester's may_activate, seen from here: it must hold the latest data.
         let (decision, rule) = rules::decide(&self.local_view(), &self.peer_view(peer));
         match decision {
-            Decision::InSync | Decision::Resync { source: Side::Peer, .. } => {}
-            other => return Err(format!("{} (rule {rule}) as seen by {}", describe_decision(&other, rule, &self.node, &self.peer_name), self.node)),
+            Decision::InSync
+            | Decision::Resync {
+                source: Side::Peer, ..
+            } => {}
+            other => {
+                return Err(format!(
+                    "{} (rule {rule}) as seen by {}",
+                    describe_decision(&other, rule, &self.node, &self.peer_name),
+                    self.node
+                ))
+            }
         }
         if let Some(p) = st.peer.as_mut() {
             p.role = PeerRole::Active;
@@ -662,7 +835,12 @@ impl Pair {
         let local_active = st.role == PeerRole::Active;
         // The active peer attached with a fresh "in sync" decision and told us
         // before its first data frame: follow it.
-        if peer.replicating && peer_active && !local_active && st.mirror != Mirror::Resyncing && st.mirror != Mirror::InSync {
+        if peer.replicating
+            && peer_active
+            && !local_active
+            && st.mirror != Mirror::Resyncing
+            && st.mirror != Mirror::InSync
+        {
             tracing::info!(resource = %self.resource, peer = %self.peer_name, "peer {} replicates to {}: in sync", self.peer_name, self.node);
             st.mirror = Mirror::InSync;
         }
@@ -685,13 +863,19 @@ impl Pair {
                     }
                 });
             } else {
-                st.mirror = Mirror::Decided { decision: decision.clone(), rule };
+                st.mirror = Mirror::Decided {
+                    decision: decision.clone(),
+                    rule,
+                };
                 if decision == Decision::InSync && local_active {
                     self.spawn_attach(&mut st, id);
                 }
             }
         }
-        if local_active && st.mirror == Mirror::InSync && !st.volume.as_ref().map(|v| v.is_attached()).unwrap_or(true) {
+        if local_active
+            && st.mirror == Mirror::InSync
+            && !st.volume.as_ref().map(|v| v.is_attached()).unwrap_or(true)
+        {
             self.spawn_attach(&mut st, id);
         }
         let in_sync = Self::is_in_sync(&st);
@@ -724,7 +908,10 @@ impl Pair {
     /// `Ok` when an automatic recovery should start now from this node.
     fn auto_check(&self, st: &St, peer: &NodeState) -> Result<(), String> {
         if let Some(why) = &st.operator_break {
-            return Err(format!("mirror broken by the operator ({why}): `mdctrl recover {}`", self.resource));
+            return Err(format!(
+                "mirror broken by the operator ({why}): `mdctrl recover {}`",
+                self.resource
+            ));
         }
         if st.mirror == Mirror::Resyncing {
             return Err("a resync is running".into());
@@ -732,11 +919,23 @@ impl Pair {
         if st.mirror == Mirror::InSync {
             return Err("no-difference: in sync".into());
         }
-        let knowledge = PeerKnowledge::Connected { view: self.peer_view(peer), active: peer.role == PeerRole::Active };
-        match rules::auto_recovery_allowed(&self.local_view(), st.role == PeerRole::Active, &knowledge) {
+        let knowledge = PeerKnowledge::Connected {
+            view: self.peer_view(peer),
+            active: peer.role == PeerRole::Active,
+        };
+        match rules::auto_recovery_allowed(
+            &self.local_view(),
+            st.role == PeerRole::Active,
+            &knowledge,
+        ) {
             Err(b) => Err(format!("{}: {b}", b.code())),
-            Ok((d, _)) if d.source() != Some(Side::Local) => Err("the peer starts it (it is the source)".into()),
-            Ok(_) if !self.cfg.auto_recovery => Err(format!("auto_recovery is off: `mdctrl recover {}`", self.resource)),
+            Ok((d, _)) if d.source() != Some(Side::Local) => {
+                Err("the peer starts it (it is the source)".into())
+            }
+            Ok(_) if !self.cfg.auto_recovery => Err(format!(
+                "auto_recovery is off: `mdctrl recover {}`",
+                self.resource
+            )),
             Ok(_) if st.live.as_ref().map(|l| l.auto_suppressed).unwrap_or(true) => {
                 Err("the last automatic attempt was refused on this session (see the log)".into())
             }
@@ -746,7 +945,9 @@ impl Pair {
 
     /// Attach replication with the write gate held and a fresh decision.
     fn spawn_attach(self: &Arc<Self>, st: &mut St, id: u64) {
-        let Some(live) = st.live.as_mut().filter(|l| l.id == id) else { return };
+        let Some(live) = st.live.as_mut().filter(|l| l.id == id) else {
+            return;
+        };
         if live.attaching {
             return;
         }
@@ -782,7 +983,9 @@ impl Pair {
         }
         st.mirror = Mirror::InSync;
         let volume = st.volume.clone();
-        let Some(live) = st.live.as_mut().filter(|l| l.id == id) else { return };
+        let Some(live) = st.live.as_mut().filter(|l| l.id == id) else {
+            return;
+        };
         let Some(vol) = volume else { return };
         if vol.is_attached() || live.to_active.is_some() {
             return;
@@ -798,7 +1001,11 @@ impl Pair {
         }
     }
 
-    async fn standby_ended(&self, id: u64, end: Result<replica::StandbyEnd, replica::ReplicaError>) {
+    async fn standby_ended(
+        &self,
+        id: u64,
+        end: Result<replica::StandbyEnd, replica::ReplicaError>,
+    ) {
         {
             let mut st = lock(&self.st);
             if let Some(l) = st.live.as_mut().filter(|l| l.id == id) {
@@ -839,7 +1046,11 @@ impl Pair {
     }
 
     fn new_volume(self: &Arc<Self>) -> Arc<dyn BlockEngine> {
-        let (vol, events) = ActiveVolume::new(self.engine.clone(), self.meta.partition().clone(), ActiveConfig::from_config(&self.cfg, &self.timeouts));
+        let (vol, events) = ActiveVolume::new(
+            self.engine.clone(),
+            self.meta.partition().clone(),
+            ActiveConfig::from_config(&self.cfg, &self.timeouts),
+        );
         {
             let mut st = lock(&self.st);
             st.role = PeerRole::Active;
@@ -856,22 +1067,40 @@ impl Pair {
         let connected = self.wait_peer_state(self.timeouts.connect).await;
         let knowledge = self.knowledge(&lock(&self.st));
         if let Err(r) = rules::may_activate(&self.local_view(), &knowledge) {
-            let kind = if connected { ErrorKind::Refused } else { ErrorKind::PeerUnreachable };
+            let kind = if connected {
+                ErrorKind::Refused
+            } else {
+                ErrorKind::PeerUnreachable
+            };
             let link = describe_link(&self.link_state.borrow());
-            let message = if connected { r.reason } else { format!("{} (link: {link})", r.reason) };
-            return Err(AdminError { kind, message, hint: Some(r.hint) });
+            let message = if connected {
+                r.reason
+            } else {
+                format!("{} (link: {link})", r.reason)
+            };
+            return Err(AdminError {
+                kind,
+                message,
+                hint: Some(r.hint),
+            });
         }
         if !connected {
             tracing::warn!(resource = %self.resource, peer = %self.peer_name, "activating without the peer: {} is FORCED", self.node);
             let vol = self.new_volume();
             // Divergence is recorded now (before the first write): on_activate(false).
             let cp = self.meta.partition().clone();
-            tokio::task::spawn_blocking(move || cp.update_superblock(|sb| {
-                gens::on_activate(sb, false);
-            }))
+            tokio::task::spawn_blocking(move || {
+                cp.update_superblock(|sb| {
+                    gens::on_activate(sb, false);
+                })
+            })
             .await
             .map_err(|e| AdminError::internal(format!("recording the activation: {e}")))?
-            .map_err(|e| AdminError::internal(format!("recording the activation in the cluster partition: {e}")))?;
+            .map_err(|e| {
+                AdminError::internal(format!(
+                    "recording the activation in the cluster partition: {e}"
+                ))
+            })?;
             return Ok(vol);
         }
         let (req, reply, tx) = {
@@ -886,7 +1115,8 @@ impl Pair {
             st.activating = true;
             (req, r, tx)
         };
-        self.send_control(&tx, ControlMsg::ActivateRequest { id: req }).await;
+        self.send_control(&tx, ControlMsg::ActivateRequest { id: req })
+            .await;
         let answer = tokio::time::timeout(self.timeouts.ack, reply).await;
         let done = |st: &mut St| {
             st.activating = false;
@@ -895,12 +1125,20 @@ impl Pair {
         let (ok, reason) = match answer {
             Ok(Ok(a)) => a,
             Ok(Err(_)) => (false, Some("the request was dropped".into())),
-            Err(_) => (false, Some(format!("no answer within {:?}", self.timeouts.ack))),
+            Err(_) => (
+                false,
+                Some(format!("no answer within {:?}", self.timeouts.ack)),
+            ),
         };
         if !ok {
             done(&mut lock(&self.st));
             return Err(AdminError::refused(
-                format!("{} refused the activation of {}: {}", self.peer_name, self.resource, reason.unwrap_or_default()),
+                format!(
+                    "{} refused the activation of {}: {}",
+                    self.peer_name,
+                    self.resource,
+                    reason.unwrap_or_default()
+                ),
                 format!("`mdctrl status {}` shows both sides", self.resource),
             ));
         }
@@ -923,7 +1161,10 @@ impl Pair {
             while let Some(ev) = events.recv().await {
                 let Some(me) = me.upgrade() else { return };
                 match ev {
-                    ReplicaEvent::MirrorBroken { reason, peer_disk_error } => {
+                    ReplicaEvent::MirrorBroken {
+                        reason,
+                        peer_disk_error,
+                    } => {
                         tracing::warn!(resource = %me.resource, peer = %me.peer_name, peer_disk_error, "mirror break: {reason}");
                         let mut st = lock(&me.st);
                         st.last_break = Some(reason);
@@ -957,10 +1198,9 @@ impl Pair {
             st.volume.take()
         };
         if let Some(vol) = vol {
-            let clean = vol
-                .release(self.timeouts.ack)
-                .await
-                .map_err(|e| AdminError::internal(format!("releasing the replicated volume: {e}")))?;
+            let clean = vol.release(self.timeouts.ack).await.map_err(|e| {
+                AdminError::internal(format!("releasing the replicated volume: {e}"))
+            })?;
             if clean {
                 // The peer holds every write: the keep-dirty regions can go, so the
                 // next activation (on either node) starts from a clean bitmap.
@@ -975,8 +1215,12 @@ impl Pair {
                 .await
                 .map_err(|e| AdminError::internal(format!("clearing the bitmap: {e}")))?;
                 match cleared {
-                    Ok(n) => tracing::info!(resource = %self.resource, cleared = n, "released: peer holds every write, bitmap cleared"),
-                    Err(e) => tracing::error!(resource = %self.resource, "clearing the bitmap after release failed: {e}"),
+                    Ok(n) => {
+                        tracing::info!(resource = %self.resource, cleared = n, "released: peer holds every write, bitmap cleared")
+                    }
+                    Err(e) => {
+                        tracing::error!(resource = %self.resource, "clearing the bitmap after release failed: {e}")
+                    }
                 }
             } else {
                 tracing::warn!(resource = %self.resource, "released with writes unacknowledged by {}: mirror break recorded", self.peer_name);
@@ -997,8 +1241,15 @@ impl Pair {
     fn running(&self) -> Option<String> {
         let st = lock(&self.st);
         if st.mirror == Mirror::Resyncing {
-            let dir = st.recovery.as_ref().map(|p| lock(p).direction.clone()).unwrap_or_default();
-            return Some(format!("a resync of {} is already running ({dir})", self.resource));
+            let dir = st
+                .recovery
+                .as_ref()
+                .map(|p| lock(p).direction.clone())
+                .unwrap_or_default();
+            return Some(format!(
+                "a resync of {} is already running ({dir})",
+                self.resource
+            ));
         }
         None
     }
@@ -1007,7 +1258,10 @@ impl Pair {
     /// peer as source). Returns a description of what started.
     pub async fn recover(self: &Arc<Self>) -> Result<String, AdminError> {
         if let Some(r) = self.running() {
-            return Err(AdminError::refused(r, format!("`mdctrl status {}` shows its progress", self.resource)));
+            return Err(AdminError::refused(
+                r,
+                format!("`mdctrl status {}` shows its progress", self.resource),
+            ));
         }
         self.require_connected().await?;
         let (decision, rule) = {
@@ -1015,11 +1269,16 @@ impl Pair {
             st.operator_break = None;
             if st.mirror == Mirror::InSync {
                 return Err(AdminError::refused(
-                    format!("{} is in sync between {} and {}: nothing to recover", self.resource, self.node, self.peer_name),
+                    format!(
+                        "{} is in sync between {} and {}: nothing to recover",
+                        self.resource, self.node, self.peer_name
+                    ),
                     format!("nothing to do; `mdctrl status {}`", self.resource),
                 ));
             }
-            let Some(peer) = st.peer.clone() else { return Err(self.unreachable()) };
+            let Some(peer) = st.peer.clone() else {
+                return Err(self.unreachable());
+            };
             rules::decide(&self.local_view(), &self.peer_view(&peer))
         };
         match decision.source() {
@@ -1036,13 +1295,23 @@ impl Pair {
             Decision::SplitBrain | Decision::Unrelated => format!("name the winner: `mdctrl force <server> {r}` (the loser's regions are saved first)"),
             _ => format!("`mdctrl status {r}` on both nodes; `mdctrl force <server> {r}` overrides"),
         };
-        AdminError::refused(format!("no resync to start for {r}: {}", describe_decision(decision, rule, &self.node, &self.peer_name)), hint)
+        AdminError::refused(
+            format!(
+                "no resync to start for {r}: {}",
+                describe_decision(decision, rule, &self.node, &self.peer_name)
+            ),
+            hint,
+        )
     }
 
     fn unreachable(&self) -> AdminError {
         AdminError {
             kind: ErrorKind::PeerUnreachable,
-            message: format!("peer {} is unreachable ({})", self.peer_name, describe_link(&self.link_state.borrow())),
+            message: format!(
+                "peer {} is unreachable ({})",
+                self.peer_name,
+                describe_link(&self.link_state.borrow())
+            ),
             hint: Some(format!(
                 "start the agent on {}, or check the network; if {} is gone, `mdctrl force {} {}`",
                 self.peer_name, self.peer_name, self.node, self.resource
@@ -1064,12 +1333,24 @@ impl Pair {
         if winner != self.node && winner != self.peer_name {
             return Err(AdminError {
                 kind: ErrorKind::BadRequest,
-                message: format!("{winner:?} is not a server of {} (servers: {}, {})", self.resource, self.node, self.peer_name),
-                hint: Some(format!("`mdctrl force {} {}` or `mdctrl force {} {}`", self.node, self.resource, self.peer_name, self.resource)),
+                message: format!(
+                    "{winner:?} is not a server of {} (servers: {}, {})",
+                    self.resource, self.node, self.peer_name
+                ),
+                hint: Some(format!(
+                    "`mdctrl force {} {}` or `mdctrl force {} {}`",
+                    self.node, self.resource, self.peer_name, self.resource
+                )),
             });
         }
         if let Some(r) = self.running() {
-            return Err(AdminError::refused(r, format!("wait for it, or stop the peer link; `mdctrl status {}`", self.resource)));
+            return Err(AdminError::refused(
+                r,
+                format!(
+                    "wait for it, or stop the peer link; `mdctrl status {}`",
+                    self.resource
+                ),
+            ));
         }
         let connected = self.wait_peer_state(self.timeouts.connect).await;
         lock(&self.st).operator_break = None;
@@ -1077,15 +1358,25 @@ impl Pair {
             if winner != self.node {
                 return Err(AdminError {
                     kind: ErrorKind::PeerUnreachable,
-                    message: format!("peer {winner} is unreachable: its data cannot be made the latest from {}", self.node),
-                    hint: Some(format!("run `mdctrl force {winner} {}` on {winner}", self.resource)),
+                    message: format!(
+                        "peer {winner} is unreachable: its data cannot be made the latest from {}",
+                        self.node
+                    ),
+                    hint: Some(format!(
+                        "run `mdctrl force {winner} {}` on {winner}",
+                        self.resource
+                    )),
                 });
             }
             let cp = self.meta.partition().clone();
             let sb = tokio::task::spawn_blocking(move || cp.update_superblock(gens::force_alone))
                 .await
                 .map_err(|e| AdminError::internal(format!("force: {e}")))?
-                .map_err(|e| AdminError { kind: ErrorKind::Internal, message: format!("force: cannot update the cluster partition: {e}"), hint: None })?;
+                .map_err(|e| AdminError {
+                    kind: ErrorKind::Internal,
+                    message: format!("force: cannot update the cluster partition: {e}"),
+                    hint: None,
+                })?;
             tracing::warn!(resource = %self.resource, generation = format_args!("{:016x}", sb.state.gens.current), "forced alone: the data of {} is declared the latest ({} unreachable)", self.node, self.peer_name);
             self.send_state().await;
             return Ok(format!(
@@ -1104,24 +1395,39 @@ impl Pair {
     async fn ask_peer(self: &Arc<Self>, forced: bool) -> Result<String, AdminError> {
         let (req, reply, tx) = {
             let mut st = lock(&self.st);
-            let Some(tx) = st.live.as_ref().map(|l| l.tx.clone()) else { return Err(self.unreachable()) };
+            let Some(tx) = st.live.as_ref().map(|l| l.tx.clone()) else {
+                return Err(self.unreachable());
+            };
             st.next_req += 1;
             let req = st.next_req;
             let (w, r) = oneshot::channel();
             st.pending.insert(req, w);
             (req, r, tx)
         };
-        self.send_control(&tx, ControlMsg::StartResync { id: req, forced }).await;
-        let answer = tokio::time::timeout(self.timeouts.ack.max(Duration::from_secs(5)), reply).await;
+        self.send_control(&tx, ControlMsg::StartResync { id: req, forced })
+            .await;
+        let answer =
+            tokio::time::timeout(self.timeouts.ack.max(Duration::from_secs(5)), reply).await;
         lock(&self.st).pending.remove(&req);
         match answer {
-            Ok(Ok((true, _))) => Ok(format!("resync of {} started on {} (source) -> {}", self.resource, self.peer_name, self.node)),
+            Ok(Ok((true, _))) => Ok(format!(
+                "resync of {} started on {} (source) -> {}",
+                self.resource, self.peer_name, self.node
+            )),
             Ok(Ok((false, reason))) => Err(AdminError::refused(
-                format!("{} did not start the resync: {}", self.peer_name, reason.unwrap_or_default()),
+                format!(
+                    "{} did not start the resync: {}",
+                    self.peer_name,
+                    reason.unwrap_or_default()
+                ),
                 format!("`mdctrl status {}` on both nodes", self.resource),
             )),
             Ok(Err(_)) => Err(self.unreachable()),
-            Err(_) => Err(AdminError { kind: ErrorKind::PeerUnreachable, message: format!("{} did not answer within the ack timeout", self.peer_name), hint: None }),
+            Err(_) => Err(AdminError {
+                kind: ErrorKind::PeerUnreachable,
+                message: format!("{} did not answer within the ack timeout", self.peer_name),
+                hint: None,
+            }),
         }
     }
 
@@ -1129,9 +1435,12 @@ impl Pair {
     async fn start_decided(self: &Arc<Self>, auto: bool) -> Result<String, AdminError> {
         let (decision, rule) = {
             let st = lock(&self.st);
-            let Some(peer) = st.peer.clone() else { return Err(self.unreachable()) };
+            let Some(peer) = st.peer.clone() else {
+                return Err(self.unreachable());
+            };
             if auto {
-                self.auto_check(&st, &peer).map_err(|w| AdminError::refused(w, "automatic recovery"))?;
+                self.auto_check(&st, &peer)
+                    .map_err(|w| AdminError::refused(w, "automatic recovery"))?;
             }
             rules::decide(&self.local_view(), &self.peer_view(&peer))
         };
@@ -1145,7 +1454,9 @@ impl Pair {
     async fn start_forced_local(self: &Arc<Self>) -> Result<String, AdminError> {
         let (decision, rule) = {
             let st = lock(&self.st);
-            let Some(peer) = st.peer.clone() else { return Err(self.unreachable()) };
+            let Some(peer) = st.peer.clone() else {
+                return Err(self.unreachable());
+            };
             rules::decide_forced(Side::Local, &self.local_view(), &self.peer_view(&peer))
         };
         if decision.source() != Some(Side::Local) {
@@ -1154,28 +1465,57 @@ impl Pair {
         self.start_source(decision, rule, true, false)
     }
 
-    fn start_source(self: &Arc<Self>, decision: Decision, rule: Rule, forced: bool, auto: bool) -> Result<String, AdminError> {
-        let Decision::Resync { kind, save_loser_divergence, .. } = decision else {
+    fn start_source(
+        self: &Arc<Self>,
+        decision: Decision,
+        rule: Rule,
+        forced: bool,
+        auto: bool,
+    ) -> Result<String, AdminError> {
+        let Decision::Resync {
+            kind,
+            save_loser_divergence,
+            ..
+        } = decision
+        else {
             return Err(AdminError::internal("not a resync decision"));
         };
         let text = describe_decision(&decision, rule, &self.node, &self.peer_name);
         let (id, tx, rx, progress, active) = {
             let mut st = lock(&self.st);
             if st.mirror == Mirror::Resyncing {
-                return Err(AdminError::refused(format!("a resync of {} is already running", self.resource), "wait for it"));
-            }
-            if st.peer.as_ref().map(|p| p.role == PeerRole::Active).unwrap_or(false) {
                 return Err(AdminError::refused(
-                    format!("the resync target {} is active: a resync never writes into a serving node", self.peer_name),
+                    format!("a resync of {} is already running", self.resource),
+                    "wait for it",
+                ));
+            }
+            if st
+                .peer
+                .as_ref()
+                .map(|p| p.role == PeerRole::Active)
+                .unwrap_or(false)
+            {
+                return Err(AdminError::refused(
+                    format!(
+                        "the resync target {} is active: a resync never writes into a serving node",
+                        self.peer_name
+                    ),
                     format!("deactivate {} on {} first", self.resource, self.peer_name),
                 ));
             }
             let active = st.role == PeerRole::Active;
-            let Some(live) = st.live.as_mut() else { return Err(self.unreachable()) };
+            let Some(live) = st.live.as_mut() else {
+                return Err(self.unreachable());
+            };
             let (ftx, frx) = mpsc::channel(FORWARD_QUEUE);
             live.to_resync = Some(ftx);
             let (id, tx) = (live.id, live.tx.clone());
-            let progress = Arc::new(Mutex::new(Progress::new(resync::Role::Source, format!("{} -> {}", self.node, self.peer_name), kind, format!("{} {}", rule.id, rule.name))));
+            let progress = Arc::new(Mutex::new(Progress::new(
+                resync::Role::Source,
+                format!("{} -> {}", self.node, self.peer_name),
+                kind,
+                format!("{} {}", rule.id, rule.name),
+            )));
             st.recovery = Some(progress.clone());
             st.mirror = Mirror::Resyncing;
             (id, tx, frx, progress, active)
@@ -1184,7 +1524,11 @@ impl Pair {
         let spec = resync::SourceSpec {
             engine: self.engine.clone(),
             part: self.meta.partition().clone(),
-            gate: if active { self.gate.clone() } else { WriteGate::new(self.meta.partition().region_size()) },
+            gate: if active {
+                self.gate.clone()
+            } else {
+                WriteGate::new(self.meta.partition().region_size())
+            },
             kind,
             save: save_loser_divergence,
             forced,
@@ -1233,34 +1577,79 @@ impl Pair {
     }
 
     /// The peer's ResyncBegin: check it against our own decision, then run as target.
-    fn begin_target(self: &Arc<Self>, id: u64, tx: &SessionSender, full: bool, save: bool, forced: bool, rule_text: &str) -> Result<(), String> {
+    fn begin_target(
+        self: &Arc<Self>,
+        id: u64,
+        tx: &SessionSender,
+        full: bool,
+        save: bool,
+        forced: bool,
+        rule_text: &str,
+    ) -> Result<(), String> {
         let mut st = lock(&self.st);
         if let Some(why) = &st.operator_break {
-            return Err(format!("the mirror was broken by the operator on {} ({why}): `mdctrl recover {}` there", self.node, self.resource));
+            return Err(format!(
+                "the mirror was broken by the operator on {} ({why}): `mdctrl recover {}` there",
+                self.node, self.resource
+            ));
         }
         if st.role == PeerRole::Active {
-            return Err(format!("{} is active: a resync never writes into a serving node", self.node));
+            return Err(format!(
+                "{} is active: a resync never writes into a serving node",
+                self.node
+            ));
         }
         if st.mirror == Mirror::Resyncing {
             return Err("a resync is already running".into());
         }
-        let Some(peer) = st.peer.clone() else { return Err("the peer's state is not known yet".into()) };
+        let Some(peer) = st.peer.clone() else {
+            return Err("the peer's state is not known yet".into());
+        };
         let (local, pv) = (self.local_view(), self.peer_view(&peer));
-        let (decision, rule) = if forced { rules::decide_forced(Side::Peer, &local, &pv) } else { rules::decide(&local, &pv) };
-        let Decision::Resync { source: Side::Peer, kind, save_loser_divergence } = decision else {
-            return Err(format!("{} does not agree: {}", self.node, describe_decision(&decision, rule, &self.node, &self.peer_name)));
+        let (decision, rule) = if forced {
+            rules::decide_forced(Side::Peer, &local, &pv)
+        } else {
+            rules::decide(&local, &pv)
+        };
+        let Decision::Resync {
+            source: Side::Peer,
+            kind,
+            save_loser_divergence,
+        } = decision
+        else {
+            return Err(format!(
+                "{} does not agree: {}",
+                self.node,
+                describe_decision(&decision, rule, &self.node, &self.peer_name)
+            ));
         };
         if kind == ResyncKind::Full && !full {
-            return Err(format!("rule {rule} needs a full resync, a differential one was offered"));
+            return Err(format!(
+                "rule {rule} needs a full resync, a differential one was offered"
+            ));
         }
         if save_loser_divergence && !save {
-            return Err(format!("rule {rule} saves {}'s regions first, the offer does not", self.node));
+            return Err(format!(
+                "rule {rule} saves {}'s regions first, the offer does not",
+                self.node
+            ));
         }
-        let Some(live) = st.live.as_mut().filter(|l| l.id == id) else { return Err("session ended".into()) };
+        let Some(live) = st.live.as_mut().filter(|l| l.id == id) else {
+            return Err("session ended".into());
+        };
         let (ftx, frx) = mpsc::channel(FORWARD_QUEUE);
         live.to_resync = Some(ftx);
-        let kind = if full { ResyncKind::Full } else { ResyncKind::Differential };
-        let progress = Arc::new(Mutex::new(Progress::new(resync::Role::Target, format!("{} -> {}", self.peer_name, self.node), kind, rule_text.to_string())));
+        let kind = if full {
+            ResyncKind::Full
+        } else {
+            ResyncKind::Differential
+        };
+        let progress = Arc::new(Mutex::new(Progress::new(
+            resync::Role::Target,
+            format!("{} -> {}", self.peer_name, self.node),
+            kind,
+            rule_text.to_string(),
+        )));
         st.recovery = Some(progress.clone());
         st.mirror = Mirror::Resyncing;
         drop(st);
@@ -1286,7 +1675,17 @@ impl Pair {
                 }
                 me2.evaluate(id);
             });
-            match resync::run_target(spec, full, save, tx.clone(), frx, progress.clone(), on_finished).await {
+            match resync::run_target(
+                spec,
+                full,
+                save,
+                tx.clone(),
+                frx,
+                progress.clone(),
+                on_finished,
+            )
+            .await
+            {
                 Ok(done) => {
                     tracing::info!(resource = %me.resource, peer = %me.peer_name, regions = done.regions, bytes = done.bytes, saved = ?done.saved, "resync finished: {} holds the data of {}", me.node, me.peer_name);
                     me.send_state().await;
@@ -1301,7 +1700,10 @@ impl Pair {
                         }
                         st.mirror = Mirror::Unknown;
                     }
-                    if !matches!(e, resync::ResyncError::Save(_) | resync::ResyncError::Refused { .. }) {
+                    if !matches!(
+                        e,
+                        resync::ResyncError::Save(_) | resync::ResyncError::Refused { .. }
+                    ) {
                         tx.close(&format!("resync failed: {e}"));
                     }
                 }
@@ -1316,7 +1718,10 @@ impl Pair {
         let (vol, tx) = {
             let mut st = lock(&self.st);
             if st.mirror == Mirror::Resyncing {
-                return Err(AdminError::refused(format!("a resync of {} is running", self.resource), "wait for it to finish, then break"));
+                return Err(AdminError::refused(
+                    format!("a resync of {} is running", self.resource),
+                    "wait for it to finish, then break",
+                ));
             }
             st.operator_break = Some(why.to_string());
             st.last_break = Some(format!("broken by the operator on {}: {why}", self.node));
@@ -1338,7 +1743,10 @@ impl Pair {
             tx.close(&format!("mirror broken by the operator on {}", self.node));
         }
         tracing::warn!(resource = %self.resource, "mirror broken by the operator on {} (standby)", self.node);
-        Ok(format!("mirror of {} broken on {}: replication from {} stopped until `mdctrl recover {}`", self.resource, self.node, self.peer_name, self.resource))
+        Ok(format!(
+            "mirror of {} broken on {}: replication from {} stopped until `mdctrl recover {}`",
+            self.resource, self.node, self.peer_name, self.resource
+        ))
     }
 
     /// Status of the pair for `mdctrl status`.
@@ -1346,17 +1754,25 @@ impl Pair {
         let st = lock(&self.st);
         let link = describe_link(&self.link_state.borrow());
         let connected = st.live.is_some();
-        let decision = st.peer.as_ref().filter(|_| connected && st.mirror != Mirror::InSync).map(|p| {
-            let (d, r) = rules::decide(&self.local_view(), &self.peer_view(p));
-            describe_decision(&d, r, &self.node, &self.peer_name)
-        });
+        let decision = st
+            .peer
+            .as_ref()
+            .filter(|_| connected && st.mirror != Mirror::InSync)
+            .map(|p| {
+                let (d, r) = rules::decide(&self.local_view(), &self.peer_view(p));
+                describe_decision(&d, r, &self.node, &self.peer_name)
+            });
         let in_sync = st.mirror == Mirror::InSync;
         let sync = match (&st.mirror, connected) {
-            (_, false) if st.peer.is_none() => "unknown (peer state not received since the agent started)".to_string(),
+            (_, false) if st.peer.is_none() => {
+                "unknown (peer state not received since the agent started)".to_string()
+            }
             (_, false) => "unknown (peer not connected)".to_string(),
             (Mirror::InSync, _) => "in sync".to_string(),
             (Mirror::Resyncing, _) => "resync running".to_string(),
-            (Mirror::Decided { decision, rule }, _) => describe_decision(decision, *rule, &self.node, &self.peer_name),
+            (Mirror::Decided { decision, rule }, _) => {
+                describe_decision(decision, *rule, &self.node, &self.peer_name)
+            }
             (Mirror::Unknown, _) => "deciding".to_string(),
         };
         crate::status::PairStatus {
@@ -1371,7 +1787,11 @@ impl Pair {
                 consistent: !Flags(p.flags).contains(Flags::RESYNC_TARGET),
                 disk_error: Flags(p.flags).contains(Flags::DISK_ERROR),
                 dirty_regions: p.dirty_regions,
-                difference_percent: if p.total_regions == 0 { 0.0 } else { p.dirty_regions as f64 * 100.0 / p.total_regions as f64 },
+                difference_percent: if p.total_regions == 0 {
+                    0.0
+                } else {
+                    p.dirty_regions as f64 * 100.0 / p.total_regions as f64
+                },
                 last_update: Some(p.last_update).filter(|&t| t > 0),
                 break_time: Some(p.break_time).filter(|&t| t > 0),
                 current_generation: format!("{:016x}", p.gens.current),
@@ -1380,7 +1800,11 @@ impl Pair {
             in_sync,
             sync,
             replicating: st.volume.as_ref().map(|v| v.is_attached()).unwrap_or(false),
-            standby_applying: st.live.as_ref().map(|l| l.to_standby.is_some()).unwrap_or(false),
+            standby_applying: st
+                .live
+                .as_ref()
+                .map(|l| l.to_standby.is_some())
+                .unwrap_or(false),
             last_break: st.last_break.clone(),
             peer_disk_error: st.peer_disk_error,
             rpo: st.volume.as_ref().map(|v| v.rpo()),
@@ -1389,7 +1813,9 @@ impl Pair {
                 None
             } else if connected {
                 st.auto_block.clone()
-            } else { Some("peer-unknown: the peer is not connected".into()) },
+            } else {
+                Some("peer-unknown: the peer is not connected".into())
+            },
             recovery: st.recovery.as_ref().map(|p| lock(p).status()),
         }
     }
@@ -1423,7 +1849,14 @@ fn hello_state_of(meta: &Meta, role: PeerRole) -> HelloState {
         generation: Generation {
             current: sb.state.gens.current,
             bitmap: sb.state.gens.bitmap,
-            history: sb.state.gens.history.iter().copied().filter(|&g| g != 0).collect(),
+            history: sb
+                .state
+                .gens
+                .history
+                .iter()
+                .copied()
+                .filter(|&g| g != 0)
+                .collect(),
         },
         features: Features::ALL,
     }
@@ -1437,7 +1870,11 @@ mod tests {
     fn state_json_is_stable() {
         let s = NodeState {
             role: PeerRole::Inactive,
-            gens: WireGens { current: 1, bitmap: 0, history: [0; 4] },
+            gens: WireGens {
+                current: 1,
+                bitmap: 0,
+                history: [0; 4],
+            },
             flags: 0,
             dirty_regions: 0,
             total_regions: 1,

@@ -50,11 +50,17 @@ struct HsIo<'a, S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> HsIo<'_, S> {
     /// Receive the peer's AuthResponse for `transcript` and answer with
     /// AuthResult; a wrong one is refused (Error `AUTH_FAILED`, close).
-    async fn verify_and_answer(&mut self, secret: &[u8], transcript: &Transcript<'_>) -> Result<(), LinkError> {
+    async fn verify_and_answer(
+        &mut self,
+        secret: &[u8],
+        transcript: &Transcript<'_>,
+    ) -> Result<(), LinkError> {
         let their_mac = self.recv_response().await?;
         if !verify_response(secret, transcript, &their_mac) {
             let _ = self.send(Message::AuthResult { accepted: false }).await;
-            let err = LinkError::AuthFailed { peer: self.peer.to_string() };
+            let err = LinkError::AuthFailed {
+                peer: self.peer.to_string(),
+            };
             let msg = "authentication failed: the shared secrets differ".to_string();
             return Err(self.refuse(error_code::AUTH_FAILED, msg, err).await);
         }
@@ -63,14 +69,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HsIo<'_, S> {
 
     /// Steps 5+6a (initiator) or 6b+7 (acceptor): send our AuthResponse for
     /// `transcript`, then wait for the peer's AuthResult on it.
-    async fn respond_and_await_result(&mut self, secret: &[u8], transcript: &Transcript<'_>) -> Result<(), LinkError> {
+    async fn respond_and_await_result(
+        &mut self,
+        secret: &[u8],
+        transcript: &Transcript<'_>,
+    ) -> Result<(), LinkError> {
         let mac = compute_response(secret, transcript);
         self.send(Message::AuthResponse { mac }).await?;
-        let rejected = || LinkError::AuthRejected { peer: self.peer.to_string() };
+        let rejected = || LinkError::AuthRejected {
+            peer: self.peer.to_string(),
+        };
         match self.recv().await {
             Ok(Message::AuthResult { accepted: true }) => Ok(()),
             Ok(Message::AuthResult { accepted: false }) => Err(rejected()),
-            Err(LinkError::PeerError { code, .. }) if code == error_code::AUTH_FAILED => Err(rejected()),
+            Err(LinkError::PeerError { code, .. }) if code == error_code::AUTH_FAILED => {
+                Err(rejected())
+            }
             Err(e) => Err(e),
             Ok(m) => Err(self.unexpected("AuthResult", m.kind()).await),
         }

@@ -92,7 +92,11 @@ pub struct ActiveConfig {
 impl ActiveConfig {
     /// From the resource's configuration.
     pub fn from_config(res: &Resource, timeouts: &Timeouts) -> ActiveConfig {
-        ActiveConfig { mode: res.mode, ack_timeout: timeouts.ack, async_queue: res.async_queue }
+        ActiveConfig {
+            mode: res.mode,
+            ack_timeout: timeouts.ack,
+            async_queue: res.async_queue,
+        }
     }
 }
 
@@ -127,15 +131,29 @@ pub struct RpoSnapshot {
 /// One modifying request.
 #[derive(Debug, Clone)]
 enum Op {
-    Write { offset: u64, data: Bytes, fua: bool },
-    Trim { offset: u64, len: u64 },
-    Zeroes { offset: u64, len: u64, may_trim: bool, fua: bool },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
+    Zeroes {
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+    },
 }
 
 impl Op {
     fn offset(&self) -> u64 {
         match self {
-            Op::Write { offset, .. } | Op::Trim { offset, .. } | Op::Zeroes { offset, .. } => *offset,
+            Op::Write { offset, .. } | Op::Trim { offset, .. } | Op::Zeroes { offset, .. } => {
+                *offset
+            }
         }
     }
 
@@ -149,10 +167,22 @@ impl Op {
     fn message(&self) -> Message {
         match self.clone() {
             Op::Write { offset, data, fua } => Message::Write { offset, fua, data },
-            Op::Trim { offset, len } => Message::Trim { offset, length: len, fua: false },
-            Op::Zeroes { offset, len, may_trim, fua } => {
-                Message::WriteZeroes { offset, length: len, fua, no_hole: !may_trim }
-            }
+            Op::Trim { offset, len } => Message::Trim {
+                offset,
+                length: len,
+                fua: false,
+            },
+            Op::Zeroes {
+                offset,
+                len,
+                may_trim,
+                fua,
+            } => Message::WriteZeroes {
+                offset,
+                length: len,
+                fua,
+                no_hole: !may_trim,
+            },
         }
     }
 
@@ -160,7 +190,12 @@ impl Op {
         match self.clone() {
             Op::Write { offset, data, fua } => engine.write(offset, data, fua),
             Op::Trim { offset, len } => engine.discard(offset, len),
-            Op::Zeroes { offset, len, may_trim, fua } => engine.write_zeroes(offset, len, may_trim, fua),
+            Op::Zeroes {
+                offset,
+                len,
+                may_trim,
+                fua,
+            } => engine.write_zeroes(offset, len, may_trim, fua),
         }
     }
 }
@@ -258,7 +293,11 @@ impl Table {
 
     fn remove(&mut self, seq: u64) -> Option<Pending> {
         let p = self.writes.remove(&seq)?;
-        let c = if p.acked1 { &mut self.unacked2 } else { &mut self.unacked1 };
+        let c = if p.acked1 {
+            &mut self.unacked2
+        } else {
+            &mut self.unacked1
+        };
         c.0 -= 1;
         c.1 -= p.bytes;
         Some(p)
@@ -347,7 +386,10 @@ pub struct ActiveVolume {
 
 impl std::fmt::Debug for ActiveVolume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ActiveVolume").field("cfg", &self.inner.cfg).field("attached", &self.is_attached()).finish()
+        f.debug_struct("ActiveVolume")
+            .field("cfg", &self.inner.cfg)
+            .field("attached", &self.is_attached())
+            .finish()
     }
 }
 
@@ -356,7 +398,10 @@ fn eio() -> io::Error {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl ActiveVolume {
@@ -405,7 +450,12 @@ impl ActiveVolume {
             *slot = Slot::Attached(att.clone());
         }
         tracing::info!(attach = att.id, mode = %inner.cfg.mode, "replication attached");
-        tokio::spawn(receiver(Arc::downgrade(inner), att.clone(), link.rx, link.closed));
+        tokio::spawn(receiver(
+            Arc::downgrade(inner),
+            att.clone(),
+            link.rx,
+            link.closed,
+        ));
         tokio::spawn(sweeper(Arc::downgrade(inner), att, inner.cfg.ack_timeout));
         Ok(())
     }
@@ -419,11 +469,18 @@ impl ActiveVolume {
             Slot::Detached(g) => Err(g.clone()),
         };
         let gate = match current {
-            Ok(att) => Some(self.inner.break_mirror(&att, format!("detached: {reason}"), false, false)),
+            Ok(att) => {
+                Some(
+                    self.inner
+                        .break_mirror(&att, format!("detached: {reason}"), false, false),
+                )
+            }
             Err(g) => g,
         };
         match gate {
-            Some(g) => wait_gate(g).await.map_err(|e| ReplicaError::BreakRecord(e.to_string())),
+            Some(g) => wait_gate(g)
+                .await
+                .map_err(|e| ReplicaError::BreakRecord(e.to_string())),
             None => Ok(()),
         }
     }
@@ -466,7 +523,10 @@ impl ActiveVolume {
                     drop(t);
                     drop(slot);
                     att.changed.notify_waiters();
-                    tracing::info!(attach = att.id, "replication released cleanly (peer holds every write)");
+                    tracing::info!(
+                        attach = att.id,
+                        "replication released cleanly (peer holds every write)"
+                    );
                     return Ok(true);
                 }
             }
@@ -474,8 +534,15 @@ impl ActiveVolume {
                 break;
             }
         }
-        let g = self.inner.break_mirror(&att, format!("release: requests still unacknowledged after {timeout:?}"), false, false);
-        wait_gate(g).await.map_err(|e| ReplicaError::BreakRecord(e.to_string()))?;
+        let g = self.inner.break_mirror(
+            &att,
+            format!("release: requests still unacknowledged after {timeout:?}"),
+            false,
+            false,
+        );
+        wait_gate(g)
+            .await
+            .map_err(|e| ReplicaError::BreakRecord(e.to_string()))?;
         Ok(false)
     }
 
@@ -504,7 +571,11 @@ impl ActiveVolume {
         let (u1, u2, oldest) = match &att {
             Some(a) => {
                 let t = lock(&a.table);
-                (t.unacked1, t.unacked2, t.writes.values().map(|p| p.start).min())
+                (
+                    t.unacked1,
+                    t.unacked2,
+                    t.writes.values().map(|p| p.start).min(),
+                )
             }
             None => ((0, 0), (0, 0), None),
         };
@@ -530,7 +601,11 @@ impl ActiveVolume {
         let p = self.inner.part.clone();
         tokio::task::spawn_blocking(move || p.flush_clears())
             .await
-            .unwrap_or_else(|e| Err(bitmap::MetaError::InvalidParams(format!("flush_clears panicked: {e}"))))
+            .unwrap_or_else(|e| {
+                Err(bitmap::MetaError::InvalidParams(format!(
+                    "flush_clears panicked: {e}"
+                )))
+            })
     }
 }
 
@@ -590,7 +665,13 @@ impl Inner {
 
     /// Breaks the mirror of `att` (idempotent: later calls return the first
     /// break's gate). See the module docs for the order of the steps.
-    fn break_mirror(self: &Arc<Self>, att: &Arc<Attachment>, reason: String, peer_disk_error: bool, emit: bool) -> Gate {
+    fn break_mirror(
+        self: &Arc<Self>,
+        att: &Arc<Attachment>,
+        reason: String,
+        peer_disk_error: bool,
+        emit: bool,
+    ) -> Gate {
         let gate = {
             let mut slot = lock(&self.slot);
             if let Some(g) = att.gate.get() {
@@ -611,7 +692,10 @@ impl Inner {
             t.unacked1 = (0, 0);
             t.unacked2 = (0, 0);
             t.reserved = 0;
-            (std::mem::take(&mut t.writes), std::mem::take(&mut t.flushes))
+            (
+                std::mem::take(&mut t.writes),
+                std::mem::take(&mut t.flushes),
+            )
         };
         for p in writes.into_values() {
             set_peer(&p.req, Peer::Lost, &self.part);
@@ -622,7 +706,10 @@ impl Inner {
         att.tx.close(&reason);
         att.changed.notify_waiters();
         if emit {
-            let _ = self.events.send(ReplicaEvent::MirrorBroken { reason, peer_disk_error });
+            let _ = self.events.send(ReplicaEvent::MirrorBroken {
+                reason,
+                peer_disk_error,
+            });
         }
         gate
     }
@@ -657,7 +744,11 @@ impl Inner {
                 let mut at = 0;
                 while at < data.len() {
                     let end = (at + MAX_DATA_LEN).min(data.len());
-                    let part = Op::Write { offset: offset + at as u64, data: data.slice(at..end), fua: *fua };
+                    let part = Op::Write {
+                        offset: offset + at as u64,
+                        data: data.slice(at..end),
+                        fua: *fua,
+                    };
                     self.clone().modify_one(part).await?;
                     at = end;
                 }
@@ -683,7 +774,13 @@ impl Inner {
     }
 
     /// Local-only completion: only after the break/divergence is recorded.
-    async fn local_only(&self, gate: Gate, op: Op, ticket: WriteTicket, guard: RangeGuard) -> io::Result<()> {
+    async fn local_only(
+        &self,
+        gate: Gate,
+        op: Op,
+        ticket: WriteTicket,
+        guard: RangeGuard,
+    ) -> io::Result<()> {
         if let Err(e) = wait_gate(gate).await {
             self.part.end_write(ticket, false);
             return Err(e);
@@ -695,7 +792,13 @@ impl Inner {
         res
     }
 
-    async fn replicate(self: &Arc<Self>, att: Arc<Attachment>, op: Op, ticket: WriteTicket, guard: RangeGuard) -> io::Result<()> {
+    async fn replicate(
+        self: &Arc<Self>,
+        att: Arc<Attachment>,
+        op: Op,
+        ticket: WriteTicket,
+        guard: RangeGuard,
+    ) -> io::Result<()> {
         let bytes = op.len();
         let mode = self.cfg.mode;
         if mode == Mode::Async {
@@ -741,7 +844,15 @@ impl Inner {
                     }
                     t.unacked1.0 += 1;
                     t.unacked1.1 += bytes;
-                    t.writes.insert(seq, Pending { req, bytes, start, acked1: false });
+                    t.writes.insert(
+                        seq,
+                        Pending {
+                            req,
+                            bytes,
+                            start,
+                            acked1: false,
+                        },
+                    );
                 }
                 op.message()
             })
@@ -760,7 +871,9 @@ impl Inner {
         if mode == Mode::Async {
             return Ok(());
         }
-        let outcome = match tokio::time::timeout_at((start + self.cfg.ack_timeout).into(), wrx).await {
+        let outcome = match tokio::time::timeout_at((start + self.cfg.ack_timeout).into(), wrx)
+            .await
+        {
             Ok(Ok(p)) => p,
             Ok(Err(_)) => Peer::Lost,
             Err(_) => {
@@ -776,7 +889,12 @@ impl Inner {
             other => {
                 // The break is already under way (installed before the outcome
                 // was published); this returns its gate.
-                let gate = self.break_mirror(&att, format!("request not replicated: {other:?}"), false, true);
+                let gate = self.break_mirror(
+                    &att,
+                    format!("request not replicated: {other:?}"),
+                    false,
+                    true,
+                );
                 wait_gate(gate).await?;
                 self.totals.local_only.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -808,10 +926,17 @@ impl Inner {
         };
         let (local_res, sent) = tokio::join!(self.local.flush(), att.tx.send_with(make));
         if sent.is_err() {
-            self.break_mirror(&att, "peer link closed while sending a flush".into(), false, true);
+            self.break_mirror(
+                &att,
+                "peer link closed while sending a flush".into(),
+                false,
+                true,
+            );
         }
         local_res?;
-        let outcome = match tokio::time::timeout_at((start + self.cfg.ack_timeout).into(), frx).await {
+        let outcome = match tokio::time::timeout_at((start + self.cfg.ack_timeout).into(), frx)
+            .await
+        {
             Ok(Ok(p)) => p,
             Ok(Err(_)) => Peer::Lost,
             Err(_) => {
@@ -823,12 +948,21 @@ impl Inner {
         if outcome == Peer::Durable {
             return Ok(());
         }
-        let gate = self.break_mirror(&att, format!("flush not replicated: {outcome:?}"), false, true);
+        let gate = self.break_mirror(
+            &att,
+            format!("flush not replicated: {outcome:?}"),
+            false,
+            true,
+        );
         wait_gate(gate).await
     }
 
     /// Handles one frame from the standby; `Err` = break the mirror.
-    fn on_frame(self: &Arc<Self>, att: &Arc<Attachment>, frame: Frame) -> Result<(), (String, bool)> {
+    fn on_frame(
+        self: &Arc<Self>,
+        att: &Arc<Attachment>,
+        frame: Frame,
+    ) -> Result<(), (String, bool)> {
         match frame.msg {
             Message::Ack1 { seq } => {
                 let mut t = lock(&att.table);
@@ -855,9 +989,17 @@ impl Inner {
                 att.changed.notify_waiters();
                 if status == 0 {
                     self.totals.replicated.fetch_add(1, Ordering::Relaxed);
-                    self.totals.replicated_bytes.fetch_add(p.bytes, Ordering::Relaxed);
+                    self.totals
+                        .replicated_bytes
+                        .fetch_add(p.bytes, Ordering::Relaxed);
                     set_peer(&p.req, Peer::Durable, &self.part);
-                    if self.totals.durable_since_clear.fetch_add(1, Ordering::Relaxed) + 1 >= CLEAR_BATCH {
+                    if self
+                        .totals
+                        .durable_since_clear
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1
+                        >= CLEAR_BATCH
+                    {
                         self.totals.durable_since_clear.store(0, Ordering::Relaxed);
                         self.clear_kick.notify_one();
                     }
@@ -871,28 +1013,47 @@ impl Inner {
             }
             Message::FlushAck { seq, status } => {
                 let Some((_, w)) = lock(&att.table).flushes.remove(&seq) else {
-                    return Err((format!("protocol error: FlushAck for unknown seq {seq}"), false));
+                    return Err((
+                        format!("protocol error: FlushAck for unknown seq {seq}"),
+                        false,
+                    ));
                 };
                 att.changed.notify_waiters();
                 if status == 0 {
                     let _ = w.send(Peer::Durable);
                 } else {
-                    let reason = format!("peer disk error: FlushAck for seq {seq} has status {status}");
+                    let reason =
+                        format!("peer disk error: FlushAck for seq {seq} has status {status}");
                     self.break_mirror(att, reason, true, true);
                     let _ = w.send(Peer::Failed(status));
                 }
                 Ok(())
             }
             Message::Ping { .. } | Message::Pong { .. } => Ok(()),
-            Message::Goodbye { reason } => Err((format!("peer closed the session: {reason:?}"), false)),
-            Message::Error { code, message } => Err((format!("peer reported error {code}: {message}"), false)),
-            other => Err((format!("protocol error: unexpected {:?} frame on the active side", other.kind()), false)),
+            Message::Goodbye { reason } => {
+                Err((format!("peer closed the session: {reason:?}"), false))
+            }
+            Message::Error { code, message } => {
+                Err((format!("peer reported error {code}: {message}"), false))
+            }
+            other => Err((
+                format!(
+                    "protocol error: unexpected {:?} frame on the active side",
+                    other.kind()
+                ),
+                false,
+            )),
         }
     }
 }
 
 /// Consumes the standby's frames of one attachment; any end breaks the mirror.
-async fn receiver(weak: Weak<Inner>, att: Arc<Attachment>, mut rx: mpsc::Receiver<Frame>, closed: Arc<dyn CloseSignal>) {
+async fn receiver(
+    weak: Weak<Inner>,
+    att: Arc<Attachment>,
+    mut rx: mpsc::Receiver<Frame>,
+    closed: Arc<dyn CloseSignal>,
+) {
     let mut closed_wait = closed.wait();
     let (reason, disk) = loop {
         let stop = att.changed.notified();
@@ -908,7 +1069,13 @@ async fn receiver(weak: Weak<Inner>, att: Arc<Attachment>, mut rx: mpsc::Receive
             _ = stop => continue,
         };
         let Some(frame) = frame else {
-            break (format!("peer link closed: {}", closed.reason().unwrap_or_else(|| "receiver ended".into())), false);
+            break (
+                format!(
+                    "peer link closed: {}",
+                    closed.reason().unwrap_or_else(|| "receiver ended".into())
+                ),
+                false,
+            );
         };
         if att.ended() {
             return;
@@ -937,7 +1104,9 @@ async fn sweeper(weak: Weak<Inner>, att: Arc<Attachment>, ack_timeout: Duration)
         let oldest = lock(&att.table).oldest();
         if let Some(age) = oldest.map(|s| s.elapsed()) {
             if age >= ack_timeout {
-                let reason = format!("ack timeout: a request has waited {age:?} for its ack (limit {ack_timeout:?})");
+                let reason = format!(
+                    "ack timeout: a request has waited {age:?} for its ack (limit {ack_timeout:?})"
+                );
                 inner.break_mirror(&att, reason, false, true);
                 return;
             }
@@ -948,7 +1117,9 @@ async fn sweeper(weak: Weak<Inner>, att: Arc<Attachment>, ack_timeout: Duration)
 /// Lazy, batched bitmap clearing (property 2: clearing late is always safe).
 async fn clearer(weak: Weak<Inner>) {
     loop {
-        let Some(kick) = weak.upgrade().map(|i| i.clear_kick.clone()) else { return };
+        let Some(kick) = weak.upgrade().map(|i| i.clear_kick.clone()) else {
+            return;
+        };
         tokio::select! {
             _ = tokio::time::sleep(CLEAR_INTERVAL) => {}
             _ = kick.notified() => {}
@@ -977,7 +1148,11 @@ impl BlockEngine for ActiveVolume {
     }
 
     fn describe(&self) -> String {
-        format!("replicated ({}) over {}", self.inner.cfg.mode, self.inner.local.describe())
+        format!(
+            "replicated ({}) over {}",
+            self.inner.cfg.mode,
+            self.inner.local.describe()
+        )
     }
 
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>> {
@@ -1000,6 +1175,11 @@ impl BlockEngine for ActiveVolume {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> EngineFuture<()> {
-        Box::pin(self.inner.clone().modify(Op::Zeroes { offset, len, may_trim, fua }))
+        Box::pin(self.inner.clone().modify(Op::Zeroes {
+            offset,
+            len,
+            may_trim,
+            fua,
+        }))
     }
 }

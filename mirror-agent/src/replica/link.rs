@@ -57,7 +57,9 @@ pub struct ReplicaLink {
 
 impl std::fmt::Debug for ReplicaLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplicaLink").field("closed", &self.closed.reason()).finish_non_exhaustive()
+        f.debug_struct("ReplicaLink")
+            .field("closed", &self.closed.reason())
+            .finish_non_exhaustive()
     }
 }
 
@@ -147,9 +149,14 @@ pub fn memory_pair() -> (ReplicaLink, ReplicaLink) {
     let (a_out, b_in) = mpsc::channel(MEMORY_QUEUE_FRAMES);
     let (b_out, a_in) = mpsc::channel(MEMORY_QUEUE_FRAMES);
     let end = |out, rx| ReplicaLink {
-        tx: Arc::new(Arc::new(MemTx { next: tokio::sync::Mutex::new((1, out)), close: close.clone() })),
+        tx: Arc::new(Arc::new(MemTx {
+            next: tokio::sync::Mutex::new((1, out)),
+            close: close.clone(),
+        })),
         rx,
-        closed: Arc::new(MemCloseSignal { close: close.clone() }),
+        closed: Arc::new(MemCloseSignal {
+            close: close.clone(),
+        }),
     };
     (end(a_out, a_in), end(b_out, b_in))
 }
@@ -169,7 +176,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl FrameTx for crate::peer::SessionSender {
     fn send_with(&self, make: MakeMessage) -> BoxFuture<Result<u64, LinkClosed>> {
         let s = self.clone();
-        Box::pin(async move { crate::peer::SessionSender::send_with(&s, make).await.map_err(|_| LinkClosed) })
+        Box::pin(async move {
+            crate::peer::SessionSender::send_with(&s, make)
+                .await
+                .map_err(|_| LinkClosed)
+        })
     }
 
     fn close(&self, reason: &str) {
@@ -192,7 +203,11 @@ impl From<crate::peer::Session> for ReplicaLink {
     /// The data path's view of an authenticated session (the peer's Hello and
     /// address stay with the caller, who read them before).
     fn from(s: crate::peer::Session) -> ReplicaLink {
-        ReplicaLink { tx: Arc::new(s.tx), rx: s.rx, closed: Arc::new(s.closed) }
+        ReplicaLink {
+            tx: Arc::new(s.tx),
+            rx: s.rx,
+            closed: Arc::new(s.closed),
+        }
     }
 }
 
@@ -203,10 +218,16 @@ mod tests {
     #[tokio::test]
     async fn memory_pair_orders_seqs_and_propagates_close() {
         let (a, mut b) = memory_pair();
-        let s1 = a.tx.send_with(Box::new(|seq| Message::Ack1 { seq })).await.unwrap();
+        let s1 =
+            a.tx.send_with(Box::new(|seq| Message::Ack1 { seq }))
+                .await
+                .unwrap();
         let s2 = send(&a.tx, Message::Flush).await.unwrap();
         assert_eq!((s1, s2), (2, 3));
-        assert_eq!(b.rx.recv().await.unwrap(), Frame::new(2, Message::Ack1 { seq: 2 }));
+        assert_eq!(
+            b.rx.recv().await.unwrap(),
+            Frame::new(2, Message::Ack1 { seq: 2 })
+        );
         assert_eq!(b.rx.recv().await.unwrap().seq, 3);
         assert!(a.closed.reason().is_none());
         b.tx.close("bye");

@@ -30,7 +30,9 @@ pub mod testing;
 
 pub use active::{ActiveConfig, ActiveVolume, RpoSnapshot};
 pub use link::{memory_pair, CloseSignal, FrameTx, LinkClosed, ReplicaLink};
-pub use standby::{run_standby, run_standby_with, DiskError, Durability, StandbyEnd, StandbyOptions};
+pub use standby::{
+    run_standby, run_standby_with, DiskError, Durability, StandbyEnd, StandbyOptions,
+};
 
 /// What the active side reports to its owner (the resource).
 #[derive(Debug, Clone, PartialEq, Eq)]

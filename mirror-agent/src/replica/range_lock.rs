@@ -67,9 +67,21 @@ impl RangeLock {
         st.next_id += 1;
         let id = st.next_id;
         if len > 0 {
-            st.held.push(Held { id, start: offset, end, released: rx });
+            st.held.push(Held {
+                id,
+                start: offset,
+                end,
+                released: rx,
+            });
         }
-        PendingRange { waits, guard: RangeGuard { state: self.state.clone(), id, _release: tx } }
+        PendingRange {
+            waits,
+            guard: RangeGuard {
+                state: self.state.clone(),
+                id,
+                _release: tx,
+            },
+        }
     }
 
     /// Number of registered ranges (held or waiting).

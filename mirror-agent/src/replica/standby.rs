@@ -85,7 +85,10 @@ pub struct StandbyOptions {
 
 impl Default for StandbyOptions {
     fn default() -> Self {
-        StandbyOptions { durability: Durability::default(), max_inflight_bytes: 64 << 20 }
+        StandbyOptions {
+            durability: Durability::default(),
+            max_inflight_bytes: 64 << 20,
+        }
     }
 }
 
@@ -121,9 +124,22 @@ pub struct StandbyEnd {
 /// A Write/Trim/WriteZeroes as applied on the standby.
 #[derive(Debug, Clone)]
 enum Apply {
-    Write { offset: u64, data: Bytes, fua: bool },
-    Trim { offset: u64, len: u64, fua: bool },
-    Zeroes { offset: u64, len: u64, no_hole: bool, fua: bool },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Zeroes {
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    },
 }
 
 impl Apply {
@@ -145,15 +161,28 @@ impl Apply {
     /// Runs it; with `fua`, durable on return.
     async fn run(&self, e: &dyn BlockEngine, fua: bool) -> io::Result<()> {
         match self.clone() {
-            Apply::Write { offset, data, fua: f } => e.write(offset, data, fua || f).await,
-            Apply::Trim { offset, len, fua: f } => {
+            Apply::Write {
+                offset,
+                data,
+                fua: f,
+            } => e.write(offset, data, fua || f).await,
+            Apply::Trim {
+                offset,
+                len,
+                fua: f,
+            } => {
                 e.discard(offset, len).await?;
                 if fua || f {
                     e.flush().await?;
                 }
                 Ok(())
             }
-            Apply::Zeroes { offset, len, no_hole, fua: f } => e.write_zeroes(offset, len, !no_hole, fua || f).await,
+            Apply::Zeroes {
+                offset,
+                len,
+                no_hole,
+                fua: f,
+            } => e.write_zeroes(offset, len, !no_hole, fua || f).await,
         }
     }
 }
@@ -180,7 +209,12 @@ impl Shared {
     fn record_error(&self, op: &'static str, offset: u64, len: u64, e: &io::Error) -> i32 {
         let errno = e.raw_os_error().unwrap_or(libc::EIO);
         tracing::error!(op, offset, len, errno, error = %e, "standby disk error");
-        lock(&self.disk_error).get_or_insert(DiskError { op, offset, len, errno });
+        lock(&self.disk_error).get_or_insert(DiskError {
+            op,
+            offset,
+            len,
+            errno,
+        });
         errno
     }
 
@@ -204,7 +238,10 @@ impl Shared {
 }
 
 /// [`run_standby_with`] with default options (group commit).
-pub async fn run_standby(local: Arc<dyn BlockEngine>, link: ReplicaLink) -> Result<StandbyEnd, ReplicaError> {
+pub async fn run_standby(
+    local: Arc<dyn BlockEngine>,
+    link: ReplicaLink,
+) -> Result<StandbyEnd, ReplicaError> {
     run_standby_with(local, link, StandbyOptions::default()).await
 }
 
@@ -217,7 +254,10 @@ pub async fn run_standby_with(
     opts: StandbyOptions,
 ) -> Result<StandbyEnd, ReplicaError> {
     let ReplicaLink { tx, mut rx, closed } = link;
-    let budget_bytes = opts.max_inflight_bytes.max(MAX_DATA_LEN).min(u32::MAX as usize);
+    let budget_bytes = opts
+        .max_inflight_bytes
+        .max(MAX_DATA_LEN)
+        .min(u32::MAX as usize);
     let budget = Arc::new(Semaphore::new(budget_bytes));
     let shared = Arc::new(Shared {
         local,
@@ -251,10 +291,26 @@ pub async fn run_standby_with(
         let seq = frame.seq;
         let op = match frame.msg {
             Message::Write { offset, fua, data } => Apply::Write { offset, data, fua },
-            Message::Trim { offset, length, fua } => Apply::Trim { offset, len: length, fua },
-            Message::WriteZeroes { offset, length, fua, no_hole } => {
-                Apply::Zeroes { offset, len: length, no_hole, fua }
-            }
+            Message::Trim {
+                offset,
+                length,
+                fua,
+            } => Apply::Trim {
+                offset,
+                len: length,
+                fua,
+            },
+            Message::WriteZeroes {
+                offset,
+                length,
+                fua,
+                no_hole,
+            } => Apply::Zeroes {
+                offset,
+                len: length,
+                no_hole,
+                fua,
+            },
             Message::Flush => {
                 lock(&shared.outstanding).insert(seq);
                 let (sh, ctx) = (shared.clone(), commit_tx.clone());
@@ -279,7 +335,9 @@ pub async fn run_standby_with(
             }
             Message::Ping { .. } | Message::Pong { .. } => continue,
             Message::Goodbye { reason } => break Ok(format!("peer said goodbye: {reason:?}")),
-            Message::Error { code, message } => break Ok(format!("peer reported error {code}: {message}")),
+            Message::Error { code, message } => {
+                break Ok(format!("peer reported error {code}: {message}"))
+            }
             other => {
                 break Err(ReplicaError::Protocol(format!(
                     "unexpected {:?} frame (seq {seq}) on the standby data path",
@@ -289,8 +347,24 @@ pub async fn run_standby_with(
         };
         let (offset, len) = op.range();
         if !matches!(offset.checked_add(len), Some(end) if end <= size) {
-            tracing::warn!(seq, op = op.name(), offset, len, volume_size = size, "request outside the volume refused");
-            if send(&shared.tx, Message::Ack2 { seq, status: -libc::EINVAL }).await.is_err() {
+            tracing::warn!(
+                seq,
+                op = op.name(),
+                offset,
+                len,
+                volume_size = size,
+                "request outside the volume refused"
+            );
+            if send(
+                &shared.tx,
+                Message::Ack2 {
+                    seq,
+                    status: -libc::EINVAL,
+                },
+            )
+            .await
+            .is_err()
+            {
                 break Ok(closed.reason().unwrap_or_else(|| "peer link closed".into()));
             }
             continue;
@@ -308,7 +382,14 @@ pub async fn run_standby_with(
         lock(&shared.outstanding).insert(seq);
         // Ack1 is queued before the apply task exists, so it always precedes the Ack2.
         let sent = send(&shared.tx, Message::Ack1 { seq }).await;
-        tasks.spawn(apply(shared.clone(), seq, op, pending, permit, commit_tx.clone()));
+        tasks.spawn(apply(
+            shared.clone(),
+            seq,
+            op,
+            pending,
+            permit,
+            commit_tx.clone(),
+        ));
         if sent.is_err() {
             break Ok(closed.reason().unwrap_or_else(|| "peer link closed".into()));
         }
@@ -360,7 +441,14 @@ async fn apply(
         }
         Err(e) => {
             let errno = sh.record_error(op.name(), offset, len, &e);
-            let _ = send(&sh.tx, Message::Ack2 { seq, status: -errno }).await;
+            let _ = send(
+                &sh.tx,
+                Message::Ack2 {
+                    seq,
+                    status: -errno,
+                },
+            )
+            .await;
         }
     }
     sh.done(seq);

@@ -33,7 +33,10 @@ pub struct GatedEngine {
 
 impl std::fmt::Debug for GatedEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GatedEngine").field("held", &self.held()).field("applied", &self.applied()).finish()
+        f.debug_struct("GatedEngine")
+            .field("held", &self.held())
+            .field("applied", &self.applied())
+            .finish()
     }
 }
 
@@ -89,7 +92,10 @@ impl GatedEngine {
         self.sh.flushed.load(Ordering::SeqCst)
     }
 
-    fn modify(&self, op: impl FnOnce(&dyn BlockEngine) -> EngineFuture<()> + Send + 'static) -> EngineFuture<()> {
+    fn modify(
+        &self,
+        op: impl FnOnce(&dyn BlockEngine) -> EngineFuture<()> + Send + 'static,
+    ) -> EngineFuture<()> {
         let sh = self.sh.clone();
         Box::pin(async move {
             pass(&sh, &sh.writes_open).await;

@@ -83,7 +83,10 @@ impl WriteGate {
         if len == 0 || !self.tracking.load(Ordering::SeqCst) {
             return;
         }
-        let (a, b) = (offset / self.region_size, (offset + len - 1) / self.region_size);
+        let (a, b) = (
+            offset / self.region_size,
+            (offset + len - 1) / self.region_size,
+        );
         self.set().extend(a..=b);
     }
 }
@@ -96,7 +99,9 @@ pub struct GatedVolume {
 
 impl std::fmt::Debug for GatedVolume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GatedVolume").field("inner", &self.inner.describe()).finish_non_exhaustive()
+        f.debug_struct("GatedVolume")
+            .field("inner", &self.inner.describe())
+            .finish_non_exhaustive()
     }
 }
 
@@ -146,6 +151,8 @@ impl BlockEngine for GatedVolume {
         self.modify(offset, len, move |e| e.discard(offset, len))
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> EngineFuture<()> {
-        self.modify(offset, len, move |e| e.write_zeroes(offset, len, may_trim, fua))
+        self.modify(offset, len, move |e| {
+            e.write_zeroes(offset, len, may_trim, fua)
+        })
     }
 }

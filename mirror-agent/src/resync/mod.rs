@@ -145,14 +145,28 @@ pub struct Progress {
 impl Progress {
     /// New progress record.
     pub fn new(role: Role, direction: String, kind: ResyncKind, rule: String) -> Progress {
-        Progress { role, direction, kind, rule, total_bytes: 0, done_bytes: 0, started: Instant::now(), finished: false, error: None }
+        Progress {
+            role,
+            direction,
+            kind,
+            rule,
+            total_bytes: 0,
+            done_bytes: 0,
+            started: Instant::now(),
+            finished: false,
+            error: None,
+        }
     }
 
     /// Status snapshot.
     pub fn status(&self) -> crate::status::RecoveryStatus {
         let elapsed = self.started.elapsed().as_secs();
         let percent = if self.finished || self.total_bytes == 0 {
-            if self.finished { 100.0 } else { 0.0 }
+            if self.finished {
+                100.0
+            } else {
+                0.0
+            }
         } else {
             (self.done_bytes as f64 * 100.0 / self.total_bytes as f64).min(100.0)
         };
@@ -231,15 +245,25 @@ pub struct TargetSpec {
 pub type Inbox = mpsc::Receiver<Frame>;
 
 async fn send(tx: &SessionSender, msg: Message) -> Result<u64, ResyncError> {
-    tx.send(msg).await.map_err(|e| ResyncError::LinkLost(format!("{e:?}")))
+    tx.send(msg)
+        .await
+        .map_err(|e| ResyncError::LinkLost(format!("{e:?}")))
 }
 
 async fn send_control(tx: &SessionSender, msg: ControlMsg) -> Result<u64, ResyncError> {
-    send(tx, Message::Control { json: msg.to_json() }).await
+    send(
+        tx,
+        Message::Control {
+            json: msg.to_json(),
+        },
+    )
+    .await
 }
 
 async fn recv(rx: &mut Inbox) -> Result<Frame, ResyncError> {
-    rx.recv().await.ok_or_else(|| ResyncError::LinkLost("session ended".into()))
+    rx.recv()
+        .await
+        .ok_or_else(|| ResyncError::LinkLost("session ended".into()))
 }
 
 /// A control message from a frame (the dispatcher only routes resync ones here).
@@ -278,13 +302,22 @@ pub fn bitmap_chunks(bits: &DirtyBits, region_size: u64) -> Vec<BitmapChunk> {
 }
 
 /// Receives a whole bitmap transfer (checking geometry) into `bits`.
-async fn recv_bitmap(rx: &mut Inbox, bits: &mut DirtyBits, region_size: u64) -> Result<(), ResyncError> {
+async fn recv_bitmap(
+    rx: &mut Inbox,
+    bits: &mut DirtyBits,
+    region_size: u64,
+) -> Result<(), ResyncError> {
     let first = recv(rx).await?;
     recv_bitmap_from(first, rx, bits, region_size).await
 }
 
 /// [`recv_bitmap`] whose first frame was already received.
-async fn recv_bitmap_from(first: Frame, rx: &mut Inbox, bits: &mut DirtyBits, region_size: u64) -> Result<(), ResyncError> {
+async fn recv_bitmap_from(
+    first: Frame,
+    rx: &mut Inbox,
+    bits: &mut DirtyBits,
+    region_size: u64,
+) -> Result<(), ResyncError> {
     let mut seen = BTreeSet::new();
     let mut next = Some(first);
     loop {
@@ -293,10 +326,16 @@ async fn recv_bitmap_from(first: Frame, rx: &mut Inbox, bits: &mut DirtyBits, re
             None => recv(rx).await?,
         };
         let Message::BitmapChunk(c) = f.msg else {
-            return Err(ResyncError::Protocol(format!("expected a BitmapChunk, got {:?}", f.msg.kind())));
+            return Err(ResyncError::Protocol(format!(
+                "expected a BitmapChunk, got {:?}",
+                f.msg.kind()
+            )));
         };
         if c.region_size as u64 != region_size {
-            return Err(ResyncError::Protocol(format!("bitmap region size {} (expected {region_size})", c.region_size)));
+            return Err(ResyncError::Protocol(format!(
+                "bitmap region size {} (expected {region_size})",
+                c.region_size
+            )));
         }
         let end = c.first_region.saturating_add(c.region_count as u64);
         if end > bits.len() || c.bits.len() as u64 != (c.region_count as u64).div_ceil(8) {
@@ -320,17 +359,27 @@ async fn recv_bitmap_from(first: Frame, rx: &mut Inbox, bits: &mut DirtyBits, re
     }
 }
 
-async fn send_bitmap(tx: &SessionSender, bits: &DirtyBits, region_size: u64) -> Result<(), ResyncError> {
+async fn send_bitmap(
+    tx: &SessionSender,
+    bits: &DirtyBits,
+    region_size: u64,
+) -> Result<(), ResyncError> {
     for c in bitmap_chunks(bits, region_size) {
         send(tx, Message::BitmapChunk(c)).await?;
     }
     Ok(())
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, bitmap::MetaError> + Send + 'static) -> Result<T, ResyncError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, bitmap::MetaError> + Send + 'static,
+) -> Result<T, ResyncError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ResyncError::Meta(bitmap::MetaError::Poisoned { cause: format!("metadata task failed: {e}") }))?
+        .map_err(|e| {
+            ResyncError::Meta(bitmap::MetaError::Poisoned {
+                cause: format!("metadata task failed: {e}"),
+            })
+        })?
         .map_err(ResyncError::Meta)
 }
 
@@ -348,7 +397,12 @@ pub struct SourceDone {
 
 /// Run a resync as the source on one session. `rx` receives the frames the
 /// dispatcher routes to the resync (Ack2, BitmapChunk, resync control).
-pub async fn run_source(spec: SourceSpec, tx: SessionSender, mut rx: Inbox, progress: ProgressHandle) -> Result<SourceDone, ResyncError> {
+pub async fn run_source(
+    spec: SourceSpec,
+    tx: SessionSender,
+    mut rx: Inbox,
+    progress: ProgressHandle,
+) -> Result<SourceDone, ResyncError> {
     let part = spec.part.clone();
     let rs = part.region_size();
     let n = part.region_count();
@@ -361,7 +415,16 @@ pub async fn run_source(spec: SourceSpec, tx: SessionSender, mut rx: Inbox, prog
     // Track rewrites from now on: a region written after this point is copied (again).
     spec.gate.start_tracking();
     let full = spec.kind == ResyncKind::Full;
-    send_control(&tx, ControlMsg::ResyncBegin { full, save: spec.save, forced: spec.forced, rule: spec.rule.clone() }).await?;
+    send_control(
+        &tx,
+        ControlMsg::ResyncBegin {
+            full,
+            save: spec.save,
+            forced: spec.forced,
+            rule: spec.rule.clone(),
+        },
+    )
+    .await?;
     if !full {
         send_bitmap(&tx, &part.snapshot(), rs).await?;
     }
@@ -378,9 +441,16 @@ pub async fn run_source(spec: SourceSpec, tx: SessionSender, mut rx: Inbox, prog
         Some(ControlMsg::ResyncReady { ok: true, .. }) => {}
         Some(ControlMsg::ResyncReady { ok: false, reason }) => {
             spec.gate.stop_tracking();
-            return Err(ResyncError::Refused { node: spec.peer.clone(), reason: reason.unwrap_or_default() });
+            return Err(ResyncError::Refused {
+                node: spec.peer.clone(),
+                reason: reason.unwrap_or_default(),
+            });
         }
-        other => return Err(ResyncError::Protocol(format!("expected ResyncReady, got {other:?}"))),
+        other => {
+            return Err(ResyncError::Protocol(format!(
+                "expected ResyncReady, got {other:?}"
+            )))
+        }
     }
     if full {
         copy.set_range(0..n);
@@ -432,14 +502,21 @@ pub async fn run_source(spec: SourceSpec, tx: SessionSender, mut rx: Inbox, prog
     // Source end first, then tell the target (§4 ordering).
     let source_current = blocking({
         let p = part.clone();
-        move || p.update_superblock(gens::resync_finished_source).map(|sb| sb.state.gens.current)
+        move || {
+            p.update_superblock(gens::resync_finished_source)
+                .map(|sb| sb.state.gens.current)
+        }
     })
     .await?;
     send_control(&tx, ControlMsg::ResyncFinished { source_current }).await?;
     loop {
         match control_of(&recv(&mut rx).await?) {
             Some(ControlMsg::ResyncComplete {}) => break,
-            Some(other) => return Err(ResyncError::Protocol(format!("expected ResyncComplete, got {other:?}"))),
+            Some(other) => {
+                return Err(ResyncError::Protocol(format!(
+                    "expected ResyncComplete, got {other:?}"
+                )))
+            }
             None => continue,
         }
     }
@@ -457,7 +534,11 @@ pub async fn run_source(spec: SourceSpec, tx: SessionSender, mut rx: Inbox, prog
         p.done_bytes = p.total_bytes;
     }
     tracing::info!(regions = copier.regions, bytes = copier.bytes, elapsed = ?copier.started.elapsed(), "resync source: finished");
-    Ok(SourceDone { hold, regions: copier.regions, bytes: copier.bytes })
+    Ok(SourceDone {
+        hold,
+        regions: copier.regions,
+        bytes: copier.bytes,
+    })
 }
 
 fn region_len(part: &ClusterPartition, r: u64) -> u64 {
@@ -482,7 +563,13 @@ struct Copier<'a> {
 const CLEAR_BATCH: usize = 16;
 
 impl Copier<'_> {
-    async fn copy_region(&mut self, r: u64, rx: &mut Inbox, progress: &ProgressHandle, held: bool) -> Result<(), ResyncError> {
+    async fn copy_region(
+        &mut self,
+        r: u64,
+        rx: &mut Inbox,
+        progress: &ProgressHandle,
+        held: bool,
+    ) -> Result<(), ResyncError> {
         self.drain(rx, progress, WINDOW - 1).await?;
         if self.acked.len() >= CLEAR_BATCH {
             self.clear_acked(held).await?;
@@ -491,13 +578,27 @@ impl Copier<'_> {
         // Read under the gate (unless the caller holds it): no application
         // write to the volume is in flight while the region is read, and the
         // rewrite mark is taken at the same instant.
-        let guard = if held { None } else { Some(self.spec.gate.exclusive().await) };
+        let guard = if held {
+            None
+        } else {
+            Some(self.spec.gate.exclusive().await)
+        };
         self.spec.gate.forget(r);
         let mut pieces = Vec::new();
         let mut off = range.start;
         while off < range.end {
             let len = (range.end - off).min(MAX_PIECE);
-            let data = self.spec.engine.read(off, len as usize).await.map_err(|source| ResyncError::Io { op: "read", offset: off, len, source })?;
+            let data = self
+                .spec
+                .engine
+                .read(off, len as usize)
+                .await
+                .map_err(|source| ResyncError::Io {
+                    op: "read",
+                    offset: off,
+                    len,
+                    source,
+                })?;
             pieces.push((off, Bytes::from(data)));
             off += len;
         }
@@ -524,9 +625,16 @@ impl Copier<'_> {
         if self.acked.is_empty() {
             return Ok(());
         }
-        let guard = if held { None } else { Some(self.spec.gate.exclusive().await) };
+        let guard = if held {
+            None
+        } else {
+            Some(self.spec.gate.exclusive().await)
+        };
         let gate = &self.spec.gate;
-        let regions: Vec<u64> = std::mem::take(&mut self.acked).into_iter().filter(|&r| !gate.is_rewritten(r)).collect();
+        let regions: Vec<u64> = std::mem::take(&mut self.acked)
+            .into_iter()
+            .filter(|&r| !gate.is_rewritten(r))
+            .collect();
         let part = self.spec.part.clone();
         let r = blocking(move || part.clear_regions(regions).map(|_| ())).await;
         drop(guard);
@@ -543,13 +651,20 @@ impl Copier<'_> {
     }
 
     /// Wait for Ack2s until at most `keep` copies are in flight.
-    async fn drain(&mut self, rx: &mut Inbox, progress: &ProgressHandle, keep: usize) -> Result<(), ResyncError> {
+    async fn drain(
+        &mut self,
+        rx: &mut Inbox,
+        progress: &ProgressHandle,
+        keep: usize,
+    ) -> Result<(), ResyncError> {
         while self.inflight.len() > keep {
             let f = recv(rx).await?;
             match f.msg {
                 Message::Ack2 { seq, status } => {
                     let Some((r, len)) = self.inflight.remove(&seq) else {
-                        return Err(ResyncError::Protocol(format!("Ack2 for unknown resync seq {seq}")));
+                        return Err(ResyncError::Protocol(format!(
+                            "Ack2 for unknown resync seq {seq}"
+                        )));
                     };
                     if status != 0 {
                         return Err(ResyncError::Protocol(format!(
@@ -566,7 +681,12 @@ impl Copier<'_> {
                     }
                 }
                 Message::Ack1 { .. } => {}
-                other => return Err(ResyncError::Protocol(format!("unexpected {:?} during the resync", other.kind()))),
+                other => {
+                    return Err(ResyncError::Protocol(format!(
+                        "unexpected {:?} during the resync",
+                        other.kind()
+                    )))
+                }
             }
         }
         Ok(())
@@ -575,19 +695,31 @@ impl Copier<'_> {
 
 impl std::fmt::Debug for SourceSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SourceSpec").field("kind", &self.kind).field("save", &self.save).field("rule", &self.rule).field("peer", &self.peer).finish_non_exhaustive()
+        f.debug_struct("SourceSpec")
+            .field("kind", &self.kind)
+            .field("save", &self.save)
+            .field("rule", &self.rule)
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
     }
 }
 
 impl std::fmt::Debug for TargetSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TargetSpec").field("resource", &self.resource).field("node", &self.node).field("save_dir", &self.save_dir).finish_non_exhaustive()
+        f.debug_struct("TargetSpec")
+            .field("resource", &self.resource)
+            .field("node", &self.node)
+            .field("save_dir", &self.save_dir)
+            .finish_non_exhaustive()
     }
 }
 
 impl std::fmt::Debug for SourceDone {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SourceDone").field("regions", &self.regions).field("bytes", &self.bytes).finish_non_exhaustive()
+        f.debug_struct("SourceDone")
+            .field("regions", &self.regions)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
     }
 }
 
@@ -595,10 +727,16 @@ impl std::fmt::Debug for SourceDone {
 fn target_unfit(spec: &TargetSpec) -> Option<String> {
     let (have, need) = (spec.engine.size(), spec.part.volume_size());
     if have < need {
-        return Some(format!("the data partition of {} holds {have} bytes, the volume needs {need}", spec.node));
+        return Some(format!(
+            "the data partition of {} holds {have} bytes, the volume needs {need}",
+            spec.node
+        ));
     }
     if let Some(why) = spec.part.poisoned() {
-        return Some(format!("the cluster partition of {} failed earlier ({why}): it cannot record the resync", spec.node));
+        return Some(format!(
+            "the cluster partition of {} failed earlier ({why}): it cannot record the resync",
+            spec.node
+        ));
     }
     None
 }
@@ -631,8 +769,18 @@ pub async fn run_target(
     // 0. Up front: the data partition must hold the whole volume and the
     // metadata must be writable, or nothing starts (exact cause to the source).
     if let Some(why) = target_unfit(&spec) {
-        send_control(&tx, ControlMsg::ResyncReady { ok: false, reason: Some(why.clone()) }).await?;
-        return Err(ResyncError::Refused { node: spec.node.clone(), reason: why });
+        send_control(
+            &tx,
+            ControlMsg::ResyncReady {
+                ok: false,
+                reason: Some(why.clone()),
+            },
+        )
+        .await?;
+        return Err(ResyncError::Refused {
+            node: spec.node.clone(),
+            reason: why,
+        });
     }
     // 1. bitmap := bitmap ∪ source's (or all), durable.
     if full {
@@ -655,11 +803,27 @@ pub async fn run_target(
     let mut saved = None;
     if save {
         let regions: Vec<u64> = copy.iter_ones().collect();
-        match save::save_regions(&spec.engine, &part, &spec.save_dir, &spec.resource, &spec.node, &regions).await {
+        match save::save_regions(
+            &spec.engine,
+            &part,
+            &spec.save_dir,
+            &spec.resource,
+            &spec.node,
+            &regions,
+        )
+        .await
+        {
             Ok(path) => saved = Some(path),
             Err(why) => {
                 send_bitmap(&tx, &DirtyBits::new(n), rs).await?;
-                send_control(&tx, ControlMsg::ResyncReady { ok: false, reason: Some(why.clone()) }).await?;
+                send_control(
+                    &tx,
+                    ControlMsg::ResyncReady {
+                        ok: false,
+                        reason: Some(why.clone()),
+                    },
+                )
+                .await?;
                 return Err(ResyncError::Save(why));
             }
         }
@@ -672,16 +836,29 @@ pub async fn run_target(
     .await?;
     lock(&progress).total_bytes = copy.iter_ones().map(|r| region_len(&part, r)).sum();
     send_bitmap(&tx, &copy, rs).await?;
-    send_control(&tx, ControlMsg::ResyncReady { ok: true, reason: None }).await?;
+    send_control(
+        &tx,
+        ControlMsg::ResyncReady {
+            ok: true,
+            reason: None,
+        },
+    )
+    .await?;
     let (mut regions, mut bytes) = (0u64, 0u64);
     let size = part.volume_size();
     loop {
         let f = recv(&mut rx).await?;
         match &f.msg {
-            Message::ResyncData { offset, checksum, data } => {
+            Message::ResyncData {
+                offset,
+                checksum,
+                data,
+            } => {
                 let (off, len) = (*offset, data.len() as u64);
                 if off.checked_add(len).is_none_or(|e| e > size) {
-                    return Err(ResyncError::Protocol(format!("ResyncData at {off} (+{len}) beyond the volume ({size} bytes)")));
+                    return Err(ResyncError::Protocol(format!(
+                        "ResyncData at {off} (+{len}) beyond the volume ({size} bytes)"
+                    )));
                 }
                 if crc32fast::hash(data) != *checksum {
                     return Err(ResyncError::Protocol(format!(
@@ -742,11 +919,24 @@ pub async fn run_target(
                         p.finished = true;
                         p.done_bytes = p.total_bytes;
                     }
-                    return Ok(TargetDone { regions, bytes, saved });
+                    return Ok(TargetDone {
+                        regions,
+                        bytes,
+                        saved,
+                    });
                 }
-                other => return Err(ResyncError::Protocol(format!("unexpected control message during the resync: {other:?}"))),
+                other => {
+                    return Err(ResyncError::Protocol(format!(
+                        "unexpected control message during the resync: {other:?}"
+                    )))
+                }
             },
-            other => return Err(ResyncError::Protocol(format!("unexpected {:?} during the resync", other.kind()))),
+            other => {
+                return Err(ResyncError::Protocol(format!(
+                    "unexpected {:?} during the resync",
+                    other.kind()
+                )))
+            }
         }
     }
 }

@@ -65,7 +65,9 @@ pub const ESHUTDOWN: u32 = 108;
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
 pub async fn within<T>(f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, f).await.expect("test step timed out")
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .expect("test step timed out")
 }
 
 /// `MIRROR_NBD_TEST_ENGINE=portable` (or `uring`) runs the suites on that
@@ -82,7 +84,10 @@ pub fn make_engine(size: u64) -> TestEngine {
             let path = dir.path().join("data.img");
             mirror_agent::engine::create_data_file(&path, size).unwrap();
             let e = mirror_agent::engine::PortableEngine::open(&path, 32).unwrap();
-            TestEngine { engine: Arc::new(e), _dir: Some(dir) }
+            TestEngine {
+                engine: Arc::new(e),
+                _dir: Some(dir),
+            }
         }
         Ok("uring") => {
             let dir = tempfile::tempdir().unwrap();
@@ -93,9 +98,15 @@ pub fn make_engine(size: u64) -> TestEngine {
                 ..Default::default()
             };
             let e = mirror_agent::engine::open(&path, &opts).unwrap();
-            TestEngine { engine: e, _dir: Some(dir) }
+            TestEngine {
+                engine: e,
+                _dir: Some(dir),
+            }
         }
-        _ => TestEngine { engine: MemEngine::new(size as usize), _dir: None },
+        _ => TestEngine {
+            engine: MemEngine::new(size as usize),
+            _dir: None,
+        },
     }
 }
 
@@ -108,10 +119,17 @@ pub struct FailingEngine {
 
 impl FailingEngine {
     pub fn new(inner: Arc<dyn BlockEngine>) -> Arc<FailingEngine> {
-        Arc::new(FailingEngine { inner, rules: Mutex::new(Vec::new()), flush_errno: Mutex::new(None) })
+        Arc::new(FailingEngine {
+            inner,
+            rules: Mutex::new(Vec::new()),
+            flush_errno: Mutex::new(None),
+        })
     }
     pub fn fail_range(&self, offset: u64, len: u64, errno: i32) {
-        self.rules.lock().unwrap().push((offset, offset + len, errno));
+        self.rules
+            .lock()
+            .unwrap()
+            .push((offset, offset + len, errno));
     }
     fn check(&self, offset: u64, len: u64) -> Option<io::Error> {
         let rules = self.rules.lock().unwrap();
@@ -241,7 +259,12 @@ pub fn server_with(engine: Arc<dyn BlockEngine>, limits: Limits) -> Arc<NbdServe
 }
 
 /// A connection to the server over a socketpair (`serve_stream`).
-pub fn pair(server: &Arc<NbdServer>) -> (UnixStream, tokio::task::JoinHandle<Result<(), mirror_agent::nbd::NbdError>>) {
+pub fn pair(
+    server: &Arc<NbdServer>,
+) -> (
+    UnixStream,
+    tokio::task::JoinHandle<Result<(), mirror_agent::nbd::NbdError>>,
+) {
     let (a, b) = UnixStream::pair().unwrap();
     let server = Arc::clone(server);
     let h = tokio::spawn(async move { server.serve_stream(b).await });
@@ -330,7 +353,12 @@ pub fn info_data(name: &str, infos: &[u16]) -> Vec<u8> {
 }
 
 /// Result of INFO/GO: infos by type, or the error reply type.
-pub async fn info_or_go(s: &mut UnixStream, option: u32, name: &str, infos: &[u16]) -> Result<HashMap<u16, Vec<u8>>, u32> {
+pub async fn info_or_go(
+    s: &mut UnixStream,
+    option: u32,
+    name: &str,
+    infos: &[u16],
+) -> Result<HashMap<u16, Vec<u8>>, u32> {
     send_opt(s, option, &info_data(name, infos)).await;
     let mut got = HashMap::new();
     loop {
@@ -339,7 +367,10 @@ pub async fn info_or_go(s: &mut UnixStream, option: u32, name: &str, infos: &[u1
         match typ {
             REP_INFO => {
                 let t = u16::from_be_bytes([data[0], data[1]]);
-                assert!(got.insert(t, data[2..].to_vec()).is_none(), "info {t} sent twice");
+                assert!(
+                    got.insert(t, data[2..].to_vec()).is_none(),
+                    "info {t} sent twice"
+                );
             }
             REP_ACK => return Ok(got),
             e => {
@@ -353,7 +384,10 @@ pub async fn info_or_go(s: &mut UnixStream, option: u32, name: &str, infos: &[u1
 pub fn export_info(infos: &HashMap<u16, Vec<u8>>) -> (u64, u16) {
     let e = &infos[&0];
     assert_eq!(e.len(), 10);
-    (u64::from_be_bytes(e[0..8].try_into().unwrap()), u16::from_be_bytes([e[8], e[9]]))
+    (
+        u64::from_be_bytes(e[0..8].try_into().unwrap()),
+        u16::from_be_bytes([e[8], e[9]]),
+    )
 }
 
 /// A reply as seen by the client.
@@ -388,17 +422,41 @@ impl Client {
             let (_, typ, _) = opt_reply(&mut s).await;
             assert_eq!(typ, REP_ACK);
         }
-        let infos = info_or_go(&mut s, OPT_GO, "md1", &[3]).await.expect("GO failed");
+        let infos = info_or_go(&mut s, OPT_GO, "md1", &[3])
+            .await
+            .expect("GO failed");
         let (size, tflags) = export_info(&infos);
-        Client { s, structured, size, tflags, pending_reads: HashMap::new(), partial: HashMap::new() }
+        Client {
+            s,
+            structured,
+            size,
+            tflags,
+            pending_reads: HashMap::new(),
+            partial: HashMap::new(),
+        }
     }
 
     /// Wraps a stream already in transmission phase.
     pub fn connect_raw(s: UnixStream, structured: bool, size: u64, tflags: u16) -> Client {
-        Client { s, structured, size, tflags, pending_reads: HashMap::new(), partial: HashMap::new() }
+        Client {
+            s,
+            structured,
+            size,
+            tflags,
+            pending_reads: HashMap::new(),
+            partial: HashMap::new(),
+        }
     }
 
-    pub async fn request(&mut self, flags: u16, kind: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) {
+    pub async fn request(
+        &mut self,
+        flags: u16,
+        kind: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
         let mut m = Vec::with_capacity(28 + payload.len());
         m.extend_from_slice(&REQ_MAGIC.to_be_bytes());
         m.extend_from_slice(&flags.to_be_bytes());
@@ -418,7 +476,8 @@ impl Client {
     }
 
     pub async fn write(&mut self, handle: u64, offset: u64, data: &[u8]) {
-        self.request(0, CMD_WRITE, handle, offset, data.len() as u32, data).await
+        self.request(0, CMD_WRITE, handle, offset, data.len() as u32, data)
+            .await
     }
 
     /// Reads until one reply is complete and returns it.
@@ -430,12 +489,23 @@ impl Client {
                     let error = read_u32(&mut self.s).await;
                     let handle = read_u64(&mut self.s).await;
                     let read = self.pending_reads.remove(&handle);
-                    assert!(!self.structured || read.is_none(), "simple reply to a read with structured replies on");
+                    assert!(
+                        !self.structured || read.is_none(),
+                        "simple reply to a read with structured replies on"
+                    );
                     let data = match read {
-                        Some((_, len)) if error == 0 => Some(read_n(&mut self.s, len as usize).await),
+                        Some((_, len)) if error == 0 => {
+                            Some(read_n(&mut self.s, len as usize).await)
+                        }
                         _ => None,
                     };
-                    return Reply { handle, error, data, err_offset: None, structured: false };
+                    return Reply {
+                        handle,
+                        error,
+                        data,
+                        err_offset: None,
+                        structured: false,
+                    };
                 }
                 STRUCT_MAGIC => {
                     assert!(self.structured, "structured chunk without negotiation");
@@ -457,18 +527,25 @@ impl Client {
                             let (roff, rlen) = self.pending_reads[&handle];
                             let off = u64::from_be_bytes(payload[0..8].try_into().unwrap());
                             let d = &payload[8..];
-                            assert!(off >= roff && off + d.len() as u64 <= roff + rlen as u64, "chunk outside request");
+                            assert!(
+                                off >= roff && off + d.len() as u64 <= roff + rlen as u64,
+                                "chunk outside request"
+                            );
                             let buf = entry.data.get_or_insert_with(|| vec![0; rlen as usize]);
-                            buf[(off - roff) as usize..(off - roff) as usize + d.len()].copy_from_slice(d);
+                            buf[(off - roff) as usize..(off - roff) as usize + d.len()]
+                                .copy_from_slice(d);
                         }
                         0x8001 | 0x8002 => {
                             let err = u32::from_be_bytes(payload[0..4].try_into().unwrap());
                             let mlen = u16::from_be_bytes([payload[4], payload[5]]) as usize;
                             assert!(err != 0);
-                            std::str::from_utf8(&payload[6..6 + mlen]).expect("error message is UTF-8");
+                            std::str::from_utf8(&payload[6..6 + mlen])
+                                .expect("error message is UTF-8");
                             if typ == 0x8002 {
                                 assert_eq!(len, 6 + mlen + 8);
-                                entry.err_offset = Some(u64::from_be_bytes(payload[6 + mlen..].try_into().unwrap()));
+                                entry.err_offset = Some(u64::from_be_bytes(
+                                    payload[6 + mlen..].try_into().unwrap(),
+                                ));
                             } else {
                                 assert_eq!(len, 6 + mlen);
                             }
@@ -507,7 +584,9 @@ impl Client {
 }
 
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 /// Polls `cond` until true or the deadline (for gauges that settle after
