@@ -31,13 +31,49 @@ export NBD_MIRROR_REQUIRE_TOOLS="${NBD_MIRROR_REQUIRE_TOOLS:-1}"
 
 cargo build --release --workspace --bins
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log" "$log.vm"' EXIT
 set +e
 cargo test --workspace --release --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+
+# --- vm step (vm-harness; docs/vm-harness.md) --------------------------------
+# Real /dev/nbd0 in a QEMU/TCG guest (no nbd.ko on CI hosts): the failover and
+# partition scenarios, one after the other (each guest uses both cores). Each
+# scenario counts as one test in the summary; a failure makes the exit status
+# non-zero. VMH_SCENARIOS overrides the list ("" skips the step, reported as
+# skipped). First run downloads the guest kernel/busybox/e2fsprogs (and QEMU
+# when the host has none) with `apt-get download` into $VMH_CACHE.
+VMH_SCENARIOS="${VMH_SCENARIOS-failover partition}"
+vm_pass=0; vm_fail=0; vm_skip=0
+if [ -z "$VMH_SCENARIOS" ]; then
+  vm_skip=1
+  echo "test.sh: vm step skipped (VMH_SCENARIOS is empty)"
+else
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  # `strip` (initramfs) and package lists for `apt-get download` (a fresh
+  # machine may have none); a failure here shows up as a failed scenario.
+  command -v strip >/dev/null 2>&1 || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends binutils; } || echo "test.sh: warning: cannot install binutils (strip)"
+  [ -e "${VMH_CACHE:-$HOME/.cache/nbd-mirror-vmh}/packages.done" ] || $SUDO apt-get update -qq || echo "test.sh: warning: apt-get update failed"
+  for sc in $VMH_SCENARIOS; do
+    t0=$(date +%s)
+    set +e
+    target/release/vm-harness "$sc" 2>&1 | tee "$log.vm"
+    rc=${PIPESTATUS[0]}
+    set -e
+    if [ "$rc" -eq 0 ] && grep -q "^PASS $sc:" "$log.vm"; then
+      vm_pass=$((vm_pass + 1)); echo "test.sh: vm $sc ok ($(( $(date +%s) - t0 )) s)"
+    else
+      vm_fail=$((vm_fail + 1)); status=1; echo "test.sh: vm $sc FAILED (rc $rc, $(( $(date +%s) - t0 )) s)"
+    fi
+  done
+  rm -f "$log.vm"
+fi
+
 # One closing line with the totals over every test binary (cargo prints one
-# "test result" line per binary, the last of which may be an empty doc-test run).
-awk '/^test result:/ { p += $4; f += $6; i += $8 }
-     END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+# "test result" line per binary, the last of which may be an empty doc-test run)
+# plus the vm scenarios.
+awk -v vp="$vm_pass" -v vf="$vm_fail" -v vs="$vm_skip" \
+    '/^test result:/ { p += $4; f += $6; i += $8 }
+     END { printf "summary: %d passed, %d failed, %d skipped\n", p + vp, f + vf, i + vs }' "$log"
 exit "$status"

@@ -19,14 +19,17 @@
 #   REPS=N            runs of every job per server, the server order reversed
 #                     on every run (default 2; QUICK: 1)
 #   MODES="..."       mirrored modes, from: sync semi async (default all)
+#   ONLY_JOBS="..."   run only these jobs, from: seqwrite randwrite lat1
+#                     (default all; for quick A/B runs of one row)
 #   DIRECT_IO=auto|off  the agents' direct_io (default auto = the production
 #                     default: O_DIRECT on the disk, buffered on tmpfs); nbdkit
 #                     gets cache=none with auto, its defaults with off
 #   BENCH_DIR=DIR     the active side's backing file (default /var/tmp)
 #   PEER_DIR=DIR      the standbys' data (default /dev/shm)
 #   SIZE_MIB=N        volume size in MiB (default 1024)
-#   KEEP_DIRTY=N REGION_SIZE=SZ  the resources' keep_dirty / region_size
-#                     (default: unset = the agent's defaults, 64 / 64KiB)
+#   KEEP_DIRTY=N REGION_SIZE=SZ HOT_EXTENT_SIZE=SZ  the resources' keep_dirty
+#                     (hot extents) / region_size / hot_extent_size (default:
+#                     unset = the agent's defaults, 1024 / 64KiB / 4MiB)
 #   RPO_SAMPLE=S      interval of `mdctrl status --json` samples on the active
 #                     during mirrored jobs (default 0.5; 0 = off)
 #   AGENT_BIN, MDCTRL_BIN  binaries (default target/release/{mirror-agent,mdctrl})
@@ -84,6 +87,10 @@ case "$DIRECT_IO" in
 esac
 for m in $MODES; do
     case "$m" in sync|semi|async) ;; *) die "unknown mode '$m' (sync, semi, async)";; esac
+done
+ONLY_JOBS="${ONLY_JOBS:-seqwrite randwrite lat1}"
+for j in $ONLY_JOBS; do
+    case "$j" in seqwrite|randwrite|lat1) ;; *) die "unknown job '$j' (seqwrite, randwrite, lat1)";; esac
 done
 
 DROP="${DROP_CACHES:-auto}"
@@ -219,6 +226,7 @@ start_agent() { # tag mode
         echo "direct_io = \"$DIRECT_IO\""
         [[ -n "${KEEP_DIRTY:-}" ]] && echo "keep_dirty = $KEEP_DIRTY"
         [[ -n "${REGION_SIZE:-}" ]] && echo "region_size = \"$REGION_SIZE\""
+        [[ -n "${HOT_EXTENT_SIZE:-}" ]] && echo "hot_extent_size = \"$HOT_EXTENT_SIZE\""
         echo
         echo "[resource.server.server1]"
         echo "data_path = \"$DATA\""
@@ -324,11 +332,15 @@ stop_rpo_sampler() {
 }
 
 # --- fio jobs ---------------------------------------------------------------------
-JOBS=( # name rw bs iodepth
+ALL_JOBS=( # name rw bs iodepth
     "seqwrite write 1M 8"
     "randwrite randwrite 4k 32"
     "lat1 randwrite 4k 1"
 )
+JOBS=()
+for j in "${ALL_JOBS[@]}"; do
+    [[ " $ONLY_JOBS " == *" ${j%% *} "* ]] && JOBS+=("$j")
+done
 
 run_fio() { # tag job rep rw bs qd
     local tag="$1" name="$2" rep="$3" rw="$4" bs="$5" qd="$6" extra=()
@@ -359,6 +371,7 @@ TAGS=(nbdkit standalone)
 for m in $MODES; do TAGS+=("$m"); done
 echo "${TAGS[*]}" >"$RES/tags"
 echo "$REPS" >"$RES/reps"
+for j in "${JOBS[@]}"; do echo "${j%% *}"; done >"$RES/jobs"
 
 log "starting: ${TAGS[*]} (direct_io=$DIRECT_IO, standbys in $PEERW)"
 start_nbdkit nbdkit
@@ -385,7 +398,7 @@ stop_all
     echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/^Mem:/{print $2}') GiB RAM, kernel $(uname -r), load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "agent: $(basename "$AGENT_BIN") built $AGENT_BUILT (tree at git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') + uncommitted work)"
     echo "active data: ${SIZE_MIB} MiB file on $(df --output=source "$WORK" | tail -1) ($FSTYPE), written with dd, shared by all servers; standbys' data: sparse files on $PEER_FSTYPE ($PEER_DIR); page cache dropped before each job: $([[ $DROP == 1 ]] && echo yes || echo no)"
-    echo "client: $(fio --version) ioengine=nbd (libnbd), 1 connection; each job ${RUNTIME}s measured after ${RAMP}s ramp, ${REPS} run(s) per server, server order reversed on every run; RPO samples every ${RPO_SAMPLE}s during mirrored jobs; resource keep_dirty=${KEEP_DIRTY:-default} region_size=${REGION_SIZE:-default}; bench time $((SECONDS - START))s"
+    echo "client: $(fio --version) ioengine=nbd (libnbd), 1 connection; each job ${RUNTIME}s measured after ${RAMP}s ramp, ${REPS} run(s) per server, server order reversed on every run; RPO samples every ${RPO_SAMPLE}s during mirrored jobs; resource keep_dirty=${KEEP_DIRTY:-default} region_size=${REGION_SIZE:-default} hot_extent_size=${HOT_EXTENT_SIZE:-default}; bench time $((SECONDS - START))s"
 } >"$RES/meta"
 
 python3 - "$RES" <<'PY'
@@ -412,6 +425,11 @@ ROWS = [
 # Targets, mode sync vs standalone: row -> (bound, kind)
 TARGETS = {"seq write 1 MiB QD8": (0.90, ">="), "rand write 4 KiB QD32": (0.80, ">="),
            "QD1 write 4 KiB p50": (1.5, "<="), "QD1 write 4 KiB p99": (1.5, "<=")}
+# Only the jobs that ran (ONLY_JOBS).
+RAN = open(os.path.join(RES, "jobs")).read().split()
+JOBS = [j for j in JOBS if j[0] in RAN]
+ROWS = [r for r in ROWS if r[1] in RAN]
+TARGETS = {k: v for k, v in TARGETS.items() if any(r[0] == k for r in ROWS)}
 
 
 def fio(tag, job, rep):

@@ -123,8 +123,13 @@ impl Flags {
     /// unreachable (`mdctrl force <this node> RES`); it wins the next reconnect and may
     /// activate without a reachable peer (`docs/resync-rules.md` §3.2, §9).
     pub const FORCED: Flags = Flags(1 << 6);
-    /// All bits defined by format version 1 (bit 6 added with the forced recovery).
-    pub const ALL_V1: Flags = Flags(0x7f);
+    /// Bit 7: the operator broke the mirror deliberately (`mdctrl break RES`): no automatic
+    /// recovery and no replication until `mdctrl recover` or `mdctrl force` clears it, also
+    /// across agent restarts (`docs/resync-rules.md` §8a). Never read by the resync rules.
+    pub const OPERATOR_BREAK: Flags = Flags(1 << 7);
+    /// All bits defined by format version 1 (bit 6 added with the forced recovery, bit 7
+    /// with the persistent operator break).
+    pub const ALL_V1: Flags = Flags(0xff);
 
     /// True if every bit of `other` is set.
     pub fn contains(self, other: Flags) -> bool {
@@ -156,7 +161,7 @@ impl fmt::Debug for Flags {
 
 impl fmt::Display for Flags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(Flags, &str); 7] = [
+        const NAMES: [(Flags, &str); 8] = [
             (Flags::INITIAL_SYNC_DONE, "initial-sync-done"),
             (Flags::CONSISTENT, "consistent"),
             (Flags::WAS_ACTIVE, "was-active"),
@@ -164,6 +169,7 @@ impl fmt::Display for Flags {
             (Flags::RESYNC_TARGET, "resync-target"),
             (Flags::BLANK, "blank"),
             (Flags::FORCED, "forced"),
+            (Flags::OPERATOR_BREAK, "operator-break"),
         ];
         let mut first = true;
         for (flag, name) in NAMES {
@@ -786,10 +792,23 @@ mod tests {
         assert!(b[RESERVED_START..].iter().all(|&x| x == 0));
     }
 
+    #[test]
+    fn operator_break_flag_is_known_and_named() {
+        let f = Flags(Flags::OPERATOR_BREAK.0 | Flags::FORCED.0);
+        assert_eq!(f.to_string(), "forced,operator-break");
+        let mut sb = sample_sb();
+        sb.state.flags = f;
+        assert_eq!(Superblock::parse(&sb.encode()).unwrap().state.flags, f);
+        // The next bit is still unknown: refused, not dropped.
+        sb.state.flags = Flags(1 << 8);
+        let e = Superblock::parse(&sb.encode()).unwrap_err();
+        assert!(e.contains("unknown flag bits 0x100"), "{e}");
+    }
+
     proptest! {
         #[test]
         fn superblock_roundtrip(seq in any::<u64>(), cur in any::<u64>(), bm in any::<u64>(),
-                                hist in any::<[u64; 4]>(), flags in 0u32..64, bt in any::<u64>(),
+                                hist in any::<[u64; 4]>(), flags in 0u32..=Flags::ALL_V1.0, bt in any::<u64>(),
                                 res in "[a-z0-9-]{1,63}", node in "[a-z]{1,63}", sid in "[ -~]{0,255}",
                                 vol in 1u64..(1u64 << 50), rs_log in 12u32..=30) {
             let mut sb = sample_sb();

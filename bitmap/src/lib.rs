@@ -13,8 +13,10 @@
 //!   WWID/serial of the data partition).
 //! * `load` — choosing the superblock slot, the blank check, loading chunks ([`LoadReport`]).
 //! * [`partition`] — [`ClusterPartition`]: `create`/`open` with identity checks, atomic
-//!   superblock updates, and the write-intent dirty tracker (group commit, keep-dirty LRU,
+//!   superblock updates, and the write-intent dirty tracker (group commit, hot extents,
 //!   in-flight counts, lazy clears).
+//! * `hot` — the tracker's hot-extent LRU (the activity log) and its per-extent index of
+//!   intent-only regions.
 //! * [`dump`](mod@dump) — [`dump()`](fn@dump) and [`DumpReport`] for `mdctrl dump-md`.
 //! * [`testing`] — [`testing::FaultyStorage`]: volatile-cache disk model with crash points, torn
 //!   writes and injected EIO, for this crate's and other crates' tests.
@@ -25,10 +27,12 @@
 //! A region whose data write may have been issued is dirty on stable storage until explicitly
 //! cleared ([`ClusterPartition::begin_write`] returns only then); a region is cleared only when no
 //! write to it is in flight and every write to it reached the peer durably (or resync copied it).
+//! Hot extents only ever add dirty regions to that set (more to resync after a crash, never less).
 
 pub mod bits;
 pub mod dump;
 pub mod error;
+mod hot;
 pub mod layout;
 mod load;
 pub mod partition;
@@ -38,6 +42,7 @@ pub mod testing;
 pub use bits::{BitmapChunk, DirtyBits};
 pub use dump::{dump, DumpReport, SlotDump};
 pub use error::{MetaError, Mismatch, Result};
+pub use hot::MAX_EXTENT_REGIONS;
 pub use layout::{
     ChunkFault, Flags, Generations, Geometry, Identity, SbState, SlotStatus, Superblock,
     DEFAULT_REGION_SIZE, FORMAT_VERSION,
@@ -45,7 +50,7 @@ pub use layout::{
 pub use load::LoadReport;
 pub use partition::{
     estimate_memory, AttachCheck, ClusterPartition, CreateParams, MetaStats, WriteTicket,
-    DEFAULT_KEEP_DIRTY,
+    DEFAULT_HOT_EXTENT_SIZE, DEFAULT_KEEP_DIRTY,
 };
 pub use storage::{data_partition_identity, DataIdentity, FileStorage, MemStorage, MetaStorage};
 

@@ -9,12 +9,19 @@
 //! * `bits` — the dense bitmap (1 bit per region): what is, or is about to be, on disk.
 //! * `inflight` — `HashMap<region, count>` of regions with data writes in flight (sparse: only
 //!   regions being written right now have an entry).
-//! * `intent` — `HashSet<region>` of dirty regions that are dirty *only* because of write intent
-//!   (every write so far ended with the peer durable). Only these may be cleared by
-//!   [`ClusterPartition::flush_clears`]; every other dirty region is "sticky" (needs resync) until
-//!   [`ClusterPartition::clear_regions`] — which keeps the sticky state implicit and needs no second
-//!   dense bitmap.
-//! * `lru` — the keep-dirty LRU of recently written regions (left dirty on disk while hot).
+//! * `intent` — the dirty regions that are dirty *only* because of write intent (every write so
+//!   far ended with the peer durable), grouped by extent ([`IntentSet`](crate::hot)). Only these
+//!   may be cleared by [`ClusterPartition::flush_clears`]; every other dirty region is "sticky"
+//!   (needs resync) until [`ClusterPartition::clear_regions`] — which keeps the sticky state
+//!   implicit and needs no second dense bitmap.
+//! * `lru` — the *hot extents* (an activity log in DRBD's sense): a bounded LRU of extents of
+//!   `2^ext_shift` regions (default 4 MiB). [`ClusterPartition::begin_write`] marks *every* region
+//!   of each extent it touches dirty in the same chunk write + sync as the written regions, and
+//!   makes the extents hot; later writes anywhere in a hot extent find their regions durably
+//!   dirty and take the fast path with no metadata I/O. The intent regions of an extent are
+//!   cleared lazily once it has left the LRU and none of them has a write in flight. Nothing on
+//!   disk records which extents are hot: after a crash their regions are simply dirty bits, so
+//!   resync copies them (at most `keep_dirty` extents more than the writes in flight).
 //! * group commit: `pending` chunks changed in the open epoch; `region_epoch[region]` is the epoch
 //!   in which a newly *set* bit becomes durable (bulk operations — `set_all`, `merge` — record it
 //!   per chunk in `chunk_epoch` instead, so no map ever grows with the volume). One flusher at a time takes the open
@@ -33,6 +40,7 @@
 
 use crate::bits::{BitmapChunk, DirtyBits};
 use crate::error::{MetaError, Mismatch, Result};
+use crate::hot::{IntentSet, Lru, MAX_EXTENT_REGIONS};
 use crate::layout::{
     uuid_tag, Flags, Generations, Geometry, Identity, SbState, Superblock, BITMAP_OFFSET,
     BITS_PER_CHUNK, CHUNK_SIZE, DEFAULT_REGION_SIZE, NAME_MAX, SB_SLOT_OFFSETS, SB_SLOT_SIZE,
@@ -40,15 +48,19 @@ use crate::layout::{
 };
 use crate::load::{read_bitmap, read_superblock, LoadReport, CHUNKS_PER_IO};
 use crate::storage::{DataIdentity, MetaStorage};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
-/// Default capacity of the keep-dirty LRU.
-pub const DEFAULT_KEEP_DIRTY: usize = 64;
+/// Default capacity of the keep-dirty LRU, in hot extents (with the default extent size: 4 GiB
+/// of the volume may be written with no metadata write, and is resynced after a crash).
+pub const DEFAULT_KEEP_DIRTY: usize = 1024;
+
+/// Default size of a hot extent in bytes (rounded up to one region if regions are larger).
+pub const DEFAULT_HOT_EXTENT_SIZE: u64 = 4 << 20;
 
 /// Parameters for [`ClusterPartition::create`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,45 +151,14 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Keep-dirty LRU: recently written regions stay dirty on disk so a hot region costs no metadata
-/// write per data write.
-#[derive(Debug, Default)]
-struct Lru {
-    cap: usize,
-    tick: u64,
-    by_region: HashMap<u64, u64>,
-    by_tick: BTreeMap<u64, u64>,
-}
-
-impl Lru {
-    fn touch(&mut self, r: u64) {
-        if self.cap == 0 {
-            return;
-        }
-        self.tick += 1;
-        if let Some(old) = self.by_region.insert(r, self.tick) {
-            self.by_tick.remove(&old);
-        }
-        self.by_tick.insert(self.tick, r);
-        self.shrink();
-    }
-    fn shrink(&mut self) {
-        while self.by_region.len() > self.cap {
-            let (_, r) = self.by_tick.pop_first().expect("non-empty");
-            self.by_region.remove(&r);
-        }
-    }
-    fn contains(&self, r: u64) -> bool {
-        self.by_region.contains_key(&r)
-    }
-}
-
 #[derive(Debug)]
 struct Inner {
     bits: DirtyBits,
     inflight: HashMap<u64, u32>,
-    intent: HashSet<u64>,
+    intent: IntentSet,
     lru: Lru,
+    /// log2 of the regions per hot extent.
+    ext_shift: u32,
     pending: BTreeSet<u32>,
     chunk_epoch: HashMap<u32, u64>,
     region_epoch: HashMap<u64, u64>,
@@ -209,11 +190,39 @@ impl Inner {
         self.bits.get(r) && self.set_pending_epoch(r) == 0
     }
 
+    /// Hot extent holding region `r`.
+    fn extent(&self, r: u64) -> u64 {
+        r >> self.ext_shift
+    }
+
+    /// Is region `r` kept dirty because its extent is hot?
+    fn hot(&self, r: u64) -> bool {
+        self.lru.contains(self.extent(r))
+    }
+
+    /// Intent regions that may be cleared now: their extent is not hot and no write is in flight.
+    /// Visits extents, not regions, so a large hot set costs nothing here.
+    fn clearable(&self) -> Vec<u64> {
+        let mut v = Vec::new();
+        for e in self.intent.extents() {
+            if self.lru.contains(e) {
+                continue;
+            }
+            v.extend(
+                self.intent
+                    .members_of(e)
+                    .into_iter()
+                    .filter(|r| !self.inflight.contains_key(r)),
+            );
+        }
+        v
+    }
+
     /// Marks `r` dirty in memory (queued for the open epoch); returns the epoch to wait for.
     fn set_dirty(&mut self, r: u64, as_intent: bool) -> u64 {
         if self.bits.set(r, true) {
             if !as_intent {
-                self.intent.remove(&r);
+                self.intent.remove(r);
             }
             self.set_pending_epoch(r)
         } else {
@@ -229,7 +238,7 @@ impl Inner {
 
     fn clear(&mut self, r: u64) {
         self.bits.set(r, false);
-        self.intent.remove(&r);
+        self.intent.remove(r);
         self.pending.insert((r / BITS_PER_CHUNK) as u32);
     }
 
@@ -244,7 +253,7 @@ impl Inner {
             }
             if !peer_durable {
                 // Mirror broken for this write: the region needs resync, not a lazy clear.
-                self.intent.remove(&r);
+                self.intent.remove(r);
             }
         }
     }
@@ -517,14 +526,14 @@ impl ClusterPartition {
     fn build(storage: Box<dyn MetaStorage>, sb: Superblock, bits: DirtyBits) -> ClusterPartition {
         let geom = sb.geometry;
         let tag = uuid_tag(&sb.identity.uuid);
+        let ext_shift = extent_shift(DEFAULT_HOT_EXTENT_SIZE, geom.region_size)
+            .expect("the default extent size is valid for every region size");
         let inner = Inner {
             bits,
             inflight: HashMap::new(),
-            intent: HashSet::new(),
-            lru: Lru {
-                cap: DEFAULT_KEEP_DIRTY,
-                ..Lru::default()
-            },
+            intent: IntentSet::new(ext_shift),
+            lru: Lru::with_capacity(DEFAULT_KEEP_DIRTY),
+            ext_shift,
             pending: BTreeSet::new(),
             chunk_epoch: HashMap::new(),
             region_epoch: HashMap::new(),
@@ -788,15 +797,42 @@ impl ClusterPartition {
     /// Before issuing a data write of `len` bytes at `offset`: marks the covered regions dirty,
     /// counts them in flight, and returns once they are dirty on stable storage (group commit:
     /// concurrent callers share one chunk write + sync). Blocking.
+    ///
+    /// With a non-zero keep-dirty capacity, every region of each hot extent the range touches is
+    /// marked too (in the same chunk write + sync) and the extents become hot, so later writes
+    /// into them take [`Self::try_begin_write_fast`]. Use [`Self::begin_write_exact`] for writes
+    /// that will need resync anyway (mirror broken).
     pub fn begin_write(&self, offset: u64, len: u64) -> Result<WriteTicket> {
+        self.begin(offset, len, true)
+    }
+
+    /// [`Self::begin_write`] marking only the written regions, without making extents hot: for
+    /// writes that go to the local disk only (mirror broken), whose regions need resync anyway —
+    /// marking their whole extents would only enlarge that resync.
+    pub fn begin_write_exact(&self, offset: u64, len: u64) -> Result<WriteTicket> {
+        self.begin(offset, len, false)
+    }
+
+    fn begin(&self, offset: u64, len: u64, whole_extents: bool) -> Result<WriteTicket> {
         let regions = self.regions_of(offset, len)?;
         let mut g = lock(&self.shared.inner);
         g.check_poison()?;
         let mut need = 0;
         for r in regions.clone() {
             *g.inflight.entry(r).or_insert(0) += 1;
-            g.lru.touch(r);
             need = need.max(g.set_dirty(r, true));
+        }
+        if whole_extents && g.lru.cap > 0 && !regions.is_empty() {
+            let n = self.shared.geom.region_count;
+            let (first, last) = (g.extent(regions.start), g.extent(regions.end - 1));
+            for e in first..=last {
+                let lo = e << g.ext_shift;
+                let hi = ((e + 1) << g.ext_shift).min(n);
+                for r in (lo..hi).filter(|r| !regions.contains(r)) {
+                    need = need.max(g.set_dirty(r, true));
+                }
+                g.lru.touch(e);
+            }
         }
         let ticket = WriteTicket {
             shared: self.shared.clone(),
@@ -814,8 +850,8 @@ impl ClusterPartition {
     }
 
     /// Non-blocking `begin_write`: succeeds (without I/O) only if every covered region is already
-    /// durably dirty — the common case for hot regions thanks to the keep-dirty LRU. `None` means
-    /// "call `begin_write`" (also on errors such as out of range or poisoned, which it will report).
+    /// durably dirty — the common case for writes into hot extents. `None` means "call
+    /// `begin_write`" (also on errors such as out of range or poisoned, which it will report).
     pub fn try_begin_write_fast(&self, offset: u64, len: u64) -> Option<WriteTicket> {
         let regions = self.regions_of(offset, len).ok()?;
         let mut g = lock(&self.shared.inner);
@@ -824,7 +860,11 @@ impl ClusterPartition {
         }
         for r in regions.clone() {
             *g.inflight.entry(r).or_insert(0) += 1;
-            g.lru.touch(r);
+        }
+        if !regions.is_empty() {
+            for e in g.extent(regions.start)..=g.extent(regions.end - 1) {
+                g.lru.touch(e);
+            }
         }
         Some(WriteTicket {
             shared: self.shared.clone(),
@@ -846,16 +886,11 @@ impl ClusterPartition {
     }
 
     /// Lazily clears regions that are dirty only for write intent, have no write in flight, and
-    /// have left the keep-dirty LRU; writes their chunks and syncs. Returns how many were cleared.
+    /// whose extent is not hot; writes their chunks and syncs. Returns how many were cleared.
     pub fn flush_clears(&self) -> Result<usize> {
         let mut g = lock(&self.shared.inner);
         g.check_poison()?;
-        let clearable: Vec<u64> = g
-            .intent
-            .iter()
-            .copied()
-            .filter(|r| !g.inflight.contains_key(r) && !g.lru.contains(*r))
-            .collect();
+        let clearable = g.clearable();
         for &r in &clearable {
             g.clear(r);
         }
@@ -869,27 +904,59 @@ impl ClusterPartition {
 
     /// Number of regions `flush_clears` would clear now.
     pub fn clearable_count(&self) -> usize {
-        let g = lock(&self.shared.inner);
-        g.intent
-            .iter()
-            .filter(|r| !g.inflight.contains_key(r) && !g.lru.contains(**r))
-            .count()
+        lock(&self.shared.inner).clearable().len()
     }
 
-    /// Sets the keep-dirty LRU capacity (0 disables it); shrinking evicts the coldest.
+    /// Cools every hot extent and clears (durably) the intent regions with no write in flight —
+    /// for when the peer holds every acknowledged write and the hot set's only remaining effect
+    /// would be a larger resync: a mirror break, a clean release. Extents become hot again at
+    /// their next write. Returns how many regions were cleared.
+    pub fn cool_hot_extents(&self) -> Result<usize> {
+        lock(&self.shared.inner).lru.clear();
+        self.flush_clears()
+    }
+
+    /// Sets the keep-dirty capacity in hot extents (0 disables hot extents: every region is
+    /// cleared as soon as its writes are done); shrinking evicts the coldest.
     pub fn set_keep_dirty_capacity(&self, cap: usize) {
         let mut g = lock(&self.shared.inner);
         g.lru.cap = cap;
-        if cap == 0 {
-            g.lru.by_region.clear();
-            g.lru.by_tick.clear();
-        }
         g.lru.shrink();
     }
 
-    /// Keep-dirty LRU capacity.
+    /// Keep-dirty capacity, in hot extents.
     pub fn keep_dirty_capacity(&self) -> usize {
         lock(&self.shared.inner).lru.cap
+    }
+
+    /// Sets the hot extent size in bytes: a power of two; sizes up to one region mean one region
+    /// per extent; at most 65536 regions per extent. Every extent becomes cold (its intent
+    /// regions become lazily clearable).
+    pub fn set_hot_extent_size(&self, bytes: u64) -> Result<()> {
+        let shift = extent_shift(bytes, self.shared.geom.region_size)?;
+        let mut g = lock(&self.shared.inner);
+        if shift != g.ext_shift {
+            g.lru.clear();
+            g.intent.set_shift(shift);
+            g.ext_shift = shift;
+        }
+        Ok(())
+    }
+
+    /// Bytes per hot extent.
+    pub fn hot_extent_size(&self) -> u64 {
+        self.shared.geom.region_size << lock(&self.shared.inner).ext_shift
+    }
+
+    /// Number of extents hot now.
+    pub fn hot_extent_count(&self) -> usize {
+        lock(&self.shared.inner).lru.len()
+    }
+
+    /// Number of regions dirty only for write intent (hot extents and writes in flight, all
+    /// acknowledged by the peer so far): what a resync would copy beyond the real difference.
+    pub fn intent_count(&self) -> u64 {
+        lock(&self.shared.inner).intent.len()
     }
 
     // ----- explicit marking and clearing -----
@@ -942,7 +1009,7 @@ impl ClusterPartition {
     }
 
     /// Resync copied these regions: clears them durably (one batched write + sync). A region with
-    /// a write in flight or in the keep-dirty LRU is not cleared now but becomes lazily clearable
+    /// a write in flight or in a hot extent is not cleared now but becomes lazily clearable
     /// (cleared by a later `flush_clears` once safe). Returns how many were cleared now.
     pub fn clear_regions(&self, regions: impl IntoIterator<Item = u64>) -> Result<usize> {
         let regions = self.checked_regions(regions)?;
@@ -953,7 +1020,7 @@ impl ClusterPartition {
             if !g.bits.get(r) {
                 continue;
             }
-            if g.inflight.contains_key(&r) || g.lru.contains(r) {
+            if g.inflight.contains_key(&r) || g.hot(r) {
                 g.intent.insert(r);
             } else {
                 g.clear(r);
@@ -983,7 +1050,7 @@ impl ClusterPartition {
             });
         }
         let changed = g.bits.union_with(other);
-        g.intent.retain(|&r| !other.get(r));
+        g.intent.retain(|r| !other.get(r));
         let epoch = g.open_epoch;
         for c in changed {
             g.pending.insert(c);
@@ -1109,25 +1176,45 @@ impl ClusterPartition {
         let map = |cap: usize, entry: usize| (cap * (entry + 1)) as u64;
         g.bits.heap_bytes()
             + map(g.inflight.capacity(), 16)
-            + map(g.intent.capacity(), 8)
-            + map(g.lru.by_region.capacity(), 16)
-            + (g.lru.by_tick.len() as u64) * 32
+            + g.intent.heap_bytes()
+            + g.lru.heap_bytes()
             + (g.pending.len() as u64) * 16
             + map(g.chunk_epoch.capacity(), 16)
             + map(g.region_epoch.capacity(), 16)
     }
 }
 
+/// log2 of the regions per hot extent of `bytes` (a power of two; at least one region).
+fn extent_shift(bytes: u64, region_size: u64) -> Result<u32> {
+    if !bytes.is_power_of_two() {
+        return Err(MetaError::InvalidParams(format!(
+            "hot extent size {bytes} is not a power of two"
+        )));
+    }
+    let regions = (bytes / region_size).max(1);
+    if regions > MAX_EXTENT_REGIONS {
+        return Err(MetaError::InvalidParams(format!(
+            "hot extent size {bytes} spans {regions} regions of {region_size} bytes, max {MAX_EXTENT_REGIONS}"
+        )));
+    }
+    Ok(regions.trailing_zeros())
+}
+
 /// Estimated steady-state tracker memory for a volume: the dense bitmap plus the sparse maps
-/// sized for `keep_dirty` LRU entries and `max_inflight_regions` regions with writes in flight.
+/// sized for `keep_dirty` hot extents of `hot_extent_size` bytes (their intent bits) and
+/// `max_inflight_regions` regions with writes in flight.
 pub fn estimate_memory(
     volume_size: u64,
     region_size: u64,
     keep_dirty: usize,
+    hot_extent_size: u64,
     max_inflight_regions: usize,
 ) -> u64 {
     let regions = volume_size.div_ceil(region_size);
     let dense = regions.div_ceil(64) * 8;
-    let per_entry = 17 + 17 + 9 + 32; // inflight + lru map + intent + lru order
-    dense + ((keep_dirty + max_inflight_regions) as u64) * per_entry * 2
+    let ext_regions = (hot_extent_size / region_size).max(1);
+    // LRU entry (map + order) + intent map entry + the extent's intent bit set.
+    let per_extent = 17 + 32 + 33 + 16 + ext_regions.div_ceil(64) * 8;
+    let per_inflight = 17 + 16; // in-flight count + a pending region epoch
+    dense + (keep_dirty as u64 * per_extent + max_inflight_regions as u64 * per_inflight) * 2
 }

@@ -51,7 +51,7 @@ fn create_then_open_roundtrip() {
     assert_eq!(cp.chunk_count(), 3);
     assert!(cp.flags().contains(Flags::BLANK));
     assert_ne!(cp.generations().current, 0);
-    let t = cp.begin_write(5 * RS, 3 * RS).unwrap();
+    let t = cp.begin_write_exact(5 * RS, 3 * RS).unwrap();
     cp.end_write(t, false);
     let sb = cp
         .update_superblock(|st| {
@@ -320,7 +320,7 @@ fn newer_slot_with_unsupported_version_is_an_error_not_a_fallback() {
 fn corrupt_chunk_loads_all_dirty_and_is_reported() {
     let p = params(70_000);
     let (cp, s) = create(&p);
-    let t = cp.begin_write(0, RS).unwrap();
+    let t = cp.begin_write_exact(0, RS).unwrap();
     cp.end_write(t, false);
     let mut img = s.durable_image();
     let off = (BITMAP_OFFSET + CHUNK_SIZE as u64) as usize + 1000;
@@ -377,7 +377,7 @@ fn eio_surfaces_with_operation_and_offset() {
     // Write error on a begin_write: error, not a silently clean bitmap; partition poisoned.
     let (cp, s) = create(&p);
     s.fail_op(OpKind::Write, 0);
-    let err = cp.begin_write(BITS_PER_CHUNK * RS, RS).unwrap_err();
+    let err = cp.begin_write_exact(BITS_PER_CHUNK * RS, RS).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("write bitmap chunks")
@@ -426,6 +426,9 @@ fn out_of_range_is_rejected() {
 fn write_intent_lifecycle_with_lru() {
     let p = params(1000);
     let (cp, s) = create(&p);
+    // One region per extent: the LRU of single regions.
+    cp.set_hot_extent_size(RS).unwrap();
+    assert_eq!(cp.hot_extent_size(), RS);
     cp.set_keep_dirty_capacity(2);
     // region 1 written and acknowledged by the peer.
     let t = cp.begin_write(RS, 100).unwrap();
@@ -664,7 +667,13 @@ fn crash_between_create_steps_never_yields_valid_superblock_over_old_bitmap() {
 #[test]
 fn memory_for_16_tib_at_64_kib_regions() {
     let vol: u64 = 16 << 40;
-    let est = estimate_memory(vol, DEFAULT_REGION_SIZE, DEFAULT_KEEP_DIRTY, 4096);
+    let est = estimate_memory(
+        vol,
+        DEFAULT_REGION_SIZE,
+        DEFAULT_KEEP_DIRTY,
+        DEFAULT_HOT_EXTENT_SIZE,
+        4096,
+    );
     assert!(est < 40 << 20, "{est}");
     let p = CreateParams {
         resource: "big".into(),
@@ -745,7 +754,7 @@ fn file_storage_end_to_end() {
         )
         .unwrap();
     let cp = ClusterPartition::create(FileStorage::open(tmp.path()).unwrap(), &p, false).unwrap();
-    let t = cp.begin_write(0, 3 * RS).unwrap();
+    let t = cp.begin_write_exact(0, 3 * RS).unwrap();
     cp.end_write(t, false);
     drop(cp);
     let (cp, rep) =
@@ -804,6 +813,8 @@ fn group_commit_shares_one_sync_among_waiters() {
         gate: Arc::new((std::sync::Mutex::new((true, 0)), std::sync::Condvar::new())),
     };
     let cp = ClusterPartition::create(gs.clone(), &p, false).unwrap();
+    // One region per extent: each writer's single region is in its own chunk.
+    cp.set_hot_extent_size(RS).unwrap();
     let (m, cv) = &*gs.gate;
     let base_syncs = {
         let mut st = m.lock().unwrap();
@@ -985,4 +996,113 @@ fn superblock_readers_do_not_wait_for_a_slow_superblock_write() {
     let after = writer.join().unwrap();
     assert_eq!(after.seq, before.seq + 1);
     assert_eq!(cp.break_time(), 1234);
+}
+
+#[test]
+fn hot_extent_is_marked_whole_with_one_metadata_write() {
+    let p = params(10_000);
+    let (cp, s) = create(&p);
+    assert_eq!(cp.keep_dirty_capacity(), DEFAULT_KEEP_DIRTY);
+    assert_eq!(cp.hot_extent_size(), DEFAULT_HOT_EXTENT_SIZE);
+    cp.set_hot_extent_size(64 * RS).unwrap();
+    cp.set_keep_dirty_capacity(2);
+    let (_, w0, s0) = s.op_counts();
+    let t = cp.begin_write(130 * RS, 10).unwrap();
+    let (_, w1, s1) = s.op_counts();
+    assert_eq!((w1 - w0, s1 - s0), (1, 1), "one chunk write + one sync");
+    // The whole extent 128..192 is durably dirty, on disk too.
+    let (cp2, _) = reopen(s.durable_image(), &p).unwrap();
+    assert_eq!(cp2.dirty_ranges(10), vec![128..192]);
+    assert_eq!(cp.intent_count(), 64);
+    assert_eq!(cp.hot_extent_count(), 1);
+    // Every other region of the extent: fast path, no I/O.
+    let mut ts = vec![t];
+    for r in (128..192).step_by(7) {
+        ts.push(
+            cp.try_begin_write_fast(r * RS, RS)
+                .expect("hot extent: fast path"),
+        );
+    }
+    assert_eq!(s.op_counts().1, w1);
+    assert!(
+        cp.try_begin_write_fast(192 * RS, 1).is_none(),
+        "next extent is cold"
+    );
+    for t in ts {
+        cp.end_write(t, true);
+    }
+    assert_eq!(cp.flush_clears().unwrap(), 0, "hot extent stays dirty");
+    // A range over an extent boundary marks both extents.
+    let t = cp.begin_write(255 * RS, 2 * RS).unwrap();
+    assert_eq!(cp.dirty_ranges(10), vec![128..320]);
+    cp.end_write(t, true);
+    // Capacity 2: that write made extents 3 and 4 hot, evicting extent 2 (128..192); one more
+    // extent evicts extent 3 (192..256).
+    assert_eq!(cp.clearable_count(), 64);
+    let t = cp.begin_write(1000 * RS, 1).unwrap();
+    cp.end_write(t, true);
+    assert_eq!(cp.hot_extent_count(), 2);
+    assert_eq!(cp.clearable_count(), 128);
+    assert_eq!(cp.flush_clears().unwrap(), 128);
+    assert_eq!(cp.dirty_ranges(10), vec![256..320, 960..1024]);
+    // The last region is in a short extent (10_000 is not a multiple of 64).
+    let t = cp.begin_write(9_999 * RS, 1).unwrap();
+    assert!(cp.is_durably_dirty(9_984) && cp.is_durably_dirty(9_999));
+    cp.end_write(t, true);
+    // Cooling clears every intent region; sticky ones stay.
+    let t = cp.begin_write(300 * RS, 1).unwrap();
+    cp.end_write(t, false);
+    let cooled = cp.cool_hot_extents().unwrap();
+    assert_eq!(cp.hot_extent_count(), 0);
+    assert_eq!(cp.iter_dirty().collect::<Vec<_>>(), vec![300]);
+    assert_eq!(cooled as u64, 64 + 64 + 16 - 1);
+    let (cp3, _) = reopen(s.durable_image(), &p).unwrap();
+    assert_eq!(cp3.iter_dirty().collect::<Vec<_>>(), vec![300]);
+}
+
+#[test]
+fn exact_writes_and_disabled_lru_mark_only_the_written_regions() {
+    let p = params(1000);
+    let (cp, _s) = create(&p);
+    cp.set_hot_extent_size(64 * RS).unwrap();
+    let t = cp.begin_write_exact(70 * RS, RS).unwrap();
+    assert_eq!(cp.iter_dirty().collect::<Vec<_>>(), vec![70]);
+    assert_eq!(cp.hot_extent_count(), 0);
+    cp.end_write(t, false);
+    cp.set_keep_dirty_capacity(0);
+    let t = cp.begin_write(200 * RS, RS).unwrap();
+    assert_eq!(cp.iter_dirty().collect::<Vec<_>>(), vec![70, 200]);
+    cp.end_write(t, true);
+    assert_eq!(cp.flush_clears().unwrap(), 1);
+    assert_eq!(cp.iter_dirty().collect::<Vec<_>>(), vec![70]);
+}
+
+#[test]
+fn resync_clear_inside_a_hot_extent_is_deferred_until_it_cools() {
+    let p = params(1000);
+    let (cp, _s) = create(&p);
+    cp.set_hot_extent_size(16 * RS).unwrap();
+    cp.mark_dirty_regions([5]).unwrap();
+    let t = cp.begin_write(3 * RS, 1).unwrap();
+    cp.end_write(t, true);
+    assert!(
+        cp.is_dirty(5),
+        "sticky region stays sticky when its extent turns hot"
+    );
+    assert_eq!(cp.flush_clears().unwrap(), 0);
+    assert_eq!(cp.clear_regions([5]).unwrap(), 0, "hot: deferred");
+    assert!(cp.is_dirty(5));
+    assert_eq!(cp.cool_hot_extents().unwrap(), 16);
+    assert_eq!(cp.dirty_count(), 0);
+}
+
+#[test]
+fn hot_extent_size_is_validated() {
+    let p = params(100);
+    let (cp, _s) = create(&p);
+    assert!(cp.set_hot_extent_size(3 * RS).is_err());
+    assert!(cp.set_hot_extent_size(RS * MAX_EXTENT_REGIONS * 2).is_err());
+    cp.set_hot_extent_size(RS * MAX_EXTENT_REGIONS).unwrap();
+    cp.set_hot_extent_size(512).unwrap();
+    assert_eq!(cp.hot_extent_size(), RS, "at least one region");
 }

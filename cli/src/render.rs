@@ -239,6 +239,8 @@ pub fn recovery_rows(o: &mut String, r: &mirror_agent::status::RecoveryStatus) {
         "finished"
     } else if r.error.is_some() {
         "stopped"
+    } else if r.preparing {
+        "preparing"
     } else {
         "running"
     };
@@ -248,16 +250,7 @@ pub fn recovery_rows(o: &mut String, r: &mirror_agent::status::RecoveryStatus) {
         r.kind, r.rule, r.role
     );
     row(o, "  Direction", &r.direction);
-    row(
-        o,
-        "  Percent",
-        &format!(
-            "{:.1}% ({} of {})",
-            r.percent,
-            human(r.done_bytes),
-            human(r.total_bytes)
-        ),
-    );
+    row(o, "  Percent", &recovery_progress(r));
     row(o, "  Used Time", &hms(r.elapsed_secs));
     row(
         o,
@@ -268,6 +261,21 @@ pub fn recovery_rows(o: &mut String, r: &mirror_agent::status::RecoveryStatus) {
         row(o, "  Stopped", e);
     }
     let _ = writeln!(o);
+}
+
+/// The progress of a recovery in one phrase: "preparing (…)" while the copy
+/// set is being built (its size is not known yet), else percent and bytes.
+pub fn recovery_progress(r: &mirror_agent::status::RecoveryStatus) -> String {
+    if r.preparing {
+        return "preparing (building the region list: bitmaps merged, divergent regions saved)"
+            .into();
+    }
+    format!(
+        "{:.1}% ({} of {})",
+        r.percent,
+        human(r.done_bytes),
+        human(r.total_bytes)
+    )
 }
 
 /// `HH:MM:SS`.
@@ -360,6 +368,42 @@ mod tests {
         assert_eq!(time(Some(0)), "-");
         assert_eq!(time(Some(1_078_410_605)), "2004/03/04 14:30:05 UTC");
         assert_eq!(time(Some(1_795_314_600)), "2026/11/22 02:30:00 UTC");
+    }
+
+    #[test]
+    fn recovery_preparing_then_running() {
+        let mut r = mirror_agent::status::RecoveryStatus {
+            role: "source".into(),
+            direction: "server1 -> server2".into(),
+            kind: "full".into(),
+            rule: "R6 new-member".into(),
+            preparing: true,
+            percent: 0.0,
+            done_bytes: 0,
+            total_bytes: 0,
+            elapsed_secs: 3,
+            elapsed_ms: 3000,
+            remaining_secs: None,
+            finished: false,
+            error: None,
+        };
+        let mut o = String::new();
+        recovery_rows(&mut o, &r);
+        assert!(o.contains("Recovery Status: preparing"), "{o}");
+        assert!(
+            o.contains("building the region list") && !o.contains("0.0%"),
+            "{o}"
+        );
+        r.preparing = false;
+        r.total_bytes = 1 << 20;
+        r.done_bytes = 1 << 19;
+        r.percent = 50.0;
+        let mut o = String::new();
+        recovery_rows(&mut o, &r);
+        assert!(
+            o.contains("running") && o.contains("50.0% (512.0 KiB of 1.0 MiB)"),
+            "{o}"
+        );
     }
 
     #[test]

@@ -83,10 +83,32 @@ pub const FORCED: Flags = Flags::FORCED;
 
 /// Activation of this node. `peer_in_sync`: connected and in sync with the
 /// peer (replicating). Without it the data diverges from now on
-/// ([`begin_diverging`]). Returns whether the generations changed.
+/// ([`begin_diverging`]). A never-synchronised node may only get here through
+/// the initial-source case of `rules::may_activate` (both nodes new): it
+/// claims the initial source ([`claim_initial_source`]). Returns whether the
+/// generations changed.
 pub fn on_activate(sb: &mut SbState, peer_in_sync: bool) -> bool {
     sb.flags.insert(Flags::WAS_ACTIVE);
+    if sb.flags.contains(Flags::BLANK) {
+        return claim_initial_source(sb);
+    }
     !peer_in_sync && begin_diverging(&mut sb.gens)
+}
+
+/// Initial mirror construction: both nodes were never synchronised (rule R5)
+/// and the operator activates this one, so its pre-existing data becomes the
+/// content of the mirror. Persisted before the node serves: `BLANK` is
+/// cleared and `CONSISTENT` set (the data is now "known", as the source of
+/// the initial copy), and the node diverges ([`begin_diverging`]: its data
+/// gets a generation the peer never had, and it writes alone until the
+/// initial copy is done). The peer is still `BLANK`, so rule R6
+/// (`new-member`) makes this node the source of a full resync — durably: a
+/// crash or a restart of either node reaches the same decision. Returns
+/// whether the generations changed (always true for a BLANK node).
+pub fn claim_initial_source(sb: &mut SbState) -> bool {
+    sb.flags.remove(Flags::BLANK);
+    sb.flags.insert(Flags::CONSISTENT);
+    begin_diverging(&mut sb.gens)
 }
 
 /// Deactivation. The caller clears WAS_ACTIVE only after every write has
@@ -259,6 +281,28 @@ mod tests {
         assert!(sb.flags.contains(Flags::WAS_ACTIVE));
         assert!(on_break(&mut sb, true));
         assert_eq!(sb.gens.bitmap, 7);
+    }
+
+    #[test]
+    fn initial_claim_makes_a_source_for_r6() {
+        let mut sb = SbState {
+            gens: Generations {
+                current: 7,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        sb.flags.insert(Flags::BLANK);
+        // Activation of a never-synced node (allowed only when both are new).
+        assert!(on_activate(&mut sb, false));
+        assert!(!sb.flags.contains(Flags::BLANK));
+        assert!(sb.flags.contains(Flags::CONSISTENT) && sb.flags.contains(Flags::WAS_ACTIVE));
+        assert_eq!(sb.gens.bitmap, 7, "diverged from its pre-mirror generation");
+        assert_ne!(sb.gens.current, 7);
+        // A second activation (after a restart) does not rotate again.
+        let c = sb.gens.current;
+        assert!(!on_activate(&mut sb, false));
+        assert_eq!(sb.gens.current, c);
     }
 
     #[test]

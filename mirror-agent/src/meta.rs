@@ -465,6 +465,11 @@ impl Meta {
             });
         }
         cp.set_keep_dirty_capacity(rc.keep_dirty);
+        cp.set_hot_extent_size(rc.hot_extent_size)
+            .map_err(|source| MetaAttachError::Refused {
+                path: path.clone(),
+                source,
+            })?;
         Ok(Meta {
             cp: Arc::new(cp),
             path,

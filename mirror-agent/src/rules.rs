@@ -530,9 +530,28 @@ pub fn may_activate(local: &NodeView, peer: &PeerKnowledge) -> Result<(), Refusa
         );
     }
     if local.never_synced() {
+        // Initial mirror construction: both nodes new, connected, the peer
+        // inactive. The activating node's data becomes the source
+        // (`gens::claim_initial_source`, then R6 copies it in full).
+        if initial_source_allowed(local, peer) {
+            return Ok(());
+        }
+        let why = match peer {
+            PeerKnowledge::Unreachable { node } => format!("peer {node} is unreachable"),
+            PeerKnowledge::Connected { view, active: true } => {
+                format!("peer {} is active", view.node)
+            }
+            PeerKnowledge::Connected { view, .. } if view.never_synced() => {
+                let (d, rule) = decide(local, view);
+                format!("{d} (rule {rule})")
+            }
+            PeerKnowledge::Connected { view, .. } => {
+                format!("peer {} holds mirrored data", view.node)
+            }
+        };
         return refuse(
-            format!("the local data of {me} was never synchronised"),
-            format!("connect the peer for the initial sync; if both nodes are new, `mdctrl force <source node> {res}`"),
+            format!("the local data of {me} was never synchronised ({why})"),
+            format!("connect the peer: if both nodes are new, `mdctrl activate {res}` on the node whose data is kept starts the initial full copy; otherwise the resync from the peer makes {me} consistent (`mdctrl force {me} {res}` keeps this node's data instead)"),
         );
     }
     match peer {
@@ -574,6 +593,22 @@ pub fn may_activate(local: &NodeView, peer: &PeerKnowledge) -> Result<(), Refusa
                 ),
             }
         }
+    }
+}
+
+/// Initial mirror construction (rule R5 `both-new`, `docs/resync-rules.md`
+/// §5 case 4): may the never-synchronised `local` node claim the initial
+/// source by activating? Only when connected (the peer's state is known), the
+/// peer inactive and new as well, and `decide` says R5 (no disk error, no
+/// partial copy on either side). Neither side was ever written through the
+/// mirror, so no mirrored data can be lost: the activating node's
+/// pre-existing data simply becomes the first content of the mirror.
+pub fn initial_source_allowed(local: &NodeView, peer: &PeerKnowledge) -> bool {
+    match peer {
+        PeerKnowledge::Connected { view, active } => {
+            !*active && local.never_synced() && view.never_synced() && decide(local, view).1 == R5
+        }
+        PeerKnowledge::Unreachable { .. } => false,
     }
 }
 
@@ -646,6 +681,10 @@ impl fmt::Display for BlockReason {
             BlockReason::SplitBrain { rule } => {
                 write!(f, "split brain (rule {rule}): `mdctrl force <winner>`")
             }
+            BlockReason::Unrelated { rule } if *rule == R5 => write!(
+                f,
+                "both nodes new (rule {rule}): `mdctrl activate` on the node whose data is kept starts the initial full copy"
+            ),
             BlockReason::Unrelated { rule } => {
                 write!(f, "unrelated data (rule {rule}): `mdctrl force <winner>`")
             }
@@ -656,7 +695,8 @@ impl fmt::Display for BlockReason {
 
 /// The ancestor's auto-mirror-recovery conditions (§11.10.1): the resource is
 /// active on one side, that side holds the latest data, both nodes are
-/// reachable with known states, and differences exist. Never in split brain,
+/// reachable with known states, and differences exist. One addition: an
+/// interrupted resync (R3) resumes also while neither node is active. Never in split brain,
 /// with unrelated data (latest side unknown) or a blocked case (disk error,
 /// inconsistent data).
 pub fn auto_recovery_allowed(
@@ -685,6 +725,11 @@ pub fn auto_recovery_allowed(
         Decision::Resync { source, .. } => *source,
     };
     let active_side = match (local_active, *peer_active) {
+        // An interrupted resync resumes as soon as both nodes are back, like
+        // DRBD's: its direction was decided (and made durable as the
+        // target's RESYNC_TARGET) when it started, and the target's partial
+        // copy is useless until it finishes (docs/resync-rules.md §6).
+        (false, false) if rule == R3 => source,
         (false, false) => return Err(BlockReason::NotActive),
         (true, true) => return Err(BlockReason::BothActive),
         (true, false) => Side::Local,
@@ -784,6 +829,62 @@ mod tests {
         let a = with(view("s1", 3, 0, H0), Flags::BLANK);
         let b = with(view("s2", 7, 0, H0), Flags::BLANK);
         check(&a, &b, Decision::Unrelated, R5);
+        // Nothing starts by itself: no node is active.
+        let conn = |v: &NodeView, active| PeerKnowledge::Connected {
+            view: v.clone(),
+            active,
+        };
+        let e = auto_recovery_allowed(&a, false, &conn(&b, false)).unwrap_err();
+        assert!(e.to_string().contains("mdctrl activate"), "{e}");
+        // Initial mirror construction: either node may claim the initial
+        // source while connected and the peer inactive ...
+        assert!(initial_source_allowed(&a, &conn(&b, false)));
+        assert!(may_activate(&a, &conn(&b, false)).is_ok());
+        assert!(may_activate(&b, &conn(&a, false)).is_ok());
+        // ... but not without knowing the peer's state, nor next to an active peer.
+        let gone = PeerKnowledge::Unreachable { node: "s2".into() };
+        assert!(!initial_source_allowed(&a, &gone));
+        let e = may_activate(&a, &gone).unwrap_err();
+        assert!(
+            e.reason.contains("never synchronised") && e.reason.contains("unreachable"),
+            "{e}"
+        );
+        let e = may_activate(&a, &conn(&b, true)).unwrap_err();
+        assert!(e.reason.contains("s2 is active"), "{e}");
+        // Not when the peer holds a partial copy (R4) or a failed disk (R1).
+        let partial = with(b.clone(), Flags::RESYNC_TARGET);
+        assert!(!initial_source_allowed(&a, &conn(&partial, false)));
+        assert!(may_activate(&a, &conn(&partial, false)).is_err());
+        let failed = with(b.clone(), Flags::DISK_ERROR);
+        assert!(may_activate(&a, &conn(&failed, false)).is_err());
+        // A new node next to a node with mirrored data never claims (R6 instead).
+        let old = view("s2", 9, 0, H0);
+        assert!(!initial_source_allowed(&a, &conn(&old, false)));
+        let e = may_activate(&a, &conn(&old, false)).unwrap_err();
+        assert!(e.reason.contains("holds mirrored data"), "{e}");
+        // The claim (gens::claim_initial_source, persisted before serving)
+        // turns R5 into R6 with the claimant as the full-resync source, and
+        // auto recovery starts it from the active claimant; the other node
+        // can no longer activate.
+        let mut sb = SbState {
+            gens: a.gens,
+            flags: a.flags,
+            break_time: 0,
+        };
+        gens::on_activate(&mut sb, false);
+        let claimed = NodeView::from_state("s1", "md1", &sb, 0);
+        check(
+            &claimed,
+            &b,
+            resync(Side::Local, ResyncKind::Full, false),
+            R6,
+        );
+        assert_eq!(
+            auto_recovery_allowed(&claimed, true, &conn(&b, false)),
+            Ok((resync(Side::Local, ResyncKind::Full, false), R6))
+        );
+        assert!(may_activate(&b, &conn(&claimed, true)).is_err());
+        assert!(may_activate(&b, &conn(&claimed, false)).is_err());
     }
 
     #[test]
@@ -1096,6 +1197,26 @@ mod tests {
         assert_eq!(
             auto_recovery_allowed(&ahead, true, &conn(&behind, true)),
             Err(BlockReason::BothActive)
+        );
+        // An interrupted resync resumes with neither node active (R3), or
+        // from the reactivated source, never from an active target.
+        let target = with(view("s2", 5, 0, H0), Flags::RESYNC_TARGET);
+        let r3 = (diff(Side::Local), R3);
+        assert_eq!(
+            auto_recovery_allowed(&ahead, false, &conn(&target, false)),
+            Ok(r3.clone())
+        );
+        assert_eq!(
+            auto_recovery_allowed(&ahead, true, &conn(&target, false)),
+            Ok(r3)
+        );
+        assert_eq!(
+            auto_recovery_allowed(&target, false, &conn(&ahead, false)),
+            Ok((diff(Side::Peer), R3))
+        );
+        assert_eq!(
+            auto_recovery_allowed(&target, true, &conn(&ahead, false)),
+            Err(BlockReason::ActiveNotLatest { rule: R3 })
         );
         let same = view("s2", 8, 0, H0);
         assert_eq!(

@@ -168,14 +168,22 @@ pub struct RecoveryStatus {
     pub kind: String,
     /// Rule that chose it.
     pub rule: String,
+    /// The copy set is still being built (bitmaps exchanged and merged,
+    /// divergent regions saved): `total_bytes` and `percent` are not known
+    /// yet. Shown as "preparing".
+    #[serde(default)]
+    pub preparing: bool,
     /// Percent done.
     pub percent: f64,
     /// Bytes copied.
     pub done_bytes: u64,
     /// Bytes to copy.
     pub total_bytes: u64,
-    /// Seconds since it started.
+    /// Seconds since it started (until it finished, once finished).
     pub elapsed_secs: u64,
+    /// The same in milliseconds (benchmarks, short resyncs).
+    #[serde(default)]
+    pub elapsed_ms: u64,
     /// Estimated seconds left.
     pub remaining_secs: Option<u64>,
     /// Finished successfully.

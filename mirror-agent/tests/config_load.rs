@@ -135,7 +135,8 @@ fn defaults_are_filled_in() {
     let r = c.resource("md1").unwrap();
     assert_eq!(r.async_queue, 64 << 20);
     assert_eq!(r.resync_rate, None);
-    assert_eq!(r.keep_dirty, 64);
+    assert_eq!(r.keep_dirty, 1024);
+    assert_eq!(r.hot_extent_size, 4 << 20);
     assert_eq!(r.engine, EngineChoice::Auto);
     assert_eq!(r.direct_io, DirectIo::Auto);
     assert_eq!(r.nbd_block_size_min, 512);

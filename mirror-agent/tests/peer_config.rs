@@ -90,21 +90,33 @@ fn link_specs_from_config_use_listen_and_peer_addresses() {
 }
 
 #[test]
-fn tls_configured_is_a_clear_startup_error() {
+fn tls_configured_reads_the_files_when_the_link_is_built() {
+    // Without [cluster.tls] the links are plain TCP.
     let dir = tempfile::tempdir().unwrap();
     let path = ExampleSpec::pair(dir.path(), 21000).write().unwrap();
     let mut c = Config::load(&path).unwrap();
     let secret = c.read_secret().unwrap();
+    let s = LinkSpec::control(&c, "server1", secret.clone(), state()).unwrap();
+    assert!(s.tls.is_none());
+    // With it, the files are read and checked when a link spec is built (agent start): a
+    // missing file is an error naming the key and the file, not a link that never connects.
     c.cluster.tls = Some(mirror_agent::config::Tls {
-        cert: "/c".into(),
-        key: "/k".into(),
-        ca: "/a".into(),
+        cert: dir.path().join("missing.crt"),
+        key: dir.path().join("node.key"),
+        ca: dir.path().join("ca.pem"),
     });
-    let e = LinkSpec::control(&c, "server1", secret, state()).unwrap_err();
-    assert!(matches!(e, LinkError::TlsNotImplemented), "{e:?}");
-    assert!(
-        e.to_string()
-            .contains("TLS on peer links is not implemented yet"),
-        "{e}"
-    );
+    for e in [
+        LinkSpec::control(&c, "server1", secret.clone(), state()).unwrap_err(),
+        LinkSpec::data(&c, "server2", "md1", 1 << 20, secret.clone(), state()).unwrap_err(),
+    ] {
+        assert!(matches!(e, LinkError::TlsConfig(_)), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("cluster.tls.cert")
+                && msg.contains(&dir.path().join("missing.crt").display().to_string())
+                && msg.contains("cannot read"),
+            "{msg}"
+        );
+    }
+    // (Working TLS links, and every other file problem: tests/peer_tls.rs.)
 }

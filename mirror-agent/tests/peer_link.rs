@@ -90,6 +90,7 @@ fn spec(
         timeouts: timeouts(),
         listen_addr: format!("127.0.0.1:{port}"),
         peer_addr: format!("127.0.0.1:{port}"),
+        tls: None,
     }
 }
 

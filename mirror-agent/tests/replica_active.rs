@@ -602,3 +602,52 @@ async fn release_times_out_into_a_recorded_break() {
     p.gate.set_writes_open(true);
     let _ = p.standby.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_extents_while_replicating_cooled_after_a_break() {
+    let mut p = setup(cfg(Mode::Sync));
+    p.part.set_keep_dirty_capacity(4);
+    p.part.set_hot_extent_size(16 * REGION).unwrap();
+    // First write into extent 0 (regions 0..16): the whole extent turns dirty
+    // in one metadata write.
+    p.vol
+        .write(3 * REGION, pattern(1, 4096), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        p.part.iter_dirty().collect::<Vec<_>>(),
+        (0..16).collect::<Vec<_>>()
+    );
+    assert!((0..16).all(|r| p.part.is_durably_dirty(r)));
+    // Later writes anywhere in the hot extent: no metadata I/O at all.
+    let before = p.part.stats();
+    for r in [0u64, 7, 10, 15] {
+        p.vol
+            .write(r * REGION, pattern(r, 4096), false)
+            .await
+            .unwrap();
+    }
+    let after = p.part.stats();
+    assert_eq!(
+        (after.chunk_writes, after.syncs),
+        (before.chunk_writes, before.syncs)
+    );
+    // The hot extent stays dirty (every write has its Ack2, but it is hot).
+    quiesce(&p).await;
+    p.vol.clear_now().await.unwrap();
+    assert_eq!(p.part.dirty_count(), 16);
+    // A break: once it is recorded, the hot set is cooled (every write to it
+    // reached the peer), so the next resync copies nothing from it.
+    p.standby_tx.close("test: standby goes away");
+    next_break(&mut p.events).await;
+    wait_until("hot extents cooled", || p.part.dirty_count() == 0).await;
+    assert_eq!(p.part.hot_extent_count(), 0);
+    // Local-only writes mark only their own regions.
+    p.vol
+        .write(40 * REGION, pattern(40, 4096), false)
+        .await
+        .unwrap();
+    assert_eq!(p.part.iter_dirty().collect::<Vec<_>>(), vec![40]);
+    p.vol.clear_now().await.unwrap();
+    assert_eq!(p.part.iter_dirty().collect::<Vec<_>>(), vec![40], "sticky");
+}

@@ -241,6 +241,46 @@ async fn unexpected_frame_is_a_protocol_error() {
     );
 }
 
+/// Runs `n` writes one at a time; checks Ack1 precedes Ack2 for each and
+/// returns how the standby ended.
+async fn qd1_writes(engine: Arc<dyn BlockEngine>, opts: StandbyOptions, n: u64) -> StandbyEnd {
+    let size = engine.size();
+    let (mut a, b) = pair_in_memory(
+        hello("alpha", "c", "r0", size, 4096),
+        hello("beta", "c", "r0", size, 4096),
+    );
+    let standby = tokio::spawn(run_standby_with(engine, b.into(), opts));
+    for i in 0..n {
+        let s = write(&a, (i % 64) * 4096, i as u8, 4096).await;
+        assert_eq!(recv(&mut a).await, Message::Ack1 { seq: s });
+        assert_eq!(recv(&mut a).await, Message::Ack2 { seq: s, status: 0 });
+    }
+    a.tx.close("done");
+    standby.await.unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack1_is_coalesced_with_ack2_only_while_durability_is_fast() {
+    // Fast (in-memory) standby: after the first few writes prove durability
+    // fast, Ack1 waits for Ack2 and both leave together.
+    let fast = qd1_writes(MemEngine::new(VOL as usize), StandbyOptions::default(), 200).await;
+    assert_eq!(fast.applied, 200);
+    assert!(fast.coalesced_ack1 > 0, "{fast:?}");
+    // Coalescing off: never.
+    let off = StandbyOptions {
+        coalesce_ack1_below: None,
+        ..StandbyOptions::default()
+    };
+    let never = qd1_writes(MemEngine::new(VOL as usize), off, 50).await;
+    assert_eq!(never.coalesced_ack1, 0);
+    // Slow standby (every write takes 2 ms, far above the 250 µs bound): Ack1
+    // always on acceptance.
+    let gate = GatedEngine::new(MemEngine::new(VOL as usize));
+    gate.set_delay(|| Duration::from_millis(2));
+    let slow = qd1_writes(Arc::new(gate), StandbyOptions::default(), 30).await;
+    assert_eq!((slow.applied, slow.coalesced_ack1), (30, 0));
+}
+
 /// Drives `qd` concurrent 4 KiB random writes for `dur`; returns Ack2/s.
 async fn measure(
     engine: Arc<dyn BlockEngine>,

@@ -15,7 +15,10 @@
 //! - an interrupted resync target stays inconsistent (and unactivatable)
 //!   until its resync completes;
 //! - an active node without a replicating peer writes in a diverged
-//!   generation (B ≠ 0), so the rules can see its changes.
+//!   generation (B ≠ 0), so the rules can see its changes;
+//! - initial mirror construction: a never-synchronised node activates only
+//!   next to a connected, inactive, never-synchronised peer (neither holds a
+//!   mirrored write), and the claim makes it the full-resync source (R6).
 
 use std::collections::BTreeSet;
 
@@ -235,7 +238,11 @@ impl World {
                 (Decision::Resync { .. }, Ok((ad, ar))) => {
                     assert_eq!((ad, ar), (&d, &rule));
                     let src = self.n[Self::side_index(0, d.source().expect("resync"))].active;
-                    assert!(src, "auto recovery from an inactive source");
+                    // Only an interrupted resync (R3) resumes with neither node active.
+                    assert!(
+                        src || (rule.id == "R3" && !self.n[0].active && !self.n[1].active),
+                        "auto recovery from an inactive source ({rule})"
+                    );
                 }
                 (Decision::Resync { .. }, Err(why)) => assert!(
                     matches!(
@@ -463,7 +470,21 @@ impl World {
                     );
                 }
                 let link = self.link_up;
+                if me.sb.flags.contains(Flags::BLANK) {
+                    // Initial mirror construction (R5): only next to a
+                    // connected, inactive peer that is new as well; neither
+                    // holds a write made through the mirror.
+                    assert!(
+                        self.connected() && !peer.active && peer.sb.flags.contains(Flags::BLANK),
+                        "{} claimed the initial source next to {:?}",
+                        me.name,
+                        peer.sb
+                    );
+                    assert!(me.acked.is_empty() && peer.acked.is_empty());
+                    self.seen.insert("initial-source");
+                }
                 gens::on_activate(&mut self.n[i].sb, link);
+                assert!(!self.n[i].sb.flags.contains(Flags::BLANK));
                 self.n[i].active = true;
                 if self.link_up {
                     assert!(!self.n[1 - i].active, "two active nodes while replicating");
@@ -691,7 +712,35 @@ fn model_reaches_the_rules() {
         "F2",
         "F4",
         "force-alone",
+        "initial-source",
     ] {
         assert!(seen.contains(id), "rule {id} never reached; seen {seen:?}");
     }
+}
+
+/// Initial mirror construction: two new nodes with different pre-existing
+/// contents; activating one claims the initial source, automatic recovery
+/// copies it in full (R6) to the other while it serves, and the other cannot
+/// be activated meanwhile or afterwards while the first is active.
+#[test]
+fn initial_construction_by_activation() {
+    use Op::*;
+    let mut w = World::new(false);
+    assert!(w.seen.contains("R5"), "a new pair is R5 both-new");
+    assert_ne!(w.n[0].regions, w.n[1].regions);
+    let s2_before = w.n[1].regions;
+    // Interrupt the initial copy after one region by a target crash.
+    w.step(ArmInterrupt(1, 0));
+    w.step(Activate(1, false)); // s2 claims the initial source, no force
+    assert!(w.n[1].active && !w.n[1].sb.flags.contains(gens::FORCED));
+    assert!(w.seen.contains("initial-source") && w.seen.contains("R6"));
+    assert!(w.n[0].partial && w.n[0].sb.flags.contains(Flags::RESYNC_TARGET));
+    w.step(Write(1, 3)); // served alone while the target is down
+    w.step(Restart(0)); // resumes (R3), finishes
+    assert!(w.seen.contains("R3"));
+    assert!(w.link_up, "initial copy finished after the resume");
+    assert_eq!(w.n[0].regions, w.n[1].regions);
+    assert_eq!(w.n[0].regions[..3], s2_before[..3], "s2's data was kept");
+    w.step(Activate(0, false));
+    assert!(!w.n[0].active, "second active node");
 }

@@ -4,7 +4,7 @@
 //! a resync interrupted by `kill -9` of the target and of the source resumes
 //! without recopying; application writes during a resync; a differential
 //! resync copies only the dirty regions; `break` / `recover --wait` and
-//! `verify`. Every scenario ends by comparing both data files byte for byte.
+//! `verify`; initial mirror construction of two new nodes by activating one. Every scenario ends by comparing both data files byte for byte.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use tests::cluster::TestCluster;
 use tests::cluster::{ClusterOpts, Engine};
-use tests::data::{assert_files_equal, random_bytes, read_range};
-use tests::mirror::{MirrorPair, PairOpts};
+use tests::data::{assert_files_equal, random_bytes, random_image, read_range, seed};
+use tests::mirror::{set_resource_key, set_timeouts, MirrorPair, PairOpts};
 use tests::nbd_client::NbdClient;
 use tests::run::{all_output, describe};
 use tests::wait::wait_until;
@@ -361,11 +362,14 @@ fn resync_resumes_after_target_kill() {
     assert_identical(&p);
 }
 
-/// Scenario 4b: kill -9 of the source (the active) mid-resync: after its restart the
-/// resync resumes without recopying and converges.
+/// Scenario 4b: kill -9 of the source (the active) mid-resync: after its
+/// restart the interrupted resync resumes by itself (rule R3, neither node
+/// active, as DRBD does) from the bitmaps without recopying; the cluster
+/// manager then reactivates the source during the resumed resync, its writes
+/// are ordered with the copies, and the pair converges.
 #[test]
 fn resync_resumes_after_source_kill() {
-    let mut p = MirrorPair::start(&opts(64 << 20, &[("resync_rate", "\"8MiB\"")]));
+    let mut p = MirrorPair::start(&opts(64 << 20, &[("resync_rate", "\"4MiB\"")]));
     let s = dirty_and_reconnect(&mut p, 32 << 20);
     let total = recovery_u64(&s, "total_bytes");
     let s = p.wait_status("server1", "a third of the resync", T, |s| {
@@ -376,25 +380,12 @@ fn resync_resumes_after_source_kill() {
     let _ = std::fs::remove_file(p.socket("server1"));
     p.a1.start_again();
     p.a1.wait_ready();
-    // Neither node is active now: automatic recovery waits for the operator.
-    let s = p.wait_status("server1", "the resume decision", T, |s| {
-        s["pair"]["decision"]
-            .as_str()
-            .is_some_and(|d| d.starts_with("R3 resume-interrupted-resync"))
-    });
-    assert!(
-        s["pair"]["auto_recovery"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("not-active"),
-        "{s:#}"
-    );
-    p.mdctrl_ok("server1", &["recover", "md1"]);
+    // Neither node is active: the interrupted resync resumes anyway (R3).
     let s = p.wait_status("server1", "the resumed recovery", T, |s| {
         s["pair"]["connection"] == "connected"
             && s["pair"]["recovery"]["total_bytes"]
                 .as_u64()
-                .is_some_and(|t| t < total)
+                .is_some_and(|t| t > 0 && t < total)
     });
     let resumed_total = recovery_u64(&s, "total_bytes");
     eprintln!(
@@ -406,11 +397,24 @@ fn resync_resumes_after_source_kill() {
         resumed_total <= total - done_before + (2 << 20),
         "resumed resync recopies: first total {total}, {done_before} done before the kill, resumed total {resumed_total}"
     );
-    wait_recovered(&p, "server1", Duration::from_secs(60));
     p.a1.assert_log_contains(
         "decision R3 resume-interrupted-resync: differential resync server1 -> server2",
     );
+    // The cluster manager reactivates the source while the resync runs; it
+    // serves writes inside the copy set and outside it.
+    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    assert!(out.contains("inconsistent"), "{out}");
+    p.activate("server1");
+    fill(&p, "server1", 30 << 20, 1 << 20, 0x6b);
+    fill(&p, "server1", 40 << 20, 1 << 20, 0x6c);
+    let s = p.status("server1");
+    assert!(
+        s["pair"]["recovery"]["finished"] == false,
+        "the writes did not happen during the resumed resync (too slow a machine?): {s:#}"
+    );
+    wait_recovered(&p, "server1", Duration::from_secs(60));
     wait_in_sync(&p, "server2", T);
+    p.wait_rpo_zero("server1", T);
     assert_identical(&p);
 }
 
@@ -522,4 +526,163 @@ fn break_recover_and_verify() {
     assert_identical(&p);
     let out = p.mdctrl_ok("server1", &["verify", "md1"]);
     assert!(out.contains("0 differ"), "{out}");
+}
+
+/// Scenario 8: Initial mirror construction. Two new nodes (`init` without
+/// `--blank`) with different pre-existing contents: `activate` on server1
+/// needs no force (rule R5: neither was ever written through the mirror), its
+/// data becomes the source and the full copy to server2 (rule R6) starts by
+/// itself while server1 serves writes; server2 cannot be activated meanwhile.
+#[test]
+fn initial_construction_by_activation() {
+    let o = opts(32 << 20, &[("resync_rate", "\"8MiB\"")]);
+    let c = TestCluster::pair(o.cluster.clone());
+    set_timeouts(&c, &o.timing);
+    set_resource_key(&c, "mode", &format!("\"{}\"", o.mode));
+    for (i, n) in ["server1", "server2"].into_iter().enumerate() {
+        let out = c.mdctrl_on(n, &["init", c.resource()]);
+        assert!(out.status.success(), "{}", describe("mdctrl init", &out));
+        let path = c.data_path_on(n);
+        let len = std::fs::metadata(&path).expect("data file").len();
+        random_image(&path, len, seed("initial-construction") + i as u64);
+    }
+    assert_ne!(
+        read_range(&c.data_path_on("server1"), 0, 1 << 20),
+        read_range(&c.data_path_on("server2"), 0, 1 << 20),
+        "pre-existing contents must differ"
+    );
+    let source_before = read_range(&c.data_path_on("server1"), 8 << 20, 1 << 20);
+    let p = MirrorPair::start_on(c);
+    let s = p.wait_status("server2", "the both-new decision", T, |s| {
+        s["pair"]["decision"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("R5 both-new"))
+    });
+    assert!(
+        s["pair"]["auto_recovery"]
+            .as_str()
+            .unwrap_or("")
+            .contains("mdctrl activate"),
+        "status does not tell how to start the initial copy: {s:#}"
+    );
+    p.activate("server1");
+    p.wait_status("server1", "the initial full copy", T, |s| {
+        s["pair"]["recovery"]["total_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    // The target is new, then inconsistent: never activatable while copied.
+    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    assert!(
+        out.contains("inconsistent") || out.contains("server1 is active"),
+        "refusal does not name the reason: {out}"
+    );
+    // Application writes during the initial copy, inside and across regions.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let sock = p.socket("server1");
+        let res = p.c.resource().to_string();
+        std::thread::spawn(move || {
+            let mut c = NbdClient::connect(&sock, &res).expect("NBD connect");
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let off = [0u64, 3 << 20, 17 << 20, 30 << 20][(n % 4) as usize] + (n % 40) * 4096;
+                let data = random_bytes(8192, 1000 + n);
+                assert_eq!(c.write(off, &data, false).expect("write"), 0);
+                n += 1;
+            }
+            assert_eq!(c.flush().expect("flush"), 0);
+            n
+        })
+    };
+    let s = wait_recovered(&p, "server1", Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    let n = writer.join().expect("writer");
+    assert!(n > 10, "only {n} writes during the initial copy");
+    assert!(
+        recovery_u64(&s, "total_bytes") >= 32 << 20,
+        "not a full copy: {s:#}"
+    );
+    p.a1.assert_log_contains("decision R6 new-member: full resync server1 -> server2");
+    wait_in_sync(&p, "server2", T);
+    p.wait_rpo_zero("server1", T);
+    assert_identical(&p);
+    // server1's untouched pre-existing data is the mirror's content.
+    assert_eq!(
+        read_range(&p.data("server2"), 8 << 20, 1 << 20),
+        source_before,
+        "server2 does not hold server1's pre-existing data"
+    );
+    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    assert!(out.contains("server1 is active"), "{out}");
+}
+
+/// Scenario 9: `mdctrl break` survives an agent restart (flag `OPERATOR_BREAK`
+/// in the cluster partition): the restarted and reactivated node does not
+/// start the automatic recovery; `recover` clears the flag and converges.
+#[test]
+fn operator_break_survives_restart() {
+    let mut p = MirrorPair::start(&opts(16 << 20, &[]));
+    p.activate("server1");
+    fill(&p, "server1", 0, 1 << 20, 0x11);
+    p.mdctrl_ok("server1", &["break", "md1"]);
+    fill(&p, "server1", 4 << 20, 2 << 20, 0x22);
+    let dump = p.mdctrl_ok("server1", &["dump-md", "md1"]);
+    assert!(
+        dump.contains("operator-break"),
+        "flag not recorded:\n{dump}"
+    );
+    p.a1.kill9();
+    let _ = std::fs::remove_file(p.socket("server1"));
+    p.a1.start_again();
+    p.a1.wait_ready();
+    p.activate("server1");
+    // Without the flag, auto recovery would start now (server1 active and ahead, R14).
+    let s = p.wait_status("server1", "the remembered operator break", T, |s| {
+        s["pair"]["connection"] == "connected"
+            && s["pair"]["auto_recovery"]
+                .as_str()
+                .is_some_and(|a| a.contains("broken by the operator"))
+    });
+    assert!(s["pair"]["recovery"].is_null(), "a recovery started: {s:#}");
+    assert_eq!(s["pair"]["in_sync"], false, "{s:#}");
+    fill(&p, "server1", 8 << 20, 1 << 20, 0x33);
+    let out = p.mdctrl_ok("server1", &["recover", "md1", "--wait"]);
+    assert!(out.contains("recovery finished"), "{out}");
+    wait_in_sync(&p, "server2", T);
+    p.wait_rpo_zero("server1", T);
+    let dump = p.mdctrl_ok("server1", &["dump-md", "md1"]);
+    assert!(
+        !dump.contains("operator-break"),
+        "flag not cleared:\n{dump}"
+    );
+    assert_identical(&p);
+}
+
+/// Scenario 10: an unusable `divergent_save_dir` (a file stands where the
+/// directory should be) stops the agent at start with the path and the cause,
+/// instead of failing later when a forced recovery must save the loser's data.
+#[test]
+fn unusable_save_dir_is_refused_at_start() {
+    let c = MirrorPair::configure(&opts(16 << 20, &[]));
+    let dir = c.config.resources[0]
+        .node("server1")
+        .expect("node of the resource")
+        .divergent_save_dir
+        .clone();
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).expect("parent of divergent_save_dir");
+    }
+    std::fs::write(&dir, b"not a directory").expect("file in the way");
+    let mut a = c.spawn_agent_on("server1");
+    let status = a.wait_exit(T);
+    assert!(
+        !status.success(),
+        "the agent started with {}",
+        dir.display()
+    );
+    let log = a.log();
+    assert!(
+        log.contains(&dir.display().to_string()) && log.contains("not a directory"),
+        "the error does not name the path and the cause:\n{log}"
+    );
 }

@@ -11,6 +11,9 @@
 //! - `serve`: attach (re-attaching a still-configured device with
 //!   `NBD_CMD_RECONFIGURE`) and serve until SIGTERM, then detach. Used to
 //!   test agent death/restart and SIGSTOP stalls from the guest script.
+//! - `wait-status`: polls `mdctrl status RES --json` until conditions hold
+//!   (connected, in sync, peer inactive, ...): how node A's script follows
+//!   node B in the two-node scenarios.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -65,11 +68,50 @@ pub enum GuestCmd {
         #[arg(long)]
         mount: bool,
     },
+    /// Polls `mdctrl status RES --json` until every `--until` condition
+    /// holds (exit 0) or `--timeout` seconds pass (exit 1); prints each
+    /// status change as one line.
+    WaitStatus {
+        /// Cluster configuration.
+        #[arg(long, default_value = "/etc/nbd-mirror/cluster.toml")]
+        config: PathBuf,
+        /// Node name.
+        #[arg(long, default_value = "nodea")]
+        node: String,
+        /// Resource.
+        #[arg(long, default_value = "md1")]
+        resource: String,
+        /// Conditions (all must hold).
+        #[arg(long, value_enum, value_delimiter = ',', required = true)]
+        until: Vec<crate::status::Cond>,
+        /// Seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 /// Runs a guest subcommand. IO_FLUSHER and mlockall are set up first, before
 /// the runtime's threads exist, so every worker inherits the flag.
 pub fn run(cmd: GuestCmd) -> Result<()> {
+    if let GuestCmd::WaitStatus {
+        config,
+        node,
+        resource,
+        until,
+        timeout,
+    } = cmd
+    {
+        let md = crate::status::Mdctrl {
+            bin: crate::status::mdctrl_bin(),
+            config,
+            node,
+        };
+        let s = md.wait(&resource, &until, Duration::from_secs(timeout), &mut |l| {
+            println!("{l}")
+        })?;
+        println!("reached {until:?}: {}", crate::status::summary(&s));
+        return Ok(());
+    }
     let flusher = kernel::io_flusher_setup();
     println!(
         "io_flusher={} mlockall={}",
@@ -84,6 +126,7 @@ pub fn run(cmd: GuestCmd) -> Result<()> {
         match cmd {
             GuestCmd::KernelSmoke { args, files } => kernel_smoke(args, files).await,
             GuestCmd::Serve { args, ready, mount } => serve(args, ready, mount).await,
+            GuestCmd::WaitStatus { .. } => unreachable!("handled above"),
         }
     })
 }

@@ -17,13 +17,23 @@
 //! - [`vm`]: one boot: serial logs, virtual disks, guest watchdog + host
 //!   timeout, the `VMH-RESULT` verdict.
 //! - [`guest`]: `vm-harness guest ...`, the helper run *inside* the guest
-//!   (kernel attach through `mirror_agent::kernel`).
+//!   (kernel attach through `mirror_agent::kernel`; `wait-status`).
+//! - [`status`]: `mdctrl status --json` as typed data and waits on it
+//!   (host for node B, guest for node A).
+//! - [`twonode`]: the two-node scenarios `failover` and `partition`: node A
+//!   in guests, node B a `mirror-agent` on the host, host-side checks
+//!   (nbdfuse + loop mount, e2fsck, image comparison).
+//! - [`proxy`]: the userspace fault proxy between the nodes (cut / heal).
 //! - `guest-init.sh`, `scenarios/*.sh`: the guest's `/init` and the
-//!   scenario scripts it sources.
+//!   scenario scripts it sources (`pair-common.sh` is prepended to the
+//!   two-node ones).
 
 mod cache;
 mod guest;
 mod initramfs;
+mod proxy;
+mod status;
+mod twonode;
 mod vm;
 
 use std::path::PathBuf;
@@ -32,33 +42,43 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-/// A scenario: name, description, and how to build its guest (None = designed, not built).
+/// A scenario: name, description, and how it runs.
 struct Scenario {
     name: &'static str,
     what: &'static str,
-    spec: Option<fn() -> vm::GuestSpec>,
+    kind: Kind,
+}
+
+/// How a scenario runs.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// One guest whose script decides the verdict.
+    Single(fn() -> vm::GuestSpec),
+    /// Node A in guests, node B on the host, driven by the harness
+    /// (`twonode`): `Ok(summary)` = PASS.
+    Pair(fn(cache::Cache, vm::OurBins, PathBuf) -> Result<String>),
 }
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "smoke",
         what: "one guest: mdctrl init, agent ping/activate, /dev/nbd0 via kernel netlink attach: mkfs, mount, files, busy umount, detach, e2fsck, re-attach, nbd-client fallback, restart + RECONFIGURE",
-        spec: Some(smoke_spec),
+        kind: Kind::Single(smoke_spec),
     },
     Scenario {
         name: "stall",
         what: "the process serving /dev/nbd0 SIGSTOPped 12 s (< 30 s kernel timeout) during fsync writes; the guest sees no error",
-        spec: Some(stall_spec),
+        kind: Kind::Single(stall_spec),
     },
     Scenario {
         name: "failover",
-        what: "(designed, not built) node A in a guest with /dev/nbd0 + ext4, killed hard; node B forced, verified; A returns and resyncs",
-        spec: None,
+        what: "node A in a guest (/dev/nbd0 + ext4, fsynced files acked) is SIGKILLed; node B on the host: forced, activated, files verified; A returns, B -> A resync, failback, images equal",
+        kind: Kind::Pair(twonode::failover_main),
     },
     Scenario {
         name: "partition",
-        what: "(designed, not built) link between the nodes cut and healed during a write stream; auto recovery converges",
-        spec: None,
+        what: "node A in a guest writes through /dev/nbd0 while the harness's fault proxy cuts the link to node B (host) and heals it; A serves alone, auto recovery A -> B converges, images equal, files present",
+        kind: Kind::Pair(twonode::partition_main),
     },
 ];
 
@@ -99,26 +119,23 @@ fn disks() -> Vec<(String, u64)> {
 }
 
 fn smoke_spec() -> vm::GuestSpec {
-    vm::GuestSpec {
-        script: include_str!("scenarios/smoke.sh"),
-        config: standalone_config(),
-        disks: disks(),
-        cmdline: String::new(),
-        guest_watchdog: 420,
-        host_timeout: 600,
-        mem_mib: 1024,
-    }
+    vm::GuestSpec::single(
+        include_str!("scenarios/smoke.sh"),
+        standalone_config(),
+        disks(),
+    )
 }
 
 fn stall_spec() -> vm::GuestSpec {
     vm::GuestSpec {
-        script: include_str!("scenarios/stall.sh"),
-        config: standalone_config(),
-        disks: disks(),
         cmdline: "vmh.stall=12".into(),
         guest_watchdog: 300,
         host_timeout: 420,
-        mem_mib: 1024,
+        ..vm::GuestSpec::single(
+            include_str!("scenarios/stall.sh"),
+            standalone_config(),
+            disks(),
+        )
     }
 }
 
@@ -126,8 +143,9 @@ fn stall_spec() -> vm::GuestSpec {
 #[derive(Debug, Parser)]
 #[command(name = "vm-harness", args_conflicts_with_subcommands = true)]
 struct Args {
-    /// Scenario to run; `list` prints them.
-    scenario: Option<String>,
+    /// Scenarios to run, one after the other (`all` = every scenario);
+    /// `list` prints them. Exit 0 only if all pass.
+    scenarios: Vec<String>,
     /// Run directory (default: a new directory under the cache's `runs/`).
     #[arg(long)]
     run_dir: Option<PathBuf>,
@@ -163,32 +181,69 @@ fn main() -> ExitCode {
             }
         };
     }
-    let Some(name) = args.scenario else {
+    if args.scenarios.is_empty() {
         eprintln!("vm-harness: name a scenario (`vm-harness list` shows them)");
         return ExitCode::from(2);
-    };
-    if name == "list" {
+    }
+    if args.scenarios.iter().any(|n| n == "list") {
         for s in SCENARIOS {
             println!("{:<10} {}", s.name, s.what);
         }
         return ExitCode::SUCCESS;
     }
-    let Some(sc) = SCENARIOS.iter().find(|s| s.name == name) else {
-        eprintln!("vm-harness: unknown scenario {name:?}; `vm-harness list` shows them");
+    let mut todo = Vec::new();
+    for name in &args.scenarios {
+        if name == "all" {
+            todo.extend(SCENARIOS.iter());
+            continue;
+        }
+        let Some(sc) = SCENARIOS.iter().find(|s| s.name == *name) else {
+            eprintln!("vm-harness: unknown scenario {name:?}; `vm-harness list` shows them");
+            return ExitCode::from(2);
+        };
+        todo.push(sc);
+    }
+    if todo.len() > 1 && args.run_dir.is_some() {
+        eprintln!("vm-harness: --run-dir needs exactly one scenario");
         return ExitCode::from(2);
-    };
-    let Some(spec) = sc.spec else {
+    }
+    // One guest at a time: each TCG guest keeps two host cores busy.
+    let mut failed = Vec::new();
+    for sc in &todo {
+        if !run_one(sc, &args.cmdline, args.run_dir.clone()) {
+            failed.push(sc.name);
+        }
+    }
+    if todo.len() > 1 {
         println!(
-            "FAIL {}: designed in docs/vm-harness.md but not built yet; nothing was run",
-            sc.name
+            "vm-harness: {} of {} scenarios passed{}",
+            todo.len() - failed.len(),
+            todo.len(),
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!("; failed: {}", failed.join(" "))
+            }
         );
-        return ExitCode::FAILURE;
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Runs one scenario, prints its verdict; true = PASS.
+fn run_one(sc: &Scenario, cmdline: &str, run_dir: Option<PathBuf>) -> bool {
+    let spec = match sc.kind {
+        Kind::Single(f) => f,
+        Kind::Pair(f) => return run_pair(sc.name, f, run_dir),
     };
     let mut spec = spec();
-    if !args.cmdline.is_empty() {
-        spec.cmdline = format!("{} {}", spec.cmdline, args.cmdline);
+    if !cmdline.is_empty() {
+        spec.cmdline = format!("{} {}", spec.cmdline, cmdline);
     }
-    match run_scenario(sc.name, spec, args.run_dir) {
+    match run_scenario(sc.name, spec, run_dir) {
         Ok((o, run)) => {
             let guest = o
                 .guest_secs
@@ -202,17 +257,65 @@ fn main() -> ExitCode {
                 o.wall.as_secs_f64()
             );
             println!("run directory: {}", run.display());
-            if o.pass {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            o.pass
         }
         Err(e) => {
             println!("FAIL {}: harness error: {e:#}", sc.name);
-            ExitCode::FAILURE
+            false
         }
     }
+}
+
+fn new_run_dir(cache: &cache::Cache, name: &str, run_dir: Option<PathBuf>) -> Result<PathBuf> {
+    let run = match run_dir {
+        Some(d) => d,
+        None => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            cache.dir.join("runs").join(format!("{name}-{stamp}"))
+        }
+    };
+    std::fs::create_dir_all(&run).with_context(|| format!("create {}", run.display()))?;
+    Ok(run)
+}
+
+/// Runs a two-node scenario and prints its verdict.
+fn run_pair(
+    name: &str,
+    f: fn(cache::Cache, vm::OurBins, PathBuf) -> Result<String>,
+    run_dir: Option<PathBuf>,
+) -> bool {
+    let t0 = std::time::Instant::now();
+    let mut run = None;
+    let r = (|| -> Result<String> {
+        let cache = cache::prepare(&cache::default_dir())?;
+        let bins = vm::OurBins::locate()?;
+        let dir = new_run_dir(&cache, name, run_dir)?;
+        run = Some(dir.clone());
+        eprintln!(
+            "vm-harness: {name}: kernel {} / {}; run dir {}",
+            cache.kver,
+            cache.qemu_version(),
+            dir.display()
+        );
+        f(cache, bins, dir)
+    })();
+    let wall = t0.elapsed().as_secs_f64();
+    let pass = match r {
+        Ok(summary) => {
+            println!("PASS {name}: {summary} (wall {wall:.1} s)");
+            true
+        }
+        Err(e) => {
+            println!("FAIL {name}: {e:#} (wall {wall:.1} s)");
+            false
+        }
+    };
+    if let Some(run) = run {
+        println!("run directory: {}", run.display());
+    }
+    pass
 }
 
 fn run_scenario(
@@ -229,16 +332,7 @@ fn run_scenario(
     .map_err(|e| anyhow::anyhow!("guest config invalid: {e}"))?;
     let cache = cache::prepare(&cache::default_dir())?;
     let bins = vm::OurBins::locate()?;
-    let run = match run_dir {
-        Some(d) => d,
-        None => {
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            cache.dir.join("runs").join(format!("{name}-{stamp}"))
-        }
-    };
-    std::fs::create_dir_all(&run).with_context(|| format!("create {}", run.display()))?;
+    let run = new_run_dir(&cache, name, run_dir)?;
     eprintln!(
         "vm-harness: {name}: kernel {} / {}; run dir {}",
         cache.kver,

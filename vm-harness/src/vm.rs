@@ -44,6 +44,41 @@ pub struct GuestSpec {
     pub host_timeout: u64,
     /// Guest memory, MiB.
     pub mem_mib: u32,
+    /// QEMU user networking (`virtio-net`, guest `10.0.2.15`, host reachable
+    /// as `10.0.2.2`); `false` = `-nic none`.
+    pub net: bool,
+    /// Create the disks empty (truncate); `false` reuses existing files (a
+    /// second boot of the same node), creating only missing ones.
+    pub fresh_disks: bool,
+    /// Appended to the serial log names (`console{suffix}.log`), so several
+    /// boots of one run keep their logs apart.
+    pub log_suffix: String,
+    /// Extra files in the initramfs: (path in the guest, content, mode).
+    pub extra_files: Vec<(String, Vec<u8>, u32)>,
+}
+
+impl GuestSpec {
+    /// A single-boot spec with the defaults of the one-guest scenarios.
+    pub fn single(script: &'static str, config: String, disks: Vec<(String, u64)>) -> GuestSpec {
+        GuestSpec {
+            script,
+            config,
+            disks,
+            cmdline: String::new(),
+            guest_watchdog: 420,
+            host_timeout: 600,
+            mem_mib: 1024,
+            net: false,
+            fresh_disks: true,
+            log_suffix: String::new(),
+            extra_files: Vec::new(),
+        }
+    }
+
+    /// The console log of this boot.
+    pub fn console(&self, run: &Path) -> PathBuf {
+        run.join(format!("console{}.log", self.log_suffix))
+    }
 }
 
 /// The outcome of a run.
@@ -143,9 +178,12 @@ pub fn build_initramfs(
     i.bytes("/init", include_str!("guest-init.sh"), 0o755);
     i.bytes("/scenario.sh", spec.script, 0o644);
     i.bytes("/etc/nbd-mirror/cluster.toml", spec.config.clone(), 0o644);
+    for (path, data, mode) in &spec.extra_files {
+        i.bytes(path, data.clone(), *mode);
+    }
     i.dir("/mnt/md1");
     i.dir("/run/md");
-    let out = run.join("initramfs.cpio.gz");
+    let out = run.join(format!("initramfs{}.cpio.gz", spec.log_suffix));
     let size = i.write(&out)?;
     eprintln!(
         "vm-harness: initramfs {} ({:.1} MiB)",
@@ -157,6 +195,23 @@ pub fn build_initramfs(
 
 /// Boots the guest and waits for its verdict (or the host timeout).
 pub fn boot(cache: &Cache, spec: &GuestSpec, initrd: &Path, run: &Path) -> Result<Outcome> {
+    spawn(cache, spec, initrd, run)?.wait()
+}
+
+/// A running guest. Dropping it kills QEMU (a harness error never leaves a
+/// TCG guest burning both cores).
+pub struct Running {
+    waiter: Option<std::thread::JoinHandle<()>>,
+    rx: std::sync::mpsc::Receiver<std::io::Result<std::process::ExitStatus>>,
+    status: Option<std::process::ExitStatus>,
+    pid: u32,
+    t0: Instant,
+    host_timeout: Duration,
+    console: PathBuf,
+}
+
+/// Starts QEMU for `spec` and returns at once.
+pub fn spawn(cache: &Cache, spec: &GuestSpec, initrd: &Path, run: &Path) -> Result<Running> {
     let mut cmd = Command::new(&cache.qemu);
     for (k, v) in &cache.qemu_env {
         cmd.env(k, v);
@@ -166,16 +221,20 @@ pub fn boot(cache: &Cache, spec: &GuestSpec, initrd: &Path, run: &Path) -> Resul
     }
     cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m"])
         .arg(spec.mem_mib.to_string())
-        .args([
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-no-reboot",
-            "-nic",
-            "none",
-        ])
-        .arg("-kernel")
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"]);
+    if spec.net {
+        // Slirp: the guest is 10.0.2.15, the host's 127.0.0.1 is 10.0.2.2.
+        // romfile= : no PXE option ROM needed (and none in the unpacked QEMU).
+        cmd.args([
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0,romfile=",
+        ]);
+    } else {
+        cmd.args(["-nic", "none"]);
+    }
+    cmd.arg("-kernel")
         .arg(&cache.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
@@ -184,24 +243,31 @@ pub fn boot(cache: &Cache, spec: &GuestSpec, initrd: &Path, run: &Path) -> Resul
             "console=ttyS0 panic=-1 loglevel=4 vmh.wd={} {}",
             spec.guest_watchdog, spec.cmdline
         ));
-    for log in ["console.log", "agent.log", "helper.log", "dmesg.log"] {
-        cmd.arg("-serial")
-            .arg(format!("file:{}", run.join(log).display()));
+    for log in ["console", "agent", "helper", "dmesg"] {
+        cmd.arg("-serial").arg(format!(
+            "file:{}",
+            run.join(format!("{log}{}.log", spec.log_suffix)).display()
+        ));
     }
     for (name, size) in &spec.disks {
         let p = run.join(name);
-        let f = std::fs::File::create(&p).with_context(|| format!("create {}", p.display()))?;
-        f.set_len(*size)?;
+        if spec.fresh_disks || !p.exists() {
+            let f = std::fs::File::create(&p).with_context(|| format!("create {}", p.display()))?;
+            f.set_len(*size)?;
+        }
         cmd.arg("-drive").arg(format!(
             "file={},format=raw,if=virtio,cache=writeback",
             p.display()
         ));
     }
-    let qlog = std::fs::File::create(run.join("qemu.log"))?;
+    let qlog = std::fs::File::create(run.join(format!("qemu{}.log", spec.log_suffix)))?;
     cmd.stdin(Stdio::null())
         .stdout(qlog.try_clone()?)
         .stderr(qlog);
-    std::fs::write(run.join("qemu.cmdline"), format!("{cmd:?}\n"))?;
+    std::fs::write(
+        run.join(format!("qemu{}.cmdline", spec.log_suffix)),
+        format!("{cmd:?}\n"),
+    )?;
     let t0 = Instant::now();
     let mut child = cmd
         .spawn()
@@ -213,17 +279,89 @@ pub fn boot(cache: &Cache, spec: &GuestSpec, initrd: &Path, run: &Path) -> Resul
         let r = child.wait();
         let _ = tx.send(r);
     });
-    let status = match rx.recv_timeout(Duration::from_secs(spec.host_timeout)) {
-        Ok(r) => Some(r?),
-        Err(_) => {
-            // SAFETY: kill(2) on the QEMU child we started; its pid is not reaped yet (the waiter holds it).
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            None
+    Ok(Running {
+        waiter: Some(waiter),
+        rx,
+        status: None,
+        pid,
+        t0,
+        host_timeout: Duration::from_secs(spec.host_timeout),
+        console: spec.console(run),
+    })
+}
+
+impl Running {
+    /// The console log so far.
+    pub fn console_text(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// True once QEMU has exited (non-blocking).
+    pub fn exited(&mut self) -> bool {
+        if self.status.is_some() {
+            return true;
         }
-    };
-    let _ = waiter.join();
-    let wall = t0.elapsed();
-    let console = std::fs::read_to_string(run.join("console.log")).unwrap_or_default();
+        match self.rx.try_recv() {
+            Ok(r) => {
+                self.status =
+                    Some(r.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(-1)));
+                true
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => false,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => true,
+        }
+    }
+
+    /// SIGKILL QEMU (power loss of the guest) and reap it.
+    pub fn kill(&mut self) {
+        if !self.exited() {
+            // SAFETY: kill(2) on the QEMU child we started; its pid is not reaped yet (the waiter holds it).
+            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+            if let Ok(r) = self.rx.recv() {
+                self.status = r.ok();
+            }
+        }
+        if let Some(w) = self.waiter.take() {
+            let _ = w.join();
+        }
+    }
+
+    /// Waits for QEMU to exit (or the host timeout, then kills it) and reads
+    /// the verdict from the console log.
+    pub fn wait(mut self) -> Result<Outcome> {
+        let left = self.host_timeout.saturating_sub(self.t0.elapsed());
+        let status = match self.status.take() {
+            Some(s) => Some(s),
+            None => match self.rx.recv_timeout(left) {
+                Ok(r) => Some(r?),
+                Err(_) => {
+                    self.kill();
+                    None
+                }
+            },
+        };
+        if let Some(w) = self.waiter.take() {
+            let _ = w.join();
+        }
+        let wall = self.t0.elapsed();
+        let console = self.console_text();
+        Ok(verdict(&console, status, wall, self.host_timeout.as_secs()))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The verdict in a console log.
+pub fn verdict(
+    console: &str,
+    status: Option<std::process::ExitStatus>,
+    wall: Duration,
+    host_timeout: u64,
+) -> Outcome {
     let verdict = console.lines().find_map(|l| {
         l.split_once("VMH-RESULT ")
             .map(|(_, r)| r.trim().to_owned())
@@ -236,7 +374,7 @@ pub fn boot(cache: &Cache, spec: &GuestSpec, initrd: &Path, run: &Path) -> Resul
                 .and_then(|r| r.strip_suffix(" verdict"))
         })
         .find_map(|s| s.trim().parse().ok());
-    let outcome = match (verdict, status) {
+    match (verdict, status) {
         (Some(v), _) => {
             let pass = v.starts_with("PASS");
             let reason = v
@@ -251,10 +389,7 @@ pub fn boot(cache: &Cache, spec: &GuestSpec, initrd: &Path, run: &Path) -> Resul
         }
         (None, None) => Outcome {
             pass: false,
-            reason: format!(
-                "host timeout: QEMU killed after {} s without a verdict",
-                spec.host_timeout
-            ),
+            reason: format!("host timeout: QEMU killed after {host_timeout} s without a verdict"),
             wall,
             guest_secs,
         },
@@ -264,6 +399,5 @@ pub fn boot(cache: &Cache, spec: &GuestSpec, initrd: &Path, run: &Path) -> Resul
             wall,
             guest_secs,
         },
-    };
-    Ok(outcome)
+    }
 }

@@ -21,8 +21,11 @@ const MIN_REGION_SIZE: u64 = 4 << 10;
 const MAX_REGION_SIZE: u64 = 16 << 20;
 const DEFAULT_REGION_SIZE: u64 = 64 << 10;
 const DEFAULT_ASYNC_QUEUE: u64 = 64 << 20;
-const DEFAULT_KEEP_DIRTY: i64 = 64;
+const DEFAULT_KEEP_DIRTY: i64 = bitmap::DEFAULT_KEEP_DIRTY as i64;
 const MAX_KEEP_DIRTY: i64 = 1 << 20;
+const DEFAULT_HOT_EXTENT_SIZE: u64 = bitmap::DEFAULT_HOT_EXTENT_SIZE;
+const MAX_HOT_EXTENT_SIZE: u64 = 1 << 30;
+const MAX_HOT_REGIONS: u64 = 1 << 24;
 const DEFAULT_NBD_BLOCK_SIZE_MIN: u64 = 512;
 const DEFAULT_NBD_MAX_REQUEST: u64 = 32 << 20;
 const MAX_NBD_MAX_REQUEST: u64 = 1 << 30;
@@ -547,10 +550,28 @@ fn build_resource(
             return Err(cx.invalid(
                 &k("keep_dirty"),
                 n,
-                format!("a number of regions in 1..={MAX_KEEP_DIRTY}"),
+                format!("a number of hot extents in 1..={MAX_KEEP_DIRTY}"),
             ))
         }
     } as usize;
+    let hot_extent_size = cx.power_of_two_size(
+        &k("hot_extent_size"),
+        rr.hot_extent_size.as_ref(),
+        DEFAULT_HOT_EXTENT_SIZE.max(region_size),
+        region_size,
+        MAX_HOT_EXTENT_SIZE.min(region_size * bitmap::MAX_EXTENT_REGIONS),
+    )?;
+    // Bounds the tracker's memory for intent bits of hot extents.
+    let hot_regions = keep_dirty as u64 * (hot_extent_size / region_size);
+    if hot_regions > MAX_HOT_REGIONS {
+        return Err(cx.invalid(
+            &k("keep_dirty"),
+            keep_dirty,
+            format!(
+                "at most {MAX_HOT_REGIONS} regions kept hot in all: keep_dirty × hot_extent_size / region_size is {hot_regions}"
+            ),
+        ));
+    }
     let engine = cx.keyword(&k("engine"), rr.engine.as_ref(), EngineChoice::Auto)?;
     let direct_io = cx.keyword(&k("direct_io"), rr.direct_io.as_ref(), DirectIo::Auto)?;
     let divergent_dir = match &rr.divergent_save_dir {
@@ -602,6 +623,7 @@ fn build_resource(
         async_queue,
         resync_rate,
         keep_dirty,
+        hot_extent_size,
         engine,
         direct_io,
         nbd_block_size_min,

@@ -180,6 +180,20 @@ pub enum ConfigError {
         path: PathBuf,
     },
 
+    /// A `[cluster.tls]` file is unusable: unreadable, not PEM, no certificate or key in it,
+    /// expired, not valid for this node's name, key not matching the certificate, ...
+    #[error("{}: `{key}`: {}: {problem}", file.display(), path.display())]
+    Tls {
+        /// The config file.
+        file: PathBuf,
+        /// `cluster.tls.cert`, `cluster.tls.key` or `cluster.tls.ca`.
+        key: &'static str,
+        /// The file that is wrong.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+
     /// The secret file can be read by every user of the machine.
     #[error("{}: `cluster.secret_file`: {} has mode {mode:04o} (readable by others); expected no access for others (chmod 600 or 640)", file.display(), path.display())]
     SecretPermissions {

@@ -17,6 +17,8 @@
 //! - `units`: exact size (`"1.5GiB"`) and duration (`"500ms"`) parsing.
 //! - `secret`: the shared secret, read lazily by [`Config::read_secret`] so
 //!   that commands which do not talk to the peer work without it.
+//! - `tls`: the `[cluster.tls]` files, read and checked by [`Config::read_tls`]
+//!   when the peer links start ([`TlsMaterial`]).
 //! - `example`: generators of valid configs ([`ExampleSpec`]) for the demo
 //!   and the tests, with caller-chosen ports so parallel tests never clash.
 //! - `error`: [`ConfigError`]; every variant names the file, the key path
@@ -30,6 +32,7 @@ mod error;
 mod example;
 mod raw;
 mod secret;
+mod tls;
 mod units;
 
 use std::fmt;
@@ -41,6 +44,7 @@ use std::time::Duration;
 pub use error::ConfigError;
 pub use example::ExampleSpec;
 pub use secret::Secret;
+pub use tls::{crypto_provider, TlsMaterial};
 pub use units::{format_duration, format_size, parse_duration, parse_size};
 
 /// Where the agent and `mdctrl` look for the config when not told otherwise.
@@ -259,9 +263,14 @@ pub struct Resource {
     pub async_queue: u64,
     /// Resync bandwidth limit in bytes/s; `None` = unlimited.
     pub resync_rate: Option<u64>,
-    /// Capacity, in regions, of the keep-dirty LRU (hot regions left marked
-    /// dirty on the cluster partition to save metadata writes).
+    /// Capacity, in hot extents, of the keep-dirty LRU (the activity log:
+    /// extents left marked dirty on the cluster partition so that writes
+    /// into them need no metadata write).
     pub keep_dirty: usize,
+    /// Bytes per hot extent: a power of two from `region_size` up to 1 GiB
+    /// (and at most 65536 regions). Default 4 MiB (or `region_size` if
+    /// larger).
+    pub hot_extent_size: u64,
     /// Local I/O engine.
     pub engine: EngineChoice,
     /// O_DIRECT policy.
@@ -384,6 +393,20 @@ impl Config {
             None => Err(ConfigError::NoSecret {
                 file: self.path.clone(),
             }),
+        }
+    }
+
+    /// Reads and checks the `[cluster.tls]` files for node `node`; `Ok(None)` when TLS is
+    /// not configured. Like the secret, read when the peer links start, not at load.
+    ///
+    /// Errors ([`ConfigError::Tls`], naming the key and the file): a file missing or
+    /// unreadable, not PEM, without a certificate / private key; the certificate expired or
+    /// not yet valid, or not valid for `node` (subjectAltName dNSName); the key not matching
+    /// the certificate; a CA bundle without a usable certificate.
+    pub fn read_tls(&self, node: &str) -> Result<Option<TlsMaterial>, ConfigError> {
+        match &self.cluster.tls {
+            None => Ok(None),
+            Some(t) => tls::read(&self.path, t, node, std::time::SystemTime::now()).map(Some),
         }
     }
 

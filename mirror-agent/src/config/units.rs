@@ -80,7 +80,7 @@ fn scale(int: &str, frac: &str, mult: u64, what: &str) -> Result<u64, String> {
         let frac_v: u128 = frac.parse().map_err(|_| "not a number".to_string())?;
         let denom = 10u128.pow(frac.len() as u32);
         let num = frac_v * u128::from(mult);
-        if num % denom != 0 {
+        if !num.is_multiple_of(denom) {
             return Err(format!("the fraction is not a whole number of {what}"));
         }
         total = total
@@ -174,7 +174,7 @@ pub fn format_size(bytes: u64) -> String {
         ("MiB", 1 << 20),
         ("KiB", 1 << 10),
     ] {
-        if bytes != 0 && bytes % mult == 0 {
+        if bytes != 0 && bytes.is_multiple_of(mult) {
             return format!("{}{unit}", bytes / mult);
         }
     }
@@ -192,7 +192,7 @@ pub fn format_duration(d: Duration) -> String {
         ("ms", 1_000_000),
         ("us", 1_000),
     ] {
-        if ns != 0 && ns % mult == 0 {
+        if ns != 0 && ns.is_multiple_of(mult) {
             return format!("{}{unit}", ns / mult);
         }
     }

@@ -158,6 +158,15 @@ pub enum PairError {
         /// Why.
         source: peer::LinkError,
     },
+    /// `divergent_save_dir` is unusable (checked at start, design notes
+    /// property 8: a forced recovery must be able to save the loser's data).
+    #[error("resource {resource}: {cause}")]
+    SaveDir {
+        /// Resource.
+        resource: String,
+        /// The path and why (not a directory, not writable, cannot be created).
+        cause: String,
+    },
 }
 
 fn describe_decision(decision: &Decision, rule: Rule, local: &str, peer: &str) -> String {
@@ -198,6 +207,26 @@ impl Pair {
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Pair>, PairError> {
         let peer_name = rc.peer_of(node).unwrap_or_default().to_string();
+        let save_dir = rc
+            .nodes
+            .iter()
+            .find(|n| n.server == node)
+            .map(|n| n.divergent_save_dir.clone())
+            .unwrap_or_else(|| std::env::temp_dir().join("nbd-mirror-divergent"));
+        // The save directory must be usable before anything can be lost into
+        // it; its free space is only warned about here (the worst case, every
+        // dirty region, is checked again when a save is due).
+        let save_base =
+            resync::save::check_save_dir(&save_dir).map_err(|cause| PairError::SaveDir {
+                resource: rc.name.clone(),
+                cause,
+            })?;
+        let part = meta.partition();
+        let dirty = part.dirty_count();
+        let worst: u64 = dirty.saturating_mul(part.region_size());
+        if let Err(why) = resync::save::check_save_space(&save_base, dirty, worst) {
+            tracing::warn!(resource = %rc.name, "{why} (a forced recovery that makes {node} lose would be refused until then)");
+        }
         let secret = config.read_secret()?;
         // The Hello callback needs the pair, which needs the link state: break the
         // cycle with a slot filled right after construction.
@@ -219,12 +248,14 @@ impl Pair {
                 source,
             })?;
         let mut handle = peer::spawn_link(spec, shutdown);
-        let save_dir = rc
-            .nodes
-            .iter()
-            .find(|n| n.server == node)
-            .map(|n| n.divergent_save_dir.clone())
-            .unwrap_or_else(|| std::env::temp_dir().join("nbd-mirror-divergent"));
+        let restored_break = meta
+            .partition()
+            .flags()
+            .contains(Flags::OPERATOR_BREAK)
+            .then(|| "recorded in the cluster partition before the agent started".to_string());
+        if let Some(why) = &restored_break {
+            tracing::warn!(resource = %rc.name, "mirror broken by the operator ({why}): no automatic recovery until `mdctrl recover {}`", rc.name);
+        }
         let pair = Arc::new(Pair {
             resource: rc.name.clone(),
             node: node.to_string(),
@@ -251,7 +282,8 @@ impl Pair {
                 logged: None,
                 recovery: None,
                 auto_block: None,
-                operator_break: None,
+                // A `mdctrl break` survives agent restarts (flag OPERATOR_BREAK).
+                operator_break: restored_break,
             }),
             changed: Notify::new(),
             save_dir,
@@ -743,8 +775,10 @@ impl Pair {
             }
             ControlMsg::StartResync { id: req, forced } => {
                 // An operator's recover/force on either node ends an operator break.
-                lock(&self.st).operator_break = None;
-                let r = if forced {
+                let cleared = self.set_operator_break(None).await;
+                let r = if let Err(e) = cleared {
+                    Err(e)
+                } else if forced {
                     self.start_forced_local().await
                 } else {
                     self.start_decided(false).await
@@ -803,7 +837,21 @@ impl Pair {
             return Err("the state of the pair is not known yet".into());
         };
         // The requester's may_activate, seen from here: it must hold the latest data.
-        let (decision, rule) = rules::decide(&self.local_view(), &self.peer_view(peer));
+        let (local, requester) = (self.local_view(), self.peer_view(peer));
+        let both_new = PeerKnowledge::Connected {
+            view: requester.clone(),
+            active: false,
+        };
+        if rules::initial_source_allowed(&local, &both_new) {
+            // Initial mirror construction (R5): the requester's data becomes
+            // the source; it records the claim before serving, then R6.
+            tracing::info!(resource = %self.resource, peer = %self.peer_name, "both nodes new (rule {}): {} claims the initial source, {} will be copied in full", rules::R5, self.peer_name, self.node);
+            if let Some(p) = st.peer.as_mut() {
+                p.role = PeerRole::Active;
+            }
+            return Ok(());
+        }
+        let (decision, rule) = rules::decide(&local, &requester);
         match decision {
             Decision::InSync
             | Decision::Resync {
@@ -1142,6 +1190,30 @@ impl Pair {
                 format!("`mdctrl status {}` shows both sides", self.resource),
             ));
         }
+        if self.local_view().never_synced() {
+            // Granted as the initial source (both nodes new, rule R5): record
+            // the claim before the first write, so the full copy to the peer
+            // (rule R6) is decided the same way after any crash or restart.
+            let cp = self.meta.partition().clone();
+            let claimed = tokio::task::spawn_blocking(move || {
+                cp.update_superblock(|sb| {
+                    gens::claim_initial_source(sb);
+                })
+            })
+            .await;
+            let failed = match claimed {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = failed {
+                done(&mut lock(&self.st));
+                return Err(AdminError::internal(format!(
+                    "recording the initial-source claim in the cluster partition: {e}"
+                )));
+            }
+            tracing::warn!(resource = %self.resource, peer = %self.peer_name, "initial mirror construction: the data of {} is the source; {} will be overwritten by a full resync", self.node, self.peer_name);
+        }
         let vol = self.new_volume();
         let id = {
             let mut st = lock(&self.st);
@@ -1264,9 +1336,9 @@ impl Pair {
             ));
         }
         self.require_connected().await?;
+        self.set_operator_break(None).await?;
         let (decision, rule) = {
-            let mut st = lock(&self.st);
-            st.operator_break = None;
+            let st = lock(&self.st);
             if st.mirror == Mirror::InSync {
                 return Err(AdminError::refused(
                     format!(
@@ -1353,7 +1425,7 @@ impl Pair {
             ));
         }
         let connected = self.wait_peer_state(self.timeouts.connect).await;
-        lock(&self.st).operator_break = None;
+        self.set_operator_break(None).await?;
         if !connected {
             if winner != self.node {
                 return Err(AdminError {
@@ -1481,7 +1553,7 @@ impl Pair {
             return Err(AdminError::internal("not a resync decision"));
         };
         let text = describe_decision(&decision, rule, &self.node, &self.peer_name);
-        let (id, tx, rx, progress, active) = {
+        let (id, tx, rx, progress) = {
             let mut st = lock(&self.st);
             if st.mirror == Mirror::Resyncing {
                 return Err(AdminError::refused(
@@ -1503,7 +1575,6 @@ impl Pair {
                     format!("deactivate {} on {} first", self.resource, self.peer_name),
                 ));
             }
-            let active = st.role == PeerRole::Active;
             let Some(live) = st.live.as_mut() else {
                 return Err(self.unreachable());
             };
@@ -1518,17 +1589,18 @@ impl Pair {
             )));
             st.recovery = Some(progress.clone());
             st.mirror = Mirror::Resyncing;
-            (id, tx, frx, progress, active)
+            (id, tx, frx, progress)
         };
         tracing::info!(resource = %self.resource, peer = %self.peer_name, rule = rule.id, rule_name = rule.name, auto, "resync starting as source: {text}");
         let spec = resync::SourceSpec {
             engine: self.engine.clone(),
             part: self.meta.partition().clone(),
-            gate: if active {
-                self.gate.clone()
-            } else {
-                WriteGate::new(self.meta.partition().region_size())
-            },
+            // Always the pair's gate (the one the served volume writes through),
+            // also when this node is inactive now: it may be activated while the
+            // resync runs (an interrupted resync resumes before the cluster
+            // manager reactivates the source), and its writes must then be
+            // ordered with the copies and marked for recopy.
+            gate: self.gate.clone(),
             kind,
             save: save_loser_divergence,
             forced,
@@ -1713,6 +1785,29 @@ impl Pair {
         Ok(())
     }
 
+    /// Set (`mdctrl break`) or clear (`recover`, `force`) the operator break,
+    /// in memory and durably (superblock flag `OPERATOR_BREAK`), so that an
+    /// agent restart neither forgets a deliberate break nor keeps a cleared one.
+    async fn set_operator_break(&self, why: Option<&str>) -> Result<(), AdminError> {
+        lock(&self.st).operator_break = why.map(str::to_string);
+        let want = why.is_some();
+        let cp = self.meta.partition().clone();
+        if cp.flags().contains(Flags::OPERATOR_BREAK) == want {
+            return Ok(());
+        }
+        tokio::task::spawn_blocking(move || {
+            cp.update_superblock(|sb| sb.flags.set(Flags::OPERATOR_BREAK, want))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| AdminError::internal(format!("recording the operator break: {e}")))?
+        .map_err(|e| {
+            AdminError::internal(format!(
+                "recording the operator break in the cluster partition: {e}"
+            ))
+        })
+    }
+
     /// `mdctrl break`: stop replicating on purpose and record it.
     pub async fn break_mirror(self: &Arc<Self>, why: &str) -> Result<String, AdminError> {
         let (vol, tx) = {
@@ -1731,6 +1826,9 @@ impl Pair {
             }
             (st.volume.clone(), st.live.as_ref().map(|l| l.tx.clone()))
         };
+        // Durable before anything else: after an agent restart the mirror
+        // stays broken (no automatic recovery) until `recover` / `force`.
+        self.set_operator_break(Some(why)).await?;
         if let Some(vol) = vol {
             // Records begin_diverging (gens::on_break) before any write completes alone.
             vol.detach(&format!("broken by the operator: {why}"))

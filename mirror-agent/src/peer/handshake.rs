@@ -97,14 +97,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HsIo<'_, S> {
             peer: self.peer.to_string(),
             detail: format!("cannot encode our own {:?}: {e}", frame.msg.kind()),
         })?;
-        self.stream
-            .write_all(&bytes)
-            .await
-            .map_err(|source| LinkError::Io {
-                op: "write to",
-                addr: self.peer.to_string(),
-                source,
-            })
+        let io = |source| LinkError::Io {
+            op: "write to",
+            addr: self.peer.to_string(),
+            source,
+        };
+        self.stream.write_all(&bytes).await.map_err(io)?;
+        // A TLS stream may keep records buffered until flushed (a no-op on a TcpStream);
+        // the peer must see each handshake frame before we wait for its answer.
+        self.stream.flush().await.map_err(io)
     }
 
     /// Sends an Error frame (best effort) and returns `err`.

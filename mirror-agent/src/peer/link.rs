@@ -6,13 +6,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::handshake::{handshake, Side};
 use super::session::{self, CloseWatch, Session, SessionSender};
-use super::{LinkError, LinkSpec};
+use super::{tls, LinkError, LinkSpec};
 
 /// First retry delay after a failed dial; doubled per failure up to [`MAX_BACKOFF`].
 pub const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
@@ -77,6 +78,9 @@ pub fn spawn_link(spec: LinkSpec, shutdown: watch::Receiver<bool>) -> LinkHandle
     let (s_tx, s_rx) = mpsc::channel(1);
     let (st_tx, st_rx) = watch::channel(LinkState::Connecting);
     let spec = Arc::new(spec);
+    if let Some(t) = &spec.tls {
+        t.log_start(&link_name(&spec));
+    }
     let task = if spec.is_dialer() {
         tokio::spawn(dial_loop(spec, shutdown, s_tx, st_tx))
     } else {
@@ -129,10 +133,10 @@ async fn accept_one(
     establish(stream, peer_addr, Side::Acceptor, spec).await
 }
 
-/// Handshake on a connected stream (bounded by `timeouts.connect`), then
-/// start the session.
+/// TLS (when configured) and the handshake on a connected stream, all bounded by
+/// `timeouts.connect`, then start the session.
 async fn establish(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer_addr: SocketAddr,
     side: Side,
     spec: &LinkSpec,
@@ -140,12 +144,45 @@ async fn establish(
     let _ = stream.set_nodelay(true);
     let peer = peer_addr.to_string();
     let to = spec.timeouts.connect;
-    let est = tokio::time::timeout(to, handshake(&mut stream, side, spec, &peer))
+    let all = async {
+        match (&spec.tls, side) {
+            (None, Side::Initiator) => authenticate(stream, peer_addr, side, spec, &peer).await,
+            (None, Side::Acceptor) => {
+                let mut stream = stream;
+                tls::refuse_if_tls(&mut stream, &peer).await?;
+                authenticate(stream, peer_addr, side, spec, &peer).await
+            }
+            (Some(t), _) => {
+                let s = match side {
+                    Side::Initiator => tls::connect(t, stream, &spec.peer_node, &peer).await?,
+                    Side::Acceptor => tls::accept(t, stream, &spec.peer_node, &peer).await?,
+                };
+                authenticate(s, peer_addr, side, spec, &peer)
+                    .await
+                    .map_err(tls::explain)
+            }
+        }
+    };
+    tokio::time::timeout(to, all)
         .await
         .map_err(|_| LinkError::HandshakeTimeout {
             peer: peer.clone(),
             secs: to.as_secs_f64(),
-        })??;
+        })?
+}
+
+/// The Hello/HMAC handshake on `stream` (plain or TLS), then the session on it.
+async fn authenticate<S>(
+    mut stream: S,
+    peer_addr: SocketAddr,
+    side: Side,
+    spec: &LinkSpec,
+    peer: &str,
+) -> Result<Session, LinkError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let est = handshake(&mut stream, side, spec, peer).await?;
     Ok(session::start(stream, est, peer_addr, spec.timeouts))
 }
 

@@ -14,6 +14,9 @@
 //!   timeout), heartbeat; [`SessionSender`] assigns sequence numbers; [`CloseWatch`].
 //! - `link`: [`spawn_link`]: dial or accept per the dialing rule, reconnect after loss,
 //!   deliver each new session to the owner ([`LinkHandle`], [`LinkState`]).
+//! - `tls`: [`PeerTls`], optional mutual TLS 1.3 under the handshake (`[cluster.tls]`):
+//!   certificate and node-name checks both ways, refusal of a plain peer at a TLS node and
+//!   of a TLS peer at a plain node.
 //! - [`testing`]: [`testing::pair_in_memory`], two connected sessions without sockets or
 //!   authentication, for other modules' tests.
 //!
@@ -24,6 +27,13 @@
 //! link per mirrored resource (peer's `address:mirror_port`). Both use the same machinery.
 //! The control link carries `Message::Control` (JSON text, protocol kind 0x40); sessions
 //! deliver it like any other frame.
+//!
+//! # Byte streams
+//!
+//! The handshake and the session are generic over the byte stream
+//! (`AsyncRead + AsyncWrite + Unpin + Send`): a plain link runs them on the `TcpStream`
+//! itself, a TLS link on `tokio_rustls::TlsStream<TcpStream>`. Both are monomorphized, so
+//! the plain path has no boxing or dispatch on its frames.
 //!
 //! # Dialing rule
 //!
@@ -38,6 +48,7 @@ mod handshake;
 mod link;
 mod session;
 pub mod testing;
+mod tls;
 
 use std::fmt;
 use std::sync::Arc;
@@ -48,6 +59,7 @@ use crate::config::{Config, Secret, Timeouts};
 
 pub use link::{spawn_link, LinkHandle, LinkState};
 pub use session::{CloseWatch, LinkClosed, Session, SessionSender, TrySendError};
+pub use tls::PeerTls;
 
 /// Hello `resource_name` of the control link (config names cannot contain `@`, so it never
 /// collides with a resource).
@@ -115,6 +127,8 @@ pub struct LinkSpec {
     pub listen_addr: String,
     /// `host:port` the peer is dialed at (dialer side only).
     pub peer_addr: String,
+    /// TLS under the handshake (`[cluster.tls]`); `None` = plain TCP. Both ends must agree.
+    pub tls: Option<Arc<PeerTls>>,
 }
 
 impl fmt::Debug for LinkSpec {
@@ -128,6 +142,7 @@ impl fmt::Debug for LinkSpec {
             .field("timeouts", &self.timeouts)
             .field("listen_addr", &self.listen_addr)
             .field("peer_addr", &self.peer_addr)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -147,19 +162,23 @@ impl LinkSpec {
 
     /// The control link of `node` from a loaded config.
     ///
-    /// Errors: `node` or its peer not declared ([`LinkError::Config`]), TLS configured
-    /// ([`LinkError::TlsNotImplemented`]).
+    /// With `[cluster.tls]` the TLS files are read and checked here (so a bad file stops
+    /// the link, and the agent, at start with an error naming it).
+    ///
+    /// Errors: `node` or its peer not declared, or the peer's name not usable as a TLS name
+    /// ([`LinkError::Config`]); a `[cluster.tls]` file unusable ([`LinkError::TlsConfig`]).
     pub fn control(
         config: &Config,
         node: &str,
         secret: Secret,
         hello_state: HelloStateFn,
     ) -> Result<LinkSpec, LinkError> {
-        let (me, peer) = Self::servers(config, node)?;
+        let (me, peer, tls) = Self::servers(config, node)?;
         Ok(LinkSpec {
             cluster: config.cluster.name.clone(),
             local_node: me.name.clone(),
             peer_node: peer.name.clone(),
+            tls,
             resource: None,
             hello_state,
             secret,
@@ -181,7 +200,7 @@ impl LinkSpec {
         secret: Secret,
         hello_state: HelloStateFn,
     ) -> Result<LinkSpec, LinkError> {
-        let (me, peer) = Self::servers(config, node)?;
+        let (me, peer, tls) = Self::servers(config, node)?;
         let r = config
             .resource(resource)
             .ok_or_else(|| LinkError::Config(format!("resource {resource} is not declared")))?;
@@ -201,6 +220,7 @@ impl LinkSpec {
             cluster: config.cluster.name.clone(),
             local_node: me.name.clone(),
             peer_node: peer.name.clone(),
+            tls,
             resource: Some(ResourceSpec {
                 name: r.name.clone(),
                 volume_size,
@@ -214,20 +234,29 @@ impl LinkSpec {
         })
     }
 
+    #[allow(clippy::type_complexity)]
     fn servers<'c>(
         config: &'c Config,
         node: &str,
-    ) -> Result<(&'c crate::config::Server, &'c crate::config::Server), LinkError> {
-        if config.cluster.tls.is_some() {
-            return Err(LinkError::TlsNotImplemented);
-        }
+    ) -> Result<
+        (
+            &'c crate::config::Server,
+            &'c crate::config::Server,
+            Option<Arc<PeerTls>>,
+        ),
+        LinkError,
+    > {
         let me = config
             .server(node)
             .ok_or_else(|| LinkError::Config(format!("node {node} is not declared")))?;
         let peer = config
             .peer(node)
             .ok_or_else(|| LinkError::Config(format!("node {node} has no peer (standalone)")))?;
-        Ok((me, peer))
+        let tls = PeerTls::from_config(config, &me.name)?;
+        if tls.is_some() {
+            tls::server_name(&peer.name)?;
+        }
+        Ok((me, peer, tls))
     }
 }
 
@@ -342,9 +371,19 @@ pub enum LinkError {
     /// The configuration does not describe this link.
     #[error("peer link configuration: {0}")]
     Config(String),
-    /// `[cluster.tls]` is configured but TLS is not implemented on peer links.
-    #[error("TLS on peer links is not implemented yet (remove [cluster.tls] to use plain TCP authenticated by the shared secret)")]
-    TlsNotImplemented,
+    /// TLS refused the connection: the peer did not start TLS (or started it at a plain
+    /// node), or the TLS handshake failed (certificate not trusted, expired, not valid for
+    /// the configured node name, the peer rejected ours).
+    #[error("refused peer {peer}: {detail}")]
+    Tls {
+        /// Peer address.
+        peer: String,
+        /// The cause, e.g. "peer did not start TLS ..." or "TLS handshake failed: ...".
+        detail: String,
+    },
+    /// A `[cluster.tls]` file is unusable (start-up error naming the file).
+    #[error("peer link TLS configuration: {0}")]
+    TlsConfig(#[source] Box<crate::config::ConfigError>),
 }
 
 impl LinkError {
@@ -359,6 +398,7 @@ impl LinkError {
                 | LinkError::AuthRejected { .. }
                 | LinkError::PeerError { .. }
                 | LinkError::NotAuthenticated { .. }
+                | LinkError::Tls { .. }
         )
     }
 }

@@ -491,6 +491,11 @@ async fn reader<R: AsyncRead + Unpin>(
                     shared.shut(reason, Final::Nothing);
                     return;
                 }
+                // TLS reports a close without close_notify this way (a socket returns 0).
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    shared.shut(format!("peer closed the connection ({e})"), Final::Nothing);
+                    return;
+                }
                 Ok(Err(e)) => {
                     shared.shut(format!("read error: {e} (errno {})", e.raw_os_error().unwrap_or(0)), Final::Nothing);
                     return;

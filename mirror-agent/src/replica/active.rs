@@ -5,7 +5,12 @@
 //! 1. The range is registered in a FIFO range lock (arrival order), then its
 //!    regions are marked dirty on stable storage
 //!    (`try_begin_write_fast`, else `begin_write` on the blocking pool). No
-//!    data write is issued anywhere before that returns.
+//!    data write is issued anywhere before that returns. While attached,
+//!    `begin_write` marks whole hot extents (the bitmap's activity log), so
+//!    later writes nearby take the fast path with no metadata I/O; while
+//!    not attached, `begin_write_exact` marks only the written regions (they
+//!    need resync anyway), and once a break is recorded the hot set is
+//!    cooled (`cool_hot_extents`) so it does not enlarge the next resync.
 //! 2. Once every overlapping earlier request has finished locally *and* been
 //!    queued to the peer, the request takes the range. Overlapping requests
 //!    therefore get increasing `seq`s in the order they hit the local disk,
@@ -630,6 +635,7 @@ impl Inner {
     fn start_record(self: &Arc<Self>, is_break: bool) -> Gate {
         let (tx, rx) = watch::channel(Rec::Pending);
         let part = self.part.clone();
+        let part2 = self.part.clone();
         let events = self.events.clone();
         tokio::spawn(async move {
             let res = tokio::task::spawn_blocking(move || {
@@ -651,6 +657,18 @@ impl Inner {
                     let _ = tx.send(Rec::Done);
                     if is_break {
                         let _ = events.send(ReplicaEvent::BreakRecorded);
+                    }
+                    // Not replicating any more: the hot extents' intent regions
+                    // (every write to them has its Ack2) would only enlarge the
+                    // next resync. Clear them now; regions of writes still in
+                    // flight or not durable on the peer stay dirty.
+                    let p = part2;
+                    match tokio::task::spawn_blocking(move || p.cool_hot_extents()).await {
+                        Ok(Ok(n)) => {
+                            tracing::debug!(cleared = n, "hot extents cooled after the break")
+                        }
+                        Ok(Err(error)) => tracing::error!(%error, "cooling the hot extents failed"),
+                        Err(error) => tracing::error!(%error, "cool_hot_extents panicked"),
                     }
                 }
                 Err(error) => {
@@ -718,8 +736,20 @@ impl Inner {
         if let Some(t) = self.part.try_begin_write_fast(offset, len) {
             return Ok(t);
         }
+        // Hot extents pay off only while replicating: a local-only write needs
+        // resync anyway, and marking its whole extent would only enlarge that
+        // resync. (A race with an attach or a break costs at most one extent.)
+        let hot = matches!(&*lock(&self.slot), Slot::Attached(_));
         let p = self.part.clone();
-        match tokio::task::spawn_blocking(move || p.begin_write(offset, len)).await {
+        match tokio::task::spawn_blocking(move || {
+            if hot {
+                p.begin_write(offset, len)
+            } else {
+                p.begin_write_exact(offset, len)
+            }
+        })
+        .await
+        {
             Ok(Ok(t)) => Ok(t),
             Ok(Err(error)) => {
                 tracing::error!(offset, len, %error, "marking regions dirty failed: write refused");
@@ -857,7 +887,9 @@ impl Inner {
                 op.message()
             })
         };
-        let (local_res, sent) = tokio::join!(op.run_local(&*self.local), att.tx.send_with(make));
+        // The frame is queued first: the peer's leg (send, apply, flush, acks)
+        // is the longer one, so it should not wait for the local submission.
+        let (sent, local_res) = tokio::join!(att.tx.send_with(make), op.run_local(&*self.local));
         set_local(&req, local_res.is_ok(), &self.part);
         drop(guard);
         if sent.is_err() {
@@ -924,7 +956,7 @@ impl Inner {
                 Message::Flush
             })
         };
-        let (local_res, sent) = tokio::join!(self.local.flush(), att.tx.send_with(make));
+        let (sent, local_res) = tokio::join!(att.tx.send_with(make), self.local.flush());
         if sent.is_err() {
             self.break_mirror(
                 &att,

@@ -22,9 +22,10 @@
 //!                                          resync_start_target (durable: RESYNC_TARGET)
 //!                                        ← BitmapChunk × n (the merged bitmap = copy set)
 //!                                        ← Control ResyncReady{ok, reason}
-//! ResyncData × regions (window)          →
-//!                                          write (FUA), clear the region's bit durably
-//!                                        ← Ack2{seq, status}
+//! ResyncData × runs (window)             →
+//!                                          group commit: write the queued frames,
+//!                                          flush once, clear their regions durably
+//!                                        ← Ack2{seq, status} (one per frame)
 //! (regions the application rewrote during the copy are copied again; the
 //!  last pass runs with application writes held by the write gate)
 //! resync_finished_source (durable)
@@ -33,7 +34,10 @@
 //!                                        ← Control ResyncComplete
 //! ```
 //!
-//! The target clears a region's bit only once it holds the region durably,
+//! The source reads runs of consecutive regions (up to [`MAX_PIECE`]) as one
+//! frame, several runs concurrently ([`READ_AHEAD_BYTES`]), with at most
+//! [`INFLIGHT_BYTES`] in flight. The target clears a region's bit only once
+//! it holds the region durably,
 //! and `RESYNC_TARGET` only at the end: a dropped session leaves a target
 //! that still says inconsistent and whose bitmap covers exactly what is left
 //! (rule R3 resumes it, never from zero).
@@ -63,11 +67,34 @@ pub use gate::{GatedVolume, WriteGate};
 /// Regions per BitmapChunk frame (8 KiB of bits).
 pub const REGIONS_PER_CHUNK: u64 = 65_536;
 
-/// ResyncData frames in flight (sent, no Ack2 yet).
-pub const WINDOW: usize = 8;
+/// ResyncData frames in flight (sent, no Ack2 yet), at most; also bounded by
+/// [`INFLIGHT_BYTES`].
+pub const WINDOW: usize = 64;
 
-/// Largest ResyncData payload: regions larger than this are sent in pieces.
+/// Bytes of ResyncData in flight, at most: bounds the copy's memory (about
+/// this much per side) while keeping the source reading and sending while
+/// the target commits a batch.
+pub const INFLIGHT_BYTES: u64 = 32 << 20;
+
+/// The source reads up to this many bytes of runs concurrently under one
+/// hold of the write gate (scattered regions of a differential resync are
+/// read in parallel; a full resync overlaps two large reads). Bounds the
+/// time application writes wait for the gate.
+pub const READ_AHEAD_BYTES: u64 = 8 << 20;
+
+/// Largest ResyncData payload: consecutive regions of the copy set are read
+/// and sent together up to this size (one read, one frame); regions larger
+/// than this are sent in pieces.
 pub const MAX_PIECE: u64 = 4 << 20;
+
+/// The target commits received ResyncData frames in groups of up to this many
+/// bytes: the writes, one flush, one metadata write clearing their regions,
+/// then their Ack2s (instead of a FUA write and a metadata write per region).
+pub const TARGET_BATCH: u64 = 16 << 20;
+
+/// Rewritten regions few enough to copy in the last pass, with application
+/// writes held (a short pause).
+const LAST_PASS_REGIONS: usize = 8;
 
 /// Passes over rewritten regions before the last one is run with writes held.
 const MAX_OPEN_PASSES: usize = 4;
@@ -104,6 +131,9 @@ pub enum ResyncError {
     /// Metadata update failed.
     #[error("cluster partition: {0}")]
     Meta(#[from] bitmap::MetaError),
+    /// A setting makes the resync impossible (named, with the allowed values).
+    #[error("configuration: {0}")]
+    Config(String),
     /// Saving the loser's regions failed: nothing was overwritten.
     #[error("saving the divergent regions failed: {0}")]
     Save(String),
@@ -130,12 +160,17 @@ pub struct Progress {
     pub kind: ResyncKind,
     /// Rule that chose it ("R14 ahead-differential").
     pub rule: String,
+    /// The copy set is still being built (bitmaps exchanged and merged, the
+    /// loser's regions saved): `total_bytes` is not known yet.
+    pub preparing: bool,
     /// Bytes to copy (grows if the application rewrites copied regions).
     pub total_bytes: u64,
     /// Bytes copied and acknowledged durable.
     pub done_bytes: u64,
     /// Start.
     pub started: Instant,
+    /// When it finished successfully (the elapsed time stops there).
+    pub finished_at: Option<Instant>,
     /// Finished (successfully).
     pub finished: bool,
     /// Why it stopped, if it failed.
@@ -150,9 +185,11 @@ impl Progress {
             direction,
             kind,
             rule,
+            preparing: true,
             total_bytes: 0,
             done_bytes: 0,
             started: Instant::now(),
+            finished_at: None,
             finished: false,
             error: None,
         }
@@ -160,7 +197,10 @@ impl Progress {
 
     /// Status snapshot.
     pub fn status(&self) -> crate::status::RecoveryStatus {
-        let elapsed = self.started.elapsed().as_secs();
+        let elapsed_d = self
+            .finished_at
+            .map_or_else(|| self.started.elapsed(), |t| t - self.started);
+        let elapsed = elapsed_d.as_secs();
         let percent = if self.finished || self.total_bytes == 0 {
             if self.finished {
                 100.0
@@ -187,10 +227,12 @@ impl Progress {
                 ResyncKind::Full => "full".into(),
             },
             rule: self.rule.clone(),
+            preparing: self.preparing && !self.finished && self.error.is_none(),
             percent,
             done_bytes: self.done_bytes,
             total_bytes: self.total_bytes,
             elapsed_secs: elapsed,
+            elapsed_ms: elapsed_d.as_millis() as u64,
             remaining_secs: eta,
             finished: self.finished,
             error: self.error.clone(),
@@ -406,6 +448,13 @@ pub async fn run_source(
     let part = spec.part.clone();
     let rs = part.region_size();
     let n = part.region_count();
+    // The rate is validated at configuration load; re-checked here so that a
+    // resync never starts paced below one region per second (it would look hung).
+    if let Some(rate) = spec.rate.filter(|&r| r > 0 && r < rs) {
+        return Err(ResyncError::Config(format!(
+            "resync_rate {rate} bytes/s is below one region ({rs} bytes) per second: set 0 (unlimited) or at least {rs}"
+        )));
+    }
     // resync_start_source: before the first region is sent.
     blocking({
         let p = part.clone();
@@ -459,8 +508,17 @@ pub async fn run_source(
     {
         let mut p = lock(&progress);
         p.total_bytes = todo.iter().map(|&r| region_len(&part, r)).sum();
+        p.preparing = false;
     }
-    tracing::info!(regions = todo.len(), peer = %spec.peer, rule = %spec.rule, "resync source: copying");
+    match spec.rate.filter(|&r| r > 0) {
+        Some(rate) => {
+            let total = lock(&progress).total_bytes;
+            tracing::info!(regions = todo.len(), bytes = total, rate, estimated_secs = total / rate, peer = %spec.peer, rule = %spec.rule, "resync source: copying (rate limited by resync_rate)");
+        }
+        None => {
+            tracing::info!(regions = todo.len(), peer = %spec.peer, rule = %spec.rule, "resync source: copying (resync_rate unlimited)")
+        }
+    }
     let mut copier = Copier {
         spec: &spec,
         tx: &tx,
@@ -474,14 +532,13 @@ pub async fn run_source(
     // Open passes: application writes continue; regions rewritten meanwhile come back.
     let mut passes = 0;
     loop {
-        for &r in &todo {
-            copier.copy_region(r, &mut rx, &progress, false).await?;
+        for group in read_groups(&part, runs(&part, &todo)) {
+            copier.copy_runs(group, &mut rx, &progress, false).await?;
         }
-        copier.drain(&mut rx, &progress, 0).await?;
-        copier.clear_acked(false).await?;
+        copier.drain_all(&mut rx, &progress, false).await?;
         passes += 1;
         todo = spec.gate.take_rewritten();
-        if todo.is_empty() || passes >= MAX_OPEN_PASSES || todo.len() <= WINDOW {
+        if todo.is_empty() || passes >= MAX_OPEN_PASSES || todo.len() <= LAST_PASS_REGIONS {
             break;
         }
         lock(&progress).total_bytes += todo.iter().map(|&r| region_len(&part, r)).sum::<u64>();
@@ -493,11 +550,10 @@ pub async fn run_source(
     last.sort_unstable();
     last.dedup();
     lock(&progress).total_bytes += last.iter().map(|&r| region_len(&part, r)).sum::<u64>();
-    for &r in &last {
-        copier.copy_region(r, &mut rx, &progress, true).await?;
+    for group in read_groups(&part, runs(&part, &last)) {
+        copier.copy_runs(group, &mut rx, &progress, true).await?;
     }
-    copier.drain(&mut rx, &progress, 0).await?;
-    copier.clear_acked(true).await?;
+    copier.drain_all(&mut rx, &progress, true).await?;
     spec.gate.stop_tracking();
     // Source end first, then tell the target (§4 ordering).
     let source_current = blocking({
@@ -531,6 +587,7 @@ pub async fn run_source(
     {
         let mut p = lock(&progress);
         p.finished = true;
+        p.finished_at = Some(Instant::now());
         p.done_bytes = p.total_bytes;
     }
     tracing::info!(regions = copier.regions, bytes = copier.bytes, elapsed = ?copier.started.elapsed(), "resync source: finished");
@@ -546,11 +603,61 @@ fn region_len(part: &ClusterPartition, r: u64) -> u64 {
     b.end - b.start
 }
 
+/// Groups runs into read groups of at most [`READ_AHEAD_BYTES`] (a larger
+/// run is a group of its own) and at most `WINDOW / 2` runs.
+fn read_groups(
+    part: &ClusterPartition,
+    runs: Vec<std::ops::RangeInclusive<u64>>,
+) -> Vec<Vec<std::ops::RangeInclusive<u64>>> {
+    let bytes = |r: &std::ops::RangeInclusive<u64>| {
+        part.region_bytes(*r.end()).end - part.region_bytes(*r.start()).start
+    };
+    let mut out: Vec<Vec<std::ops::RangeInclusive<u64>>> = Vec::new();
+    let mut cur: Vec<std::ops::RangeInclusive<u64>> = Vec::new();
+    let mut n = 0;
+    for r in runs {
+        let b = bytes(&r);
+        if !cur.is_empty() && (n + b > READ_AHEAD_BYTES || cur.len() >= WINDOW / 2) {
+            out.push(std::mem::take(&mut cur));
+            n = 0;
+        }
+        n += b;
+        cur.push(r);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Groups sorted regions into runs of consecutive regions of at most
+/// [`MAX_PIECE`] bytes (a larger region is a run of its own): each run is
+/// read once and sent as one frame (or as pieces, for a large region).
+fn runs(part: &ClusterPartition, sorted: &[u64]) -> Vec<std::ops::RangeInclusive<u64>> {
+    let mut out: Vec<std::ops::RangeInclusive<u64>> = Vec::new();
+    let mut cur: Option<(u64, u64, u64)> = None; // first, last, bytes
+    for &r in sorted {
+        let len = region_len(part, r);
+        cur = match cur {
+            Some((a, b, n)) if r == b + 1 && n + len <= MAX_PIECE => Some((a, r, n + len)),
+            Some((a, b, _)) => {
+                out.push(a..=b);
+                Some((r, r, len))
+            }
+            None => Some((r, r, len)),
+        };
+    }
+    if let Some((a, b, _)) = cur {
+        out.push(a..=b);
+    }
+    out
+}
+
 struct Copier<'a> {
     spec: &'a SourceSpec,
     tx: &'a SessionSender,
-    /// seq → (region, bytes)
-    inflight: BTreeMap<u64, (u64, u64)>,
+    /// seq → (first region, last region, bytes) of a frame in flight
+    inflight: BTreeMap<u64, (u64, u64, u64)>,
     regions: u64,
     bytes: u64,
     started: Instant,
@@ -563,36 +670,55 @@ struct Copier<'a> {
 const CLEAR_BATCH: usize = 16;
 
 impl Copier<'_> {
-    async fn copy_region(
+    /// Copy a group of runs (consecutive regions each): their reads are
+    /// issued together under one hold of the gate, then each run is sent as
+    /// one frame (or pieces of at most [`MAX_PIECE`] for a large region).
+    async fn copy_runs(
         &mut self,
-        r: u64,
+        group: Vec<std::ops::RangeInclusive<u64>>,
         rx: &mut Inbox,
         progress: &ProgressHandle,
         held: bool,
     ) -> Result<(), ResyncError> {
-        self.drain(rx, progress, WINDOW - 1).await?;
-        if self.acked.len() >= CLEAR_BATCH {
-            self.clear_acked(held).await?;
+        let spec: &SourceSpec = self.spec;
+        let part = &spec.part;
+        let mut reads: Vec<(u64, u64)> = Vec::new();
+        for run in &group {
+            let range = part.region_bytes(*run.start()).start..part.region_bytes(*run.end()).end;
+            let mut off = range.start;
+            while off < range.end {
+                let len = (range.end - off).min(MAX_PIECE);
+                reads.push((off, len));
+                off += len;
+            }
         }
-        let range = self.spec.part.region_bytes(r);
+        let want: u64 = reads.iter().map(|r| r.1).sum();
+        let frames = reads.len();
+        self.drain_for(rx, progress, frames, want, held).await?;
         // Read under the gate (unless the caller holds it): no application
-        // write to the volume is in flight while the region is read, and the
-        // rewrite mark is taken at the same instant.
+        // write to the volume is in flight while the regions are read, and
+        // their rewrite marks are taken at the same instant.
         let guard = if held {
             None
         } else {
-            Some(self.spec.gate.exclusive().await)
+            Some(spec.gate.exclusive().await)
         };
-        self.spec.gate.forget(r);
-        let mut pieces = Vec::new();
-        let mut off = range.start;
-        while off < range.end {
-            let len = (range.end - off).min(MAX_PIECE);
-            let data = self
-                .spec
-                .engine
-                .read(off, len as usize)
+        for run in &group {
+            for r in run.clone() {
+                spec.gate.forget(r);
+            }
+        }
+        // All reads in flight at once: spawned, since an engine future may
+        // only start its I/O when polled.
+        let pending: Vec<_> = reads
+            .iter()
+            .map(|&(off, len)| (off, len, tokio::spawn(spec.engine.read(off, len as usize))))
+            .collect();
+        let mut pieces = Vec::with_capacity(pending.len());
+        for (off, len, task) in pending {
+            let data = task
                 .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(format!("read task: {e}"))))
                 .map_err(|source| ResyncError::Io {
                     op: "read",
                     offset: off,
@@ -600,21 +726,63 @@ impl Copier<'_> {
                     source,
                 })?;
             pieces.push((off, Bytes::from(data)));
-            off += len;
         }
         drop(guard);
         for (off, data) in pieces {
             let len = data.len() as u64;
+            let (first, last) = (part.region_of(off), part.region_of(off + len - 1));
             let seq = send(self.tx, Message::resync_data(off, data)).await?;
-            self.inflight.insert(seq, (r, len));
+            self.inflight.insert(seq, (first, last, len));
         }
-        self.copied.insert(r);
-        self.regions += 1;
-        if let Some(rate) = self.spec.rate.filter(|&r| r > 0) {
-            // Pace: the bytes sent so far should take at least bytes/rate.
-            self.bytes_paced(rate).await;
+        for run in group {
+            for r in run {
+                self.copied.insert(r);
+                self.regions += 1;
+            }
+        }
+        if let Some(rate) = spec.rate.filter(|&r| r > 0) {
+            self.bytes_paced(rx, progress, rate, held).await?;
         }
         Ok(())
+    }
+
+    /// Wait for Ack2s until `frames` more frames of `bytes` fit the window
+    /// ([`WINDOW`] frames, [`INFLIGHT_BYTES`] bytes; a group larger than the
+    /// byte bound waits for an empty window).
+    /// Acknowledged regions are cleared here in batches of [`CLEAR_BATCH`]
+    /// as the Ack2s arrive, so that an interruption loses little progress.
+    async fn drain_for(
+        &mut self,
+        rx: &mut Inbox,
+        progress: &ProgressHandle,
+        frames: usize,
+        bytes: u64,
+        held: bool,
+    ) -> Result<(), ResyncError> {
+        loop {
+            self.poll_acks(rx, progress)?;
+            if self.acked.len() >= CLEAR_BATCH {
+                self.clear_acked(held).await?;
+            }
+            let n = self.inflight.len();
+            let b: u64 = self.inflight.values().map(|v| v.2).sum();
+            if n == 0 || (n + frames <= WINDOW && b + bytes <= INFLIGHT_BYTES) {
+                return Ok(());
+            }
+            self.drain(rx, progress, n - 1).await?;
+        }
+    }
+
+    /// Wait for every Ack2 (clearing in batches meanwhile), then clear the rest.
+    async fn drain_all(
+        &mut self,
+        rx: &mut Inbox,
+        progress: &ProgressHandle,
+        held: bool,
+    ) -> Result<(), ResyncError> {
+        // frames = WINDOW + 1 never fits: waits until nothing is in flight.
+        self.drain_for(rx, progress, WINDOW + 1, 0, held).await?;
+        self.clear_acked(held).await
     }
 
     /// The target holds these regions durably: clear them here too, so that
@@ -641,13 +809,38 @@ impl Copier<'_> {
         r
     }
 
-    async fn bytes_paced(&self, rate: u64) {
-        let sent: u64 = self.bytes + self.inflight.values().map(|v| v.1).sum::<u64>();
+    /// Pace to `rate`: the bytes sent so far should take at least
+    /// bytes/rate. Ack2s arriving meanwhile are handled (progress, clears).
+    /// There is time while paced: acknowledged regions are cleared at once,
+    /// so an interruption recopies nothing the target acknowledged.
+    async fn bytes_paced(
+        &mut self,
+        rx: &mut Inbox,
+        progress: &ProgressHandle,
+        rate: u64,
+        held: bool,
+    ) -> Result<(), ResyncError> {
+        let sent: u64 = self.bytes + self.inflight.values().map(|v| v.2).sum::<u64>();
         let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-        let el = self.started.elapsed();
-        if due > el {
-            tokio::time::sleep(due - el).await;
+        let deadline = tokio::time::Instant::from_std(self.started + due);
+        while tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout_at(deadline, recv(rx)).await {
+                Ok(f) => {
+                    self.on_frame(f?, progress)?;
+                    self.clear_acked(held).await?;
+                }
+                Err(_) => break,
+            }
         }
+        Ok(())
+    }
+
+    /// Handle the Ack2s that already arrived, without waiting.
+    fn poll_acks(&mut self, rx: &mut Inbox, progress: &ProgressHandle) -> Result<(), ResyncError> {
+        while let Ok(f) = rx.try_recv() {
+            self.on_frame(f, progress)?;
+        }
+        Ok(())
     }
 
     /// Wait for Ack2s until at most `keep` copies are in flight.
@@ -659,37 +852,44 @@ impl Copier<'_> {
     ) -> Result<(), ResyncError> {
         while self.inflight.len() > keep {
             let f = recv(rx).await?;
-            match f.msg {
-                Message::Ack2 { seq, status } => {
-                    let Some((r, len)) = self.inflight.remove(&seq) else {
-                        return Err(ResyncError::Protocol(format!(
-                            "Ack2 for unknown resync seq {seq}"
-                        )));
-                    };
-                    if status != 0 {
-                        return Err(ResyncError::Protocol(format!(
-                            "{} could not write region {r}: errno {}",
-                            self.spec.peer, -status
-                        )));
-                    }
-                    self.bytes += len;
-                    lock(progress).done_bytes += len;
-                    // copy_region queues every piece of a region before
-                    // returning: none left in flight = the whole region is durable there.
-                    if !self.inflight.values().any(|&(x, _)| x == r) {
+            self.on_frame(f, progress)?;
+        }
+        Ok(())
+    }
+
+    /// One frame from the target during the copy: an Ack2 (progress; its
+    /// regions become clearable once no piece of them is in flight).
+    fn on_frame(&mut self, f: Frame, progress: &ProgressHandle) -> Result<(), ResyncError> {
+        match f.msg {
+            Message::Ack2 { seq, status } => {
+                let Some((first, last, len)) = self.inflight.remove(&seq) else {
+                    return Err(ResyncError::Protocol(format!(
+                        "Ack2 for unknown resync seq {seq}"
+                    )));
+                };
+                if status != 0 {
+                    return Err(ResyncError::Protocol(format!(
+                        "{} could not write regions {first}..={last}: errno {}",
+                        self.spec.peer, -status
+                    )));
+                }
+                self.bytes += len;
+                lock(progress).done_bytes += len;
+                // copy_runs queues every piece of a region before returning:
+                // none left in flight = the whole region is durable there.
+                for r in first..=last {
+                    if !self.inflight.values().any(|&(a, b, _)| a <= r && r <= b) {
                         self.acked.push(r);
                     }
                 }
-                Message::Ack1 { .. } => {}
-                other => {
-                    return Err(ResyncError::Protocol(format!(
-                        "unexpected {:?} during the resync",
-                        other.kind()
-                    )))
-                }
+                Ok(())
             }
+            Message::Ack1 { .. } => Ok(()),
+            other => Err(ResyncError::Protocol(format!(
+                "unexpected {:?} during the resync",
+                other.kind()
+            ))),
         }
-        Ok(())
     }
 }
 
@@ -739,6 +939,133 @@ fn target_unfit(spec: &TargetSpec) -> Option<String> {
         ));
     }
     None
+}
+
+/// The result of a spawned engine operation (a panicked task is an I/O error).
+async fn join_io<T>(t: tokio::task::JoinHandle<std::io::Result<T>>) -> std::io::Result<T> {
+    t.await
+        .unwrap_or_else(|e| Err(std::io::Error::other(format!("engine task: {e}"))))
+}
+
+fn data_len(f: &Frame) -> u64 {
+    match &f.msg {
+        Message::ResyncData { data, .. } => data.len() as u64,
+        _ => 0,
+    }
+}
+
+/// Write a batch of ResyncData frames, make them durable with one flush,
+/// clear the regions they complete with one metadata write, and send their
+/// Ack2s (only then: an Ack2 means durable here, and the source clears its
+/// bits on it). Returns the regions completed and the bytes written.
+async fn commit_batch(
+    spec: &TargetSpec,
+    part: &Arc<ClusterPartition>,
+    tx: &SessionSender,
+    batch: Vec<Frame>,
+    progress: &ProgressHandle,
+) -> Result<(u64, u64), ResyncError> {
+    let size = part.volume_size();
+    // Validate everything first, then issue the writes together (spawned:
+    // an engine future may only start its I/O when polled) — unless two
+    // frames overlap (the protocol never sends a region again before the
+    // earlier copy was acknowledged, but order must not depend on that):
+    // then one at a time, in arrival order.
+    let mut spans: Vec<(u64, u64)> = batch
+        .iter()
+        .filter_map(|f| match &f.msg {
+            Message::ResyncData { offset, data, .. } => {
+                Some((*offset, offset.saturating_add(data.len() as u64)))
+            }
+            _ => None,
+        })
+        .collect();
+    spans.sort_unstable();
+    let overlapping = spans.windows(2).any(|w| w[1].0 < w[0].1);
+    let mut writes = Vec::with_capacity(batch.len());
+    for f in &batch {
+        let Message::ResyncData {
+            offset,
+            checksum,
+            data,
+        } = &f.msg
+        else {
+            continue;
+        };
+        let (off, len) = (*offset, data.len() as u64);
+        if len == 0 || off.checked_add(len).is_none_or(|e| e > size) {
+            return Err(ResyncError::Protocol(format!(
+                "ResyncData at {off} (+{len}) outside the volume ({size} bytes) or empty"
+            )));
+        }
+        if crc32fast::hash(data) != *checksum {
+            return Err(ResyncError::Protocol(format!(
+                "ResyncData at {off}: checksum expected {checksum:#010x}, actual {:#010x}",
+                crc32fast::hash(data)
+            )));
+        }
+        let mut task = Some(tokio::spawn(spec.engine.write(off, data.clone(), false)));
+        let mut done = None;
+        if overlapping {
+            // Completes before the next one is issued.
+            done = Some(join_io(task.take().expect("spawned")).await);
+        }
+        writes.push((f.seq, off, len, task, done));
+    }
+    let mut results = Vec::with_capacity(writes.len());
+    for (seq, off, len, task, done) in writes {
+        let r = match (task, done) {
+            (Some(t), _) => join_io(t).await,
+            (None, Some(r)) => r,
+            (None, None) => Err(std::io::Error::other("write not issued")),
+        };
+        let status = match r {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(offset = off, len, "resync target write failed: {e}");
+                -e.raw_os_error().unwrap_or(libc::EIO)
+            }
+        };
+        results.push((seq, off, len, status));
+    }
+    if results.iter().any(|r| r.3 == 0) {
+        if let Err(e) = spec.engine.flush().await {
+            tracing::error!("resync target flush failed: {e}");
+            let errno = -e.raw_os_error().unwrap_or(libc::EIO);
+            for r in results.iter_mut().filter(|r| r.3 == 0) {
+                r.3 = errno;
+            }
+        }
+    }
+    // The regions whose last byte arrived durably (pieces of a large region
+    // arrive in order; the piece ending at its end completes it).
+    let mut done = Vec::new();
+    let mut bytes = 0u64;
+    for &(_, off, len, status) in &results {
+        if status != 0 {
+            continue;
+        }
+        bytes += len;
+        let end = off + len;
+        for r in part.region_of(off)..=part.region_of(end - 1) {
+            if part.region_bytes(r).end <= end {
+                done.push(r);
+            }
+        }
+    }
+    let regions = done.len() as u64;
+    if !done.is_empty() {
+        blocking({
+            let p = part.clone();
+            move || p.clear_regions(done).map(|_| ())
+        })
+        .await?;
+    }
+    lock(progress).done_bytes += bytes;
+    for (seq, _, _, status) in results {
+        send(tx, Message::Ack2 { seq, status }).await?;
+    }
+    Ok((regions, bytes))
 }
 
 /// How the target reached the end.
@@ -834,7 +1161,11 @@ pub async fn run_target(
         move || p.update_superblock(gens::resync_start_target).map(|_| ())
     })
     .await?;
-    lock(&progress).total_bytes = copy.iter_ones().map(|r| region_len(&part, r)).sum();
+    {
+        let mut p = lock(&progress);
+        p.total_bytes = copy.iter_ones().map(|r| region_len(&part, r)).sum();
+        p.preparing = false;
+    }
     send_bitmap(&tx, &copy, rs).await?;
     send_control(
         &tx,
@@ -845,50 +1176,37 @@ pub async fn run_target(
     )
     .await?;
     let (mut regions, mut bytes) = (0u64, 0u64);
-    let size = part.volume_size();
+    // A control frame that ended a batch early, handled after the batch.
+    let mut held_back: Option<Frame> = None;
     loop {
-        let f = recv(&mut rx).await?;
+        let f = match held_back.take() {
+            Some(f) => f,
+            None => recv(&mut rx).await?,
+        };
         match &f.msg {
-            Message::ResyncData {
-                offset,
-                checksum,
-                data,
-            } => {
-                let (off, len) = (*offset, data.len() as u64);
-                if off.checked_add(len).is_none_or(|e| e > size) {
-                    return Err(ResyncError::Protocol(format!(
-                        "ResyncData at {off} (+{len}) beyond the volume ({size} bytes)"
-                    )));
-                }
-                if crc32fast::hash(data) != *checksum {
-                    return Err(ResyncError::Protocol(format!(
-                        "ResyncData at {off}: checksum expected {checksum:#010x}, actual {:#010x}",
-                        crc32fast::hash(data)
-                    )));
-                }
-                let status = match spec.engine.write(off, data.clone(), true).await {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        tracing::error!(offset = off, len, "resync target write failed: {e}");
-                        -e.raw_os_error().unwrap_or(libc::EIO)
+            Message::ResyncData { .. } => {
+                // Group commit: take every ResyncData already queued (up to
+                // TARGET_BATCH bytes), write them, flush once, clear their
+                // regions in one metadata write, then acknowledge them.
+                let mut batch = vec![f];
+                let mut batch_bytes = data_len(&batch[0]);
+                while batch_bytes < TARGET_BATCH {
+                    match rx.try_recv() {
+                        Ok(g) if matches!(g.msg, Message::ResyncData { .. }) => {
+                            batch_bytes += data_len(&g);
+                            batch.push(g);
+                        }
+                        Ok(g) => {
+                            held_back = Some(g);
+                            break;
+                        }
+                        // Empty, or the session ended (the next recv says so).
+                        Err(_) => break,
                     }
-                };
-                if status == 0 {
-                    // The region is durable here: its bit may go (only when
-                    // the whole region arrived: pieces end at its end).
-                    let r = part.region_of(off);
-                    if off + len == part.region_bytes(r).end {
-                        blocking({
-                            let p = part.clone();
-                            move || p.clear_regions([r]).map(|_| ())
-                        })
-                        .await?;
-                        regions += 1;
-                    }
-                    bytes += len;
-                    lock(&progress).done_bytes += len;
                 }
-                send(&tx, Message::Ack2 { seq: f.seq, status }).await?;
+                let (r, b) = commit_batch(&spec, &part, &tx, batch, &progress).await?;
+                regions += r;
+                bytes += b;
             }
             Message::Control { .. } => match control_of(&f) {
                 Some(ControlMsg::ResyncFinished { source_current }) => {
@@ -917,6 +1235,7 @@ pub async fn run_target(
                     {
                         let mut p = lock(&progress);
                         p.finished = true;
+                        p.finished_at = Some(Instant::now());
                         p.done_bytes = p.total_bytes;
                     }
                     return Ok(TargetDone {

@@ -20,21 +20,34 @@ t "agent answers ping"
 $MD status md1 || fail "mdctrl status md1"
 
 t "STEP mdctrl activate md1 (agent path)"
+# A blank volume has no file system: activate --nomount attaches /dev/nbd0 only,
+# mkfs through it, deactivate (detach), then activate does fsck + mount itself.
 AGENT_PATH=no
-if $MD activate md1 > /tmp/act.out 2>&1; then
-  if [ "$(cat /sys/block/nbd0/size)" != 0 ] && grep -q " /mnt/md1 " /proc/mounts; then
-    AGENT_PATH=yes
-    t "agent attached /dev/nbd0 and mounted /mnt/md1"
-    echo agent-path > /mnt/md1/agent-path || fail "write through the agent's mount"
-    sync
-  else
-    t "INFO agent activation does not attach nbd_device yet (nbd0 size $(cat /sys/block/nbd0/size)); using the helper"
-  fi
-  $MD deactivate md1 > /tmp/deact.out 2>&1 || fail "mdctrl deactivate md1: $(tail -3 /tmp/deact.out)"
-  [ "$AGENT_PATH" = yes ] && { grep -q " /mnt/md1 " /proc/mounts && fail "still mounted after deactivate"; [ "$(cat /sys/block/nbd0/size)" = 0 ] || fail "nbd0 still attached after deactivate"; }
-else
-  fail "mdctrl activate md1: $(tail -3 /tmp/act.out)"
-fi
+$MD activate md1 --nomount > /tmp/act.out 2>&1 || fail "mdctrl activate md1 --nomount: $(tail -3 /tmp/act.out)"
+[ "$(cat /sys/block/nbd0/size)" != 0 ] || fail "activate --nomount did not attach /dev/nbd0 (size 0)"
+grep -q " /mnt/md1 " /proc/mounts && fail "activate --nomount mounted /mnt/md1"
+mkfs.ext4 -q -F /dev/nbd0 > /tmp/mkfs.out 2>&1 || fail "mkfs.ext4 /dev/nbd0 (agent's attach): $(tail -2 /tmp/mkfs.out)"
+$MD deactivate md1 > /tmp/deact.out 2>&1 || fail "mdctrl deactivate md1 (nomount): $(tail -3 /tmp/deact.out)"
+[ "$(cat /sys/block/nbd0/size)" = 0 ] || fail "nbd0 still attached after deactivate (nomount)"
+$MD activate md1 > /tmp/act.out 2>&1 || fail "mdctrl activate md1 (fsck + mount): $(tail -3 /tmp/act.out)"
+[ "$(cat /sys/block/nbd0/size)" != 0 ] || fail "activate did not attach /dev/nbd0"
+grep -q "^/dev/nbd0 /mnt/md1 ext4" /proc/mounts || fail "activate did not mount /dev/nbd0 on /mnt/md1: $(grep md1 /proc/mounts)"
+t "agent attached /dev/nbd0 and mounted /mnt/md1"
+dd if=/dev/urandom of=/mnt/md1/agent-path bs=1M count=4 conv=fsync 2>/dev/null || fail "write through the agent's mount"
+W=$($MD status md1 --json | grep '"written_bytes"' | tr -dc 0-9)
+[ "${W:-0}" -ge 4194304 ] || fail "agent's NBD counters show ${W:-?} bytes written, expected >= 4 MiB through /dev/nbd0"
+(cd /mnt/md1 && exec sleep 600) &
+HOLD=$!
+i=0; until [ "$(readlink /proc/$HOLD/cwd)" = /mnt/md1 ]; do i=$((i+1)); [ $i -gt 300 ] && fail "holder never entered /mnt/md1"; sleep 0.05; done
+$MD deactivate md1 > /tmp/deact.out 2>&1 && fail "mdctrl deactivate md1 succeeded while pid $HOLD uses /mnt/md1"
+grep -q "$HOLD" /tmp/deact.out || fail "busy deactivate refusal does not name pid $HOLD: $(tail -2 /tmp/deact.out)"
+grep -q " /mnt/md1 " /proc/mounts || fail "busy deactivate unmounted anyway"
+t "mdctrl deactivate refused while busy: $(head -1 /tmp/deact.out | cut -c1-150)"
+kill $HOLD; wait $HOLD 2>/dev/null
+$MD deactivate md1 > /tmp/deact.out 2>&1 || fail "mdctrl deactivate md1: $(tail -3 /tmp/deact.out)"
+grep -q " /mnt/md1 " /proc/mounts && fail "still mounted after deactivate"
+[ "$(cat /sys/block/nbd0/size)" = 0 ] || fail "nbd0 still attached after deactivate"
+AGENT_PATH=yes
 t "STEP mirror-agent stop"
 kill -TERM $AGENT; wait $AGENT; t "agent exited rc=$?"
 
