@@ -76,7 +76,7 @@ enum Cmd {
     Activate {
         /// Resource name.
         resource: String,
-        /// Do not attach a kernel nbd device or mount (the ancestor's `-nomount`).
+        /// Attach the kernel nbd device (if configured) but skip fsck and mount (the ancestor's `-nomount`).
         #[arg(long)]
         nomount: bool,
     },
@@ -383,12 +383,10 @@ fn wait_recovery(socket: &std::path::Path, resource: &str) -> Result<(), Failure
             Some(r) => {
                 seen_running = true;
                 println!(
-                    "{}: {} {:.1}% ({} of {}), used {}, remain {}",
+                    "{}: {} {}, used {}, remain {}",
                     resource,
                     r.direction,
-                    r.percent,
-                    render::human(r.done_bytes),
-                    render::human(r.total_bytes),
+                    render::recovery_progress(r),
                     render::hms(r.elapsed_secs),
                     r.remaining_secs
                         .map(render::hms)

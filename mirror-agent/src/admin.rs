@@ -49,7 +49,7 @@ pub enum Request {
     Activate {
         /// Resource name.
         resource: String,
-        /// Do not attach a kernel nbd device / mount (the ancestor's `-nomount`).
+        /// Attach the kernel nbd device (if configured) but skip fsck and mount (the ancestor's `-nomount`).
         #[serde(default)]
         nomount: bool,
     },

@@ -160,6 +160,10 @@ fn log_outcome(
 pub fn run(config_path: &Path, node: &str) -> Result<(), DaemonError> {
     let config = Config::load(config_path)?;
     config.node_check(node)?;
+    // TLS files are checked up front (missing, not PEM, expired, key/cert
+    // mismatch): a bad file stops the agent here, naming it, whatever links
+    // it would have been used on.
+    config.read_tls(node)?;
     // Serving a kernel nbd device on this host: writeback may have to go
     // through this process, so it must not block on reclaim (before the
     // runtime: the flag is per thread and inherited by the workers).

@@ -126,7 +126,7 @@ pub struct PairStatus {
     pub connection: String,
     /// The peer's socket address while connected.
     pub peer_address: Option<String>,
-    /// The peer's role as it last reported it.
+    /// The peer's role as it reports it; `None` while not connected.
     pub peer_role: Option<Role>,
     /// The peer's disk as it last reported it.
     pub peer_disk: Option<PeerDisk>,

@@ -620,6 +620,16 @@ fn feed_bad_frames(agent: &mut tests::Agent, mut session: impl FnMut() -> FakePe
         let closed = f.wait_closed(Duration::from_secs(5));
         let took = t0.elapsed();
         assert!(agent.is_running(), "{name}: the agent exited");
+        if name.starts_with("Write to") {
+            // A valid frame in the wrong state: the peer is told why.
+            assert!(
+                closed
+                    .errors
+                    .iter()
+                    .any(|(code, _)| *code == mirror_proto::error_code::UNEXPECTED_MESSAGE),
+                "{name}: expected Error(UNEXPECTED_MESSAGE) before the close, got {closed:?}"
+            );
+        }
         let found = poll_until(Duration::from_secs(3), || {
             let log = agent.log();
             let new = &log[before.min(log.len())..];

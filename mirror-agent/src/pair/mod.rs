@@ -169,6 +169,10 @@ pub enum PairError {
     },
 }
 
+/// Prefix of a dispatch error caused by a frame not valid in this state: the
+/// session is then closed with Error(UNEXPECTED_MESSAGE).
+const UNEXPECTED: &str = "unexpected message: ";
+
 fn describe_decision(decision: &Decision, rule: Rule, local: &str, peer: &str) -> String {
     let text = match decision {
         Decision::Resync {
@@ -418,7 +422,12 @@ impl Pair {
                     Some(frame) => {
                         if let Err(why) = self.dispatch(id, &tx, frame).await {
                             tracing::warn!(resource = %self.resource, peer = %self.peer_name, "closing peer session: {why}");
-                            tx.close(&why);
+                            if why.starts_with(UNEXPECTED) {
+                                // The peer broke the protocol: tell it why (Error frame), not just Goodbye.
+                                tx.close_with_error(&why, mirror_proto::error_code::UNEXPECTED_MESSAGE);
+                            } else {
+                                tx.close(&why);
+                            }
                             break why;
                         }
                     }
@@ -487,12 +496,12 @@ impl Pair {
                     tracing::debug!(resource = %self.resource, "bitmap chunk of a refused resync ignored");
                     Ok(())
                 }
-                None => Err(format!("peer {} sent resync data while {} is not its resync target: nothing applied", self.peer_name, self.node)),
+                None => Err(format!("{UNEXPECTED}peer {} sent resync data while {} is not its resync target: nothing applied", self.peer_name, self.node)),
             },
             Message::Write { .. } | Message::Trim { .. } | Message::WriteZeroes { .. } | Message::Flush => match to_standby {
                 Some(to) => to.send(frame).await.map_err(|_| "standby applier ended".to_string()),
                 None => Err(format!(
-                    "peer {} sent {:?} data while {} is not its standby (not granted, or not in sync): nothing applied",
+                    "{UNEXPECTED}peer {} sent {:?} data while {} is not its standby (not granted, or not in sync): nothing applied",
                     self.peer_name,
                     frame.msg.kind(),
                     self.node
@@ -512,7 +521,7 @@ impl Pair {
                     None => Ok(()),
                 }
             }
-            other => Err(format!("unexpected {:?} frame on the data link", other.kind())),
+            other => Err(format!("{UNEXPECTED}{:?} frame on the data link", other.kind())),
         }
     }
 
@@ -1852,14 +1861,27 @@ impl Pair {
         let st = lock(&self.st);
         let link = describe_link(&self.link_state.borrow());
         let connected = st.live.is_some();
-        let decision = st
-            .peer
+        // While a resync runs, re-deciding would name the resume rule (the
+        // target carries RESYNC_TARGET by then): show the running one's.
+        let running = st
+            .recovery
             .as_ref()
-            .filter(|_| connected && st.mirror != Mirror::InSync)
-            .map(|p| {
-                let (d, r) = rules::decide(&self.local_view(), &self.peer_view(p));
-                describe_decision(&d, r, &self.node, &self.peer_name)
-            });
+            .map(|p| lock(p).status())
+            .filter(|r| st.mirror == Mirror::Resyncing && !r.finished && r.error.is_none());
+        let decision = match running {
+            Some(r) => Some(format!(
+                "{}: {} resync {} (running)",
+                r.rule, r.kind, r.direction
+            )),
+            None => st
+                .peer
+                .as_ref()
+                .filter(|_| connected && st.mirror != Mirror::InSync)
+                .map(|p| {
+                    let (d, r) = rules::decide(&self.local_view(), &self.peer_view(p));
+                    describe_decision(&d, r, &self.node, &self.peer_name)
+                }),
+        };
         let in_sync = st.mirror == Mirror::InSync;
         let sync = match (&st.mirror, connected) {
             (_, false) if st.peer.is_none() => {
@@ -1877,10 +1899,16 @@ impl Pair {
             peer: self.peer_name.clone(),
             connection: if connected { "connected".into() } else { link },
             peer_address: st.live.as_ref().map(|l| l.peer_addr.to_string()),
-            peer_role: st.peer.as_ref().map(|p| match p.role {
-                PeerRole::Active => crate::status::Role::Active,
-                PeerRole::Inactive => crate::status::Role::Inactive,
-            }),
+            // Only while connected: a peer that went away may have been
+            // activated elsewhere since; its last known role would mislead.
+            peer_role: st
+                .peer
+                .as_ref()
+                .filter(|_| connected)
+                .map(|p| match p.role {
+                    PeerRole::Active => crate::status::Role::Active,
+                    PeerRole::Inactive => crate::status::Role::Inactive,
+                }),
             peer_disk: st.peer.as_ref().map(|p| crate::status::PeerDisk {
                 consistent: !Flags(p.flags).contains(Flags::RESYNC_TARGET),
                 disk_error: Flags(p.flags).contains(Flags::DISK_ERROR),

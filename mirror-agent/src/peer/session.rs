@@ -233,6 +233,20 @@ impl SessionSender {
             .shut(reason.to_string(), Final::Goodbye(goodbye));
     }
 
+    /// Closes the session with an Error frame (`code` from
+    /// `mirror_proto::error_code`) instead of a Goodbye: for a peer that broke
+    /// the protocol. Queued frames are dropped; `reason` is what
+    /// [`CloseWatch`] reports.
+    pub fn close_with_error(&self, reason: &str, code: u32) {
+        self.shared.shut(
+            reason.to_string(),
+            Final::Error {
+                code,
+                message: reason.to_string(),
+            },
+        );
+    }
+
     /// True once the session is closing or closed (no more frames are accepted).
     pub fn is_closed(&self) -> bool {
         self.shared.is_closing()

@@ -1079,6 +1079,15 @@ impl Inner {
     }
 }
 
+/// Tells a standby that broke the protocol why the link ends (an Error
+/// frame, not a Goodbye), before the mirror breaks.
+fn refuse_protocol_error(att: &Attachment, reason: &str) {
+    if reason.starts_with("protocol error") {
+        att.tx
+            .close_with_error(reason, mirror_proto::error_code::UNEXPECTED_MESSAGE);
+    }
+}
+
 /// Consumes the standby's frames of one attachment; any end breaks the mirror.
 async fn receiver(
     weak: Weak<Inner>,
@@ -1114,6 +1123,7 @@ async fn receiver(
         }
         let Some(inner) = weak.upgrade() else { return };
         if let Err(e) = inner.on_frame(&att, frame) {
+            refuse_protocol_error(&att, &e.0);
             break e;
         }
     };

@@ -35,6 +35,12 @@ pub trait FrameTx: Send + Sync + 'static {
     fn send_with(&self, make: MakeMessage) -> BoxFuture<Result<u64, LinkClosed>>;
     /// Closes the session with a reason (idempotent).
     fn close(&self, reason: &str);
+    /// Closes the session telling the peer it broke the protocol (an Error
+    /// frame with `code`); transports without frames just close.
+    fn close_with_error(&self, reason: &str, code: u32) {
+        let _ = code;
+        self.close(reason);
+    }
 }
 
 /// Close signal of a session.
@@ -185,6 +191,10 @@ impl FrameTx for crate::peer::SessionSender {
 
     fn close(&self, reason: &str) {
         crate::peer::SessionSender::close(self, reason);
+    }
+
+    fn close_with_error(&self, reason: &str, code: u32) {
+        crate::peer::SessionSender::close_with_error(self, reason, code);
     }
 }
 

@@ -1054,6 +1054,14 @@ async fn commit_batch(
         }
     }
     let regions = done.len() as u64;
+    // A completed region that is already clean here was copied before in this
+    // resync and rewritten on the source since: count it into the total as
+    // the source does, so done never runs past total.
+    let recopied: u64 = done
+        .iter()
+        .filter(|&&r| !part.is_dirty(r))
+        .map(|&r| region_len(part, r))
+        .sum();
     if !done.is_empty() {
         blocking({
             let p = part.clone();
@@ -1061,7 +1069,11 @@ async fn commit_batch(
         })
         .await?;
     }
-    lock(progress).done_bytes += bytes;
+    {
+        let mut p = lock(progress);
+        p.done_bytes += bytes;
+        p.total_bytes += recopied;
+    }
     for (seq, _, _, status) in results {
         send(tx, Message::Ack2 { seq, status }).await?;
     }
