@@ -58,7 +58,7 @@ else
   for sc in $VMH_SCENARIOS; do
     t0=$(date +%s)
     set +e
-    target/release/vm-harness "$sc" 2>&1 | tee "$log.vm"
+    "${CARGO_TARGET_DIR:-target}/release/vm-harness" "$sc" 2>&1 | tee "$log.vm"
     rc=${PIPESTATUS[0]}
     set -e
     if [ "$rc" -eq 0 ] && grep -q "^PASS $sc:" "$log.vm"; then
