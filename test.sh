@@ -75,5 +75,5 @@ fi
 # plus the vm scenarios.
 awk -v vp="$vm_pass" -v vf="$vm_fail" -v vs="$vm_skip" \
     '/^test result:/ { p += $4; f += $6; i += $8 }
-     END { printf "summary: %d passed, %d failed, %d skipped\n", p + vp, f + vf, i + vs }' "$log"
+     END { printf "summary: %d passed, %d failed, %d skipped, %d ignored (#[ignore]: measurements run by hand)\n", p + vp, f + vf, vs, i }' "$log"
 exit "$status"

@@ -67,7 +67,7 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "stall",
-        what: "the process serving /dev/nbd0 SIGSTOPped 12 s (< 30 s kernel timeout) during fsync writes; the guest sees no error",
+        what: "the active mirror-agent (mdctrl activate: /dev/nbd0 via netlink) SIGSTOPped 12 s (< 30 s kernel timeout) during fsync writes; the guest sees no error",
         kind: Kind::Single(stall_spec),
     },
     Scenario {
