@@ -641,17 +641,7 @@ pub fn failover(ctx: &mut Ctx, n_acks: usize) -> Result<String> {
             std::thread::sleep(Duration::from_millis(150));
         }
     };
-    let rec = st
-        .pair
-        .as_ref()
-        .and_then(|p| p.recovery.clone())
-        .context("no recovery record on B")?;
-    ensure!(
-        rec.direction.replace(' ', "") == "nodeb->nodea" && rec.role == "source",
-        "resync went {} (B role {}), expected nodeb -> nodea with B the source",
-        rec.direction,
-        rec.role
-    );
+    let rec = b_recovery(&st, "nodeb", "nodea", "source")?;
     ctx.step(&format!(
         "resync {} {} ({}) finished: {} of {} bytes; status lines seen on B: {}",
         rec.direction,
@@ -804,17 +794,7 @@ pub fn partition(ctx: &mut Ctx, proxy: &crate::proxy::Proxy) -> Result<String> {
         Duration::from_secs(300),
         &mut |l| ctx.step(l),
     )?;
-    let rec = st
-        .pair
-        .as_ref()
-        .and_then(|p| p.recovery.clone())
-        .context("no recovery record on B")?;
-    ensure!(
-        rec.direction.replace(' ', "") == "nodea->nodeb" && rec.role == "target",
-        "resync went {} (B role {}), expected nodea -> nodeb with B the target",
-        rec.direction,
-        rec.role
-    );
+    let rec = b_recovery(&st, "nodea", "nodeb", "target")?;
     ctx.step(&format!(
         "auto recovery {} {} ({}) finished: {} bytes",
         rec.direction, rec.kind, rec.rule, rec.done_bytes
@@ -903,6 +883,28 @@ pub fn verify_image(run: &Path, img: &Path, expected: &[(String, String)]) -> Re
         .status();
     let _ = run_cmd(Command::new("losetup").arg("-d").arg(&dev));
     r
+}
+
+/// B's finished recovery record, checked to have gone `from -> to` with B in
+/// `role` (source/target).
+fn b_recovery(
+    st: &mirror_agent::status::ResourceStatus,
+    from: &str,
+    to: &str,
+    role: &str,
+) -> Result<mirror_agent::status::RecoveryStatus> {
+    let rec = st
+        .pair
+        .as_ref()
+        .and_then(|p| p.recovery.clone())
+        .context("no recovery record on B")?;
+    ensure!(
+        rec.direction.replace(' ', "") == format!("{from}->{to}") && rec.role == role,
+        "resync went {} (B role {}), expected {from} -> {to} with B the {role}",
+        rec.direction,
+        rec.role
+    );
+    Ok(rec)
 }
 
 #[cfg(test)]
