@@ -74,13 +74,13 @@ pub const WINDOW: usize = 64;
 /// Bytes of ResyncData in flight, at most: bounds the copy's memory (about
 /// this much per side) while keeping the source reading and sending while
 /// the target commits a batch.
-pub const INFLIGHT_BYTES: u64 = 32 << 20;
+pub const INFLIGHT_BYTES: u64 = 64 << 20;
 
 /// The source reads up to this many bytes of runs concurrently under one
 /// hold of the write gate (scattered regions of a differential resync are
 /// read in parallel; a full resync overlaps two large reads). Bounds the
 /// time application writes wait for the gate.
-pub const READ_AHEAD_BYTES: u64 = 8 << 20;
+pub const READ_AHEAD_BYTES: u64 = 16 << 20;
 
 /// Largest ResyncData payload: consecutive regions of the copy set are read
 /// and sent together up to this size (one read, one frame); regions larger
@@ -90,7 +90,7 @@ pub const MAX_PIECE: u64 = 4 << 20;
 /// The target commits received ResyncData frames in groups of up to this many
 /// bytes: the writes, one flush, one metadata write clearing their regions,
 /// then their Ack2s (instead of a FUA write and a metadata write per region).
-pub const TARGET_BATCH: u64 = 16 << 20;
+pub const TARGET_BATCH: u64 = 32 << 20;
 
 /// Rewritten regions few enough to copy in the last pass, with application
 /// writes held (a short pause).
@@ -712,7 +712,7 @@ impl Copier<'_> {
         // only start its I/O when polled.
         let pending: Vec<_> = reads
             .iter()
-            .map(|&(off, len)| (off, len, tokio::spawn(spec.engine.read(off, len as usize))))
+            .map(|&(off, len)| (off, len, tokio::spawn(spec.engine.read_bytes(off, len as usize))))
             .collect();
         let mut pieces = Vec::with_capacity(pending.len());
         for (off, len, task) in pending {
@@ -725,7 +725,7 @@ impl Copier<'_> {
                     len,
                     source,
                 })?;
-            pieces.push((off, Bytes::from(data)));
+            pieces.push((off, data));
         }
         drop(guard);
         for (off, data) in pieces {
