@@ -17,7 +17,8 @@
 #
 # Environment (all optional):
 #   SIZE_MIB=N        volume size in MiB (default 1024)
-#   REPS=N            runs of the cp and of the differential resync (default 3);
+#   REPS=N            runs of the differential resync and of cp before and
+#                     again after the resyncs (default 3);
 #                     the full resync runs once (it is the initial construction)
 #   BENCH_DIR=DIR     where both nodes' data and the cp copy go (default /var/tmp)
 #   REGION_KIB=N      region_size in KiB (default 64, the agent's default)
@@ -143,18 +144,30 @@ log "writing ${SIZE_MIB} MiB of random data to $SRC ($FSTYPE)"
 dd if=/dev/urandom of="$SRC" bs=1M count="$SIZE_MIB" iflag=fullblock conv=fsync status=none
 
 # --- 1. the reference: cp + fsync of the same data on the same file system ------
+# Fair to the resync: the page cache is dropped before each run (when root),
+# so cp reads SRC from the disk as the source agent does (O_DIRECT or cold
+# cache); the destination is a new file on the same file system (the
+# standby's data file is a new sparse file: both allocate as they write); cp
+# pays one fsync of the destination, the resync a flush per committed batch
+# (its durability rule), both before the time is taken. REPS runs before the
+# agents start and REPS after the resyncs (the machine's load drifts); the
+# median of all is the reference.
 CP_TIMES=()
-for r in $(seq "$REPS"); do
+cp_runs() { # label
+    local r t0 t1
+    for r in $(seq "$REPS"); do
+        rm -f "$WORK/data/cp.img"
+        drop_caches
+        t0="$(now)"
+        cp --sparse=never "$SRC" "$WORK/data/cp.img"
+        sync "$WORK/data/cp.img"
+        t1="$(now)"
+        CP_TIMES+=("$(python3 -c "print(f'{$t1-$t0:.3f}')")")
+        log "cp run $r ($1): ${CP_TIMES[-1]} s"
+    done
     rm -f "$WORK/data/cp.img"
-    drop_caches
-    t0="$(now)"
-    cp --sparse=never "$SRC" "$WORK/data/cp.img"
-    sync "$WORK/data/cp.img"
-    t1="$(now)"
-    CP_TIMES+=("$(python3 -c "print(f'{$t1-$t0:.3f}')")")
-    log "cp run $r: ${CP_TIMES[-1]} s"
-done
-rm -f "$WORK/data/cp.img"
+}
+cp_runs before
 # A second reference, for reading the table: the same copy with O_DIRECT,
 # 4 MiB at a time (what the agents' default direct_io gets from this disk
 # without the page cache), into a sparse file like the standby's.
@@ -303,6 +316,9 @@ for r in $(seq "$REPS"); do
     log "differential run $r: $s s wall, $a s in the agent, $b bytes"
 done
 
+cp_runs after
+drop_caches
+
 python3 - "$SIZE_MIB" "$REGION_KIB" "$DIRTY_EVERY" "$FULL_S" "$FULL_B" "$ENGINE" "$FSTYPE" "$AGENT_BUILT" \
     "${CP_TIMES[*]}" "${DIFF_TIMES[*]}" "${DIFF_BYTES[*]}" "$FULL_CPU" "$FULL_A" "${DIFF_AGENT[*]}" "$DD_TIME" <<'PY' | tee "$RES/table.md"
 import statistics, sys, platform, os
@@ -323,9 +339,11 @@ diff_as = statistics.median(diff_a)
 mib = lambda b, s: b / (1 << 20) / s
 def verdict(ok):
     return "" if ok else " **(missed)**"
+load = open("/proc/loadavg").read().split()[:3]
 print(f"Volume {size_mib} MiB of random data, region {region_kib} KiB, {fstype} file system, "
-      f"agent engine {engine}, agent built {built}, {os.cpu_count()} CPUs; medians of {len(cp)} runs "
-      f"(cp, differential), one full resync. *wall*: from the command (`cp`, `mdctrl recover`) until "
+      f"agent engine {engine}, agent built {built}, {os.cpu_count()} CPUs, load average {' '.join(load)} at the end; "
+      f"medians of {len(cp)} cp runs (half before, half after the resyncs) and {len(diff)} differential runs, "
+      f"one full resync; page cache dropped before each run. *wall*: from the command (`cp`, `mdctrl recover`) until "
       f"done (`cp` + fsync returned; status in sync, polled every 20 ms); *agent*: the resync's own "
       f"duration (status `recovery.elapsed_ms`).")
 print()
@@ -337,7 +355,7 @@ rw, ra = mib(full_b, full_s) / mib(size, cp_s), mib(full_b, full_a) / mib(size, 
 print(f"| full resync, two agents on loopback | {full_b} | {full_s:.2f} s | {full_a:.2f} s | "
       f"{mib(full_b, full_s):.0f} / {mib(full_b, full_a):.0f} MiB/s | {rw:.2f}x{verdict(rw >= 0.8)} / {ra:.2f}x{verdict(ra >= 0.8)} of cp | >= 0.8x |")
 fw, fa = diff_s / full_s, diff_as / full_a
-print(f"| differential resync, 1 write per {every} regions | {statistics.median(diff_b)} | {diff_s:.3f} s | {diff_as:.3f} s | - | "
+print(f"| differential resync, 1 write per {every} regions | {int(statistics.median(diff_b))} | {diff_s:.3f} s | {diff_as:.3f} s | - | "
       f"{100*fw:.1f}%{verdict(fw <= 0.03)} / {100*fa:.1f}%{verdict(fa <= 0.03)} of full | <= 3% |")
 print()
 print(f"Full resync: both agents together used {full_cpu:.2f} s of CPU ({100*full_cpu/full_s:.0f}% of one CPU over the run).")

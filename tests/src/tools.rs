@@ -22,6 +22,7 @@ pub fn package_of(tool: &str) -> &'static str {
         "sha256sum" | "sync" => "coreutils",
         "nft" => "nftables",
         "ip" => "iproute2",
+        "prlimit" => "util-linux",
         _ => "(unknown package)",
     }
 }

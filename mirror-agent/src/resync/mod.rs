@@ -74,13 +74,13 @@ pub const WINDOW: usize = 64;
 /// Bytes of ResyncData in flight, at most: bounds the copy's memory (about
 /// this much per side) while keeping the source reading and sending while
 /// the target commits a batch.
-pub const INFLIGHT_BYTES: u64 = 64 << 20;
+pub const INFLIGHT_BYTES: u64 = 32 << 20;
 
 /// The source reads up to this many bytes of runs concurrently under one
 /// hold of the write gate (scattered regions of a differential resync are
 /// read in parallel; a full resync overlaps two large reads). Bounds the
 /// time application writes wait for the gate.
-pub const READ_AHEAD_BYTES: u64 = 16 << 20;
+pub const READ_AHEAD_BYTES: u64 = 8 << 20;
 
 /// Largest ResyncData payload: consecutive regions of the copy set are read
 /// and sent together up to this size (one read, one frame); regions larger
@@ -90,7 +90,7 @@ pub const MAX_PIECE: u64 = 4 << 20;
 /// The target commits received ResyncData frames in groups of up to this many
 /// bytes: the writes, one flush, one metadata write clearing their regions,
 /// then their Ack2s (instead of a FUA write and a metadata write per region).
-pub const TARGET_BATCH: u64 = 32 << 20;
+pub const TARGET_BATCH: u64 = 16 << 20;
 
 /// Rewritten regions few enough to copy in the last pass, with application
 /// writes held (a short pause).
@@ -712,7 +712,13 @@ impl Copier<'_> {
         // only start its I/O when polled.
         let pending: Vec<_> = reads
             .iter()
-            .map(|&(off, len)| (off, len, tokio::spawn(spec.engine.read_bytes(off, len as usize))))
+            .map(|&(off, len)| {
+                (
+                    off,
+                    len,
+                    tokio::spawn(spec.engine.read_bytes(off, len as usize)),
+                )
+            })
             .collect();
         let mut pieces = Vec::with_capacity(pending.len());
         for (off, len, task) in pending {
@@ -1188,6 +1194,10 @@ pub async fn run_target(
     )
     .await?;
     let (mut regions, mut bytes) = (0u64, 0u64);
+    // Batches committed and the time spent committing them, logged at the
+    // end: the copy is bound by the target's commits when these are close.
+    let (mut batches, mut commit_time) = (0u64, Duration::ZERO);
+    let copy_started = Instant::now();
     // A control frame that ended a batch early, handled after the batch.
     let mut held_back: Option<Frame> = None;
     loop {
@@ -1216,12 +1226,16 @@ pub async fn run_target(
                         Err(_) => break,
                     }
                 }
+                let t = Instant::now();
                 let (r, b) = commit_batch(&spec, &part, &tx, batch, &progress).await?;
+                commit_time += t.elapsed();
+                batches += 1;
                 regions += r;
                 bytes += b;
             }
             Message::Control { .. } => match control_of(&f) {
                 Some(ControlMsg::ResyncFinished { source_current }) => {
+                    tracing::info!(batches, bytes, ?commit_time, copy = ?copy_started.elapsed(), "resync target: copy done");
                     blocking({
                         let p = part.clone();
                         move || {

@@ -1,0 +1,666 @@
+//! One real-agent scenario per row of the resync rule table
+//! (`docs/resync-rules.md` §2) that two agents (separate processes on temp
+//! files) can reach through operator actions and faults. Each scenario
+//! asserts the `pair.decision` text of `mdctrl status --json` (rule id, name
+//! and outcome: resync direction and kind, blocked, split brain, unrelated)
+//! and, where a resync follows, that it converges and both data files are
+//! identical byte for byte.
+//!
+//! Rows with a scenario elsewhere (`tests/recovery.rs`): R3
+//! (`resync_resumes_after_target_kill`, `resync_resumes_after_source_kill`),
+//! R5/R6 by activation (`initial_construction_by_activation`), R12
+//! (`force_after_active_crash_saves_divergent_regions`), R13
+//! (`split_brain_resolved_by_force`), R14
+//! (`standby_restart_recovers_automatically`).
+//!
+//! Rows here: R1 (a standby write failing with `EFBIG` under a file-size
+//! limit), R4 (source killed mid-resync, its metadata re-created), R6 (one
+//! node's metadata re-created while the other holds data), R7 (fresh
+//! `--blank` pair), R8 (clean stop of both after a resync rotated the
+//! generation), R9 (active killed with writes in flight), R15 (one node
+//! re-created `--blank` after a resync pushed `gens::BLANK` into the other's
+//! history), R18 (one node re-created `--blank` next to a pair built by
+//! initial construction, whose histories hold no `gens::BLANK`).
+//!
+//! Rows real agents cannot reach by operator actions or faults, and where
+//! they are covered instead:
+//!
+//! - R2 `both-inconsistent`: a node becomes `RESYNC_TARGET` only as the
+//!   target of a running resync, whose source is never a `RESYNC_TARGET`
+//!   (R3 and F2 refuse an inconsistent source), and re-creating metadata sets
+//!   `BLANK`, not `RESYNC_TARGET` (that is R4). Unit test
+//!   `r2_both_inconsistent` (`cargo test -p mirror-agent --lib rules`); the
+//!   model test lists it as unreachable.
+//! - R10 `both-were-active`, R11 `equal-current-diverged`: "not produced by
+//!   the protocol" (one active node at a time; a crashed active's
+//!   `WAS_ACTIVE` is cleared at the next handshake; the source clears B
+//!   before the target adopts C). Unit tests `r10_both_were_active`,
+//!   `r11_equal_current_diverged`; the model test
+//!   `rules_model` checks they never fire.
+//! - R16 `split-brain` (plain, neither `FORCED`): both nodes must write
+//!   alone from the same B. Writing alone needs an activation without a
+//!   replicating peer: with the peer unreachable that needs `force` (then R13
+//!   or R12 decides, never R16); with the peer connected, activation
+//!   requires the local node to be in sync or the source, and the node that
+//!   then writes alone (e.g. after `mdctrl break`) is "ahead" (R14) of the
+//!   other, which is refused activation. Split brain through two forced
+//!   activations while partitioned is R13 (`recovery.rs`). Unit test
+//!   `r16_split_brain`; listed unreachable by the model.
+//! - R17 `split-brain-related`: both nodes must have moved away from a
+//!   shared generation by different paths. As for R16, each path needs a
+//!   node writing alone; without a force the other node stays unchanged (R14,
+//!   or R15 after a `--blank` re-creation), and a re-creation without
+//!   `--blank` is R6/R4. No command sequence found reaches it. Unit test
+//!   `r17_split_brain_related`; the model test checks it never fires.
+//!
+//! Status note: `pair.decision` is shown only while the pair is not in sync
+//! (`null` once in sync), so the in-sync rows R7 and R8 are checked in the
+//! agent's decision log line (`decision R7 blank-pair: in sync`) plus a
+//! status saying in sync with no recovery.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tests::agent::Agent;
+use tests::cluster::{ClusterOpts, Engine, TestCluster};
+use tests::data::{assert_files_equal, random_bytes, random_image, read_range, seed};
+use tests::mirror::{set_resource_key, set_timeouts, MirrorPair, PairOpts};
+use tests::nbd_client::NbdClient;
+use tests::run::{all_output, describe};
+use tests::wait::wait_until;
+
+const T: Duration = Duration::from_secs(30);
+const MIB: u64 = 1 << 20;
+
+/// Pair options: `size` volume, extra resource keys (raw TOML values).
+fn opts(size: u64, keys: &[(&str, &str)]) -> PairOpts {
+    let mut o = PairOpts::new("sync");
+    let mut c = ClusterOpts::new(Engine::Portable).size(size);
+    for (k, v) in keys {
+        c = c.resource_key(k, v);
+    }
+    o.cluster = c;
+    o
+}
+
+fn connect(p: &MirrorPair, node: &str) -> NbdClient {
+    NbdClient::connect(&p.socket(node), p.c.resource())
+        .unwrap_or_else(|e| panic!("NBD connect to {node}: {e}"))
+}
+
+/// Writes `len` bytes of `byte` at `off` through `node`'s export, then flushes.
+fn fill(p: &MirrorPair, node: &str, off: u64, len: u64, byte: u8) {
+    let mut c = connect(p, node);
+    let chunk = vec![byte; MIB.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(chunk.len() as u64) as usize;
+        let err = c
+            .write(off + done, &chunk[..n], false)
+            .unwrap_or_else(|e| panic!("write at {}: {e}", off + done));
+        assert_eq!(
+            err,
+            0,
+            "write at {} failed with NBD error {err}",
+            off + done
+        );
+        done += n as u64;
+    }
+    assert_eq!(c.flush().expect("flush"), 0, "flush failed");
+    let _ = c.disconnect();
+}
+
+/// `mdctrl ARGS` on `node` expecting exit `code`; returns stdout+stderr.
+fn expect_code(p: &MirrorPair, node: &str, args: &[&str], code: i32) -> String {
+    let out = p.c.mdctrl_on(node, args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "expected exit {code}\n{}",
+        describe(&args.join(" "), &out)
+    );
+    all_output(&out)
+}
+
+/// `mdctrl init md1 [extra]` on a node whose agent is stopped.
+fn init(c: &TestCluster, node: &str, extra: &[&str]) {
+    let mut args = vec!["init", c.resource()];
+    args.extend_from_slice(extra);
+    let out = c.mdctrl_on(node, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        describe(&format!("mdctrl init on {node}"), &out)
+    );
+}
+
+fn in_sync(s: &Value) -> bool {
+    s["pair"]["in_sync"] == true && s["pair"]["connection"] == "connected"
+}
+
+fn wait_in_sync(p: &MirrorPair, node: &str, timeout: Duration) -> Value {
+    p.wait_status(node, "an in-sync pair", timeout, in_sync)
+}
+
+fn wait_recovered(p: &MirrorPair, node: &str, timeout: Duration) -> Value {
+    p.wait_status(
+        node,
+        "a finished recovery and an in-sync pair",
+        timeout,
+        |s| in_sync(s) && s["pair"]["recovery"]["finished"] == true,
+    )
+}
+
+fn decision(s: &Value) -> &str {
+    s["pair"]["decision"].as_str().unwrap_or("")
+}
+
+/// Waits until `node`'s `pair.decision` starts with `prefix` (rule id and
+/// name) and returns the whole text.
+fn wait_decision(p: &MirrorPair, node: &str, prefix: &str) -> String {
+    let s = p.wait_status(node, &format!("decision {prefix}"), T, |s| {
+        s["pair"]["connection"] == "connected" && decision(s).starts_with(prefix)
+    });
+    decision(&s).to_string()
+}
+
+/// Like [`wait_decision`] for a decision that starts a resync at once: the
+/// resync may finish before a status poll sees the session's decision, so
+/// a finished recovery naming the same rule is accepted too; the agent's
+/// log line `decision <text>` must then carry the expected text.
+fn wait_resync_decision(p: &MirrorPair, node: &str, rule: &str, text: &str) {
+    let expected = format!("{rule}: {text}");
+    let s = p.wait_status(node, &format!("decision {expected}"), T, |s| {
+        decision(s).starts_with(rule)
+            || s["pair"]["recovery"]["rule"]
+                .as_str()
+                .is_some_and(|r| r == rule)
+    });
+    if decision(&s).starts_with(rule) {
+        // A running resync is shown with a " (running)" suffix.
+        assert!(decision(&s).starts_with(&expected), "{node}: {s:#}");
+    }
+    let a = if node == "server1" { &p.a1 } else { &p.a2 };
+    a.wait_for_log(&format!("decision {expected}"), T);
+}
+
+fn assert_identical(p: &MirrorPair) {
+    assert_files_equal(&p.data("server1"), &p.data("server2"), None);
+}
+
+/// No recovery ran in this agent process.
+fn assert_no_recovery(s: &Value) {
+    assert!(s["pair"]["recovery"].is_null(), "a recovery ran: {s:#}");
+}
+
+/// No recovery is running (an earlier one of this agent process, finished
+/// or failed, may still be shown).
+fn assert_no_running_recovery(s: &Value) {
+    let r = &s["pair"]["recovery"];
+    assert!(
+        r.is_null() || r["finished"] == true || !r["error"].is_null(),
+        "a recovery is running: {s:#}"
+    );
+}
+
+/// An in-sync decision: status shows `pair.decision` only while the pair is
+/// not in sync (`null` once in sync), so the rule is checked in the agent's
+/// decision log line and the status must say in sync with no decision.
+fn wait_in_sync_rule(p: &MirrorPair, node: &str, rule: &str) -> Value {
+    let a = if node == "server1" { &p.a1 } else { &p.a2 };
+    a.wait_for_log(&format!("decision {rule}: in sync"), T);
+    let s = wait_in_sync(p, node, T);
+    assert!(s["pair"]["decision"].is_null(), "{node}: {s:#}");
+    assert_eq!(s["pair"]["sync"], "in sync", "{node}: {s:#}");
+    s
+}
+
+/// Stops (SIGTERM) the agent of `node` of `p`.
+fn stop(p: &mut MirrorPair, node: &str) {
+    let a = if node == "server1" {
+        &mut p.a1
+    } else {
+        &mut p.a2
+    };
+    if a.is_running() {
+        a.terminate();
+    }
+    let _ = std::fs::remove_file(p.c.nbd_socket_on(node));
+}
+
+/// Starts the stopped agent of `node` and waits until it is ready.
+fn start(p: &mut MirrorPair, node: &str) {
+    let a = if node == "server1" {
+        &mut p.a1
+    } else {
+        &mut p.a2
+    };
+    a.start_again();
+    a.wait_ready();
+}
+
+/// Overwrites `node`'s whole data file with zeros (a new, empty disk).
+fn zero_data(c: &TestCluster, node: &str) {
+    let path = c.data_path_on(node);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let len = f.metadata().expect("metadata").len();
+    f.set_len(0).expect("truncate");
+    f.set_len(len).expect("extend");
+    f.sync_all().expect("sync");
+}
+
+/// R7 blank-pair: two nodes created with `--blank` are in sync at once; the
+/// first writes are replicated without any copy.
+#[test]
+fn r7_blank_pair_in_sync_at_once() {
+    let p = MirrorPair::start(&opts(4 * MIB, &[]));
+    for n in ["server1", "server2"] {
+        let s = wait_in_sync_rule(&p, n, "R7 blank-pair");
+        assert_no_recovery(&s);
+    }
+    p.activate("server1");
+    fill(&p, "server1", MIB, 256 << 10, 0x17);
+    p.wait_rpo_zero("server1", T);
+    assert_no_recovery(&p.status("server1"));
+    assert_identical(&p);
+}
+
+/// R8 in-sync: after a resync rotated the generation (so the pair is no
+/// longer `BLANK`, which would be R7), a clean deactivation and a clean stop
+/// of both agents; on restart they are in sync without a copy.
+#[test]
+fn r8_clean_restart_of_both_in_sync_without_copy() {
+    let mut p = MirrorPair::start(&opts(8 * MIB, &[]));
+    p.activate("server1");
+    fill(&p, "server1", 0, MIB, 0x21);
+    p.a2.kill9();
+    fill(&p, "server1", 2 * MIB, 512 << 10, 0x22);
+    start(&mut p, "server2");
+    wait_resync_decision(
+        &p,
+        "server1",
+        "R14 ahead-differential",
+        "differential resync server1 -> server2",
+    );
+    wait_recovered(&p, "server1", T);
+    wait_in_sync(&p, "server2", T);
+    fill(&p, "server1", 5 * MIB, 64 << 10, 0x23);
+    p.wait_rpo_zero("server1", T);
+    p.deactivate("server1");
+    wait_in_sync(&p, "server1", T);
+    stop(&mut p, "server1");
+    stop(&mut p, "server2");
+    start(&mut p, "server1");
+    start(&mut p, "server2");
+    for n in ["server1", "server2"] {
+        let s = wait_in_sync_rule(&p, n, "R8 in-sync");
+        assert_no_recovery(&s);
+    }
+    assert_identical(&p);
+    // Still in sync when used again: writes replicate, no resync.
+    p.activate("server1");
+    fill(&p, "server1", 6 * MIB, 64 << 10, 0x24);
+    p.wait_rpo_zero("server1", T);
+    assert_no_recovery(&p.status("server1"));
+    assert_identical(&p);
+}
+
+/// R9 crash-while-connected: the active is killed -9 while connected, in
+/// sync, with writes in flight. On its restart both nodes decide a
+/// differential resync from the old active (its write intents); it starts
+/// when the old active is activated again.
+#[test]
+fn r9_active_killed_with_writes_in_flight() {
+    let mut p = MirrorPair::start(&opts(16 * MIB, &[]));
+    p.activate("server1");
+    wait_in_sync(&p, "server1", T);
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let written = written.clone();
+        let sock = p.socket("server1");
+        let res = p.c.resource().to_string();
+        std::thread::spawn(move || {
+            let mut c = NbdClient::connect(&sock, &res).expect("NBD connect");
+            let mut n = 0u64;
+            loop {
+                // 16 regions (1 MiB) of the 16 MiB volume.
+                let off = (n % 16) * (64 << 10) + (n / 16 % 16) * 4096;
+                match c.write(off, &random_bytes(4096, n), false) {
+                    Ok(0) => {}
+                    _ => break,
+                }
+                n += 1;
+                written.store(n, Ordering::Relaxed);
+            }
+        })
+    };
+    wait_until("200 writes through server1", T, || {
+        (written.load(Ordering::Relaxed) >= 200).then_some(())
+    });
+    p.a1.kill9();
+    writer.join().expect("writer");
+    let _ = std::fs::remove_file(p.socket("server1"));
+    // The old active's write intents: the hot extent (activity log, 4 MiB
+    // by default) holding the written regions.
+    let intents = tests::mirror::dirty_regions(&p.c.cp_path_on("server1"));
+    assert!(
+        (0..16).all(|r| intents.contains(&r)),
+        "written regions missing from server1's intents: {intents:?}"
+    );
+    start(&mut p, "server1");
+    let expected = "R9 crash-while-connected: differential resync server1 -> server2";
+    for n in ["server1", "server2"] {
+        assert_eq!(wait_decision(&p, n, "R9 "), expected);
+    }
+    // Nothing starts while neither node is active (§6).
+    let s = p.status("server1");
+    assert_no_recovery(&s);
+    assert!(
+        s["pair"]["auto_recovery"]
+            .as_str()
+            .is_some_and(|a| a.contains("not-active") || a.contains("not active")),
+        "{s:#}"
+    );
+    // The standby is not the source: its activation is refused.
+    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    eprintln!("activate server2 after R9: {out}");
+    p.activate("server1");
+    let s = wait_recovered(&p, "server1", T);
+    assert_eq!(
+        s["pair"]["recovery"]["rule"], "R9 crash-while-connected",
+        "{s:#}"
+    );
+    assert_eq!(s["pair"]["recovery"]["kind"], "differential", "{s:#}");
+    assert_eq!(
+        s["pair"]["recovery"]["direction"], "server1 -> server2",
+        "{s:#}"
+    );
+    assert!(
+        s["pair"]["recovery"]["total_bytes"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+            <= 4 * MIB,
+        "not differential: {s:#}"
+    );
+    wait_in_sync(&p, "server2", T);
+    p.wait_rpo_zero("server1", T);
+    assert_identical(&p);
+}
+
+/// R6 new-member: server2's metadata is re-created (`init --force`, a
+/// replaced disk holding other data) while server1 is active with data: a
+/// full resync server1 → server2 starts by itself.
+#[test]
+fn r6_recreated_member_gets_full_resync() {
+    let mut p = MirrorPair::start(&opts(8 * MIB, &[]));
+    p.activate("server1");
+    fill(&p, "server1", 0, 2 * MIB, 0x61);
+    p.wait_rpo_zero("server1", T);
+    stop(&mut p, "server2");
+    init(&p.c, "server2", &["--force"]);
+    random_image(&p.data("server2"), 8 * MIB, seed("r6-replaced-disk"));
+    fill(&p, "server1", 4 * MIB, 64 << 10, 0x62);
+    start(&mut p, "server2");
+    wait_resync_decision(
+        &p,
+        "server1",
+        "R6 new-member",
+        "full resync server1 -> server2",
+    );
+    let s = wait_recovered(&p, "server1", T);
+    assert_eq!(s["pair"]["recovery"]["kind"], "full", "{s:#}");
+    assert!(
+        s["pair"]["recovery"]["total_bytes"].as_u64().unwrap_or(0) >= 8 * MIB,
+        "not a full copy: {s:#}"
+    );
+    wait_in_sync(&p, "server2", T);
+    p.wait_rpo_zero("server1", T);
+    assert_identical(&p);
+}
+
+/// A pair of two new nodes (`init` without `--blank`) with random contents,
+/// built by activating server1 (R5, then the initial full copy R6), then
+/// deactivated and in sync: both hold a fresh random generation, no `BLANK`.
+fn constructed_pair(size: u64, name: &str) -> MirrorPair {
+    let o = opts(size, &[]);
+    let c = TestCluster::pair(o.cluster.clone());
+    set_timeouts(&c, &o.timing);
+    set_resource_key(&c, "mode", &format!("\"{}\"", o.mode));
+    for (i, n) in ["server1", "server2"].into_iter().enumerate() {
+        init(&c, n, &[]);
+        random_image(&c.data_path_on(n), size, seed(name) + i as u64);
+    }
+    let p = MirrorPair::start_on(c);
+    wait_decision(&p, "server1", "R5 ");
+    p.activate("server1");
+    wait_recovered(&p, "server1", T);
+    wait_in_sync(&p, "server2", T);
+    p.wait_rpo_zero("server1", T);
+    p.deactivate("server1");
+    wait_in_sync(&p, "server1", T);
+    assert_identical(&p);
+    p
+}
+
+/// R18 unrelated: next to a pair built by initial construction (its
+/// generations are random, `gens::BLANK` is in no history), server2's
+/// metadata is re-created with `--blank` on an empty disk: no generation is
+/// shared. Nothing starts, activation is refused on both, `force server1`
+/// resyncs in full.
+#[test]
+fn r18_unrelated_after_blank_recreation() {
+    let mut p = constructed_pair(4 * MIB, "r18-unrelated");
+    stop(&mut p, "server2");
+    zero_data(&p.c, "server2");
+    init(&p.c, "server2", &["--force", "--blank"]);
+    start(&mut p, "server2");
+    for n in ["server1", "server2"] {
+        let d = wait_decision(&p, n, "R18 ");
+        assert!(d.starts_with("R18 unrelated: "), "{n}: {d}");
+        let s = p.status(n);
+        assert_eq!(s["pair"]["in_sync"], false, "{n}: {s:#}");
+        assert_no_running_recovery(&s);
+    }
+    for n in ["server1", "server2"] {
+        let out = expect_code(&p, n, &["activate", "md1", "--nomount"], 3);
+        assert!(
+            out.contains("unrelated") || out.contains("R18"),
+            "{n}: {out}"
+        );
+    }
+    p.mdctrl_ok("server1", &["force", "server1", "md1"]);
+    let s = wait_recovered(&p, "server1", T);
+    assert_eq!(
+        s["pair"]["recovery"]["direction"], "server1 -> server2",
+        "{s:#}"
+    );
+    assert_eq!(s["pair"]["recovery"]["kind"], "full", "{s:#}");
+    wait_in_sync(&p, "server2", T);
+    assert_identical(&p);
+}
+
+/// R4 inconsistent-and-new: the source (active) is killed -9 mid-resync and
+/// its disk replaced (`init --force`, `BLANK`) while the target holds a
+/// partial copy. Both block; activation is refused on both; `force` of the
+/// new node resyncs it in full onto the partial copy.
+#[test]
+fn r4_partial_target_next_to_recreated_source() {
+    let mut p = MirrorPair::start(&opts(16 * MIB, &[("resync_rate", "\"4MiB\"")]));
+    p.activate("server1");
+    p.a2.kill9();
+    fill(&p, "server1", 0, 8 * MIB, 0x44);
+    start(&mut p, "server2");
+    let s = p.wait_status("server1", "a quarter of the resync", T, |s| {
+        let r = &s["pair"]["recovery"];
+        let total = r["total_bytes"].as_u64().unwrap_or(0);
+        total > 0 && r["done_bytes"].as_u64().unwrap_or(0) >= total / 4
+    });
+    assert_eq!(s["pair"]["recovery"]["finished"], false, "{s:#}");
+    p.a1.kill9();
+    let _ = std::fs::remove_file(p.socket("server1"));
+    let st = p.status("server2");
+    assert_eq!(st["disk"]["consistent"], false, "{st:#}");
+    init(&p.c, "server1", &["--force"]);
+    start(&mut p, "server1");
+    let expected_prefix = "R4 inconsistent-and-new: ";
+    for n in ["server1", "server2"] {
+        let d = wait_decision(&p, n, "R4 ");
+        assert!(d.starts_with(expected_prefix), "{n}: {d}");
+        assert!(d.to_lowercase().contains("blocked"), "{n}: {d}");
+        assert_no_running_recovery(&p.status(n));
+    }
+    for n in ["server1", "server2"] {
+        let out = expect_code(&p, n, &["activate", "md1", "--nomount"], 3);
+        eprintln!("activate {n} under R4: {out}");
+    }
+    // The partial copy cannot win (F2).
+    let out = p.c.mdctrl_on("server2", &["force", "server2", "md1"]);
+    assert!(
+        !out.status.success(),
+        "force of the partial copy accepted: {}",
+        describe("force server2", &out)
+    );
+    p.mdctrl_ok("server1", &["force", "server1", "md1"]);
+    let s = wait_recovered(&p, "server1", T);
+    assert_eq!(
+        s["pair"]["recovery"]["direction"], "server1 -> server2",
+        "{s:#}"
+    );
+    // F4: differential because the loser is a resync target; the union
+    // holds every region (the new node's bitmap is all dirty).
+    assert_eq!(s["pair"]["recovery"]["kind"], "differential", "{s:#}");
+    assert_eq!(s["pair"]["recovery"]["rule"], "F4 forced-winner", "{s:#}");
+    assert_eq!(
+        s["pair"]["recovery"]["total_bytes"].as_u64(),
+        Some(16 * MIB),
+        "{s:#}"
+    );
+    wait_in_sync(&p, "server2", T);
+    assert_identical(&p);
+}
+
+/// R1 disk-error: server2's agent runs with `RLIMIT_FSIZE` lowered below
+/// the volume size (and SIGXFSZ ignored), so a replicated write beyond the
+/// limit fails with `EFBIG` on the standby, which records `DISK_ERROR`.
+/// After its restart both nodes decide R1 (blocked), nothing starts. The
+/// disk is then "replaced" (`init --force`), the agent restarted without the
+/// limit: R6 full resync, identical.
+#[test]
+fn r1_standby_write_error_blocks() {
+    if !tests::require_tool("prlimit") {
+        return;
+    }
+    let c = MirrorPair::configure(&opts(8 * MIB, &[]));
+    let a1 = c.spawn_agent_on("server1");
+    let a2 = Agent::spawn_wrapped(
+        &c,
+        "server2",
+        &["sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh"],
+    );
+    let mut p = MirrorPair { c, a1, a2 };
+    p.a1.wait_ready();
+    p.a2.wait_ready();
+    tests::run_ok(
+        std::process::Command::new("prlimit").args([
+            "--pid".to_string(),
+            p.a2.pid().to_string(),
+            format!("--fsize={}:{}", 4 * MIB, 4 * MIB),
+        ]),
+        T,
+    );
+    p.activate("server1");
+    wait_in_sync(&p, "server1", T);
+    fill(&p, "server1", 0, 64 << 10, 0x11);
+    // Beyond the limit on server2: its write fails, the mirror breaks.
+    fill(&p, "server1", 6 * MIB, 64 << 10, 0x12);
+    p.wait_status("server2", "the recorded disk error", T, |s| {
+        s["disk"]["disk_error"] == true
+    });
+    stop(&mut p, "server2");
+    // Restarted without the limit (a plain agent): the flag persists.
+    p.a2 = p.c.spawn_agent_on("server2");
+    p.a2.wait_ready();
+    for n in ["server1", "server2"] {
+        let d = wait_decision(&p, n, "R1 ");
+        assert!(d.starts_with("R1 disk-error: "), "{n}: {d}");
+        assert!(d.to_lowercase().contains("blocked"), "{n}: {d}");
+        assert_no_running_recovery(&p.status(n));
+    }
+    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    eprintln!("activate server2 with a disk error: {out}");
+    // Replace the disk: re-create its metadata; R6 copies it in full.
+    stop(&mut p, "server2");
+    init(&p.c, "server2", &["--force"]);
+    start(&mut p, "server2");
+    wait_resync_decision(
+        &p,
+        "server1",
+        "R6 new-member",
+        "full resync server1 -> server2",
+    );
+    wait_recovered(&p, "server1", T);
+    wait_in_sync(&p, "server2", T);
+    p.wait_rpo_zero("server1", T);
+    assert_identical(&p);
+    assert!(read_range(&p.data("server2"), 6 * MIB, 64 << 10)
+        .iter()
+        .all(|&b| b == 0x12));
+}
+
+/// R15 ahead-full: a `--blank` pair, a resync (R14) makes both rotate and
+/// push `gens::BLANK` into their histories; server2's metadata is then
+/// re-created with `--blank` on an empty disk (C = `gens::BLANK` again,
+/// bitmap clean). server1 once had that generation (history) but its bitmap
+/// does not start there: full resync server1 → server2, decided while
+/// neither is active, started by server1's activation.
+#[test]
+fn r15_ahead_full_after_blank_recreation() {
+    let mut p = MirrorPair::start(&opts(8 * MIB, &[]));
+    p.activate("server1");
+    fill(&p, "server1", 0, MIB, 0x51);
+    p.a2.kill9();
+    fill(&p, "server1", 3 * MIB, 256 << 10, 0x52);
+    start(&mut p, "server2");
+    wait_resync_decision(
+        &p,
+        "server1",
+        "R14 ahead-differential",
+        "differential resync server1 -> server2",
+    );
+    wait_recovered(&p, "server1", T);
+    wait_in_sync(&p, "server2", T);
+    p.wait_rpo_zero("server1", T);
+    p.deactivate("server1");
+    wait_in_sync(&p, "server1", T);
+    stop(&mut p, "server2");
+    zero_data(&p.c, "server2");
+    init(&p.c, "server2", &["--force", "--blank"]);
+    start(&mut p, "server2");
+    let expected = "R15 ahead-full: full resync server1 -> server2";
+    for n in ["server1", "server2"] {
+        assert_eq!(wait_decision(&p, n, "R15 "), expected, "{n}");
+    }
+    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    eprintln!("activate server2 under R15: {out}");
+    p.activate("server1");
+    let s = wait_recovered(&p, "server1", T);
+    assert_eq!(s["pair"]["recovery"]["rule"], "R15 ahead-full", "{s:#}");
+    assert_eq!(s["pair"]["recovery"]["kind"], "full", "{s:#}");
+    assert_eq!(
+        s["pair"]["recovery"]["direction"], "server1 -> server2",
+        "{s:#}"
+    );
+    assert_eq!(
+        s["pair"]["recovery"]["total_bytes"].as_u64(),
+        Some(8 * MIB),
+        "{s:#}"
+    );
+    wait_in_sync(&p, "server2", T);
+    p.wait_rpo_zero("server1", T);
+    assert_identical(&p);
+}
