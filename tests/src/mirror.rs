@@ -9,7 +9,9 @@ use serde_json::Value;
 
 use crate::agent::Agent;
 use crate::cluster::{ClusterOpts, TestCluster};
-use crate::run::describe;
+use crate::data::assert_files_equal;
+use crate::nbd_client::NbdClient;
+use crate::run::{all_output, describe};
 use crate::wait::poll_until;
 
 /// The `[timeouts]` values a replication test cluster uses (short, so that
@@ -154,6 +156,18 @@ impl PairOpts {
             server2_listen: None,
         }
     }
+
+    /// Mode `sync`, a portable `size`-byte volume, extra resource keys (raw
+    /// TOML values): what the recovery and rule-scenario tests start from.
+    pub fn sync_sized(size: u64, keys: &[(&str, &str)]) -> PairOpts {
+        let mut o = PairOpts::new("sync");
+        let mut c = ClusterOpts::new(crate::cluster::Engine::Portable).size(size);
+        for (k, v) in keys {
+            c = c.resource_key(k, v);
+        }
+        o.cluster = c;
+        o
+    }
 }
 
 impl MirrorPair {
@@ -274,6 +288,72 @@ impl MirrorPair {
     pub fn socket(&self, node: &str) -> std::path::PathBuf {
         self.c.nbd_socket_on(node)
     }
+
+    /// An NBD client on `node`'s export (panics if the connection fails).
+    pub fn connect(&self, node: &str) -> NbdClient {
+        NbdClient::connect(&self.socket(node), self.c.resource())
+            .unwrap_or_else(|e| panic!("NBD connect to {node}: {e}"))
+    }
+
+    /// Writes `len` bytes of `byte` at `off` through `node`'s export, then
+    /// flushes; panics on any NBD error.
+    pub fn fill(&self, node: &str, off: u64, len: u64, byte: u8) {
+        let mut c = self.connect(node);
+        let chunk = vec![byte; (1u64 << 20).min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            let err = c
+                .write(off + done, &chunk[..n], false)
+                .unwrap_or_else(|e| panic!("write at {}: {e}", off + done));
+            assert_eq!(
+                err,
+                0,
+                "write at {} failed with NBD error {err}",
+                off + done
+            );
+            done += n as u64;
+        }
+        assert_eq!(c.flush().expect("flush"), 0, "flush failed");
+        let _ = c.disconnect();
+    }
+
+    /// `mdctrl ARGS` on `node` expecting exit `code`; returns stdout+stderr.
+    pub fn expect_code(&self, node: &str, args: &[&str], code: i32) -> String {
+        let out = self.c.mdctrl_on(node, args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "expected exit {code}\n{}",
+            describe(&args.join(" "), &out)
+        );
+        all_output(&out)
+    }
+
+    /// Waits until `node` reports a connected, in-sync pair.
+    pub fn wait_in_sync(&self, node: &str, timeout: Duration) -> Value {
+        self.wait_status(node, "an in-sync pair", timeout, in_sync)
+    }
+
+    /// Waits until `node` reports a finished recovery and an in-sync pair.
+    pub fn wait_recovered(&self, node: &str, timeout: Duration) -> Value {
+        self.wait_status(
+            node,
+            "a finished recovery and an in-sync pair",
+            timeout,
+            |s| in_sync(s) && s["pair"]["recovery"]["finished"] == true,
+        )
+    }
+
+    /// Both nodes' data files are identical byte for byte.
+    pub fn assert_identical(&self) {
+        assert_files_equal(&self.data("server1"), &self.data("server2"), None);
+    }
+}
+
+/// The status shows a connected, in-sync pair.
+pub fn in_sync(s: &Value) -> bool {
+    s["pair"]["in_sync"] == true && s["pair"]["connection"] == "connected"
 }
 
 /// `pair.connection` of a status (`""` if absent).

@@ -13,26 +13,14 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tests::cluster::TestCluster;
-use tests::cluster::{ClusterOpts, Engine};
-use tests::data::{assert_files_equal, random_bytes, random_image, read_range, seed};
-use tests::mirror::{set_resource_key, set_timeouts, MirrorPair, PairOpts};
+use tests::data::{random_bytes, random_image, read_range, seed};
+use tests::mirror::{in_sync, set_resource_key, set_timeouts, MirrorPair, PairOpts};
 use tests::nbd_client::NbdClient;
-use tests::run::{all_output, describe};
+use tests::run::describe;
 use tests::wait::wait_until;
 
 const REGION: u64 = 64 << 10;
 const T: Duration = Duration::from_secs(30);
-
-/// Pair options: `size` volume, extra resource keys (raw TOML values).
-fn opts(size: u64, keys: &[(&str, &str)]) -> PairOpts {
-    let mut o = PairOpts::new("sync");
-    let mut c = ClusterOpts::new(Engine::Portable).size(size);
-    for (k, v) in keys {
-        c = c.resource_key(k, v);
-    }
-    o.cluster = c;
-    o
-}
 
 /// The configured `divergent_save_dir` of `node`.
 fn divergent_dir(p: &MirrorPair, node: &str) -> PathBuf {
@@ -43,72 +31,10 @@ fn divergent_dir(p: &MirrorPair, node: &str) -> PathBuf {
         .clone()
 }
 
-fn connect(p: &MirrorPair, node: &str) -> NbdClient {
-    NbdClient::connect(&p.socket(node), p.c.resource())
-        .unwrap_or_else(|e| panic!("NBD connect to {node}: {e}"))
-}
-
-/// Writes `len` bytes of `byte` at `off` through `node`'s export, then flushes.
-fn fill(p: &MirrorPair, node: &str, off: u64, len: u64, byte: u8) {
-    let mut c = connect(p, node);
-    let chunk = vec![byte; (1 << 20).min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(chunk.len() as u64) as usize;
-        let err = c
-            .write(off + done, &chunk[..n], false)
-            .unwrap_or_else(|e| panic!("write at {}: {e}", off + done));
-        assert_eq!(
-            err,
-            0,
-            "write at {} failed with NBD error {err}",
-            off + done
-        );
-        done += n as u64;
-    }
-    assert_eq!(c.flush().expect("flush"), 0, "flush failed");
-    let _ = c.disconnect();
-}
-
-/// `mdctrl ARGS` on `node` expecting exit `code`; returns stdout+stderr.
-fn expect_code(p: &MirrorPair, node: &str, args: &[&str], code: i32) -> String {
-    let out = p.c.mdctrl_on(node, args);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "expected exit {code}\n{}",
-        describe(&args.join(" "), &out)
-    );
-    all_output(&out)
-}
-
-fn in_sync(s: &Value) -> bool {
-    s["pair"]["in_sync"] == true && s["pair"]["connection"] == "connected"
-}
-
-/// Waits until `node` reports a connected, in-sync pair.
-fn wait_in_sync(p: &MirrorPair, node: &str, timeout: Duration) -> Value {
-    p.wait_status(node, "an in-sync pair", timeout, in_sync)
-}
-
-/// Waits until `node` reports a finished recovery and an in-sync pair.
-fn wait_recovered(p: &MirrorPair, node: &str, timeout: Duration) -> Value {
-    p.wait_status(
-        node,
-        "a finished recovery and an in-sync pair",
-        timeout,
-        |s| in_sync(s) && s["pair"]["recovery"]["finished"] == true,
-    )
-}
-
 fn recovery_u64(s: &Value, key: &str) -> u64 {
     s["pair"]["recovery"][key]
         .as_u64()
         .unwrap_or_else(|| panic!("no pair.recovery.{key}: {s:#}"))
-}
-
-fn assert_identical(p: &MirrorPair) {
-    assert_files_equal(&p.data("server1"), &p.data("server2"), None);
 }
 
 /// The saved divergent image of `node` (exactly one expected) and its regions
@@ -172,15 +98,15 @@ fn assert_saved_region(img: &Path, regions: &[(u64, u64, u64)], off: u64, len: u
 /// Scenario 1: Standby killed and restarted: automatic recovery, identical.
 #[test]
 fn standby_restart_recovers_automatically() {
-    let mut p = MirrorPair::start(&opts(16 << 20, &[]));
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(16 << 20, &[]));
     p.activate("server1");
-    fill(&p, "server1", 0, 2 << 20, 0xab);
+    p.fill("server1", 0, 2 << 20, 0xab);
     p.a2.kill9();
-    fill(&p, "server1", 1 << 20, 128 << 10, 0x11);
-    fill(&p, "server1", 10 << 20, 64 << 10, 0x22);
+    p.fill("server1", 1 << 20, 128 << 10, 0x11);
+    p.fill("server1", 10 << 20, 64 << 10, 0x22);
     p.a2.start_again();
     p.a2.wait_ready();
-    let s = wait_recovered(&p, "server1", T);
+    let s = p.wait_recovered("server1", T);
     // The session's decision is reported while the recovery is pending; once
     // finished, the recovery row keeps the rule that chose it.
     assert_eq!(
@@ -197,10 +123,10 @@ fn standby_restart_recovers_automatically() {
     p.a1.assert_log_contains(
         "decision R14 ahead-differential: differential resync server1 -> server2",
     );
-    wait_in_sync(&p, "server2", T);
-    assert_identical(&p);
-    fill(&p, "server1", 3 << 20, 64 << 10, 0x33);
-    assert_identical(&p);
+    p.wait_in_sync("server2", T);
+    p.assert_identical();
+    p.fill("server1", 3 << 20, 64 << 10, 0x33);
+    p.assert_identical();
 }
 
 /// Scenario 2: Active crashes after writing alone; the standby is forced, activated
@@ -208,28 +134,28 @@ fn standby_restart_recovers_automatically() {
 /// regions are saved.
 #[test]
 fn force_after_active_crash_saves_divergent_regions() {
-    let mut p = MirrorPair::start(&opts(16 << 20, &[]));
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(16 << 20, &[]));
     p.activate("server1");
-    fill(&p, "server1", 0, 1 << 20, 0xab);
+    p.fill("server1", 0, 1 << 20, 0xab);
     p.a2.terminate();
-    fill(&p, "server1", 8 << 20, 64 << 10, 0x77);
+    p.fill("server1", 8 << 20, 64 << 10, 0x77);
     p.a1.kill9();
     let _ = std::fs::remove_file(p.socket("server1"));
     p.a2.start_again();
     p.a2.wait_ready();
-    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 5);
+    let out = p.expect_code("server2", &["activate", "md1", "--nomount"], 5);
     assert!(out.contains("force server2"), "no force hint: {out}");
     p.mdctrl_ok("server2", &["force", "server2", "md1"]);
     p.activate("server2");
-    fill(&p, "server2", 4 << 20, 64 << 10, 0x55);
+    p.fill("server2", 4 << 20, 64 << 10, 0x55);
     p.a1.start_again();
     p.a1.wait_ready();
-    let s = wait_recovered(&p, "server2", T);
+    let s = p.wait_recovered("server2", T);
     assert_eq!(
         s["pair"]["recovery"]["direction"], "server2 -> server1",
         "{s:#}"
     );
-    assert_identical(&p);
+    p.assert_identical();
     assert_eq!(
         read_range(&p.data("server1"), 8 << 20, 4),
         vec![0; 4],
@@ -237,25 +163,25 @@ fn force_after_active_crash_saves_divergent_regions() {
     );
     let (img, regions) = saved_image(&p, "server1");
     assert_saved_region(&img, &regions, 8 << 20, 64 << 10, 0x77);
-    expect_code(&p, "server1", &["activate", "md1", "--nomount"], 3);
+    p.expect_code("server1", &["activate", "md1", "--nomount"], 3);
 }
 
 /// Scenario 3: Split brain: both sides forced and written alone; on reunion both
 /// are RED, activation is refused, `force server1` resolves it.
 #[test]
 fn split_brain_resolved_by_force() {
-    let mut p = MirrorPair::start(&opts(16 << 20, &[]));
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(16 << 20, &[]));
     p.activate("server1");
-    fill(&p, "server1", 0, 1 << 20, 0xab);
+    p.fill("server1", 0, 1 << 20, 0xab);
     p.deactivate("server1");
-    wait_in_sync(&p, "server1", T);
+    p.wait_in_sync("server1", T);
     // server2 alone: forced, written.
     p.a1.kill9();
-    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 5);
+    let out = p.expect_code("server2", &["activate", "md1", "--nomount"], 5);
     assert!(out.contains("force"), "{out}");
     p.mdctrl_ok("server2", &["force", "server2", "md1"]);
     p.activate("server2");
-    fill(&p, "server2", 4 << 20, 64 << 10, 0x22);
+    p.fill("server2", 4 << 20, 64 << 10, 0x22);
     p.a2.kill9();
     let _ = std::fs::remove_file(p.socket("server2"));
     // server1 alone: forced, written.
@@ -263,7 +189,7 @@ fn split_brain_resolved_by_force() {
     p.a1.wait_ready();
     p.mdctrl_ok("server1", &["force", "server1", "md1"]);
     p.activate("server1");
-    fill(&p, "server1", 6 << 20, 64 << 10, 0x11);
+    p.fill("server1", 6 << 20, 64 << 10, 0x11);
     p.deactivate("server1");
     // Heal.
     p.a2.start_again();
@@ -284,13 +210,13 @@ fn split_brain_resolved_by_force() {
         );
     }
     for n in ["server1", "server2"] {
-        let out = expect_code(&p, n, &["activate", "md1", "--nomount"], 3);
+        let out = p.expect_code(n, &["activate", "md1", "--nomount"], 3);
         eprintln!("activate on {n} during split brain: {out}");
     }
     p.mdctrl_ok("server1", &["force", "server1", "md1"]);
-    wait_recovered(&p, "server1", T);
-    wait_in_sync(&p, "server2", T);
-    assert_identical(&p);
+    p.wait_recovered("server1", T);
+    p.wait_in_sync("server2", T);
+    p.assert_identical();
     assert!(read_range(&p.data("server2"), 6 << 20, 64 << 10)
         .iter()
         .all(|&b| b == 0x11));
@@ -304,7 +230,7 @@ fn split_brain_resolved_by_force() {
 fn dirty_and_reconnect(p: &mut MirrorPair, dirty: u64) -> Value {
     p.activate("server1");
     p.a2.kill9();
-    fill(p, "server1", 0, dirty, 0x5a);
+    p.fill("server1", 0, dirty, 0x5a);
     p.a2.start_again();
     p.a2.wait_ready();
     // total_bytes is 0 until the copy set (the merged bitmap) is known.
@@ -317,7 +243,10 @@ fn dirty_and_reconnect(p: &mut MirrorPair, dirty: u64) -> Value {
 /// inconsistent target cannot be activated, the pair converges.
 #[test]
 fn resync_resumes_after_target_kill() {
-    let mut p = MirrorPair::start(&opts(64 << 20, &[("resync_rate", "\"8MiB\"")]));
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(
+        64 << 20,
+        &[("resync_rate", "\"8MiB\"")],
+    ));
     let s = dirty_and_reconnect(&mut p, 32 << 20);
     let total = recovery_u64(&s, "total_bytes");
     assert!(total >= 32 << 20, "{s:#}");
@@ -333,7 +262,7 @@ fn resync_resumes_after_target_kill() {
         st["disk"]["consistent"], false,
         "target after kill mid-resync: {st:#}"
     );
-    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    let out = p.expect_code("server2", &["activate", "md1", "--nomount"], 3);
     assert!(
         out.contains("inconsistent"),
         "refusal does not name the inconsistent data: {out}"
@@ -354,12 +283,12 @@ fn resync_resumes_after_target_kill() {
         resumed_total <= total - done_before + (2 << 20),
         "resumed resync recopies: first total {total}, {done_before} done before the kill, resumed total {resumed_total}"
     );
-    wait_recovered(&p, "server1", Duration::from_secs(60));
+    p.wait_recovered("server1", Duration::from_secs(60));
     p.a1.assert_log_contains(
         "decision R3 resume-interrupted-resync: differential resync server1 -> server2",
     );
-    wait_in_sync(&p, "server2", T);
-    assert_identical(&p);
+    p.wait_in_sync("server2", T);
+    p.assert_identical();
 }
 
 /// Scenario 4b: kill -9 of the source (the active) mid-resync: after its
@@ -369,7 +298,10 @@ fn resync_resumes_after_target_kill() {
 /// are ordered with the copies, and the pair converges.
 #[test]
 fn resync_resumes_after_source_kill() {
-    let mut p = MirrorPair::start(&opts(64 << 20, &[("resync_rate", "\"4MiB\"")]));
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(
+        64 << 20,
+        &[("resync_rate", "\"4MiB\"")],
+    ));
     let s = dirty_and_reconnect(&mut p, 32 << 20);
     let total = recovery_u64(&s, "total_bytes");
     let s = p.wait_status("server1", "a third of the resync", T, |s| {
@@ -402,26 +334,29 @@ fn resync_resumes_after_source_kill() {
     );
     // The cluster manager reactivates the source while the resync runs; it
     // serves writes inside the copy set and outside it.
-    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    let out = p.expect_code("server2", &["activate", "md1", "--nomount"], 3);
     assert!(out.contains("inconsistent"), "{out}");
     p.activate("server1");
-    fill(&p, "server1", 30 << 20, 1 << 20, 0x6b);
-    fill(&p, "server1", 40 << 20, 1 << 20, 0x6c);
+    p.fill("server1", 30 << 20, 1 << 20, 0x6b);
+    p.fill("server1", 40 << 20, 1 << 20, 0x6c);
     let s = p.status("server1");
     assert!(
         s["pair"]["recovery"]["finished"] == false,
         "the writes did not happen during the resumed resync (too slow a machine?): {s:#}"
     );
-    wait_recovered(&p, "server1", Duration::from_secs(60));
-    wait_in_sync(&p, "server2", T);
+    p.wait_recovered("server1", Duration::from_secs(60));
+    p.wait_in_sync("server2", T);
     p.wait_rpo_zero("server1", T);
-    assert_identical(&p);
+    p.assert_identical();
 }
 
 /// Scenario 5: A client keeps writing hot regions while the recovery runs.
 #[test]
 fn writes_during_resync_converge() {
-    let mut p = MirrorPair::start(&opts(32 << 20, &[("resync_rate", "\"8MiB\"")]));
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(
+        32 << 20,
+        &[("resync_rate", "\"8MiB\"")],
+    ));
     dirty_and_reconnect(&mut p, 16 << 20);
     let stop = Arc::new(AtomicBool::new(false));
     let sock = p.socket("server1");
@@ -463,26 +398,26 @@ fn writes_during_resync_converge() {
         r["finished"] == true || in_sync(s)
     });
     eprintln!("target progress sampled {target_samples} times");
-    wait_recovered(&p, "server1", Duration::from_secs(60));
+    p.wait_recovered("server1", Duration::from_secs(60));
     stop.store(true, Ordering::Relaxed);
     let n = writer.join().expect("writer");
     assert!(n > 10, "only {n} writes");
-    wait_in_sync(&p, "server2", T);
+    p.wait_in_sync("server2", T);
     p.wait_rpo_zero("server1", T);
-    assert_identical(&p);
+    p.assert_identical();
 }
 
 /// Scenario 6: A differential resync of 1% dirty regions copies about 1% of the volume.
 #[test]
 fn differential_resync_copies_only_dirty_regions() {
     const VOL: u64 = 4 << 30;
-    let mut p = MirrorPair::start(&opts(VOL, &[("keep_dirty", "8")]));
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(VOL, &[("keep_dirty", "8")]));
     p.activate("server1");
     p.a2.kill9();
     let regions = VOL / REGION;
     let dirty = regions.div_ceil(100);
     {
-        let mut c = connect(&p, "server1");
+        let mut c = p.connect("server1");
         let data = vec![0xc3u8; REGION as usize];
         for i in 0..dirty {
             let off = (i * (regions / dirty)) * REGION;
@@ -492,7 +427,7 @@ fn differential_resync_copies_only_dirty_regions() {
     }
     p.a2.start_again();
     p.a2.wait_ready();
-    let s = wait_recovered(&p, "server1", Duration::from_secs(60));
+    let s = p.wait_recovered("server1", Duration::from_secs(60));
     let copied = recovery_u64(&s, "done_bytes");
     eprintln!(
         "{dirty} of {regions} regions dirty, {copied} bytes copied ({:.3}% of the volume)",
@@ -505,26 +440,26 @@ fn differential_resync_copies_only_dirty_regions() {
         "copied {copied} bytes, expected within [{lo}, {hi}] (1% dirty of {VOL}): {s:#}"
     );
     assert!(VOL / 100 <= copied + REGION, "copied {copied} < 1%");
-    wait_in_sync(&p, "server2", T);
-    assert_identical(&p);
+    p.wait_in_sync("server2", T);
+    p.assert_identical();
 }
 
 /// Scenario 7: `break` then `recover --wait`; `verify` counts corrupted regions.
 #[test]
 fn break_recover_and_verify() {
-    let p = MirrorPair::start(&opts(16 << 20, &[]));
+    let p = MirrorPair::start(&PairOpts::sync_sized(16 << 20, &[]));
     p.activate("server1");
-    fill(&p, "server1", 0, 2 << 20, 0xab);
+    p.fill("server1", 0, 2 << 20, 0xab);
     p.mdctrl_ok("server1", &["break", "md1"]);
-    fill(&p, "server1", 5 << 20, 3 << 20, 0x99);
+    p.fill("server1", 5 << 20, 3 << 20, 0x99);
     p.wait_status("server2", "out of sync", T, |s| {
         s["pair"]["in_sync"] == false
     });
-    expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    p.expect_code("server2", &["activate", "md1", "--nomount"], 3);
     let out = p.mdctrl_ok("server2", &["recover", "md1", "--wait"]);
     assert!(out.contains("recovery finished"), "{out}");
-    assert_identical(&p);
-    wait_in_sync(&p, "server1", T);
+    p.assert_identical();
+    p.wait_in_sync("server1", T);
     let out = p.mdctrl_ok("server1", &["verify", "md1"]);
     assert!(out.contains("256 regions compared, 0 differ"), "{out}");
     // Corrupt 3 regions of the standby behind the agent's back.
@@ -537,8 +472,8 @@ fn break_recover_and_verify() {
     wait_until("the repair resync to make both files identical", T, || {
         (std::fs::read(&a).expect("read") == std::fs::read(&b).expect("read")).then_some(())
     });
-    wait_in_sync(&p, "server1", T);
-    assert_identical(&p);
+    p.wait_in_sync("server1", T);
+    p.assert_identical();
     let out = p.mdctrl_ok("server1", &["verify", "md1"]);
     assert!(out.contains("0 differ"), "{out}");
 }
@@ -550,7 +485,7 @@ fn break_recover_and_verify() {
 /// itself while server1 serves writes; server2 cannot be activated meanwhile.
 #[test]
 fn initial_construction_by_activation() {
-    let o = opts(32 << 20, &[("resync_rate", "\"8MiB\"")]);
+    let o = PairOpts::sync_sized(32 << 20, &[("resync_rate", "\"8MiB\"")]);
     let c = TestCluster::pair(o.cluster.clone());
     set_timeouts(&c, &o.timing);
     set_resource_key(&c, "mode", &format!("\"{}\"", o.mode));
@@ -585,7 +520,7 @@ fn initial_construction_by_activation() {
         s["pair"]["recovery"]["total_bytes"].as_u64().unwrap_or(0) > 0
     });
     // The target is new, then inconsistent: never activatable while copied.
-    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    let out = p.expect_code("server2", &["activate", "md1", "--nomount"], 3);
     assert!(
         out.contains("inconsistent") || out.contains("server1 is active"),
         "refusal does not name the reason: {out}"
@@ -609,7 +544,7 @@ fn initial_construction_by_activation() {
             n
         })
     };
-    let s = wait_recovered(&p, "server1", Duration::from_secs(60));
+    let s = p.wait_recovered("server1", Duration::from_secs(60));
     stop.store(true, Ordering::Relaxed);
     let n = writer.join().expect("writer");
     assert!(n > 10, "only {n} writes during the initial copy");
@@ -618,16 +553,16 @@ fn initial_construction_by_activation() {
         "not a full copy: {s:#}"
     );
     p.a1.assert_log_contains("decision R6 new-member: full resync server1 -> server2");
-    wait_in_sync(&p, "server2", T);
+    p.wait_in_sync("server2", T);
     p.wait_rpo_zero("server1", T);
-    assert_identical(&p);
+    p.assert_identical();
     // server1's untouched pre-existing data is the mirror's content.
     assert_eq!(
         read_range(&p.data("server2"), 8 << 20, 1 << 20),
         source_before,
         "server2 does not hold server1's pre-existing data"
     );
-    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    let out = p.expect_code("server2", &["activate", "md1", "--nomount"], 3);
     assert!(out.contains("server1 is active"), "{out}");
 }
 
@@ -636,11 +571,11 @@ fn initial_construction_by_activation() {
 /// start the automatic recovery; `recover` clears the flag and converges.
 #[test]
 fn operator_break_survives_restart() {
-    let mut p = MirrorPair::start(&opts(16 << 20, &[]));
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(16 << 20, &[]));
     p.activate("server1");
-    fill(&p, "server1", 0, 1 << 20, 0x11);
+    p.fill("server1", 0, 1 << 20, 0x11);
     p.mdctrl_ok("server1", &["break", "md1"]);
-    fill(&p, "server1", 4 << 20, 2 << 20, 0x22);
+    p.fill("server1", 4 << 20, 2 << 20, 0x22);
     let dump = p.mdctrl_ok("server1", &["dump-md", "md1"]);
     assert!(
         dump.contains("operator-break"),
@@ -660,17 +595,17 @@ fn operator_break_survives_restart() {
     });
     assert!(s["pair"]["recovery"].is_null(), "a recovery started: {s:#}");
     assert_eq!(s["pair"]["in_sync"], false, "{s:#}");
-    fill(&p, "server1", 8 << 20, 1 << 20, 0x33);
+    p.fill("server1", 8 << 20, 1 << 20, 0x33);
     let out = p.mdctrl_ok("server1", &["recover", "md1", "--wait"]);
     assert!(out.contains("recovery finished"), "{out}");
-    wait_in_sync(&p, "server2", T);
+    p.wait_in_sync("server2", T);
     p.wait_rpo_zero("server1", T);
     let dump = p.mdctrl_ok("server1", &["dump-md", "md1"]);
     assert!(
         !dump.contains("operator-break"),
         "flag not cleared:\n{dump}"
     );
-    assert_identical(&p);
+    p.assert_identical();
 }
 
 /// Scenario 10: an unusable `divergent_save_dir` (a file stands where the
@@ -678,7 +613,7 @@ fn operator_break_survives_restart() {
 /// instead of failing later when a forced recovery must save the loser's data.
 #[test]
 fn unusable_save_dir_is_refused_at_start() {
-    let c = MirrorPair::configure(&opts(16 << 20, &[]));
+    let c = MirrorPair::configure(&PairOpts::sync_sized(16 << 20, &[]));
     let dir = c.config.resources[0]
         .node("server1")
         .expect("node of the resource")

@@ -64,65 +64,15 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tests::agent::Agent;
-use tests::cluster::{ClusterOpts, Engine, TestCluster};
-use tests::data::{assert_files_equal, random_bytes, random_image, read_range, seed};
+use tests::cluster::TestCluster;
+use tests::data::{random_bytes, random_image, read_range, seed};
 use tests::mirror::{set_resource_key, set_timeouts, MirrorPair, PairOpts};
 use tests::nbd_client::NbdClient;
-use tests::run::{all_output, describe};
+use tests::run::describe;
 use tests::wait::wait_until;
 
 const T: Duration = Duration::from_secs(30);
 const MIB: u64 = 1 << 20;
-
-/// Pair options: `size` volume, extra resource keys (raw TOML values).
-fn opts(size: u64, keys: &[(&str, &str)]) -> PairOpts {
-    let mut o = PairOpts::new("sync");
-    let mut c = ClusterOpts::new(Engine::Portable).size(size);
-    for (k, v) in keys {
-        c = c.resource_key(k, v);
-    }
-    o.cluster = c;
-    o
-}
-
-fn connect(p: &MirrorPair, node: &str) -> NbdClient {
-    NbdClient::connect(&p.socket(node), p.c.resource())
-        .unwrap_or_else(|e| panic!("NBD connect to {node}: {e}"))
-}
-
-/// Writes `len` bytes of `byte` at `off` through `node`'s export, then flushes.
-fn fill(p: &MirrorPair, node: &str, off: u64, len: u64, byte: u8) {
-    let mut c = connect(p, node);
-    let chunk = vec![byte; MIB.min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(chunk.len() as u64) as usize;
-        let err = c
-            .write(off + done, &chunk[..n], false)
-            .unwrap_or_else(|e| panic!("write at {}: {e}", off + done));
-        assert_eq!(
-            err,
-            0,
-            "write at {} failed with NBD error {err}",
-            off + done
-        );
-        done += n as u64;
-    }
-    assert_eq!(c.flush().expect("flush"), 0, "flush failed");
-    let _ = c.disconnect();
-}
-
-/// `mdctrl ARGS` on `node` expecting exit `code`; returns stdout+stderr.
-fn expect_code(p: &MirrorPair, node: &str, args: &[&str], code: i32) -> String {
-    let out = p.c.mdctrl_on(node, args);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "expected exit {code}\n{}",
-        describe(&args.join(" "), &out)
-    );
-    all_output(&out)
-}
 
 /// `mdctrl init md1 [extra]` on a node whose agent is stopped.
 fn init(c: &TestCluster, node: &str, extra: &[&str]) {
@@ -134,23 +84,6 @@ fn init(c: &TestCluster, node: &str, extra: &[&str]) {
         "{}",
         describe(&format!("mdctrl init on {node}"), &out)
     );
-}
-
-fn in_sync(s: &Value) -> bool {
-    s["pair"]["in_sync"] == true && s["pair"]["connection"] == "connected"
-}
-
-fn wait_in_sync(p: &MirrorPair, node: &str, timeout: Duration) -> Value {
-    p.wait_status(node, "an in-sync pair", timeout, in_sync)
-}
-
-fn wait_recovered(p: &MirrorPair, node: &str, timeout: Duration) -> Value {
-    p.wait_status(
-        node,
-        "a finished recovery and an in-sync pair",
-        timeout,
-        |s| in_sync(s) && s["pair"]["recovery"]["finished"] == true,
-    )
 }
 
 fn decision(s: &Value) -> &str {
@@ -186,10 +119,6 @@ fn wait_resync_decision(p: &MirrorPair, node: &str, rule: &str, text: &str) {
     a.wait_for_log(&format!("decision {expected}"), T);
 }
 
-fn assert_identical(p: &MirrorPair) {
-    assert_files_equal(&p.data("server1"), &p.data("server2"), None);
-}
-
 /// No recovery ran in this agent process.
 fn assert_no_recovery(s: &Value) {
     assert!(s["pair"]["recovery"].is_null(), "a recovery ran: {s:#}");
@@ -211,10 +140,32 @@ fn assert_no_running_recovery(s: &Value) {
 fn wait_in_sync_rule(p: &MirrorPair, node: &str, rule: &str) -> Value {
     let a = if node == "server1" { &p.a1 } else { &p.a2 };
     a.wait_for_log(&format!("decision {rule}: in sync"), T);
-    let s = wait_in_sync(p, node, T);
+    let s = p.wait_in_sync(node, T);
     assert!(s["pair"]["decision"].is_null(), "{node}: {s:#}");
     assert_eq!(s["pair"]["sync"], "in sync", "{node}: {s:#}");
     s
+}
+
+/// A pair whose generation was rotated by a resync (so it is no longer
+/// `BLANK`): server1 active writes (`byte`), server2 is killed, server1 writes
+/// more (`byte + 1`), server2 returns and R14 resyncs it; returns once both
+/// report in sync.
+fn pair_after_r14(byte: u8) -> MirrorPair {
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(8 * MIB, &[]));
+    p.activate("server1");
+    p.fill("server1", 0, MIB, byte);
+    p.a2.kill9();
+    p.fill("server1", 2 * MIB, 512 << 10, byte + 1);
+    start(&mut p, "server2");
+    wait_resync_decision(
+        &p,
+        "server1",
+        "R14 ahead-differential",
+        "differential resync server1 -> server2",
+    );
+    p.wait_recovered("server1", T);
+    p.wait_in_sync("server2", T);
+    p
 }
 
 /// Stops (SIGTERM) the agent of `node` of `p`.
@@ -258,16 +209,16 @@ fn zero_data(c: &TestCluster, node: &str) {
 /// first writes are replicated without any copy.
 #[test]
 fn r7_blank_pair_in_sync_at_once() {
-    let p = MirrorPair::start(&opts(4 * MIB, &[]));
+    let p = MirrorPair::start(&PairOpts::sync_sized(4 * MIB, &[]));
     for n in ["server1", "server2"] {
         let s = wait_in_sync_rule(&p, n, "R7 blank-pair");
         assert_no_recovery(&s);
     }
     p.activate("server1");
-    fill(&p, "server1", MIB, 256 << 10, 0x17);
+    p.fill("server1", MIB, 256 << 10, 0x17);
     p.wait_rpo_zero("server1", T);
     assert_no_recovery(&p.status("server1"));
-    assert_identical(&p);
+    p.assert_identical();
 }
 
 /// R8 in-sync: after a resync rotated the generation (so the pair is no
@@ -275,24 +226,11 @@ fn r7_blank_pair_in_sync_at_once() {
 /// of both agents; on restart they are in sync without a copy.
 #[test]
 fn r8_clean_restart_of_both_in_sync_without_copy() {
-    let mut p = MirrorPair::start(&opts(8 * MIB, &[]));
-    p.activate("server1");
-    fill(&p, "server1", 0, MIB, 0x21);
-    p.a2.kill9();
-    fill(&p, "server1", 2 * MIB, 512 << 10, 0x22);
-    start(&mut p, "server2");
-    wait_resync_decision(
-        &p,
-        "server1",
-        "R14 ahead-differential",
-        "differential resync server1 -> server2",
-    );
-    wait_recovered(&p, "server1", T);
-    wait_in_sync(&p, "server2", T);
-    fill(&p, "server1", 5 * MIB, 64 << 10, 0x23);
+    let mut p = pair_after_r14(0x21);
+    p.fill("server1", 5 * MIB, 64 << 10, 0x23);
     p.wait_rpo_zero("server1", T);
     p.deactivate("server1");
-    wait_in_sync(&p, "server1", T);
+    p.wait_in_sync("server1", T);
     stop(&mut p, "server1");
     stop(&mut p, "server2");
     start(&mut p, "server1");
@@ -301,13 +239,13 @@ fn r8_clean_restart_of_both_in_sync_without_copy() {
         let s = wait_in_sync_rule(&p, n, "R8 in-sync");
         assert_no_recovery(&s);
     }
-    assert_identical(&p);
+    p.assert_identical();
     // Still in sync when used again: writes replicate, no resync.
     p.activate("server1");
-    fill(&p, "server1", 6 * MIB, 64 << 10, 0x24);
+    p.fill("server1", 6 * MIB, 64 << 10, 0x24);
     p.wait_rpo_zero("server1", T);
     assert_no_recovery(&p.status("server1"));
-    assert_identical(&p);
+    p.assert_identical();
 }
 
 /// R9 crash-while-connected: the active is killed -9 while connected, in
@@ -316,9 +254,9 @@ fn r8_clean_restart_of_both_in_sync_without_copy() {
 /// when the old active is activated again.
 #[test]
 fn r9_active_killed_with_writes_in_flight() {
-    let mut p = MirrorPair::start(&opts(16 * MIB, &[]));
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(16 * MIB, &[]));
     p.activate("server1");
-    wait_in_sync(&p, "server1", T);
+    p.wait_in_sync("server1", T);
     let written = Arc::new(AtomicU64::new(0));
     let writer = {
         let written = written.clone();
@@ -367,10 +305,10 @@ fn r9_active_killed_with_writes_in_flight() {
         "{s:#}"
     );
     // The standby is not the source: its activation is refused.
-    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    let out = p.expect_code("server2", &["activate", "md1", "--nomount"], 3);
     eprintln!("activate server2 after R9: {out}");
     p.activate("server1");
-    let s = wait_recovered(&p, "server1", T);
+    let s = p.wait_recovered("server1", T);
     assert_eq!(
         s["pair"]["recovery"]["rule"], "R9 crash-while-connected",
         "{s:#}"
@@ -387,9 +325,9 @@ fn r9_active_killed_with_writes_in_flight() {
             <= 4 * MIB,
         "not differential: {s:#}"
     );
-    wait_in_sync(&p, "server2", T);
+    p.wait_in_sync("server2", T);
     p.wait_rpo_zero("server1", T);
-    assert_identical(&p);
+    p.assert_identical();
 }
 
 /// R6 new-member: server2's metadata is re-created (`init --force`, a
@@ -397,14 +335,14 @@ fn r9_active_killed_with_writes_in_flight() {
 /// full resync server1 → server2 starts by itself.
 #[test]
 fn r6_recreated_member_gets_full_resync() {
-    let mut p = MirrorPair::start(&opts(8 * MIB, &[]));
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(8 * MIB, &[]));
     p.activate("server1");
-    fill(&p, "server1", 0, 2 * MIB, 0x61);
+    p.fill("server1", 0, 2 * MIB, 0x61);
     p.wait_rpo_zero("server1", T);
     stop(&mut p, "server2");
     init(&p.c, "server2", &["--force"]);
     random_image(&p.data("server2"), 8 * MIB, seed("r6-replaced-disk"));
-    fill(&p, "server1", 4 * MIB, 64 << 10, 0x62);
+    p.fill("server1", 4 * MIB, 64 << 10, 0x62);
     start(&mut p, "server2");
     wait_resync_decision(
         &p,
@@ -412,22 +350,22 @@ fn r6_recreated_member_gets_full_resync() {
         "R6 new-member",
         "full resync server1 -> server2",
     );
-    let s = wait_recovered(&p, "server1", T);
+    let s = p.wait_recovered("server1", T);
     assert_eq!(s["pair"]["recovery"]["kind"], "full", "{s:#}");
     assert!(
         s["pair"]["recovery"]["total_bytes"].as_u64().unwrap_or(0) >= 8 * MIB,
         "not a full copy: {s:#}"
     );
-    wait_in_sync(&p, "server2", T);
+    p.wait_in_sync("server2", T);
     p.wait_rpo_zero("server1", T);
-    assert_identical(&p);
+    p.assert_identical();
 }
 
 /// A pair of two new nodes (`init` without `--blank`) with random contents,
 /// built by activating server1 (R5, then the initial full copy R6), then
 /// deactivated and in sync: both hold a fresh random generation, no `BLANK`.
 fn constructed_pair(size: u64, name: &str) -> MirrorPair {
-    let o = opts(size, &[]);
+    let o = PairOpts::sync_sized(size, &[]);
     let c = TestCluster::pair(o.cluster.clone());
     set_timeouts(&c, &o.timing);
     set_resource_key(&c, "mode", &format!("\"{}\"", o.mode));
@@ -438,12 +376,12 @@ fn constructed_pair(size: u64, name: &str) -> MirrorPair {
     let p = MirrorPair::start_on(c);
     wait_decision(&p, "server1", "R5 ");
     p.activate("server1");
-    wait_recovered(&p, "server1", T);
-    wait_in_sync(&p, "server2", T);
+    p.wait_recovered("server1", T);
+    p.wait_in_sync("server2", T);
     p.wait_rpo_zero("server1", T);
     p.deactivate("server1");
-    wait_in_sync(&p, "server1", T);
-    assert_identical(&p);
+    p.wait_in_sync("server1", T);
+    p.assert_identical();
     p
 }
 
@@ -467,21 +405,21 @@ fn r18_unrelated_after_blank_recreation() {
         assert_no_running_recovery(&s);
     }
     for n in ["server1", "server2"] {
-        let out = expect_code(&p, n, &["activate", "md1", "--nomount"], 3);
+        let out = p.expect_code(n, &["activate", "md1", "--nomount"], 3);
         assert!(
             out.contains("unrelated") || out.contains("R18"),
             "{n}: {out}"
         );
     }
     p.mdctrl_ok("server1", &["force", "server1", "md1"]);
-    let s = wait_recovered(&p, "server1", T);
+    let s = p.wait_recovered("server1", T);
     assert_eq!(
         s["pair"]["recovery"]["direction"], "server1 -> server2",
         "{s:#}"
     );
     assert_eq!(s["pair"]["recovery"]["kind"], "full", "{s:#}");
-    wait_in_sync(&p, "server2", T);
-    assert_identical(&p);
+    p.wait_in_sync("server2", T);
+    p.assert_identical();
 }
 
 /// R4 inconsistent-and-new: the source (active) is killed -9 mid-resync and
@@ -490,10 +428,13 @@ fn r18_unrelated_after_blank_recreation() {
 /// new node resyncs it in full onto the partial copy.
 #[test]
 fn r4_partial_target_next_to_recreated_source() {
-    let mut p = MirrorPair::start(&opts(16 * MIB, &[("resync_rate", "\"4MiB\"")]));
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(
+        16 * MIB,
+        &[("resync_rate", "\"4MiB\"")],
+    ));
     p.activate("server1");
     p.a2.kill9();
-    fill(&p, "server1", 0, 8 * MIB, 0x44);
+    p.fill("server1", 0, 8 * MIB, 0x44);
     start(&mut p, "server2");
     let s = p.wait_status("server1", "a quarter of the resync", T, |s| {
         let r = &s["pair"]["recovery"];
@@ -515,7 +456,7 @@ fn r4_partial_target_next_to_recreated_source() {
         assert_no_running_recovery(&p.status(n));
     }
     for n in ["server1", "server2"] {
-        let out = expect_code(&p, n, &["activate", "md1", "--nomount"], 3);
+        let out = p.expect_code(n, &["activate", "md1", "--nomount"], 3);
         eprintln!("activate {n} under R4: {out}");
     }
     // The partial copy cannot win (F2).
@@ -526,7 +467,7 @@ fn r4_partial_target_next_to_recreated_source() {
         describe("force server2", &out)
     );
     p.mdctrl_ok("server1", &["force", "server1", "md1"]);
-    let s = wait_recovered(&p, "server1", T);
+    let s = p.wait_recovered("server1", T);
     assert_eq!(
         s["pair"]["recovery"]["direction"], "server1 -> server2",
         "{s:#}"
@@ -540,8 +481,8 @@ fn r4_partial_target_next_to_recreated_source() {
         Some(16 * MIB),
         "{s:#}"
     );
-    wait_in_sync(&p, "server2", T);
-    assert_identical(&p);
+    p.wait_in_sync("server2", T);
+    p.assert_identical();
 }
 
 /// R1 disk-error: server2's agent runs with `RLIMIT_FSIZE` lowered below
@@ -555,7 +496,7 @@ fn r1_standby_write_error_blocks() {
     if !tests::require_tool("prlimit") {
         return;
     }
-    let c = MirrorPair::configure(&opts(8 * MIB, &[]));
+    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
     let a1 = c.spawn_agent_on("server1");
     let a2 = Agent::spawn_wrapped(
         &c,
@@ -574,10 +515,10 @@ fn r1_standby_write_error_blocks() {
         T,
     );
     p.activate("server1");
-    wait_in_sync(&p, "server1", T);
-    fill(&p, "server1", 0, 64 << 10, 0x11);
+    p.wait_in_sync("server1", T);
+    p.fill("server1", 0, 64 << 10, 0x11);
     // Beyond the limit on server2: its write fails, the mirror breaks.
-    fill(&p, "server1", 6 * MIB, 64 << 10, 0x12);
+    p.fill("server1", 6 * MIB, 64 << 10, 0x12);
     p.wait_status("server2", "the recorded disk error", T, |s| {
         s["disk"]["disk_error"] == true
     });
@@ -591,7 +532,7 @@ fn r1_standby_write_error_blocks() {
         assert!(d.to_lowercase().contains("blocked"), "{n}: {d}");
         assert_no_running_recovery(&p.status(n));
     }
-    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    let out = p.expect_code("server2", &["activate", "md1", "--nomount"], 3);
     eprintln!("activate server2 with a disk error: {out}");
     // Replace the disk: re-create its metadata; R6 copies it in full.
     stop(&mut p, "server2");
@@ -603,10 +544,10 @@ fn r1_standby_write_error_blocks() {
         "R6 new-member",
         "full resync server1 -> server2",
     );
-    wait_recovered(&p, "server1", T);
-    wait_in_sync(&p, "server2", T);
+    p.wait_recovered("server1", T);
+    p.wait_in_sync("server2", T);
     p.wait_rpo_zero("server1", T);
-    assert_identical(&p);
+    p.assert_identical();
     assert!(read_range(&p.data("server2"), 6 * MIB, 64 << 10)
         .iter()
         .all(|&b| b == 0x12));
@@ -620,23 +561,10 @@ fn r1_standby_write_error_blocks() {
 /// neither is active, started by server1's activation.
 #[test]
 fn r15_ahead_full_after_blank_recreation() {
-    let mut p = MirrorPair::start(&opts(8 * MIB, &[]));
-    p.activate("server1");
-    fill(&p, "server1", 0, MIB, 0x51);
-    p.a2.kill9();
-    fill(&p, "server1", 3 * MIB, 256 << 10, 0x52);
-    start(&mut p, "server2");
-    wait_resync_decision(
-        &p,
-        "server1",
-        "R14 ahead-differential",
-        "differential resync server1 -> server2",
-    );
-    wait_recovered(&p, "server1", T);
-    wait_in_sync(&p, "server2", T);
+    let mut p = pair_after_r14(0x51);
     p.wait_rpo_zero("server1", T);
     p.deactivate("server1");
-    wait_in_sync(&p, "server1", T);
+    p.wait_in_sync("server1", T);
     stop(&mut p, "server2");
     zero_data(&p.c, "server2");
     init(&p.c, "server2", &["--force", "--blank"]);
@@ -645,10 +573,10 @@ fn r15_ahead_full_after_blank_recreation() {
     for n in ["server1", "server2"] {
         assert_eq!(wait_decision(&p, n, "R15 "), expected, "{n}");
     }
-    let out = expect_code(&p, "server2", &["activate", "md1", "--nomount"], 3);
+    let out = p.expect_code("server2", &["activate", "md1", "--nomount"], 3);
     eprintln!("activate server2 under R15: {out}");
     p.activate("server1");
-    let s = wait_recovered(&p, "server1", T);
+    let s = p.wait_recovered("server1", T);
     assert_eq!(s["pair"]["recovery"]["rule"], "R15 ahead-full", "{s:#}");
     assert_eq!(s["pair"]["recovery"]["kind"], "full", "{s:#}");
     assert_eq!(
@@ -660,7 +588,7 @@ fn r15_ahead_full_after_blank_recreation() {
         Some(8 * MIB),
         "{s:#}"
     );
-    wait_in_sync(&p, "server2", T);
+    p.wait_in_sync("server2", T);
     p.wait_rpo_zero("server1", T);
-    assert_identical(&p);
+    p.assert_identical();
 }
