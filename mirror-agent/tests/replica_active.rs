@@ -15,7 +15,9 @@ use mirror_agent::gens;
 use mirror_agent::nbd::testing::MemEngine;
 use mirror_agent::peer::testing::{hello, pair_in_memory};
 use mirror_agent::replica::testing::GatedEngine;
-use mirror_agent::replica::{run_standby, ActiveConfig, ActiveVolume, ReplicaEvent, StandbyEnd};
+use mirror_agent::replica::{
+    run_standby, ActiveConfig, ActiveVolume, ReplicaEvent, ReplicaLink, StandbyEnd,
+};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
@@ -589,6 +591,67 @@ async fn release_waits_for_acks_and_records_nothing() {
     // dropped closes itself, which is why the owner routes frames through its
     // own channel.)
     assert!(p.local.snapshot() == p.remote.snapshot());
+}
+
+/// The pair's owner routes a session's frames to the volume through its own
+/// channel and stops routing once the volume is released (deactivation). The
+/// channel ending right after a clean release is not a mirror break: before
+/// the fix the receiver task, woken by the release but polled only after
+/// the route was dropped, saw the end first and recorded a break, rotating
+/// the generations of a node that had deactivated cleanly. A current-thread
+/// runtime makes that interleaving certain.
+#[tokio::test(flavor = "current_thread")]
+async fn route_dropped_right_after_release_is_not_a_break() {
+    let (part, _meta) = partition();
+    let local = MemEngine::new(VOL as usize);
+    let remote = MemEngine::new(VOL as usize);
+    let (a, b) = pair_in_memory(
+        hello("alpha", "c", "r0", VOL, REGION as u32),
+        hello("beta", "c", "r0", VOL, REGION as u32),
+    );
+    let (route_tx, route_rx) = mpsc::channel(64);
+    let mut session_rx = a.rx;
+    let route = Arc::new(Mutex::new(Some(route_tx)));
+    let forward = {
+        let route = route.clone();
+        tokio::spawn(async move {
+            while let Some(f) = session_rx.recv().await {
+                let tx = route.lock().unwrap().clone();
+                if let Some(tx) = tx {
+                    let _ = tx.send(f).await;
+                }
+            }
+        })
+    };
+    let (vol, mut events) = ActiveVolume::new(local.clone(), part.clone(), cfg(Mode::Sync));
+    vol.attach(ReplicaLink {
+        tx: Arc::new(a.tx),
+        rx: route_rx,
+        closed: Arc::new(a.closed),
+    })
+    .unwrap();
+    let standby = tokio::spawn(run_standby(remote.clone(), b.into()));
+    vol.write(0, pattern(5, 4096), false).await.unwrap();
+    assert!(vol.release(Duration::from_secs(10)).await.unwrap());
+    // No await between the release and dropping the route.
+    route.lock().unwrap().take();
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        part.generations(),
+        gens::blank(),
+        "a clean release followed by the end of the route recorded a divergence"
+    );
+    while let Ok(e) = events.try_recv() {
+        assert!(
+            !matches!(e, ReplicaEvent::MirrorBroken { .. }),
+            "mirror break reported after a clean release: {e:?}"
+        );
+    }
+    assert!(local.snapshot() == remote.snapshot());
+    forward.abort();
+    standby.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! One real-agent scenario per row of the resync rule table
-//! (`docs/resync-rules.md` §2) that two agents (separate processes on temp
-//! files) can reach through operator actions and faults. Each scenario
+//! (`docs/resync-rules.md` §2): two agents (separate processes on temp
+//! files) driven by operator actions, faults and, for the rows the protocol
+//! never produces by itself, a restored backup of one node. Each scenario
 //! asserts the `pair.decision` text of `mdctrl status --json` (rule id, name
 //! and outcome: resync direction and kind, blocked, split brain, unrelated)
 //! and, where a resync follows, that it converges and both data files are
@@ -13,8 +14,8 @@
 //! (`split_brain_resolved_by_force`), R14
 //! (`standby_restart_recovers_automatically`).
 //!
-//! Rows here: R1 (a standby write failing with `EFBIG` under a file-size
-//! limit), R4 (source killed mid-resync, its metadata re-created), R6 (one
+//! Rows here, produced by operator actions and faults only: R1 (a standby
+//! write failing with `EFBIG` under a file-size limit), R4 (source killed mid-resync, its metadata re-created), R6 (one
 //! node's metadata re-created while the other holds data), R7 (fresh
 //! `--blank` pair), R8 (clean stop of both after a resync rotated the
 //! generation), R9 (active killed with writes in flight), R15 (one node
@@ -22,36 +23,37 @@
 //! history), R18 (one node re-created `--blank` next to a pair built by
 //! initial construction, whose histories hold no `gens::BLANK`).
 //!
-//! Rows real agents cannot reach by operator actions or faults, and where
-//! they are covered instead:
+//! Rows the protocol never produces by itself (R2, R10, R11, R16, R17:
+//! "not produced by the protocol", `docs/resync-rules.md` §2) are reached the
+//! way they arise in the field: a stopped node's data disk and cluster
+//! partition are rolled back to a copy taken earlier from that same node (a
+//! VM snapshot or backup restored), every other state is produced by the
+//! agents themselves (scenarios `*_after_restored_backup` at the end):
 //!
-//! - R2 `both-inconsistent`: a node becomes `RESYNC_TARGET` only as the
-//!   target of a running resync, whose source is never a `RESYNC_TARGET`
-//!   (R3 and F2 refuse an inconsistent source), and re-creating metadata sets
-//!   `BLANK`, not `RESYNC_TARGET` (that is R4). Unit test
-//!   `r2_both_inconsistent` (`cargo test -p mirror-agent --lib rules`); the
-//!   model test lists it as unreachable.
-//! - R10 `both-were-active`, R11 `equal-current-diverged`: "not produced by
-//!   the protocol" (one active node at a time; a crashed active's
-//!   `WAS_ACTIVE` is cleared at the next handshake; the source clears B
-//!   before the target adopts C). Unit tests `r10_both_were_active`,
-//!   `r11_equal_current_diverged`; the model test
-//!   `rules_model` checks they never fire.
-//! - R16 `split-brain` (plain, neither `FORCED`): both nodes must write
-//!   alone from the same B. Writing alone needs an activation without a
-//!   replicating peer: with the peer unreachable that needs `force` (then R13
-//!   or R12 decides, never R16); with the peer connected, activation
-//!   requires the local node to be in sync or the source, and the node that
-//!   then writes alone (e.g. after `mdctrl break`) is "ahead" (R14) of the
-//!   other, which is refused activation. Split brain through two forced
-//!   activations while partitioned is R13 (`recovery.rs`). Unit test
-//!   `r16_split_brain`; listed unreachable by the model.
-//! - R17 `split-brain-related`: both nodes must have moved away from a
-//!   shared generation by different paths. As for R16, each path needs a
-//!   node writing alone; without a force the other node stays unchanged (R14,
-//!   or R15 after a `--blank` re-creation), and a re-creation without
-//!   `--blank` is R6/R4. No command sequence found reaches it. Unit test
-//!   `r17_split_brain_related`; the model test checks it never fires.
+//! - R2 `both-inconsistent`: server2 backed up as a partial copy (killed
+//!   mid-resync), later server1 killed mid-resync in the other direction,
+//!   server2 rolled back; resolved by `force` (F3, full).
+//! - R10 `both-were-active`: server1 backed up while crashed active, rolled
+//!   back to an in-sync backup, server2 crashes active, server1 rolled
+//!   forward to its crash backup.
+//! - R11 `equal-current-diverged`: server1 backed up while diverged, the
+//!   pair resynced (R14), server1 rolled back.
+//! - R16 `split-brain`: two timelines diverging alone from one generation
+//!   (server1's from a backup), differential `force` with server1's region
+//!   saved.
+//! - R17 `split-brain-related`: as R16 after server2's divergence was
+//!   resynced to server1 (so its B moved into history); full `force`.
+//!
+//! Without such a roll-back the rows cannot be reached by operator actions
+//! or faults: a node becomes `RESYNC_TARGET` only as the target of a running
+//! resync whose source never is one (R2); one node is active at a time and
+//! a crashed active's `WAS_ACTIVE` is cleared at the next handshake (R10);
+//! the source clears B before the target adopts C (R11); writing alone with
+//! the peer unreachable needs `force` (then R12/R13 decide) and with the
+//! peer connected the node that writes alone is "ahead" (R14) of the other,
+//! which is refused activation (R16, R17). Each also has a unit test
+//! (`cargo test -p mirror-agent --lib rules`) and the model test checks
+//! that the protocol's own transitions never produce R10, R11 or R17.
 //!
 //! Status note: `pair.decision` is shown only while the pair is not in sync
 //! (`null` once in sync), so the in-sync rows R7 and R8 are checked in the
@@ -591,4 +593,321 @@ fn r15_ahead_full_after_blank_recreation() {
     p.wait_in_sync("server2", T);
     p.wait_rpo_zero("server1", T);
     p.assert_identical();
+}
+
+// ---------------------------------------------------------------------------
+// Rows the protocol does not produce, reached by restoring a backup.
+//
+// R2, R10, R11, R16 and R17 guard against metadata the agents never write
+// on their own: they appear when a node's disks are rolled back to an
+// earlier copy (a VM snapshot, a backup of the data disk and the cluster
+// partition, a cloned disk put back). The scenarios below produce every
+// state with real agents and only roll a stopped node's two files back to
+// a copy taken earlier from that same node, as an operator restoring a
+// snapshot would. Each checks that both nodes reach the row's decision,
+// that nothing starts and neither node can be activated without a force,
+// and that a force converges to identical data.
+// ---------------------------------------------------------------------------
+
+/// A stopped node's data file and cluster partition as they were when
+/// taken (a backup or VM snapshot of both disks).
+struct Snapshot {
+    data: Vec<u8>,
+    cp: Vec<u8>,
+}
+
+fn agent_mut<'a>(p: &'a mut MirrorPair, node: &str) -> &'a mut Agent {
+    if node == "server1" {
+        &mut p.a1
+    } else {
+        &mut p.a2
+    }
+}
+
+/// Copies the two files of `node`, whose agent must be stopped.
+fn snapshot(p: &mut MirrorPair, node: &str) -> Snapshot {
+    assert!(!agent_mut(p, node).is_running(), "{node} is running");
+    let read = |path: std::path::PathBuf| {
+        std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    };
+    Snapshot {
+        data: read(p.data(node)),
+        cp: read(p.c.cp_path_on(node)),
+    }
+}
+
+/// Rolls the two files of the stopped `node` back to `snap`, in place.
+fn restore(p: &mut MirrorPair, node: &str, snap: &Snapshot) {
+    assert!(!agent_mut(p, node).is_running(), "{node} is running");
+    for (path, bytes) in [(p.data(node), &snap.data), (p.c.cp_path_on(node), &snap.cp)] {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        std::io::Write::write_all(&mut f, bytes).expect("write snapshot");
+        f.sync_all().expect("sync");
+    }
+}
+
+/// Kills `node`'s agent with SIGKILL and removes its stale NBD socket.
+fn crash(p: &mut MirrorPair, node: &str) {
+    agent_mut(p, node).kill9();
+    let _ = std::fs::remove_file(p.socket(node));
+}
+
+/// Both nodes show `expected` (a split brain or blocked decision), nothing
+/// runs, and activation is refused on both (exit 3).
+fn assert_stuck(p: &MirrorPair, prefix: &str, expected: &str) {
+    for n in ["server1", "server2"] {
+        let d = wait_decision(p, n, prefix);
+        assert!(d.starts_with(expected), "{n}: {d}");
+        let s = p.status(n);
+        assert_eq!(s["pair"]["in_sync"], false, "{n}: {s:#}");
+        assert_no_running_recovery(&s);
+    }
+    for n in ["server1", "server2"] {
+        if p.status(n)["role"] == "active" {
+            continue;
+        }
+        let out = p.expect_code(n, &["activate", "md1", "--nomount"], 3);
+        eprintln!("activate {n} under {prefix}: {out}");
+    }
+}
+
+/// `mdctrl force WINNER md1` on the winner; waits for the resync from it to
+/// finish and both nodes to be in sync, then compares the data files.
+fn force_and_converge(p: &MirrorPair, winner: &str, loser: &str) -> Value {
+    p.mdctrl_ok(winner, &["force", winner, "md1"]);
+    let s = p.wait_recovered(winner, T);
+    assert_eq!(
+        s["pair"]["recovery"]["direction"],
+        format!("{winner} -> {loser}").as_str(),
+        "{s:#}"
+    );
+    p.wait_in_sync(loser, T);
+    p.wait_in_sync(winner, T);
+    p.assert_identical();
+    s
+}
+
+/// Deactivates `node`, waits for the pair to be in sync, stops it.
+fn deactivate_and_stop(p: &mut MirrorPair, node: &str) {
+    p.deactivate(node);
+    p.wait_in_sync(node, T);
+    stop(p, node);
+}
+
+/// R11 equal-current-diverged: server1 diverges alone (server2 killed,
+/// writes) and a backup of server1 is taken (B ≠ 0, C = G1); the pair then
+/// resyncs (R14), which gives server2 the same C and clears server1's B;
+/// server1 is rolled back to the backup. Equal C with a B ≠ 0: split brain,
+/// nothing automatic; `force server1` converges.
+#[test]
+fn r11_equal_current_diverged_after_restored_backup() {
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(8 * MIB, &[]));
+    p.activate("server1");
+    p.fill("server1", 0, MIB, 0xb1);
+    crash(&mut p, "server2");
+    p.fill("server1", 2 * MIB, 256 << 10, 0xb2);
+    p.deactivate("server1");
+    stop(&mut p, "server1");
+    let diverged = snapshot(&mut p, "server1");
+    start(&mut p, "server1");
+    start(&mut p, "server2");
+    assert!(wait_decision(&p, "server1", "R14 ").starts_with("R14 ahead-differential"));
+    p.activate("server1");
+    p.wait_recovered("server1", T);
+    p.wait_in_sync("server2", T);
+    deactivate_and_stop(&mut p, "server1");
+    restore(&mut p, "server1", &diverged);
+    start(&mut p, "server1");
+    assert_stuck(&p, "R11 ", "R11 equal-current-diverged: split brain");
+    force_and_converge(&p, "server1", "server2");
+}
+
+/// Two timelines from one in-sync generation G, made with a backup:
+/// server1 is backed up while in sync (clean stop), then diverges alone
+/// (server2 killed; writes 0xc2 at 2 MiB) and is backed up again (B = G,
+/// C = G1); then server1 is rolled back to the first backup, the pair is in
+/// sync again, server2 is activated and diverges alone (server1 killed;
+/// writes 0xc3 at 4 MiB: B = G, C = G2). Returns the pair with server1
+/// stopped, server2 active and alone, and server1's diverged backup.
+fn two_timelines_from_backup() -> (MirrorPair, Snapshot) {
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(8 * MIB, &[]));
+    p.activate("server1");
+    p.fill("server1", 0, MIB, 0xc1);
+    deactivate_and_stop(&mut p, "server1");
+    let in_sync_backup = snapshot(&mut p, "server1");
+    start(&mut p, "server1");
+    p.wait_in_sync("server1", T);
+    p.activate("server1");
+    crash(&mut p, "server2");
+    p.fill("server1", 2 * MIB, 64 << 10, 0xc2);
+    p.deactivate("server1");
+    stop(&mut p, "server1");
+    let diverged = snapshot(&mut p, "server1");
+    restore(&mut p, "server1", &in_sync_backup);
+    start(&mut p, "server1");
+    start(&mut p, "server2");
+    p.wait_in_sync("server2", T);
+    p.activate("server2");
+    crash(&mut p, "server1");
+    p.fill("server2", 4 * MIB, 64 << 10, 0xc3);
+    (p, diverged)
+}
+
+/// R16 split-brain: server1 rolled back to its diverged backup (B = G,
+/// C = G1) next to server2 that diverged from the same G (B = G, C = G2).
+/// Split brain on both, server1 refused activation while server2 keeps
+/// serving; `force server2` resyncs differentially (both bitmaps relative to
+/// G) and saves server1's divergent region first.
+#[test]
+fn r16_split_brain_after_restored_backup() {
+    let (mut p, diverged) = two_timelines_from_backup();
+    restore(&mut p, "server1", &diverged);
+    start(&mut p, "server1");
+    assert_stuck(&p, "R16 ", "R16 split-brain: split brain");
+    let s = force_and_converge(&p, "server2", "server1");
+    assert_eq!(s["pair"]["recovery"]["kind"], "differential", "{s:#}");
+    assert!(read_range(&p.data("server1"), 4 * MIB, 64 << 10)
+        .iter()
+        .all(|&b| b == 0xc3));
+    // server1's own write is gone from the volume but saved.
+    assert!(read_range(&p.data("server1"), 2 * MIB, 64 << 10)
+        .iter()
+        .all(|&b| b == 0));
+    let saved = saved_images(&p, "server1");
+    assert!(
+        saved.iter().any(|img| std::fs::read(img)
+            .map(|b| b.windows(4096).any(|w| w.iter().all(|&x| x == 0xc2)))
+            .unwrap_or(false)),
+        "server1's divergent region (0xc2) not in any saved image: {saved:?}"
+    );
+}
+
+/// The divergent-region images saved for `node` (files `*.img` in its
+/// `divergent_save_dir`).
+fn saved_images(p: &MirrorPair, node: &str) -> Vec<std::path::PathBuf> {
+    let dir = &p.c.config.resources[0]
+        .node(node)
+        .expect("node of the resource")
+        .divergent_save_dir;
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "img"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// R17 split-brain-related: as for R16, but before server1 is rolled back
+/// server2's divergence is resynced to server1 (R14; G moves into server2's
+/// history, its B is cleared). Now server1 (B = G, C = G1) and server2
+/// (B = 0, C = G2, G in its history) share G but neither is ahead of the
+/// other: split brain; `force server2` resyncs in full.
+#[test]
+fn r17_split_brain_related_after_restored_backup() {
+    let (mut p, diverged) = two_timelines_from_backup();
+    start(&mut p, "server1");
+    wait_resync_decision(
+        &p,
+        "server2",
+        "R14 ahead-differential",
+        "differential resync server2 -> server1",
+    );
+    p.wait_recovered("server2", T);
+    p.wait_in_sync("server1", T);
+    p.wait_rpo_zero("server2", T);
+    stop(&mut p, "server1");
+    restore(&mut p, "server1", &diverged);
+    start(&mut p, "server1");
+    assert_stuck(&p, "R17 ", "R17 split-brain-related: split brain");
+    let s = force_and_converge(&p, "server2", "server1");
+    assert_eq!(s["pair"]["recovery"]["kind"], "full", "{s:#}");
+}
+
+/// R10 both-were-active: server1 is backed up in sync, then crashes while
+/// active (WAS_ACTIVE, write intents, C = G) and is backed up again; rolled
+/// back to the first backup it is in sync with server2, which is activated
+/// and crashes the same way; server1 is rolled back to its crash backup.
+/// Both were active at G with intents: split brain; `force server1`.
+#[test]
+fn r10_both_were_active_after_restored_backup() {
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(8 * MIB, &[]));
+    p.activate("server1");
+    p.fill("server1", 0, MIB, 0xd1);
+    deactivate_and_stop(&mut p, "server1");
+    let in_sync_backup = snapshot(&mut p, "server1");
+    start(&mut p, "server1");
+    p.wait_in_sync("server1", T);
+    p.activate("server1");
+    p.fill("server1", 2 * MIB, 64 << 10, 0xd2);
+    crash(&mut p, "server1");
+    let crashed = snapshot(&mut p, "server1");
+    restore(&mut p, "server1", &in_sync_backup);
+    start(&mut p, "server1");
+    p.wait_in_sync("server1", T);
+    p.activate("server2");
+    p.fill("server2", 4 * MIB, 64 << 10, 0xd3);
+    crash(&mut p, "server2");
+    stop(&mut p, "server1");
+    restore(&mut p, "server1", &crashed);
+    start(&mut p, "server1");
+    start(&mut p, "server2");
+    assert_stuck(&p, "R10 ", "R10 both-were-active: split brain");
+    force_and_converge(&p, "server1", "server2");
+}
+
+/// R2 both-inconsistent: a resync server1 → server2 is interrupted (server2
+/// killed: a partial copy) and server2 is backed up; the resync resumes and
+/// finishes; later a resync server2 → server1 is interrupted the same way
+/// (server1 killed); server2 is rolled back to its partial-copy backup. Both
+/// are partial copies: blocked; `force server2` (F3) copies it in full.
+#[test]
+fn r2_both_inconsistent_after_restored_backup() {
+    let mut p = MirrorPair::start(&PairOpts::sync_sized(
+        16 * MIB,
+        &[("resync_rate", "\"4MiB\"")],
+    ));
+    let quarter_done = |p: &MirrorPair, source: &str| {
+        p.wait_status(source, "a quarter of the resync", T, |s| {
+            let r = &s["pair"]["recovery"];
+            let total = r["total_bytes"].as_u64().unwrap_or(0);
+            total > 0
+                && r["finished"] == false
+                && r["done_bytes"].as_u64().unwrap_or(0) >= total / 4
+        });
+    };
+    p.activate("server1");
+    crash(&mut p, "server2");
+    p.fill("server1", 0, 8 * MIB, 0xe1);
+    start(&mut p, "server2");
+    quarter_done(&p, "server1");
+    crash(&mut p, "server2");
+    let partial = snapshot(&mut p, "server2");
+    start(&mut p, "server2");
+    p.wait_recovered("server1", T);
+    p.wait_in_sync("server2", T);
+    p.deactivate("server1");
+    p.wait_in_sync("server2", T);
+    p.activate("server2");
+    crash(&mut p, "server1");
+    p.fill("server2", 0, 8 * MIB, 0xe2);
+    start(&mut p, "server1");
+    quarter_done(&p, "server2");
+    crash(&mut p, "server1");
+    p.deactivate("server2");
+    stop(&mut p, "server2");
+    restore(&mut p, "server2", &partial);
+    start(&mut p, "server1");
+    start(&mut p, "server2");
+    assert_stuck(&p, "R2 ", "R2 both-inconsistent: blocked");
+    let s = force_and_converge(&p, "server2", "server1");
+    assert_eq!(
+        s["pair"]["recovery"]["rule"], "F3 forced-both-inconsistent",
+        "{s:#}"
+    );
+    assert_eq!(s["pair"]["recovery"]["kind"], "full", "{s:#}");
 }

@@ -1127,6 +1127,13 @@ async fn receiver(
             break e;
         }
     };
+    // A clean release detaches without a divergence; the owner then stops
+    // routing frames here, so the channel may end before this task saw the
+    // release (biased select): that end is not a mirror break. Recording one
+    // would rotate the generations of a node that just deactivated cleanly.
+    if att.released.load(Ordering::SeqCst) {
+        return;
+    }
     if let Some(inner) = weak.upgrade() {
         inner.break_mirror(&att, reason, disk, true);
     }
