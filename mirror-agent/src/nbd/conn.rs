@@ -301,7 +301,16 @@ where
         if shutting && pending.is_empty() {
             break Err(NbdError::Shutdown);
         }
-        let event = tokio::select! {
+        // Headers already received are admitted before the engine futures
+        // are polled again, so that the requests of one burst are started
+        // in one polling pass (one io_uring submission, see
+        // `engine::Plug`). Bounded by the read-ahead buffer and by the
+        // in-flight permits (the admission wait serves completions).
+        let burst = input.buf.len() >= REQUEST_HEADER_LEN && !wstate.dead.load(Ordering::SeqCst);
+        let event = if burst {
+            Event::Header(Ok(true))
+        } else {
+            tokio::select! {
             biased;
             _ = wait_dead(&wstate) => Event::WriterDead,
             Some(out) = pending.next(), if !pending.is_empty() => Event::Done(out),
@@ -313,6 +322,7 @@ where
             }
             _ = sleep_until_opt(grace) => Event::GraceExpired,
             r = input.fill(REQUEST_HEADER_LEN) => Event::Header(r),
+            }
         };
         let got = match event {
             Event::Done(out) => {
@@ -402,7 +412,6 @@ where
                 let out = tokio::select! {
                     biased;
                     _ = wait_dead(&wstate) => break 'reader Err(writer_failed()),
-                    Some(out) = pending.next(), if !pending.is_empty() => out,
                     r = shutdown.wait_for(|s| *s), if !shutting => {
                         let _ = r;
                         shutting = true;
@@ -415,6 +424,10 @@ where
                         permits = Some(p);
                         break;
                     }
+                    // Only while the permits are not there: polling here
+                    // when they are would start each request of a burst
+                    // in its own pass (one io_uring submission each).
+                    Some(out) = pending.next(), if !pending.is_empty() => out,
                 };
                 let alone = pending.is_empty();
                 let r = dispatch(

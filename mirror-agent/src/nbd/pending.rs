@@ -156,6 +156,9 @@ impl<T> Pending<T> {
                 *p = Some(cx.waker().clone());
             }
         }
+        // io_uring SQEs of the futures polled in this pass go to the kernel
+        // in one submission when the pass ends (see `engine::Plug`).
+        let _plug = crate::engine::plug();
         // Bounded, so futures that keep waking themselves (coop budget) do
         // not starve the rest of the connection task.
         let mut polls = 0;
@@ -169,7 +172,7 @@ impl<T> Pending<T> {
                 self.batch.reverse();
                 continue;
             };
-            if polls >= 2 * self.slots.len() + 1 {
+            if polls > 2 * self.slots.len() {
                 self.batch.push(idx);
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
