@@ -149,6 +149,13 @@ def main():
     print("Ratio: > 1.0x means the agent is better, on every row "
           "(throughput: agent/nbdkit; latency: nbdkit/agent). Values are means over the runs; "
           "±N% = half the min-max range across runs (0% with a single run).")
+    try:
+        with open(os.path.join(res, "jobs")) as f:
+            ran = set(f.read().split())
+    except OSError:
+        ran = {j[0] for j in JOBS} | {LAT[0]}
+    jobs = [j for j in JOBS if j[0] in ran]
+    cpu_jobs = jobs + ([(LAT[0], LAT[1], "QD1 rand write 4 KiB", "lat")] if LAT[0] in ran else [])
     summary = []
     for p in pairs:
         base, agent, title = PAIRS[p]
@@ -158,7 +165,7 @@ def main():
         print("| job | nbdkit | agent | ratio (>1 = agent better) |")
         print("|---|---:|---:|---:|")
         ratios = []
-        for job, d, label, kind in JOBS:
+        for job, d, label, kind in jobs:
             if kind == "bw":
                 get = lambda j, d=d: j[d]["bw_bytes"] / 2**20
                 unit = "MiB/s"
@@ -170,7 +177,7 @@ def main():
             print(f"| {label} | {mx:.0f} {unit} ±{spread(vx):.0f}% | {my:.0f} {unit} ±{spread(vy):.0f}% | {fmt_ratio(r)} |")
             ratios.append((label, r))
         job, d = LAT
-        for pct, key in (("p50", "50.000000"), ("p99", "99.000000")):
+        for pct, key in (("p50", "50.000000"), ("p99", "99.000000")) if job in ran else ():
             get = lambda j, key=key: j[d]["lat_ns"]["percentile"][key] / 1000
             (lx, vx), (ly, vy) = metric(res, base, job, get), metric(res, agent, job, get)
             r = lx / ly if ly else float("nan")
@@ -186,7 +193,7 @@ def main():
         print("| job | nbdkit cores | agent cores | nbdkit µs/op | agent µs/op | fio cores (nbdkit / agent run) "
               "| machine busy cores (nbdkit / agent run) | agent's busiest threads (cores) |")
         print("|---|---:|---:|---:|---:|---:|---:|---|")
-        for job, d, label, _ in JOBS + [(LAT[0], LAT[1], "QD1 rand write 4 KiB", "lat")]:
+        for job, d, label, _ in cpu_jobs:
             fio_cores, busy, cores, per_op = [], [], [], []
             threads = {}
             for tag in (base, agent):

@@ -20,6 +20,8 @@
 #   OUT=DIR           keep the raw results (fio JSON, CPU/RSS samples, logs)
 #   DROP_CACHES=0     do not drop the page cache before each job (default:
 #                     drop it when root)
+#   ONLY_JOBS="..."   run only these jobs, from: seqwrite seqread randwrite
+#                     randread lat1 (default all; for quick A/B runs)
 #
 # Nothing is installed: missing tools are reported with the apt-get command.
 # Every process started here is stopped, and the temp dir removed, on exit.
@@ -215,6 +217,14 @@ JOBS=( # name rw bs iodepth
     "randread randread 4k 32"
     "lat1 randwrite 4k 1"
 )
+if [[ -n "${ONLY_JOBS:-}" ]]; then
+    picked=()
+    for j in "${JOBS[@]}"; do
+        for o in $ONLY_JOBS; do [[ "${j%% *}" == "$o" ]] && picked+=("$j"); done
+    done
+    ((${#picked[@]})) || die "ONLY_JOBS '$ONLY_JOBS' matches no job (seqwrite seqread randwrite randread lat1)"
+    JOBS=("${picked[@]}")
+fi
 
 run_fio() { # tag job rep rw bs qd
     local tag="$1" name="$2" rep="$3" rw="$4" bs="$5" qd="$6" extra=()
@@ -252,6 +262,7 @@ run_group() { # tags...
 START=$SECONDS
 echo "$PAIRS" >"$RES/pairs"
 echo "$REPS" >"$RES/reps"
+for j in "${JOBS[@]}"; do echo "${j%% *}"; done >"$RES/jobs"
 cached=() direct=0
 for p in $PAIRS; do
     case "$p" in

@@ -29,12 +29,12 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, watch, Mutex, Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::error::NbdError;
 use super::handshake::{self, Outcome, Session};
 use super::input::Input;
+use super::pending::Pending;
 use super::proto::*;
 use super::server::{Export, Gauge, GaugeGuard, NbdServer};
 
@@ -251,6 +251,7 @@ struct WriterState {
 }
 
 enum Event {
+    Done(Outgoing),
     Header(std::io::Result<bool>),
     WriterDead,
     GraceExpired,
@@ -288,27 +289,31 @@ where
             writer_task(sink, rx, structured, wstate).await
         })
     };
-    let max_requests = limits.conn_inflight_requests;
-
-    let mut tasks: JoinSet<()> = JoinSet::new();
+    // Requests in the engine, polled by this task (see `pending.rs`).
+    let mut pending: Pending<Outgoing> = Pending::default();
+    let grace_dur = limits.shutdown_grace;
     let mut shutting = *shutdown.borrow();
     let mut grace: Option<Instant> = shutting.then(|| Instant::now() + limits.shutdown_grace);
     let max_payload = export.block_sizes.maximum.max(MIN_SKIPPABLE_PAYLOAD);
 
     // `reader` returns how the loop ended; the cleanup below always runs.
     let result: Result<(), NbdError> = 'reader: loop {
-        if shutting && tasks.is_empty() {
+        if shutting && pending.is_empty() {
             break Err(NbdError::Shutdown);
         }
-        let event = tokio::select! {
+        // Headers already received are admitted before the engine futures
+        // are polled again, so that the requests of one burst are started
+        // in one polling pass (one io_uring submission, see
+        // `engine::Plug`). Bounded by the read-ahead buffer and by the
+        // in-flight permits (the admission wait serves completions).
+        let burst = input.buf.len() >= REQUEST_HEADER_LEN && !wstate.dead.load(Ordering::SeqCst);
+        let event = if burst {
+            Event::Header(Ok(true))
+        } else {
+            tokio::select! {
             biased;
             _ = wait_dead(&wstate) => Event::WriterDead,
-            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Err(e) = joined {
-                    tracing::error!(error = %e, "NBD request task failed");
-                }
-                continue;
-            }
+            Some(out) = pending.next(), if !pending.is_empty() => Event::Done(out),
             r = shutdown.wait_for(|s| *s), if !shutting => {
                 let _ = r;
                 shutting = true;
@@ -317,8 +322,28 @@ where
             }
             _ = sleep_until_opt(grace) => Event::GraceExpired,
             r = input.fill(REQUEST_HEADER_LEN) => Event::Header(r),
+            }
         };
         let got = match event {
+            Event::Done(out) => {
+                let alone = pending.is_empty();
+                let r = dispatch(
+                    out,
+                    alone,
+                    &tx,
+                    &sink,
+                    structured,
+                    &wstate,
+                    &mut shutdown,
+                    grace,
+                    grace_dur,
+                )
+                .await;
+                if let Err(e) = r {
+                    break Err(e);
+                }
+                continue;
+            }
             Event::WriterDead => break Err(writer_failed()),
             Event::GraceExpired => {
                 break Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace))
@@ -381,17 +406,45 @@ where
                 &server.global_bytes,
                 data_bytes,
             );
-            tokio::select! {
-                biased;
-                _ = wait_dead(&wstate) => break 'reader Err(writer_failed()),
-                r = shutdown.wait_for(|s| *s), if !shutting => {
-                    let _ = r;
-                    shutting = true;
-                    grace = Some(Instant::now() + limits.shutdown_grace);
-                    verdict = Verdict::Reject { errno: NBD_ESHUTDOWN, message: "server shutting down".into() };
+            tokio::pin!(acquire);
+            // Completions are served meanwhile: they release the permits.
+            loop {
+                let out = tokio::select! {
+                    biased;
+                    _ = wait_dead(&wstate) => break 'reader Err(writer_failed()),
+                    r = shutdown.wait_for(|s| *s), if !shutting => {
+                        let _ = r;
+                        shutting = true;
+                        grace = Some(Instant::now() + limits.shutdown_grace);
+                        verdict = Verdict::Reject { errno: NBD_ESHUTDOWN, message: "server shutting down".into() };
+                        break;
+                    }
+                    _ = sleep_until_opt(grace) => break 'reader Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace)),
+                    p = &mut acquire => {
+                        permits = Some(p);
+                        break;
+                    }
+                    // Only while the permits are not there: polling here
+                    // when they are would start each request of a burst
+                    // in its own pass (one io_uring submission each).
+                    Some(out) = pending.next(), if !pending.is_empty() => out,
+                };
+                let alone = pending.is_empty();
+                let r = dispatch(
+                    out,
+                    alone,
+                    &tx,
+                    &sink,
+                    structured,
+                    &wstate,
+                    &mut shutdown,
+                    grace,
+                    grace_dur,
+                )
+                .await;
+                if let Err(e) = r {
+                    break 'reader Err(e);
                 }
-                _ = sleep_until_opt(grace) => break 'reader Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace)),
-                p = acquire => permits = Some(p),
             }
         }
 
@@ -450,11 +503,42 @@ where
                         len: h.length,
                     },
                     CMD_WRITE => {
-                        let read = tokio::select! {
-                            biased;
-                            _ = wait_dead(&wstate) => break 'reader Err(writer_failed()),
-                            _ = sleep_until_opt(grace) => break 'reader Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace)),
-                            r = input.read_payload(h.length as usize) => r,
+                        let mut payload = input.start_payload(h.length as usize);
+                        let mut done = None;
+                        // Completions are served while the payload arrives.
+                        let read = loop {
+                            if payload.is_complete() {
+                                break Ok(Ok(payload.into_bytes()));
+                            }
+                            tokio::select! {
+                                biased;
+                                _ = wait_dead(&wstate) => break 'reader Err(writer_failed()),
+                                _ = sleep_until_opt(grace) => break 'reader Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace)),
+                                Some(out) = pending.next(), if !pending.is_empty() => done = Some(out),
+                                r = input.read_payload_some(&mut payload) => match r {
+                                    Err(e) => break Err(e),
+                                    Ok(false) => break Ok(Err(payload.received())),
+                                    Ok(true) => {}
+                                },
+                            }
+                            if let Some(out) = done.take() {
+                                let alone = pending.is_empty();
+                                let r = dispatch(
+                                    out,
+                                    alone,
+                                    &tx,
+                                    &sink,
+                                    structured,
+                                    &wstate,
+                                    &mut shutdown,
+                                    grace,
+                                    grace_dur,
+                                )
+                                .await;
+                                if let Err(e) = r {
+                                    break 'reader Err(e);
+                                }
+                            }
                         };
                         match read {
                             Err(source) => {
@@ -492,33 +576,17 @@ where
                     },
                     _ => unreachable!("validate() only executes known commands"),
                 };
-                let guard = server.gauge(Gauge::Task);
                 let server = Arc::clone(server);
                 let engine = Arc::clone(&export.engine);
-                let tx = tx.clone();
                 let handle = h.handle;
-                let sink = Arc::clone(&sink);
-                let wstate = Arc::clone(&wstate);
-                let requests = Arc::clone(&conn_requests);
-                tasks.spawn(async move {
-                    let _task = guard;
+                pending.push(Box::pin(async move {
                     let body = execute(&server, engine.as_ref(), op).await;
-                    let out = Outgoing {
+                    Outgoing {
                         handle,
                         body,
                         _permits: permits,
-                    };
-                    // Alone in flight (our permit is the only one taken) and
-                    // the writer idle: reply directly.
-                    if requests.available_permits() + 1 >= max_requests {
-                        if let Ok(mut s) = sink.try_lock() {
-                            s.send_one(out, structured, &wstate).await;
-                            return;
-                        }
                     }
-                    // If the writer is gone the reply is dropped with its permits.
-                    let _ = tx.send(out).await;
-                });
+                }));
             }
         }
     };
@@ -528,14 +596,21 @@ where
     // shutdown is this bounded: after the grace period (e.g. a client that
     // stopped reading replies) the remaining tasks and the writer are aborted.
     let drained = {
-        let drain = async {
-            while let Some(joined) = tasks.join_next().await {
-                if let Err(e) = joined {
-                    tracing::error!(error = %e, "NBD request task failed");
-                }
+        let mut sd = shutdown.clone();
+        let pending = &mut pending;
+        let (sink, wstate, writer) = (&sink, &wstate, &mut writer);
+        let drain = async move {
+            while let Some(out) = pending.next().await {
+                let alone = pending.is_empty();
+                // Fails only when the writer is dead: the reply is dropped
+                // with its permits, as nobody can receive it.
+                let _ = dispatch(
+                    out, alone, &tx, sink, structured, wstate, &mut sd, grace, grace_dur,
+                )
+                .await;
             }
             drop(tx);
-            (&mut writer).await
+            writer.await
         };
         tokio::select! {
             r = drain => Some(r),
@@ -546,10 +621,9 @@ where
         Some(Ok(())) => {}
         Some(Err(e)) => tracing::error!(error = %e, "NBD reply writer task failed"),
         None => {
-            tracing::warn!(in_flight = tasks.len(), "NBD connection not drained within the shutdown grace period; aborting its requests");
-            tasks.abort_all();
+            tracing::warn!(in_flight = pending.len(), "NBD connection not drained within the shutdown grace period; aborting its requests");
+            pending.clear();
             writer.abort();
-            while tasks.join_next().await.is_some() {}
             let _ = writer.await;
             if result.is_ok() {
                 return Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace));
@@ -557,6 +631,41 @@ where
         }
     }
     result
+}
+
+/// Hands a finished request's reply on. When it was the only request in
+/// flight and the writer is idle, it is written here (at QD1 this saves the
+/// hop to the writer task); otherwise it is queued for the writer, which
+/// batches replies into one flush. Both waits end with an error when the
+/// writer died or the shutdown grace period expired (e.g. a client that
+/// stopped reading replies).
+#[allow(clippy::too_many_arguments)]
+async fn dispatch<W: AsyncWrite + Unpin>(
+    out: Outgoing,
+    alone: bool,
+    tx: &mpsc::Sender<Outgoing>,
+    sink: &Mutex<Sink<W>>,
+    structured: bool,
+    wstate: &WriterState,
+    shutdown: &mut watch::Receiver<bool>,
+    grace: Option<Instant>,
+    grace_dur: std::time::Duration,
+) -> Result<(), NbdError> {
+    if alone {
+        if let Ok(mut s) = sink.try_lock() {
+            return tokio::select! {
+                biased;
+                () = s.send_one(out, structured, wstate) => Ok(()),
+                _ = grace_timer(shutdown, grace, grace_dur) => Err(NbdError::ShutdownGraceExpired(grace_dur)),
+            };
+        }
+    }
+    tokio::select! {
+        biased;
+        _ = wait_dead(wstate) => Err(writer_failed()),
+        _ = grace_timer(shutdown, grace, grace_dur) => Err(NbdError::ShutdownGraceExpired(grace_dur)),
+        r = tx.send(out) => r.map_err(|_| writer_failed()),
+    }
 }
 
 /// Completes `grace` after shutdown started (or at the given deadline).
@@ -770,6 +879,28 @@ async fn writer_task<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Read replies at least this large are written with one vectored write
+/// (the BufWriter's capacity: smaller ones are copied into it anyway).
+const VECTORED_REPLY_MIN: usize = 64 * 1024;
+
+/// `write_all` of `header` then `data` through vectored writes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    header: &[u8],
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut parts = [std::io::IoSlice::new(header), std::io::IoSlice::new(data)];
+    let mut slices = &mut parts[..];
+    while !slices.is_empty() {
+        let n = w.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
 async fn write_reply<W: AsyncWrite + Unpin>(
     w: &mut BufWriter<W>,
     header: &mut Vec<u8>,
@@ -795,8 +926,16 @@ async fn write_reply<W: AsyncWrite + Unpin>(
             } else {
                 put_simple_reply(header, 0, out.handle);
             }
-            w.write_all(header).await?;
-            return w.write_all(data).await;
+            if data.len() < VECTORED_REPLY_MIN {
+                // Small: both are copied into the BufWriter and leave with
+                // the other queued replies in one flush.
+                w.write_all(header).await?;
+                return w.write_all(data).await;
+            }
+            // Large: header and data in one writev (the BufWriter passes a
+            // write larger than its buffer straight to the socket), instead
+            // of a separate send of the 16-32 header bytes.
+            return write_all_vectored(w, header, data).await;
         }
         ReplyBody::Error {
             errno,

@@ -13,6 +13,30 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// Read-ahead per `read` call while waiting for small messages.
 const READ_AHEAD: usize = 64 * 1024;
 
+/// A write payload being received (see [`Input::start_payload`]).
+#[derive(Debug)]
+pub(crate) struct Payload {
+    buf: IoBuf,
+    filled: usize,
+}
+
+impl Payload {
+    pub(crate) fn is_complete(&self) -> bool {
+        self.filled == self.buf.len()
+    }
+
+    /// Bytes received so far.
+    pub(crate) fn received(&self) -> usize {
+        self.filled
+    }
+
+    /// The whole payload; only once [`Payload::is_complete`].
+    pub(crate) fn into_bytes(self) -> Bytes {
+        debug_assert!(self.is_complete());
+        self.buf.into_bytes()
+    }
+}
+
 /// The read side of a connection with its read-ahead buffer.
 #[derive(Debug)]
 pub(crate) struct Input<R> {
@@ -45,29 +69,33 @@ impl<R: AsyncRead + Unpin> Input<R> {
         Ok(true)
     }
 
-    /// Reads a payload of exactly `len` bytes into its own buffer (so the
-    /// engine can hold it without pinning the read-ahead buffer): a pooled,
-    /// page-aligned [`IoBuf`] that O_DIRECT can write as it is, returned to
-    /// the pool when the engine drops the `Bytes`. The socket reads go
-    /// straight into it. `Ok(Err(got))` if the stream ends first. Not
-    /// cancel-safe: callers only abandon it when the connection is being
-    /// closed anyway.
-    pub(crate) async fn read_payload(
-        &mut self,
-        len: usize,
-    ) -> std::io::Result<Result<Bytes, usize>> {
-        let mut payload = IoBuf::new(len);
+    /// Starts receiving a payload of exactly `len` bytes into its own buffer
+    /// (so the engine can hold it without pinning the read-ahead buffer): a
+    /// pooled, page-aligned [`IoBuf`] that O_DIRECT can write as it is,
+    /// returned to the pool when the engine drops the `Bytes`. What is
+    /// already buffered is copied; [`Input::read_payload_some`] reads the
+    /// rest from the socket straight into it.
+    pub(crate) fn start_payload(&mut self, len: usize) -> Payload {
+        let mut buf = IoBuf::new(len);
         let buffered = self.buf.len().min(len);
-        payload[..buffered].copy_from_slice(&self.buf[..buffered]);
+        buf[..buffered].copy_from_slice(&self.buf[..buffered]);
         self.buf.advance(buffered);
-        let mut filled = buffered;
-        while filled < len {
-            match self.reader.read(&mut payload[filled..]).await? {
-                0 => return Ok(Err(filled)),
-                n => filled += n,
-            }
+        Payload {
+            buf,
+            filled: buffered,
         }
-        Ok(Ok(payload.into_bytes()))
+    }
+
+    /// One socket read into the rest of `p`: `Ok(false)` at end of stream.
+    /// Cancel-safe (a cancelled read has read nothing), so the connection
+    /// can serve completions while a large payload trickles in.
+    pub(crate) async fn read_payload_some(&mut self, p: &mut Payload) -> std::io::Result<bool> {
+        if p.is_complete() {
+            return Ok(true);
+        }
+        let n = self.reader.read(&mut p.buf[p.filled..]).await?;
+        p.filled += n;
+        Ok(n > 0)
     }
 
     /// Consumes and drops `len` bytes without holding them in memory.

@@ -31,6 +31,7 @@ mod conn;
 pub mod error;
 mod handshake;
 mod input;
+mod pending;
 pub mod proto;
 pub mod server;
 pub mod testing;
