@@ -180,7 +180,7 @@ async fn authenticate<S>(
     peer: &str,
 ) -> Result<Session, LinkError>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + session::SessionIo,
 {
     let est = handshake(&mut stream, side, spec, peer).await?;
     Ok(session::start(stream, est, peer_addr, spec.timeouts))

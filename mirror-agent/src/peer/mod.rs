@@ -11,7 +11,9 @@
 //!   even buffered.
 //! - `session`: a running [`Session`] after authentication: reader task (decode, seq check,
 //!   internal Ping/Pong), writer task (bounded queue, vectored coalesced writes, send
-//!   timeout), heartbeat; [`SessionSender`] assigns sequence numbers; [`CloseWatch`].
+//!   timeout), heartbeat; [`SessionSender`] assigns sequence numbers; [`CloseWatch`]. On
+//!   plain TCP a sender writes a small frame to the socket itself while the writer task is
+//!   idle (one wake-up less per frame); [`corked`] turns that off for bursts.
 //! - `link`: [`spawn_link`]: dial or accept per the dialing rule, reconnect after loss,
 //!   deliver each new session to the owner ([`LinkHandle`], [`LinkState`]).
 //! - `tls`: [`PeerTls`], optional mutual TLS 1.3 under the handshake (`[cluster.tls]`):
@@ -58,7 +60,7 @@ use mirror_proto::{DiskState, Features, Generation, Role};
 use crate::config::{Config, Secret, Timeouts};
 
 pub use link::{spawn_link, LinkHandle, LinkState};
-pub use session::{CloseWatch, LinkClosed, Session, SessionSender, TrySendError};
+pub use session::{corked, CloseWatch, LinkClosed, Session, SessionSender, TrySendError};
 pub use tls::PeerTls;
 
 /// Hello `resource_name` of the control link (config names cannot contain `@`, so it never

@@ -5,20 +5,30 @@
 //! with the enqueue into the writer's FIFO, so seq order is wire order; the reader checks that
 //! each received frame carries the previous seq + 1. Internal Ping/Pong use the same counter.
 //!
+//! Writing: frames go through a bounded queue to the writer task, which coalesces them into
+//! vectored writes. On plain TCP (`into_split`, no lock between the halves) a sender whose
+//! frame is small writes it to the socket itself when the writer task is idle and nothing is
+//! queued, under the same ordering lock ([`Shared::commit`]); [`corked`] scopes opt out, so
+//! bursts still leave in one write.
+//!
 //! Closing: the first reason wins and is published on [`CloseWatch`]. A local
 //! [`SessionSender::close`] flushes what is queued and ends with Goodbye; a protocol error
 //! ends with an Error frame (best effort); a lost or silent peer just closes.
 
 use std::fmt;
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use mirror_proto::{error_code, Decoder, Frame, GoodbyeReason, Hello, Message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use super::handshake::Established;
@@ -29,6 +39,9 @@ use crate::config::Timeouts;
 const MAX_BATCH_FRAMES: usize = 64;
 /// At most this many iovecs per `write_vectored` call (well under IOV_MAX).
 const MAX_IOVECS: usize = 128;
+/// Largest frame a sender writes to the socket itself (see [`Shared::commit`]); bigger
+/// frames go through the writer task, where one wake-up is small next to the copy.
+const DIRECT_MAX_BYTES: usize = 64 << 10;
 
 /// One authenticated connection to the peer.
 ///
@@ -80,15 +93,34 @@ enum Final {
     Nothing,
 }
 
-#[derive(Debug)]
+/// What the writer task writes: a whole frame, or the unwritten rest of a frame a sender
+/// started writing itself (always the first item in the queue when present).
+enum Out {
+    Frame(Frame),
+    Rest { head: Bytes, tail: Option<Bytes> },
+}
+
+/// Sequencing and wire state, under one lock: seq order is queue order is wire order.
 struct Order {
     next_seq: u64,
     closing: bool,
+    /// Items sent into the queue and not yet claimed by the writer (claims happen under
+    /// this lock, see [`writer`]).
+    queued: usize,
+    /// The writer task has nothing claimed and waits for the queue.
+    writer_idle: bool,
+    /// Seq of the next frame to start on the wire (the final Error continues from here).
+    wire_next: u64,
+    /// Plain TCP: the socket, for senders' direct writes while the writer is idle. Taken
+    /// (set to `None`) by the writer when it ends, so the write half shuts down with it.
+    direct: Option<Arc<OwnedWriteHalf>>,
+    /// Header buffer of direct writes (reused).
+    scratch: BytesMut,
 }
 
 struct Shared {
     order: Mutex<Order>,
-    queue: mpsc::Sender<Frame>,
+    queue: mpsc::Sender<Out>,
     close_tx: watch::Sender<Option<String>>,
     fin: Mutex<Option<Final>>,
     peer: SocketAddr,
@@ -106,9 +138,17 @@ impl Shared {
     }
 
     /// Assigns the next seq and enqueues, atomically; `permit` was reserved beforehand.
+    ///
+    /// Direct path (plain TCP): when the writer task is idle and nothing is queued, the
+    /// frame is written to the socket right here with one non-blocking vectored write,
+    /// under the ordering lock, so seq order stays wire order. This saves the wake-up of
+    /// the writer task (on a loopback or a busy box the biggest part of a small frame's
+    /// cost). If the socket takes only part of it, the rest is queued as the writer's first
+    /// item; if it takes nothing (or errors), the frame is queued as usual and the writer
+    /// deals with it. The permit is held until then, so back-pressure is unchanged.
     fn commit(
         &self,
-        permit: mpsc::Permit<'_, Frame>,
+        permit: mpsc::Permit<'_, Out>,
         f: impl FnOnce(u64) -> Message,
     ) -> Result<u64, LinkClosed> {
         let mut o = self.order.lock().unwrap_or_else(|p| p.into_inner());
@@ -118,7 +158,23 @@ impl Shared {
         }
         let seq = o.next_seq;
         o.next_seq += 1;
-        permit.send(Frame::new(seq, f(seq)));
+        let frame = Frame::new(seq, f(seq));
+        if o.writer_idle
+            && o.queued == 0
+            && o.direct.is_some()
+            && !CORK.try_with(|c| *c).unwrap_or(false)
+        {
+            if let Some(rest) = write_direct(&mut o, &frame) {
+                o.wire_next = seq + 1;
+                if let Some(rest) = rest {
+                    o.queued += 1;
+                    permit.send(rest);
+                }
+                return Ok(seq);
+            }
+        }
+        o.queued += 1;
+        permit.send(Out::Frame(frame));
         Ok(seq)
     }
 
@@ -161,6 +217,72 @@ impl Shared {
         self.close_tx.send_replace(Some(reason));
         true
     }
+}
+
+tokio::task_local! {
+    /// Set by [`corked`]: frames sent in that scope skip the direct path.
+    static CORK: bool;
+}
+
+/// Runs `fut` with the direct write path off for the frames it sends: they are queued and
+/// the writer task sends them together in one vectored write. For bursts (many frames
+/// from one task, or many requests in flight), where one write per frame would cost more
+/// system calls and peer wake-ups than the one wake-up of the writer task it saves.
+pub async fn corked<F: std::future::Future>(fut: F) -> F::Output {
+    CORK.scope(true, fut).await
+}
+
+/// One non-blocking write of `frame` to `o.direct`. `None`: nothing was written (socket
+/// full, error, frame too big or not encodable), queue the frame. `Some(None)`: all of it
+/// went out. `Some(Some(rest))`: part of it went out, `rest` must be next on the wire.
+fn write_direct(o: &mut Order, frame: &Frame) -> Option<Option<Out>> {
+    let Order {
+        direct, scratch, ..
+    } = o;
+    let sock = direct.as_ref()?;
+    let small = match &frame.msg {
+        Message::Write { data, .. } => data.len() <= DIRECT_MAX_BYTES,
+        Message::Ack1 { .. }
+        | Message::Ack2 { .. }
+        | Message::FlushAck { .. }
+        | Message::Flush
+        | Message::Trim { .. }
+        | Message::WriteZeroes { .. }
+        | Message::Ping { .. }
+        | Message::Pong { .. } => true,
+        _ => false,
+    };
+    if !small {
+        return None;
+    }
+    scratch.clear();
+    let tail = frame.encode_vectored(scratch).ok()?;
+    let total = scratch.len() + tail.as_ref().map_or(0, |t| t.len());
+    let n = {
+        let mut iov = [IoSlice::new(&scratch[..]), IoSlice::new(&[])];
+        let k = match &tail {
+            Some(t) if !t.is_empty() => {
+                iov[1] = IoSlice::new(t);
+                2
+            }
+            _ => 1,
+        };
+        match sock.try_write_vectored(&iov[..k]) {
+            Ok(n) if n > 0 => n,
+            // WouldBlock (or an error the writer will meet and report): nothing written.
+            _ => return None,
+        }
+    };
+    if n == total {
+        return Some(None);
+    }
+    let h = scratch.len();
+    let (head, tail) = if n < h {
+        (Bytes::copy_from_slice(&scratch[n..]), tail)
+    } else {
+        (Bytes::new(), tail.map(|t| t.slice(n - h..)))
+    };
+    Some(Some(Out::Rest { head, tail }))
 }
 
 /// Sending half of a [`Session`]. Cheap to clone; all clones share one seq counter.
@@ -294,17 +416,106 @@ async fn closed_signal(rx: &mut watch::Receiver<Option<String>>) {
     let _ = rx.wait_for(|r| r.is_some()).await;
 }
 
+/// A byte stream a session runs on, split into a reading and a writing half.
+pub(crate) trait SessionIo: Send + 'static {
+    /// Reading half (the reader task's).
+    type R: AsyncRead + Unpin + Send + 'static;
+    /// Writing half (the writer task's).
+    type W: AsyncWrite + Unpin + Send + 'static;
+    /// Splits the stream; the third part, when present, lets senders write small frames
+    /// to the socket themselves while the writer task is idle ([`Shared::commit`]).
+    fn split_io(self) -> (Self::R, Self::W, Option<Arc<OwnedWriteHalf>>);
+}
+
+/// Plain TCP: `into_split` (no lock between the halves, unlike `tokio::io::split`) and
+/// the direct write path.
+impl SessionIo for TcpStream {
+    type R = OwnedReadHalf;
+    type W = TcpWriter;
+    fn split_io(self) -> (Self::R, Self::W, Option<Arc<OwnedWriteHalf>>) {
+        let (r, w) = self.into_split();
+        let w = Arc::new(w);
+        (r, TcpWriter(w.clone()), Some(w))
+    }
+}
+
+/// TLS: the record layer needs `&mut` for every write, so no direct path.
+impl SessionIo for super::tls::TlsStream {
+    type R = tokio::io::ReadHalf<Self>;
+    type W = tokio::io::WriteHalf<Self>;
+    fn split_io(self) -> (Self::R, Self::W, Option<Arc<OwnedWriteHalf>>) {
+        let (r, w) = tokio::io::split(self);
+        (r, w, None)
+    }
+}
+
+/// In-memory pipes of the tests.
+impl SessionIo for tokio::io::DuplexStream {
+    type R = tokio::io::ReadHalf<Self>;
+    type W = tokio::io::WriteHalf<Self>;
+    fn split_io(self) -> (Self::R, Self::W, Option<Arc<OwnedWriteHalf>>) {
+        let (r, w) = tokio::io::split(self);
+        (r, w, None)
+    }
+}
+
+/// The writer task's handle on a TCP write half it shares with the direct path:
+/// readiness-based writes, which need only `&`. The write half is shut down when the
+/// last handle is dropped (`OwnedWriteHalf`'s drop), not by `poll_shutdown`.
+pub(crate) struct TcpWriter(Arc<OwnedWriteHalf>);
+
+impl TcpWriter {
+    fn poll_try<T>(
+        &self,
+        cx: &mut Context<'_>,
+        mut op: impl FnMut(&TcpStream) -> io::Result<T>,
+    ) -> Poll<io::Result<T>> {
+        let s: &TcpStream = (*self.0).as_ref();
+        loop {
+            ready!(s.poll_write_ready(cx))?;
+            match op(s) {
+                // Readiness was stale (try_* cleared it): wait again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TcpWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_try(cx, |s| s.try_write(buf))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_try(cx, |s| s.try_write_vectored(bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// Starts the tasks of a session on `stream` after the handshake `est`.
-pub(crate) fn start<S>(
+pub(crate) fn start<S: SessionIo>(
     stream: S,
     est: Established,
     peer_addr: SocketAddr,
     timeouts: Timeouts,
-) -> Session
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (r, w) = tokio::io::split(stream);
+) -> Session {
+    let (r, w, direct) = stream.split_io();
     let (queue_tx, queue_rx) = mpsc::channel(SEND_QUEUE_FRAMES);
     let (in_tx, in_rx) = mpsc::channel(RECV_QUEUE_FRAMES);
     let (close_tx, close_rx) = watch::channel(None);
@@ -312,19 +523,18 @@ where
         order: Mutex::new(Order {
             next_seq: est.next_tx_seq,
             closing: false,
+            queued: 0,
+            writer_idle: false,
+            wire_next: est.next_tx_seq,
+            direct,
+            scratch: BytesMut::with_capacity(256),
         }),
         queue: queue_tx,
         close_tx,
         fin: Mutex::new(None),
         peer: peer_addr,
     });
-    tokio::spawn(writer(
-        w,
-        shared.clone(),
-        queue_rx,
-        est.next_tx_seq,
-        timeouts.send,
-    ));
+    tokio::spawn(writer(w, shared.clone(), queue_rx, timeouts.send));
     tokio::spawn(reader(
         r,
         shared.clone(),
@@ -530,14 +740,26 @@ enum Seg {
 /// with vectored writes; Write/ResyncData data and bitmap bits are not copied.
 async fn write_frames<W: AsyncWrite + Unpin>(
     w: &mut W,
-    frames: &[Frame],
+    frames: &[Out],
     buf: &mut BytesMut,
     send_timeout: Duration,
 ) -> Result<(), String> {
     buf.clear();
     let mut segs = Vec::with_capacity(frames.len() * 2);
     let mut run = 0;
-    for f in frames {
+    for out in frames {
+        let f = match out {
+            Out::Frame(f) => f,
+            Out::Rest { head, tail } => {
+                segs.push(Seg::Buf(run..buf.len()));
+                segs.push(Seg::Data(head.clone()));
+                if let Some(t) = tail {
+                    segs.push(Seg::Data(t.clone()));
+                }
+                run = buf.len();
+                continue;
+            }
+        };
         let tail = f.encode_vectored(buf).map_err(|e| {
             format!(
                 "cannot encode our own {:?} frame seq {}: {e}",
@@ -606,25 +828,60 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Seq after the last whole frame in `batch` (`None` if it holds only a rest).
+fn last_seq(batch: &[Out]) -> Option<u64> {
+    batch.iter().rev().find_map(|o| match o {
+        Out::Frame(f) => Some(f.seq + 1),
+        Out::Rest { .. } => None,
+    })
+}
+
+/// The writer task. Items are *claimed* from the queue only under the ordering lock
+/// (`Order::queued`, `Order::writer_idle`), which is what lets [`Shared::commit`] write
+/// directly while the writer is idle without ever overtaking a queued frame.
 async fn writer<W: AsyncWrite + Unpin>(
     mut w: W,
     shared: Arc<Shared>,
-    mut queue: mpsc::Receiver<Frame>,
-    first_seq: u64,
+    mut queue: mpsc::Receiver<Out>,
     send_timeout: Duration,
 ) {
     let mut closed = shared.close_tx.subscribe();
     let mut buf = BytesMut::with_capacity(64 << 10);
-    let mut batch: Vec<Frame> = Vec::with_capacity(MAX_BATCH_FRAMES);
-    // Seq of the next frame on the wire (the final Goodbye/Error continues from here).
-    let mut wire_seq = first_seq;
+    let mut batch: Vec<Out> = Vec::with_capacity(MAX_BATCH_FRAMES);
+    // Seq after the last batch written, not yet published in `Order::wire_next`.
+    let mut written: Option<u64> = None;
     // False once a write was abandoned mid-frame: the stream can carry nothing more.
     let mut stream_ok = true;
-    loop {
-        tokio::select! {
-            biased;
-            _ = closed_signal(&mut closed) => break,
-            n = queue.recv_many(&mut batch, MAX_BATCH_FRAMES) => if n == 0 { break },
+    let lock_order = || shared.order.lock().unwrap_or_else(|p| p.into_inner());
+    'run: loop {
+        // Claim: `batch` holds at most one item received outside the lock.
+        {
+            let mut o = lock_order();
+            if let Some(n) = written.take() {
+                o.wire_next = n;
+            }
+            o.queued -= batch.len();
+            while batch.len() < MAX_BATCH_FRAMES {
+                match queue.try_recv() {
+                    Ok(x) => {
+                        o.queued -= 1;
+                        batch.push(x);
+                    }
+                    Err(_) => break,
+                }
+            }
+            o.writer_idle = batch.is_empty();
+        }
+        if batch.is_empty() {
+            tokio::select! {
+                biased;
+                _ = closed_signal(&mut closed) => break 'run,
+                x = queue.recv() => match x {
+                    Some(x) => batch.push(x),
+                    None => break 'run,
+                },
+            }
+            continue;
         }
         let graceful_only = |fin: &Mutex<Option<Final>>| {
             matches!(
@@ -644,7 +901,7 @@ async fn writer<W: AsyncWrite + Unpin>(
             }
         };
         match res {
-            Some(Ok(())) => wire_seq = batch.last().map_or(wire_seq, |f| f.seq + 1),
+            Some(Ok(())) => written = last_seq(&batch).or(written),
             Some(Err(reason)) => {
                 shared.shut(reason, Final::Nothing);
                 stream_ok = false;
@@ -657,30 +914,51 @@ async fn writer<W: AsyncWrite + Unpin>(
         }
         batch.clear();
     }
-    batch.clear();
+    // `closing` is set (every way out of the loop follows a close): no direct writes any
+    // more, and the direct handle is dropped so the write half shuts down with `w`.
+    let (wire_next, direct) = {
+        let mut o = lock_order();
+        if let Some(n) = written.take() {
+            o.wire_next = n;
+        }
+        (o.wire_next, o.direct.take())
+    };
+    drop(direct);
     let fin = shared.fin.lock().unwrap_or_else(|p| p.into_inner()).take();
     if stream_ok {
+        // Anything claimed but not written (the item received when the close came).
+        let mut pending: Vec<Out> = std::mem::take(&mut batch);
+        queue.close();
+        while let Ok(x) = queue.try_recv() {
+            pending.push(x);
+        }
         let last = match fin {
             Some(Final::Goodbye(reason)) => {
                 // Everything enqueued before close() still goes out, then Goodbye.
-                queue.close();
-                while let Ok(f) = queue.try_recv() {
-                    batch.push(f);
-                }
-                let seq = batch.last().map_or(wire_seq, |f| f.seq + 1);
+                let seq = last_seq(&pending).unwrap_or(wire_next);
+                batch = pending;
                 Some(Frame::new(seq, Message::Goodbye { reason }))
             }
             Some(Final::Error { code, message }) => {
-                Some(Frame::new(wire_seq, Message::Error { code, message }))
+                // Queued frames are dropped, but a frame a sender started on the wire is
+                // completed first (it is always first in the queue).
+                batch.extend(
+                    pending
+                        .into_iter()
+                        .take(1)
+                        .filter(|o| matches!(o, Out::Rest { .. })),
+                );
+                Some(Frame::new(wire_next, Message::Error { code, message }))
             }
             Some(Final::Nothing) | None => None,
         };
         if let Some(f) = last {
-            batch.push(f);
+            batch.push(Out::Frame(f));
             let _ = write_frames(&mut w, &batch, &mut buf, send_timeout).await;
         }
     }
     let _ = tokio::time::timeout(send_timeout, w.shutdown()).await;
+    drop(w);
     // Make sure the session reads as closed even if the queue ended without a reason.
     shared.shut("session ended".to_string(), Final::Nothing);
 }
@@ -733,10 +1011,81 @@ mod tests {
         }
     }
 
+    fn pattern(seq: u64, len: usize) -> Bytes {
+        (0..len)
+            .map(|i| (seq as usize * 31 + i) as u8)
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    /// Many tasks sending small and large frames over a real TCP socket with a tiny send
+    /// buffer: direct writes (whole and partial) and the writer task interleave, yet the
+    /// peer sees every frame once, in seq order (its reader closes on any gap), with the
+    /// right bytes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_and_queued_writes_keep_seq_order_on_tcp() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_send_buffer_size(16 << 10).unwrap();
+        let (a, b) = tokio::join!(sock.connect(addr), listener.accept());
+        let (a, (b, _)) = (a.unwrap(), b.unwrap());
+        let est = || Established {
+            peer_hello: crate::peer::testing::hello("n", "c", "r", 1 << 30, 4096),
+            next_tx_seq: 1,
+            next_rx_seq: 1,
+            buf: BytesMut::new(),
+        };
+        let t = Timeouts::default();
+        let sa = start(a, est(), addr, t);
+        let mut sb = start(b, est(), addr, t);
+        const TASKS: u64 = 8;
+        const PER_TASK: u64 = 50;
+        let mut senders = Vec::new();
+        for k in 0..TASKS {
+            let tx = sa.tx.clone();
+            senders.push(tokio::spawn(async move {
+                for i in 0..PER_TASK {
+                    // Sizes around the direct-path limit, and a few bursts (corked).
+                    let len = [512, 4096, 60_000, 70_000, 200_000][((k + i) % 5) as usize];
+                    let send = tx.send_with(move |seq| Message::Write {
+                        offset: seq * 4096,
+                        fua: false,
+                        data: pattern(seq, len),
+                    });
+                    if i % 7 == 0 {
+                        corked(send).await.unwrap();
+                    } else {
+                        send.await.unwrap();
+                    }
+                }
+            }));
+        }
+        // Heartbeat Pings take seqs too (the session consumes them): seqs rise, with gaps.
+        let mut last = 0;
+        for _ in 0..TASKS * PER_TASK {
+            let f = sb.rx.recv().await.expect("session ended early");
+            assert!(f.seq > last, "seq {} after {last}", f.seq);
+            last = f.seq;
+            let Message::Write { offset, data, .. } = f.msg else {
+                panic!("unexpected {:?}", f.msg.kind())
+            };
+            assert_eq!(offset, f.seq * 4096);
+            assert_eq!(data, pattern(f.seq, data.len()), "seq {}", f.seq);
+        }
+        for s in senders {
+            s.await.unwrap();
+        }
+        // A graceful close still ends with Goodbye after everything (seq continues).
+        sa.tx.close("done");
+        assert!(sb.closed.wait().await.starts_with("peer said goodbye"));
+        assert!(sb.rx.recv().await.is_none());
+    }
+
     #[tokio::test]
     async fn queued_frames_are_coalesced_into_one_vectored_write() {
         let data = Bytes::from(vec![0x11u8; 100_000]);
-        let frames: Vec<Frame> = (1..=20u64)
+        let frames: Vec<Out> = (1..=20u64)
             .map(|seq| {
                 let msg = if seq % 5 == 0 {
                     Message::Write {
@@ -747,7 +1096,7 @@ mod tests {
                 } else {
                     Message::Ack1 { seq }
                 };
-                Frame::new(seq, msg)
+                Out::Frame(Frame::new(seq, msg))
             })
             .collect();
         let mut w = Recorder::default();
@@ -759,6 +1108,7 @@ mod tests {
         // The bytes are exactly the frames' encodings, in order.
         let mut expect = Vec::new();
         for f in &frames {
+            let Out::Frame(f) = f else { unreachable!() };
             expect.extend_from_slice(&f.to_bytes().unwrap());
         }
         assert_eq!(w.bytes, expect);

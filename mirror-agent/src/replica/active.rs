@@ -887,9 +887,20 @@ impl Inner {
                 op.message()
             })
         };
+        // With other requests in flight the frame joins the writer task's next
+        // vectored write (batching); alone, the session may write it at once.
+        let busy = !lock(&att.table).writes.is_empty();
+        let send = att.tx.send_with(make);
+        let send = async move {
+            if busy {
+                crate::peer::corked(send).await
+            } else {
+                send.await
+            }
+        };
         // The frame is queued first: the peer's leg (send, apply, flush, acks)
         // is the longer one, so it should not wait for the local submission.
-        let (sent, local_res) = tokio::join!(att.tx.send_with(make), op.run_local(&*self.local));
+        let (sent, local_res) = tokio::join!(send, op.run_local(&*self.local));
         set_local(&req, local_res.is_ok(), &self.part);
         drop(guard);
         if sent.is_err() {

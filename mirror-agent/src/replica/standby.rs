@@ -322,18 +322,29 @@ impl Shared {
                 Ok(()) => 0,
                 Err(e) => -self.record_error("flush", 0, 0, &e),
             };
-            for c in batch {
-                match c {
-                    Commit::Ack { seq, ack1, since } => {
-                        if status == 0 {
-                            self.record_durable(since);
-                        }
-                        self.send_acks(seq, ack1, status).await;
+            // Acks of several requests leave together in the session writer's one
+            // vectored write; a single request's acks may go out at once.
+            if batch.len() > 1 {
+                crate::peer::corked(self.ack_batch(batch, status)).await;
+            } else {
+                self.ack_batch(batch, status).await;
+            }
+        }
+    }
+
+    /// Sends the acks of one group commit.
+    async fn ack_batch(&self, batch: Vec<Commit>, status: i32) {
+        for c in batch {
+            match c {
+                Commit::Ack { seq, ack1, since } => {
+                    if status == 0 {
+                        self.record_durable(since);
                     }
-                    Commit::FlushAck(seq) => {
-                        // Link gone: keep going so every waiter is served.
-                        let _ = send(&self.tx, Message::FlushAck { seq, status }).await;
-                    }
+                    self.send_acks(seq, ack1, status).await;
+                }
+                Commit::FlushAck(seq) => {
+                    // Link gone: keep going so every waiter is served.
+                    let _ = send(&self.tx, Message::FlushAck { seq, status }).await;
                 }
             }
         }
@@ -506,13 +517,22 @@ pub async fn run_standby_with(
             r = &mut closed_wait => break Ok(r),
         };
         let pending = ranges.register(offset, len);
-        lock(&shared.outstanding).insert(seq);
+        // Other requests in flight or frames waiting: this Ack1 is part of a
+        // burst, let the session batch it (see `crate::peer::corked`).
+        let busy = {
+            let mut o = lock(&shared.outstanding);
+            let busy = !o.is_empty() || !rx.is_empty();
+            o.insert(seq);
+            busy
+        };
         let since = Instant::now();
         let defer_ack1 = shared.coalesce_ack1();
         // An immediate Ack1 is queued before the apply task exists, so it
         // precedes the Ack2; a deferred one is sent right before the Ack2.
         let sent = if defer_ack1 {
             Ok(seq)
+        } else if busy {
+            crate::peer::corked(send(&shared.tx, Message::Ack1 { seq })).await
         } else {
             send(&shared.tx, Message::Ack1 { seq }).await
         };
