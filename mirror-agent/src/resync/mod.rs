@@ -532,40 +532,53 @@ pub async fn run_source(
         clear_time: Duration::ZERO,
     };
     // Open passes: application writes continue; regions rewritten meanwhile come back.
-    let mut passes = 0;
-    loop {
+    let copied: Result<gate::Exclusive, ResyncError> = async {
+        let mut passes = 0;
+        loop {
+            copier
+                .copy_groups(
+                    read_groups(&part, runs(&part, &todo)),
+                    &mut rx,
+                    &progress,
+                    false,
+                )
+                .await?;
+            copier.drain_all(&mut rx, &progress, false).await?;
+            passes += 1;
+            todo = spec.gate.take_rewritten();
+            if todo.is_empty() || passes >= MAX_OPEN_PASSES || todo.len() <= LAST_PASS_REGIONS {
+                break;
+            }
+            lock(&progress).total_bytes += todo.iter().map(|&r| region_len(&part, r)).sum::<u64>();
+        }
+        // Last pass with application writes held: nothing can be rewritten after it.
+        let hold = spec.gate.exclusive().await;
+        let mut last = todo;
+        last.extend(spec.gate.take_rewritten());
+        last.sort_unstable();
+        last.dedup();
+        lock(&progress).total_bytes += last.iter().map(|&r| region_len(&part, r)).sum::<u64>();
         copier
             .copy_groups(
-                read_groups(&part, runs(&part, &todo)),
+                read_groups(&part, runs(&part, &last)),
                 &mut rx,
                 &progress,
-                false,
+                true,
             )
             .await?;
-        copier.drain_all(&mut rx, &progress, false).await?;
-        passes += 1;
-        todo = spec.gate.take_rewritten();
-        if todo.is_empty() || passes >= MAX_OPEN_PASSES || todo.len() <= LAST_PASS_REGIONS {
-            break;
-        }
-        lock(&progress).total_bytes += todo.iter().map(|&r| region_len(&part, r)).sum::<u64>();
+        copier.drain_all(&mut rx, &progress, true).await?;
+        Ok(hold)
     }
-    // Last pass with application writes held: nothing can be rewritten after it.
-    let hold = spec.gate.exclusive().await;
-    let mut last = todo;
-    last.extend(spec.gate.take_rewritten());
-    last.sort_unstable();
-    last.dedup();
-    lock(&progress).total_bytes += last.iter().map(|&r| region_len(&part, r)).sum::<u64>();
-    copier
-        .copy_groups(
-            read_groups(&part, runs(&part, &last)),
-            &mut rx,
-            &progress,
-            true,
-        )
-        .await?;
-    copier.drain_all(&mut rx, &progress, true).await?;
+    .await;
+    let hold = match copied {
+        Ok(hold) => hold,
+        Err(e) => {
+            // Best effort: what the target acknowledged durable is cleared
+            // here too, so that the resumed resync does not copy it again.
+            let _ = copier.clear_acked(false).await;
+            return Err(e);
+        }
+    };
     spec.gate.stop_tracking();
     // Source end first, then tell the target (§4 ordering).
     let source_current = blocking({
@@ -682,8 +695,14 @@ struct Copier<'a> {
     clear_time: Duration,
 }
 
-/// Acknowledged regions cleared on the source per batch (one metadata write).
-const CLEAR_BATCH: usize = 16;
+/// Bytes of acknowledged regions cleared together, on either side, while
+/// the copy runs at full speed (one metadata write each; an idle target or a
+/// paced source clears at once). Each of those writes is a flush of the
+/// cluster partition that competes with the copy's own flushes (one per
+/// 4 MiB before); a node killed mid-copy recopies at most this much that was
+/// already durable on the target. A lost link recopies nothing: both sides
+/// clear what is durable before they report it.
+const CLEAR_BYTES: u64 = 64 << 20;
 
 /// One read group in progress: its reads (and a clear of acknowledged
 /// regions) run under one hold of the gate in a task of their own, while the
@@ -740,7 +759,7 @@ impl Copier<'_> {
         let regions: Vec<u64> = group.iter().flat_map(|r| r.clone()).collect();
         // Acknowledged regions are cleared under the same hold of the gate
         // (see clear_acked), their metadata write beside the reads.
-        let acked = if self.acked.len() >= CLEAR_BATCH {
+        let acked = if self.acked.len() as u64 * part.region_size() >= CLEAR_BYTES {
             std::mem::take(&mut self.acked)
         } else {
             Vec::new()
@@ -840,7 +859,7 @@ impl Copier<'_> {
     /// ([`WINDOW`] frames, [`INFLIGHT_BYTES`] bytes; a group larger than the
     /// byte bound waits for an empty window).
     /// Acknowledged regions are cleared by the next [`Copier::start_read`]
-    /// (in batches of at least [`CLEAR_BATCH`], beside its reads), so that an
+    /// (in batches of at least [`CLEAR_BYTES`], beside its reads), so that an
     /// interruption loses little progress.
     async fn drain_for(
         &mut self,
@@ -1235,7 +1254,11 @@ async fn target_copy(
                     part.clone(),
                 )));
             }
-            if clearing.is_none() && !to_clear.is_empty() {
+            let idle = issued.is_empty() && commit.is_none() && rx.is_empty();
+            if clearing.is_none()
+                && !to_clear.is_empty()
+                && (idle || to_clear.len() as u64 * part.region_size() >= CLEAR_BYTES)
+            {
                 clearing = Some(clear_later(part, std::mem::take(&mut to_clear)));
             }
             if commit.is_none() && clearing.is_none() && issued.is_empty() {
