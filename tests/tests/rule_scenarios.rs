@@ -159,15 +159,23 @@ fn pair_after_r14(byte: u8) -> MirrorPair {
     p.a2.kill9();
     p.fill("server1", 2 * MIB, 512 << 10, byte + 1);
     start(&mut p, "server2");
-    wait_resync_decision(
+    resync_converges(
         &p,
         "server1",
+        "server2",
         "R14 ahead-differential",
         "differential resync server1 -> server2",
     );
-    p.wait_recovered("server1", T);
-    p.wait_in_sync("server2", T);
     p
+}
+
+/// A resync from `source` decided by `rule` (log text `text`) runs to the
+/// end: the source's recovery finished, both in sync, nothing unacknowledged.
+fn resync_converges(p: &MirrorPair, source: &str, target: &str, rule: &str, text: &str) {
+    wait_resync_decision(p, source, rule, text);
+    p.wait_recovered(source, T);
+    p.wait_in_sync(target, T);
+    p.wait_rpo_zero(source, T);
 }
 
 /// Stops (SIGTERM) the agent of `node` of `p`.
@@ -540,15 +548,13 @@ fn r1_standby_write_error_blocks() {
     stop(&mut p, "server2");
     init(&p.c, "server2", &["--force"]);
     start(&mut p, "server2");
-    wait_resync_decision(
+    resync_converges(
         &p,
         "server1",
+        "server2",
         "R6 new-member",
         "full resync server1 -> server2",
     );
-    p.wait_recovered("server1", T);
-    p.wait_in_sync("server2", T);
-    p.wait_rpo_zero("server1", T);
     p.assert_identical();
     assert!(read_range(&p.data("server2"), 6 * MIB, 64 << 10)
         .iter()
@@ -811,15 +817,13 @@ fn saved_images(p: &MirrorPair, node: &str) -> Vec<std::path::PathBuf> {
 fn r17_split_brain_related_after_restored_backup() {
     let (mut p, diverged) = two_timelines_from_backup();
     start(&mut p, "server1");
-    wait_resync_decision(
+    resync_converges(
         &p,
         "server2",
+        "server1",
         "R14 ahead-differential",
         "differential resync server2 -> server1",
     );
-    p.wait_recovered("server2", T);
-    p.wait_in_sync("server1", T);
-    p.wait_rpo_zero("server2", T);
     stop(&mut p, "server1");
     restore(&mut p, "server1", &diverged);
     start(&mut p, "server1");
