@@ -350,9 +350,24 @@ fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 /// Print the recovery progress every second until it finished or stopped.
+/// The status is polled every 50 ms, so a short resync is reported done as
+/// soon as it is, not up to a second later.
 fn wait_recovery(socket: &std::path::Path, resource: &str) -> Result<(), Failure> {
+    use std::time::{Duration, Instant};
+    const POLL: Duration = Duration::from_millis(50);
+    const PRINT_EVERY: Duration = Duration::from_secs(1);
+    const GIVE_UP: Duration = Duration::from_secs(7 * 24 * 3600);
+    let started = Instant::now();
     let mut seen_running = false;
-    for _ in 0..(7 * 24 * 3600) {
+    let mut last_print: Option<Instant> = None;
+    let mut print_due = |now: Instant| {
+        let due = last_print.is_none_or(|t| now.duration_since(t) >= PRINT_EVERY);
+        if due {
+            last_print = Some(now);
+        }
+        due
+    };
+    while started.elapsed() < GIVE_UP {
         let s: ResourceStatus = call(
             socket,
             &Request::Status {
@@ -382,27 +397,33 @@ fn wait_recovery(socket: &std::path::Path, resource: &str) -> Result<(), Failure
             }
             Some(r) => {
                 seen_running = true;
-                println!(
-                    "{}: {} {}, used {}, remain {}",
-                    resource,
-                    r.direction,
-                    render::recovery_progress(r),
-                    render::hms(r.elapsed_secs),
-                    r.remaining_secs
-                        .map(render::hms)
-                        .unwrap_or_else(|| "-".into())
-                );
+                if print_due(Instant::now()) {
+                    println!(
+                        "{}: {} {}, used {}, remain {}",
+                        resource,
+                        r.direction,
+                        render::recovery_progress(r),
+                        render::hms(r.elapsed_secs),
+                        r.remaining_secs
+                            .map(render::hms)
+                            .unwrap_or_else(|| "-".into())
+                    );
+                }
             }
             None if p.is_some_and(|p| p.in_sync) => {
                 println!("{resource}: in sync");
                 return Ok(());
             }
-            None => println!(
-                "{resource}: waiting for the recovery to start ({})",
-                p.map(|p| p.sync.as_str()).unwrap_or("-")
-            ),
+            None => {
+                if print_due(Instant::now()) {
+                    println!(
+                        "{resource}: waiting for the recovery to start ({})",
+                        p.map(|p| p.sync.as_str()).unwrap_or("-")
+                    );
+                }
+            }
         }
-        std::thread::sleep(std::time::Duration::from_secs(1));
+        std::thread::sleep(POLL);
     }
     Err(Failure::new(exit::INTERNAL, "gave up waiting"))
 }
