@@ -21,6 +21,13 @@ impl FrameTx for Tx {
     fn close(&self, reason: &str) {
         self.0.close(reason);
     }
+
+    // The replica data path closes with an Error frame when the peer broke
+    // the protocol (e.g. an Ack for a sequence it was never sent): forward
+    // it, or the peer would only see the connection end.
+    fn close_with_error(&self, reason: &str, code: u32) {
+        self.0.close_with_error(reason, code);
+    }
 }
 
 struct Closed(CloseWatch);
@@ -47,5 +54,32 @@ pub(super) fn replica_link(
         tx: Arc::new(Tx(tx)),
         rx,
         closed: Arc::new(Closed(closed)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::testing::{hello, pair_in_memory};
+
+    #[tokio::test]
+    async fn close_with_error_sends_the_error_frame() {
+        let (a, b) = pair_in_memory(
+            hello("alpha", "c", "r0", 1 << 20, 4096),
+            hello("beta", "c", "r0", 1 << 20, 4096),
+        );
+        let link = replica_link(a.tx.clone(), a.closed.clone(), mpsc::channel(1).1);
+        link.tx.close_with_error(
+            "Ack2 for unknown seq 7",
+            mirror_proto::error_code::UNEXPECTED_MESSAGE,
+        );
+        let seen = b.closed.wait().await;
+        assert!(
+            seen.contains(&format!(
+                "peer reported error {}",
+                mirror_proto::error_code::UNEXPECTED_MESSAGE
+            )) && seen.contains("Ack2 for unknown seq 7"),
+            "{seen}"
+        );
     }
 }
