@@ -59,8 +59,9 @@ RPO_SAMPLE="${RPO_SAMPLE:-0.5}"
 AGENT_BIN="${AGENT_BIN:-$ROOT/target/release/mirror-agent}"
 MDCTRL_BIN="${MDCTRL_BIN:-$ROOT/target/release/mdctrl}"
 
-die() { echo "mirror-bench: $*" >&2; exit 1; }
-log() { echo "mirror-bench: $*" >&2; }
+BENCH_NAME=mirror-bench
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 # --- prerequisites (checked, never installed) --------------------------------
 missing=()
@@ -93,10 +94,7 @@ for j in $ONLY_JOBS; do
     case "$j" in seqwrite|randwrite|lat1) ;; *) die "unknown job '$j' (seqwrite, randwrite, lat1)";; esac
 done
 
-DROP="${DROP_CACHES:-auto}"
-if [[ "$DROP" == auto ]]; then
-    if [[ -w /proc/sys/vm/drop_caches ]]; then DROP=1; else DROP=0; fi
-fi
+DROP="$(drop_caches_setting)"
 
 # --- temp dirs and cleanup -----------------------------------------------------
 WORK="$(mktemp -d "$BENCH_DIR/nbd-mirror-mbench.XXXXXX")"
@@ -108,49 +106,24 @@ SAMPLERS=()
 RPOPID=""
 
 stop_all() {
-    local p t
-    [[ -n "$RPOPID" ]] && { kill "$RPOPID" 2>/dev/null || true; wait "$RPOPID" 2>/dev/null || true; RPOPID=""; }
-    for p in "${SAMPLERS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${SAMPLERS[@]}"; do wait "$p" 2>/dev/null || true; done
+    [[ -n "$RPOPID" ]] && { kill_now "$RPOPID"; RPOPID=""; }
+    kill_now "${SAMPLERS[@]}"
     SAMPLERS=()
-    local pids=("${PID[@]}" "${PEER[@]}")
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do
-        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
-    done
+    stop_pids "${PID[@]}" "${PEER[@]}"
     PID=(); PEER=()
 }
 
 cleanup() {
     local rc=$?
     stop_all
-    if [[ -n "${OUT:-}" && -d "$RES" ]]; then
-        mkdir -p "$OUT" && cp -r "$RES"/. "$OUT"/ && log "raw results kept in $OUT"
-    fi
+    keep_results
     rm -rf "$WORK" "$PEERW"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Polls until a condition holds; fails early if the process died.
-wait_for() { # timeout_s pid command...
-    local t="$1" pid="$2"; shift 2
-    local deadline=$((SECONDS + t))
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || return 1
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.05
-    done
-}
-
-# Private copies: a rebuild of the shared target dir during the run must not
-# swap binaries between the servers.
-AGENT_BUILT="$(date -u -r "$AGENT_BIN" '+%Y-%m-%d %H:%M UTC')"
-cp "$AGENT_BIN" "$WORK/mirror-agent"; cp "$MDCTRL_BIN" "$WORK/mdctrl"
-AGENT_BIN="$WORK/mirror-agent"; MDCTRL_BIN="$WORK/mdctrl"
+private_binaries
 
 # --- backing file (active side) -------------------------------------------------
 DATA="$WORK/data/md1.img"
@@ -162,21 +135,6 @@ log "writing the ${SIZE_MIB} MiB backing file $DATA ($FSTYPE)"
 # Really written (no unwritten extents), and all zeros, so every pair can be
 # initialised with --blank against a zeroed standby.
 dd if=/dev/zero of="$DATA" bs=1M count="$SIZE_MIB" oflag=direct conv=fsync status=none
-
-drop_caches() {
-    sync
-    if [[ "$DROP" == 1 ]]; then echo 3 >/proc/sys/vm/drop_caches; fi
-}
-
-free_ports() { # n: n distinct free TCP ports on 127.0.0.1
-    python3 - "$1" <<'PY'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PY
-}
 
 status_json() { # tag out
     ${CTL[$1]} status md1 --json >"$2" 2>/dev/null

@@ -47,8 +47,9 @@ RESYNC_RATE="${RESYNC_RATE:-0}"
 AGENT_BIN="${AGENT_BIN:-$ROOT/target/release/mirror-agent}"
 MDCTRL_BIN="${MDCTRL_BIN:-$ROOT/target/release/mdctrl}"
 
-die() { echo "resync-bench: $*" >&2; exit 1; }
-log() { echo "resync-bench: $*" >&2; }
+BENCH_NAME=resync-bench
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 # --- prerequisites (checked, never installed) --------------------------------
 missing=()
@@ -68,10 +69,7 @@ for v in SIZE_MIB REPS REGION_KIB DIRTY_EVERY; do
 done
 case "$DIRECT_IO" in auto|off) ;; *) die "DIRECT_IO must be auto or off" ;; esac
 
-DROP="${DROP_CACHES:-auto}"
-if [[ "$DROP" == auto ]]; then
-    if [[ -w /proc/sys/vm/drop_caches ]]; then DROP=1; else DROP=0; fi
-fi
+DROP="$(drop_caches_setting)"
 
 # --- temp dir and cleanup --------------------------------------------------------
 WORK="$(mktemp -d "$BENCH_DIR/nbd-mirror-rbench.XXXXXX")"
@@ -80,60 +78,23 @@ mkdir -p "$RES" "$WORK/run" "$WORK/data"
 PIDS=()
 
 stop_all() {
-    local p
-    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do
-        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
-    done
+    stop_pids "${PIDS[@]}"
     PIDS=()
 }
 
 cleanup() {
     local rc=$?
     stop_all
-    if [[ -n "${OUT:-}" && -d "$RES" ]]; then
-        mkdir -p "$OUT" && cp -r "$RES"/. "$OUT"/ && log "raw results kept in $OUT"
-    fi
+    keep_results
     rm -rf "$WORK"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_for() { # timeout_s pid command...
-    local t="$1" pid="$2"; shift 2
-    local deadline=$((SECONDS + t))
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || return 1
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.05
-    done
-}
-
-drop_caches() {
-    sync
-    if [[ "$DROP" == 1 ]]; then echo 3 >/proc/sys/vm/drop_caches; fi
-}
-
-free_ports() { # n distinct free TCP ports on 127.0.0.1
-    python3 - "$1" <<'PY'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PY
-}
-
 now() { date +%s.%N; }
 
-# Private copies: a rebuild of the shared target dir during the run must not
-# swap binaries between the servers.
-AGENT_BUILT="$(date -u -r "$AGENT_BIN" '+%Y-%m-%d %H:%M UTC')"
-cp "$AGENT_BIN" "$WORK/mirror-agent"; cp "$MDCTRL_BIN" "$WORK/mdctrl"
-AGENT_BIN="$WORK/mirror-agent"; MDCTRL_BIN="$WORK/mdctrl"
+private_binaries
 
 FSTYPE="$(df --output=fstype "$WORK" | tail -1 | tr -d ' ')"
 [[ "$FSTYPE" == tmpfs ]] && log "WARNING: BENCH_DIR $BENCH_DIR is tmpfs: the numbers will not reflect a disk"

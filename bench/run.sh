@@ -41,8 +41,9 @@ SIZE_MIB="${SIZE_MIB:-1024}"
 AGENT_BIN="${AGENT_BIN:-$ROOT/target/release/mirror-agent}"
 MDCTRL_BIN="${MDCTRL_BIN:-$ROOT/target/release/mdctrl}"
 
-die() { echo "bench: $*" >&2; exit 1; }
-log() { echo "bench: $*" >&2; }
+BENCH_NAME=bench
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 # --- prerequisites (checked, never installed) --------------------------------
 missing=()
@@ -63,10 +64,7 @@ for p in $PAIRS; do
     case "$p" in buffered|portable|direct) ;; *) die "unknown pair '$p' (buffered, portable, direct)";; esac
 done
 
-DROP="${DROP_CACHES:-auto}"
-if [[ "$DROP" == auto ]]; then
-    if [[ -w /proc/sys/vm/drop_caches ]]; then DROP=1; else DROP=0; fi
-fi
+DROP="$(drop_caches_setting)"
 
 # --- temp dir and cleanup ------------------------------------------------------
 WORK="$(mktemp -d "$BENCH_DIR/nbd-mirror-bench.XXXXXX")"
@@ -76,47 +74,25 @@ declare -A PID=() URI=()
 SAMPLERS=()
 
 stop_all() {
-    local p t
-    for p in "${SAMPLERS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${SAMPLERS[@]}"; do wait "$p" 2>/dev/null || true; done
+    local t pids=()
+    kill_now "${SAMPLERS[@]}"
     SAMPLERS=()
-    for t in "${!PID[@]}"; do kill -TERM "${PID[$t]}" 2>/dev/null || true; done
-    for t in "${!PID[@]}"; do
-        for _ in $(seq 100); do kill -0 "${PID[$t]}" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "${PID[$t]}" 2>/dev/null || true
-        wait "${PID[$t]}" 2>/dev/null || true
-    done
+    for t in "${!PID[@]}"; do pids+=("${PID[$t]}"); done
+    stop_pids "${pids[@]}"
     PID=()
 }
 
 cleanup() {
     local rc=$?
     stop_all
-    if [[ -n "${OUT:-}" && -d "$RES" ]]; then
-        mkdir -p "$OUT" && cp -r "$RES"/. "$OUT"/ && log "raw results kept in $OUT"
-    fi
+    keep_results
     rm -rf "$WORK"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Polls until a condition holds; fails early if the server died.
-wait_for() { # timeout_s pid command...
-    local t="$1" pid="$2"; shift 2
-    local deadline=$((SECONDS + t))
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || return 1
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.05
-    done
-}
-
-# Private copies: a rebuild of the shared target dir during the run must not
-# swap binaries between the servers of one comparison.
-AGENT_BUILT="$(date -u -r "$AGENT_BIN" '+%Y-%m-%d %H:%M UTC')"
-cp "$AGENT_BIN" "$WORK/mirror-agent"; cp "$MDCTRL_BIN" "$WORK/mdctrl"
-AGENT_BIN="$WORK/mirror-agent"; MDCTRL_BIN="$WORK/mdctrl"
+private_binaries
 
 # --- backing file ---------------------------------------------------------------
 DATA="$WORK/data/md1.img"
@@ -126,11 +102,6 @@ log "writing the ${SIZE_MIB} MiB backing file $DATA ($FSTYPE)"
 # Really written, not just fallocated: unwritten extents read back as zeros
 # without touching the disk, which would flatter the read rows.
 dd if=/dev/zero of="$DATA" bs=1M count="$SIZE_MIB" oflag=direct conv=fsync status=none
-
-drop_caches() {
-    sync
-    if [[ "$DROP" == 1 ]]; then echo 3 >/proc/sys/vm/drop_caches; fi
-}
 
 # --- servers ---------------------------------------------------------------------
 start_nbdkit() { # tag [plugin args...]

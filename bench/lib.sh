@@ -1,0 +1,75 @@
+# Shared helpers of the bench scripts (run.sh, mirror.sh, resync.sh); sourced,
+# never run. The sourcing script sets BENCH_NAME (log prefix) first, and
+# later WORK, RES, DROP, AGENT_BIN and MDCTRL_BIN where a helper uses them.
+
+log() { echo "$BENCH_NAME: $*" >&2; }
+die() { echo "$BENCH_NAME: $*" >&2; exit 1; }
+
+# DROP_CACHES=0|1|auto (default auto: drop when root can write drop_caches).
+drop_caches_setting() {
+    local d="${DROP_CACHES:-auto}"
+    if [[ "$d" == auto ]]; then
+        if [[ -w /proc/sys/vm/drop_caches ]]; then d=1; else d=0; fi
+    fi
+    echo "$d"
+}
+
+# Writes dirty pages back and, when DROP=1, drops the page cache.
+drop_caches() {
+    sync
+    if [[ "$DROP" == 1 ]]; then echo 3 >/proc/sys/vm/drop_caches; fi
+}
+
+# Stops processes: SIGTERM to all, up to 10 s each to exit, then SIGKILL.
+stop_pids() { # pid...
+    local p
+    for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "$@"; do
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+}
+
+# Stops samplers and other helpers at once (no grace period).
+kill_now() { # pid...
+    local p
+    for p in "$@"; do kill "$p" 2>/dev/null || true; done
+    for p in "$@"; do wait "$p" 2>/dev/null || true; done
+}
+
+# Copies the raw results to OUT when set (called from the EXIT trap).
+keep_results() {
+    if [[ -n "${OUT:-}" && -d "$RES" ]]; then
+        mkdir -p "$OUT" && cp -r "$RES"/. "$OUT"/ && log "raw results kept in $OUT"
+    fi
+}
+
+# Polls until a condition holds; fails early if the process died.
+wait_for() { # timeout_s pid command...
+    local t="$1" pid="$2"; shift 2
+    local deadline=$((SECONDS + t))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || return 1
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.05
+    done
+}
+
+# Private copies: a rebuild of the shared target dir during the run must not
+# swap binaries between the servers of one comparison. Sets AGENT_BUILT.
+private_binaries() {
+    AGENT_BUILT="$(date -u -r "$AGENT_BIN" '+%Y-%m-%d %H:%M UTC')"
+    cp "$AGENT_BIN" "$WORK/mirror-agent"; cp "$MDCTRL_BIN" "$WORK/mdctrl"
+    AGENT_BIN="$WORK/mirror-agent"; MDCTRL_BIN="$WORK/mdctrl"
+}
+
+free_ports() { # n: n distinct free TCP ports on 127.0.0.1
+    python3 - "$1" <<'PY'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+}
