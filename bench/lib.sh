@@ -73,3 +73,26 @@ for _ in range(int(sys.argv[1])):
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 PY
 }
+
+# Checks tools (never installs them): each argument is TOOL or TOOL:PACKAGE.
+require_tools() {
+    local a missing=() pkgs=()
+    for a in "$@"; do
+        command -v "${a%%:*}" >/dev/null && continue
+        missing+=("${a%%:*}"); pkgs+=("${a#*:}")
+    done
+    if ((${#missing[@]})); then
+        die "missing: ${missing[*]}; install with: apt-get install ${pkgs[*]}"
+    fi
+    if [[ " $* " == *" fio "* ]]; then
+        fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd ioengine (fio >= 3.19 built with libnbd); apt-get install fio"
+    fi
+    if [[ " $* " == *" nbdkit "* ]]; then
+        nbdkit file --dump-plugin >/dev/null 2>&1 || die "nbdkit has no file plugin; apt-get install nbdkit"
+    fi
+    local b
+    for b in "$AGENT_BIN" "$MDCTRL_BIN"; do
+        [[ -x "$b" ]] || die "$b not found; build with: cargo build --release -p mirror-agent -p cli --bins"
+    done
+    [[ -d "$BENCH_DIR" ]] || die "BENCH_DIR $BENCH_DIR does not exist"
+}

@@ -64,19 +64,7 @@ BENCH_NAME=mirror-bench
 source "$HERE/lib.sh"
 
 # --- prerequisites (checked, never installed) --------------------------------
-missing=()
-command -v fio >/dev/null || missing+=(fio)
-command -v nbdkit >/dev/null || missing+=(nbdkit)
-command -v python3 >/dev/null || missing+=(python3)
-if ((${#missing[@]})); then
-    die "missing: ${missing[*]}; install with: apt-get install ${missing[*]}"
-fi
-fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd ioengine (fio >= 3.19 built with libnbd); apt-get install fio"
-nbdkit file --dump-plugin >/dev/null 2>&1 || die "nbdkit has no file plugin; apt-get install nbdkit"
-for b in "$AGENT_BIN" "$MDCTRL_BIN"; do
-    [[ -x "$b" ]] || die "$b not found; build with: cargo build --release -p mirror-agent -p cli --bins"
-done
-[[ -d "$BENCH_DIR" ]] || die "BENCH_DIR $BENCH_DIR does not exist"
+require_tools fio nbdkit python3
 [[ -d "$PEER_DIR" ]] || die "PEER_DIR $PEER_DIR does not exist"
 [[ "$REPS" =~ ^[1-9][0-9]*$ ]] || die "REPS must be a positive integer"
 [[ "$SIZE_MIB" =~ ^[1-9][0-9]*$ ]] || die "SIZE_MIB must be a positive integer"

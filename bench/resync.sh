@@ -52,18 +52,7 @@ BENCH_NAME=resync-bench
 source "$HERE/lib.sh"
 
 # --- prerequisites (checked, never installed) --------------------------------
-missing=()
-command -v fio >/dev/null || missing+=(fio)
-command -v python3 >/dev/null || missing+=(python3)
-command -v cmp >/dev/null || missing+=(diffutils)
-if ((${#missing[@]})); then
-    die "missing: ${missing[*]}; install with: apt-get install ${missing[*]}"
-fi
-fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd ioengine (fio >= 3.19 built with libnbd); apt-get install fio"
-for b in "$AGENT_BIN" "$MDCTRL_BIN"; do
-    [[ -x "$b" ]] || die "$b not found; build with: cargo build --release -p mirror-agent -p cli --bins"
-done
-[[ -d "$BENCH_DIR" ]] || die "BENCH_DIR $BENCH_DIR does not exist"
+require_tools fio python3 cmp:diffutils
 for v in SIZE_MIB REPS REGION_KIB DIRTY_EVERY; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"
 done

@@ -46,19 +46,7 @@ BENCH_NAME=bench
 source "$HERE/lib.sh"
 
 # --- prerequisites (checked, never installed) --------------------------------
-missing=()
-command -v fio >/dev/null || missing+=(fio)
-command -v nbdkit >/dev/null || missing+=(nbdkit)
-command -v python3 >/dev/null || missing+=(python3)
-if ((${#missing[@]})); then
-    die "missing: ${missing[*]}; install with: apt-get install ${missing[*]}"
-fi
-fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd ioengine (fio >= 3.19 built with libnbd); apt-get install fio"
-nbdkit file --dump-plugin >/dev/null 2>&1 || die "nbdkit has no file plugin; apt-get install nbdkit"
-for b in "$AGENT_BIN" "$MDCTRL_BIN"; do
-    [[ -x "$b" ]] || die "$b not found; build with: cargo build --release -p mirror-agent -p cli"
-done
-[[ -d "$BENCH_DIR" ]] || die "BENCH_DIR $BENCH_DIR does not exist"
+require_tools fio nbdkit python3
 [[ "$REPS" =~ ^[1-9][0-9]*$ ]] || die "REPS must be a positive integer"
 for p in $PAIRS; do
     case "$p" in buffered|portable|direct) ;; *) die "unknown pair '$p' (buffered, portable, direct)";; esac
