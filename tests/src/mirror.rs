@@ -349,6 +349,99 @@ impl MirrorPair {
     pub fn assert_identical(&self) {
         assert_files_equal(&self.data("server1"), &self.data("server2"), None);
     }
+
+    /// The agent of `node`.
+    pub fn agent(&self, node: &str) -> &Agent {
+        if node == "server1" {
+            &self.a1
+        } else {
+            &self.a2
+        }
+    }
+
+    /// The agent of `node`, to stop or restart it.
+    pub fn agent_mut(&mut self, node: &str) -> &mut Agent {
+        if node == "server1" {
+            &mut self.a1
+        } else {
+            &mut self.a2
+        }
+    }
+
+    /// The configured `divergent_save_dir` of `node`.
+    pub fn divergent_dir(&self, node: &str) -> std::path::PathBuf {
+        self.c.config.resources[0]
+            .node(node)
+            .expect("node of the resource")
+            .divergent_save_dir
+            .clone()
+    }
+
+    /// The saved divergent image of `node` (exactly one expected) and its
+    /// regions (`index offset length` per line of its `.regions` file).
+    pub fn saved_image(&self, node: &str) -> (std::path::PathBuf, Vec<(u64, u64, u64)>) {
+        let dir = self.divergent_dir(node);
+        let prefix = format!("{}-{node}-", self.c.resource());
+        let imgs: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+            .map(|e| e.expect("dir entry").path())
+            .filter(|f| {
+                let n = f.file_name().unwrap().to_string_lossy().to_string();
+                n.starts_with(&prefix) && n.ends_with(".img")
+            })
+            .collect();
+        assert_eq!(
+            imgs.len(),
+            1,
+            "expected one saved image of {node} in {}: {imgs:?}",
+            dir.display()
+        );
+        let img = imgs[0].clone();
+        let regions_path = std::path::PathBuf::from(format!("{}.regions", img.display()));
+        let text = std::fs::read_to_string(&regions_path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", regions_path.display()));
+        let regions = text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let f: Vec<u64> = l
+                    .split_whitespace()
+                    .map(|x| x.parse().unwrap_or_else(|e| panic!("{l:?}: {e}")))
+                    .collect();
+                assert_eq!(f.len(), 3, "regions line {l:?}");
+                (f[0], f[1], f[2])
+            })
+            .collect();
+        (img, regions)
+    }
+
+    /// Every region of `off..off+len` is listed in `regions` (from
+    /// [`Self::saved_image`]) and the saved image holds `byte` there.
+    pub fn assert_saved_region(
+        &self,
+        img: &std::path::Path,
+        regions: &[(u64, u64, u64)],
+        off: u64,
+        len: u64,
+        byte: u8,
+    ) {
+        let region = self.c.config.resources[0].region_size;
+        for r in off / region..=(off + len - 1) / region {
+            assert!(
+                regions
+                    .iter()
+                    .any(|&(i, o, l)| i == r && o == r * region && l == region),
+                "region {r} missing from the .regions list of {}: {regions:?}",
+                img.display()
+            );
+        }
+        let got = crate::data::read_range(img, off, len as usize);
+        assert!(
+            got.iter().all(|&b| b == byte),
+            "saved image {} at {off}+{len} is not all {byte:#x}",
+            img.display()
+        );
+    }
 }
 
 /// The status shows a connected, in-sync pair.

@@ -6,7 +6,6 @@
 //! resync copies only the dirty regions; `break` / `recover --wait` and
 //! `verify`; initial mirror construction of two new nodes by activating one. Every scenario ends by comparing both data files byte for byte.
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,77 +21,10 @@ use tests::wait::wait_until;
 const REGION: u64 = 64 << 10;
 const T: Duration = Duration::from_secs(30);
 
-/// The configured `divergent_save_dir` of `node`.
-fn divergent_dir(p: &MirrorPair, node: &str) -> PathBuf {
-    p.c.config.resources[0]
-        .node(node)
-        .expect("node of the resource")
-        .divergent_save_dir
-        .clone()
-}
-
 fn recovery_u64(s: &Value, key: &str) -> u64 {
     s["pair"]["recovery"][key]
         .as_u64()
         .unwrap_or_else(|| panic!("no pair.recovery.{key}: {s:#}"))
-}
-
-/// The saved divergent image of `node` (exactly one expected) and its regions
-/// (`index offset length` per line).
-fn saved_image(p: &MirrorPair, node: &str) -> (PathBuf, Vec<(u64, u64, u64)>) {
-    let dir = divergent_dir(p, node);
-    let prefix = format!("{}-{node}-", p.c.resource());
-    let imgs: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|e| e.expect("dir entry").path())
-        .filter(|f| {
-            let n = f.file_name().unwrap().to_string_lossy().to_string();
-            n.starts_with(&prefix) && n.ends_with(".img")
-        })
-        .collect();
-    assert_eq!(
-        imgs.len(),
-        1,
-        "expected one saved image of {node} in {}: {imgs:?}",
-        dir.display()
-    );
-    let img = imgs[0].clone();
-    let regions_path = PathBuf::from(format!("{}.regions", img.display()));
-    let text = std::fs::read_to_string(&regions_path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", regions_path.display()));
-    let regions = text
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let f: Vec<u64> = l
-                .split_whitespace()
-                .map(|x| x.parse().unwrap_or_else(|e| panic!("{l:?}: {e}")))
-                .collect();
-            assert_eq!(f.len(), 3, "regions line {l:?}");
-            (f[0], f[1], f[2])
-        })
-        .collect();
-    (img, regions)
-}
-
-fn assert_saved_region(img: &Path, regions: &[(u64, u64, u64)], off: u64, len: u64, byte: u8) {
-    let first = off / REGION;
-    let last = (off + len - 1) / REGION;
-    for r in first..=last {
-        assert!(
-            regions
-                .iter()
-                .any(|&(i, o, l)| i == r && o == r * REGION && l == REGION),
-            "region {r} missing from the .regions list of {}: {regions:?}",
-            img.display()
-        );
-    }
-    let got = read_range(img, off, len as usize);
-    assert!(
-        got.iter().all(|&b| b == byte),
-        "saved image {} at {off}+{len} is not all {byte:#x}",
-        img.display()
-    );
 }
 
 /// Scenario 1: Standby killed and restarted: automatic recovery, identical.
@@ -161,8 +93,8 @@ fn force_after_active_crash_saves_divergent_regions() {
         vec![0; 4],
         "server1's lone write survived the resync"
     );
-    let (img, regions) = saved_image(&p, "server1");
-    assert_saved_region(&img, &regions, 8 << 20, 64 << 10, 0x77);
+    let (img, regions) = p.saved_image("server1");
+    p.assert_saved_region(&img, &regions, 8 << 20, 64 << 10, 0x77);
     p.expect_code("server1", &["activate", "md1", "--nomount"], 3);
 }
 
@@ -220,8 +152,8 @@ fn split_brain_resolved_by_force() {
     assert!(read_range(&p.data("server2"), 6 << 20, 64 << 10)
         .iter()
         .all(|&b| b == 0x11));
-    let (img, regions) = saved_image(&p, "server2");
-    assert_saved_region(&img, &regions, 4 << 20, 64 << 10, 0x22);
+    let (img, regions) = p.saved_image("server2");
+    p.assert_saved_region(&img, &regions, 4 << 20, 64 << 10, 0x22);
 }
 
 /// Breaks the mirror by stopping server2 and dirties `dirty` bytes from 0

@@ -117,8 +117,8 @@ fn wait_resync_decision(p: &MirrorPair, node: &str, rule: &str, text: &str) {
         // A running resync is shown with a " (running)" suffix.
         assert!(decision(&s).starts_with(&expected), "{node}: {s:#}");
     }
-    let a = if node == "server1" { &p.a1 } else { &p.a2 };
-    a.wait_for_log(&format!("decision {expected}"), T);
+    p.agent(node)
+        .wait_for_log(&format!("decision {expected}"), T);
 }
 
 /// No recovery ran in this agent process.
@@ -140,8 +140,8 @@ fn assert_no_running_recovery(s: &Value) {
 /// not in sync (`null` once in sync), so the rule is checked in the agent's
 /// decision log line and the status must say in sync with no decision.
 fn wait_in_sync_rule(p: &MirrorPair, node: &str, rule: &str) -> Value {
-    let a = if node == "server1" { &p.a1 } else { &p.a2 };
-    a.wait_for_log(&format!("decision {rule}: in sync"), T);
+    p.agent(node)
+        .wait_for_log(&format!("decision {rule}: in sync"), T);
     let s = p.wait_in_sync(node, T);
     assert!(s["pair"]["decision"].is_null(), "{node}: {s:#}");
     assert_eq!(s["pair"]["sync"], "in sync", "{node}: {s:#}");
@@ -180,11 +180,7 @@ fn resync_converges(p: &MirrorPair, source: &str, target: &str, rule: &str, text
 
 /// Stops (SIGTERM) the agent of `node` of `p`.
 fn stop(p: &mut MirrorPair, node: &str) {
-    let a = if node == "server1" {
-        &mut p.a1
-    } else {
-        &mut p.a2
-    };
+    let a = p.agent_mut(node);
     if a.is_running() {
         a.terminate();
     }
@@ -193,11 +189,7 @@ fn stop(p: &mut MirrorPair, node: &str) {
 
 /// Starts the stopped agent of `node` and waits until it is ready.
 fn start(p: &mut MirrorPair, node: &str) {
-    let a = if node == "server1" {
-        &mut p.a1
-    } else {
-        &mut p.a2
-    };
+    let a = p.agent_mut(node);
     a.start_again();
     a.wait_ready();
 }
@@ -290,9 +282,8 @@ fn r9_active_killed_with_writes_in_flight() {
     wait_until("200 writes through server1", T, || {
         (written.load(Ordering::Relaxed) >= 200).then_some(())
     });
-    p.a1.kill9();
+    crash(&mut p, "server1");
     writer.join().expect("writer");
-    let _ = std::fs::remove_file(p.socket("server1"));
     // The old active's write intents: the hot extent (activity log, 4 MiB
     // by default) holding the written regions.
     let intents = tests::mirror::dirty_regions(&p.c.cp_path_on("server1"));
@@ -452,8 +443,7 @@ fn r4_partial_target_next_to_recreated_source() {
         total > 0 && r["done_bytes"].as_u64().unwrap_or(0) >= total / 4
     });
     assert_eq!(s["pair"]["recovery"]["finished"], false, "{s:#}");
-    p.a1.kill9();
-    let _ = std::fs::remove_file(p.socket("server1"));
+    crash(&mut p, "server1");
     let st = p.status("server2");
     assert_eq!(st["disk"]["consistent"], false, "{st:#}");
     init(&p.c, "server1", &["--force"]);
@@ -622,17 +612,9 @@ struct Snapshot {
     cp: Vec<u8>,
 }
 
-fn agent_mut<'a>(p: &'a mut MirrorPair, node: &str) -> &'a mut Agent {
-    if node == "server1" {
-        &mut p.a1
-    } else {
-        &mut p.a2
-    }
-}
-
 /// Copies the two files of `node`, whose agent must be stopped.
 fn snapshot(p: &mut MirrorPair, node: &str) -> Snapshot {
-    assert!(!agent_mut(p, node).is_running(), "{node} is running");
+    assert!(!p.agent_mut(node).is_running(), "{node} is running");
     let read = |path: std::path::PathBuf| {
         std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
     };
@@ -644,7 +626,7 @@ fn snapshot(p: &mut MirrorPair, node: &str) -> Snapshot {
 
 /// Rolls the two files of the stopped `node` back to `snap`, in place.
 fn restore(p: &mut MirrorPair, node: &str, snap: &Snapshot) {
-    assert!(!agent_mut(p, node).is_running(), "{node} is running");
+    assert!(!p.agent_mut(node).is_running(), "{node} is running");
     for (path, bytes) in [(p.data(node), &snap.data), (p.c.cp_path_on(node), &snap.cp)] {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -658,7 +640,7 @@ fn restore(p: &mut MirrorPair, node: &str, snap: &Snapshot) {
 
 /// Kills `node`'s agent with SIGKILL and removes its stale NBD socket.
 fn crash(p: &mut MirrorPair, node: &str) {
-    agent_mut(p, node).kill9();
+    p.agent_mut(node).kill9();
     let _ = std::fs::remove_file(p.socket(node));
 }
 
@@ -783,29 +765,8 @@ fn r16_split_brain_after_restored_backup() {
     assert!(read_range(&p.data("server1"), 2 * MIB, 64 << 10)
         .iter()
         .all(|&b| b == 0));
-    let saved = saved_images(&p, "server1");
-    assert!(
-        saved.iter().any(|img| std::fs::read(img)
-            .map(|b| b.windows(4096).any(|w| w.iter().all(|&x| x == 0xc2)))
-            .unwrap_or(false)),
-        "server1's divergent region (0xc2) not in any saved image: {saved:?}"
-    );
-}
-
-/// The divergent-region images saved for `node` (files `*.img` in its
-/// `divergent_save_dir`).
-fn saved_images(p: &MirrorPair, node: &str) -> Vec<std::path::PathBuf> {
-    let dir = &p.c.config.resources[0]
-        .node(node)
-        .expect("node of the resource")
-        .divergent_save_dir;
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.extension().is_some_and(|x| x == "img"))
-                .collect()
-        })
-        .unwrap_or_default()
+    let (img, regions) = p.saved_image("server1");
+    p.assert_saved_region(&img, &regions, 2 * MIB, 64 << 10, 0xc2);
 }
 
 /// R17 split-brain-related: as for R16, but before server1 is rolled back
