@@ -292,6 +292,13 @@ where
     // Requests in the engine, polled by this task (see `pending.rs`).
     let mut pending: Pending<Outgoing> = Pending::default();
     let grace_dur = limits.shutdown_grace;
+    let replies = Replies {
+        tx,
+        sink: Arc::clone(&sink),
+        wstate: Arc::clone(&wstate),
+        structured,
+        grace_dur,
+    };
     let mut shutting = *shutdown.borrow();
     let mut grace: Option<Instant> = shutting.then(|| Instant::now() + limits.shutdown_grace);
     let max_payload = export.block_sizes.maximum.max(MIN_SKIPPABLE_PAYLOAD);
@@ -326,19 +333,9 @@ where
         };
         let got = match event {
             Event::Done(out) => {
-                let alone = pending.is_empty();
-                let r = dispatch(
-                    out,
-                    alone,
-                    &tx,
-                    &sink,
-                    structured,
-                    &wstate,
-                    &mut shutdown,
-                    grace,
-                    grace_dur,
-                )
-                .await;
+                let r = replies
+                    .send(out, pending.is_empty(), &mut shutdown, grace)
+                    .await;
                 if let Err(e) = r {
                     break Err(e);
                 }
@@ -429,19 +426,9 @@ where
                     // in its own pass (one io_uring submission each).
                     Some(out) = pending.next(), if !pending.is_empty() => out,
                 };
-                let alone = pending.is_empty();
-                let r = dispatch(
-                    out,
-                    alone,
-                    &tx,
-                    &sink,
-                    structured,
-                    &wstate,
-                    &mut shutdown,
-                    grace,
-                    grace_dur,
-                )
-                .await;
+                let r = replies
+                    .send(out, pending.is_empty(), &mut shutdown, grace)
+                    .await;
                 if let Err(e) = r {
                     break 'reader Err(e);
                 }
@@ -493,7 +480,7 @@ where
                     biased;
                     _ = wait_dead(&wstate) => break 'reader Err(writer_failed()),
                     _ = sleep_until_opt(grace) => break 'reader Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace)),
-                    r = tx.send(out) => if r.is_err() { break 'reader Err(writer_failed()) },
+                    r = replies.tx.send(out) => if r.is_err() { break 'reader Err(writer_failed()) },
                 }
             }
             Verdict::Execute => {
@@ -522,19 +509,9 @@ where
                                 },
                             }
                             if let Some(out) = done.take() {
-                                let alone = pending.is_empty();
-                                let r = dispatch(
-                                    out,
-                                    alone,
-                                    &tx,
-                                    &sink,
-                                    structured,
-                                    &wstate,
-                                    &mut shutdown,
-                                    grace,
-                                    grace_dur,
-                                )
-                                .await;
+                                let r = replies
+                                    .send(out, pending.is_empty(), &mut shutdown, grace)
+                                    .await;
                                 if let Err(e) = r {
                                     break 'reader Err(e);
                                 }
@@ -598,18 +575,15 @@ where
     let drained = {
         let mut sd = shutdown.clone();
         let pending = &mut pending;
-        let (sink, wstate, writer) = (&sink, &wstate, &mut writer);
+        let writer = &mut writer;
         let drain = async move {
             while let Some(out) = pending.next().await {
-                let alone = pending.is_empty();
                 // Fails only when the writer is dead: the reply is dropped
                 // with its permits, as nobody can receive it.
-                let _ = dispatch(
-                    out, alone, &tx, sink, structured, wstate, &mut sd, grace, grace_dur,
-                )
-                .await;
+                let _ = replies.send(out, pending.is_empty(), &mut sd, grace).await;
             }
-            drop(tx);
+            // Closes the queue: the writer ends once it wrote what is queued.
+            drop(replies);
             writer.await
         };
         tokio::select! {
@@ -633,38 +607,46 @@ where
     result
 }
 
-/// Hands a finished request's reply on. When it was the only request in
-/// flight and the writer is idle, it is written here (at QD1 this saves the
-/// hop to the writer task); otherwise it is queued for the writer, which
-/// batches replies into one flush. Both waits end with an error when the
-/// writer died or the shutdown grace period expired (e.g. a client that
-/// stopped reading replies).
-#[allow(clippy::too_many_arguments)]
-async fn dispatch<W: AsyncWrite + Unpin>(
-    out: Outgoing,
-    alone: bool,
-    tx: &mpsc::Sender<Outgoing>,
-    sink: &Mutex<Sink<W>>,
+/// The connection task's way to the client: the reply queue of the writer
+/// task, and the socket itself for a reply it may write directly.
+struct Replies<W> {
+    tx: mpsc::Sender<Outgoing>,
+    sink: Arc<Mutex<Sink<W>>>,
+    wstate: Arc<WriterState>,
     structured: bool,
-    wstate: &WriterState,
-    shutdown: &mut watch::Receiver<bool>,
-    grace: Option<Instant>,
     grace_dur: std::time::Duration,
-) -> Result<(), NbdError> {
-    if alone {
-        if let Ok(mut s) = sink.try_lock() {
-            return tokio::select! {
-                biased;
-                () = s.send_one(out, structured, wstate) => Ok(()),
-                _ = grace_timer(shutdown, grace, grace_dur) => Err(NbdError::ShutdownGraceExpired(grace_dur)),
-            };
+}
+
+impl<W: AsyncWrite + Unpin> Replies<W> {
+    /// Hands a finished request's reply on. When it was the only request in
+    /// flight and the writer is idle, it is written here (at QD1 this saves the
+    /// hop to the writer task); otherwise it is queued for the writer, which
+    /// batches replies into one flush. Both waits end with an error when the
+    /// writer died or the shutdown grace period expired (e.g. a client that
+    /// stopped reading replies).
+    async fn send(
+        &self,
+        out: Outgoing,
+        alone: bool,
+        shutdown: &mut watch::Receiver<bool>,
+        grace: Option<Instant>,
+    ) -> Result<(), NbdError> {
+        let grace_dur = self.grace_dur;
+        if alone {
+            if let Ok(mut s) = self.sink.try_lock() {
+                return tokio::select! {
+                    biased;
+                    () = s.send_one(out, self.structured, &self.wstate) => Ok(()),
+                    _ = grace_timer(shutdown, grace, grace_dur) => Err(NbdError::ShutdownGraceExpired(grace_dur)),
+                };
+            }
         }
-    }
-    tokio::select! {
-        biased;
-        _ = wait_dead(wstate) => Err(writer_failed()),
-        _ = grace_timer(shutdown, grace, grace_dur) => Err(NbdError::ShutdownGraceExpired(grace_dur)),
-        r = tx.send(out) => r.map_err(|_| writer_failed()),
+        tokio::select! {
+            biased;
+            _ = wait_dead(&self.wstate) => Err(writer_failed()),
+            _ = grace_timer(shutdown, grace, grace_dur) => Err(NbdError::ShutdownGraceExpired(grace_dur)),
+            r = self.tx.send(out) => r.map_err(|_| writer_failed()),
+        }
     }
 }
 
