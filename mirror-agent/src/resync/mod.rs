@@ -535,15 +535,7 @@ pub async fn run_source(
     let copied: Result<gate::Exclusive, ResyncError> = async {
         let mut passes = 0;
         loop {
-            copier
-                .copy_groups(
-                    read_groups(&part, runs(&part, &todo)),
-                    &mut rx,
-                    &progress,
-                    false,
-                )
-                .await?;
-            copier.drain_all(&mut rx, &progress, false).await?;
+            copier.copy_pass(&todo, &mut rx, &progress, false).await?;
             passes += 1;
             todo = spec.gate.take_rewritten();
             if todo.is_empty() || passes >= MAX_OPEN_PASSES || todo.len() <= LAST_PASS_REGIONS {
@@ -558,15 +550,7 @@ pub async fn run_source(
         last.sort_unstable();
         last.dedup();
         lock(&progress).total_bytes += last.iter().map(|&r| region_len(&part, r)).sum::<u64>();
-        copier
-            .copy_groups(
-                read_groups(&part, runs(&part, &last)),
-                &mut rx,
-                &progress,
-                true,
-            )
-            .await?;
-        copier.drain_all(&mut rx, &progress, true).await?;
+        copier.copy_pass(&last, &mut rx, &progress, true).await?;
         Ok(hold)
     }
     .await;
@@ -714,18 +698,20 @@ struct ReadAhead {
 }
 
 impl Copier<'_> {
-    /// Copy groups of runs (consecutive regions each), one group's reads
-    /// ahead: group k+1 is read while group k is sent and waits for window
-    /// space, so the disk reads back to back.
-    async fn copy_groups(
+    /// One pass over `regions` (sorted): copy them in groups of runs
+    /// (consecutive regions each), one group's reads ahead — group k+1 is
+    /// read while group k is sent and waits for window space, so the disk
+    /// reads back to back — then wait for every Ack2 of the pass.
+    async fn copy_pass(
         &mut self,
-        groups: Vec<Vec<std::ops::RangeInclusive<u64>>>,
+        regions: &[u64],
         rx: &mut Inbox,
         progress: &ProgressHandle,
         held: bool,
     ) -> Result<(), ResyncError> {
+        let part = self.spec.part.clone();
         let mut ahead: Option<ReadAhead> = None;
-        for group in groups {
+        for group in read_groups(&part, runs(&part, regions)) {
             let next = self.start_read(group, held);
             if let Some(prev) = ahead.replace(next) {
                 self.send_read(prev, rx, progress, held).await?;
@@ -734,7 +720,7 @@ impl Copier<'_> {
         if let Some(prev) = ahead {
             self.send_read(prev, rx, progress, held).await?;
         }
-        Ok(())
+        self.drain_all(rx, progress, held).await
     }
 
     /// Start reading a group of runs: the reads are issued together under
