@@ -7,41 +7,7 @@ use mirror_proto::Frame;
 use tokio::sync::mpsc;
 
 use crate::peer::{CloseWatch, SessionSender};
-use crate::replica::link::{BoxFuture, CloseSignal, FrameTx, LinkClosed, MakeMessage};
 use crate::replica::ReplicaLink;
-
-struct Tx(SessionSender);
-
-impl FrameTx for Tx {
-    fn send_with(&self, make: MakeMessage) -> BoxFuture<Result<u64, LinkClosed>> {
-        let tx = self.0.clone();
-        Box::pin(async move { tx.send_with(make).await.map_err(|_| LinkClosed) })
-    }
-
-    fn close(&self, reason: &str) {
-        self.0.close(reason);
-    }
-
-    // The replica data path closes with an Error frame when the peer broke
-    // the protocol (e.g. an Ack for a sequence it was never sent): forward
-    // it, or the peer would only see the connection end.
-    fn close_with_error(&self, reason: &str, code: u32) {
-        self.0.close_with_error(reason, code);
-    }
-}
-
-struct Closed(CloseWatch);
-
-impl CloseSignal for Closed {
-    fn wait(&self) -> BoxFuture<String> {
-        let c = self.0.clone();
-        Box::pin(async move { c.wait().await })
-    }
-
-    fn reason(&self) -> Option<String> {
-        self.0.reason()
-    }
-}
 
 /// A replica link over a live session; `rx` carries the frames the session
 /// dispatcher routes to this consumer.
@@ -50,10 +16,13 @@ pub(super) fn replica_link(
     closed: CloseWatch,
     rx: mpsc::Receiver<Frame>,
 ) -> ReplicaLink {
+    // `SessionSender` and `CloseWatch` are the link traits' own
+    // implementations (`replica::link`), so nothing here can drift from them
+    // (e.g. `close_with_error` sending the Error frame).
     ReplicaLink {
-        tx: Arc::new(Tx(tx)),
+        tx: Arc::new(tx),
         rx,
-        closed: Arc::new(Closed(closed)),
+        closed: Arc::new(closed),
     }
 }
 
