@@ -1012,6 +1012,24 @@ impl ClusterPartition {
     /// a write in flight or in a hot extent is not cleared now but becomes lazily clearable
     /// (cleared by a later `flush_clears` once safe). Returns how many were cleared now.
     pub fn clear_regions(&self, regions: impl IntoIterator<Item = u64>) -> Result<usize> {
+        let (cleared, need) = self.clear_regions_deferred(regions)?;
+        if let Some(need) = need {
+            self.wait_durable(need)?;
+        }
+        Ok(cleared)
+    }
+
+    /// [`ClusterPartition::clear_regions`] without waiting for the disk: the regions are
+    /// cleared in memory now (a later `mark` of one of them sets it again, and that mark's
+    /// commit writes the chunk as it is then), and the returned epoch becomes durable with
+    /// the next commit; [`ClusterPartition::wait_durable`] waits for it (committing itself
+    /// if nobody else does). A crash before then leaves the bits set: the regions are copied
+    /// again, nothing is lost. Returns how many were cleared now and the epoch to wait for
+    /// (`None` when nothing was cleared).
+    pub fn clear_regions_deferred(
+        &self,
+        regions: impl IntoIterator<Item = u64>,
+    ) -> Result<(usize, Option<u64>)> {
         let regions = self.checked_regions(regions)?;
         let mut g = lock(&self.shared.inner);
         g.check_poison()?;
@@ -1027,11 +1045,15 @@ impl ClusterPartition {
                 cleared += 1;
             }
         }
-        if cleared > 0 {
-            let need = g.open_epoch;
-            drop(self.commit(g, need)?);
-        }
-        Ok(cleared)
+        Ok((cleared, (cleared > 0).then_some(g.open_epoch)))
+    }
+
+    /// Wait until commit epoch `need` (from [`ClusterPartition::clear_regions_deferred`])
+    /// is on disk, writing and syncing the pending chunks if no commit is under way.
+    pub fn wait_durable(&self, need: u64) -> Result<()> {
+        let g = lock(&self.shared.inner);
+        drop(self.commit(g, need)?);
+        Ok(())
     }
 
     /// `clear_regions` for one region; true if cleared now.

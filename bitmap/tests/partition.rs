@@ -1106,3 +1106,28 @@ fn hot_extent_size_is_validated() {
     cp.set_hot_extent_size(512).unwrap();
     assert_eq!(cp.hot_extent_size(), RS, "at least one region");
 }
+
+#[test]
+fn deferred_clear_is_in_memory_until_wait_durable_and_a_later_mark_wins() {
+    let p = params(100);
+    let (cp, s) = create(&p);
+    cp.mark_dirty_regions([5, 6]).unwrap();
+    let (cleared, epoch) = cp.clear_regions_deferred([5, 6]).unwrap();
+    assert_eq!(cleared, 2);
+    let epoch = epoch.expect("something was cleared");
+    assert!(
+        !cp.is_dirty(5) && !cp.is_dirty(6),
+        "cleared in memory at once"
+    );
+    // Not on disk yet: a crash now keeps both bits (the regions are copied again).
+    let (crashed, _) = reopen(s.durable_image(), &p).unwrap();
+    assert_eq!(crashed.iter_dirty().collect::<Vec<_>>(), vec![5, 6]);
+    // A write to region 6 after the clear sets its bit again; the commit of
+    // the clear must not undo that.
+    cp.mark_dirty_regions([6]).unwrap();
+    cp.wait_durable(epoch).unwrap();
+    let (after, _) = reopen(s.durable_image(), &p).unwrap();
+    assert_eq!(after.iter_dirty().collect::<Vec<_>>(), vec![6]);
+    // Nothing cleared: no epoch to wait for.
+    assert_eq!(cp.clear_regions_deferred([7]).unwrap(), (0, None));
+}

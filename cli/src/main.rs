@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mirror_agent::admin::{self, AdminError, ErrorKind, Request};
 use mirror_agent::config::{self, Config};
-use mirror_agent::status::ResourceStatus;
+use mirror_agent::status::{ResourceStatus, Watched};
 
 /// Exit codes.
 mod exit {
@@ -121,6 +121,10 @@ enum Cmd {
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
+        /// Keep printing: again on every state change and at least every second
+        /// (with --json: one JSON document per line), until interrupted.
+        #[arg(long, requires = "resource")]
+        watch: bool,
     },
     /// Check that the local agent answers.
     Ping,
@@ -314,7 +318,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{}", v["result"].as_str().unwrap_or("?"));
             Ok(())
         }
-        Cmd::Status { resource, json } => {
+        Cmd::Status {
+            resource: Some(resource),
+            json,
+            watch: true,
+        } => watch_status(&me.admin_socket, &resource, json),
+        Cmd::Status { resource, json, .. } => {
             let list: Vec<ResourceStatus> = match resource {
                 Some(r) => vec![call(
                     &me.admin_socket,
@@ -349,16 +358,64 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// One `watch` request: the status once it changed since `version` (or at
+/// once without one), at most `timeout` later.
+fn watch(
+    socket: &std::path::Path,
+    resource: &str,
+    version: Option<u64>,
+    timeout: std::time::Duration,
+) -> Result<Watched, Failure> {
+    call(
+        socket,
+        &Request::Watch {
+            resource: resource.to_string(),
+            version,
+            timeout_ms: timeout
+                .as_millis()
+                .clamp(1, u128::from(admin::MAX_WATCH_MS)) as u64,
+        },
+    )
+}
+
+/// `status --watch`: print the status, then again on every change the agent
+/// reports and at least every second (progress, times), until interrupted.
+fn watch_status(socket: &std::path::Path, resource: &str, json: bool) -> Result<(), Failure> {
+    use std::io::{IsTerminal, Write};
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+    let tty = std::io::stdout().is_terminal();
+    let mut version = None;
+    loop {
+        let w = watch(socket, resource, version, EVERY)?;
+        version = Some(w.version);
+        let mut out = std::io::stdout().lock();
+        let written = if json {
+            let line =
+                serde_json::to_string(&w.status).map_err(|e| Failure::new(exit::INTERNAL, e))?;
+            writeln!(out, "{line}")
+        } else if tty {
+            // Redraw in place, like `watch(1)`.
+            write!(out, "\x1b[H\x1b[2J{}", render::status_table(&w.status))
+        } else {
+            writeln!(out, "{}", render::status_table(&w.status))
+        };
+        // A closed pipe (`| head`) ends the watch quietly.
+        if written.and_then(|_| out.flush()).is_err() {
+            return Ok(());
+        }
+    }
+}
+
 /// Print the recovery progress every second until it finished or stopped.
-/// The status is polled every 50 ms, so a short resync is reported done as
-/// soon as it is, not up to a second later.
+/// The agent answers a `watch` as soon as the state changed, so a resync is
+/// reported done when it is, not at the next poll.
 fn wait_recovery(socket: &std::path::Path, resource: &str) -> Result<(), Failure> {
     use std::time::{Duration, Instant};
-    const POLL: Duration = Duration::from_millis(50);
     const PRINT_EVERY: Duration = Duration::from_secs(1);
     const GIVE_UP: Duration = Duration::from_secs(7 * 24 * 3600);
     let started = Instant::now();
     let mut seen_running = false;
+    let mut version = None;
     let mut last_print: Option<Instant> = None;
     let mut print_due = |now: Instant| {
         let due = last_print.is_none_or(|t| now.duration_since(t) >= PRINT_EVERY);
@@ -368,12 +425,9 @@ fn wait_recovery(socket: &std::path::Path, resource: &str) -> Result<(), Failure
         due
     };
     while started.elapsed() < GIVE_UP {
-        let s: ResourceStatus = call(
-            socket,
-            &Request::Status {
-                resource: Some(resource.to_string()),
-            },
-        )?;
+        let w = watch(socket, resource, version, PRINT_EVERY)?;
+        version = Some(w.version);
+        let s = w.status;
         let p = s.pair.as_ref();
         match p.and_then(|p| p.recovery.as_ref()) {
             Some(r) if r.finished && (seen_running || p.is_some_and(|p| p.in_sync)) => {
@@ -423,12 +477,10 @@ fn wait_recovery(socket: &std::path::Path, resource: &str) -> Result<(), Failure
                 }
             }
         }
-        std::thread::sleep(POLL);
     }
     Err(Failure::new(exit::INTERNAL, "gave up waiting"))
 }
 
-/// Send one request to the local agent and decode its result.
 fn call<T: serde::de::DeserializeOwned>(
     socket: &std::path::Path,
     req: &Request,

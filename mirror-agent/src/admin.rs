@@ -45,6 +45,20 @@ pub enum Request {
         #[serde(default)]
         resource: Option<String>,
     },
+    /// The status of one resource with its change version; with `version`,
+    /// answered once the resource's state changed since that version, or
+    /// after `timeout_ms` (at most [`MAX_WATCH_MS`]) — what `status --watch`
+    /// and `recover --wait` use instead of polling.
+    Watch {
+        /// Resource name.
+        resource: String,
+        /// The version of the last answer; absent = answer at once.
+        #[serde(default)]
+        version: Option<u64>,
+        /// Longest wait for a change, in milliseconds.
+        #[serde(default = "default_watch_ms")]
+        timeout_ms: u64,
+    },
     /// Make this node active for the resource and start serving NBD.
     Activate {
         /// Resource name.
@@ -82,6 +96,14 @@ pub enum Request {
         /// Resource name.
         resource: String,
     },
+}
+
+/// Longest `watch` wait the agent accepts (a client re-asks; progress
+/// counters move without a version change).
+pub const MAX_WATCH_MS: u64 = 60_000;
+
+fn default_watch_ms() -> u64 {
+    1_000
 }
 
 /// Why a request failed; also decides `mdctrl`'s exit code.

@@ -79,47 +79,92 @@ impl Agent {
                 }
                 Response::ok(all)
             }
+            Request::Watch {
+                resource,
+                version,
+                timeout_ms,
+            } => {
+                if timeout_ms > crate::admin::MAX_WATCH_MS {
+                    return Response::err(AdminError {
+                        kind: crate::admin::ErrorKind::BadRequest,
+                        message: format!(
+                            "watch timeout_ms {timeout_ms} is above the limit of {} ms",
+                            crate::admin::MAX_WATCH_MS
+                        ),
+                        hint: Some("ask again after each answer".into()),
+                    });
+                }
+                match self.find(&resource) {
+                    Ok(r) => Response::ok(
+                        r.watch(version, std::time::Duration::from_millis(timeout_ms))
+                            .await,
+                    ),
+                    Err(e) => Response::err(e),
+                }
+            }
             Request::Activate { resource, nomount } => {
                 let r = match self.find(&resource) {
                     Ok(r) => r,
                     Err(e) => return Response::err(e),
                 };
-                log_outcome("activate", &resource, r.activate(nomount).await)
+                {
+                    let out = r.activate(nomount).await;
+                    r.changed();
+                    log_outcome("activate", &resource, out)
+                }
             }
             Request::Deactivate { resource } => {
                 let r = match self.find(&resource) {
                     Ok(r) => r,
                     Err(e) => return Response::err(e),
                 };
-                log_outcome("deactivate", &resource, r.deactivate().await)
+                {
+                    let out = r.deactivate().await;
+                    r.changed();
+                    log_outcome("deactivate", &resource, out)
+                }
             }
             Request::Recover { resource } => {
                 let r = match self.find(&resource) {
                     Ok(r) => r,
                     Err(e) => return Response::err(e),
                 };
-                log_outcome("recover", &resource, r.recover().await)
+                {
+                    let out = r.recover().await;
+                    r.changed();
+                    log_outcome("recover", &resource, out)
+                }
             }
             Request::Force { resource, winner } => {
                 let r = match self.find(&resource) {
                     Ok(r) => r,
                     Err(e) => return Response::err(e),
                 };
-                log_outcome("force", &resource, r.force(&winner).await)
+                {
+                    let out = r.force(&winner).await;
+                    r.changed();
+                    log_outcome("force", &resource, out)
+                }
             }
             Request::Break { resource } => {
                 let r = match self.find(&resource) {
                     Ok(r) => r,
                     Err(e) => return Response::err(e),
                 };
-                log_outcome("break", &resource, r.break_mirror().await)
+                {
+                    let out = r.break_mirror().await;
+                    r.changed();
+                    log_outcome("break", &resource, out)
+                }
             }
             Request::Verify { resource } => {
                 let r = match self.find(&resource) {
                     Ok(r) => r,
                     Err(e) => return Response::err(e),
                 };
-                match r.verify().await {
+                let out = r.verify().await;
+                r.changed();
+                match out {
                     Ok(text) => Response::ok(serde_json::json!({ "result": text })),
                     Err(e) => {
                         tracing::warn!(resource, "verify refused: {}", e.message);

@@ -21,7 +21,9 @@
 //!   session, pair status.
 //! - [`admin`]: the admin socket (JSON lines, `SO_PEERCRED` access control)
 //!   and its client, used by `mdctrl`.
-//! - [`status`]: the status snapshot shared by the agent and `mdctrl`.
+//! - [`status`]: the status snapshot shared by the agent and `mdctrl`;
+//!   [`changes`]: its change counter (what `status --watch` and
+//!   `recover --wait` wait on).
 //! - [`peer`]: peer links (control + one data link per resource): dial/accept, handshake and HMAC auth, sequenced sessions with heartbeat, as channels.
 //! - [`replica`]: the replication data path (active volume, standby loop, acks, RPO).
 //! - [`gens`]: generation identifiers and their transitions (break, resync
@@ -36,6 +38,7 @@
 //! calls [`daemon::run`].
 
 pub mod admin;
+pub mod changes;
 pub mod config;
 pub mod daemon;
 pub mod engine;

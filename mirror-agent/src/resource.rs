@@ -13,12 +13,13 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
 use crate::admin::AdminError;
+use crate::changes::Changes;
 use crate::config::{self, Config};
 use crate::engine::{self, BlockEngine};
 use crate::meta::Meta;
 use crate::nbd::{self, BlockSizes, Export, NbdServer};
 use crate::pair::{Pair, PairError};
-use crate::status::{NbdCounters, ResourceStatus, Role};
+use crate::status::{NbdCounters, ResourceStatus, Role, Watched};
 
 /// Errors attaching a resource at agent start.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,8 @@ pub struct Resource {
     engine: Arc<dyn BlockEngine>,
     meta: Arc<Meta>,
     pair: Option<Arc<Pair>>,
+    /// Status changes (`mdctrl status --watch`, `recover --wait`), shared with the pair.
+    changes: Arc<Changes>,
     serving: Mutex<Serving>,
     /// Counters of NBD servers that were active earlier (status reports totals).
     past: std::sync::Mutex<NbdCounters>,
@@ -124,6 +127,7 @@ impl Resource {
                 source,
             })?;
         let meta = Arc::new(meta);
+        let changes = Arc::new(Changes::new());
         let pair = if cfg.is_mirrored() {
             Some(Pair::start(
                 config,
@@ -131,6 +135,7 @@ impl Resource {
                 node,
                 engine.clone(),
                 meta.clone(),
+                changes.clone(),
                 shutdown,
             )?)
         } else {
@@ -153,6 +158,7 @@ impl Resource {
             engine,
             meta,
             pair,
+            changes,
             serving: Mutex::new(Serving::Inactive),
             past: std::sync::Mutex::new(NbdCounters::default()),
         })
@@ -343,6 +349,27 @@ impl Resource {
                 "add the second server to the resource in the configuration",
             )
         })
+    }
+
+    /// Something the status shows changed (an admin action ran).
+    pub fn changed(&self) {
+        self.changes.bump();
+    }
+
+    /// `watch`: the status with its version; with `seen`, first wait until
+    /// the version moved past it (a change) or `timeout` passed.
+    pub async fn watch(&self, seen: Option<u64>, timeout: std::time::Duration) -> Watched {
+        let version = match seen {
+            Some(v) => {
+                let deadline = tokio::time::Instant::now() + timeout;
+                self.changes.wait_past(v, deadline).await
+            }
+            None => self.changes.version(),
+        };
+        Watched {
+            version,
+            status: self.status().await,
+        }
     }
 
     /// `mdctrl recover`: start the decided resync; the status shows its progress.

@@ -191,3 +191,13 @@ pub struct RecoveryStatus {
     /// Why it stopped.
     pub error: Option<String>,
 }
+
+/// Answer to the admin `watch` request: a status and the version of the
+/// resource's state it reflects (pass it back to wait for the next change).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Watched {
+    /// Change counter of the resource (goes up on every state change).
+    pub version: u64,
+    /// The status at that version (progress counters as of now).
+    pub status: ResourceStatus,
+}

@@ -643,3 +643,61 @@ fn init_refuses_to_overwrite_and_force_works() {
         "metadata changed under the agent:\n{dump}"
     );
 }
+
+/// One raw admin request line on a fresh connection; the parsed response.
+fn admin_raw(socket: &Path, line: &str) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect admin socket");
+    s.write_all(format!("{line}\n").as_bytes())
+        .expect("send request");
+    let mut resp = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut resp)
+        .expect("read response");
+    serde_json::from_str(&resp).unwrap_or_else(|e| panic!("response is not JSON ({e}): {resp}"))
+}
+
+/// The `watch` request: answers at once without a version; with one, waits
+/// for a change (here: an activation from another connection) and returns
+/// the new version; a timeout above the limit is a bad request.
+#[test]
+fn watch_waits_for_a_change_and_bounds_its_timeout() {
+    let c = TestCluster::standalone(ClusterOpts::default());
+    c.init();
+    let _agent = c.start_agent();
+    let sock = c.admin_socket();
+    let r = admin_raw(&sock, r#"{"op":"watch","resource":"md1"}"#);
+    assert_eq!(r["ok"], true, "{r:#}");
+    assert_eq!(r["result"]["status"]["role"], "inactive", "{r:#}");
+    let v0 = r["result"]["version"].as_u64().expect("version");
+    let r = admin_raw(
+        &sock,
+        r#"{"op":"watch","resource":"md1","timeout_ms":600000}"#,
+    );
+    assert_eq!(r["ok"], false, "{r:#}");
+    assert_eq!(r["error"]["kind"], "bad_request", "{r:#}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timeout_ms 600000"),
+        "{r:#}"
+    );
+    // A watcher waiting up to 60 s returns with a newer version once another
+    // client activates (without the change it would time out at v0).
+    let sock2 = sock.clone();
+    let watcher = std::thread::spawn(move || {
+        admin_raw(
+            &sock2,
+            &format!(r#"{{"op":"watch","resource":"md1","version":{v0},"timeout_ms":60000}}"#),
+        )
+    });
+    c.mdctrl_ok(&["activate", "md1", "--nomount"]);
+    let r = watcher.join().expect("watcher thread");
+    assert_eq!(r["ok"], true, "{r:#}");
+    assert!(
+        r["result"]["version"].as_u64().expect("version") > v0,
+        "the activation did not bump the version: {r:#}"
+    );
+    assert_eq!(r["result"]["status"]["role"], "active", "{r:#}");
+}

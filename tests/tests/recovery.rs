@@ -410,6 +410,66 @@ fn break_recover_and_verify() {
     assert!(out.contains("0 differ"), "{out}");
 }
 
+/// `status --watch --json` prints a new line when the state changes (the
+/// agent answers its `watch` request at the change): a break and the
+/// recovery after it appear as they happen, and the watcher keeps running.
+#[test]
+fn status_watch_follows_break_and_recovery() {
+    use std::io::BufRead;
+    let p = MirrorPair::start(&PairOpts::sync_sized(16 << 20, &[]));
+    p.activate("server1");
+    p.wait_in_sync("server1", T);
+    let mut child =
+        p.c.mdctrl_cmd_on("server1", &["status", "md1", "--watch", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn mdctrl status --watch");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                panic!("--watch --json printed a line that is not JSON ({e}): {line}")
+            });
+            if tx.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    let next_matching = |what: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(v) if pred(&v) => return v,
+                Ok(_) => continue,
+                Err(e) => panic!("status --watch: no line showing {what} ({e})"),
+            }
+        }
+    };
+    let first = next_matching("the first status", &|_| true);
+    assert_eq!(first["resource"], "md1", "{first:#}");
+    p.mdctrl_ok("server1", &["break", "md1"]);
+    next_matching("the mirror out of sync after `break`", &|v| {
+        v["pair"]["in_sync"] == false
+    });
+    p.fill("server1", 0, 1 << 20, 0x5a);
+    p.mdctrl_ok("server1", &["recover", "md1"]);
+    next_matching("the recovery finished and in sync", &|v| {
+        v["pair"]["recovery"]["finished"] == true && v["pair"]["in_sync"] == true
+    });
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "status --watch exited on its own"
+    );
+    child.kill().expect("kill the watcher");
+    let _ = child.wait();
+    reader.join().expect("reader thread");
+    p.assert_identical();
+}
+
 /// Scenario 8: Initial mirror construction. Two new nodes (`init` without
 /// `--blank`) with different pre-existing contents: `activate` on server1
 /// needs no force (rule R5: neither was ever written through the mirror), its

@@ -37,9 +37,10 @@ use std::time::{Duration, Instant};
 
 use bitmap::Flags;
 use mirror_proto::{DiskState, Features, Frame, Generation, Message, Role};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::{AdminError, ErrorKind};
+use crate::changes::Changes;
 use crate::config::{self, Config, Timeouts};
 use crate::engine::BlockEngine;
 use crate::gens;
@@ -130,7 +131,8 @@ pub struct Pair {
     meta: Arc<Meta>,
     link_state: watch::Receiver<LinkState>,
     st: Mutex<St>,
-    changed: Notify,
+    /// Shared with the resource: status changes (`mdctrl status --watch`).
+    changed: Arc<Changes>,
     gate: Arc<WriteGate>,
     save_dir: std::path::PathBuf,
 }
@@ -208,6 +210,7 @@ impl Pair {
         node: &str,
         engine: Arc<dyn BlockEngine>,
         meta: Arc<Meta>,
+        changed: Arc<Changes>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Pair>, PairError> {
         let peer_name = rc.peer_of(node).unwrap_or_default().to_string();
@@ -289,7 +292,7 @@ impl Pair {
                 // A `mdctrl break` survives agent restarts (flag OPERATOR_BREAK).
                 operator_break: restored_break,
             }),
-            changed: Notify::new(),
+            changed,
             save_dir,
         });
         let _ = slot.set(Arc::downgrade(&pair));
@@ -411,7 +414,7 @@ impl Pair {
             id
         };
         tracing::info!(resource = %self.resource, peer = %self.peer_name, %peer_addr, peer_generation = format_args!("{:016x}", peer_hello.generation.current), "peer connected");
-        self.changed.notify_waiters();
+        self.changed.bump();
         self.send_control(&tx, ControlMsg::State(self.local_state()))
             .await;
         let mut tick = tokio::time::interval(STATE_INTERVAL);
@@ -448,7 +451,7 @@ impl Pair {
             }
         }
         tracing::warn!(resource = %self.resource, peer = %self.peer_name, "peer session ended: {end}");
-        self.changed.notify_waiters();
+        self.changed.bump();
     }
 
     /// Route one received frame. `Err` closes the session.
@@ -743,7 +746,7 @@ impl Pair {
                     st.peer_seen = Some(Instant::now());
                 }
                 self.evaluate(id);
-                self.changed.notify_waiters();
+                self.changed.bump();
             }
             ControlMsg::ActivateRequest { id: req } => {
                 let verdict = self.grant(id);
@@ -1018,7 +1021,7 @@ impl Pair {
             if let Some(l) = lock(&me.st).live.as_mut().filter(|l| l.id == id) {
                 l.attaching = false;
             }
-            me.changed.notify_waiters();
+            me.changed.bump();
         });
     }
 
@@ -1265,7 +1268,7 @@ impl Pair {
                         tracing::error!(resource = %me.resource, "recording the mirror break failed: {error}");
                     }
                 }
-                me.changed.notify_waiters();
+                me.changed.bump();
             }
         });
     }
@@ -1601,6 +1604,7 @@ impl Pair {
             (id, tx, frx, progress)
         };
         tracing::info!(resource = %self.resource, peer = %self.peer_name, rule = rule.id, rule_name = rule.name, auto, "resync starting as source: {text}");
+        self.changed.bump();
         let spec = resync::SourceSpec {
             engine: self.engine.clone(),
             part: self.meta.partition().clone(),
@@ -1652,7 +1656,7 @@ impl Pair {
                     }
                 }
             }
-            me.changed.notify_waiters();
+            me.changed.bump();
         });
         Ok(format!("resync of {} started: {text}", self.resource))
     }
@@ -1734,6 +1738,7 @@ impl Pair {
         st.recovery = Some(progress.clone());
         st.mirror = Mirror::Resyncing;
         drop(st);
+        self.changed.bump();
         tracing::info!(resource = %self.resource, peer = %self.peer_name, rule = rule.id, offered = rule_text, full, save, forced, "resync starting as target");
         let spec = resync::TargetSpec {
             engine: self.engine.clone(),
@@ -1789,7 +1794,7 @@ impl Pair {
                     }
                 }
             }
-            me.changed.notify_waiters();
+            me.changed.bump();
         });
         Ok(())
     }

@@ -71,14 +71,19 @@ pub use gate::{GatedVolume, WriteGate};
 pub const REGIONS_PER_CHUNK: u64 = 65_536;
 
 /// ResyncData frames in flight (sent, no Ack2 yet), at most; also bounded by
-/// [`INFLIGHT_BYTES`].
-pub const WINDOW: usize = 64;
+/// [`INFLIGHT_BYTES`]. 256: a differential resync's scattered one-region
+/// frames go out together and are committed in one or two target flushes
+/// (64 made the 1% bench wait on four rounds of flushes).
+pub const WINDOW: usize = 256;
 
-/// Bytes of ResyncData in flight, at most: bounds the copy's memory (about
-/// this much per side, plus two read groups on the source) while keeping the
-/// source reading and sending while the target flushes (64 MiB: the window
-/// no longer stalls the source on the bench disk; 32 MiB did).
-pub const INFLIGHT_BYTES: u64 = 64 << 20;
+/// Bytes of ResyncData in flight (sent, no Ack2 yet), at most. An Ack2
+/// waits for the target's flush after the write landed (up to two flushes of
+/// ~15-35 ms each on the bench disk), so the window must cover the copy's
+/// rate times that: 128 MiB (64 MiB still stalled the source for 0.2-0.4 s
+/// of a 1.3 s copy). Memory: sent frames are freed once on the socket, so
+/// this bounds the bytes in transit and the target's writes not yet landed
+/// (at most this much while its disk lags), not a copy held per frame.
+pub const INFLIGHT_BYTES: u64 = 128 << 20;
 
 /// The source reads up to this many bytes of runs concurrently under one
 /// hold of the write gate (scattered regions of a differential resync are
@@ -527,6 +532,7 @@ pub async fn run_source(
         started: Instant::now(),
         copied: BTreeSet::new(),
         acked: Vec::new(),
+        durable: Vec::new(),
         read_time: Duration::ZERO,
         wait_time: Duration::ZERO,
         clear_time: Duration::ZERO,
@@ -673,6 +679,8 @@ struct Copier<'a> {
     copied: BTreeSet<u64>,
     /// Regions whose last piece the target acknowledged durable, not yet cleared here.
     acked: Vec<u64>,
+    /// Metadata commits of clears made in memory by the read tasks, not yet seen done.
+    durable: Vec<Durable>,
     /// Time spent reading (gate wait + reads), waiting for the window, clearing (logged at the end).
     read_time: Duration,
     wait_time: Duration,
@@ -694,8 +702,14 @@ struct ReadAhead {
     group: Vec<std::ops::RangeInclusive<u64>>,
     frames: usize,
     bytes: u64,
-    task: tokio::task::JoinHandle<Result<Vec<(u64, Bytes)>, ResyncError>>,
+    task: tokio::task::JoinHandle<Result<GroupRead, ResyncError>>,
 }
+
+/// A deferred clear's metadata commit (see `start_read`).
+type Durable = tokio::task::JoinHandle<Result<(), ResyncError>>;
+
+/// A read group's pieces (offset, data) and its clear's commit, if any.
+type GroupRead = (Vec<(u64, Bytes)>, Option<Durable>);
 
 impl Copier<'_> {
     /// One pass over `regions` (sorted): copy them in groups of runs
@@ -768,6 +782,10 @@ impl Copier<'_> {
                 .iter()
                 .map(|&(off, len)| (off, len, tokio::spawn(engine.read_bytes(off, len as usize))))
                 .collect();
+            // Cleared in memory now, under the gate (no write is between the
+            // rewrite check and the clear; a later write sets the bit again);
+            // made durable below, after the gate is released, so the next
+            // group's reads do not wait for this metadata write's sync.
             let clear = if acked.is_empty() {
                 None
             } else {
@@ -775,8 +793,9 @@ impl Copier<'_> {
                     .into_iter()
                     .filter(|&r| !gate.is_rewritten(r))
                     .collect();
-                let p = part.clone();
-                Some(blocking(move || p.clear_regions(regions).map(|_| ())))
+                part.clear_regions_deferred(regions)
+                    .map_err(ResyncError::Meta)?
+                    .1
             };
             let mut pieces = Vec::with_capacity(pending.len());
             for (off, len, task) in pending {
@@ -788,11 +807,12 @@ impl Copier<'_> {
                 })?;
                 pieces.push((off, data));
             }
-            if let Some(c) = clear {
-                c.await?;
-            }
             drop(guard);
-            Ok(pieces)
+            let durable = clear.map(|epoch| {
+                let p = part.clone();
+                tokio::spawn(blocking(move || p.wait_durable(epoch)))
+            });
+            Ok((pieces, durable))
         });
         ReadAhead {
             group,
@@ -811,7 +831,7 @@ impl Copier<'_> {
         held: bool,
     ) -> Result<(), ResyncError> {
         let t = Instant::now();
-        let pieces = ra.task.await.unwrap_or_else(|e| {
+        let (pieces, durable) = ra.task.await.unwrap_or_else(|e| {
             Err(ResyncError::Io {
                 op: "read",
                 offset: 0,
@@ -819,6 +839,8 @@ impl Copier<'_> {
                 source: std::io::Error::other(format!("read task: {e}")),
             })
         })?;
+        self.durable.extend(durable);
+        self.reap_durable(false).await?;
         self.read_time += t.elapsed();
         self.drain_for(rx, progress, ra.frames, ra.bytes).await?;
         let part = &self.spec.part;
@@ -866,6 +888,23 @@ impl Copier<'_> {
         }
     }
 
+    /// Collect the deferred clears' commits: those finished (an error ends
+    /// the resync), or with `all` every one.
+    async fn reap_durable(&mut self, all: bool) -> Result<(), ResyncError> {
+        for d in std::mem::take(&mut self.durable) {
+            if all || d.is_finished() {
+                d.await.unwrap_or_else(|e| {
+                    Err(ResyncError::Meta(bitmap::MetaError::Poisoned {
+                        cause: format!("metadata task failed: {e}"),
+                    }))
+                })?;
+            } else {
+                self.durable.push(d);
+            }
+        }
+        Ok(())
+    }
+
     /// Wait for every Ack2 (clearing in batches meanwhile), then clear the rest.
     async fn drain_all(
         &mut self,
@@ -875,6 +914,7 @@ impl Copier<'_> {
     ) -> Result<(), ResyncError> {
         // frames = WINDOW + 1 never fits: waits until nothing is in flight.
         self.drain_for(rx, progress, WINDOW + 1, 0).await?;
+        self.reap_durable(true).await?;
         self.clear_acked(held).await
     }
 
