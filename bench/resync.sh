@@ -2,8 +2,9 @@
 # nbd-mirror resync benchmark (issue 5): in the same run, on the same machine
 # and file system,
 #   1. a plain `cp` of a SIZE_MIB random file + fsync   (the reference)
-#   2. a full resync of the same data between two agents on loopback
-#      (initial mirror construction: two new nodes, server1 activated, R6)
+#   2. full resyncs of the same data between two agents on loopback
+#      (initial mirror construction: two new nodes, server1 activated, R6;
+#      then again with server2's disk replaced, R6), median of REPS
 #   3. a differential resync after 1% of the regions were written while the
 #      mirror was broken (`mdctrl break`, fio writes 4 KiB in every 100th
 #      region, `mdctrl recover`)
@@ -17,9 +18,8 @@
 #
 # Environment (all optional):
 #   SIZE_MIB=N        volume size in MiB (default 1024)
-#   REPS=N            runs of the differential resync and of cp before and
-#                     again after the resyncs (default 3);
-#                     the full resync runs once (it is the initial construction)
+#   REPS=N            runs of the full resync, of the differential resync,
+#                     and of cp before and again after the resyncs (default 3)
 #   BENCH_DIR=DIR     where both nodes' data and the cp copy go (default /var/tmp)
 #   REGION_KIB=N      region_size in KiB (default 64, the agent's default)
 #   DIRTY_EVERY=N     one 4 KiB write in every N-th region (default 100 = 1%)
@@ -275,11 +275,33 @@ same_data() { # tag
     cmp "$SRC" "$DST" >/dev/null || die "$1: the data of server1 and server2 differ after the resync"
 }
 
-log "full resync (initial construction, R6) of ${SIZE_MIB} MiB"
-read -r FULL_S FULL_B FULL_CPU FULL_A <<<"$(measure_recover full)"
-grep -q "decision R6 new-member" "$RES/server1.log" || die "the full resync was not the R6 initial construction"
-same_data full
-log "full resync: $FULL_S s wall, $FULL_A s in the agent, $FULL_B bytes, both agents' CPU $FULL_CPU s"
+# server2's disk replaced: its agent stopped, data file and cluster
+# partition re-created empty (`mdctrl init`), agent started again; the next
+# `mdctrl recover` is the full resync of rule R6 (new member) into it.
+replace_server2_disk() {
+    stop_pids "${PIDS[1]}"
+    rm -f "$DST" "$WORK/data/server2.cp"
+    truncate -s "${SIZE_MIB}M" "$DST"
+    ctl server2 init md1 >>"$RES/init.log" 2>&1 || { cat "$RES/init.log" >&2; die "mdctrl init (server2, replaced disk) failed"; }
+    RUST_LOG="${RUST_LOG:-info}" "$AGENT_BIN" --config "$CONF" --node server2 >>"$RES/server2.log" 2>&1 &
+    PIDS[1]=$!
+    wait_for 20 "${PIDS[1]}" test -S "$WORK/run/server2.sock" || { cat "$RES/server2.log" >&2; die "server2 did not restart"; }
+    poll 30 'p.get("connection") == "connected" and p.get("peer_disk") is not None' >/dev/null \
+        || die "server2 did not reconnect after its disk was replaced"
+}
+
+# REPS full resyncs: the initial construction (R6 after the activation), then
+# REPS-1 times with server2's disk replaced (R6 again); the median is reported.
+FULL_TIMES=(); FULL_AGENT=(); FULL_CPUS=()
+for r in $(seq "$REPS"); do
+    if (( r > 1 )); then replace_server2_disk; fi
+    log "full resync $r of ${SIZE_MIB} MiB ($([[ $r == 1 ]] && echo 'initial construction' || echo 'replaced disk'), R6)"
+    read -r s FULL_B c a <<<"$(measure_recover "full-$r")"
+    [[ "$(grep -c "decision R6 new-member" "$RES/server1.log")" -ge "$r" ]] || die "full resync $r was not rule R6"
+    same_data "full-$r"
+    FULL_TIMES+=("$s"); FULL_AGENT+=("$a"); FULL_CPUS+=("$c")
+    log "full resync $r: $s s wall, $a s in the agent, $FULL_B bytes, both agents' CPU $c s"
+done
 
 REGION=$((REGION_KIB << 10))
 DIFF_TIMES=(); DIFF_BYTES=(); DIFF_AGENT=()
@@ -301,31 +323,33 @@ done
 cp_runs after
 drop_caches
 
-python3 - "$SIZE_MIB" "$REGION_KIB" "$DIRTY_EVERY" "$FULL_S" "$FULL_B" "$ENGINE" "$FSTYPE" "$AGENT_BUILT" \
-    "${CP_TIMES[*]}" "${DIFF_TIMES[*]}" "${DIFF_BYTES[*]}" "$FULL_CPU" "$FULL_A" "${DIFF_AGENT[*]}" "$DD_TIME" <<'PY' | tee "$RES/table.md"
+python3 - "$SIZE_MIB" "$REGION_KIB" "$DIRTY_EVERY" "${FULL_TIMES[*]}" "$FULL_B" "$ENGINE" "$FSTYPE" "$AGENT_BUILT" \
+    "${CP_TIMES[*]}" "${DIFF_TIMES[*]}" "${DIFF_BYTES[*]}" "${FULL_CPUS[*]}" "${FULL_AGENT[*]}" "${DIFF_AGENT[*]}" "$DD_TIME" <<'PY' | tee "$RES/table.md"
 import statistics, sys, platform, os
 size_mib, region_kib, every = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-full_s, full_b = float(sys.argv[4]), int(sys.argv[5])
+full = [float(x) for x in sys.argv[4].split()]
+full_b = int(sys.argv[5])
 engine, fstype, built = sys.argv[6], sys.argv[7], sys.argv[8]
 cp = [float(x) for x in sys.argv[9].split()]
 diff = [float(x) for x in sys.argv[10].split()]
 diff_b = [int(x) for x in sys.argv[11].split()]
-full_cpu = float(sys.argv[12])
-full_a = float(sys.argv[13])
+full_cpus = [float(x) for x in sys.argv[12].split()]
+full_as = [float(x) for x in sys.argv[13].split()]
 diff_a = [float(x) for x in sys.argv[14].split()]
 dd_s = float(sys.argv[15])
 size = size_mib << 20
 cp_s = statistics.median(cp)
 diff_s = statistics.median(diff)
 diff_as = statistics.median(diff_a)
+full_s, full_a, full_cpu = statistics.median(full), statistics.median(full_as), statistics.median(full_cpus)
 mib = lambda b, s: b / (1 << 20) / s
 def verdict(ok):
     return "" if ok else " **(missed)**"
 load = open("/proc/loadavg").read().split()[:3]
 print(f"Volume {size_mib} MiB of random data, region {region_kib} KiB, {fstype} file system, "
       f"agent engine {engine}, agent built {built}, {os.cpu_count()} CPUs, load average {' '.join(load)} at the end; "
-      f"medians of {len(cp)} cp runs (half before, half after the resyncs) and {len(diff)} differential runs, "
-      f"one full resync; page cache dropped before each run. *wall*: from the command (`cp`, `mdctrl recover`) until "
+      f"medians of {len(cp)} cp runs (half before, half after the resyncs), {len(full)} full resyncs (the initial "
+      f"construction, then with server2's disk replaced) and {len(diff)} differential runs; page cache dropped before each run. *wall*: from the command (`cp`, `mdctrl recover`) until "
       f"done (`cp` + fsync returned; `mdctrl recover --wait` returned: finished and in sync); *agent*: the resync's own "
       f"duration (status `recovery.elapsed_ms`).")
 print()
@@ -340,7 +364,8 @@ fw, fa = diff_s / full_s, diff_as / full_a
 print(f"| differential resync, 1 write per {every} regions | {int(statistics.median(diff_b))} | {diff_s:.3f} s | {diff_as:.3f} s | - | "
       f"{100*fw:.1f}%{verdict(fw <= 0.03)} / {100*fa:.1f}%{verdict(fa <= 0.03)} of full | <= 3% |")
 print()
-print(f"Full resync: both agents together used {full_cpu:.2f} s of CPU ({100*full_cpu/full_s:.0f}% of one CPU over the run).")
+print(f"Full resync: both agents together used {full_cpu:.2f} s of CPU (median; {100*full_cpu/full_s:.0f}% of one CPU over the run). "
+      f"Full runs (wall): {', '.join(f'{x:.2f}' for x in full)} s, (agent): {', '.join(f'{x:.2f}' for x in full_as)} s.")
 print(f"cp runs: {', '.join(f'{x:.2f}' for x in cp)} s; differential runs (wall): {', '.join(f'{x:.3f}' for x in diff)} s, "
       f"(agent): {', '.join(f'{x:.3f}' for x in diff_a)} s ({', '.join(str(b) for b in diff_b)} bytes)")
 PY

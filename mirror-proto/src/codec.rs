@@ -7,7 +7,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::{Malformation, ProtoError};
-use crate::header::{check, Check, Header, HEADER_LEN};
+use crate::header::{check, crc_of_parts, Check, Header, HEADER_LEN};
 use crate::kind::{MessageKind, FLAG_FUA, FLAG_NO_HOLE};
 use crate::limits::*;
 use crate::message::*;
@@ -264,18 +264,6 @@ fn v_control_len(len: usize) -> Res<()> {
                 max: MAX_CONTROL_LEN,
             },
         ));
-    }
-    Ok(())
-}
-
-fn v_data_checksum(offset: u64, expected: u32, data: &[u8]) -> Res<()> {
-    let actual = crc32fast::hash(data);
-    if actual != expected {
-        return Err(ProtoError::DataChecksum {
-            offset,
-            expected,
-            actual,
-        });
     }
     Ok(())
 }
@@ -590,7 +578,8 @@ fn parse_payload(header: &Header, payload: &Bytes) -> Res<Message> {
             let length = r.u32("length")?;
             let data = r.data_tail(length)?;
             v_range(kind, offset, u64::from(length))?;
-            v_data_checksum(offset, checksum, &data)?;
+            // The data checksum was verified by `check` (one pass over the
+            // data for both CRCs); parse_payload only runs after it.
             Message::ResyncData {
                 offset,
                 checksum,
@@ -775,7 +764,9 @@ fn encode_fields<'m>(msg: &'m Message, out: &mut BytesMut) -> Res<Option<&'m Byt
         } => {
             v_data_len(kind, "length", data.len())?;
             v_range(kind, *offset, data.len() as u64)?;
-            v_data_checksum(*offset, *checksum, data)?;
+            // Not re-hashed here: the payload CRC is derived from `checksum`
+            // (see encode_vectored), so a checksum that does not match the
+            // data makes the receiver reject the frame.
             out.put_u64_le(*offset);
             out.put_u32_le(*checksum);
             out.put_u32_le(data.len() as u32);
@@ -844,6 +835,7 @@ fn put_prefix(
     seq: u64,
     fields: &[u8],
     data: &[u8],
+    data_crc: Option<u32>,
 ) -> Res<()> {
     let payload_len = fields.len() + data.len();
     let max = kind.max_payload();
@@ -853,16 +845,22 @@ fn put_prefix(
             max: u64::from(max),
         });
     }
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(fields);
-    crc.update(data);
+    let payload_crc = match data_crc {
+        Some(c) => crc_of_parts(fields, c, data.len()),
+        None => {
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(fields);
+            crc.update(data);
+            crc.finalize()
+        }
+    };
     let header = Header {
         version: PROTOCOL_VERSION,
         kind,
         flags,
         seq,
         payload_len: payload_len as u32,
-        payload_crc: crc.finalize(),
+        payload_crc,
     };
     out.reserve(HEADER_LEN + fields.len());
     out.put_slice(&header.to_bytes());
@@ -894,12 +892,15 @@ pub fn encode_write_prefix(
         seq,
         &fields,
         data,
+        None,
     )
 }
 
 /// Writes header + fixed fields of a ResyncData frame for `data` held by the caller, who then
-/// sends `data` unchanged. `checksum` must be the CRC-32 of `data` computed when it was read
-/// (verified here: [`ProtoError::DataChecksum`] on mismatch). On error `out` is unchanged.
+/// sends `data` unchanged. `checksum` must be the CRC-32 of `data` computed when it was read;
+/// it is not recomputed here (the data is hashed once per side): the payload CRC is combined
+/// from it, so a wrong checksum makes the receiver's [`check`] reject the frame
+/// ([`ProtoError::PayloadChecksum`]). On error `out` is unchanged.
 pub fn encode_resync_data_prefix(
     seq: u64,
     offset: u64,
@@ -910,12 +911,11 @@ pub fn encode_resync_data_prefix(
     let kind = MessageKind::ResyncData;
     v_data_len(kind, "length", data.len())?;
     v_range(kind, offset, data.len() as u64)?;
-    v_data_checksum(offset, checksum, data)?;
     let mut fields = [0u8; RESYNC_DATA_FIXED];
     fields[..8].copy_from_slice(&offset.to_le_bytes());
     fields[8..12].copy_from_slice(&checksum.to_le_bytes());
     fields[12..].copy_from_slice(&(data.len() as u32).to_le_bytes());
-    put_prefix(out, kind, 0, seq, &fields, data)
+    put_prefix(out, kind, 0, seq, &fields, data, Some(checksum))
 }
 
 impl Frame {
@@ -944,16 +944,20 @@ impl Frame {
                     extra: buf.len() - frame_len,
                 })
             }
-            Check::Complete { .. } => {
-                let header = Header::decode(buf)?;
-                let payload = buf.slice(HEADER_LEN..);
-                let msg = parse_payload(&header, &payload)?;
-                Ok(Frame {
-                    seq: header.seq,
-                    msg,
-                })
-            }
+            Check::Complete { .. } => Frame::parse_checked(buf),
         }
+    }
+
+    /// [`Frame::parse`] of exactly one frame that [`check`] already
+    /// accepted (the streaming decoder): the payload is not hashed again.
+    pub(crate) fn parse_checked(buf: &Bytes) -> Result<Frame, ProtoError> {
+        let header = Header::decode(buf)?;
+        let payload = buf.slice(HEADER_LEN..);
+        let msg = parse_payload(&header, &payload)?;
+        Ok(Frame {
+            seq: header.seq,
+            msg,
+        })
     }
 
     /// Encodes the whole frame into `out` (data is copied once, into `out`).
@@ -992,11 +996,20 @@ impl Frame {
                 max: u64::from(max),
             });
         }
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&out[fields..]);
-        if let Some(t) = tail {
-            crc.update(t);
-        }
+        let payload_crc = match (&self.msg, tail) {
+            // The data's CRC is its checksum field: combined, not recomputed.
+            (Message::ResyncData { checksum, .. }, Some(t)) => {
+                crc_of_parts(&out[fields..], *checksum, t.len())
+            }
+            _ => {
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&out[fields..]);
+                if let Some(t) = tail {
+                    crc.update(t);
+                }
+                crc.finalize()
+            }
+        };
         let header = Header {
             version: if kind == MessageKind::Hello {
                 HELLO_VERSION
@@ -1007,7 +1020,7 @@ impl Frame {
             flags: self.flags(),
             seq: self.seq,
             payload_len: payload_len as u32,
-            payload_crc: crc.finalize(),
+            payload_crc,
         };
         out[start..fields].copy_from_slice(&header.to_bytes());
         Ok(tail.cloned())

@@ -41,7 +41,8 @@ impl Decoder {
             Check::Complete { frame_len } => {
                 self.needed = 0;
                 let bytes = buf.split_to(frame_len).freeze();
-                Frame::parse(&bytes).map(Some)
+                // `check` verified this exact frame: parse without hashing it again.
+                Frame::parse_checked(&bytes).map(Some)
             }
         }
     }

@@ -14,6 +14,7 @@
 
 use crate::error::{Malformation, ProtoError};
 use crate::kind::MessageKind;
+use crate::limits::RESYNC_DATA_FIXED;
 use crate::version::SUPPORTED_VERSIONS;
 use crate::MAGIC;
 
@@ -157,7 +158,30 @@ pub fn check(buf: &[u8]) -> Result<Check, ProtoError> {
             needed: frame_len - buf.len(),
         });
     }
-    let actual = crc32fast::hash(&buf[HEADER_LEN..frame_len]);
+    let payload = &buf[HEADER_LEN..frame_len];
+    if header.kind == MessageKind::ResyncData && payload.len() >= RESYNC_DATA_FIXED {
+        // The data is hashed once: its CRC checks the data checksum field
+        // and, combined with the fixed fields' CRC, the payload CRC.
+        let (fields, data) = payload.split_at(RESYNC_DATA_FIXED);
+        let data_crc = crc32fast::hash(data);
+        let actual = crc_of_parts(fields, data_crc, data.len());
+        if actual != header.payload_crc {
+            return Err(ProtoError::PayloadChecksum {
+                expected: header.payload_crc,
+                actual,
+            });
+        }
+        let expected = u32::from_le_bytes(fields[8..12].try_into().expect("4 bytes"));
+        if data_crc != expected {
+            return Err(ProtoError::DataChecksum {
+                offset: u64::from_le_bytes(fields[..8].try_into().expect("8 bytes")),
+                expected,
+                actual: data_crc,
+            });
+        }
+        return Ok(Check::Complete { frame_len });
+    }
+    let actual = crc32fast::hash(payload);
     if actual != header.payload_crc {
         return Err(ProtoError::PayloadChecksum {
             expected: header.payload_crc,
@@ -165,4 +189,16 @@ pub fn check(buf: &[u8]) -> Result<Check, ProtoError> {
         });
     }
     Ok(Check::Complete { frame_len })
+}
+
+/// CRC-32 of `fields ‖ data` from the CRC of `data` (`data_crc` over
+/// `data_len` bytes) without reading the data again (CRC combination).
+pub(crate) fn crc_of_parts(fields: &[u8], data_crc: u32, data_len: usize) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(fields);
+    h.combine(&crc32fast::Hasher::new_with_initial_len(
+        data_crc,
+        data_len as u64,
+    ));
+    h.finalize()
 }

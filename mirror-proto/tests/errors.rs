@@ -376,7 +376,8 @@ fn resync_data_checksum_mismatch() {
         parse(raw_frame(1, MessageKind::ResyncData.as_u8(), 0, 0, &p)),
         Err(want)
     );
-    // The encoder refuses the same inconsistency.
+    // The encoder does not hash the data again: it derives the payload CRC
+    // from the (wrong) checksum, so the receiver rejects the frame.
     let f = Frame::new(
         0,
         Message::ResyncData {
@@ -385,7 +386,25 @@ fn resync_data_checksum_mismatch() {
             data: Bytes::copy_from_slice(&data),
         },
     );
-    assert_eq!(f.to_bytes(), Err(want));
+    let wire = f.to_bytes().expect("encodes");
+    assert!(
+        matches!(
+            Frame::parse(&wire),
+            Err(ProtoError::PayloadChecksum { expected, actual }) if expected != actual
+        ),
+        "{:?}",
+        Frame::parse(&wire)
+    );
+    // A correct checksum round-trips (payload CRC combined = computed).
+    let ok = Frame::new(
+        0,
+        Message::ResyncData {
+            offset: 512,
+            checksum: good,
+            data: Bytes::copy_from_slice(&data),
+        },
+    );
+    assert_eq!(Frame::parse(&ok.to_bytes().unwrap()), Ok(ok));
 }
 
 #[test]

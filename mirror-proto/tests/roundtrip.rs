@@ -270,12 +270,21 @@ proptest! {
         out.extend_from_slice(&data);
         let full = encode(&Frame::new(seq, Message::resync_data(offset, Bytes::from(data.clone()))));
         prop_assert_eq!(&out[..], &full[..]);
-
-        let mut out = BytesMut::from(&b"x"[..]);
+        // The combined payload CRC is the plain CRC-32 of the payload bytes.
         prop_assert_eq!(
-            encode_resync_data_prefix(seq, offset, crc ^ 1, &data, &mut out),
-            Err(ProtoError::DataChecksum { offset, expected: crc ^ 1, actual: crc })
+            u32::from_le_bytes(full[20..24].try_into().unwrap()),
+            crc32fast::hash(&full[28..])
         );
-        prop_assert_eq!(&out[..], b"x");
+
+        // A wrong checksum is not re-hashed by the encoder (one pass over the
+        // data per side): the frame it yields is rejected by the receiver.
+        let mut out = BytesMut::new();
+        encode_resync_data_prefix(seq, offset, crc ^ 1, &data, &mut out)?;
+        out.extend_from_slice(&data);
+        let is_payload_crc_error = matches!(
+            Frame::parse(&out.freeze()),
+            Err(ProtoError::PayloadChecksum { .. })
+        );
+        prop_assert!(is_payload_crc_error);
     }
 }

@@ -708,8 +708,8 @@ struct ReadAhead {
 /// A deferred clear's metadata commit (see `start_read`).
 type Durable = tokio::task::JoinHandle<Result<(), ResyncError>>;
 
-/// A read group's pieces (offset, data) and its clear's commit, if any.
-type GroupRead = (Vec<(u64, Bytes)>, Option<Durable>);
+/// A read group's pieces (offset, CRC-32, data) and its clear's commit, if any.
+type GroupRead = (Vec<(u64, u32, Bytes)>, Option<Durable>);
 
 impl Copier<'_> {
     /// One pass over `regions` (sorted): copy them in groups of runs
@@ -805,7 +805,11 @@ impl Copier<'_> {
                     len,
                     source,
                 })?;
-                pieces.push((off, data));
+                // Hashed here, in the read task, beside the next reads and
+                // the copier's sends: the one pass over the data on this side
+                // (the encoder combines it into the payload CRC).
+                let checksum = crc32fast::hash(&data);
+                pieces.push((off, checksum, data));
             }
             drop(guard);
             let durable = clear.map(|epoch| {
@@ -844,10 +848,18 @@ impl Copier<'_> {
         self.read_time += t.elapsed();
         self.drain_for(rx, progress, ra.frames, ra.bytes).await?;
         let part = &self.spec.part;
-        for (off, data) in pieces {
+        for (off, checksum, data) in pieces {
             let len = data.len() as u64;
             let (first, last) = (part.region_of(off), part.region_of(off + len - 1));
-            let seq = send(self.tx, Message::resync_data(off, data)).await?;
+            let seq = send(
+                self.tx,
+                Message::ResyncData {
+                    offset: off,
+                    checksum,
+                    data,
+                },
+            )
+            .await?;
             self.inflight.insert(seq, (first, last, len));
         }
         for run in ra.group {
@@ -1138,12 +1150,9 @@ struct CommitOut {
 
 /// A ResyncData frame's payload, checked against the volume and its checksum.
 fn checked_data(f: &Frame, size: u64) -> Result<(u64, Bytes), ResyncError> {
-    let Message::ResyncData {
-        offset,
-        checksum,
-        data,
-    } = &f.msg
-    else {
+    // The data checksum was verified against the data by the frame decoder
+    // (mirror_proto::check: one pass over the data for both CRCs).
+    let Message::ResyncData { offset, data, .. } = &f.msg else {
         return Err(ResyncError::Protocol(format!(
             "expected ResyncData, got {:?}",
             f.msg.kind()
@@ -1153,12 +1162,6 @@ fn checked_data(f: &Frame, size: u64) -> Result<(u64, Bytes), ResyncError> {
     if len == 0 || off.checked_add(len).is_none_or(|e| e > size) {
         return Err(ResyncError::Protocol(format!(
             "ResyncData at {off} (+{len}) outside the volume ({size} bytes) or empty"
-        )));
-    }
-    let actual = crc32fast::hash(data);
-    if actual != *checksum {
-        return Err(ResyncError::Protocol(format!(
-            "ResyncData at {off}: checksum expected {checksum:#010x}, actual {actual:#010x}"
         )));
     }
     Ok((off, data.clone()))
