@@ -452,10 +452,16 @@ fn wait_recovery(socket: &std::path::Path, resource: &str) -> Result<(), Failure
             Some(r) => {
                 seen_running = true;
                 if print_due(Instant::now()) {
+                    let bar = if r.preparing {
+                        String::new()
+                    } else {
+                        format!("{} ", render::progress_bar(r.percent, 30))
+                    };
                     println!(
-                        "{}: {} {}, used {}, remain {}",
+                        "{}: {} {}{}, used {}, remain {}",
                         resource,
                         r.direction,
+                        bar,
                         render::recovery_progress(r),
                         render::hms(r.elapsed_secs),
                         r.remaining_secs

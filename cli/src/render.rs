@@ -278,6 +278,16 @@ pub fn recovery_progress(r: &mirror_agent::status::RecoveryStatus) -> String {
     )
 }
 
+/// A text progress bar, e.g. `[#########-----------]` for 45% at width 20.
+pub fn progress_bar(percent: f64, width: usize) -> String {
+    let filled = ((percent.clamp(0.0, 100.0) / 100.0) * width as f64).round() as usize;
+    format!(
+        "[{}{}]",
+        "#".repeat(filled),
+        "-".repeat(width - filled.min(width))
+    )
+}
+
 /// `HH:MM:SS`.
 pub fn hms(s: u64) -> String {
     format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
@@ -361,6 +371,14 @@ pub fn time(t: Option<u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_bar_fills_in_proportion() {
+        assert_eq!(progress_bar(0.0, 10), "[----------]");
+        assert_eq!(progress_bar(45.0, 20), "[#########-----------]");
+        assert_eq!(progress_bar(100.0, 10), "[##########]");
+        assert_eq!(progress_bar(250.0, 4), "[####]", "clamped");
+    }
 
     #[test]
     fn time_format() {

@@ -410,6 +410,33 @@ fn break_recover_and_verify() {
     assert!(out.contains("0 differ"), "{out}");
 }
 
+/// `recover --wait` on a resync paced to ~2 s prints progress lines with a
+/// bar, the bytes and the remaining time, then the end.
+#[test]
+fn recover_wait_shows_progress_with_a_bar() {
+    let p = MirrorPair::start(&PairOpts::sync_sized(
+        16 << 20,
+        &[("resync_rate", "\"4MiB\"")],
+    ));
+    p.activate("server1");
+    p.wait_in_sync("server1", T);
+    p.mdctrl_ok("server1", &["break", "md1"]);
+    p.fill("server1", 0, 8 << 20, 0x6b);
+    let out = p.mdctrl_ok("server1", &["recover", "md1", "--wait"]);
+    let progress: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("server1 -> server2 [") && l.contains("remain"))
+        .collect();
+    assert!(!progress.is_empty(), "no progress line with a bar:\n{out}");
+    assert!(
+        progress[0].contains('%') && progress[0].contains("MiB"),
+        "{out}"
+    );
+    assert!(out.contains("recovery finished"), "{out}");
+    p.wait_in_sync("server2", T);
+    p.assert_identical();
+}
+
 /// `status --watch --json` prints a new line when the state changes (the
 /// agent answers its `watch` request at the change): a break and the
 /// recovery after it appear as they happen, and the watcher keeps running.

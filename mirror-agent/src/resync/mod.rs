@@ -618,11 +618,12 @@ fn region_len(part: &ClusterPartition, r: u64) -> u64 {
     b.end - b.start
 }
 
-/// Groups runs into read groups of at most [`READ_AHEAD_BYTES`] (a larger
-/// run is a group of its own) and at most `WINDOW / 2` runs.
+/// Groups runs into read groups of at most `limit` bytes (a larger run is a
+/// group of its own) and at most `WINDOW / 2` runs.
 fn read_groups(
     part: &ClusterPartition,
     runs: Vec<std::ops::RangeInclusive<u64>>,
+    limit: u64,
 ) -> Vec<Vec<std::ops::RangeInclusive<u64>>> {
     let bytes = |r: &std::ops::RangeInclusive<u64>| {
         part.region_bytes(*r.end()).end - part.region_bytes(*r.start()).start
@@ -632,7 +633,7 @@ fn read_groups(
     let mut n = 0;
     for r in runs {
         let b = bytes(&r);
-        if !cur.is_empty() && (n + b > READ_AHEAD_BYTES || cur.len() >= WINDOW / 2) {
+        if !cur.is_empty() && (n + b > limit || cur.len() >= WINDOW / 2) {
             out.push(std::mem::take(&mut cur));
             n = 0;
         }
@@ -646,15 +647,15 @@ fn read_groups(
 }
 
 /// Groups sorted regions into runs of consecutive regions of at most
-/// [`MAX_PIECE`] bytes (a larger region is a run of its own): each run is
-/// read once and sent as one frame (or as pieces, for a large region).
-fn runs(part: &ClusterPartition, sorted: &[u64]) -> Vec<std::ops::RangeInclusive<u64>> {
+/// `limit` bytes (a larger region is a run of its own): each run is read
+/// once and sent as one frame (or as pieces, for a large region).
+fn runs(part: &ClusterPartition, sorted: &[u64], limit: u64) -> Vec<std::ops::RangeInclusive<u64>> {
     let mut out: Vec<std::ops::RangeInclusive<u64>> = Vec::new();
     let mut cur: Option<(u64, u64, u64)> = None; // first, last, bytes
     for &r in sorted {
         let len = region_len(part, r);
         cur = match cur {
-            Some((a, b, n)) if r == b + 1 && n + len <= MAX_PIECE => Some((a, r, n + len)),
+            Some((a, b, n)) if r == b + 1 && n + len <= limit => Some((a, r, n + len)),
             Some((a, b, _)) => {
                 out.push(a..=b);
                 Some((r, r, len))
@@ -725,7 +726,16 @@ impl Copier<'_> {
     ) -> Result<(), ResyncError> {
         let part = self.spec.part.clone();
         let mut ahead: Option<ReadAhead> = None;
-        for group in read_groups(&part, runs(&part, regions)) {
+        // Paced copies go in small groups (a tenth of a second at the
+        // rate): a group is sent at once, so a 16 MiB group would be a burst
+        // of the link and the disk followed by a long pause, and the
+        // progress would jump.
+        let limit = match self.spec.rate.filter(|&r| r > 0) {
+            Some(rate) => (rate / 10).clamp(1, READ_AHEAD_BYTES),
+            None => READ_AHEAD_BYTES,
+        };
+        let pieces = runs(&part, regions, limit.min(MAX_PIECE));
+        for group in read_groups(&part, pieces, limit) {
             let next = self.start_read(group, held);
             if let Some(prev) = ahead.replace(next) {
                 self.send_read(prev, rx, progress, held).await?;
