@@ -60,7 +60,10 @@ use mirror_proto::{DiskState, Features, Generation, Role};
 use crate::config::{Config, Secret, Timeouts};
 
 pub use link::{spawn_link, LinkHandle, LinkState};
-pub use session::{corked, CloseWatch, LinkClosed, Session, SessionSender, TrySendError};
+pub use session::{
+    corked, CloseWatch, FrameHook, HookCx, HookFuture, Hooked, LinkClosed, Session, SessionSender,
+    TrySendError,
+};
 pub use tls::PeerTls;
 
 /// Hello `resource_name` of the control link (config names cannot contain `@`, so it never
