@@ -691,15 +691,14 @@ impl StandbySink {
         } else {
             send(&shared.tx, Message::Ack1 { seq }).await
         };
-        core.run_or_spawn(apply(
-            shared.clone(),
-            seq,
-            op,
-            pending,
-            permit,
-            defer_ack1,
-            since,
-        ));
+        let work = apply(shared.clone(), seq, op, pending, permit, defer_ack1, since);
+        // In a burst its acks, too, join the session writer's next vectored
+        // write instead of one write (and one wake-up of the active) each.
+        if busy {
+            core.run_or_spawn(crate::peer::corked(work));
+        } else {
+            core.run_or_spawn(work);
+        }
         sent.map(|_| ()).map_err(|_| SinkClosed)
     }
 
