@@ -1,6 +1,6 @@
 //! Sessions over the in-memory pair (`peer::testing`): ordering of seqs under concurrent
 //! senders, `send_with` registration, large vectored writes, graceful close, back-pressure
-//! and the send timeout.
+//! and the send timeout; the reader hook.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -181,4 +181,84 @@ async fn backpressure_then_send_timeout_closes_the_link() {
     assert!(a.tx.queued_frames() > 0);
     let r = tokio::time::timeout(WAIT, a.closed.wait()).await.unwrap();
     assert!(r.contains("send blocked for more than 0.300 s"), "{r}");
+}
+
+/// The reader hook: `Done` consumes a frame, `Pass` delivers it on `rx` in order, and a
+/// `Run` future is finished before the hook sees the next frame (the reader waits), and
+/// may hand its frame back to `rx`. `HookCx::passed` names the last frame put on `rx`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reader_hook_consumes_passes_and_runs_in_wire_order() {
+    use mirror_agent::peer::{FrameHook, HookCx, Hooked};
+    let (a, mut b) = pair();
+    // (seq, passed) of every frame the hook saw, in order.
+    let seen: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+    let consumed: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+    let started_tx = Mutex::new(Some(started_tx));
+    let hook: FrameHook = {
+        let (seen, consumed, gate) = (seen.clone(), consumed.clone(), gate.clone());
+        Arc::new(move |f: Frame, cx: HookCx| {
+            seen.lock().unwrap().push((f.seq, cx.passed));
+            match f.msg {
+                // Held until the test opens the gate, then consumed.
+                Message::Ack1 { seq: 100 } => {
+                    let (consumed, gate) = (consumed.clone(), gate.clone());
+                    let started = started_tx.lock().unwrap().take();
+                    Hooked::Run(Box::pin(async move {
+                        let _ = started.unwrap().send(());
+                        gate.acquire().await.unwrap().forget();
+                        consumed.lock().unwrap().push(f.seq);
+                        None
+                    }))
+                }
+                // Handed back to rx after a Run.
+                Message::Ack1 { seq: 200 } => Hooked::Run(Box::pin(async move { Some(f) })),
+                Message::Ack1 { .. } => {
+                    consumed.lock().unwrap().push(f.seq);
+                    Hooked::Done
+                }
+                _ => Hooked::Pass(f),
+            }
+        })
+    };
+    b.tx.set_hook(Some(hook));
+    let msgs = [
+        Message::Flush,             // passed
+        Message::Ack1 { seq: 1 },   // consumed
+        Message::Ack1 { seq: 100 }, // held, then consumed
+        Message::Ack1 { seq: 2 },   // consumed only after the held one
+        Message::Flush,             // passed
+        Message::Ack1 { seq: 200 }, // back to rx
+    ];
+    let mut seqs = Vec::new();
+    for m in msgs {
+        seqs.push(a.tx.send(m).await.unwrap());
+    }
+    // The first Flush arrives; the held Ack1 stops the reader before Ack1 { seq: 2 }.
+    assert_eq!(recv(&mut b.rx).await.unwrap().seq, seqs[0]);
+    tokio::time::timeout(WAIT, started).await.unwrap().unwrap();
+    assert_eq!(*consumed.lock().unwrap(), vec![seqs[1]]);
+    assert!(
+        !seen.lock().unwrap().iter().any(|&(s, _)| s == seqs[3]),
+        "the hook saw a frame while an earlier Run was unfinished"
+    );
+    gate.add_permits(1);
+    assert_eq!(recv(&mut b.rx).await.unwrap().seq, seqs[4]);
+    assert_eq!(
+        recv(&mut b.rx).await.unwrap(),
+        Frame::new(seqs[5], Message::Ack1 { seq: 200 })
+    );
+    assert_eq!(*consumed.lock().unwrap(), vec![seqs[1], seqs[2], seqs[3]]);
+    let seen = seen.lock().unwrap().clone();
+    let passed_of = |s: u64| seen.iter().find(|x| x.0 == s).unwrap().1;
+    assert_eq!(passed_of(seqs[1]), seqs[0]);
+    assert_eq!(passed_of(seqs[5]), seqs[4]);
+    // Removing the hook: frames go to rx again.
+    b.tx.set_hook(None);
+    let s = a.tx.send(Message::Ack1 { seq: 3 }).await.unwrap();
+    assert_eq!(
+        recv(&mut b.rx).await.unwrap(),
+        Frame::new(s, Message::Ack1 { seq: 3 })
+    );
 }

@@ -143,21 +143,46 @@ pub(crate) fn dio_alignment(file: &File, kind: Kind) -> Option<(usize, usize)> {
     }
 }
 
-/// Whether the file lives on tmpfs, where O_DIRECT (accepted since Linux 6.6)
-/// still goes through the page cache and would only add alignment costs.
-pub(crate) fn on_tmpfs(file: &File) -> bool {
+/// The file system magic (`statfs.f_type`) of the file's file system.
+fn fs_magic(file: &File) -> Option<i64> {
     let mut sfs = MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: `sfs` is a writable, zero-initialised statfs buffer; the fd is open.
     let r = unsafe { libc::fstatfs(file.as_raw_fd(), sfs.as_mut_ptr()) };
     if r != 0 {
-        return false;
+        return None;
     }
     // SAFETY: zero-initialised above and filled by a successful fstatfs.
     let sfs = unsafe { sfs.assume_init() };
     // f_type's integer type differs between architectures, hence the casts.
     #[allow(clippy::unnecessary_cast)]
-    let is_tmpfs = sfs.f_type as i64 == libc::TMPFS_MAGIC as i64;
-    is_tmpfs
+    Some(sfs.f_type as i64)
+}
+
+/// Whether the file lives on tmpfs, where O_DIRECT (accepted since Linux 6.6)
+/// still goes through the page cache and would only add alignment costs.
+pub(crate) fn on_tmpfs(file: &File) -> bool {
+    #[allow(clippy::unnecessary_cast)]
+    let tmpfs = libc::TMPFS_MAGIC as i64;
+    fs_magic(file) == Some(tmpfs)
+}
+
+/// `statfs.f_type` of ramfs (not in the libc crate; `include/uapi/linux/magic.h`).
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+/// Whether `fdatasync` of this backing can never do anything: a regular file
+/// on tmpfs or ramfs, whose pages *are* the storage (no volatile cache, no
+/// writeback; the kernel's `fsync` there is `noop_fsync`). Such a backing is
+/// as durable after a write as after a flush, so an engine may complete a
+/// flush (and FUA) at once instead of a system call or an io_uring round
+/// trip. Anything else (a disk file system, a block device, or an unknown
+/// answer) returns false and keeps every flush.
+pub(crate) fn sync_is_noop(file: &File, kind: Kind) -> bool {
+    if kind != Kind::File {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let tmpfs = libc::TMPFS_MAGIC as i64;
+    matches!(fs_magic(file), Some(m) if m == tmpfs || m == RAMFS_MAGIC)
 }
 
 /// `EINVAL` unless `[offset, offset + len)` lies within `size`.
@@ -328,4 +353,57 @@ pub(crate) fn create_data_file(path: &Path, size: u64) -> io::Result<()> {
         file.sync_all()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scratch file in `dir`, removed on drop.
+    struct Scratch(std::path::PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn scratch(dir: &Path) -> Option<(Scratch, File)> {
+        let p = dir.join(format!("nbdm-backing-test-{}", std::process::id()));
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .ok()?;
+        Some((Scratch(p), f))
+    }
+
+    /// The flush shortcut holds on tmpfs only, never on a disk file system,
+    /// and follows the file system (df) rather than the path.
+    #[test]
+    fn sync_is_noop_only_where_fsync_is() {
+        let fstype = |dir: &str| {
+            std::process::Command::new("df")
+                .args(["--output=fstype", dir])
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .and_then(|s| s.lines().nth(1).map(|l| l.trim().to_string()))
+        };
+        let mut checked = 0;
+        for dir in ["/dev/shm", env!("CARGO_MANIFEST_DIR")] {
+            let (Some(fs), Some((_keep, f))) = (fstype(dir), scratch(Path::new(dir))) else {
+                continue;
+            };
+            let expect = fs == "tmpfs" || fs == "ramfs";
+            assert_eq!(sync_is_noop(&f, Kind::File), expect, "{dir} is {fs}");
+            assert!(
+                !sync_is_noop(&f, Kind::BlockDevice { logical_block: 512 }),
+                "a block device always flushes"
+            );
+            checked += 1;
+        }
+        assert!(checked > 0, "no directory could be checked");
+    }
 }

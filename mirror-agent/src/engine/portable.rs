@@ -42,6 +42,9 @@ struct Shared {
     file: File,
     kind: Kind,
     size: u64,
+    /// `fdatasync` is a no-op on this backing ([`backing::sync_is_noop`]):
+    /// flushes complete without an I/O thread.
+    sync_noop: bool,
     permits: Semaphore,
 }
 
@@ -153,6 +156,7 @@ impl PortableEngine {
         let depth = queue_depth.max(1) as usize;
         Ok(PortableEngine {
             shared: Arc::new(Shared {
+                sync_noop: backing::sync_is_noop(&b.file, b.kind),
                 file: b.file,
                 kind: b.kind,
                 size: b.size,
@@ -283,6 +287,8 @@ impl BlockEngine for PortableEngine {
     }
 
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> EngineFuture<()> {
+        // FUA means nothing more where fdatasync is a no-op.
+        let fua = fua && !self.shared.sync_noop;
         if !fua && data.len() <= INLINE_WRITE_MAX {
             // A page-cache copy of a few microseconds: done in the calling
             // task, without the two thread hops of the queue (same policy as
@@ -305,6 +311,9 @@ impl BlockEngine for PortableEngine {
     }
 
     fn flush(&self) -> EngineFuture<()> {
+        if self.shared.sync_noop {
+            return Box::pin(async { Ok(()) });
+        }
         self.run(|s| s.file.sync_data())
     }
 

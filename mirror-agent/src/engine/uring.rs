@@ -670,6 +670,10 @@ struct Shared {
     /// Memory alignment; 1 when buffered.
     mem_align: usize,
     description: String,
+    /// `fdatasync` is a no-op on this backing (tmpfs/ramfs,
+    /// [`backing::sync_is_noop`]): flushes and FUA complete without an
+    /// io_uring request (an fsync SQE is always punted to an io-wq worker).
+    sync_noop: bool,
     /// Shared by modifying requests, exclusive for read-modify-write (direct
     /// mode only).
     rmw: RwLock<()>,
@@ -830,11 +834,18 @@ impl Shared {
         if data.is_empty() {
             return if fua { self.flush().await } else { Ok(()) };
         }
-        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        let flags = if fua && !self.sync_noop {
+            libc::RWF_DSYNC
+        } else {
+            0
+        };
         self.write_unchecked(offset, data, flags).await
     }
 
     async fn flush(&self) -> io::Result<()> {
+        if self.sync_noop {
+            return Ok(());
+        }
         self.call(Op::Fsync).await.map(|_| ())
     }
 
@@ -968,6 +979,12 @@ impl UringEngine {
         // SAFETY: `bell` is a freshly created fd that nothing else owns.
         let bell = unsafe { OwnedFd::from_raw_fd(bell) };
         ring.submitter().register_eventfd(bell.as_raw_fd())?;
+        let sync_noop = backing::sync_is_noop(&b.file, b.kind);
+        let description = if sync_noop {
+            format!("{description}; flush is a no-op (memory file system)")
+        } else {
+            description
+        };
         let file = Arc::new(b.file);
         let state = State {
             ring,
@@ -993,6 +1010,7 @@ impl UringEngine {
             align,
             mem_align,
             description,
+            sync_noop,
             rmw: RwLock::new(()),
             core,
         };

@@ -1,29 +1,24 @@
 //! `peer::Session` pieces presented as the `replica` link traits, so the
-//! replication data path runs over real sessions unchanged.
+//! replication data path runs over real sessions unchanged. The session's
+//! received data-path frames reach the replica consumers through the
+//! session reader's hook (`Pair::data_hook`), not through a link channel.
 
 use std::sync::Arc;
 
-use mirror_proto::Frame;
-use tokio::sync::mpsc;
-
 use crate::peer::{CloseWatch, SessionSender};
-use crate::replica::ReplicaLink;
+use crate::replica::{CloseSignal, FrameTx};
 
-/// A replica link over a live session; `rx` carries the frames the session
-/// dispatcher routes to this consumer.
-pub(super) fn replica_link(
-    tx: SessionSender,
-    closed: CloseWatch,
-    rx: mpsc::Receiver<Frame>,
-) -> ReplicaLink {
-    // `SessionSender` and `CloseWatch` are the link traits' own
-    // implementations (`replica::link`), so nothing here can drift from them
-    // (e.g. `close_with_error` sending the Error frame).
-    ReplicaLink {
-        tx: Arc::new(tx),
-        rx,
-        closed: Arc::new(closed),
-    }
+/// The session's sender as the data path's [`FrameTx`]. `SessionSender` and
+/// `CloseWatch` are the link traits' own implementations
+/// (`replica::link`), so nothing here can drift from them (e.g.
+/// `close_with_error` sending the Error frame).
+pub(super) fn frame_tx(tx: &SessionSender) -> Arc<dyn FrameTx> {
+    Arc::new(tx.clone())
+}
+
+/// The session's close watch as the data path's [`CloseSignal`].
+pub(super) fn close_signal(closed: &CloseWatch) -> Arc<dyn CloseSignal> {
+    Arc::new(closed.clone())
 }
 
 #[cfg(test)]
@@ -37,8 +32,9 @@ mod tests {
             hello("alpha", "c", "r0", 1 << 20, 4096),
             hello("beta", "c", "r0", 1 << 20, 4096),
         );
-        let link = replica_link(a.tx.clone(), a.closed.clone(), mpsc::channel(1).1);
-        link.tx.close_with_error(
+        let tx = frame_tx(&a.tx);
+        let closed = close_signal(&a.closed);
+        tx.close_with_error(
             "Ack2 for unknown seq 7",
             mirror_proto::error_code::UNEXPECTED_MESSAGE,
         );
@@ -50,5 +46,6 @@ mod tests {
             )) && seen.contains("Ack2 for unknown seq 7"),
             "{seen}"
         );
+        assert!(closed.reason().is_some());
     }
 }

@@ -3,9 +3,11 @@
 //! the wiring of the replication data path (`replica`) to each live session.
 //!
 //! Module map:
-//! - this file: [`Pair`] — link sessions, dispatch of received frames
-//!   (control messages here, acks to the active volume or the running resync,
-//!   data to the standby applier, resync data to the resync target),
+//! - this file: [`Pair`] — link sessions, routing of received frames (acks
+//!   to the active volume and data to the standby applier straight from the
+//!   session's reader task, see `Pair::data_hook`; through the dispatcher
+//!   task: control messages, acks to the running resync, resync data to the
+//!   resync target),
 //!   the per-session decision (`rules::decide`, logged with its rule id),
 //!   activation (`rules::may_activate`) and grants, automatic recovery
 //!   (`rules::auto_recovery_allowed`), `recover` / `force` / `break`, status.
@@ -37,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use bitmap::Flags;
 use mirror_proto::{DiskState, Features, Frame, Generation, Message, Role};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::admin::{AdminError, ErrorKind};
 use crate::changes::Changes;
@@ -55,12 +57,68 @@ use control::{ControlMsg, NodeState, PeerRole};
 /// How often each side re-sends its state (status freshness).
 pub const STATE_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Frames queued from the session dispatcher to the active volume, the
-/// standby applier or the resync; the dispatcher stops reading the socket when full.
+/// Frames queued from the session dispatcher to the resync or a verify; the
+/// dispatcher stops reading the socket when full.
 const FORWARD_QUEUE: usize = 256;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How far the session dispatcher got: the seq of the last frame it finished
+/// (the reader hook's ordering check, see [`Pair::data_hook`]).
+#[derive(Default)]
+struct Dispatched {
+    seq: std::sync::atomic::AtomicU64,
+    advanced: Notify,
+}
+
+impl Dispatched {
+    fn seq(&self) -> u64 {
+        self.seq.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn advance(&self, seq: u64) {
+        self.seq.store(seq, std::sync::atomic::Ordering::SeqCst);
+        self.advanced.notify_waiters();
+    }
+
+    async fn wait_for(&self, seq: u64) {
+        loop {
+            let n = self.advanced.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.seq() >= seq {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// Who takes a received data-path frame ([`Pair::data_hook`]).
+enum Consumer {
+    Active(replica::AckSink),
+    Standby(replica::StandbySink),
+}
+
+impl Consumer {
+    /// Hands `frame` over: bounded work (the active's ack handling), or a
+    /// `Run` future (the standby's accept step, usually ready at once).
+    /// `Pass` when the active attachment ended meanwhile.
+    fn take(self, frame: Frame, more: bool) -> peer::Hooked {
+        match self {
+            Consumer::Active(a) => match a.deliver(frame) {
+                None => peer::Hooked::Done,
+                Some(f) => peer::Hooked::Pass(f),
+            },
+            // Err: the session is closing; the frame dies with it.
+            Consumer::Standby(s) => peer::Hooked::Run(Box::pin(async move {
+                let _ = s.accept(frame, more).await;
+                None
+            })),
+        }
+    }
 }
 
 /// Where the pair stands in the current session.
@@ -88,8 +146,11 @@ struct Live {
     tx: SessionSender,
     closed: peer::CloseWatch,
     peer_addr: std::net::SocketAddr,
-    to_active: Option<mpsc::Sender<Frame>>,
-    to_standby: Option<mpsc::Sender<Frame>>,
+    /// The attached active volume's receiving end: the reader hook hands it
+    /// Ack1/Ack2/FlushAck.
+    active: Option<replica::AckSink>,
+    /// The standby applier: the reader hook hands it Write/Trim/WriteZeroes/Flush.
+    standby: Option<replica::StandbySink>,
     to_resync: Option<mpsc::Sender<Frame>>,
     /// A running `mdctrl verify` (ChecksumReply frames).
     to_verify: Option<mpsc::Sender<Frame>>,
@@ -401,8 +462,8 @@ impl Pair {
                 tx: tx.clone(),
                 closed: closed.clone(),
                 peer_addr,
-                to_active: None,
-                to_standby: None,
+                active: None,
+                standby: None,
                 to_resync: None,
                 to_verify: None,
                 auto_suppressed: false,
@@ -414,6 +475,10 @@ impl Pair {
             id
         };
         tracing::info!(resource = %self.resource, peer = %self.peer_name, %peer_addr, peer_generation = format_args!("{:016x}", peer_hello.generation.current), "peer connected");
+        // Installed before this node's first State: the peer sends no data-path
+        // frame before it has that State (it attaches on it).
+        let progress = Arc::new(Dispatched::default());
+        tx.set_hook(Some(self.data_hook(id, progress.clone())));
         self.changed.bump();
         self.send_control(&tx, ControlMsg::State(self.local_state()))
             .await;
@@ -423,7 +488,10 @@ impl Pair {
             tokio::select! {
                 f = rx.recv() => match f {
                     Some(frame) => {
-                        if let Err(why) = self.dispatch(id, &tx, frame).await {
+                        let seq = frame.seq;
+                        let res = self.dispatch(id, &tx, frame).await;
+                        progress.advance(seq);
+                        if let Err(why) = res {
                             tracing::warn!(resource = %self.resource, peer = %self.peer_name, "closing peer session: {why}");
                             if why.starts_with(UNEXPECTED) {
                                 // The peer broke the protocol: tell it why (Error frame), not just Goodbye.
@@ -454,6 +522,67 @@ impl Pair {
         self.changed.bump();
     }
 
+    /// The session reader's hook ([`peer::SessionSender::set_hook`]): acks go
+    /// straight to the attached active volume and data frames to the standby
+    /// applier, in the reader task (no dispatcher task, no channel hop).
+    /// Everything else, and data-path frames without a consumer, go to
+    /// [`Self::dispatch`] through the session's channel.
+    ///
+    /// Order: a data-path frame is handled here only once the dispatcher has
+    /// finished every frame passed to it before ([`peer::HookCx::passed`]):
+    /// the State that makes this node the standby (or a data frame passed
+    /// before the applier existed) is then handled before it, as when every
+    /// frame went through the dispatcher. Otherwise the reader waits for the
+    /// dispatcher (rare: a control frame just before a data frame).
+    fn data_hook(self: &Arc<Self>, id: u64, progress: Arc<Dispatched>) -> peer::FrameHook {
+        let weak = Arc::downgrade(self);
+        Arc::new(move |frame: Frame, cx: peer::HookCx| {
+            let Some(me) = weak.upgrade() else {
+                return peer::Hooked::Pass(frame);
+            };
+            let Some(consumer) = me.consumer(id, &frame.msg) else {
+                // The dispatcher decides (resync, late ack, protocol error), in order.
+                return peer::Hooked::Pass(frame);
+            };
+            if progress.seq() >= cx.passed {
+                return consumer.take(frame, cx.more);
+            }
+            let progress = progress.clone();
+            peer::Hooked::Run(Box::pin(async move {
+                progress.wait_for(cx.passed).await;
+                // The dispatcher may have changed the consumer meanwhile.
+                match me.consumer(id, &frame.msg) {
+                    Some(c) => match c.take(frame, cx.more) {
+                        peer::Hooked::Done => None,
+                        peer::Hooked::Run(f) => f.await,
+                        peer::Hooked::Pass(f) => Some(f),
+                    },
+                    None => Some(frame),
+                }
+            }))
+        })
+    }
+
+    /// The data-path consumer of `msg` on session `id`, if any: the attached
+    /// active volume for acks, the standby applier for data frames.
+    fn consumer(&self, id: u64, msg: &Message) -> Option<Consumer> {
+        let st = lock(&self.st);
+        let l = st.live.as_ref().filter(|l| l.id == id)?;
+        match msg {
+            Message::Ack1 { .. } | Message::Ack2 { .. } | Message::FlushAck { .. } => l
+                .active
+                .as_ref()
+                .filter(|a| !a.ended())
+                .cloned()
+                .map(Consumer::Active),
+            Message::Write { .. }
+            | Message::Trim { .. }
+            | Message::WriteZeroes { .. }
+            | Message::Flush => l.standby.clone().map(Consumer::Standby),
+            _ => None,
+        }
+    }
+
     /// Route one received frame. `Err` closes the session.
     async fn dispatch(
         self: &Arc<Self>,
@@ -461,17 +590,32 @@ impl Pair {
         tx: &SessionSender,
         frame: Frame,
     ) -> Result<(), String> {
-        let (to_active, to_standby, to_resync) = {
-            let st = lock(&self.st);
-            match st.live.as_ref() {
-                Some(l) => (
-                    l.to_active.clone(),
-                    l.to_standby.clone(),
-                    l.to_resync.clone(),
-                ),
-                None => (None, None, None),
-            }
+        // Data-path frames the reader hook passed (no consumer then): one may
+        // exist now (this node became the standby on the State before).
+        let frame = match frame.msg {
+            Message::Ack1 { .. }
+            | Message::Ack2 { .. }
+            | Message::FlushAck { .. }
+            | Message::Write { .. }
+            | Message::Trim { .. }
+            | Message::WriteZeroes { .. }
+            | Message::Flush => match self.consumer(id, &frame.msg) {
+                Some(c) => match c.take(frame, false) {
+                    peer::Hooked::Done => return Ok(()),
+                    peer::Hooked::Run(f) => match f.await {
+                        None => return Ok(()),
+                        Some(f) => f,
+                    },
+                    peer::Hooked::Pass(f) => f,
+                },
+                None => frame,
+            },
+            _ => frame,
         };
+        let to_resync = lock(&self.st)
+            .live
+            .as_ref()
+            .and_then(|l| l.to_resync.clone());
         match &frame.msg {
             Message::Control { json } => {
                 let msg = ControlMsg::from_json(json)?;
@@ -484,10 +628,9 @@ impl Pair {
                 self.on_control(id, tx, msg).await;
                 Ok(())
             }
-            Message::Ack1 { .. } | Message::Ack2 { .. } | Message::FlushAck { .. } => match (to_active, to_resync) {
-                (Some(to), _) => to.send(frame).await.map_err(|_| "active volume gone".to_string()),
-                (None, Some(to)) => to.send(frame).await.map_err(|_| "resync ended".to_string()),
-                (None, None) => {
+            Message::Ack1 { .. } | Message::Ack2 { .. } | Message::FlushAck { .. } => match to_resync {
+                Some(to) => to.send(frame).await.map_err(|_| "resync ended".to_string()),
+                None => {
                     tracing::debug!(resource = %self.resource, seq = frame.seq, "late acknowledgement ignored (not replicating)");
                     Ok(())
                 }
@@ -501,15 +644,12 @@ impl Pair {
                 }
                 None => Err(format!("{UNEXPECTED}peer {} sent resync data while {} is not its resync target: nothing applied", self.peer_name, self.node)),
             },
-            Message::Write { .. } | Message::Trim { .. } | Message::WriteZeroes { .. } | Message::Flush => match to_standby {
-                Some(to) => to.send(frame).await.map_err(|_| "standby applier ended".to_string()),
-                None => Err(format!(
+            Message::Write { .. } | Message::Trim { .. } | Message::WriteZeroes { .. } | Message::Flush => Err(format!(
                     "{UNEXPECTED}peer {} sent {:?} data while {} is not its standby (not granted, or not in sync): nothing applied",
                     self.peer_name,
                     frame.msg.kind(),
                     self.node
                 )),
-            },
             Message::ChecksumRequest { region_size, entries } => {
                 let reply = self.checksums(*region_size, entries.iter().map(|e| e.region)).await?;
                 tx.send(Message::ChecksumReply { request_seq: frame.seq, region_size: *region_size, entries: reply })
@@ -940,16 +1080,20 @@ impl Pair {
         }
         let in_sync = Self::is_in_sync(&st);
         let Some(live) = st.live.as_mut() else { return };
-        if !local_active && peer_active && in_sync && live.to_standby.is_none() {
-            let (ftx, frx) = mpsc::channel(FORWARD_QUEUE);
-            let link = adapt::replica_link(live.tx.clone(), live.closed.clone(), frx);
-            live.to_standby = Some(ftx);
+        if !local_active && peer_active && in_sync && live.standby.is_none() {
+            let sink = replica::StandbySink::new(
+                self.engine.clone(),
+                adapt::frame_tx(&live.tx),
+                replica::StandbyOptions::default(),
+            );
+            live.standby = Some(sink.clone());
+            let closed = live.closed.clone();
             let me = self.clone();
-            let engine = self.engine.clone();
             tracing::info!(resource = %self.resource, peer = %self.peer_name, "standby: applying the active peer's writes");
             tokio::spawn(async move {
-                let end = replica::run_standby(engine, link).await;
-                me.standby_ended(id, end).await;
+                let reason = closed.wait().await;
+                let end = sink.finish(reason).await;
+                me.standby_ended(id, Ok(end)).await;
             });
         }
         // Automatic recovery (ancestor §11.10.1).
@@ -1047,14 +1191,12 @@ impl Pair {
             return;
         };
         let Some(vol) = volume else { return };
-        if vol.is_attached() || live.to_active.is_some() {
+        if vol.is_attached() || live.active.is_some() {
             return;
         }
-        let (ftx, frx) = mpsc::channel(FORWARD_QUEUE);
-        let link = adapt::replica_link(live.tx.clone(), live.closed.clone(), frx);
-        match vol.attach(link) {
-            Ok(()) => {
-                live.to_active = Some(ftx);
+        match vol.attach_sink(adapt::frame_tx(&live.tx), adapt::close_signal(&live.closed)) {
+            Ok(sink) => {
+                live.active = Some(sink);
                 tracing::info!(resource = %self.resource, peer = %self.peer_name, mode = %self.cfg.mode, "mirroring: writes are replicated");
             }
             Err(e) => tracing::error!(resource = %self.resource, "cannot attach replication: {e}"),
@@ -1069,7 +1211,7 @@ impl Pair {
         {
             let mut st = lock(&self.st);
             if let Some(l) = st.live.as_mut().filter(|l| l.id == id) {
-                l.to_standby = None;
+                l.standby = None;
             }
         }
         match end {
@@ -1257,7 +1399,7 @@ impl Pair {
                             st.mirror = Mirror::Unknown;
                         }
                         if let Some(l) = st.live.as_mut() {
-                            l.to_active = None;
+                            l.active = None;
                         }
                     }
                     ReplicaEvent::BreakRecorded => {
@@ -1313,7 +1455,7 @@ impl Pair {
         {
             let mut st = lock(&self.st);
             if let Some(l) = st.live.as_mut() {
-                l.to_active = None;
+                l.active = None;
             }
         }
         self.send_state().await;
@@ -1836,7 +1978,7 @@ impl Pair {
             st.last_break = Some(format!("broken by the operator on {}: {why}", self.node));
             st.mirror = Mirror::Unknown;
             if let Some(l) = st.live.as_mut() {
-                l.to_active = None;
+                l.active = None;
             }
             (st.volume.clone(), st.live.as_ref().map(|l| l.tx.clone()))
         };
@@ -1934,7 +2076,7 @@ impl Pair {
             standby_applying: st
                 .live
                 .as_ref()
-                .map(|l| l.to_standby.is_some())
+                .map(|l| l.standby.is_some())
                 .unwrap_or(false),
             last_break: st.last_break.clone(),
             peer_disk_error: st.peer_disk_error,

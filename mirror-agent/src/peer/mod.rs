@@ -10,7 +10,8 @@
 //!   from its header alone (Error `NOT_AUTHENTICATED`), so no unauthenticated payload is
 //!   even buffered.
 //! - `session`: a running [`Session`] after authentication: reader task (decode, seq check,
-//!   internal Ping/Pong), writer task (bounded queue, vectored coalesced writes, send
+//!   internal Ping/Pong, the owner's [`FrameHook`] that handles frames in the reader task
+//!   itself), writer task (bounded queue, vectored coalesced writes, send
 //!   timeout), heartbeat; [`SessionSender`] assigns sequence numbers; [`CloseWatch`]. On
 //!   plain TCP a sender writes a small frame to the socket itself while the writer task is
 //!   idle (one wake-up less per frame); [`corked`] turns that off for bursts.
@@ -60,7 +61,10 @@ use mirror_proto::{DiskState, Features, Generation, Role};
 use crate::config::{Config, Secret, Timeouts};
 
 pub use link::{spawn_link, LinkHandle, LinkState};
-pub use session::{corked, CloseWatch, LinkClosed, Session, SessionSender, TrySendError};
+pub use session::{
+    corked, CloseWatch, FrameHook, HookCx, HookFuture, Hooked, LinkClosed, Session, SessionSender,
+    TrySendError,
+};
 pub use tls::PeerTls;
 
 /// Hello `resource_name` of the control link (config names cannot contain `@`, so it never

@@ -82,6 +82,48 @@ pub enum TrySendError {
     Closed(#[from] LinkClosed),
 }
 
+/// A boxed, sendable future (a [`Hooked::Run`] step); `Some(frame)`: deliver the frame on
+/// [`Session::rx`] after all.
+pub type HookFuture = Pin<Box<dyn std::future::Future<Output = Option<Frame>> + Send + 'static>>;
+
+/// What the reader knows when it offers a frame to the [`FrameHook`].
+#[derive(Debug, Clone, Copy)]
+pub struct HookCx {
+    /// Seq of the last frame the reader delivered on [`Session::rx`] (0: none yet). A hook
+    /// that must not overtake those frames compares it with its consumer's progress.
+    pub passed: u64,
+    /// More received bytes are buffered behind this frame (a burst: the hook may cork
+    /// what it sends).
+    pub more: bool,
+}
+
+/// What a [`FrameHook`] did with a frame.
+pub enum Hooked {
+    /// Handled completely.
+    Done,
+    /// Not the hook's: delivered on [`Session::rx`] as usual.
+    Pass(Frame),
+    /// Handled by this future, which the reader awaits before it decodes the next frame
+    /// (so the frame's handling keeps its place in the wire order; usually ready at the
+    /// first poll). If it yields the frame back, it is delivered on [`Session::rx`].
+    /// Dropped unfinished if the session closes meanwhile.
+    Run(HookFuture),
+}
+
+impl fmt::Debug for Hooked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hooked::Done => f.write_str("Done"),
+            Hooked::Pass(fr) => write!(f, "Pass({:?} seq {})", fr.msg.kind(), fr.seq),
+            Hooked::Run(_) => f.write_str("Run(..)"),
+        }
+    }
+}
+
+/// A handler run by the session's reader task on each received frame that would go to
+/// [`Session::rx`], before it is queued there; see [`SessionSender::set_hook`].
+pub type FrameHook = Arc<dyn Fn(Frame, HookCx) -> Hooked + Send + Sync + 'static>;
+
 /// What the writer sends last.
 #[derive(Debug)]
 enum Final {
@@ -120,6 +162,9 @@ struct Order {
 
 struct Shared {
     order: Mutex<Order>,
+    /// The reader's [`FrameHook`] (cleared when the reader ends, which breaks the reference
+    /// cycle a hook holding a [`SessionSender`] would make).
+    hook: Mutex<Option<FrameHook>>,
     queue: mpsc::Sender<Out>,
     close_tx: watch::Sender<Option<String>>,
     fin: Mutex<Option<Final>>,
@@ -176,6 +221,52 @@ impl Shared {
         o.queued += 1;
         permit.send(Out::Frame(frame));
         Ok(seq)
+    }
+
+    /// [`Shared::commit`] for several frames with consecutive seqs: on the direct path
+    /// they leave in one write (one system call, one wake-up of the peer's reader).
+    /// `permits` holds one permit per message.
+    fn commit_all(
+        &self,
+        mut permits: mpsc::PermitIterator<'_, Out>,
+        msgs: Vec<Message>,
+    ) -> Result<u64, LinkClosed> {
+        let mut o = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        if o.closing {
+            drop(o);
+            return Err(self.closed_err());
+        }
+        let first = o.next_seq;
+        let frames: Vec<Frame> = msgs
+            .into_iter()
+            .map(|m| {
+                let f = Frame::new(o.next_seq, m);
+                o.next_seq += 1;
+                f
+            })
+            .collect();
+        if o.writer_idle
+            && o.queued == 0
+            && o.direct.is_some()
+            && !CORK.try_with(|c| *c).unwrap_or(false)
+        {
+            if let Some(rest) = write_direct_all(&mut o, &frames) {
+                o.wire_next = o.next_seq;
+                if let Some(rest) = rest {
+                    o.queued += 1;
+                    permits.next().expect("one permit per frame").send(rest);
+                }
+                return Ok(first);
+            }
+        }
+        for f in frames {
+            o.queued += 1;
+            permits
+                .next()
+                .expect("one permit per frame")
+                .send(Out::Frame(f));
+        }
+        Ok(first)
     }
 
     fn try_send_with(&self, f: impl FnOnce(u64) -> Message) -> Result<u64, TrySendError> {
@@ -285,6 +376,37 @@ fn write_direct(o: &mut Order, frame: &Frame) -> Option<Option<Out>> {
     Some(Some(Out::Rest { head, tail }))
 }
 
+/// One non-blocking write of several small frames without data blocks (acks, Flush, ...)
+/// to `o.direct`; results as [`write_direct`]. Any frame with a data block: `None`.
+fn write_direct_all(o: &mut Order, frames: &[Frame]) -> Option<Option<Out>> {
+    let Order {
+        direct, scratch, ..
+    } = o;
+    let sock = direct.as_ref()?;
+    scratch.clear();
+    for f in frames {
+        if matches!(f.msg, Message::Write { .. }) {
+            return None;
+        }
+        match f.encode_vectored(scratch) {
+            Ok(None) => {}
+            Ok(Some(t)) if t.is_empty() => {}
+            _ => return None,
+        }
+    }
+    let n = match sock.try_write(&scratch[..]) {
+        Ok(n) if n > 0 => n,
+        _ => return None,
+    };
+    if n == scratch.len() {
+        return Some(None);
+    }
+    Some(Some(Out::Rest {
+        head: Bytes::copy_from_slice(&scratch[n..]),
+        tail: None,
+    }))
+}
+
 /// Sending half of a [`Session`]. Cheap to clone; all clones share one seq counter.
 #[derive(Clone)]
 pub struct SessionSender {
@@ -330,6 +452,23 @@ impl SessionSender {
         self.shared.commit(permit, f)
     }
 
+    /// Queues `msgs` as frames with consecutive seqs (nothing in between), waiting while
+    /// the queue lacks room for all of them. Small frames without data blocks leave in one
+    /// write when the writer task is idle. Returns the first frame's seq.
+    pub async fn send_all(&self, msgs: Vec<Message>) -> Result<u64, LinkClosed> {
+        if msgs.is_empty() {
+            return Err(LinkClosed {
+                reason: "send_all: nothing to send".to_string(),
+            });
+        }
+        let mut closed = self.shared.close_tx.subscribe();
+        let permits = tokio::select! {
+            p = self.shared.queue.reserve_many(msgs.len()) => p.map_err(|_| self.shared.closed_err())?,
+            _ = closed_signal(&mut closed) => return Err(self.shared.closed_err()),
+        };
+        self.shared.commit_all(permits, msgs)
+    }
+
     /// Queues `msg` without waiting: [`TrySendError::Full`] when the queue is full.
     pub fn try_send(&self, msg: Message) -> Result<u64, TrySendError> {
         self.shared.try_send_with(move |_| msg)
@@ -367,6 +506,18 @@ impl SessionSender {
                 message: reason.to_string(),
             },
         );
+    }
+
+    /// Installs (or with `None` removes) the reader's frame hook. From the next received
+    /// frame on, the reader task offers every frame it would deliver on [`Session::rx`] to
+    /// the hook first, which saves the receive channel's hop (and a task wake-up) for the
+    /// frames it handles. The hook runs in the reader task: it must do bounded,
+    /// non-blocking work, and put anything that may wait into a [`Hooked::Run`] future
+    /// (the reader reads nothing else meanwhile: that is the back-pressure). Frames it
+    /// passes keep their order on `rx`; the order between passed and handled frames is
+    /// the hook's business ([`HookCx::passed`]). Removed when the session ends.
+    pub fn set_hook(&self, hook: Option<FrameHook>) {
+        *self.shared.hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
     }
 
     /// True once the session is closing or closed (no more frames are accepted).
@@ -529,6 +680,7 @@ pub(crate) fn start<S: SessionIo>(
             direct,
             scratch: BytesMut::with_capacity(256),
         }),
+        hook: Mutex::new(None),
         queue: queue_tx,
         close_tx,
         fin: Mutex::new(None),
@@ -595,6 +747,16 @@ async fn reader<R: AsyncRead + Unpin>(
     frame_timeout: Duration,
 ) {
     let mut closed = shared.close_tx.subscribe();
+    // The hook goes with the reader: it may hold a sender (a reference cycle otherwise).
+    struct ClearHook<'a>(&'a Shared);
+    impl Drop for ClearHook<'_> {
+        fn drop(&mut self) {
+            self.0.hook.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+    }
+    let _clear = ClearHook(&shared);
+    // Seq of the last frame delivered on `in_tx` (see `HookCx::passed`).
+    let mut passed = 0u64;
     let mut dec = Decoder::new();
     // When the frame at the front of `buf` started arriving (None: no partial frame).
     let mut partial_since: Option<Instant> = None;
@@ -666,6 +828,35 @@ async fn reader<R: AsyncRead + Unpin>(
                     return;
                 }
                 _ => {
+                    let hook = shared
+                        .hook
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    let frame = match hook {
+                        None => frame,
+                        Some(h) => match h(
+                            frame,
+                            HookCx {
+                                passed,
+                                more: !buf.is_empty(),
+                            },
+                        ) {
+                            Hooked::Done => continue,
+                            Hooked::Run(fut) => {
+                                let back = tokio::select! {
+                                    f = fut => f,
+                                    _ = closed_signal(&mut closed) => return,
+                                };
+                                match back {
+                                    Some(f) => f,
+                                    None => continue,
+                                }
+                            }
+                            Hooked::Pass(f) => f,
+                        },
+                    };
+                    passed = frame.seq;
                     tokio::select! {
                         res = in_tx.send(frame) => if res.is_err() {
                             shared.shut("session receiver dropped".to_string(),

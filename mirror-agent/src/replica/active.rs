@@ -341,6 +341,9 @@ struct Attachment {
     released: std::sync::atomic::AtomicBool,
     /// Signalled when the table empties, and on release.
     changed: Notify,
+    /// Signalled when the attachment ends (release or break): its session
+    /// watcher and frame forwarder stop.
+    stop: Notify,
 }
 
 impl Attachment {
@@ -436,16 +439,33 @@ impl ActiveVolume {
     /// Starts replicating over `link`. Call only when the pair is connected
     /// and in sync (no resync pending). Takes the link's receiving half: the
     /// volume consumes Ack1/Ack2/FlushAck; Goodbye/Error or any other frame
-    /// breaks the mirror (Ping/Pong are ignored).
+    /// breaks the mirror (Ping/Pong are ignored), and so does the end of
+    /// `link.rx`. A task forwards `link.rx` to the [`AckSink`] of
+    /// [`Self::attach_sink`].
     pub fn attach(&self, link: ReplicaLink) -> Result<(), ReplicaError> {
+        let sink = self.attach_sink(link.tx, link.closed.clone())?;
+        tokio::spawn(forward(sink, link.rx, link.closed));
+        Ok(())
+    }
+
+    /// Starts replicating over a session whose received frames the caller
+    /// hands to the returned [`AckSink`] itself (e.g. from the session's
+    /// reader task, with no task hop). Same conditions as [`Self::attach`];
+    /// the mirror breaks when `closed` fires.
+    pub fn attach_sink(
+        &self,
+        tx: Arc<dyn FrameTx>,
+        closed: Arc<dyn CloseSignal>,
+    ) -> Result<AckSink, ReplicaError> {
         let inner = &self.inner;
         let att = Arc::new(Attachment {
             id: inner.next_id.fetch_add(1, Ordering::Relaxed) + 1,
-            tx: link.tx,
+            tx,
             table: Mutex::new(Table::default()),
             gate: OnceLock::new(),
             released: Default::default(),
             changed: Notify::new(),
+            stop: Notify::new(),
         });
         {
             let mut slot = lock(&inner.slot);
@@ -455,14 +475,16 @@ impl ActiveVolume {
             *slot = Slot::Attached(att.clone());
         }
         tracing::info!(attach = att.id, mode = %inner.cfg.mode, "replication attached");
-        tokio::spawn(receiver(
+        tokio::spawn(watch_session(Arc::downgrade(inner), att.clone(), closed));
+        tokio::spawn(sweeper(
             Arc::downgrade(inner),
             att.clone(),
-            link.rx,
-            link.closed,
+            inner.cfg.ack_timeout,
         ));
-        tokio::spawn(sweeper(Arc::downgrade(inner), att, inner.cfg.ack_timeout));
-        Ok(())
+        Ok(AckSink {
+            inner: Arc::downgrade(inner),
+            att,
+        })
     }
 
     /// Stops replicating (a break without a [`ReplicaEvent::MirrorBroken`]
@@ -528,6 +550,7 @@ impl ActiveVolume {
                     drop(t);
                     drop(slot);
                     att.changed.notify_waiters();
+                    att.stop.notify_waiters();
                     tracing::info!(
                         attach = att.id,
                         "replication released cleanly (peer holds every write)"
@@ -723,6 +746,7 @@ impl Inner {
         }
         att.tx.close(&reason);
         att.changed.notify_waiters();
+        att.stop.notify_waiters();
         if emit {
             let _ = self.events.send(ReplicaEvent::MirrorBroken {
                 reason,
@@ -1099,54 +1123,109 @@ fn refuse_protocol_error(att: &Attachment, reason: &str) {
     }
 }
 
-/// Consumes the standby's frames of one attachment; any end breaks the mirror.
-async fn receiver(
-    weak: Weak<Inner>,
+/// The receiving end of one attachment ([`ActiveVolume::attach_sink`]): the
+/// standby's frames are handed to [`AckSink::deliver`] by whoever reads them.
+#[derive(Clone)]
+pub struct AckSink {
+    inner: Weak<Inner>,
     att: Arc<Attachment>,
-    mut rx: mpsc::Receiver<Frame>,
-    closed: Arc<dyn CloseSignal>,
-) {
-    let mut closed_wait = closed.wait();
-    let (reason, disk) = loop {
-        let stop = att.changed.notified();
+}
+
+impl std::fmt::Debug for AckSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AckSink")
+            .field("attach", &self.att.id)
+            .field("ended", &self.att.ended())
+            .finish()
+    }
+}
+
+impl AckSink {
+    /// Handles one frame from the standby: Ack1/Ack2/FlushAck complete their
+    /// requests, Ping/Pong are ignored, anything else (or an ack for an
+    /// unknown seq) breaks the mirror and closes the session with
+    /// Error(UNEXPECTED_MESSAGE). Bounded, non-blocking work (table lock,
+    /// request lock, a oneshot send), so it may run in a session's reader
+    /// task. `None`: taken. `Some(frame)`: the attachment has ended
+    /// (released or broken); the frame is not its to judge.
+    pub fn deliver(&self, frame: Frame) -> Option<Frame> {
+        if self.att.ended() {
+            return Some(frame);
+        }
+        let Some(inner) = self.inner.upgrade() else {
+            return Some(frame);
+        };
+        if let Err((reason, disk)) = inner.on_frame(&self.att, frame) {
+            refuse_protocol_error(&self.att, &reason);
+            inner.break_mirror(&self.att, reason, disk, true);
+        }
+        None
+    }
+
+    /// The attachment ended (released, or the mirror broke).
+    pub fn ended(&self) -> bool {
+        self.att.ended()
+    }
+}
+
+/// Breaks the mirror when the attachment's session closes (unless the
+/// attachment was released cleanly first).
+async fn watch_session(weak: Weak<Inner>, att: Arc<Attachment>, closed: Arc<dyn CloseSignal>) {
+    let reason = {
+        let stop = att.stop.notified();
         tokio::pin!(stop);
         stop.as_mut().enable();
-        if att.released.load(Ordering::SeqCst) {
+        if att.ended() {
+            return;
+        }
+        tokio::select! {
+            r = closed.wait() => format!("peer link closed: {r}"),
+            _ = stop => return,
+        }
+    };
+    // A clean release detaches without a divergence: not a mirror break.
+    if att.released.load(Ordering::SeqCst) {
+        return;
+    }
+    if let Some(inner) = weak.upgrade() {
+        inner.break_mirror(&att, reason, false, true);
+    }
+}
+
+/// [`ActiveVolume::attach`]: feeds `rx` to the sink; the end of `rx` breaks
+/// the mirror (unless the attachment was released cleanly).
+async fn forward(sink: AckSink, mut rx: mpsc::Receiver<Frame>, closed: Arc<dyn CloseSignal>) {
+    let att = sink.att.clone();
+    loop {
+        let stop = att.stop.notified();
+        tokio::pin!(stop);
+        stop.as_mut().enable();
+        if att.ended() {
             return;
         }
         let frame = tokio::select! {
             biased;
             f = rx.recv() => f,
-            r = &mut closed_wait => break (format!("peer link closed: {r}"), false),
-            _ = stop => continue,
+            _ = stop => return,
         };
-        let Some(frame) = frame else {
-            break (
-                format!(
-                    "peer link closed: {}",
-                    closed.reason().unwrap_or_else(|| "receiver ended".into())
-                ),
-                false,
-            );
-        };
-        if att.ended() {
+        let Some(frame) = frame else { break };
+        if sink.deliver(frame).is_some() {
             return;
         }
-        let Some(inner) = weak.upgrade() else { return };
-        if let Err(e) = inner.on_frame(&att, frame) {
-            refuse_protocol_error(&att, &e.0);
-            break e;
-        }
-    };
-    // A clean release detaches without a divergence; the owner then stops
-    // routing frames here, so the channel may end before this task saw the
-    // release (biased select): that end is not a mirror break. Recording one
-    // would rotate the generations of a node that just deactivated cleanly.
+    }
+    // The owner stops routing frames here after a clean release, so the
+    // channel may end before this task saw the release: not a mirror break.
+    // Recording one would rotate the generations of a node that just
+    // deactivated cleanly.
     if att.released.load(Ordering::SeqCst) {
         return;
     }
-    if let Some(inner) = weak.upgrade() {
-        inner.break_mirror(&att, reason, disk, true);
+    let reason = format!(
+        "peer link closed: {}",
+        closed.reason().unwrap_or_else(|| "receiver ended".into())
+    );
+    if let Some(inner) = sink.inner.upgrade() {
+        inner.break_mirror(&att, reason, false, true);
     }
 }
 

@@ -33,6 +33,24 @@ pub trait FrameTx: Send + Sync + 'static {
     /// builds the message with `make`, and queues the frame (waiting while the
     /// queue is full). Returns the sequence number.
     fn send_with(&self, make: MakeMessage) -> BoxFuture<Result<u64, LinkClosed>>;
+    /// Sends `msgs` in order; a session gives them consecutive seqs and may
+    /// put them on the wire in one write. Returns the first seq. The default
+    /// sends them one by one (still in order; other senders' frames may come
+    /// between them).
+    fn send_all(&self, msgs: Vec<Message>) -> BoxFuture<Result<u64, LinkClosed>> {
+        let sends: Vec<BoxFuture<Result<u64, LinkClosed>>> = msgs
+            .into_iter()
+            .map(|m| self.send_with(Box::new(move |_| m)))
+            .collect();
+        Box::pin(async move {
+            let mut first = None;
+            for f in sends {
+                let s = f.await?;
+                first.get_or_insert(s);
+            }
+            first.ok_or(LinkClosed)
+        })
+    }
     /// Closes the session with a reason (idempotent).
     fn close(&self, reason: &str);
     /// Closes the session telling the peer it broke the protocol (an Error
@@ -184,6 +202,15 @@ impl FrameTx for crate::peer::SessionSender {
         let s = self.clone();
         Box::pin(async move {
             crate::peer::SessionSender::send_with(&s, make)
+                .await
+                .map_err(|_| LinkClosed)
+        })
+    }
+
+    fn send_all(&self, msgs: Vec<Message>) -> BoxFuture<Result<u64, LinkClosed>> {
+        let s = self.clone();
+        Box::pin(async move {
+            crate::peer::SessionSender::send_all(&s, msgs)
                 .await
                 .map_err(|_| LinkClosed)
         })

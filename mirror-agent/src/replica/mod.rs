@@ -8,7 +8,7 @@
 //!   standby, completion by mode (sync/semi/async), bitmap clearing only after
 //!   Ack2, ack timeouts and mirror breaks recorded durably before any write
 //!   completes local-only, the RPO meter ([`RpoSnapshot`]).
-//! - [`standby`]: [`run_standby`], the standby's receive loop: Ack1 on receipt,
+//! - [`standby`]: [`StandbySink`] and [`run_standby`], the standby's side: Ack1 on receipt,
 //!   overlapping writes applied in `seq` order, Ack2 only once durable (group
 //!   commit by default, per-write FUA as an option), Flush as a barrier.
 //! - [`link`]: the session interface the data path needs ([`FrameTx`],
@@ -28,10 +28,11 @@ mod range_lock;
 pub mod standby;
 pub mod testing;
 
-pub use active::{ActiveConfig, ActiveVolume, RpoSnapshot};
+pub use active::{AckSink, ActiveConfig, ActiveVolume, RpoSnapshot};
 pub use link::{memory_pair, CloseSignal, FrameTx, LinkClosed, ReplicaLink};
 pub use standby::{
-    run_standby, run_standby_with, DiskError, Durability, StandbyEnd, StandbyOptions,
+    run_standby, run_standby_with, DiskError, Durability, SinkClosed, StandbyEnd, StandbyOptions,
+    StandbySink,
 };
 
 /// What the active side reports to its owner (the resource).

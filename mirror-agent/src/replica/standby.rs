@@ -1,14 +1,19 @@
-//! The standby's side of the data path: [`run_standby`].
+//! The standby's side of the data path: [`StandbySink`] (fed frame by frame
+//! by its owner, e.g. the session reader's hook) and [`run_standby`] (a
+//! receive loop over a [`ReplicaLink`] feeding a sink).
 //!
-//! For each Write / Trim / WriteZeroes frame, in arrival (`seq`) order:
-//! validate the range (outside the volume → Ack2 `-EINVAL` only, logged),
-//! take a share of the in-flight budget (back-pressure: the loop stops
-//! reading, so the peer link's queues fill and the active's ack timeout or
-//! async budget eventually decides), register the range in a FIFO range lock,
-//! send Ack1, and spawn the apply task. Writes run concurrently; overlapping
-//! ones are applied strictly in `seq` order. Ack2 is sent only once the
-//! request is on stable storage (status 0) or failed (negative errno; the
-//! first disk error is reported in [`StandbyEnd::disk_error`]).
+//! For each Write / Trim / WriteZeroes frame, in arrival (`seq`) order
+//! ([`StandbySink::accept`]): validate the range (outside the volume → Ack2
+//! `-EINVAL` only, logged), take a share of the in-flight budget
+//! (back-pressure: the caller stops reading until it is available, so the
+//! peer link's queues fill and the active's ack timeout or async budget
+//! eventually decides), register the range in a FIFO range lock, send Ack1,
+//! and start the apply task: it runs in the caller's task until it first
+//! has to wait (on tmpfs a small write, its no-op flush and its Ack2 finish
+//! right there), and is spawned for the rest. Writes run concurrently;
+//! overlapping ones are applied strictly in `seq` order. Ack2 is sent only
+//! once the request is on stable storage (status 0) or failed (negative
+//! errno; the first disk error is reported in [`StandbyEnd::disk_error`]).
 //!
 //! # Durability: group commit vs per-write FUA
 //!
@@ -58,11 +63,13 @@
 //!
 //! # Frames
 //!
-//! Ping/Pong are ignored (the link answers them); Goodbye and Error end the
-//! loop normally; any other frame (acks, resync, bitmap, state frames) is a
-//! protocol error on this path: the session is closed and
-//! [`ReplicaError::Protocol`] returned. In every case the loop first waits
-//! for the requests already accepted to finish locally.
+//! In [`run_standby`]: Ping/Pong are ignored (the link answers them); Goodbye
+//! and Error end the loop normally; any other frame (acks, resync, bitmap,
+//! state frames) is a protocol error on this path: the session is closed and
+//! [`ReplicaError::Protocol`] returned. In every case the requests already
+//! accepted finish locally first ([`StandbySink::finish`]). A sink's owner
+//! routes only the four data kinds to it (the pair's dispatcher refuses the
+//! others).
 
 use std::collections::BTreeSet;
 use std::io;
@@ -71,9 +78,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mirror_proto::{Message, MAX_DATA_LEN};
+use mirror_proto::{Frame, Message, MAX_DATA_LEN};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
 
 use super::link::{lock, send, FrameTx, ReplicaLink};
 use super::range_lock::{PendingRange, RangeLock};
@@ -285,13 +291,16 @@ impl Shared {
     }
 
     /// Sends a write's acks: its deferred Ack1 (if any) right before the Ack2,
-    /// so both usually leave in one vectored write.
+    /// both in one `send_all` (one write on the direct path, one wake-up of the
+    /// active's reader).
     async fn send_acks(&self, seq: u64, ack1: bool, status: i32) {
         if ack1 {
             self.coalesced.fetch_add(1, Ordering::Relaxed);
-            if send(&self.tx, Message::Ack1 { seq }).await.is_err() {
-                return;
-            }
+            let _ = self
+                .tx
+                .send_all(vec![Message::Ack1 { seq }, Message::Ack2 { seq, status }])
+                .await;
+            return;
         }
         let _ = send(&self.tx, Message::Ack2 { seq, status }).await;
     }
@@ -374,44 +383,17 @@ pub async fn run_standby(
 
 /// Serves the data path of the standby until the session ends; see the
 /// module docs. `Err` only for a protocol violation by the peer (the session
-/// is then closed).
+/// is then closed). Frames are taken from `link.rx` and handed to a
+/// [`StandbySink`] in order.
 pub async fn run_standby_with(
     local: Arc<dyn BlockEngine>,
     link: ReplicaLink,
     opts: StandbyOptions,
 ) -> Result<StandbyEnd, ReplicaError> {
     let ReplicaLink { tx, mut rx, closed } = link;
-    let budget_bytes = opts
-        .max_inflight_bytes
-        .max(MAX_DATA_LEN)
-        .min(u32::MAX as usize);
-    let budget = Arc::new(Semaphore::new(budget_bytes));
-    let shared = Arc::new(Shared {
-        local,
-        tx,
-        opts,
-        outstanding: Mutex::new(BTreeSet::new()),
-        applied_one: Notify::new(),
-        disk_error: Mutex::new(None),
-        applied: AtomicU64::new(0),
-        applied_bytes: AtomicU64::new(0),
-        flushes: AtomicU64::new(0),
-        coalesced: AtomicU64::new(0),
-        group: Mutex::new(Group::default()),
-        // Starts "slow": Ack1 on acceptance until durability proves fast.
-        durable_avg_us: AtomicU64::new(
-            opts.coalesce_ack1_below
-                .map_or(u64::MAX / 2, |t| 4 * t.as_micros() as u64),
-        ),
-    });
-    let ranges = RangeLock::default();
-    let size = shared.local.size();
-    let mut tasks = JoinSet::new();
+    let sink = StandbySink::new(local, tx, opts);
     let mut closed_wait = closed.wait();
-
     let outcome: Result<String, ReplicaError> = loop {
-        // Reap finished apply tasks so the set does not grow.
-        while tasks.try_join_next().is_some() {}
         let frame = tokio::select! {
             biased;
             f = rx.recv() => f,
@@ -420,6 +402,187 @@ pub async fn run_standby_with(
         let Some(frame) = frame else {
             break Ok(closed.reason().unwrap_or_else(|| "peer link ended".into()));
         };
+        let seq = frame.seq;
+        match frame.msg {
+            Message::Write { .. }
+            | Message::Trim { .. }
+            | Message::WriteZeroes { .. }
+            | Message::Flush => {
+                let more = !rx.is_empty();
+                let accepted = tokio::select! {
+                    biased;
+                    a = sink.accept(frame, more) => a,
+                    r = &mut closed_wait => break Ok(r),
+                };
+                if accepted.is_err() {
+                    break Ok(closed.reason().unwrap_or_else(|| "peer link closed".into()));
+                }
+            }
+            Message::Ping { .. } | Message::Pong { .. } => {}
+            Message::Goodbye { reason } => break Ok(format!("peer said goodbye: {reason:?}")),
+            Message::Error { code, message } => {
+                break Ok(format!("peer reported error {code}: {message}"))
+            }
+            other => {
+                break Err(ReplicaError::Protocol(format!(
+                    "unexpected {:?} frame (seq {seq}) on the standby data path",
+                    other.kind()
+                )))
+            }
+        }
+    };
+    if let Err(e) = &outcome {
+        tracing::warn!(error = %e, "standby: closing the session");
+        sink.core.shared.tx.close(&e.to_string());
+    }
+    let end = sink.finish(String::new()).await;
+    let reason = outcome?;
+    Ok(StandbyEnd { reason, ..end })
+}
+
+/// The standby's data path, fed frame by frame by its owner
+/// ([`StandbySink::accept`]), for instance from the session's reader task
+/// with no task hop in between; [`run_standby_with`] feeds it from a
+/// [`ReplicaLink`]. Cheap to clone.
+#[derive(Clone)]
+pub struct StandbySink {
+    core: Arc<Core>,
+}
+
+impl std::fmt::Debug for StandbySink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StandbySink")
+            .field("tasks", &self.core.tasks.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The sink's state beyond [`Shared`] (what the receive loop used to own).
+struct Core {
+    shared: Arc<Shared>,
+    budget: Arc<Semaphore>,
+    budget_bytes: usize,
+    ranges: RangeLock,
+    size: u64,
+    /// Apply/barrier tasks running; [`StandbySink::finish`] waits for 0.
+    tasks: AtomicU64,
+    tasks_done: Notify,
+    /// Set by `finish`: later frames are refused (the session is over).
+    finished: std::sync::atomic::AtomicBool,
+}
+
+/// The sink no longer takes frames: the session closed or the sink finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkClosed;
+
+/// Counts one running task of the sink (also when the task panics).
+struct TaskGuard(Arc<Core>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.0.tasks.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.tasks_done.notify_waiters();
+        }
+    }
+}
+
+impl Core {
+    /// Counts the caller as running unless the sink finished. With `finish`
+    /// (flag, then count; both SeqCst) either `finish` waits for this guard
+    /// or this sees the flag: nothing is applied after `finish` returned.
+    fn enter(self: &Arc<Self>) -> Result<TaskGuard, SinkClosed> {
+        self.tasks.fetch_add(1, Ordering::SeqCst);
+        let guard = TaskGuard(self.clone());
+        if self.finished.load(Ordering::SeqCst) {
+            return Err(SinkClosed);
+        }
+        Ok(guard)
+    }
+
+    fn spawn(self: &Arc<Self>, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.fetch_add(1, Ordering::SeqCst);
+        let guard = TaskGuard(self.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            fut.await;
+        });
+    }
+
+    /// Runs `fut` in the caller's task until it first has to wait, and
+    /// spawns only the rest. On a backing whose small writes are page-cache
+    /// copies and whose flush is a no-op (tmpfs), an apply finishes here,
+    /// Ack2 included, without waking another task. The first poll uses a
+    /// no-op waker; the spawned task polls again with its own, and every
+    /// future here (tokio primitives, the engines' completions) registers
+    /// the waker of the latest poll.
+    fn run_or_spawn(self: &Arc<Self>, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.fetch_add(1, Ordering::SeqCst);
+        let guard = TaskGuard(self.clone());
+        let mut fut = Box::pin(fut);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if fut.as_mut().poll(&mut cx).is_ready() {
+            return;
+        }
+        tokio::spawn(async move {
+            let _guard = guard;
+            fut.await;
+        });
+    }
+}
+
+impl StandbySink {
+    /// A sink applying to `local` and acknowledging over `tx`.
+    pub fn new(local: Arc<dyn BlockEngine>, tx: Arc<dyn FrameTx>, opts: StandbyOptions) -> Self {
+        let budget_bytes = opts
+            .max_inflight_bytes
+            .max(MAX_DATA_LEN)
+            .min(u32::MAX as usize);
+        let shared = Arc::new(Shared {
+            local,
+            tx,
+            opts,
+            outstanding: Mutex::new(BTreeSet::new()),
+            applied_one: Notify::new(),
+            disk_error: Mutex::new(None),
+            applied: AtomicU64::new(0),
+            applied_bytes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
+            group: Mutex::new(Group::default()),
+            // Starts "slow": Ack1 on acceptance until durability proves fast.
+            durable_avg_us: AtomicU64::new(
+                opts.coalesce_ack1_below
+                    .map_or(u64::MAX / 2, |t| 4 * t.as_micros() as u64),
+            ),
+        });
+        let size = shared.local.size();
+        StandbySink {
+            core: Arc::new(Core {
+                shared,
+                budget: Arc::new(Semaphore::new(budget_bytes)),
+                budget_bytes,
+                ranges: RangeLock::default(),
+                size,
+                tasks: AtomicU64::new(0),
+                tasks_done: Notify::new(),
+                finished: Default::default(),
+            }),
+        }
+    }
+
+    /// Accepts one Write / Trim / WriteZeroes / Flush frame, in `seq` order
+    /// (the caller must not start the next frame's `accept` before this one
+    /// returned): range check, in-flight budget, range registration, Ack1,
+    /// then the apply task is spawned. Ready at the first poll unless the
+    /// in-flight budget or the session's send queue is full; while it waits,
+    /// the caller reads no further frames (back-pressure). `more`: other
+    /// frames are already waiting (the Ack1 may then be batched). Any other
+    /// frame kind is ignored here (the caller routes by kind).
+    /// `Err(SinkClosed)`: the session is closed (the frame was not accepted).
+    pub async fn accept(&self, frame: Frame, more: bool) -> Result<(), SinkClosed> {
+        let core = &self.core;
+        let shared = &core.shared;
+        let _running = core.enter()?;
         let seq = frame.seq;
         let op = match frame.msg {
             Message::Write { offset, fua, data } => Apply::Write { offset, data, fua },
@@ -446,7 +609,7 @@ pub async fn run_standby_with(
             Message::Flush => {
                 lock(&shared.outstanding).insert(seq);
                 let sh = shared.clone();
-                tasks.spawn(async move {
+                core.spawn(async move {
                     sh.barrier(seq).await;
                     match sh.opts.durability {
                         Durability::GroupCommit => {
@@ -469,31 +632,21 @@ pub async fn run_standby_with(
                     }
                     sh.done(seq);
                 });
-                continue;
+                return Ok(());
             }
-            Message::Ping { .. } | Message::Pong { .. } => continue,
-            Message::Goodbye { reason } => break Ok(format!("peer said goodbye: {reason:?}")),
-            Message::Error { code, message } => {
-                break Ok(format!("peer reported error {code}: {message}"))
-            }
-            other => {
-                break Err(ReplicaError::Protocol(format!(
-                    "unexpected {:?} frame (seq {seq}) on the standby data path",
-                    other.kind()
-                )))
-            }
+            _ => return Ok(()),
         };
         let (offset, len) = op.range();
-        if !matches!(offset.checked_add(len), Some(end) if end <= size) {
+        if !matches!(offset.checked_add(len), Some(end) if end <= core.size) {
             tracing::warn!(
                 seq,
                 op = op.name(),
                 offset,
                 len,
-                volume_size = size,
+                volume_size = core.size,
                 "request outside the volume refused"
             );
-            if send(
+            return send(
                 &shared.tx,
                 Message::Ack2 {
                     seq,
@@ -501,27 +654,29 @@ pub async fn run_standby_with(
                 },
             )
             .await
-            .is_err()
-            {
-                break Ok(closed.reason().unwrap_or_else(|| "peer link closed".into()));
-            }
-            continue;
+            .map(|_| ())
+            .map_err(|_| SinkClosed);
         }
         let cost = match &op {
-            Apply::Write { data, .. } => data.len().clamp(1, budget_bytes),
+            Apply::Write { data, .. } => data.len().clamp(1, core.budget_bytes),
             _ => 4096,
         } as u32;
-        let permit = tokio::select! {
-            biased;
-            p = budget.clone().acquire_many_owned(cost) => p.expect("budget semaphore is never closed"),
-            r = &mut closed_wait => break Ok(r),
+        // Usually available at once; otherwise the caller stops reading here.
+        let permit = match core.budget.clone().try_acquire_many_owned(cost) {
+            Ok(p) => p,
+            Err(_) => core
+                .budget
+                .clone()
+                .acquire_many_owned(cost)
+                .await
+                .expect("budget semaphore is never closed"),
         };
-        let pending = ranges.register(offset, len);
+        let pending = core.ranges.register(offset, len);
         // Other requests in flight or frames waiting: this Ack1 is part of a
         // burst, let the session batch it (see `crate::peer::corked`).
         let busy = {
             let mut o = lock(&shared.outstanding);
-            let busy = !o.is_empty() || !rx.is_empty();
+            let busy = !o.is_empty() || more;
             o.insert(seq);
             busy
         };
@@ -536,37 +691,42 @@ pub async fn run_standby_with(
         } else {
             send(&shared.tx, Message::Ack1 { seq }).await
         };
-        tasks.spawn(apply(
-            shared.clone(),
-            seq,
-            op,
-            pending,
-            permit,
-            defer_ack1,
-            since,
-        ));
-        if sent.is_err() {
-            break Ok(closed.reason().unwrap_or_else(|| "peer link closed".into()));
+        let work = apply(shared.clone(), seq, op, pending, permit, defer_ack1, since);
+        // In a burst its acks, too, join the session writer's next vectored
+        // write instead of one write (and one wake-up of the active) each.
+        if busy {
+            core.run_or_spawn(crate::peer::corked(work));
+        } else {
+            core.run_or_spawn(work);
         }
-    };
-
-    if let Err(e) = &outcome {
-        tracing::warn!(error = %e, "standby: closing the session");
-        shared.tx.close(&e.to_string());
+        sent.map(|_| ()).map_err(|_| SinkClosed)
     }
-    // Every accepted request finishes locally (and every group-commit leader
-    // its last round) before we return.
-    while tasks.join_next().await.is_some() {}
-    let reason = outcome?;
-    let disk_error = lock(&shared.disk_error).clone();
-    Ok(StandbyEnd {
-        reason,
-        disk_error,
-        applied: shared.applied.load(Ordering::Relaxed),
-        applied_bytes: shared.applied_bytes.load(Ordering::Relaxed),
-        flushes: shared.flushes.load(Ordering::Relaxed),
-        coalesced_ack1: shared.coalesced.load(Ordering::Relaxed),
-    })
+
+    /// Stops accepting, waits until every accepted request finished locally
+    /// (and every group-commit leader its last round), and reports.
+    pub async fn finish(&self, reason: String) -> StandbyEnd {
+        let core = &self.core;
+        core.finished.store(true, Ordering::SeqCst);
+        loop {
+            let done = core.tasks_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if core.tasks.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            done.await;
+        }
+        let shared = &core.shared;
+        let disk_error = lock(&shared.disk_error).clone();
+        StandbyEnd {
+            reason,
+            disk_error,
+            applied: shared.applied.load(Ordering::Relaxed),
+            applied_bytes: shared.applied_bytes.load(Ordering::Relaxed),
+            flushes: shared.flushes.load(Ordering::Relaxed),
+            coalesced_ack1: shared.coalesced.load(Ordering::Relaxed),
+        }
+    }
 }
 
 async fn apply(
