@@ -194,7 +194,11 @@ impl Resource {
             preferred: 4096.max(self.cfg.nbd_block_size_min as u32),
             maximum: self.cfg.nbd_max_request as u32,
         };
-        let server = NbdServer::new(vec![export], nbd::Limits::default())
+        let limits = nbd::Limits {
+            idle_poll: self.cfg.nbd_idle_poll,
+            ..nbd::Limits::default()
+        };
+        let server = NbdServer::new(vec![export], limits)
             .map_err(|e| AdminError::internal(format!("cannot create NBD server: {e}")))?;
         let unix = nbd::bind_unix(&self.me.nbd_socket, None).map_err(|e| {
             AdminError::internal(format!(

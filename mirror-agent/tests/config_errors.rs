@@ -500,6 +500,18 @@ fn keep_dirty_zero() {
 }
 
 #[test]
+fn nbd_idle_poll_too_long_or_not_a_duration() {
+    parse_err(
+        &edit(&[("auto_recovery = true", "nbd_idle_poll = \"2ms\"")]),
+        &["resource.md1.nbd_idle_poll", "\"2ms\"", "at most 1ms"],
+    );
+    parse_err(
+        &edit(&[("auto_recovery = true", "nbd_idle_poll = 50")]),
+        &["resource.md1.nbd_idle_poll", "a duration string"],
+    );
+}
+
+#[test]
 fn async_queue_smaller_than_max_request() {
     parse_err(
         &edit(&[("auto_recovery = true", "async_queue = \"1MiB\"")]),

@@ -141,6 +141,7 @@ fn defaults_are_filled_in() {
     assert_eq!(r.direct_io, DirectIo::Auto);
     assert_eq!(r.nbd_block_size_min, 512);
     assert_eq!(r.nbd_max_request, 32 << 20);
+    assert_eq!(r.nbd_idle_poll, std::time::Duration::from_micros(50));
     let n = r.node("server1").unwrap();
     assert_eq!(n.nbd_tcp, None);
     assert_eq!(n.nbd_device, None);
@@ -340,6 +341,7 @@ engine = "portable"
 direct_io = "off"
 nbd_block_size_min = 4096
 nbd_max_request = "1MiB"
+nbd_idle_poll = "20us"
 divergent_save_dir = "/var/lib/nbd-mirror/divergent"
 [resource.server.a]
 data_path = "/dev/vdb"
@@ -402,6 +404,7 @@ nbd_socket = "/run/semi.nbd"
     assert_eq!(r.direct_io, DirectIo::Off);
     assert_eq!(r.nbd_block_size_min, 4096);
     assert_eq!(r.nbd_max_request, 1 << 20);
+    assert_eq!(r.nbd_idle_poll, std::time::Duration::from_micros(20));
     let a = r.node("a").unwrap();
     assert_eq!(a.mirror_port, 31000);
     assert_eq!(a.nbd_tcp, Some("0.0.0.0:10809".parse().unwrap()));
@@ -605,5 +608,25 @@ proptest! {
     fn size_parser_never_panics(s in "\\PC{0,24}") {
         let _ = parse_size(&s);
         let _ = parse_duration(&s);
+    }
+}
+
+#[test]
+fn nbd_idle_poll_can_be_switched_off() {
+    for off in [
+        "nbd_idle_poll = 0",
+        "nbd_idle_poll = \"0\"",
+        "nbd_idle_poll = \"off\"",
+    ] {
+        let (_t, dir) = canonical_tempdir();
+        let text =
+            BRIEF_EXAMPLE.replacen("name = \"md1\"\n", &format!("name = \"md1\"\n{off}\n"), 1);
+        assert!(text.contains(off));
+        let c = Config::load(&write_config(&dir, &text)).unwrap();
+        assert_eq!(
+            c.resource("md1").unwrap().nbd_idle_poll,
+            std::time::Duration::ZERO,
+            "{off}"
+        );
     }
 }

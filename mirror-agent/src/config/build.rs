@@ -29,6 +29,9 @@ const MAX_HOT_REGIONS: u64 = 1 << 24;
 const DEFAULT_NBD_BLOCK_SIZE_MIN: u64 = 512;
 const DEFAULT_NBD_MAX_REQUEST: u64 = 32 << 20;
 const MAX_NBD_MAX_REQUEST: u64 = 1 << 30;
+/// Default and largest `nbd_idle_poll` (see `nbd::Limits::idle_poll`).
+const DEFAULT_NBD_IDLE_POLL: Duration = Duration::from_micros(50);
+const MAX_NBD_IDLE_POLL: Duration = Duration::from_millis(1);
 const MAX_NAME_LEN: usize = 64;
 /// Base of the default `divergent_save_dir` when the cluster partition is a device.
 const DEFAULT_STATE_DIR: &str = "/var/lib/nbd-mirror";
@@ -495,6 +498,22 @@ fn build_resource(
             n
         }
     };
+    let nbd_idle_poll = match &rr.nbd_idle_poll {
+        None => DEFAULT_NBD_IDLE_POLL,
+        Some(toml::Value::Integer(0)) => Duration::ZERO,
+        Some(toml::Value::String(s)) if s == "0" || s == "off" => Duration::ZERO,
+        Some(v) => {
+            let d = cx.duration(&k("nbd_idle_poll"), v)?;
+            if d > MAX_NBD_IDLE_POLL {
+                return Err(cx.invalid(
+                    &k("nbd_idle_poll"),
+                    v,
+                    "a duration of at most 1ms, or 0 / \"off\"",
+                ));
+            }
+            d
+        }
+    };
     let async_queue = match &rr.async_queue {
         None => DEFAULT_ASYNC_QUEUE,
         Some(v) => {
@@ -628,6 +647,7 @@ fn build_resource(
         direct_io,
         nbd_block_size_min,
         nbd_max_request,
+        nbd_idle_poll,
         nodes,
     })
 }

@@ -280,6 +280,10 @@ pub struct Resource {
     /// NBD maximum request payload (4KiB..=1GiB, a multiple of the minimum
     /// block size); larger requests are refused with EINVAL/EOVERFLOW.
     pub nbd_max_request: u64,
+    /// How long an idle NBD connection polls its socket for the next request
+    /// before it sleeps (`nbd::Limits::idle_poll`); zero = never. Default
+    /// 50 µs, at most 1 ms.
+    pub nbd_idle_poll: Duration,
     /// The resource's nodes, one per declared server, in server order.
     pub nodes: Vec<ResourceNode>,
 }

@@ -86,6 +86,7 @@ pub(super) struct RawResource {
     pub direct_io: Option<String>,
     pub nbd_block_size_min: Option<toml::Value>,
     pub nbd_max_request: Option<toml::Value>,
+    pub nbd_idle_poll: Option<toml::Value>,
     pub divergent_save_dir: Option<String>,
     pub server: Option<BTreeMap<String, RawNode>>,
 }
@@ -121,6 +122,7 @@ const RESOURCE_KEYS: &[&str] = &[
     "direct_io",
     "nbd_block_size_min",
     "nbd_max_request",
+    "nbd_idle_poll",
 ];
 
 /// Parses the text, mapping the parser's error to [`ConfigError`].

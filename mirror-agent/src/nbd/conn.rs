@@ -22,9 +22,17 @@
 //! client vanishing mid-payload never causes a partial write or a reply.
 //! On `NBD_CMD_DISC`, end of stream or an error, the reader stops, waits for
 //! the requests in flight, lets the writer flush, and closes.
+//!
+//! When nothing is in flight and no reply is queued, the connection polls
+//! its socket for the next request for a short, adaptive window before it
+//! parks in epoll (`IdlePoll`, `Limits::idle_poll`): a client issuing one
+//! request after another then does not wait for the server's wake-up.
+//!
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -52,12 +60,13 @@ pub(crate) async fn run<S>(
     guard: GaugeGuard,
     peer: String,
     preselected: Option<usize>,
+    poll_fd: Option<RawFd>,
 ) -> Result<(), NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let _conn = guard;
-    let result = serve(&server, stream, preselected).await;
+    let result = serve(&server, stream, preselected, poll_fd).await;
     match &result {
         Ok(()) => tracing::debug!(%peer, "NBD connection closed"),
         Err(NbdError::Shutdown) => {
@@ -72,6 +81,7 @@ async fn serve<S>(
     server: &Arc<NbdServer>,
     stream: S,
     preselected: Option<usize>,
+    poll_fd: Option<RawFd>,
 ) -> Result<(), NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -84,7 +94,7 @@ where
             export,
             structured: false,
         };
-        return transmission(server, session, input, wr, shutdown).await;
+        return transmission(server, session, input, wr, shutdown, poll_fd).await;
     }
     let timeout = server.limits.handshake_timeout;
     let outcome = tokio::time::timeout(
@@ -95,7 +105,9 @@ where
     .map_err(|_| NbdError::HandshakeTimeout(timeout))??;
     match outcome {
         Outcome::Aborted => Ok(()),
-        Outcome::Transmission(session) => transmission(server, session, input, wr, shutdown).await,
+        Outcome::Transmission(session) => {
+            transmission(server, session, input, wr, shutdown, poll_fd).await
+        }
     }
 }
 
@@ -263,6 +275,7 @@ async fn transmission<R, W>(
     mut input: Input<R>,
     wr: W,
     mut shutdown: watch::Receiver<bool>,
+    poll_fd: Option<RawFd>,
 ) -> Result<(), NbdError>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -302,11 +315,29 @@ where
     let mut shutting = *shutdown.borrow();
     let mut grace: Option<Instant> = shutting.then(|| Instant::now() + limits.shutdown_grace);
     let max_payload = export.block_sizes.maximum.max(MIN_SKIPPABLE_PAYLOAD);
+    let mut idle = IdlePoll::new(limits.idle_poll);
 
     // `reader` returns how the loop ended; the cleanup below always runs.
     let result: Result<(), NbdError> = 'reader: loop {
         if shutting && pending.is_empty() {
             break Err(NbdError::Shutdown);
+        }
+        // Idle: nothing in flight, no reply waiting for the writer, no
+        // request buffered. Poll for the next one briefly before parking
+        // (see `IdlePoll`); a reply still queued would only be delayed.
+        if let Some(fd) = poll_fd {
+            if pending.is_empty()
+                && input.buf.len() < REQUEST_HEADER_LEN
+                && !shutting
+                && replies.writer_idle()
+            {
+                if let Err(source) = idle.poll(&mut input, fd).await {
+                    break Err(NbdError::Io {
+                        phase: "request header",
+                        source,
+                    });
+                }
+            }
         }
         // Headers already received are admitted before the engine futures
         // are polled again, so that the requests of one burst are started
@@ -618,6 +649,11 @@ struct Replies<W> {
 }
 
 impl<W: AsyncWrite + Unpin> Replies<W> {
+    /// No reply queued for the writer task and none being written.
+    fn writer_idle(&self) -> bool {
+        self.tx.capacity() == self.tx.max_capacity() && self.sink.try_lock().is_ok()
+    }
+
     /// Hands a finished request's reply on. When it was the only request in
     /// flight and the writer is idle, it is written here (at QD1 this saves the
     /// hop to the writer task); otherwise it is queued for the writer, which
@@ -646,6 +682,104 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
             _ = wait_dead(&self.wstate) => Err(writer_failed()),
             _ = grace_timer(shutdown, grace, grace_dur) => Err(NbdError::ShutdownGraceExpired(grace_dur)),
             r = self.tx.send(out) => r.map_err(|_| writer_failed()),
+        }
+    }
+}
+
+/// Adaptive polling for the next request when a connection goes idle (see
+/// [`Limits::idle_poll`](super::Limits::idle_poll)): after the last reply
+/// of a burst, the connection task keeps trying a non-blocking `recv` for up
+/// to `window` before it parks in epoll. A client issuing requests one after
+/// another (QD1) then finds the server awake, instead of paying for a
+/// wake-up per request (on a VM, waking an idle vCPU costs tens of µs). A
+/// window that expires is halved, down to nothing; then only every
+/// [`IDLE_PROBE_EVERY`]th idle period probes with the full window again, so
+/// an idle or slow client costs almost no polling. A hit restores the full
+/// window.
+#[derive(Debug)]
+struct IdlePoll {
+    max: Duration,
+    window: Duration,
+    /// While `window` is zero: idle periods until the next probe.
+    probe_in: u32,
+}
+
+/// Windows below this are not worth a poll.
+const IDLE_POLL_MIN: Duration = Duration::from_micros(4);
+/// See [`IdlePoll`].
+const IDLE_PROBE_EVERY: u32 = 32;
+/// Longest stretch of polling without yielding to the runtime's other tasks.
+const IDLE_POLL_SLICE: Duration = Duration::from_micros(20);
+
+impl IdlePoll {
+    fn new(max: Duration) -> Self {
+        IdlePoll {
+            max,
+            window: max,
+            probe_in: 0,
+        }
+    }
+
+    /// How long to poll for this idle period (zero: park at once).
+    fn window(&mut self) -> Duration {
+        if self.window.is_zero() && !self.max.is_zero() {
+            self.probe_in = self.probe_in.saturating_sub(1);
+            if self.probe_in == 0 {
+                return self.max;
+            }
+        }
+        self.window
+    }
+
+    /// A request arrived within the window (`hit`) or the window expired.
+    fn record(&mut self, hit: bool) {
+        if hit {
+            self.window = self.max;
+            return;
+        }
+        self.window /= 2;
+        if self.window < IDLE_POLL_MIN {
+            self.window = Duration::ZERO;
+            self.probe_in = IDLE_PROBE_EVERY;
+        }
+    }
+
+    /// Polls `fd`, the socket under `input`, until a whole request header
+    /// is buffered, the stream ends (left to the normal read path to
+    /// report) or the window expires.
+    async fn poll<R: AsyncRead + Unpin>(
+        &mut self,
+        input: &mut Input<R>,
+        fd: RawFd,
+    ) -> std::io::Result<()> {
+        let window = self.window();
+        if window.is_zero() {
+            return Ok(());
+        }
+        let start = std::time::Instant::now();
+        let mut slice = start;
+        loop {
+            match input.try_recv(fd)? {
+                Some(0) => return Ok(()), // end of stream
+                Some(_) if input.buf.len() >= REQUEST_HEADER_LEN => {
+                    self.record(true);
+                    return Ok(());
+                }
+                _ => {}
+            }
+            let now = std::time::Instant::now();
+            if now - start >= window {
+                self.record(false);
+                return Ok(());
+            }
+            if now - slice >= IDLE_POLL_SLICE {
+                // Let the worker's other tasks run; yielding on every
+                // attempt would wake the other idle worker each time.
+                tokio::task::yield_now().await;
+                slice = std::time::Instant::now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 }
@@ -932,4 +1066,51 @@ async fn write_reply<W: AsyncWrite + Unpin>(
         }
     }
     w.write_all(header).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_poll_halves_on_misses_then_probes_and_a_hit_restores_it() {
+        let max = Duration::from_micros(50);
+        let mut p = IdlePoll::new(max);
+        assert_eq!(p.window(), max);
+        p.record(false);
+        assert_eq!(p.window(), max / 2);
+        p.record(false);
+        p.record(false);
+        assert_eq!(p.window(), max / 8);
+        p.record(false); // 3.125 µs: below the minimum
+        for _ in 1..IDLE_PROBE_EVERY {
+            assert_eq!(p.window(), Duration::ZERO);
+        }
+        assert_eq!(
+            p.window(),
+            max,
+            "every IDLE_PROBE_EVERY-th idle period probes"
+        );
+        p.record(false);
+        assert_eq!(p.window(), Duration::ZERO, "a missed probe parks again");
+        for _ in 2..IDLE_PROBE_EVERY {
+            p.window();
+        }
+        assert_eq!(p.window(), max);
+        p.record(true);
+        assert_eq!(p.window(), max);
+        assert_eq!(
+            p.window(),
+            max,
+            "a hit restores polling on every idle period"
+        );
+    }
+
+    #[test]
+    fn idle_poll_zero_never_polls() {
+        let mut p = IdlePoll::new(Duration::ZERO);
+        for _ in 0..2 * IDLE_PROBE_EVERY {
+            assert_eq!(p.window(), Duration::ZERO);
+        }
+    }
 }

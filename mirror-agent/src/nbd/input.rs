@@ -5,6 +5,8 @@
 //! connection can wait for "next header or shutdown" without desynchronising
 //! the stream.
 
+use std::os::fd::RawFd;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::engine::buf::IoBuf;
@@ -12,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Read-ahead per `read` call while waiting for small messages.
 const READ_AHEAD: usize = 64 * 1024;
+/// Room [`Input::try_recv`] keeps free: a request header and a 4 KiB payload.
+const REQUEST_READ_MIN: usize = 8 * 1024;
 
 /// A write payload being received (see [`Input::start_payload`]).
 #[derive(Debug)]
@@ -96,6 +100,40 @@ impl<R: AsyncRead + Unpin> Input<R> {
         let n = self.reader.read(&mut p.buf[p.filled..]).await?;
         p.filled += n;
         Ok(n > 0)
+    }
+
+    /// One non-blocking `recv` from `fd` into the read-ahead buffer:
+    /// `Some(n)` bytes received (0 = end of stream), `None` if nothing is
+    /// waiting. `fd` must be the socket `reader` reads (the connection's
+    /// idle polling, which reads it directly so as not to park in epoll);
+    /// the bytes land in `buf` in stream order like any other read.
+    pub(crate) fn try_recv(&mut self, fd: RawFd) -> std::io::Result<Option<usize>> {
+        if self.buf.capacity() - self.buf.len() < REQUEST_READ_MIN {
+            self.buf.reserve(READ_AHEAD);
+        }
+        let spare = self.buf.spare_capacity_mut();
+        // SAFETY: the kernel writes at most `spare.len()` bytes into the
+        // spare capacity, which is allocated and unaliased for the call.
+        let r = unsafe {
+            libc::recv(
+                fd,
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(None),
+                _ => Err(e),
+            };
+        }
+        let n = r as usize;
+        // SAFETY: the kernel initialised the first `n` bytes of the spare
+        // capacity (n <= spare.len()).
+        unsafe { self.buf.set_len(self.buf.len() + n) };
+        Ok(Some(n))
     }
 
     /// Consumes and drops `len` bytes without holding them in memory.

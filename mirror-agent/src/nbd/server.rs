@@ -130,6 +130,13 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Replies queued per connection for the writer task.
     pub reply_queue: usize,
+    /// Longest a connection with nothing in flight polls its socket for the
+    /// next request before it parks (zero: never). Spends up to this much
+    /// CPU per idle period to spare a client issuing one request after
+    /// another the server's wake-up; adaptive, so idle clients cost
+    /// almost nothing (see `conn.rs`, `IdlePoll`). Unix and TCP listeners
+    /// only.
+    pub idle_poll: Duration,
 }
 
 impl Default for Limits {
@@ -142,6 +149,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             reply_queue: 64,
+            idle_poll: Duration::from_micros(50),
         }
     }
 }
@@ -426,7 +434,15 @@ impl NbdServer {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let guard = self.gauge(Gauge::Connection);
-        conn::run(Arc::clone(self), stream, guard, "stream".to_owned(), None).await
+        conn::run(
+            Arc::clone(self),
+            stream,
+            guard,
+            "stream".to_owned(),
+            None,
+            None,
+        )
+        .await
     }
 
     /// Serves a client that skips the handshake because it was configured
@@ -453,6 +469,7 @@ impl NbdServer {
             guard,
             format!("preconnected:{name}"),
             Some(idx),
+            None,
         )
         .await
     }
@@ -470,8 +487,12 @@ impl NbdServer {
         })
     }
 
-    fn spawn_connection<S>(self: &Arc<Self>, stream: S, peer: String)
-    where
+    fn spawn_connection<S>(
+        self: &Arc<Self>,
+        stream: S,
+        peer: String,
+        poll_fd: Option<std::os::fd::RawFd>,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         // Counted before spawning, so shutdown() cannot miss a just-accepted client.
@@ -480,7 +501,7 @@ impl NbdServer {
         let server = Arc::clone(self);
         tokio::spawn(async move {
             let _task = task_guard;
-            let _ = conn::run(server, stream, conn_guard, peer, None).await;
+            let _ = conn::run(server, stream, conn_guard, peer, None, poll_fd).await;
         });
     }
 
@@ -494,7 +515,8 @@ impl NbdServer {
                 r = listener.accept() => match r {
                     Ok((stream, _)) => {
                         set_unix_sndbuf(&stream);
-                        self.spawn_connection(stream, "unix".to_owned())
+                        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+                        self.spawn_connection(stream, "unix".to_owned(), Some(fd))
                     }
                     Err(e) => accept_error(e).await,
                 },
@@ -514,7 +536,8 @@ impl NbdServer {
                         if let Err(e) = stream.set_nodelay(true) {
                             tracing::warn!(%peer, error = %e, "cannot set TCP_NODELAY");
                         }
-                        self.spawn_connection(stream, peer.to_string());
+                        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+                        self.spawn_connection(stream, peer.to_string(), Some(fd));
                     }
                     Err(e) => accept_error(e).await,
                 },
