@@ -107,55 +107,45 @@ impl Agent {
                     Ok(r) => r,
                     Err(e) => return Response::err(e),
                 };
-                {
-                    let out = r.activate(nomount).await;
-                    r.changed();
-                    log_outcome("activate", &resource, out)
-                }
+                let out = r.activate(nomount).await;
+                r.changed();
+                log_outcome("activate", &resource, out)
             }
             Request::Deactivate { resource } => {
                 let r = match self.find(&resource) {
                     Ok(r) => r,
                     Err(e) => return Response::err(e),
                 };
-                {
-                    let out = r.deactivate().await;
-                    r.changed();
-                    log_outcome("deactivate", &resource, out)
-                }
+                let out = r.deactivate().await;
+                r.changed();
+                log_outcome("deactivate", &resource, out)
             }
             Request::Recover { resource } => {
                 let r = match self.find(&resource) {
                     Ok(r) => r,
                     Err(e) => return Response::err(e),
                 };
-                {
-                    let out = r.recover().await;
-                    r.changed();
-                    log_outcome("recover", &resource, out)
-                }
+                let out = r.recover().await;
+                r.changed();
+                log_outcome("recover", &resource, out)
             }
             Request::Force { resource, winner } => {
                 let r = match self.find(&resource) {
                     Ok(r) => r,
                     Err(e) => return Response::err(e),
                 };
-                {
-                    let out = r.force(&winner).await;
-                    r.changed();
-                    log_outcome("force", &resource, out)
-                }
+                let out = r.force(&winner).await;
+                r.changed();
+                log_outcome("force", &resource, out)
             }
             Request::Break { resource } => {
                 let r = match self.find(&resource) {
                     Ok(r) => r,
                     Err(e) => return Response::err(e),
                 };
-                {
-                    let out = r.break_mirror().await;
-                    r.changed();
-                    log_outcome("break", &resource, out)
-                }
+                let out = r.break_mirror().await;
+                r.changed();
+                log_outcome("break", &resource, out)
             }
             Request::Verify { resource } => {
                 let r = match self.find(&resource) {
