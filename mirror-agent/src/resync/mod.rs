@@ -419,14 +419,19 @@ async fn send_bitmap(
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, bitmap::MetaError> + Send + 'static,
 ) -> Result<T, ResyncError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| {
-            ResyncError::Meta(bitmap::MetaError::Poisoned {
-                cause: format!("metadata task failed: {e}"),
-            })
-        })?
-        .map_err(ResyncError::Meta)
+    meta_joined(tokio::task::spawn_blocking(f).await)
+}
+
+/// The result of a metadata task (a panicked one counts as a poisoned partition).
+fn meta_joined<T>(
+    r: Result<Result<T, bitmap::MetaError>, tokio::task::JoinError>,
+) -> Result<T, ResyncError> {
+    r.map_err(|e| {
+        ResyncError::Meta(bitmap::MetaError::Poisoned {
+            cause: format!("metadata task failed: {e}"),
+        })
+    })?
+    .map_err(ResyncError::Meta)
 }
 
 /// Outcome of a successful source run: the write gate is still held
@@ -707,7 +712,7 @@ struct ReadAhead {
 }
 
 /// A deferred clear's metadata commit (see `start_read`).
-type Durable = tokio::task::JoinHandle<Result<(), ResyncError>>;
+type Durable = tokio::task::JoinHandle<Result<(), bitmap::MetaError>>;
 
 /// A read group's pieces (offset, CRC-32, data) and its clear's commit, if any.
 type GroupRead = (Vec<(u64, u32, Bytes)>, Option<Durable>);
@@ -824,7 +829,7 @@ impl Copier<'_> {
             drop(guard);
             let durable = clear.map(|epoch| {
                 let p = part.clone();
-                tokio::spawn(blocking(move || p.wait_durable(epoch)))
+                tokio::task::spawn_blocking(move || p.wait_durable(epoch))
             });
             Ok((pieces, durable))
         });
@@ -915,11 +920,7 @@ impl Copier<'_> {
     async fn reap_durable(&mut self, all: bool) -> Result<(), ResyncError> {
         for d in std::mem::take(&mut self.durable) {
             if all || d.is_finished() {
-                d.await.unwrap_or_else(|e| {
-                    Err(ResyncError::Meta(bitmap::MetaError::Poisoned {
-                        cause: format!("metadata task failed: {e}"),
-                    }))
-                })?;
+                meta_joined(d.await)?;
             } else {
                 self.durable.push(d);
             }
