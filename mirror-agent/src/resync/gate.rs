@@ -5,11 +5,13 @@
 //! read before a write to R would leave the target with older data than the
 //! source (design notes property 5). [`GatedVolume`] wraps the served volume:
 //! every modifying request holds the gate shared for its whole duration and,
-//! while tracking, records its regions as *rewritten*. The copier reads a
-//! region with the gate held exclusively (no write in flight) and forgets its
-//! rewrite mark at that instant, so any later write marks it again and the
-//! region is copied again; the last pass runs with the gate held until
-//! replication is attached, after which every write goes to both nodes.
+//! while tracking, records its regions as *rewritten* before it writes. The
+//! copier forgets a region's rewrite mark with the gate held exclusively (no
+//! write in flight), then reads it: every write the read can observe (in
+//! part or whole) started after that instant and marked the region again, so
+//! the region is copied again (and keeps its bit). The read need not finish,
+//! or even start, under the gate. The last pass runs with the gate held
+//! until replication is attached, after which every write goes to both nodes.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,7 +71,8 @@ impl WriteGate {
         self.set().contains(&r)
     }
 
-    /// The region is being copied now (call with the gate held exclusively).
+    /// The region is being copied now (call with the gate held exclusively,
+    /// before its read).
     pub fn forget(&self, r: u64) {
         self.set().remove(&r);
     }
@@ -154,5 +157,114 @@ impl BlockEngine for GatedVolume {
         self.modify(offset, len, move |e| {
             e.write_zeroes(offset, len, may_trim, fua)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+    use tokio::sync::Notify;
+
+    /// A memory volume whose reads snapshot the data only when released, so
+    /// a test can hold a read "in flight" across a write.
+    struct SlowReads {
+        data: Arc<StdMutex<Vec<u8>>>,
+        release: Arc<Notify>,
+    }
+
+    impl BlockEngine for SlowReads {
+        fn size(&self) -> u64 {
+            self.data.lock().unwrap().len() as u64
+        }
+        fn name(&self) -> &'static str {
+            "slow-reads"
+        }
+        fn read(&self, _offset: u64, _len: usize) -> EngineFuture<Vec<u8>> {
+            unreachable!("the copier reads with read_bytes")
+        }
+        fn read_bytes(&self, offset: u64, len: usize) -> EngineFuture<Bytes> {
+            let (release, data) = (self.release.clone(), self.data.clone());
+            Box::pin(async move {
+                release.notified().await;
+                let d = data.lock().unwrap();
+                Ok(Bytes::copy_from_slice(
+                    &d[offset as usize..offset as usize + len],
+                ))
+            })
+        }
+        fn write(&self, offset: u64, data: Bytes, _fua: bool) -> EngineFuture<()> {
+            self.data.lock().unwrap()[offset as usize..offset as usize + data.len()]
+                .copy_from_slice(&data);
+            Box::pin(async { Ok(()) })
+        }
+        fn flush(&self) -> EngineFuture<()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn discard(&self, _offset: u64, _len: u64) -> EngineFuture<()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn write_zeroes(&self, _o: u64, _l: u64, _t: bool, _f: bool) -> EngineFuture<()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// The copier's protocol (`resync::Copier::start_read`): forget the marks
+    /// under the exclusive gate, start the read, release the gate before the
+    /// read completes. A write landing while that read is in flight must
+    /// leave the region marked (so it is copied again and keeps its bit),
+    /// and the read may indeed have seen it.
+    #[tokio::test]
+    async fn a_write_during_a_read_started_under_the_gate_marks_the_region_again() {
+        const REGION: u64 = 4096;
+        let release = Arc::new(Notify::new());
+        let engine = Arc::new(SlowReads {
+            data: Arc::new(StdMutex::new(vec![0u8; 4 * REGION as usize])),
+            release: release.clone(),
+        });
+        let gate = WriteGate::new(REGION);
+        gate.start_tracking();
+        let vol = GatedVolume::new(engine.clone(), gate.clone());
+
+        // A write before the copy marks region 1.
+        vol.write(REGION, Bytes::from(vec![1u8; 16]), false)
+            .await
+            .unwrap();
+        assert!(gate.is_rewritten(1));
+
+        let guard = gate.exclusive().await;
+        gate.forget(1);
+        let read = tokio::spawn(engine.read_bytes(REGION, REGION as usize));
+        drop(guard);
+        assert!(!gate.is_rewritten(1), "forgotten at the copy");
+
+        // The application writes region 1 while the read is in flight.
+        vol.write(REGION + 8, Bytes::from(vec![2u8; 8]), false)
+            .await
+            .unwrap();
+        assert!(
+            gate.is_rewritten(1),
+            "a write after the copy's instant must mark its region again"
+        );
+        assert!(!gate.is_rewritten(0) && !gate.is_rewritten(2));
+
+        release.notify_one();
+        let copy = read.await.unwrap().unwrap();
+        // The read saw the write (the torn case the mark covers).
+        assert_eq!(&copy[8..16], &[2u8; 8]);
+    }
+
+    /// The exclusive hold waits for a write in flight: no write can be
+    /// between a region's forget and the copy's instant.
+    #[tokio::test]
+    async fn exclusive_waits_for_writes_in_flight() {
+        let gate = WriteGate::new(4096);
+        let shared = gate.lock.clone().read_owned().await;
+        let g = gate.clone();
+        let ex = tokio::spawn(async move { g.exclusive().await });
+        tokio::task::yield_now().await;
+        assert!(!ex.is_finished());
+        drop(shared);
+        ex.await.unwrap();
     }
 }

@@ -85,10 +85,10 @@ pub const WINDOW: usize = 256;
 /// (at most this much while its disk lags), not a copy held per frame.
 pub const INFLIGHT_BYTES: u64 = 128 << 20;
 
-/// The source reads up to this many bytes of runs concurrently under one
-/// hold of the write gate (scattered regions of a differential resync are
-/// read in parallel; a full resync overlaps four large reads). Bounds the
-/// time application writes wait for the gate (one group's reads).
+/// The source reads up to this many bytes of runs concurrently, issued
+/// under one short hold of the write gate (scattered regions of a
+/// differential resync are read in parallel; a full resync overlaps four
+/// large reads, and the next group's reads start while these run).
 pub const READ_AHEAD_BYTES: u64 = 16 << 20;
 
 /// Largest ResyncData payload: consecutive regions of the copy set are read
@@ -702,8 +702,8 @@ struct Copier<'a> {
 const CLEAR_BATCH: usize = 16;
 
 /// One read group in progress: its reads (and a clear of acknowledged
-/// regions) run under one hold of the gate in a task of their own, while the
-/// copier sends the previous group and waits for window space.
+/// regions), issued under one hold of the gate, run in a task of their own
+/// while the copier sends the previous group and waits for window space.
 struct ReadAhead {
     group: Vec<std::ops::RangeInclusive<u64>>,
     frames: usize,
@@ -753,7 +753,8 @@ impl Copier<'_> {
     }
 
     /// Start reading a group of runs: the reads are issued together under
-    /// one hold of the gate (unless the caller holds it), each run as one
+    /// one hold of the gate (unless the caller holds it; the hold ends once
+    /// they are issued, see the comment inside), each run as one
     /// piece (or pieces of at most [`MAX_PIECE`] for a large region).
     fn start_read(&mut self, group: Vec<std::ops::RangeInclusive<u64>>, held: bool) -> ReadAhead {
         let spec: &SourceSpec = self.spec;
@@ -780,9 +781,16 @@ impl Copier<'_> {
         };
         let (engine, gate) = (spec.engine.clone(), spec.gate.clone());
         let task = tokio::spawn(async move {
-            // Read under the gate: no application write to the volume is in
-            // flight while the regions are read, and their rewrite marks are
-            // taken at the same instant.
+            // The rewrite marks are forgotten with the gate held: no
+            // application write is in flight at that instant, so every write
+            // that can reach these regions' bytes after it (also one that
+            // lands while the reads below run) starts later and marks its
+            // regions again (`GatedVolume` marks before it writes). A read
+            // that sees part of such a write is therefore copied again and
+            // its bit kept, so the reads need not finish (or start) under the
+            // gate: it is released once they are spawned, and the next
+            // group's reads start at once (the disk's read queue does not
+            // drain between groups; application writes wait less).
             let guard = if held {
                 None
             } else {
@@ -812,6 +820,7 @@ impl Copier<'_> {
                     .map_err(ResyncError::Meta)?
                     .1
             };
+            drop(guard);
             let mut pieces = Vec::with_capacity(pending.len());
             for (off, len, task) in pending {
                 let data = join_io(task).await.map_err(|source| ResyncError::Io {
@@ -826,7 +835,6 @@ impl Copier<'_> {
                 let checksum = crc32fast::hash(&data);
                 pieces.push((off, checksum, data));
             }
-            drop(guard);
             let durable = clear.map(|epoch| {
                 let p = part.clone();
                 tokio::task::spawn_blocking(move || p.wait_durable(epoch))
