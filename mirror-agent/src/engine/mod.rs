@@ -49,7 +49,7 @@ pub mod uring;
 
 pub use fault::{FaultAction, FaultCounters, FaultOp, FaultRule, FaultTrigger, FaultyEngine};
 pub use portable::PortableEngine;
-pub use uring::{plug, plug_single, take_waited_for_device, without_single, Plug, UringEngine};
+pub use uring::{plug, Plug, UringEngine};
 
 /// A boxed, sendable future returned by engine operations.
 pub type EngineFuture<T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'static>>;

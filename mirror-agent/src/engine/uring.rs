@@ -93,7 +93,7 @@
 //! pool (see `backing::zero_range_blocking`), falling back to writing zero
 //! buffers through the ring where the backing does not support them.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -127,17 +127,6 @@ pub const MAX_QUEUE_DEPTH: u32 = 4096;
 /// through the ring. Buffered mode only: O_DIRECT writes are issued by
 /// io_uring without a worker thread.
 pub const INLINE_WRITE_MAX: usize = 64 * 1024;
-/// O_DIRECT writes up to this size are a plain `pwrite` in the calling task
-/// when the caller polls a single request ([`plug_single`], the NBD
-/// connection at QD1) and nothing else is in flight on the ring. Why: an
-/// io_uring O_DIRECT write on a filesystem completes through the kernel's
-/// direct-I/O completion workqueue (`iomap_dio_complete_work`, one kworker
-/// wake-up per write; async writes are never completed inline) before io_uring
-/// wakes the submitter, while a synchronous O_DIRECT write is woken straight
-/// from the device interrupt (bench/README.md, "O_DIRECT QD1"). The task
-/// blocks for the device's latency, as a blocking `pwrite` does; only a
-/// connection with nothing else to do does so, and only for small writes.
-pub const SYNC_DIRECT_WRITE_MAX: usize = 64 * 1024;
 /// Chunk used when zeroes must be written as data.
 const ZERO_CHUNK: usize = 1 << 20;
 
@@ -411,23 +400,6 @@ thread_local! {
     /// Rings with SQEs pushed but not yet submitted while a [`Plug`] is held
     /// on this thread; `None` when no plug is held.
     static PLUGGED: RefCell<Option<Vec<Arc<Core>>>> = const { RefCell::new(None) };
-    /// The outer plug on this thread was started by [`plug_single`] (and no
-    /// [`without_single`] section is being polled).
-    static SINGLE: Cell<bool> = const { Cell::new(false) };
-    /// A synchronous O_DIRECT write ran on this thread since the last
-    /// [`take_waited_for_device`].
-    static WAITED: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Whether a request polled on this thread since the last call blocked for
-/// the device (a synchronous O_DIRECT write, [`SYNC_DIRECT_WRITE_MAX`]);
-/// clears the flag. The NBD connection does not idle-poll after such a
-/// request: its thread would stay out of the runtime's epoll, which the
-/// other worker then holds and is woken on every socket event of the
-/// connection (bench/README.md, "O_DIRECT QD1"), while a client that waited
-/// a device write's time gains little from a poll.
-pub fn take_waited_for_device() -> bool {
-    WAITED.with(|w| w.replace(false))
 }
 
 /// Batches io_uring submissions: while a `Plug` is alive, requests started
@@ -451,36 +423,6 @@ pub struct Plug {
 
 /// Starts a [`Plug`] on this thread.
 pub fn plug() -> Plug {
-    plug_with(false)
-}
-
-/// As [`plug`], for a caller that polls exactly one request in this section
-/// and has nothing else to do until it completes (the NBD connection at
-/// QD1): small O_DIRECT writes may then be done synchronously, see
-/// [`SYNC_DIRECT_WRITE_MAX`].
-pub fn plug_single() -> Plug {
-    plug_with(true)
-}
-
-/// Polls `f` without the [`plug_single`] hint: for a request leg that runs
-/// next to other work of the same request (the local write of a mirrored
-/// write, whose peer leg must not wait for a blocking local write).
-pub async fn without_single<F: std::future::Future>(f: F) -> F::Output {
-    let mut f = std::pin::pin!(f);
-    std::future::poll_fn(|cx| {
-        let was = SINGLE.with(|s| s.replace(false));
-        let r = f.as_mut().poll(cx);
-        SINGLE.with(|s| s.set(was));
-        r
-    })
-    .await
-}
-
-fn single_hint() -> bool {
-    SINGLE.with(|s| s.get())
-}
-
-fn plug_with(single: bool) -> Plug {
     let outer = PLUGGED.with(|p| {
         let mut p = p.borrow_mut();
         if p.is_some() {
@@ -490,9 +432,6 @@ fn plug_with(single: bool) -> Plug {
             true
         }
     });
-    if outer {
-        SINGLE.with(|s| s.set(single));
-    }
     Plug {
         outer,
         _not_send: std::marker::PhantomData,
@@ -504,7 +443,6 @@ impl Drop for Plug {
         if !self.outer {
             return;
         }
-        SINGLE.with(|s| s.set(false));
         let cores = PLUGGED.with(|p| p.borrow_mut().take()).unwrap_or_default();
         for core in cores {
             core.pump();
@@ -873,13 +811,6 @@ impl Shared {
                 ab.copy_from_slice(&data);
                 ab.into_bytes()
             };
-            if buf.len() <= SYNC_DIRECT_WRITE_MAX
-                && single_hint()
-                && self.core.lock().in_flight() == 0
-            {
-                WAITED.with(|w| w.set(true));
-                return pwrite_all(&self.file, &buf, offset, flags);
-            }
             self.call(Op::Write { offset, buf, flags }).await?;
             return Ok(());
         }
@@ -953,48 +884,6 @@ impl Shared {
         }
         Ok(())
     }
-}
-
-/// `pwritev2` of all of `buf` at `offset` with `flags` (`RWF_DSYNC` for FUA),
-/// in the calling thread; see [`SYNC_DIRECT_WRITE_MAX`].
-fn pwrite_all(file: &File, buf: &[u8], offset: u64, flags: i32) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let iov = libc::iovec {
-            iov_base: buf[done..].as_ptr() as *mut libc::c_void,
-            iov_len: buf.len() - done,
-        };
-        // SAFETY: one iovec over the live, unmodified `buf[done..]`, which
-        // the kernel only reads during the call; the fd is open (`file`).
-        let r = unsafe {
-            libc::pwritev2(
-                file.as_raw_fd(),
-                &iov,
-                1,
-                (offset + done as u64) as libc::off_t,
-                flags,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            tracing::debug!(offset, len = buf.len(), done, error = %e, "synchronous O_DIRECT write failed");
-            return Err(e);
-        }
-        if r == 0 {
-            tracing::warn!(
-                offset,
-                len = buf.len(),
-                done,
-                "synchronous O_DIRECT write made no progress"
-            );
-            return Err(errno(libc::EIO));
-        }
-        done += r as usize;
-    }
-    Ok(())
 }
 
 /// io_uring block engine; see the module docs.

@@ -324,14 +324,11 @@ where
         }
         // Idle: nothing in flight, no reply waiting for the writer, no
         // request buffered. Poll for the next one briefly before parking
-        // (see `IdlePoll`); a reply still queued would only be delayed. Not
-        // after a request that blocked for the device (see
-        // `engine::take_waited_for_device`).
+        // (see `IdlePoll`); a reply still queued would only be delayed.
         if let Some(fd) = poll_fd {
             if pending.is_empty()
                 && input.buf.len() < REQUEST_HEADER_LEN
                 && !shutting
-                && !pending.waited_for_device()
                 && replies.writer_idle()
             {
                 if let Err(source) = idle.poll(&mut input, fd).await {

@@ -77,9 +77,6 @@ pub(crate) struct Pending<T> {
     batch: Vec<usize>,
     len: usize,
     shared: Arc<Shared>,
-    /// The last future to complete blocked for the device while polled
-    /// (`engine::take_waited_for_device`).
-    waited_for_device: bool,
 }
 
 impl<T> Default for Pending<T> {
@@ -90,7 +87,6 @@ impl<T> Default for Pending<T> {
             batch: Vec::new(),
             len: 0,
             shared: Arc::default(),
-            waited_for_device: false,
         }
     }
 }
@@ -102,13 +98,6 @@ impl<T> Pending<T> {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Whether the future that completed last blocked this thread for a
-    /// device write while it was polled (see
-    /// `engine::take_waited_for_device`).
-    pub(crate) fn waited_for_device(&self) -> bool {
-        self.waited_for_device
     }
 
     /// Adds a future; it is polled on the next [`Pending::next`].
@@ -168,14 +157,8 @@ impl<T> Pending<T> {
             }
         }
         // io_uring SQEs of the futures polled in this pass go to the kernel
-        // in one submission when the pass ends (see `engine::Plug`). A single
-        // request in flight (QD1) may complete synchronously (see
-        // `engine::plug_single`).
-        let _plug = if self.len == 1 {
-            crate::engine::plug_single()
-        } else {
-            crate::engine::plug()
-        };
+        // in one submission when the pass ends (see `engine::Plug`).
+        let _plug = crate::engine::plug();
         // Bounded, so futures that keep waking themselves (coop budget) do
         // not starve the rest of the connection task.
         let mut polls = 0;
@@ -204,9 +187,7 @@ impl<T> Pending<T> {
             let mut scx = Context::from_waker(&slot.handle);
             // A panicking request ends alone, as a panicking task would: it
             // is logged and gets no reply; the connection goes on.
-            crate::engine::take_waited_for_device();
             let polled = panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut scx)));
-            let waited = crate::engine::take_waited_for_device();
             let out = match polled {
                 Ok(Poll::Pending) => continue,
                 Ok(Poll::Ready(v)) => Some(v),
@@ -218,7 +199,6 @@ impl<T> Pending<T> {
             slot.fut = None;
             self.free.push(idx);
             self.len -= 1;
-            self.waited_for_device = waited;
             if let Some(v) = out {
                 return Poll::Ready(Some(v));
             }

@@ -924,10 +924,7 @@ impl Inner {
         };
         // The frame is queued first: the peer's leg (send, apply, flush, acks)
         // is the longer one, so it should not wait for the local submission.
-        // The local leg never blocks the task (`without_single`): the
-        // peer's frame may still be waiting for this task to be written.
-        let local = crate::engine::without_single(op.run_local(&*self.local));
-        let (sent, local_res) = tokio::join!(send, local);
+        let (sent, local_res) = tokio::join!(send, op.run_local(&*self.local));
         set_local(&req, local_res.is_ok(), &self.part);
         drop(guard);
         if sent.is_err() {
