@@ -99,9 +99,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use bytes::Bytes;
 use io_uring::{opcode, squeue, types, IoUring};
@@ -229,10 +228,6 @@ struct State {
     slab: Vec<Option<Slot>>,
     free: Vec<usize>,
     pushed: bool,
-    /// Slot of the request started last (see [`Core::wait_one`]).
-    last_started: usize,
-    /// Threads in [`Core::wait_one`]'s wait (eventfd disabled meanwhile).
-    waiters: u32,
     /// Scratch for reaped CQEs (kept to avoid an allocation per reap).
     cq: Vec<(u64, i32)>,
 }
@@ -270,19 +265,7 @@ impl State {
         };
         let e = slot.sqe(self.fd, idx as u64);
         self.slab[idx] = Some(slot);
-        self.last_started = idx;
         self.push(&e);
-    }
-
-    /// Exactly one request is in flight, it is the one started last, and it
-    /// is a read or write (worth a short wait, unlike an fsync that takes
-    /// milliseconds on a real disk).
-    fn single_transfer(&self) -> bool {
-        self.in_flight() == 1
-            && matches!(
-                self.slab[self.last_started].as_ref().map(|s| &s.op),
-                Some(Op::Read { .. } | Op::Write { .. })
-            )
     }
 
     fn finish(&mut self, idx: usize, res: io::Result<()>, out: &mut Deliveries) {
@@ -415,15 +398,8 @@ impl State {
 
 thread_local! {
     /// Rings with SQEs pushed but not yet submitted while a [`Plug`] is held
-    /// on this thread, and how many requests were started under it; `None`
-    /// when no plug is held.
-    static PLUGGED: RefCell<Option<Plugged>> = const { RefCell::new(None) };
-}
-
-#[derive(Default)]
-struct Plugged {
-    cores: Vec<Arc<Core>>,
-    requests: usize,
+    /// on this thread; `None` when no plug is held.
+    static PLUGGED: RefCell<Option<Vec<Arc<Core>>>> = const { RefCell::new(None) };
 }
 
 /// Batches io_uring submissions: while a `Plug` is alive, requests started
@@ -452,7 +428,7 @@ pub fn plug() -> Plug {
         if p.is_some() {
             false
         } else {
-            *p = Some(Plugged::default());
+            *p = Some(Vec::new());
             true
         }
     });
@@ -462,42 +438,13 @@ pub fn plug() -> Plug {
     }
 }
 
-impl Plug {
-    /// Ends the plug like dropping it (submits what it batched). In addition,
-    /// when the section started exactly one request and that request is then
-    /// the only one in flight on its ring (the QD1 shape), waits for its
-    /// completion in `io_uring_enter` on this thread for a short, adaptive
-    /// window ([`WAIT_WINDOW`]) and reaps it here. Returns whether a
-    /// completion was reaped that way; its reply has then been delivered
-    /// (and its waker woken) before this returns.
-    ///
-    /// Why: a read or write completes through task work on the submitting
-    /// thread; without a waiter that thread is woken to post the CQE, the
-    /// eventfd then wakes the runtime's I/O driver (often the other worker),
-    /// which runs the reaper task, which wakes the connection task: two or
-    /// three wake-ups where a synchronous `pwrite` needs one (bench/README.md,
-    /// "O_DIRECT QD1"). Waiting here is that one wake-up. It blocks the
-    /// worker thread for at most the window, without spinning.
-    pub fn finish(mut self, wait: bool) -> bool {
-        if !self.outer {
-            return false;
-        }
-        self.outer = false;
-        let plugged = PLUGGED.with(|p| p.borrow_mut().take()).unwrap_or_default();
-        for core in &plugged.cores {
-            core.pump();
-        }
-        wait && plugged.requests == 1 && plugged.cores.len() == 1 && plugged.cores[0].wait_one()
-    }
-}
-
 impl Drop for Plug {
     fn drop(&mut self) {
         if !self.outer {
             return;
         }
-        let plugged = PLUGGED.with(|p| p.borrow_mut().take()).unwrap_or_default();
-        for core in plugged.cores {
+        let cores = PLUGGED.with(|p| p.borrow_mut().take()).unwrap_or_default();
+        for core in cores {
             core.pump();
         }
     }
@@ -507,139 +454,13 @@ impl Drop for Plug {
 fn defer_to_plug(core: &Arc<Core>) -> bool {
     PLUGGED.with(|p| match p.borrow_mut().as_mut() {
         Some(list) => {
-            list.requests += 1;
-            if !list.cores.iter().any(|c| Arc::ptr_eq(c, core)) {
-                list.cores.push(Arc::clone(core));
+            if !list.iter().any(|c| Arc::ptr_eq(c, core)) {
+                list.push(Arc::clone(core));
             }
             true
         }
         None => false,
     })
-}
-
-/// Longest wait of [`Plug::finish`] for a QD1 completion. Covers the
-/// device's usual latency (a 4 KiB O_DIRECT write on the bench's virtio disk:
-/// p50 ~60 µs, p99 ~100 µs) with room for its tail; a wait that expires
-/// costs no CPU (the thread sleeps) and the completion then takes the
-/// reaper's path as without waiting.
-pub const WAIT_WINDOW: Duration = Duration::from_micros(500);
-/// Below this the window is not worth a system call; waiting stops.
-const WAIT_MIN: Duration = Duration::from_micros(8);
-/// While waiting is off, every this-many chances probe the full window.
-const WAIT_PROBE_EVERY: u32 = 32;
-
-/// Adaptive window of [`Core::wait_one`] (the shape of `nbd::conn`'s idle
-/// polling): a wait that expires halves the window, below [`WAIT_MIN`]
-/// waiting stops except for a probe with the full window every
-/// [`WAIT_PROBE_EVERY`] chances, a completion caught restores the full
-/// window. A device slower than the window therefore soon costs nothing.
-/// Shared by the connections of one engine; relaxed atomics suffice (a lost
-/// update only shifts one window).
-#[derive(Debug)]
-struct WaitWindow {
-    full_ns: u32,
-    cur_ns: AtomicU32,
-    chances: AtomicU32,
-}
-
-impl WaitWindow {
-    fn new(full: Duration) -> WaitWindow {
-        let full_ns = full.as_nanos().min(u32::MAX as u128) as u32;
-        WaitWindow {
-            full_ns,
-            cur_ns: AtomicU32::new(full_ns),
-            chances: AtomicU32::new(0),
-        }
-    }
-
-    /// The window for this chance; zero = do not wait.
-    fn next(&self) -> u32 {
-        let cur = self.cur_ns.load(Ordering::Relaxed);
-        if cur as u128 >= WAIT_MIN.as_nanos() {
-            return cur;
-        }
-        if self.full_ns as u128 >= WAIT_MIN.as_nanos()
-            && self
-                .chances
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(WAIT_PROBE_EVERY)
-        {
-            self.full_ns
-        } else {
-            0
-        }
-    }
-
-    fn record(&self, caught: bool) {
-        if caught {
-            self.cur_ns.store(self.full_ns, Ordering::Relaxed);
-        } else {
-            let cur = self.cur_ns.load(Ordering::Relaxed);
-            self.cur_ns.store(cur / 2, Ordering::Relaxed);
-        }
-    }
-}
-
-fn spin_mode() -> bool {
-    static M: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *M.get_or_init(|| std::env::var("NBDM_QD1_WAIT").as_deref() == Ok("spin"))
-}
-
-fn window_env() -> Duration {
-    std::env::var("NBDM_QD1_WAIT_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_micros)
-        .unwrap_or(WAIT_WINDOW)
-}
-
-/// `struct io_uring_getevents_arg` (include/uapi/linux/io_uring.h).
-#[repr(C)]
-struct GeteventsArg {
-    sigmask: u64,
-    sigmask_sz: u32,
-    min_wait_usec: u32,
-    ts: u64,
-}
-
-/// `io_uring_enter(fd, 0, 1, GETEVENTS | EXT_ARG)` with a timeout: returns
-/// once a CQE is available (`Ok(true)`), or `Ok(false)` when the timeout
-/// expired or a signal interrupted the wait.
-fn enter_wait(ring_fd: RawFd, timeout_ns: u32) -> io::Result<bool> {
-    let ts = libc::timespec {
-        tv_sec: (timeout_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (timeout_ns % 1_000_000_000) as libc::c_long,
-    };
-    let arg = GeteventsArg {
-        sigmask: 0,
-        sigmask_sz: 0,
-        min_wait_usec: 0,
-        ts: &ts as *const libc::timespec as u64,
-    };
-    // IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG (uapi values).
-    const FLAGS: u32 = 1 | 8;
-    // SAFETY: `ring_fd` is the ring's fd, kept open by the caller's `Core`;
-    // `arg` and the timespec it points to outlive the call; no SQE is
-    // submitted (to_submit = 0), so no buffer is handed to the kernel here.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_io_uring_enter,
-            ring_fd,
-            0u32,
-            1u32,
-            FLAGS,
-            &arg as *const GeteventsArg,
-            std::mem::size_of::<GeteventsArg>(),
-        )
-    };
-    if r >= 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ETIME) | Some(libc::EINTR) => Ok(false),
-        _ => Err(e),
-    }
 }
 
 /// Shared by the engine, its callers and the reaper.
@@ -655,14 +476,6 @@ struct Core {
     reaper_alive: AtomicBool,
     /// The engine was dropped: the reaper exits once nothing is in flight.
     closing: AtomicBool,
-    /// The ring's fd, for [`Core::wait_one`]'s `io_uring_enter` outside the
-    /// lock (the ring itself lives in `state`).
-    ring_fd: RawFd,
-    /// Window of [`Core::wait_one`].
-    wait: WaitWindow,
-    /// `io_uring_enter` refused the timed wait (kernel without
-    /// `IORING_FEAT_EXT_ARG`): never wait again.
-    wait_unsupported: AtomicBool,
 }
 
 impl Core {
@@ -676,84 +489,6 @@ impl Core {
     fn pump(&self) {
         let mut out = Deliveries::new();
         let ok = self.lock().pump(&mut out);
-        self.deliver(out, ok);
-    }
-
-    /// The reaper's pump: while a [`Core::wait_one`] waits, the CQE it
-    /// waits for is left to it (reaping it here would leave the waiter
-    /// waiting for a CQE that already went); the waiter reaps everything
-    /// once its wait ends.
-    fn reap(&self) {
-        let mut out = Deliveries::new();
-        let ok = {
-            let mut st = self.lock();
-            if st.waiters > 0 {
-                return;
-            }
-            st.pump(&mut out)
-        };
-        self.deliver(out, ok);
-    }
-
-    /// See [`Plug::finish`]: waits for the single in-flight read or write
-    /// and reaps it; `true` if a completion was reaped after waiting.
-    fn wait_one(&self) -> bool {
-        if self.wait_unsupported.load(Ordering::Relaxed) {
-            return false;
-        }
-        let window = self.wait.next();
-        if window == 0 {
-            return false;
-        }
-        {
-            let mut st = self.lock();
-            if !st.single_transfer() {
-                return false;
-            }
-            st.waiters += 1;
-            // The reaper would only find the CQE taken: spare its wake-up.
-            // Every waiter re-enables and reaps under the lock when done, so
-            // no CQE posted meanwhile goes unnoticed.
-            st.ring.completion().disable_eventfd();
-        }
-        let waited = if spin_mode() {
-            let t0 = std::time::Instant::now();
-            let limit = Duration::from_nanos(window as u64);
-            loop {
-                if !self.lock().ring.completion().is_empty() {
-                    break Ok(true);
-                }
-                if t0.elapsed() >= limit {
-                    break Ok(false);
-                }
-                std::hint::spin_loop();
-            }
-        } else {
-            enter_wait(self.ring_fd, window)
-        };
-        let mut out = Deliveries::new();
-        let (ok, caught) = {
-            let mut st = self.lock();
-            st.waiters -= 1;
-            if st.waiters == 0 {
-                st.ring.completion().enable_eventfd();
-            }
-            let before = st.in_flight();
-            let ok = st.pump(&mut out);
-            (ok, st.in_flight() < before)
-        };
-        self.deliver(out, ok);
-        match waited {
-            Ok(_) => self.wait.record(caught),
-            Err(e) => {
-                tracing::debug!(error = %e, "io_uring: timed completion wait unsupported; not waiting");
-                self.wait_unsupported.store(true, Ordering::Relaxed);
-            }
-        }
-        caught
-    }
-
-    fn deliver(&self, out: Deliveries, ok: bool) {
         for (tx, r) in out {
             // The caller may have gone away; the buffer is dropped then.
             let _ = tx.send(r);
@@ -867,7 +602,7 @@ async fn reaper_task(guard: AliveGuard) {
                 return;
             }
         }
-        core.reap();
+        core.pump();
         if core.finished() {
             return;
         }
@@ -888,7 +623,7 @@ fn start_reaper_thread(guard: AliveGuard) {
                 // SAFETY: one valid pollfd for the duration of the call.
                 let _ = unsafe { libc::poll(&mut pfd, 1, -1) };
                 core.drain_bell();
-                core.reap();
+                core.pump();
                 if core.finished() {
                     return;
                 }
@@ -1244,7 +979,6 @@ impl UringEngine {
         // SAFETY: `bell` is a freshly created fd that nothing else owns.
         let bell = unsafe { OwnedFd::from_raw_fd(bell) };
         ring.submitter().register_eventfd(bell.as_raw_fd())?;
-        let ring_fd = ring.as_raw_fd();
         let sync_noop = backing::sync_is_noop(&b.file, b.kind);
         let description = if sync_noop {
             format!("{description}; flush is a no-op (memory file system)")
@@ -1258,8 +992,6 @@ impl UringEngine {
             slab: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
             pushed: false,
-            last_started: 0,
-            waiters: 0,
             cq: Vec::with_capacity(depth),
         };
         let core = Arc::new(Core {
@@ -1269,9 +1001,6 @@ impl UringEngine {
             slots: Arc::new(Semaphore::new(depth)),
             reaper_alive: AtomicBool::new(false),
             closing: AtomicBool::new(false),
-            ring_fd,
-            wait: WaitWindow::new(window_env()),
-            wait_unsupported: AtomicBool::new(false),
         });
         let shared = Shared {
             file,

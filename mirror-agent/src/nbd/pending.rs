@@ -27,9 +27,6 @@ struct Shared {
     ready: Mutex<Vec<usize>>,
     /// The task polling the set.
     parent: Mutex<Option<Waker>>,
-    /// The parent is inside `poll_next` waiting for a completion
-    /// (`Plug::finish`) and reads `ready` right after: wakes only queue.
-    quiet: AtomicBool,
 }
 
 /// Waker of one slot. Reused by later futures in the same slot: a late wake
@@ -51,11 +48,6 @@ impl Wake for SlotWaker {
             return;
         }
         lock(&self.shared.ready).push(self.idx);
-        // Ordered by the `ready` lock: if `poll_next` cleared `quiet` and
-        // then read `ready` before this push, this load sees `false`.
-        if self.shared.quiet.load(Ordering::SeqCst) {
-            return;
-        }
         // Cloned out so the parent is not woken under the lock.
         let parent = lock(&self.shared.parent).clone();
         if let Some(w) = parent {
@@ -166,7 +158,7 @@ impl<T> Pending<T> {
         }
         // io_uring SQEs of the futures polled in this pass go to the kernel
         // in one submission when the pass ends (see `engine::Plug`).
-        let mut plug = Some(crate::engine::plug());
+        let _plug = crate::engine::plug();
         // Bounded, so futures that keep waking themselves (coop budget) do
         // not starve the rest of the connection task.
         let mut polls = 0;
@@ -174,27 +166,7 @@ impl<T> Pending<T> {
             let Some(idx) = self.batch.pop() else {
                 std::mem::swap(&mut self.batch, &mut lock(&self.shared.ready));
                 if self.batch.is_empty() {
-                    let Some(p) = plug.take() else {
-                        return Poll::Pending;
-                    };
-                    if self.len != 1 {
-                        drop(p);
-                        return Poll::Pending;
-                    }
-                    // QD1: the single request may be waited for on this
-                    // thread (`Plug::finish`); its waker then only queues
-                    // it, and it is polled again in this pass instead of
-                    // waking this task (a self-wake would go through the
-                    // runtime's queue and wake the other worker).
-                    self.shared.quiet.store(true, Ordering::SeqCst);
-                    p.finish(true);
-                    self.shared.quiet.store(false, Ordering::SeqCst);
-                    std::mem::swap(&mut self.batch, &mut lock(&self.shared.ready));
-                    if self.batch.is_empty() {
-                        return Poll::Pending;
-                    }
-                    self.batch.reverse();
-                    continue;
+                    return Poll::Pending;
                 }
                 // Oldest wake first.
                 self.batch.reverse();
