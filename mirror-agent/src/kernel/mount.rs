@@ -311,10 +311,13 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
-        // Wait until the child has opened fd 3 (readiness, not a fixed sleep).
+        // Wait until the child has opened fd 3 on `held` (readiness, not a
+        // fixed sleep). Existence alone is not enough: between fork and exec
+        // the child still has this test process's descriptors, fd 3 among
+        // them (flaky before).
         let fd3 = PathBuf::from(format!("/proc/{pid}/fd/3"));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::fs::read_link(&fd3).is_err() {
+        while std::fs::read_link(&fd3).map_or(true, |t| t != f) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "child never opened fd 3"
