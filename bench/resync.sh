@@ -99,9 +99,11 @@ dd if=/dev/urandom of="$SRC" bs=1M count="$SIZE_MIB" iflag=fullblock conv=fsync 
 # cache); the destination is a new file on the same file system (the
 # standby's data file is a new sparse file: both allocate as they write); cp
 # pays one fsync of the destination, the resync a flush per committed batch
-# (its durability rule), both before the time is taken. REPS runs before the
-# agents start and REPS after the resyncs (the machine's load drifts); the
-# median of all is the reference.
+# (its durability rule), both before the time is taken. The runs are
+# interleaved with the full resyncs (one right before each, so the disk's
+# drift over the run hits both alike) and REPS more follow the resyncs; the
+# median of all is the reference, and each full resync is also compared with
+# the cp run just before it (the pairwise ratios).
 CP_TIMES=()
 # Dropping the page cache also drops the tools' own binaries; each timed
 # run first executes its tool once (outside the clock) so that the data is
@@ -113,9 +115,9 @@ warm_tools() {
         "$MDCTRL_BIN" --config "$CONF" --node server1 status md1 >/dev/null 2>&1 || true
     fi
 }
-cp_runs() { # label
+cp_runs() { # label count
     local r t0 t1
-    for r in $(seq "$REPS"); do
+    for r in $(seq "$2"); do
         rm -f "$WORK/data/cp.img"
         drop_caches
         warm_tools
@@ -124,11 +126,10 @@ cp_runs() { # label
         sync "$WORK/data/cp.img"
         t1="$(now)"
         CP_TIMES+=("$(python3 -c "print(f'{$t1-$t0:.3f}')")")
-        log "cp run $r ($1): ${CP_TIMES[-1]} s"
+        log "cp run ($1): ${CP_TIMES[-1]} s"
     done
     rm -f "$WORK/data/cp.img"
 }
-cp_runs before
 # A second reference, for reading the table: the same copy with O_DIRECT,
 # 4 MiB at a time (what the agents' default direct_io gets from this disk
 # without the page cache), into a sparse file like the standby's.
@@ -295,6 +296,7 @@ replace_server2_disk() {
 FULL_TIMES=(); FULL_AGENT=(); FULL_CPUS=()
 for r in $(seq "$REPS"); do
     if (( r > 1 )); then replace_server2_disk; fi
+    cp_runs "before full resync $r" 1
     log "full resync $r of ${SIZE_MIB} MiB ($([[ $r == 1 ]] && echo 'initial construction' || echo 'replaced disk'), R6)"
     read -r s FULL_B c a <<<"$(measure_recover "full-$r")"
     [[ "$(grep -c "decision R6 new-member" "$RES/server1.log")" -ge "$r" ]] || die "full resync $r was not rule R6"
@@ -320,7 +322,7 @@ for r in $(seq "$REPS"); do
     log "differential run $r: $s s wall, $a s in the agent, $b bytes"
 done
 
-cp_runs after
+cp_runs after "$REPS"
 drop_caches
 
 python3 - "$SIZE_MIB" "$REGION_KIB" "$DIRTY_EVERY" "${FULL_TIMES[*]}" "$FULL_B" "$ENGINE" "$FSTYPE" "$AGENT_BUILT" \
@@ -348,7 +350,7 @@ def verdict(ok):
 load = open("/proc/loadavg").read().split()[:3]
 print(f"Volume {size_mib} MiB of random data, region {region_kib} KiB, {fstype} file system, "
       f"agent engine {engine}, agent built {built}, {os.cpu_count()} CPUs, load average {' '.join(load)} at the end; "
-      f"medians of {len(cp)} cp runs (half before, half after the resyncs), {len(full)} full resyncs (the initial "
+      f"medians of {len(cp)} cp runs (one right before each full resync, {len(cp) - len(full)} after the resyncs), {len(full)} full resyncs (the initial "
       f"construction, then with server2's disk replaced) and {len(diff)} differential runs; page cache dropped before each run. *wall*: from the command (`cp`, `mdctrl recover`) until "
       f"done (`cp` + fsync returned; `mdctrl recover --wait` returned: finished and in sync); *agent*: the resync's own "
       f"duration (status `recovery.elapsed_ms`).")
@@ -366,6 +368,9 @@ print(f"| differential resync, 1 write per {every} regions | {int(statistics.med
 print()
 print(f"Full resync: both agents together used {full_cpu:.2f} s of CPU (median; {100*full_cpu/full_s:.0f}% of one CPU over the run). "
       f"Full runs (wall): {', '.join(f'{x:.2f}' for x in full)} s, (agent): {', '.join(f'{x:.2f}' for x in full_as)} s.")
-print(f"cp runs: {', '.join(f'{x:.2f}' for x in cp)} s; differential runs (wall): {', '.join(f'{x:.3f}' for x in diff)} s, "
+pairs = [c / f for c, f in zip(cp, full)]
+print(f"Pairwise (the cp run right before each full resync / that resync, wall): "
+      f"{', '.join(f'{x:.2f}x' for x in pairs)}; median {statistics.median(pairs):.2f}x.")
+print(f"cp runs (the first {len(full)} each right before a full resync): {', '.join(f'{x:.2f}' for x in cp)} s; differential runs (wall): {', '.join(f'{x:.3f}' for x in diff)} s, "
       f"(agent): {', '.join(f'{x:.3f}' for x in diff_a)} s ({', '.join(str(b) for b in diff_b)} bytes)")
 PY
