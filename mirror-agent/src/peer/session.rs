@@ -160,6 +160,17 @@ struct Order {
     scratch: BytesMut,
 }
 
+impl Order {
+    /// A sender may write to the socket itself: the writer task is idle with nothing
+    /// queued (so it cannot overtake a queued frame), plain TCP, and not corked.
+    fn may_write_direct(&self) -> bool {
+        self.writer_idle
+            && self.queued == 0
+            && self.direct.is_some()
+            && !CORK.try_with(|c| *c).unwrap_or(false)
+    }
+}
+
 struct Shared {
     order: Mutex<Order>,
     /// The reader's [`FrameHook`] (cleared when the reader ends, which breaks the reference
@@ -196,19 +207,11 @@ impl Shared {
         permit: mpsc::Permit<'_, Out>,
         f: impl FnOnce(u64) -> Message,
     ) -> Result<u64, LinkClosed> {
-        let mut o = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        if o.closing {
-            drop(o);
-            return Err(self.closed_err());
-        }
+        let mut o = self.open_order()?;
         let seq = o.next_seq;
         o.next_seq += 1;
         let frame = Frame::new(seq, f(seq));
-        if o.writer_idle
-            && o.queued == 0
-            && o.direct.is_some()
-            && !CORK.try_with(|c| *c).unwrap_or(false)
-        {
+        if o.may_write_direct() {
             if let Some(rest) = write_direct(&mut o, &frame) {
                 o.wire_next = seq + 1;
                 if let Some(rest) = rest {
@@ -231,11 +234,7 @@ impl Shared {
         mut permits: mpsc::PermitIterator<'_, Out>,
         msgs: Vec<Message>,
     ) -> Result<u64, LinkClosed> {
-        let mut o = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        if o.closing {
-            drop(o);
-            return Err(self.closed_err());
-        }
+        let mut o = self.open_order()?;
         let first = o.next_seq;
         let frames: Vec<Frame> = msgs
             .into_iter()
@@ -245,11 +244,7 @@ impl Shared {
                 f
             })
             .collect();
-        if o.writer_idle
-            && o.queued == 0
-            && o.direct.is_some()
-            && !CORK.try_with(|c| *c).unwrap_or(false)
-        {
+        if o.may_write_direct() {
             if let Some(rest) = write_direct_all(&mut o, &frames) {
                 o.wire_next = o.next_seq;
                 if let Some(rest) = rest {
@@ -267,6 +262,16 @@ impl Shared {
                 .send(Out::Frame(f));
         }
         Ok(first)
+    }
+
+    /// The ordering lock, unless the session is closing.
+    fn open_order(&self) -> Result<std::sync::MutexGuard<'_, Order>, LinkClosed> {
+        let o = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        if o.closing {
+            drop(o);
+            return Err(self.closed_err());
+        }
+        Ok(o)
     }
 
     fn try_send_with(&self, f: impl FnOnce(u64) -> Message) -> Result<u64, TrySendError> {
