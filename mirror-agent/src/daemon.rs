@@ -103,64 +103,48 @@ impl Agent {
                 }
             }
             Request::Activate { resource, nomount } => {
-                let r = match self.find(&resource) {
-                    Ok(r) => r,
-                    Err(e) => return Response::err(e),
-                };
-                let out = r.activate(nomount).await;
-                r.changed();
-                log_outcome("activate", &resource, out)
+                self.act("activate", &resource, |r| r.activate(nomount))
+                    .await
             }
             Request::Deactivate { resource } => {
-                let r = match self.find(&resource) {
-                    Ok(r) => r,
-                    Err(e) => return Response::err(e),
-                };
-                let out = r.deactivate().await;
-                r.changed();
-                log_outcome("deactivate", &resource, out)
+                self.act("deactivate", &resource, |r| r.deactivate()).await
             }
-            Request::Recover { resource } => {
-                let r = match self.find(&resource) {
-                    Ok(r) => r,
-                    Err(e) => return Response::err(e),
-                };
-                let out = r.recover().await;
-                r.changed();
-                log_outcome("recover", &resource, out)
-            }
+            Request::Recover { resource } => self.act("recover", &resource, |r| r.recover()).await,
             Request::Force { resource, winner } => {
-                let r = match self.find(&resource) {
-                    Ok(r) => r,
-                    Err(e) => return Response::err(e),
-                };
-                let out = r.force(&winner).await;
-                r.changed();
-                log_outcome("force", &resource, out)
+                self.act("force", &resource, |r| r.force(&winner)).await
             }
-            Request::Break { resource } => {
-                let r = match self.find(&resource) {
-                    Ok(r) => r,
-                    Err(e) => return Response::err(e),
-                };
-                let out = r.break_mirror().await;
-                r.changed();
-                log_outcome("break", &resource, out)
-            }
+            Request::Break { resource } => self.act("break", &resource, |r| r.break_mirror()).await,
             Request::Verify { resource } => {
-                let r = match self.find(&resource) {
-                    Ok(r) => r,
-                    Err(e) => return Response::err(e),
-                };
-                let out = r.verify().await;
-                r.changed();
-                match out {
-                    Ok(text) => Response::ok(serde_json::json!({ "result": text })),
-                    Err(e) => {
-                        tracing::warn!(resource, "verify refused: {}", e.message);
-                        Response::err(e)
-                    }
-                }
+                self.act("verify", &resource, |r| async move {
+                    r.verify()
+                        .await
+                        .map(|text| serde_json::json!({ "result": text }))
+                })
+                .await
+            }
+        }
+    }
+
+    /// An admin action on the named resource: its outcome, with the status
+    /// version bumped afterwards either way (watchers re-read the status
+    /// after every action), and a refusal logged.
+    async fn act<'a, T, F, Fut>(&'a self, op: &str, resource: &str, f: F) -> Response
+    where
+        T: serde::Serialize,
+        F: FnOnce(&'a Arc<Resource>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, AdminError>> + 'a,
+    {
+        let r = match self.find(resource) {
+            Ok(r) => r,
+            Err(e) => return Response::err(e),
+        };
+        let out = f(r).await;
+        r.changed();
+        match out {
+            Ok(v) => Response::ok(v),
+            Err(e) => {
+                tracing::warn!(resource, "{op} refused: {}", e.message);
+                Response::err(e)
             }
         }
     }
@@ -173,20 +157,6 @@ impl Agent {
                     tracing::error!(resource = %r.name, "deactivation at shutdown failed: {e}");
                 }
             }
-        }
-    }
-}
-
-fn log_outcome(
-    op: &str,
-    resource: &str,
-    r: Result<crate::status::ResourceStatus, AdminError>,
-) -> Response {
-    match r {
-        Ok(s) => Response::ok(s),
-        Err(e) => {
-            tracing::warn!(resource, "{op} refused: {}", e.message);
-            Response::err(e)
         }
     }
 }
