@@ -882,3 +882,46 @@ async fn frame_left_incomplete_is_closed_after_the_receive_timeout() {
         .unwrap()
         .is_none());
 }
+
+/// Big frames are received with `SO_RCVLOWAT` raised to what they still need: a frame that
+/// arrives in pieces is still delivered once complete, and one left incomplete still ends
+/// the session after the receive timeout (the raised mark never hides the stall).
+#[tokio::test]
+async fn big_frames_arriving_in_pieces_are_delivered_and_a_stalled_one_times_out() {
+    let s = secret();
+    let port = free_port();
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut sp = spec("b", "a", port, &s, md1());
+    sp.timeouts.receive = Duration::from_millis(500);
+    sp.timeouts.heartbeat_timeout = Duration::from_secs(5);
+    let mut b = spawn_link(sp, stop.clone());
+    let mut raw = Raw::authenticate(port, &s).await;
+    let mut sb = next_session(&mut b).await;
+    let data: Vec<u8> = (0..900_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let seq = raw.tx_seq;
+    let v = encoded(seq, write(1 << 20, &data));
+    for piece in v.chunks(200_000) {
+        raw.send_raw(piece).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let f = tokio::time::timeout(WAIT, sb.rx.recv())
+        .await
+        .unwrap()
+        .expect("frame delivered");
+    assert_eq!(f.seq, seq);
+    let Message::Write {
+        offset, data: got, ..
+    } = f.msg
+    else {
+        panic!("unexpected {:?}", f.msg.kind())
+    };
+    assert_eq!(offset, 1 << 20);
+    assert_eq!(&got[..], &data[..]);
+    // The next big frame stops after 300 KB (the reader's mark is then 1 MiB).
+    let v = encoded(seq + 1, write(0, &data));
+    raw.send_raw(&v[..300_000]).await;
+    let t0 = Instant::now();
+    let reason = tokio::time::timeout(WAIT, sb.closed.wait()).await.unwrap();
+    assert!(reason.contains("frame incomplete for 0.500 s"), "{reason}");
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+}

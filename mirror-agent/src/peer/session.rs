@@ -12,6 +12,9 @@
 //! so bursts still leave in one write. Large Write frames are written or encoded by their
 //! sender, on the CPU whose cache holds their data (see [`BIG_WRITE_BYTES`]).
 //!
+//! Reading: on plain TCP the reader raises `SO_RCVLOWAT` while a big frame is arriving
+//! ([`RcvLowat`]), so it is woken once per frame part of up to 1 MiB, not per TCP segment.
+//!
 //! Closing: the first reason wins and is published on [`CloseWatch`]. A local
 //! [`SessionSender::close`] flushes what is queued and ends with Goodbye; a protocol error
 //! ends with an Error frame (best effort); a lost or silent peer just closes.
@@ -20,6 +23,7 @@ use std::fmt;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -628,6 +632,12 @@ pub(crate) trait SessionIo: Send + 'static {
     /// Splits the stream; the third part, when present, lets senders write small frames
     /// to the socket themselves while the writer task is idle ([`Shared::commit`]).
     fn split_io(self) -> (Self::R, Self::W, Option<Arc<OwnedWriteHalf>>);
+
+    /// The TCP socket under the reading half, when the frames' bytes are the socket's
+    /// bytes (plain TCP, not TLS), for [`RcvLowat`]. Valid while that half lives.
+    fn rx_fd(_r: &Self::R) -> Option<RawFd> {
+        None
+    }
 }
 
 /// Plain TCP: `into_split` (no lock between the halves, unlike `tokio::io::split`) and
@@ -639,6 +649,61 @@ impl SessionIo for TcpStream {
         let (r, w) = self.into_split();
         let w = Arc::new(w);
         (r, TcpWriter(w.clone()), Some(w))
+    }
+
+    fn rx_fd(r: &Self::R) -> Option<RawFd> {
+        Some(r.as_ref().as_raw_fd())
+    }
+}
+
+/// Large frames (bigger than this still to come) are received with `SO_RCVLOWAT` raised
+/// to what the frame still needs (at most [`RCVLOWAT_MAX`]): the kernel then wakes the
+/// reader once the bytes are there instead of for every TCP segment (16 per MiB on
+/// loopback). Each wake-up is a cross-CPU scheduling of the reader, paid on loopback by
+/// the sending agent itself (it runs the receive path). Reads stay non-blocking and
+/// return whatever is queued, so nothing else changes; the frame timeout still runs.
+const RCVLOWAT_MIN: usize = 128 << 10;
+/// Upper bound of the raised `SO_RCVLOWAT` (the kernel also caps it at half the socket's
+/// receive buffer limit).
+const RCVLOWAT_MAX: usize = 1 << 20;
+
+/// The reader's `SO_RCVLOWAT` setting (see [`RCVLOWAT_MIN`]).
+struct RcvLowat {
+    fd: Option<RawFd>,
+    current: usize,
+}
+
+impl RcvLowat {
+    /// Sets the low-water mark for a frame that still needs `needed` bytes; a failing
+    /// `setsockopt` only disables the optimisation.
+    fn set_for(&mut self, needed: usize) {
+        let Some(fd) = self.fd else { return };
+        let want = if needed >= RCVLOWAT_MIN {
+            needed.min(RCVLOWAT_MAX)
+        } else {
+            1
+        };
+        if want == self.current {
+            return;
+        }
+        let v = want as libc::c_int;
+        // SAFETY: plain setsockopt on an fd the reader's socket half keeps open, with a
+        // pointer to a live c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            self.current = want;
+        } else {
+            tracing::debug!(error = %io::Error::last_os_error(), "SO_RCVLOWAT not settable; not used");
+            self.fd = None;
+        }
     }
 }
 
@@ -719,6 +784,10 @@ pub(crate) fn start<S: SessionIo>(
     timeouts: Timeouts,
 ) -> Session {
     let (r, w, direct) = stream.split_io();
+    let lowat = RcvLowat {
+        fd: S::rx_fd(&r),
+        current: 1,
+    };
     let (queue_tx, queue_rx) = mpsc::channel(SEND_QUEUE_FRAMES);
     let (in_tx, in_rx) = mpsc::channel(RECV_QUEUE_FRAMES);
     let (close_tx, close_rx) = watch::channel(None);
@@ -741,12 +810,12 @@ pub(crate) fn start<S: SessionIo>(
     tokio::spawn(writer(w, shared.clone(), queue_rx, timeouts.send));
     tokio::spawn(reader(
         r,
+        lowat,
         shared.clone(),
         in_tx,
         est.buf,
         est.next_rx_seq,
-        timeouts.heartbeat_timeout,
-        timeouts.receive,
+        timeouts,
     ));
     tokio::spawn(heartbeat(shared.clone(), timeouts.heartbeat_interval));
     Session {
@@ -791,13 +860,15 @@ fn secs(d: Duration) -> String {
 
 async fn reader<R: AsyncRead + Unpin>(
     mut r: R,
+    mut lowat: RcvLowat,
     shared: Arc<Shared>,
     in_tx: mpsc::Sender<Frame>,
     mut buf: BytesMut,
     mut next_rx: u64,
-    silent_after: Duration,
-    frame_timeout: Duration,
+    timeouts: Timeouts,
 ) {
+    // The peer sends at least heartbeats; a frame must finish within the receive timeout.
+    let (silent_after, frame_timeout) = (timeouts.heartbeat_timeout, timeouts.receive);
     let mut closed = shared.close_tx.subscribe();
     // The hook goes with the reader: it may hold a sender (a reference cycle otherwise).
     struct ClearHook<'a>(&'a Shared);
@@ -927,6 +998,7 @@ async fn reader<R: AsyncRead + Unpin>(
         }
         // The header (if any) is validated already, so `needed` is bounded by the kind's limit.
         buf.reserve(dec.needed().max(16 << 10));
+        lowat.set_for(dec.needed());
         let silent_deadline = tokio::time::Instant::now() + silent_after;
         let frame_deadline =
             partial_since.map(|t| tokio::time::Instant::from_std(t + frame_timeout));
@@ -1324,6 +1396,49 @@ mod tests {
         sa.tx.close("done");
         assert!(sb.closed.wait().await.starts_with("peer said goodbye"));
         assert!(sb.rx.recv().await.is_none());
+    }
+
+    fn rcvlowat(fd: RawFd) -> libc::c_int {
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt on a live socket into a c_int of the given size.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        v
+    }
+
+    #[tokio::test]
+    async fn the_receive_low_water_mark_follows_what_a_big_frame_still_needs() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (_a, (b, _)) = (a.unwrap(), b.unwrap());
+        let (r, _w, _direct) = b.split_io();
+        let fd = <TcpStream as SessionIo>::rx_fd(&r).expect("plain TCP has an fd");
+        let mut lw = RcvLowat {
+            fd: Some(fd),
+            current: 1,
+        };
+        lw.set_for(28);
+        assert_eq!(rcvlowat(fd), 1, "small frames: the default mark");
+        lw.set_for(600_000);
+        assert_eq!(rcvlowat(fd), 600_000);
+        lw.set_for(32 << 20);
+        assert_eq!(rcvlowat(fd), RCVLOWAT_MAX as libc::c_int, "capped");
+        lw.set_for(RCVLOWAT_MIN - 1);
+        assert_eq!(rcvlowat(fd), 1, "back to the default below the threshold");
+        // Test pipes (like TLS): no fd, nothing to set.
+        let (pipe, _other) = tokio::io::duplex(64);
+        let (pr, _pw, _) = pipe.split_io();
+        assert!(<tokio::io::DuplexStream as SessionIo>::rx_fd(&pr).is_none());
     }
 
     #[tokio::test]
