@@ -481,6 +481,39 @@ async fn shutdown_drains_in_flight_and_refuses_new_requests() {
     }
 }
 
+/// A client that stops reading replies cannot hold the server's shutdown
+/// past the grace period: the connection, waiting for room in the reply
+/// queue (its writer is stuck on the full socket), still watches the grace
+/// timer (the reply queue is polled first there, see `Replies::send`).
+#[tokio::test]
+async fn client_not_reading_replies_is_closed_after_the_shutdown_grace() {
+    let te = make_engine(SIZE);
+    let limits = Limits {
+        shutdown_grace: std::time::Duration::from_millis(200),
+        reply_queue: 1,
+        ..Limits::default()
+    };
+    let srv = server_with(te.engine.clone(), limits);
+    let (s, conn) = pair(&srv);
+    let mut c = Client::connect(s, false).await;
+    // 64 x 64 KiB of read replies, far more than the socket buffer holds;
+    // the client never reads them.
+    for i in 0..64u64 {
+        c.read(i, i * 65536, 65536).await;
+    }
+    // Eight replies (512 KiB) are more than the socket and the writer's
+    // buffer take: from then on the connection cannot finish by itself.
+    eventually("requests parsed", || srv.stats().requests >= 8).await;
+    within(srv.shutdown()).await;
+    let r = within(conn).await.unwrap();
+    assert!(
+        matches!(r, Err(NbdError::ShutdownGraceExpired(_))),
+        "connection ended with {r:?}"
+    );
+    assert_eq!(srv.stats().connections_open, 0);
+    drop(c);
+}
+
 #[tokio::test]
 async fn handshake_client_during_shutdown_is_closed() {
     let te = make_engine(SIZE);

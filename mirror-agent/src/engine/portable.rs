@@ -8,7 +8,8 @@
 //! are queued or running, so callers beyond that wait (backpressure).
 //! Dropping the engine lets the threads finish what is queued and exit.
 //! Small writes without FUA (up to [`INLINE_WRITE_MAX`]) are a `pwrite` in
-//! the calling task instead: a page-cache copy, cheaper than two thread hops.
+//! the calling task instead: a page-cache copy, cheaper than two thread hops;
+//! they are never queued, so they take no queue-depth permit.
 //! [`BlockEngine::read_bytes`] likewise first copies what the page cache
 //! holds with `preadv2(RWF_NOWAIT)` in the calling task (never blocks) and
 //! sends only the rest to an I/O thread.
@@ -293,9 +294,12 @@ impl BlockEngine for PortableEngine {
             // A page-cache copy of a few microseconds: done in the calling
             // task, without the two thread hops of the queue (same policy as
             // the io_uring engine's buffered mode; see INLINE_WRITE_MAX).
+            // No queue-depth permit: nothing is queued, and the copy runs on
+            // the caller's thread, so the callers' threads bound how many run
+            // at once (as for the io_uring engine's inline writes). A permit
+            // cost a semaphore acquire and a locked release per write.
             let s = self.shared.clone();
             return Box::pin(async move {
-                let _permit = s.permits.acquire().await.map_err(|_| errno(libc::EIO))?;
                 backing::check_range(s.size, offset, data.len() as u64)?;
                 s.file.write_all_at(&data, offset).map_err(map_eof)
             });

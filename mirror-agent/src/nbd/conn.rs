@@ -348,10 +348,14 @@ where
         let event = if burst {
             Event::Header(Ok(true))
         } else {
+            // Completions first: they are the common case, and polling the
+            // writer-death and shutdown waits first would register and
+            // deregister their wakers (a lock each) on every request. Both
+            // are still polled whenever this task is about to wait.
             tokio::select! {
             biased;
-            _ = wait_dead(&wstate) => Event::WriterDead,
             Some(out) = pending.next(), if !pending.is_empty() => Event::Done(out),
+            _ = wait_dead(&wstate) => Event::WriterDead,
             r = shutdown.wait_for(|s| *s), if !shutting => {
                 let _ = r;
                 shutting = true;
@@ -439,6 +443,11 @@ where
             loop {
                 let out = tokio::select! {
                     biased;
+                    // Permits first: usually there (see the main select).
+                    p = &mut acquire => {
+                        permits = Some(p);
+                        break;
+                    }
                     _ = wait_dead(&wstate) => break 'reader Err(writer_failed()),
                     r = shutdown.wait_for(|s| *s), if !shutting => {
                         let _ = r;
@@ -448,10 +457,6 @@ where
                         break;
                     }
                     _ = sleep_until_opt(grace) => break 'reader Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace)),
-                    p = &mut acquire => {
-                        permits = Some(p);
-                        break;
-                    }
                     // Only while the permits are not there: polling here
                     // when they are would start each request of a burst
                     // in its own pass (one io_uring submission each).
@@ -677,11 +682,12 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
                 };
             }
         }
+        // The queue first: it usually has room (see the main select).
         tokio::select! {
             biased;
+            r = self.tx.send(out) => r.map_err(|_| writer_failed()),
             _ = wait_dead(&self.wstate) => Err(writer_failed()),
             _ = grace_timer(shutdown, grace, grace_dur) => Err(NbdError::ShutdownGraceExpired(grace_dur)),
-            r = self.tx.send(out) => r.map_err(|_| writer_failed()),
         }
     }
 }
