@@ -49,8 +49,9 @@ const MAX_IOVECS: usize = 128;
 /// itself when they are queued. The sender has just received the data (the NBD payload),
 /// so it is in this CPU's cache; the writer task often runs on the other worker, where the
 /// CRC and the socket copy read it from memory. Measured on a 1 MiB QD8 write stream
-/// (bench/README.md, "Mirrored modes"): the pair's CPU per MiB fell by about 12%, more
-/// than the writer's wake-up costs. Batching such frames with others saves nothing.
+/// (bench/README.md, "Seq write round"): the pair used 5-12% less CPU per MiB and
+/// wrote 8-15% faster; the writer's wake-up costs less than that. Batching such frames
+/// with others saves nothing.
 const BIG_WRITE_BYTES: usize = 64 << 10;
 
 /// One authenticated connection to the peer.
@@ -221,10 +222,10 @@ impl Shared {
     /// frame is written to the socket right here with one non-blocking vectored write,
     /// under the ordering lock, so seq order stays wire order. This saves the wake-up of
     /// the writer task (on a loopback or a busy box the biggest part of a small frame's
-    /// cost) and, for a big Write, a second CPU reading its data from memory (a big Write's
-    /// copy into the socket then also runs under this lock). If the socket takes only part of it, the rest is queued as the writer's first
-    /// item; if it takes nothing (or errors), the frame is queued as usual and the writer
-    /// deals with it. The permit is held until then, so back-pressure is unchanged.
+    /// cost) and, for a big Write, a second CPU reading its data from memory (its copy into
+    /// the socket, up to the socket's free space, then runs under this lock). If the socket
+    /// takes only part of it, the rest is queued as the writer's first item; if it takes
+    /// nothing (or errors), the frame is queued as usual and the writer deals with it. The permit is held until then, so back-pressure is unchanged.
     fn commit(
         &self,
         permit: mpsc::Permit<'_, Out>,
@@ -362,25 +363,23 @@ fn is_big_write(frame: &Frame) -> bool {
 /// the bench machine). Small frames are left to the writer's batch encoding; a frame that
 /// does not encode is left to the writer, which reports it.
 fn encode_big(frame: Frame) -> Out {
-    match &frame.msg {
-        Message::Write { .. } if is_big_write(&frame) => {
-            let mut head = BytesMut::with_capacity(64);
-            match frame.encode_vectored(&mut head) {
-                Ok(tail) => Out::Encoded {
-                    seq: frame.seq,
-                    head: head.freeze(),
-                    tail,
-                },
-                Err(_) => Out::Frame(frame),
-            }
-        }
-        _ => Out::Frame(frame),
+    if !is_big_write(&frame) {
+        return Out::Frame(frame);
+    }
+    let mut head = BytesMut::with_capacity(64);
+    match frame.encode_vectored(&mut head) {
+        Ok(tail) => Out::Encoded {
+            seq: frame.seq,
+            head: head.freeze(),
+            tail,
+        },
+        Err(_) => Out::Frame(frame),
     }
 }
 
 /// One non-blocking write of `frame` to `o.direct`. `None`: nothing was written (socket
-/// full, error, not a data-path frame or not encodable), queue the frame. `Some(None)`: all of it
-/// went out. `Some(Some(rest))`: part of it went out, `rest` must be next on the wire.
+/// full, error, not a data-path frame or not encodable), queue the frame. `Some(None)`:
+/// all of it went out. `Some(Some(rest))`: part of it went out, `rest` must be next on the wire.
 fn write_direct(o: &mut Order, frame: &Frame) -> Option<Option<Out>> {
     let Order {
         direct, scratch, ..
@@ -629,7 +628,7 @@ pub(crate) trait SessionIo: Send + 'static {
     type R: AsyncRead + Unpin + Send + 'static;
     /// Writing half (the writer task's).
     type W: AsyncWrite + Unpin + Send + 'static;
-    /// Splits the stream; the third part, when present, lets senders write small frames
+    /// Splits the stream; the third part, when present, lets senders write frames
     /// to the socket themselves while the writer task is idle ([`Shared::commit`]).
     fn split_io(self) -> (Self::R, Self::W, Option<Arc<OwnedWriteHalf>>);
 
@@ -656,8 +655,8 @@ impl SessionIo for TcpStream {
     }
 }
 
-/// Large frames (bigger than this still to come) are received with `SO_RCVLOWAT` raised
-/// to what the frame still needs (at most [`RCVLOWAT_MAX`]): the kernel then wakes the
+/// A frame that still needs at least this many bytes is received with `SO_RCVLOWAT`
+/// raised to what it still needs (at most [`RCVLOWAT_MAX`]): the kernel then wakes the
 /// reader once the bytes are there instead of for every TCP segment (16 per MiB on
 /// loopback). Each wake-up is a cross-CPU scheduling of the reader, paid on loopback by
 /// the sending agent itself (it runs the receive path). Reads stay non-blocking and
@@ -1013,7 +1012,7 @@ async fn reader<R: AsyncRead + Unpin>(
             res = tokio::time::timeout_at(deadline, r.read_buf(&mut buf)) => match res {
                 Err(_) if frame_deadline.is_some_and(|f| f <= silent_deadline) => {
                     shared.shut(format!(
-                        "frame incomplete for {} s ({} bytes received, {} more needed)",
+                        "frame incomplete for {} s ({} bytes read, {} more needed)",
                         secs(frame_timeout), buf.len(), dec.needed()), Final::Nothing);
                     return;
                 }
