@@ -859,17 +859,34 @@ async fn shutdown_closes_the_session_with_goodbye() {
     .expect("link tasks end after shutdown");
 }
 
-#[tokio::test]
-async fn frame_left_incomplete_is_closed_after_the_receive_timeout() {
+/// Keeps a link's tasks running (its handle and stop signal).
+struct LinkGuard {
+    _handle: LinkHandle,
+    _stop: watch::Sender<bool>,
+}
+
+/// Link "b" with the given receive (frame) timeout, a raw authenticated peer "a" talking to
+/// it, and b's session.
+async fn raw_peer_session(receive: Duration) -> (Raw, Session, LinkGuard) {
     let s = secret();
     let port = free_port();
-    let (_stop_tx, stop) = watch::channel(false);
+    let (stop_tx, stop) = watch::channel(false);
     let mut sp = spec("b", "a", port, &s, md1());
-    sp.timeouts.receive = Duration::from_millis(200);
+    sp.timeouts.receive = receive;
     sp.timeouts.heartbeat_timeout = Duration::from_secs(5);
-    let mut b = spawn_link(sp, stop.clone());
-    let mut raw = Raw::authenticate(port, &s).await;
-    let mut sb = next_session(&mut b).await;
+    let mut b = spawn_link(sp, stop);
+    let raw = Raw::authenticate(port, &s).await;
+    let sb = next_session(&mut b).await;
+    let guard = LinkGuard {
+        _handle: b,
+        _stop: stop_tx,
+    };
+    (raw, sb, guard)
+}
+
+#[tokio::test]
+async fn frame_left_incomplete_is_closed_after_the_receive_timeout() {
+    let (mut raw, mut sb, _link) = raw_peer_session(Duration::from_millis(200)).await;
     let seq = raw.tx_seq;
     let v = encoded(seq, write(0, &[1u8; 100]));
     raw.send_raw(&v[..HEADER_LEN + 10]).await;
@@ -888,15 +905,7 @@ async fn frame_left_incomplete_is_closed_after_the_receive_timeout() {
 /// the session after the receive timeout (the raised mark never hides the stall).
 #[tokio::test]
 async fn big_frames_arriving_in_pieces_are_delivered_and_a_stalled_one_times_out() {
-    let s = secret();
-    let port = free_port();
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut sp = spec("b", "a", port, &s, md1());
-    sp.timeouts.receive = Duration::from_millis(500);
-    sp.timeouts.heartbeat_timeout = Duration::from_secs(5);
-    let mut b = spawn_link(sp, stop.clone());
-    let mut raw = Raw::authenticate(port, &s).await;
-    let mut sb = next_session(&mut b).await;
+    let (mut raw, mut sb, _link) = raw_peer_session(Duration::from_millis(500)).await;
     let data: Vec<u8> = (0..900_000u32).map(|i| (i * 31 % 251) as u8).collect();
     let seq = raw.tx_seq;
     let v = encoded(seq, write(1 << 20, &data));
