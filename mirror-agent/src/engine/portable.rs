@@ -292,8 +292,10 @@ impl BlockEngine for PortableEngine {
         let fua = fua && !self.shared.sync_noop;
         if !fua && data.len() <= INLINE_WRITE_MAX {
             // A page-cache copy of a few microseconds: done in the calling
-            // task, without the two thread hops of the queue (same policy as
-            // the io_uring engine's buffered mode; see INLINE_WRITE_MAX).
+            // task, without the two thread hops of the queue (the io_uring
+            // engine's buffered policy, see INLINE_WRITE_MAX; that engine also
+            // inlines up to INLINE_WRITE_MAX_MEMFS on a memory file system,
+            // this one does not: measured for io_uring only).
             // No queue-depth permit: nothing is queued, and the copy runs on
             // the caller's thread, so the callers' threads bound how many run
             // at once (as for the io_uring engine's inline writes). A permit

@@ -183,14 +183,14 @@ struct Order {
 }
 
 impl Order {
-    /// A sender may write `frame` to the socket itself: the writer task is idle with
+    /// A sender may write its frame(s) to the socket itself: the writer task is idle with
     /// nothing queued (so it cannot overtake a queued frame), plain TCP, and not corked
-    /// unless the frame is a big Write.
-    fn may_write_direct(&self, frame: &Frame) -> bool {
+    /// unless the frame is a big Write (`big`, see [`is_big_write`]).
+    fn may_write_direct(&self, big: bool) -> bool {
         self.writer_idle
             && self.queued == 0
             && self.direct.is_some()
-            && (is_big_write(frame) || !CORK.try_with(|c| *c).unwrap_or(false))
+            && (big || !CORK.try_with(|c| *c).unwrap_or(false))
     }
 }
 
@@ -235,7 +235,7 @@ impl Shared {
         let seq = o.next_seq;
         o.next_seq += 1;
         let frame = Frame::new(seq, f(seq));
-        if o.may_write_direct(&frame) {
+        if o.may_write_direct(is_big_write(&frame)) {
             if let Some(rest) = write_direct(&mut o, &frame) {
                 o.wire_next = seq + 1;
                 if let Some(rest) = rest {
@@ -268,7 +268,8 @@ impl Shared {
                 f
             })
             .collect();
-        if frames.first().is_some_and(|f| o.may_write_direct(f)) {
+        // Batches carry no data block (see `write_direct_all`): never big.
+        if o.may_write_direct(false) {
             if let Some(rest) = write_direct_all(&mut o, &frames) {
                 o.wire_next = o.next_seq;
                 if let Some(rest) = rest {
