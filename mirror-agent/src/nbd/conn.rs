@@ -484,21 +484,8 @@ where
                         _ = sleep_until_opt(grace) => break 'reader Err(NbdError::ShutdownGraceExpired(limits.shutdown_grace)),
                         r = input.skip(payload_len as usize) => r,
                     };
-                    match skipped {
-                        Err(source) => {
-                            break Err(NbdError::Io {
-                                phase: "write payload",
-                                source,
-                            })
-                        }
-                        Ok(Err(got)) => {
-                            break Err(NbdError::Truncated {
-                                what: "write payload",
-                                got,
-                                expected: payload_len as usize,
-                            })
-                        }
-                        Ok(Ok(())) => {}
+                    if let Err(e) = write_payload(skipped, payload_len as usize) {
+                        break Err(e);
                     }
                 }
                 tracing::debug!(handle = h.handle, kind = h.kind, errno, %message, "NBD request rejected");
@@ -553,22 +540,11 @@ where
                                 }
                             }
                         };
-                        match read {
-                            Err(source) => {
-                                break Err(NbdError::Io {
-                                    phase: "write payload",
-                                    source,
-                                })
-                            }
-                            // Never applied, never acknowledged.
-                            Ok(Err(got)) => {
-                                break Err(NbdError::Truncated {
-                                    what: "write payload",
-                                    got,
-                                    expected: h.length as usize,
-                                })
-                            }
-                            Ok(Ok(data)) => Op::Write {
+                        // A payload that did not fully arrive is never applied, never
+                        // acknowledged.
+                        match write_payload(read, h.length as usize) {
+                            Err(e) => break Err(e),
+                            Ok(data) => Op::Write {
                                 offset: h.offset,
                                 data,
                                 fua: h.flags & CMD_FLAG_FUA != 0,
@@ -641,6 +617,24 @@ where
         }
     }
     result
+}
+
+/// The outcome of receiving (or skipping) a write payload of `expected` bytes: the
+/// socket's error, or the stream ended after `got` bytes, becomes the error that closes
+/// the connection.
+fn write_payload<T>(r: std::io::Result<Result<T, usize>>, expected: usize) -> Result<T, NbdError> {
+    match r {
+        Err(source) => Err(NbdError::Io {
+            phase: "write payload",
+            source,
+        }),
+        Ok(Err(got)) => Err(NbdError::Truncated {
+            what: "write payload",
+            got,
+            expected,
+        }),
+        Ok(Ok(v)) => Ok(v),
+    }
 }
 
 /// The connection task's way to the client: the reply queue of the writer
