@@ -4,10 +4,12 @@
 //! Node "a" sorts lower and dials, node "b" accepts. Raw clients below play node "a" with
 //! hand-made frames (via `mirror_proto`) to send what a correct agent never would.
 
+mod peer_common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use mirror_agent::config::{Config, ExampleSpec, Secret, Timeouts};
 use mirror_agent::peer::testing::hello;
 use mirror_agent::peer::{
@@ -18,22 +20,18 @@ use mirror_proto::{
     error_code, Decoder, DiskState, Features, Frame, Generation, Header, Message, MessageKind,
     Role, HEADER_LEN,
 };
+use peer_common::{
+    assert_delivered, assert_no_more_frames, closed_reason, free_port, next_session, recv_frame,
+    wait_refused, write, Pair, WAIT,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-const WAIT: Duration = Duration::from_secs(10);
 const HB_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn timeouts() -> Timeouts {
-    Timeouts {
-        connect: Duration::from_secs(3),
-        send: Duration::from_secs(3),
-        ack: Duration::from_secs(3),
-        receive: Duration::from_secs(3),
-        heartbeat_interval: Duration::from_millis(100),
-        heartbeat_timeout: HB_TIMEOUT,
-    }
+    peer_common::timeouts(HB_TIMEOUT)
 }
 
 /// A fresh random secret, read through the config layer like the agent does.
@@ -41,14 +39,6 @@ fn secret() -> Secret {
     let dir = tempfile::tempdir().unwrap();
     let path = ExampleSpec::pair(dir.path(), 20000).write().unwrap();
     Config::load(&path).unwrap().read_secret().unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn md1() -> Option<ResourceSpec> {
@@ -94,125 +84,102 @@ fn spec(
     }
 }
 
-async fn next_session(h: &mut LinkHandle) -> Session {
-    tokio::time::timeout(WAIT, h.sessions.recv())
-        .await
-        .expect("no session within the wait")
-        .expect("link ended")
+/// Links "a" and "b" for `res`, configured alike: one fresh port, one fresh secret.
+fn pair(res: Option<ResourceSpec>) -> Pair {
+    let s = secret();
+    let port = free_port();
+    Pair::start(
+        spec("a", "b", port, &s, res.clone()),
+        spec("b", "a", port, &s, res),
+    )
 }
 
-async fn wait_refused(h: &LinkHandle) -> String {
-    let mut w = h.state_watch();
-    let st = tokio::time::timeout(WAIT, w.wait_for(|s| matches!(s, LinkState::Refused { .. })))
-        .await
-        .expect("not refused within the wait")
-        .unwrap()
-        .clone();
-    match st {
-        LinkState::Refused { reason } => reason,
-        _ => unreachable!(),
+/// Link "b" alone (the acceptor) on a fresh port with a fresh secret, for raw clients playing
+/// "a"; it runs while this lives.
+struct Acceptor {
+    link: LinkHandle,
+    port: u16,
+    secret: Secret,
+    _stop: watch::Sender<bool>,
+}
+
+impl Acceptor {
+    fn start(res: Option<ResourceSpec>) -> Acceptor {
+        Acceptor::start_with(res, |_| {})
+    }
+
+    /// As `start`, with b's spec adjusted by `adjust` first.
+    fn start_with(res: Option<ResourceSpec>, adjust: impl FnOnce(&mut LinkSpec)) -> Acceptor {
+        let secret = secret();
+        let port = free_port();
+        let mut sp = spec("b", "a", port, &secret, res);
+        adjust(&mut sp);
+        let (stop, rx) = watch::channel(false);
+        Acceptor {
+            link: spawn_link(sp, rx),
+            port,
+            secret,
+            _stop: stop,
+        }
+    }
+
+    /// A raw client connected but not yet authenticated.
+    async fn raw(&self) -> Raw {
+        Raw::connect(self.port).await
+    }
+
+    /// A raw client through the whole handshake with the right secret.
+    async fn authenticated(&self) -> Raw {
+        Raw::authenticate(self.port, &self.secret).await
     }
 }
 
-fn write(offset: u64, data: &[u8]) -> Message {
-    Message::Write {
-        offset,
-        fua: false,
-        data: Bytes::copy_from_slice(data),
-    }
+/// Asserts `f` is an Error frame with `code`.
+fn assert_error(f: &Frame, code: u32) {
+    assert!(
+        matches!(f.msg, Message::Error { code: c, .. } if c == code),
+        "expected Error {code}, got {f:?}"
+    );
 }
 
 #[tokio::test]
 async fn handshake_succeeds_and_both_see_each_others_hello() {
-    let s = secret();
-    let port = free_port();
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
-    let mut a = spawn_link(spec("a", "b", port, &s, md1()), stop.clone());
-    let mut sa = next_session(&mut a).await;
-    let mut sb = next_session(&mut b).await;
+    let mut p = pair(md1());
+    let (mut sa, mut sb) = p.sessions().await;
     assert_eq!(sa.peer_hello.node_name, "b");
     assert_eq!(sa.peer_hello.role, Role::Standby);
     assert_eq!(sb.peer_hello.node_name, "a");
     assert_eq!(sb.peer_hello.role, Role::Active);
     assert_eq!(sb.peer_hello.resource_name, "md1");
     assert_eq!(sb.peer_hello.generation.current, 7);
-    assert!(matches!(a.state(), LinkState::Connected { .. }));
-    assert!(matches!(b.state(), LinkState::Connected { .. }));
+    assert!(matches!(p.a.state(), LinkState::Connected { .. }));
+    assert!(matches!(p.b.state(), LinkState::Connected { .. }));
 
     // Data flows both ways; the seq returned is the one on the wire.
-    let seq = sa.tx.send(write(4096, b"hello")).await.unwrap();
-    let f = tokio::time::timeout(WAIT, sb.rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(f.seq, seq);
-    assert_eq!(f.msg, write(4096, b"hello"));
-    sb.tx.send(Message::Ack1 { seq }).await.unwrap();
-    let f = tokio::time::timeout(WAIT, sa.rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(f.msg, Message::Ack1 { seq });
+    let seq = assert_delivered(&sa, &mut sb, write(4096, b"hello")).await;
+    assert_delivered(&sb, &mut sa, Message::Ack1 { seq }).await;
 }
 
 #[tokio::test]
 async fn control_link_handshake() {
-    let s = secret();
-    let port = free_port();
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(spec("b", "a", port, &s, None), stop.clone());
-    let mut a = spawn_link(spec("a", "b", port, &s, None), stop.clone());
-    let mut sa = next_session(&mut a).await;
-    let mut sb = next_session(&mut b).await;
+    let mut p = pair(None);
+    let (mut sa, mut sb) = p.sessions().await;
     assert_eq!(sa.peer_hello.resource_name, "@control");
     assert_eq!(sb.peer_hello.resource_name, "@control");
     let json = r#"{"cmd":"handover","resource":"md1"}"#.to_string();
-    let seq = sa
-        .tx
-        .send(Message::Control { json: json.clone() })
-        .await
-        .unwrap();
-    let f = tokio::time::timeout(WAIT, sb.rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (f.seq, f.msg),
-        (seq, Message::Control { json: json.clone() })
-    );
-    sb.tx
-        .send(Message::Control { json: "{}".into() })
-        .await
-        .unwrap();
-    let f = tokio::time::timeout(WAIT, sa.rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(f.msg, Message::Control { json: "{}".into() });
+    assert_delivered(&sa, &mut sb, Message::Control { json }).await;
+    assert_delivered(&sb, &mut sa, Message::Control { json: "{}".into() }).await;
 }
 
 #[tokio::test]
 async fn control_frame_before_auth_is_refused() {
-    let s = secret();
-    let port = free_port();
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(spec("b", "a", port, &s, None), stop.clone());
-    let mut raw = Raw::connect(port).await;
+    let mut b = Acceptor::start(None);
+    let mut raw = b.raw().await;
     raw.send(Message::Control { json: "{}".into() }).await;
     let f = raw.recv().await.expect("an Error frame");
-    assert!(
-        matches!(
-            f.msg,
-            Message::Error {
-                code: error_code::NOT_AUTHENTICATED,
-                ..
-            }
-        ),
-        "{f:?}"
-    );
+    assert_error(&f, error_code::NOT_AUTHENTICATED);
     assert!(raw.recv().await.is_none());
-    assert!(b.sessions.try_recv().is_err());
+    assert!(b.link.sessions.try_recv().is_err());
 }
 
 /// Forwards every connection accepted on `listener` to `target` until `cut` fires, then drops
@@ -268,152 +235,99 @@ async fn nodes_connect_through_a_proxy_via_listen_address_and_recover_from_a_cut
     let (cut_tx, cut_rx) = watch::channel(0u32);
     tokio::spawn(proxy(proxy_listener, s2.listen_addr.clone(), cut_rx));
 
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut l2 = spawn_link(s2, stop.clone());
-    let mut l1 = spawn_link(s1, stop.clone());
-    let a = next_session(&mut l1).await;
-    let b = next_session(&mut l2).await;
+    let mut p = Pair::start(s1, s2);
+    let (a, b) = p.sessions().await;
     assert_eq!(a.peer_hello.node_name, "server2");
     assert_eq!(b.peer_hello.node_name, "server1");
     // The dialer reached the acceptor through the proxy address.
     assert_eq!(a.peer_addr.ip().to_string(), "127.0.0.3");
 
     cut_tx.send_modify(|n| *n += 1);
-    let ra = tokio::time::timeout(WAIT, a.closed.wait()).await.unwrap();
-    let rb = tokio::time::timeout(WAIT, b.closed.wait()).await.unwrap();
-    assert!(
-        // A cut shows as EOF, as a reset (the proxy's socket closed with
-        // data in flight) or, if neither arrives, as silence.
-        ra.contains("closed the connection")
-            || ra.contains("Connection reset")
-            || ra.contains("silent"),
-        "{ra}"
-    );
-    assert!(
-        // A cut shows as EOF, as a reset (the proxy's socket closed with
-        // data in flight) or, if neither arrives, as silence.
-        rb.contains("closed the connection")
-            || rb.contains("Connection reset")
-            || rb.contains("silent"),
-        "{rb}"
-    );
+    for r in [closed_reason(&a).await, closed_reason(&b).await] {
+        assert!(
+            // A cut shows as EOF, as a reset (the proxy's socket closed with
+            // data in flight) or, if neither arrives, as silence.
+            r.contains("closed the connection")
+                || r.contains("Connection reset")
+                || r.contains("silent"),
+            "{r}"
+        );
+    }
     // The dialer redials through the proxy; both get a fresh session.
-    let a2 = next_session(&mut l1).await;
-    let _b2 = next_session(&mut l2).await;
+    let (a2, _b2) = p.sessions().await;
     assert!(a2.closed.reason().is_none());
 }
 
 #[tokio::test]
 async fn wrong_secret_is_refused_by_both_and_no_session_delivered() {
     let port = free_port();
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(spec("b", "a", port, &secret(), md1()), stop.clone());
-    let mut a = spawn_link(spec("a", "b", port, &secret(), md1()), stop.clone());
-    let rb = wait_refused(&b).await;
-    let ra = wait_refused(&a).await;
+    let mut p = Pair::start(
+        spec("a", "b", port, &secret(), md1()),
+        spec("b", "a", port, &secret(), md1()),
+    );
+    let (ra, rb) = p.refused_without_sessions().await;
     assert!(rb.contains("secret") && rb.contains("127.0.0.1"), "{rb}");
     assert!(ra.contains("secret") && ra.contains("127.0.0.1"), "{ra}");
-    assert!(a.sessions.try_recv().is_err());
-    assert!(b.sessions.try_recv().is_err());
 }
 
+/// Links "a" and "b" for md1 (same port and secret), made to differ by `mismatch`, are both
+/// refused: b names `field` with what it expected and what it got, and a learns the same from
+/// b's Error frame.
 async fn refused_naming(
     field: &str,
     expected: &str,
     got: &str,
-    a_spec: LinkSpec,
-    b_spec: LinkSpec,
+    mismatch: impl FnOnce(&mut LinkSpec, &mut LinkSpec),
 ) {
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(b_spec, stop.clone());
-    let mut a = spawn_link(a_spec, stop.clone());
+    let s = secret();
+    let port = free_port();
+    let mut a_spec = spec("a", "b", port, &s, md1());
+    let mut b_spec = spec("b", "a", port, &s, md1());
+    mismatch(&mut a_spec, &mut b_spec);
+    let mut p = Pair::start(a_spec, b_spec);
     let want = format!("{field}: expected {expected}, got {got}");
-    let rb = wait_refused(&b).await;
+    let (ra, rb) = p.refused_without_sessions().await;
     assert!(
         rb.contains(&want) && rb.starts_with("refused peer 127.0.0.1:"),
         "{rb} / {want}"
     );
     // The dialer learns why from the Error frame.
-    let ra = wait_refused(&a).await;
     assert!(
         ra.contains(&want) && ra.contains("error 4"),
         "{ra} / {want}"
     );
-    assert!(a.sessions.try_recv().is_err());
-    assert!(b.sessions.try_recv().is_err());
+}
+
+/// The spec's resource (md1 unless changed).
+fn resource(sp: &mut LinkSpec) -> &mut ResourceSpec {
+    sp.resource.as_mut().unwrap()
 }
 
 #[tokio::test]
 async fn config_mismatches_are_refused_naming_the_field() {
-    let s = secret();
-    // cluster name
-    let port = free_port();
-    let mut a = spec("a", "b", port, &s, md1());
-    a.cluster = "other".into();
-    refused_naming(
-        "cluster name",
-        "demo",
-        "other",
-        a,
-        spec("b", "a", port, &s, md1()),
-    )
+    refused_naming("cluster name", "demo", "other", |a, _| {
+        a.cluster = "other".into()
+    })
     .await;
-    // node name: b expects a peer called "a2" (still sorting lower, so b still accepts)
-    let port = free_port();
-    refused_naming(
-        "node name",
-        "a2",
-        "a",
-        spec("a", "b", port, &s, md1()),
-        spec("b", "a2", port, &s, md1()),
-    )
+    // b expects a peer called "a2" (still sorting lower, so b still accepts).
+    refused_naming("node name", "a2", "a", |_, b| b.peer_node = "a2".into()).await;
+    refused_naming("resource name", "md1", "md2", |a, _| {
+        resource(a).name = "md2".into()
+    })
     .await;
-    // resource name
-    let port = free_port();
-    let mut r2 = md1().unwrap();
-    r2.name = "md2".into();
-    refused_naming(
-        "resource name",
-        "md1",
-        "md2",
-        spec("a", "b", port, &s, Some(r2)),
-        spec("b", "a", port, &s, md1()),
-    )
-    .await;
-    // volume size
-    let port = free_port();
-    let mut r = md1().unwrap();
-    r.volume_size = 1 << 20;
     refused_naming(
         "volume size",
         &(1u64 << 30).to_string(),
         &(1u64 << 20).to_string(),
-        spec("a", "b", port, &s, Some(r)),
-        spec("b", "a", port, &s, md1()),
+        |a, _| resource(a).volume_size = 1 << 20,
     )
     .await;
-    // region size
-    let port = free_port();
-    let mut r = md1().unwrap();
-    r.region_size = 4096;
-    refused_naming(
-        "region size",
-        "65536",
-        "4096",
-        spec("a", "b", port, &s, Some(r)),
-        spec("b", "a", port, &s, md1()),
-    )
+    refused_naming("region size", "65536", "4096", |a, _| {
+        resource(a).region_size = 4096
+    })
     .await;
-    // control link dialing a data port
-    let port = free_port();
-    refused_naming(
-        "resource name",
-        "md1",
-        "@control",
-        spec("a", "b", port, &s, None),
-        spec("b", "a", port, &s, md1()),
-    )
-    .await;
+    // A control link dialing a data port.
+    refused_naming("resource name", "md1", "@control", |a, _| a.resource = None).await;
 }
 
 /// A hand-driven client playing node "a".
@@ -551,12 +465,9 @@ impl Raw {
 
 #[tokio::test]
 async fn data_frame_before_auth_is_refused_and_nothing_delivered() {
-    let s = secret();
     for after_hello in [false, true] {
-        let port = free_port();
-        let (_stop_tx, stop) = watch::channel(false);
-        let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
-        let mut raw = Raw::connect(port).await;
+        let mut b = Acceptor::start(md1());
+        let mut raw = b.raw().await;
         if after_hello {
             raw.send(Message::Hello(hello("a", "demo", "md1", 1 << 30, 64 << 10)))
                 .await;
@@ -565,85 +476,59 @@ async fn data_frame_before_auth_is_refused_and_nothing_delivered() {
         }
         raw.send(write(0, &[0xAB; 4096])).await;
         let f = raw.recv().await.expect("an Error frame");
-        let Message::Error { code, message } = f.msg else {
-            panic!("expected Error, got {f:?}")
-        };
-        assert_eq!(code, error_code::NOT_AUTHENTICATED, "{message}");
+        assert_error(&f, error_code::NOT_AUTHENTICATED);
         assert!(raw.recv().await.is_none(), "connection must be closed");
-        let reason = wait_refused(&b).await;
+        let reason = wait_refused(&b.link).await;
         assert!(reason.contains("before authentication"), "{reason}");
-        assert!(b.sessions.try_recv().is_err());
+        assert!(b.link.sessions.try_recv().is_err());
     }
 }
 
 #[tokio::test]
 async fn oversized_data_frame_before_auth_is_refused_from_its_header() {
     // Only the 28-byte header is sent: the refusal must not wait for the 32 MiB payload.
-    let s = secret();
-    let port = free_port();
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
-    let mut raw = Raw::connect(port).await;
+    let mut b = Acceptor::start(md1());
+    let mut raw = b.raw().await;
     let mut hdr = BytesMut::new();
     let f = Frame::new(1, write(0, &vec![1u8; 32 << 20]));
     let tail = f.encode_vectored(&mut hdr).unwrap();
     assert!(tail.is_some());
     raw.send_raw(&hdr[..HEADER_LEN]).await;
     let f = raw.recv().await.expect("an Error frame");
-    assert!(
-        matches!(
-            f.msg,
-            Message::Error {
-                code: error_code::NOT_AUTHENTICATED,
-                ..
-            }
-        ),
-        "{f:?}"
-    );
-    assert!(b.sessions.try_recv().is_err());
+    assert_error(&f, error_code::NOT_AUTHENTICATED);
+    assert!(b.link.sessions.try_recv().is_err());
 }
 
 /// Authenticates a raw client, sends one good Write, then `bad`; checks the good one is
 /// delivered, the bad one is not, and the session closes with a reason containing `want`.
 async fn bad_frame_closes_link(bad: impl FnOnce(u64) -> Vec<u8>, want: &str) {
-    let s = secret();
-    let port = free_port();
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
-    let mut raw = Raw::authenticate(port, &s).await;
-    let mut sb = next_session(&mut b).await;
+    let mut b = Acceptor::start(md1());
+    let mut raw = b.authenticated().await;
+    let mut sb = next_session(&mut b.link).await;
     let good = raw.send(write(0, b"good")).await;
     let bad_bytes = bad(raw.tx_seq);
     raw.send_raw(&bad_bytes).await;
-    let f = tokio::time::timeout(WAIT, sb.rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let f = recv_frame(&mut sb).await;
     assert_eq!((f.seq, f.msg), (good, write(0, b"good")));
-    let reason = tokio::time::timeout(WAIT, sb.closed.wait()).await.unwrap();
+    let reason = closed_reason(&sb).await;
     assert!(reason.contains(want), "reason {reason:?} lacks {want:?}");
     // Nothing else was delivered.
-    assert!(tokio::time::timeout(WAIT, sb.rx.recv())
-        .await
-        .unwrap()
-        .is_none());
+    assert_no_more_frames(&mut sb).await;
     // The peer got an Error(PROTOCOL) and the connection ends.
     let f = raw.recv_non_ping().await.expect("Error frame");
-    assert!(
-        matches!(
-            f.msg,
-            Message::Error {
-                code: error_code::PROTOCOL,
-                ..
-            }
-        ),
-        "{f:?}"
-    );
+    assert_error(&f, error_code::PROTOCOL);
     assert!(raw.recv_non_ping().await.is_none());
 }
 
 fn encoded(seq: u64, msg: Message) -> Vec<u8> {
     Frame::new(seq, msg).to_bytes().unwrap().to_vec()
+}
+
+/// An encoded Write of "evil" with `seq`, then damaged by `damage`.
+fn damaged_write(seq: u64, damage: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut v = encoded(seq, write(0, b"evil"));
+    damage(&mut v);
+    v
 }
 
 fn reseal_header(v: &mut [u8]) {
@@ -654,11 +539,7 @@ fn reseal_header(v: &mut [u8]) {
 #[tokio::test]
 async fn bad_header_crc_closes_link() {
     bad_frame_closes_link(
-        |seq| {
-            let mut v = encoded(seq, write(0, b"evil"));
-            v[25] ^= 0xFF;
-            v
-        },
+        |seq| damaged_write(seq, |v| v[25] ^= 0xFF),
         "header checksum mismatch",
     )
     .await;
@@ -668,10 +549,10 @@ async fn bad_header_crc_closes_link() {
 async fn bad_payload_crc_closes_link() {
     bad_frame_closes_link(
         |seq| {
-            let mut v = encoded(seq, write(0, b"evil"));
-            let last = v.len() - 1;
-            v[last] ^= 0xFF;
-            v
+            damaged_write(seq, |v| {
+                let last = v.len() - 1;
+                v[last] ^= 0xFF;
+            })
         },
         "payload checksum mismatch",
     )
@@ -680,15 +561,7 @@ async fn bad_payload_crc_closes_link() {
 
 #[tokio::test]
 async fn bad_magic_closes_link() {
-    bad_frame_closes_link(
-        |seq| {
-            let mut v = encoded(seq, write(0, b"evil"));
-            v[0] = b'X';
-            v
-        },
-        "bad frame magic",
-    )
-    .await;
+    bad_frame_closes_link(|seq| damaged_write(seq, |v| v[0] = b'X'), "bad frame magic").await;
 }
 
 #[tokio::test]
@@ -738,13 +611,8 @@ async fn wrong_seq_closes_link() {
 
 #[tokio::test]
 async fn heartbeat_keeps_an_idle_link_up() {
-    let s = secret();
-    let port = free_port();
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
-    let mut a = spawn_link(spec("a", "b", port, &s, md1()), stop.clone());
-    let sa = next_session(&mut a).await;
-    let sb = next_session(&mut b).await;
+    let mut p = pair(md1());
+    let (sa, sb) = p.sessions().await;
     // Idle for three heartbeat timeouts: Ping/Pong keep both sides alive.
     let closed = tokio::time::timeout(HB_TIMEOUT * 3, async {
         tokio::select! { r = sa.closed.wait() => r, r = sb.closed.wait() => r }
@@ -756,20 +624,17 @@ async fn heartbeat_keeps_an_idle_link_up() {
 
 #[tokio::test]
 async fn silent_peer_is_closed_after_heartbeat_timeout() {
-    let s = secret();
-    let port = free_port();
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
-    let raw = Raw::authenticate(port, &s).await;
-    let sb = next_session(&mut b).await;
+    let mut b = Acceptor::start(md1());
+    let raw = b.authenticated().await;
+    let sb = next_session(&mut b.link).await;
     let t0 = Instant::now();
-    let reason = tokio::time::timeout(WAIT, sb.closed.wait()).await.unwrap();
+    let reason = closed_reason(&sb).await;
     let took = t0.elapsed();
     assert!(reason.contains("peer silent for 0.500 s"), "{reason}");
     assert!(took >= HB_TIMEOUT - Duration::from_millis(50), "{took:?}");
     assert!(took < HB_TIMEOUT * 4, "{took:?}");
     assert!(matches!(
-        b.state(),
+        b.link.state(),
         LinkState::Connecting | LinkState::Connected { .. }
     ));
     drop(raw);
@@ -779,8 +644,6 @@ async fn silent_peer_is_closed_after_heartbeat_timeout() {
 async fn dialer_reconnects_after_the_acceptor_drops_its_session() {
     let s = secret();
     let port = free_port();
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
     // a's Hello state changes between connections: each Hello must be fresh.
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(100));
     let mut a_spec = spec("a", "b", port, &s, md1());
@@ -795,35 +658,25 @@ async fn dialer_reconnects_after_the_acceptor_drops_its_session() {
         },
         features: Features::empty(),
     });
-    let mut a = spawn_link(a_spec, stop.clone());
-    let sa = next_session(&mut a).await;
-    let sb = next_session(&mut b).await;
+    let mut p = Pair::start(a_spec, spec("b", "a", port, &s, md1()));
+    let (sa, sb) = p.sessions().await;
     let first_gen = sb.peer_hello.generation.current;
     drop(sb);
-    let reason = tokio::time::timeout(WAIT, sa.closed.wait()).await.unwrap();
+    let reason = closed_reason(&sa).await;
     assert!(reason.contains("goodbye"), "{reason}");
-    let mut sa2 = next_session(&mut a).await;
-    let sb2 = next_session(&mut b).await;
+    let (mut sa2, sb2) = p.sessions().await;
     assert!(sb2.peer_hello.generation.current > first_gen);
-    let seq = sb2.tx.send(Message::Flush).await.unwrap();
-    let f = tokio::time::timeout(WAIT, sa2.rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!((f.seq, f.msg), (seq, Message::Flush));
+    assert_delivered(&sb2, &mut sa2, Message::Flush).await;
 }
 
 #[tokio::test]
 async fn newer_connection_replaces_the_old_session() {
-    let s = secret();
-    let port = free_port();
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
-    let mut raw1 = Raw::authenticate(port, &s).await;
-    let sb1 = next_session(&mut b).await;
-    let _raw2 = Raw::authenticate(port, &s).await;
-    let _sb2 = next_session(&mut b).await;
-    let reason = tokio::time::timeout(WAIT, sb1.closed.wait()).await.unwrap();
+    let mut b = Acceptor::start(md1());
+    let mut raw1 = b.authenticated().await;
+    let sb1 = next_session(&mut b.link).await;
+    let _raw2 = b.authenticated().await;
+    let _sb2 = next_session(&mut b.link).await;
+    let reason = closed_reason(&sb1).await;
     assert!(
         reason.contains("replaced by a newer connection"),
         "{reason}"
@@ -834,24 +687,19 @@ async fn newer_connection_replaces_the_old_session() {
 
 #[tokio::test]
 async fn shutdown_closes_the_session_with_goodbye() {
-    let s = secret();
-    let port = free_port();
-    let (stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(spec("b", "a", port, &s, md1()), stop.clone());
-    let mut a = spawn_link(spec("a", "b", port, &s, md1()), stop.clone());
-    let sa = next_session(&mut a).await;
-    let sb = next_session(&mut b).await;
-    stop_tx.send_replace(true);
+    let mut p = pair(md1());
+    let (sa, sb) = p.sessions().await;
+    p.stop.send_replace(true);
     for s in [&sa, &sb] {
         // Both stop at once: each side either closes itself first or sees the peer's Goodbye.
-        let r = tokio::time::timeout(WAIT, s.closed.wait()).await.unwrap();
+        let r = closed_reason(s).await;
         assert!(
             r == "shutting down" || r.contains("peer said goodbye"),
             "{r}"
         );
     }
     tokio::time::timeout(WAIT, async {
-        while !(a.is_finished() && b.is_finished()) {
+        while !(p.a.is_finished() && p.b.is_finished()) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -859,29 +707,16 @@ async fn shutdown_closes_the_session_with_goodbye() {
     .expect("link tasks end after shutdown");
 }
 
-/// Keeps a link's tasks running (its handle and stop signal).
-struct LinkGuard {
-    _handle: LinkHandle,
-    _stop: watch::Sender<bool>,
-}
-
 /// Link "b" with the given receive (frame) timeout, a raw authenticated peer "a" talking to
 /// it, and b's session.
-async fn raw_peer_session(receive: Duration) -> (Raw, Session, LinkGuard) {
-    let s = secret();
-    let port = free_port();
-    let (stop_tx, stop) = watch::channel(false);
-    let mut sp = spec("b", "a", port, &s, md1());
-    sp.timeouts.receive = receive;
-    sp.timeouts.heartbeat_timeout = Duration::from_secs(5);
-    let mut b = spawn_link(sp, stop);
-    let raw = Raw::authenticate(port, &s).await;
-    let sb = next_session(&mut b).await;
-    let guard = LinkGuard {
-        _handle: b,
-        _stop: stop_tx,
-    };
-    (raw, sb, guard)
+async fn raw_peer_session(receive: Duration) -> (Raw, Session, Acceptor) {
+    let mut b = Acceptor::start_with(md1(), |sp| {
+        sp.timeouts.receive = receive;
+        sp.timeouts.heartbeat_timeout = Duration::from_secs(5);
+    });
+    let raw = b.authenticated().await;
+    let sb = next_session(&mut b.link).await;
+    (raw, sb, b)
 }
 
 #[tokio::test]
@@ -891,13 +726,10 @@ async fn frame_left_incomplete_is_closed_after_the_receive_timeout() {
     let v = encoded(seq, write(0, &[1u8; 100]));
     raw.send_raw(&v[..HEADER_LEN + 10]).await;
     let t0 = Instant::now();
-    let reason = tokio::time::timeout(WAIT, sb.closed.wait()).await.unwrap();
+    let reason = closed_reason(&sb).await;
     assert!(reason.contains("frame incomplete for 0.200 s"), "{reason}");
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
-    assert!(tokio::time::timeout(WAIT, sb.rx.recv())
-        .await
-        .unwrap()
-        .is_none());
+    assert_no_more_frames(&mut sb).await;
 }
 
 /// Big frames are received with `SO_RCVLOWAT` raised to what they still need: a frame that
@@ -913,10 +745,7 @@ async fn big_frames_arriving_in_pieces_are_delivered_and_a_stalled_one_times_out
         raw.send_raw(piece).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let f = tokio::time::timeout(WAIT, sb.rx.recv())
-        .await
-        .unwrap()
-        .expect("frame delivered");
+    let f = recv_frame(&mut sb).await;
     assert_eq!(f.seq, seq);
     let Message::Write {
         offset, data: got, ..
@@ -930,7 +759,7 @@ async fn big_frames_arriving_in_pieces_are_delivered_and_a_stalled_one_times_out
     let v = encoded(seq + 1, write(0, &data));
     raw.send_raw(&v[..300_000]).await;
     let t0 = Instant::now();
-    let reason = tokio::time::timeout(WAIT, sb.closed.wait()).await.unwrap();
+    let reason = closed_reason(&sb).await;
     assert!(reason.contains("frame incomplete for 0.500 s"), "{reason}");
     assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
 }

@@ -7,34 +7,25 @@
 //!
 //! Node "alpha" sorts lower and dials, node "beta" accepts.
 
+mod peer_common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use mirror_agent::config::{Config, ConfigError, ExampleSpec, Secret, Timeouts, Tls, TlsMaterial};
-use mirror_agent::peer::{
-    spawn_link, HelloState, HelloStateFn, LinkError, LinkHandle, LinkSpec, LinkState, PeerTls,
-    Session,
-};
+use mirror_agent::peer::{HelloState, HelloStateFn, LinkError, LinkSpec, LinkState, PeerTls};
 use mirror_proto::{DiskState, Features, Generation, Message, Role};
+use peer_common::{assert_delivered, closed_reason, free_port, recv_frame, write_bytes, Pair};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::RootCertStore;
-use tokio::sync::watch;
 
-const WAIT: Duration = Duration::from_secs(10);
 const VOLUME: u64 = 256 << 20;
 
 fn timeouts() -> Timeouts {
-    Timeouts {
-        connect: Duration::from_secs(3),
-        send: Duration::from_secs(3),
-        ack: Duration::from_secs(3),
-        receive: Duration::from_secs(3),
-        heartbeat_interval: Duration::from_millis(100),
-        heartbeat_timeout: Duration::from_secs(2),
-    }
+    peer_common::timeouts(Duration::from_secs(2))
 }
 
 fn state(role: Role) -> HelloStateFn {
@@ -125,11 +116,7 @@ struct Setup {
 
 fn free_base() -> u16 {
     loop {
-        let p = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let p = free_port();
         if p < 60000 && (1..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
             return p;
         }
@@ -201,50 +188,17 @@ impl Setup {
     }
 }
 
-async fn next_session(h: &mut LinkHandle) -> Session {
-    tokio::time::timeout(WAIT, h.sessions.recv())
-        .await
-        .expect("no session within the wait")
-        .expect("link ended")
-}
-
-async fn wait_refused(h: &LinkHandle) -> String {
-    let mut w = h.state_watch();
-    let st = tokio::time::timeout(WAIT, w.wait_for(|s| matches!(s, LinkState::Refused { .. })))
-        .await
-        .expect("not refused within the wait")
-        .unwrap()
-        .clone();
-    match st {
-        LinkState::Refused { reason } => reason,
-        _ => unreachable!(),
-    }
-}
-
-/// Starts beta (acceptor) then alpha (dialer) with the given TLS settings and returns both
-/// refusal reasons (alpha's, beta's); asserts that neither side ever got a session.
+/// Starts beta (acceptor) then alpha (dialer) data links with the given TLS settings and
+/// returns both refusal reasons (alpha's, beta's); asserts that neither side ever got a
+/// session.
 async fn refused(
     s: &Setup,
     alpha: Option<Arc<PeerTls>>,
     beta: Option<Arc<PeerTls>>,
 ) -> (String, String) {
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(s.data_spec("beta", beta), stop.clone());
-    let mut a = spawn_link(s.data_spec("alpha", alpha), stop.clone());
-    let ra = wait_refused(&a).await;
-    let rb = wait_refused(&b).await;
-    eprintln!("alpha refused: {ra}\nbeta refused: {rb}");
-    assert!(a.sessions.try_recv().is_err(), "alpha got a session");
-    assert!(b.sessions.try_recv().is_err(), "beta got a session");
-    (ra, rb)
-}
-
-fn write_msg(offset: u64, data: Bytes) -> Message {
-    Message::Write {
-        offset,
-        fua: false,
-        data,
-    }
+    Pair::start(s.data_spec("alpha", alpha), s.data_spec("beta", beta))
+        .refused_without_sessions()
+        .await
 }
 
 #[tokio::test]
@@ -258,7 +212,6 @@ async fn data_and_control_links_exchange_frames_over_tls() {
     // Each node's specs come from its own config file through the start-up checks.
     let ca_cfg = s.with_tls_files(&ac, &ak, &ca_path);
     let cb_cfg = s.with_tls_files(&bc, &bk, &ca_path);
-    let (_stop_tx, stop) = watch::channel(false);
     let da = LinkSpec::data(
         &ca_cfg,
         "alpha",
@@ -281,12 +234,9 @@ async fn data_and_control_links_exchange_frames_over_tls() {
     let ctl_a = LinkSpec::control(&ca_cfg, "alpha", s.secret.clone(), state(Role::None)).unwrap();
     let ctl_b = LinkSpec::control(&cb_cfg, "beta", s.secret.clone(), state(Role::None)).unwrap();
 
-    let mut b = spawn_link(db, stop.clone());
-    let mut a = spawn_link(da, stop.clone());
-    let mut cb = spawn_link(ctl_b, stop.clone());
-    let mut cla = spawn_link(ctl_a, stop.clone());
-    let mut sa = next_session(&mut a).await;
-    let mut sb = next_session(&mut b).await;
+    let mut data = Pair::start(da, db);
+    let mut control = Pair::start(ctl_a, ctl_b);
+    let (mut sa, mut sb) = data.sessions().await;
     assert_eq!(sa.peer_hello.node_name, "beta");
     assert_eq!(sb.peer_hello.node_name, "alpha");
     assert_eq!(sb.peer_hello.role, Role::Active);
@@ -294,46 +244,30 @@ async fn data_and_control_links_exchange_frames_over_tls() {
     // Small and large writes (the large one spans many TLS records), in order, intact.
     let big: Bytes = (0..(1u32 << 20)).map(|i| (i * 7 + 3) as u8).collect();
     let small = Bytes::from_static(b"over tls");
-    let s1 = sa.tx.send(write_msg(0, small.clone())).await.unwrap();
-    let s2 = sa.tx.send(write_msg(1 << 20, big.clone())).await.unwrap();
-    for (seq, want) in [(s1, write_msg(0, small)), (s2, write_msg(1 << 20, big))] {
-        let f = tokio::time::timeout(WAIT, sb.rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+    // Both are queued before either is received.
+    let s1 = sa.tx.send(write_bytes(0, small.clone())).await.unwrap();
+    let s2 = sa.tx.send(write_bytes(1 << 20, big.clone())).await.unwrap();
+    for (seq, want) in [(s1, write_bytes(0, small)), (s2, write_bytes(1 << 20, big))] {
+        let f = recv_frame(&mut sb).await;
         assert_eq!(f.seq, seq);
         assert_eq!(f.msg, want);
-        sb.tx.send(Message::Ack1 { seq }).await.unwrap();
-        let f = tokio::time::timeout(WAIT, sa.rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(f.msg, Message::Ack1 { seq });
+        assert_delivered(&sb, &mut sa, Message::Ack1 { seq }).await;
     }
 
-    let mut xa = next_session(&mut cla).await;
-    let xb = next_session(&mut cb).await;
+    let (mut xa, xb) = control.sessions().await;
     assert_eq!(xa.peer_hello.resource_name, "@control");
     let json = r#"{"cmd":"ping"}"#.to_string();
-    xb.tx
-        .send(Message::Control { json: json.clone() })
-        .await
-        .unwrap();
-    let f = tokio::time::timeout(WAIT, xa.rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(f.msg, Message::Control { json });
+    assert_delivered(&xb, &mut xa, Message::Control { json }).await;
     drop(xb.rx);
 
     // Heartbeats keep the TLS session up past the heartbeat timeout.
     tokio::time::sleep(timeouts().heartbeat_timeout + Duration::from_millis(500)).await;
     assert!(sa.closed.reason().is_none(), "{:?}", sa.closed.reason());
-    assert!(matches!(a.state(), LinkState::Connected { .. }));
+    assert!(matches!(data.a.state(), LinkState::Connected { .. }));
 
     // A graceful close over TLS reaches the peer as Goodbye.
     sa.tx.close("test done");
-    let r = tokio::time::timeout(WAIT, sb.closed.wait()).await.unwrap();
+    let r = closed_reason(&sb).await;
     assert!(r.contains("goodbye"), "{r}");
 }
 
@@ -445,11 +379,12 @@ async fn a_plain_peer_at_a_tls_node_is_refused_both_ways() {
     // The same on the control link.
     let s = Setup::new();
     let beta = ca.issue(&["beta"], false).peer_tls(&ca);
-    let (_stop_tx, stop) = watch::channel(false);
-    let b = spawn_link(s.control_spec("beta", Some(beta)), stop.clone());
-    let a = spawn_link(s.control_spec("alpha", None), stop.clone());
-    let rb = wait_refused(&b).await;
-    let ra = wait_refused(&a).await;
+    let (ra, rb) = Pair::start(
+        s.control_spec("alpha", None),
+        s.control_spec("beta", Some(beta)),
+    )
+    .refused_without_sessions()
+    .await;
     assert!(rb.contains("peer did not start TLS"), "{rb}");
     assert!(ra.contains("requires TLS"), "{ra}");
 }
@@ -461,17 +396,13 @@ async fn the_shared_secret_is_still_checked_inside_tls() {
     let alpha = ca.issue(&["alpha"], false).peer_tls(&ca);
     let beta = ca.issue(&["beta"], false).peer_tls(&ca);
     let other_secret = Setup::new().secret;
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(s.data_spec("beta", Some(beta)), stop.clone());
     let mut a_spec = s.data_spec("alpha", Some(alpha));
     a_spec.secret = other_secret;
-    let mut a = spawn_link(a_spec, stop.clone());
-    let ra = wait_refused(&a).await;
-    let rb = wait_refused(&b).await;
+    let (ra, rb) = Pair::start(a_spec, s.data_spec("beta", Some(beta)))
+        .refused_without_sessions()
+        .await;
     assert!(ra.contains("secret"), "{ra}");
     assert!(rb.contains("secret"), "{rb}");
-    assert!(a.sessions.try_recv().is_err());
-    assert!(b.sessions.try_recv().is_err());
 }
 
 /// The `ConfigError::Tls` of `config.read_tls("alpha")`, checked to name `key` and `file`,
@@ -614,11 +545,8 @@ async fn round_trips(
         Some((a, b)) => (Some(a), Some(b)),
         None => (None, None),
     };
-    let (_stop_tx, stop) = watch::channel(false);
-    let mut b = spawn_link(s.data_spec("beta", tb), stop.clone());
-    let mut a = spawn_link(s.data_spec("alpha", ta), stop.clone());
-    let mut sa = next_session(&mut a).await;
-    let mut sb = next_session(&mut b).await;
+    let mut p = Pair::start(s.data_spec("alpha", ta), s.data_spec("beta", tb));
+    let (mut sa, mut sb) = p.sessions().await;
     // The standby side: ack every write at once.
     tokio::spawn(async move {
         while let Some(f) = sb.rx.recv().await {
@@ -633,13 +561,10 @@ async fn round_trips(
         let t = std::time::Instant::now();
         let seq = sa
             .tx
-            .send(write_msg(i as u64 * 4096, data.clone()))
+            .send(write_bytes(i as u64 * 4096, data.clone()))
             .await
             .unwrap();
-        let f = tokio::time::timeout(WAIT, sa.rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let f = recv_frame(&mut sa).await;
         assert_eq!(f.msg, Message::Ack1 { seq });
         if i >= 500 {
             lat.push(t.elapsed());
