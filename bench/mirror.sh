@@ -24,6 +24,8 @@
 #   DIRECT_IO=auto|off  the agents' direct_io (default auto = the production
 #                     default: O_DIRECT on the disk, buffered on tmpfs); nbdkit
 #                     gets cache=none with auto, its defaults with off
+#   ENGINE=io_uring|portable  the resources' `engine` (both nodes; default unset =
+#                     the agent's automatic choice, io_uring where available)
 #   BENCH_DIR=DIR     the active side's backing file (default /var/tmp)
 #   PEER_DIR=DIR      the standbys' data (default /dev/shm)
 #   SIZE_MIB=N        volume size in MiB (default 1024)
@@ -170,6 +172,7 @@ start_agent() { # tag mode
         echo "size = \"${SIZE_MIB}MiB\""
         [[ -n "$mode" ]] && echo "mode = \"$mode\""
         echo "direct_io = \"$DIRECT_IO\""
+        [[ -n "${ENGINE:-}" ]] && echo "engine = \"$ENGINE\""
         [[ -n "${KEEP_DIRTY:-}" ]] && echo "keep_dirty = $KEEP_DIRTY"
         [[ -n "${REGION_SIZE:-}" ]] && echo "region_size = \"$REGION_SIZE\""
         [[ -n "${HOT_EXTENT_SIZE:-}" ]] && echo "hot_extent_size = \"$HOT_EXTENT_SIZE\""

@@ -4,7 +4,8 @@
 //! - `uring_direct`: io_uring with O_DIRECT (`direct_io = on`) on a file in
 //!   `/var/tmp` (a disk filesystem), so unaligned requests take the
 //!   read-modify-write path;
-//! - `portable`: the thread-pool engine.
+//! - `portable`: the thread-pool engine; `portable_tmpfs`: the same on tmpfs
+//!   (`/dev/shm`) when present, where writes up to 1 MiB are done inline.
 //! - `blockdev_*` (ignored by default: need root and loop devices; run with
 //!   `cargo test -p mirror-agent --test engine_conformance -- --ignored`):
 //!   io_uring with O_DIRECT and the portable engine on a loop device with
@@ -152,6 +153,18 @@ fn portable() -> Fixture {
     }
 }
 
+fn portable_tmpfs() -> Fixture {
+    let dir = temp_in("/dev/shm");
+    let path = make_file(&dir);
+    let e = PortableEngine::open(&path, 64).expect("open portable");
+    Fixture {
+        _dir: dir,
+        path,
+        engine: Arc::new(e),
+        _loop: None,
+    }
+}
+
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut v = vec![0u8; len];
@@ -268,6 +281,39 @@ mod checks {
             let back = read(e, off, len).await;
             assert_same(&back, &data, &format!("32 MiB at {off}"));
         }
+    }
+
+    /// Sizes on both sides of the inline-write limits (64 KiB; 1 MiB on a memory
+    /// file system), at unaligned offsets, each read back; then all of them again,
+    /// overlapping, to check the last write wins whichever path each took.
+    pub async fn inline_limits(f: &Fixture) {
+        let e = &f.engine;
+        let sizes = [
+            65_535,
+            65_536,
+            65_537,
+            (1 << 20) - 1,
+            1 << 20,
+            (1 << 20) + 1,
+        ];
+        let mut off = 12_345u64;
+        for (i, &len) in sizes.iter().enumerate() {
+            let data = pattern(100 + i as u64, len);
+            write(e, off, &data).await;
+            assert_same(&read(e, off, len).await, &data, &format!("{len} at {off}"));
+            off += len as u64 + 777;
+        }
+        let base = 3 << 20;
+        let mut last = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            last = pattern(200 + i as u64, len);
+            write(e, base, &last).await;
+        }
+        assert_same(
+            &read(e, base, last.len()).await,
+            &last,
+            "last overlapping write",
+        );
     }
 
     pub async fn concurrent(f: &Fixture) {
@@ -448,6 +494,12 @@ macro_rules! conformance {
             }
             $(#[$attr])*
             #[tokio::test(flavor = "multi_thread")]
+            async fn inline_limits() {
+                let Some(f) = $setup else { return };
+                checks::inline_limits(&f).await
+            }
+            $(#[$attr])*
+            #[tokio::test(flavor = "multi_thread")]
             async fn concurrent_writers() {
                 let Some(f) = $setup else { return };
                 checks::concurrent(&f).await
@@ -483,6 +535,7 @@ macro_rules! conformance {
 conformance!(uring_buffered, Some(uring_buffered()));
 conformance!(uring_direct, Some(uring_direct()));
 conformance!(portable, Some(portable()));
+conformance!(portable_tmpfs, Some(portable_tmpfs()));
 conformance!(blockdev_uring_512, blockdev(512, false));
 conformance!(blockdev_uring_4k, blockdev(4096, false));
 conformance!(blockdev_portable_4k, blockdev(4096, true));

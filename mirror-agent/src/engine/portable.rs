@@ -7,7 +7,8 @@
 //! queue depth. A semaphore of `queue_depth` permits bounds how many requests
 //! are queued or running, so callers beyond that wait (backpressure).
 //! Dropping the engine lets the threads finish what is queued and exit.
-//! Small writes without FUA (up to [`INLINE_WRITE_MAX`]) are a `pwrite` in
+//! Small writes without FUA (up to 64 KiB, 1 MiB on a memory file system: the
+//! policy of both engines, `INLINE_WRITE_MAX` in the engine module) are a `pwrite` in
 //! the calling task instead: a page-cache copy, cheaper than two thread hops;
 //! they are never queued, so they take no queue-depth permit.
 //! [`BlockEngine::read_bytes`] likewise first copies what the page cache
@@ -30,7 +31,6 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, Semaphore};
 
 use super::buf::IoBuf;
-use super::uring::INLINE_WRITE_MAX;
 
 use super::backing::{self, errno, Kind};
 use super::{BlockEngine, EngineFuture};
@@ -290,12 +290,10 @@ impl BlockEngine for PortableEngine {
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> EngineFuture<()> {
         // FUA means nothing more where fdatasync is a no-op.
         let fua = fua && !self.shared.sync_noop;
-        if !fua && data.len() <= INLINE_WRITE_MAX {
-            // A page-cache copy of a few microseconds: done in the calling
-            // task, without the two thread hops of the queue (the io_uring
-            // engine's buffered policy, see INLINE_WRITE_MAX; that engine also
-            // inlines up to INLINE_WRITE_MAX_MEMFS on a memory file system,
-            // this one does not: measured for io_uring only).
+        if !fua && data.len() <= super::inline_write_max(self.shared.sync_noop) {
+            // A page-cache copy (or, on a memory file system, a memory copy):
+            // done in the calling task, without the two thread hops of the
+            // queue (see `INLINE_WRITE_MAX`, the policy of both engines).
             // No queue-depth permit: nothing is queued, and the copy runs on
             // the caller's thread, so the callers' threads bound how many run
             // at once (as for the io_uring engine's inline writes). A permit

@@ -116,24 +116,6 @@ use super::{BlockEngine, DirectIo, EngineFuture};
 pub const MAX_SQE_BYTES: usize = 1 << 30;
 /// Largest queue depth accepted (larger values are clamped).
 pub const MAX_QUEUE_DEPTH: u32 = 4096;
-/// Buffered (non-direct) writes up to this size without FUA are a plain
-/// `pwrite` in the calling task instead of an SQE. ext4 and most filesystems
-/// refuse non-blocking buffered writes (`RWF_NOWAIT` gives `EOPNOTSUPP`), so
-/// io_uring would hand every one of them to an io-wq worker thread and wake
-/// the runtime again for its completion: two thread hops for a copy of a few
-/// microseconds into the page cache (bench/README.md: `iou-wrk` threads in
-/// every buffered write row). Bounded so that a task never spends long in the
-/// copy; larger writes and FUA writes (which wait for the device) still go
-/// through the ring. Buffered mode only: O_DIRECT writes are issued by
-/// io_uring without a worker thread.
-pub const INLINE_WRITE_MAX: usize = 64 * 1024;
-/// [`INLINE_WRITE_MAX`] on a memory file system (tmpfs, ramfs: [`backing::sync_is_noop`]).
-/// There a write is only a copy into memory, with no device to wait for and no dirty
-/// throttling, so any write up to the largest replicated frame is done in the calling
-/// task: it costs the copy (about 0.1 ms per MiB), and the data, just received, is still in
-/// this CPU's cache, where an io-wq worker on the other CPU would read it from memory (the
-/// standby of bench/mirror.sh keeps its data on tmpfs; bench/README.md, "Mirrored modes").
-pub const INLINE_WRITE_MAX_MEMFS: usize = 1 << 20;
 /// Chunk used when zeroes must be written as data.
 const ZERO_CHUNK: usize = 1 << 20;
 
@@ -784,13 +766,8 @@ impl Shared {
     /// Write with the alignment rules; caller has checked the range.
     async fn write_unchecked(&self, offset: u64, data: Bytes, flags: i32) -> io::Result<()> {
         if !self.direct {
-            let inline_max = if self.sync_noop {
-                INLINE_WRITE_MAX_MEMFS
-            } else {
-                INLINE_WRITE_MAX
-            };
-            if flags == 0 && data.len() <= inline_max {
-                // See INLINE_WRITE_MAX: a page-cache copy, done here.
+            if flags == 0 && data.len() <= super::inline_write_max(self.sync_noop) {
+                // See super::INLINE_WRITE_MAX: a page-cache copy, done here.
                 return self.file.write_all_at(&data, offset).map_err(|e| {
                     if e.kind() == io::ErrorKind::WriteZero {
                         tracing::warn!(
