@@ -142,19 +142,15 @@ fn uring_direct() -> Fixture {
 }
 
 fn portable() -> Fixture {
-    let dir = temp_in("/var/tmp");
-    let path = make_file(&dir);
-    let e = PortableEngine::open(&path, 64).expect("open portable");
-    Fixture {
-        _dir: dir,
-        path,
-        engine: Arc::new(e),
-        _loop: None,
-    }
+    portable_in("/var/tmp")
 }
 
 fn portable_tmpfs() -> Fixture {
-    let dir = temp_in("/dev/shm");
+    portable_in("/dev/shm")
+}
+
+fn portable_in(base: &str) -> Fixture {
+    let dir = temp_in(base);
     let path = make_file(&dir);
     let e = PortableEngine::open(&path, 64).expect("open portable");
     Fixture {
