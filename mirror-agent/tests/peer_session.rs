@@ -2,6 +2,8 @@
 //! senders, `send_with` registration, large vectored writes, graceful close, back-pressure
 //! and the send timeout; the reader hook.
 
+mod peer_common;
+
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,22 +11,23 @@ use std::time::Duration;
 use bytes::Bytes;
 use mirror_agent::config::Timeouts;
 use mirror_agent::peer::testing::{hello, pair_in_memory, pair_in_memory_with};
-use mirror_agent::peer::TrySendError;
-use mirror_proto::{Frame, Message};
+use mirror_agent::peer::{Session, TrySendError};
+use mirror_proto::{Frame, Hello, Message};
+use peer_common::{
+    assert_delivered, assert_no_more_frames, closed_reason, recv_frame, write_bytes, WAIT,
+};
 
-const WAIT: Duration = Duration::from_secs(10);
-
-fn pair() -> (mirror_agent::peer::Session, mirror_agent::peer::Session) {
-    pair_in_memory(
+/// The hellos of nodes "a" and "b" of the same resource.
+fn hellos() -> (Hello, Hello) {
+    (
         hello("a", "demo", "md1", 1 << 30, 65536),
         hello("b", "demo", "md1", 1 << 30, 65536),
     )
 }
 
-async fn recv(rx: &mut tokio::sync::mpsc::Receiver<Frame>) -> Option<Frame> {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("frame within the wait")
+fn pair() -> (Session, Session) {
+    let (a, b) = hellos();
+    pair_in_memory(a, b)
 }
 
 #[tokio::test]
@@ -35,12 +38,9 @@ async fn in_memory_pair_exchanges_frames_and_hellos() {
     let s1 = a.tx.send(Message::Flush).await.unwrap();
     let s2 = a.tx.try_send(Message::Ack1 { seq: 9 }).unwrap();
     assert_eq!(s2, s1 + 1);
+    assert_eq!(recv_frame(&mut b).await, Frame::new(s1, Message::Flush));
     assert_eq!(
-        recv(&mut b.rx).await.unwrap(),
-        Frame::new(s1, Message::Flush)
-    );
-    assert_eq!(
-        recv(&mut b.rx).await.unwrap(),
+        recv_frame(&mut b).await,
         Frame::new(s2, Message::Ack1 { seq: 9 })
     );
 }
@@ -58,11 +58,7 @@ async fn concurrent_senders_get_wire_order_seqs_and_register_before_send() {
                 let reg = reg.clone();
                 tx.send_with(move |seq| {
                     reg.lock().unwrap().insert(seq);
-                    Message::Write {
-                        offset: (t * 1000 + i) * 512,
-                        fua: false,
-                        data: Bytes::from(vec![t as u8; 512]),
-                    }
+                    write_bytes((t * 1000 + i) * 512, Bytes::from(vec![t as u8; 512]))
                 })
                 .await
                 .unwrap();
@@ -71,7 +67,7 @@ async fn concurrent_senders_get_wire_order_seqs_and_register_before_send() {
     }
     let mut last = 0;
     for _ in 0..800 {
-        let f = recv(&mut b.rx).await.unwrap();
+        let f = recv_frame(&mut b).await;
         assert!(f.seq > last, "seq {} after {last}", f.seq);
         last = f.seq;
         // Registered before the frame could reach the wire.
@@ -103,7 +99,7 @@ async fn large_writes_arrive_intact() {
         );
     }
     for (k, seq) in seqs.into_iter().enumerate() {
-        let f = recv(&mut b.rx).await.unwrap();
+        let f = recv_frame(&mut b).await;
         assert_eq!(f.seq, seq);
         let Message::Write {
             offset,
@@ -128,11 +124,11 @@ async fn close_flushes_queued_frames_then_says_goodbye() {
     assert!(a.tx.is_closed());
     assert!(a.tx.send(Message::Flush).await.is_err());
     for i in 0..50 {
-        assert_eq!(recv(&mut b.rx).await.unwrap().msg, Message::Ack1 { seq: i });
+        assert_eq!(recv_frame(&mut b).await.msg, Message::Ack1 { seq: i });
     }
-    assert!(recv(&mut b.rx).await.is_none());
-    assert_eq!(a.closed.wait().await, "operator said so");
-    let r = b.closed.wait().await;
+    assert_no_more_frames(&mut b).await;
+    assert_eq!(closed_reason(&a).await, "operator said so");
+    let r = closed_reason(&b).await;
     assert!(r.contains("peer said goodbye (Shutdown)"), "{r}");
 }
 
@@ -140,9 +136,10 @@ async fn close_flushes_queued_frames_then_says_goodbye() {
 async fn dropping_rx_closes_the_session() {
     let (a, b) = pair();
     drop(b.rx);
+    // `b` is partly moved out (its rx), so wait on its `closed` directly.
     let r = tokio::time::timeout(WAIT, b.closed.wait()).await.unwrap();
     assert_eq!(r, "session receiver dropped");
-    let r = tokio::time::timeout(WAIT, a.closed.wait()).await.unwrap();
+    let r = closed_reason(&a).await;
     assert!(r.contains("goodbye"), "{r}");
 }
 
@@ -155,19 +152,12 @@ async fn backpressure_then_send_timeout_closes_the_link() {
         ..Timeouts::default()
     };
     // b never reads its rx: its reader stops, the pipe fills, a's writer blocks.
-    let (a, _b) = pair_in_memory_with(
-        hello("a", "demo", "md1", 1 << 30, 65536),
-        hello("b", "demo", "md1", 1 << 30, 65536),
-        t,
-    );
+    let (ha, hb) = hellos();
+    let (a, _b) = pair_in_memory_with(ha, hb, t);
     let data = Bytes::from(vec![0x5A; 64 << 10]);
     let mut saw_full = false;
     for _ in 0..100_000 {
-        match a.tx.try_send(Message::Write {
-            offset: 0,
-            fua: false,
-            data: data.clone(),
-        }) {
+        match a.tx.try_send(write_bytes(0, data.clone())) {
             Ok(_) => {}
             Err(TrySendError::Full) => {
                 saw_full = true;
@@ -179,7 +169,7 @@ async fn backpressure_then_send_timeout_closes_the_link() {
     }
     assert!(saw_full, "queue never filled");
     assert!(a.tx.queued_frames() > 0);
-    let r = tokio::time::timeout(WAIT, a.closed.wait()).await.unwrap();
+    let r = closed_reason(&a).await;
     assert!(r.contains("send blocked for more than 0.300 s"), "{r}");
 }
 
@@ -236,7 +226,7 @@ async fn reader_hook_consumes_passes_and_runs_in_wire_order() {
         seqs.push(a.tx.send(m).await.unwrap());
     }
     // The first Flush arrives; the held Ack1 stops the reader before Ack1 { seq: 2 }.
-    assert_eq!(recv(&mut b.rx).await.unwrap().seq, seqs[0]);
+    assert_eq!(recv_frame(&mut b).await.seq, seqs[0]);
     tokio::time::timeout(WAIT, started).await.unwrap().unwrap();
     assert_eq!(*consumed.lock().unwrap(), vec![seqs[1]]);
     assert!(
@@ -244,9 +234,9 @@ async fn reader_hook_consumes_passes_and_runs_in_wire_order() {
         "the hook saw a frame while an earlier Run was unfinished"
     );
     gate.add_permits(1);
-    assert_eq!(recv(&mut b.rx).await.unwrap().seq, seqs[4]);
+    assert_eq!(recv_frame(&mut b).await.seq, seqs[4]);
     assert_eq!(
-        recv(&mut b.rx).await.unwrap(),
+        recv_frame(&mut b).await,
         Frame::new(seqs[5], Message::Ack1 { seq: 200 })
     );
     assert_eq!(*consumed.lock().unwrap(), vec![seqs[1], seqs[2], seqs[3]]);
@@ -256,9 +246,5 @@ async fn reader_hook_consumes_passes_and_runs_in_wire_order() {
     assert_eq!(passed_of(seqs[5]), seqs[4]);
     // Removing the hook: frames go to rx again.
     b.tx.set_hook(None);
-    let s = a.tx.send(Message::Ack1 { seq: 3 }).await.unwrap();
-    assert_eq!(
-        recv(&mut b.rx).await.unwrap(),
-        Frame::new(s, Message::Ack1 { seq: 3 })
-    );
+    assert_delivered(&a, &mut b, Message::Ack1 { seq: 3 }).await;
 }

@@ -21,17 +21,37 @@ const VOL: u64 = 1 << 20;
 
 type Standby = JoinHandle<Result<StandbyEnd, ReplicaError>>;
 
-fn start(engine: Arc<dyn BlockEngine>, durability: Durability) -> (Session, Standby) {
+/// Starts `run_standby_with` over `engine` on one end of an in-memory pair; returns the other
+/// end, which the test drives as the active node.
+fn start_with(engine: Arc<dyn BlockEngine>, opts: StandbyOptions) -> (Session, Standby) {
     let size = engine.size();
     let (a, b) = pair_in_memory(
         hello("alpha", "c", "r0", size, 4096),
         hello("beta", "c", "r0", size, 4096),
     );
+    (a, tokio::spawn(run_standby_with(engine, b.into(), opts)))
+}
+
+fn start(engine: Arc<dyn BlockEngine>, durability: Durability) -> (Session, Standby) {
     let opts = StandbyOptions {
         durability,
         ..StandbyOptions::default()
     };
-    (a, tokio::spawn(run_standby_with(engine, b.into(), opts)))
+    start_with(engine, opts)
+}
+
+/// Closes the active end and returns how the standby ended (it must end without error).
+async fn stop(a: &Session, standby: Standby) -> StandbyEnd {
+    a.tx.close("done");
+    standby.await.unwrap().unwrap()
+}
+
+/// A volume of `VOL` zero bytes in memory and a [`GatedEngine`] over it: the test holds or
+/// delays operations through the gate and checks contents in memory.
+fn gated_volume() -> (Arc<MemEngine>, GatedEngine) {
+    let mem = MemEngine::new(VOL as usize);
+    let gate = GatedEngine::new(mem.clone());
+    (mem, gate)
 }
 
 async fn recv(a: &mut Session) -> Message {
@@ -42,14 +62,38 @@ async fn recv(a: &mut Session) -> Message {
         .msg
 }
 
-async fn write(a: &Session, offset: u64, byte: u8, len: usize) -> u64 {
+/// Sends a Write of `data` at `offset`; returns its seq.
+async fn send_write(a: &Session, offset: u64, data: Bytes) -> u64 {
     a.tx.send(Message::Write {
         offset,
         fua: false,
-        data: Bytes::from(vec![byte; len]),
+        data,
     })
     .await
     .unwrap()
+}
+
+/// Sends a Write of `len` bytes `byte` at `offset`; returns its seq.
+async fn write(a: &Session, offset: u64, byte: u8, len: usize) -> u64 {
+    send_write(a, offset, Bytes::from(vec![byte; len])).await
+}
+
+/// Asserts the next two frames are write `seq`'s Ack1 and then its Ack2 with `status`.
+async fn assert_ack1_then_ack2(a: &mut Session, seq: u64, status: i32) {
+    assert_eq!(recv(a).await, Message::Ack1 { seq });
+    assert_eq!(recv(a).await, Message::Ack2 { seq, status });
+}
+
+/// Receives frames until `n` Ack2s came, each of them a success; other frames (Ack1) are
+/// skipped.
+async fn wait_ack2s_ok(a: &mut Session, n: usize) {
+    let mut ack2 = 0;
+    while ack2 < n {
+        if let Message::Ack2 { status, .. } = recv(a).await {
+            assert_eq!(status, 0);
+            ack2 += 1;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,24 +109,15 @@ async fn out_of_range_write_gets_ack2_einval_only() {
         }
     );
     let good = write(&a, 0, 2, 4096).await;
-    assert_eq!(recv(&mut a).await, Message::Ack1 { seq: good });
-    assert_eq!(
-        recv(&mut a).await,
-        Message::Ack2 {
-            seq: good,
-            status: 0
-        }
-    );
+    assert_ack1_then_ack2(&mut a, good, 0).await;
     assert!(mem.snapshot()[VOL as usize - 100..].iter().all(|&b| b == 0));
-    a.tx.close("done");
-    let end = standby.await.unwrap().unwrap();
+    let end = stop(&a, standby).await;
     assert_eq!((end.applied, end.disk_error), (1, None));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack2_only_after_flush_and_flushes_are_shared() {
-    let mem = MemEngine::new(VOL as usize);
-    let gate = GatedEngine::new(mem.clone());
+    let (_, gate) = gated_volume();
     gate.set_flushes_open(false);
     let (mut a, standby) = start(Arc::new(gate.clone()), Durability::GroupCommit);
     let first = write(&a, 0, 1, 4096).await;
@@ -112,64 +147,47 @@ async fn ack2_only_after_flush_and_flushes_are_shared() {
     assert_eq!(&acked[1..], &rest[..]);
     // One flush for the first write, one for the nine that completed while it ran.
     assert_eq!(gate.flushed(), 2);
-    a.tx.close("done");
-    assert_eq!(standby.await.unwrap().unwrap().flushes, 2);
+    assert_eq!(stop(&a, standby).await.flushes, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_write_fua_mode_writes_each_request_durably() {
-    let mem = MemEngine::new(VOL as usize);
-    let gate = GatedEngine::new(mem.clone());
+    let (mem, gate) = gated_volume();
     let (mut a, standby) = start(Arc::new(gate.clone()), Durability::PerWriteFua);
     for i in 0..5u64 {
         write(&a, i * 4096, 9, 4096).await;
     }
-    let mut ack2 = 0;
-    while ack2 < 5 {
-        if let Message::Ack2 { status, .. } = recv(&mut a).await {
-            assert_eq!(status, 0);
-            ack2 += 1;
-        }
-    }
+    wait_ack2s_ok(&mut a, 5).await;
     assert_eq!(
         (mem.flushes(), gate.flushed()),
         (5, 0),
         "FUA per write, no separate flushes"
     );
-    a.tx.close("done");
-    standby.await.unwrap().unwrap();
+    stop(&a, standby).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_writes_apply_in_seq_order() {
-    let mem = MemEngine::new(VOL as usize);
-    let gate = GatedEngine::new(mem.clone());
+    let (mem, gate) = gated_volume();
     // The first write is slow, the second fast: without ordering the first would win.
     let mut delays = vec![Duration::ZERO, Duration::from_millis(50)];
     gate.set_delay(move || delays.pop().unwrap_or_default());
     let (mut a, standby) = start(Arc::new(gate.clone()), Durability::GroupCommit);
     write(&a, 0, 1, 8192).await;
     write(&a, 4096, 2, 8192).await;
-    let mut ack2 = 0;
-    while ack2 < 2 {
-        if let Message::Ack2 { .. } = recv(&mut a).await {
-            ack2 += 1;
-        }
-    }
+    wait_ack2s_ok(&mut a, 2).await;
     let snap = mem.snapshot();
     assert!(snap[..4096].iter().all(|&b| b == 1));
     assert!(
         snap[4096..12288].iter().all(|&b| b == 2),
         "older write applied over the newer one"
     );
-    a.tx.close("done");
-    standby.await.unwrap().unwrap();
+    stop(&a, standby).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flush_waits_for_earlier_writes() {
-    let mem = MemEngine::new(VOL as usize);
-    let gate = GatedEngine::new(mem.clone());
+    let (_, gate) = gated_volume();
     gate.set_writes_open(false);
     let (mut a, standby) = start(Arc::new(gate.clone()), Durability::GroupCommit);
     let w = write(&a, 0, 1, 4096).await;
@@ -190,8 +208,7 @@ async fn flush_waits_for_earlier_writes() {
     }
     assert!(got.contains(&Message::FlushAck { seq: f, status: 0 }));
     assert!(got.contains(&Message::Ack2 { seq: w, status: 0 }));
-    a.tx.close("done");
-    standby.await.unwrap().unwrap();
+    stop(&a, standby).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,16 +223,8 @@ async fn disk_error_is_acked_and_reported() {
     ));
     let (mut a, standby) = start(Arc::new(f), Durability::GroupCommit);
     let s = write(&a, 8192, 1, 4096).await;
-    assert_eq!(recv(&mut a).await, Message::Ack1 { seq: s });
-    assert_eq!(
-        recv(&mut a).await,
-        Message::Ack2 {
-            seq: s,
-            status: -libc::ENOSPC
-        }
-    );
-    a.tx.close("done");
-    let end = standby.await.unwrap().unwrap();
+    assert_ack1_then_ack2(&mut a, s, -libc::ENOSPC).await;
+    let end = stop(&a, standby).await;
     let de = end.disk_error.unwrap();
     assert_eq!(
         (de.op, de.offset, de.len, de.errno),
@@ -244,19 +253,12 @@ async fn unexpected_frame_is_a_protocol_error() {
 /// Runs `n` writes one at a time; checks Ack1 precedes Ack2 for each and
 /// returns how the standby ended.
 async fn qd1_writes(engine: Arc<dyn BlockEngine>, opts: StandbyOptions, n: u64) -> StandbyEnd {
-    let size = engine.size();
-    let (mut a, b) = pair_in_memory(
-        hello("alpha", "c", "r0", size, 4096),
-        hello("beta", "c", "r0", size, 4096),
-    );
-    let standby = tokio::spawn(run_standby_with(engine, b.into(), opts));
+    let (mut a, standby) = start_with(engine, opts);
     for i in 0..n {
         let s = write(&a, (i % 64) * 4096, i as u8, 4096).await;
-        assert_eq!(recv(&mut a).await, Message::Ack1 { seq: s });
-        assert_eq!(recv(&mut a).await, Message::Ack2 { seq: s, status: 0 });
+        assert_ack1_then_ack2(&mut a, s, 0).await;
     }
-    a.tx.close("done");
-    standby.await.unwrap().unwrap()
+    stop(&a, standby).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,13 +301,7 @@ async fn measure(
     };
     let data = Bytes::from(vec![0xa5u8; 4096]);
     for _ in 0..qd {
-        a.tx.send(Message::Write {
-            offset: next_off(),
-            fua: false,
-            data: data.clone(),
-        })
-        .await
-        .unwrap();
+        send_write(&a, next_off(), data.clone()).await;
     }
     let t0 = Instant::now();
     let mut done = 0u64;
@@ -313,18 +309,11 @@ async fn measure(
         if let Message::Ack2 { status, .. } = recv(&mut a).await {
             assert_eq!(status, 0);
             done += 1;
-            a.tx.send(Message::Write {
-                offset: next_off(),
-                fua: false,
-                data: data.clone(),
-            })
-            .await
-            .unwrap();
+            send_write(&a, next_off(), data.clone()).await;
         }
     }
     let rate = done as f64 / t0.elapsed().as_secs_f64();
-    a.tx.close("measurement done");
-    standby.await.unwrap().unwrap();
+    stop(&a, standby).await;
     rate
 }
 

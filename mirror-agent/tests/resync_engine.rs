@@ -124,6 +124,66 @@ fn forward(
     frx
 }
 
+/// What the source of a resync a → b runs with: no save, no rate limit.
+fn source_spec(a: &Node, kind: ResyncKind, gate: Arc<WriteGate>) -> resync::SourceSpec {
+    resync::SourceSpec {
+        engine: a.engine.clone(),
+        part: a.part.clone(),
+        gate,
+        kind,
+        save: false,
+        forced: false,
+        rule: "test".into(),
+        rate: None,
+        peer: "b".into(),
+    }
+}
+
+/// Spawns the resync source on session `sa` (its inbox forwarded uncut).
+fn spawn_source(
+    spec: resync::SourceSpec,
+    sa: Session,
+) -> tokio::task::JoinHandle<Result<resync::SourceDone, resync::ResyncError>> {
+    let src_in = forward(sa.rx, None, sa.tx.clone(), Arc::new(AtomicU64::new(0)));
+    tokio::spawn(resync::run_source(
+        spec,
+        sa.tx.clone(),
+        src_in,
+        progress(resync::Role::Source),
+    ))
+}
+
+/// What the target `b` of a resync runs with, saving into `save_dir` when asked to.
+fn target_spec(b: &Node, save_dir: std::path::PathBuf) -> resync::TargetSpec {
+    resync::TargetSpec {
+        engine: b.engine.clone(),
+        part: b.part.clone(),
+        save_dir,
+        resource: "md1".into(),
+        node: "b".into(),
+    }
+}
+
+/// Runs the resync target to its end over `inbox`, answering on `tx`.
+async fn run_target(
+    tspec: resync::TargetSpec,
+    full: bool,
+    save: bool,
+    tx: &mirror_agent::peer::SessionSender,
+    inbox: mpsc::Receiver<Frame>,
+) -> Result<resync::TargetDone, resync::ResyncError> {
+    resync::run_target(
+        tspec,
+        full,
+        save,
+        tx.clone(),
+        inbox,
+        progress(resync::Role::Target),
+        Box::new(|| {}),
+    )
+    .await
+}
+
 struct Outcome {
     source: Result<resync::SourceDone, resync::ResyncError>,
     target: Result<resync::TargetDone, resync::ResyncError>,
@@ -142,23 +202,11 @@ async fn run(
     let (sa, mut sb) = sessions();
     let frames = Arc::new(AtomicU64::new(0));
     let spec = resync::SourceSpec {
-        engine: a.engine.clone(),
-        part: a.part.clone(),
-        gate,
-        kind,
         save: save.is_some(),
         forced: save.is_some(),
-        rule: "test".into(),
-        rate: None,
-        peer: "b".into(),
+        ..source_spec(a, kind, gate)
     };
-    let src_in = forward(sa.rx, None, sa.tx.clone(), Arc::new(AtomicU64::new(0)));
-    let source = tokio::spawn(resync::run_source(
-        spec,
-        sa.tx.clone(),
-        src_in,
-        progress(resync::Role::Source),
-    ));
+    let source = spawn_source(spec, sa);
     // The target's dispatcher: the first frame is ResyncBegin.
     let first = sb.rx.recv().await.unwrap();
     let Message::Control { json } = &first.msg else {
@@ -173,24 +221,9 @@ async fn run(
         panic!("{json}")
     };
     assert_eq!(full, kind == ResyncKind::Full);
-    let tspec = resync::TargetSpec {
-        engine: b.engine.clone(),
-        part: b.part.clone(),
-        save_dir: save.unwrap_or_else(std::env::temp_dir),
-        resource: "md1".into(),
-        node: "b".into(),
-    };
+    let tspec = target_spec(b, save.unwrap_or_else(std::env::temp_dir));
     let tgt_in = forward(sb.rx, cut_after, sb.tx.clone(), frames.clone());
-    let target = resync::run_target(
-        tspec,
-        full,
-        do_save,
-        sb.tx.clone(),
-        tgt_in,
-        progress(resync::Role::Target),
-        Box::new(|| {}),
-    )
-    .await;
+    let target = run_target(tspec, full, do_save, &sb.tx, tgt_in).await;
     if target.is_err() {
         sb.tx.close("target stopped");
     }
@@ -202,6 +235,13 @@ async fn run(
     }
 }
 
+/// Whether region `r` of the volume image `img` holds only `byte`.
+fn region_is(img: &[u8], r: u64, byte: u8) -> bool {
+    img[(r * REGION) as usize..((r + 1) * REGION) as usize]
+        .iter()
+        .all(|&x| x == byte)
+}
+
 fn g(c: u64, b: u64) -> Generations {
     Generations {
         current: c,
@@ -210,10 +250,28 @@ fn g(c: u64, b: u64) -> Generations {
     }
 }
 
+/// Two zero-filled nodes, clean bitmaps: `a` changed since it last saw `b` in sync (a's
+/// bitmap generation is b's current one), `b` did not; a differential a → b is the resync.
+async fn a_ahead_of_b() -> (Node, Node) {
+    (node("a", g(20, 10), 0).await, node("b", g(10, 0), 0).await)
+}
+
+/// A differential resync a → b with a fresh write gate, no save; `cut_after` interrupts it.
+async fn differential(a: &Node, b: &Node, cut_after: Option<u64>) -> Outcome {
+    run(
+        a,
+        b,
+        ResyncKind::Differential,
+        None,
+        WriteGate::new(REGION),
+        cut_after,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn differential_copies_exactly_the_union() {
-    let a = node("a", g(20, 10), 0).await;
-    let b = node("b", g(10, 0), 0).await;
+    let (a, b) = a_ahead_of_b().await;
     // 1% of the regions changed on the source, 2 write intents on the target.
     let changed: Vec<u64> = (0..10).map(|i| i * 97 + 3).collect();
     for &r in &changed {
@@ -230,15 +288,7 @@ async fn differential_copies_exactly_the_union() {
             save_loser_divergence: false
         }
     );
-    let out = run(
-        &a,
-        &b,
-        ResyncKind::Differential,
-        None,
-        WriteGate::new(REGION),
-        None,
-    )
-    .await;
+    let out = differential(&a, &b, None).await;
     let done = out.source.unwrap();
     let t = out.target.unwrap();
     // Union = 10 changed + region 500 (region 3 is in both).
@@ -277,23 +327,14 @@ async fn full_copies_every_region() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_resync_resumes_without_recopying() {
-    let a = node("a", g(20, 10), 0).await;
-    let b = node("b", g(10, 0), 0).await;
+    let (a, b) = a_ahead_of_b().await;
     // Scattered regions (one frame each), more than the copy window
     // (resync::WINDOW frames) so that Ack2s flow before the cut.
     let changed: Vec<u64> = (0..400).map(|i| i * 2).collect();
     for &r in &changed {
         change(&a, r, 0x40 + (r % 100) as u8).await;
     }
-    let out = run(
-        &a,
-        &b,
-        ResyncKind::Differential,
-        None,
-        WriteGate::new(REGION),
-        Some(150),
-    )
-    .await;
+    let out = differential(&a, &b, Some(150)).await;
     assert!(out.source.is_err(), "the source must see the cut");
     assert!(out.target.is_err(), "the target must see the cut");
     // Still a partial copy, durably, with exactly the remaining regions dirty.
@@ -332,15 +373,7 @@ async fn interrupted_resync_resumes_without_recopying() {
         "done regions must not be in the resume set: union {union}"
     );
     // Resume: only the union crosses the link, never the whole original set.
-    let out = run(
-        &a,
-        &b,
-        ResyncKind::Differential,
-        None,
-        WriteGate::new(REGION),
-        None,
-    )
-    .await;
+    let out = differential(&a, &b, None).await;
     out.source.unwrap();
     out.target.unwrap();
     assert_eq!(a.engine.snapshot(), b.engine.snapshot());
@@ -357,20 +390,11 @@ async fn interrupted_target_resumes_from_its_bitmap_not_from_zero() {
     // source's bits for the copied regions are gone (its bitmap only holds
     // what changed since B; here: a source whose changes were all intents
     // merged into the target at the start).
-    let a = node("a", g(20, 10), 0).await;
-    let b = node("b", g(10, 0), 0).await;
+    let (a, b) = a_ahead_of_b().await;
     for r in 0..100u64 {
         change(&a, r * 10, 0x40 + r as u8).await;
     }
-    let out = run(
-        &a,
-        &b,
-        ResyncKind::Differential,
-        None,
-        WriteGate::new(REGION),
-        Some(40),
-    )
-    .await;
+    let out = differential(&a, &b, Some(40)).await;
     assert!(out.target.is_err());
     let left = b.part.dirty_count();
     assert!(
@@ -386,15 +410,7 @@ async fn interrupted_target_resumes_from_its_bitmap_not_from_zero() {
         .filter(|r| !remaining.contains(r))
         .collect();
     a.part.clear_regions(done).unwrap();
-    let out = run(
-        &a,
-        &b,
-        ResyncKind::Differential,
-        None,
-        WriteGate::new(REGION),
-        None,
-    )
-    .await;
+    let out = differential(&a, &b, None).await;
     out.source.unwrap();
     assert_eq!(
         out.data_frames,
@@ -408,8 +424,7 @@ async fn interrupted_target_resumes_from_its_bitmap_not_from_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_writes_during_resync_never_leave_older_data() {
     for seed in 0..4u64 {
-        let a = node("a", g(20, 10), 0).await;
-        let b = node("b", g(10, 0), 0).await;
+        let (a, b) = a_ahead_of_b().await;
         for r in 0..300u64 {
             change(&a, r, r as u8).await;
         }
@@ -498,18 +513,8 @@ async fn forced_resync_saves_the_losers_regions_first() {
     let img = t.saved.expect("saved image");
     let saved = std::fs::read(&img).unwrap();
     assert_eq!(saved.len() as u64, VOL);
-    assert!(
-        saved[(7 * REGION) as usize..(8 * REGION) as usize]
-            .iter()
-            .all(|&x| x == 0xbb),
-        "b's version of region 7 saved"
-    );
-    assert!(
-        saved[(9 * REGION) as usize..(10 * REGION) as usize]
-            .iter()
-            .all(|&x| x == 0xb9),
-        "b's region 9 saved"
-    );
+    assert!(region_is(&saved, 7, 0xbb), "b's version of region 7 saved");
+    assert!(region_is(&saved, 9, 0xb9), "b's region 9 saved");
     let list = std::fs::read_to_string(format!("{}.regions", img.display())).unwrap();
     assert_eq!(
         list,
@@ -557,45 +562,19 @@ async fn resync_rate_paces_the_copy() {
     let small: Vec<u64> = (0..64).collect();
     let (sa, mut sb) = sessions();
     let spec = resync::SourceSpec {
-        engine: a.engine.clone(),
-        part: a.part.clone(),
-        gate: WriteGate::new(REGION),
-        kind: ResyncKind::Differential,
-        save: false,
-        forced: false,
         rule: "rate".into(),
         rate: Some(4 << 20),
-        peer: "b".into(),
+        ..source_spec(&a, ResyncKind::Differential, WriteGate::new(REGION))
     };
     a.part.mark_dirty_regions(small.clone()).unwrap();
     let started = std::time::Instant::now();
-    let src_in = forward(sa.rx, None, sa.tx.clone(), Arc::new(AtomicU64::new(0)));
-    let source = tokio::spawn(resync::run_source(
-        spec,
-        sa.tx.clone(),
-        src_in,
-        progress(resync::Role::Source),
-    ));
+    let source = spawn_source(spec, sa);
     let _begin = sb.rx.recv().await.unwrap();
-    let tspec = resync::TargetSpec {
-        engine: b.engine.clone(),
-        part: b.part.clone(),
-        save_dir: std::env::temp_dir(),
-        resource: "md1".into(),
-        node: "b".into(),
-    };
+    let tspec = target_spec(&b, std::env::temp_dir());
     let tgt_in = forward(sb.rx, None, sb.tx.clone(), Arc::new(AtomicU64::new(0)));
-    let t = resync::run_target(
-        tspec,
-        false,
-        false,
-        sb.tx.clone(),
-        tgt_in,
-        progress(resync::Role::Target),
-        Box::new(|| {}),
-    )
-    .await
-    .unwrap();
+    let t = run_target(tspec, false, false, &sb.tx, tgt_in)
+        .await
+        .unwrap();
     let done = source.await.unwrap().unwrap();
     assert_eq!(t.bytes, 64 * REGION);
     assert_eq!(done.bytes, 64 * REGION);
