@@ -15,6 +15,17 @@
 //!   safe slices. A reused buffer therefore contains stale bytes of an
 //!   earlier request, never uninitialised memory; callers fill the part they
 //!   expose (`len`) before handing it on.
+//! - Buffers of 1 MiB and more are mapped with `mmap` at a 2 MiB boundary and
+//!   marked `MADV_HUGEPAGE` (two 1 MiB buffers share one 2 MiB mapping).
+//!   Backed by transparent huge pages, an O_DIRECT request on one of them is
+//!   a few physically contiguous segments instead of one per 4 KiB page: a
+//!   1 MiB read of scattered pages has 256 segments, more than a virtio disk
+//!   takes in one request (`max_segments` 254 on the bench's VM), so the
+//!   block layer split each into two requests (1016 + 8 KiB) whenever the
+//!   pages happened to be scattered (bench/README.md, "Direct seq read
+//!   round"; the io_uring engine submits large direct reads unplugged so
+//!   that they are not merged instead). Without huge pages (THP off, no free
+//!   huge page) they are ordinary pages, as before.
 //! - The pool is bounded: per class at most `max(2, CLASS_RETAIN_BYTES /
 //!   class)` buffers, and at most [`POOL_RETAIN_BYTES`] in all; buffers beyond
 //!   that, and requests above the largest class, are plain allocations freed
@@ -40,6 +51,10 @@ const CLASSES: usize = (MAX_CLASS_SHIFT - MIN_CLASS_SHIFT + 1) as usize;
 const CLASS_RETAIN_BYTES: usize = 16 << 20;
 /// Bytes kept by the whole pool.
 pub const POOL_RETAIN_BYTES: usize = 64 << 20;
+/// Pooled buffers of at least this size are mapped for huge pages.
+const MAPPED_MIN: usize = 1 << 20;
+/// The (x86-64 and arm64 4K-page) transparent huge page size.
+const HUGE_PAGE: usize = 2 << 20;
 
 struct FreeBuf(NonNull<u8>);
 // SAFETY: a free buffer is an owned, unaliased allocation; moving the pointer
@@ -112,8 +127,13 @@ impl IoBuf {
                         class: Some(class),
                     };
                 }
+                let ptr = if cap >= MAPPED_MIN {
+                    map_huge(class, cap)
+                } else {
+                    alloc_zeroed(cap, align)
+                };
                 return IoBuf {
-                    ptr: alloc_zeroed(cap, align),
+                    ptr,
                     len,
                     cap,
                     align,
@@ -148,6 +168,99 @@ fn alloc_zeroed(cap: usize, align: usize) -> NonNull<u8> {
     // SAFETY: `cap >= 1`, so the layout has a non-zero size.
     let raw = unsafe { alloc::alloc_zeroed(l) };
     NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(l))
+}
+
+/// A zeroed mapping for a pooled buffer of `cap >= MAPPED_MIN` bytes (a
+/// power of two), 2 MiB-aligned and advised for transparent huge pages.
+/// Below 2 MiB, the mapping is one huge page split into `HUGE_PAGE / cap`
+/// buffers: the first is returned, the others go to the pool (if it has
+/// room; else they are unmapped, and the returned one may then get ordinary
+/// pages).
+fn map_huge(class: usize, cap: usize) -> NonNull<u8> {
+    let map_len = cap.max(HUGE_PAGE);
+    // Over-map by one huge page so that a 2 MiB-aligned start exists inside.
+    let reserve = map_len + HUGE_PAGE;
+    // SAFETY: an anonymous private mapping at an address of the kernel's
+    // choice; no existing memory is affected.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            reserve,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        alloc::handle_alloc_error(layout(cap, IO_ALIGN));
+    }
+    let base = raw as usize;
+    let start = base.next_multiple_of(HUGE_PAGE);
+    if start > base {
+        // SAFETY: the head lies inside the mapping made above, before the
+        // kept range `[start, start + map_len)`; nothing refers to it.
+        unsafe { unmap(base, start - base) };
+    }
+    let tail = base + reserve - (start + map_len);
+    if tail > 0 {
+        // SAFETY: the tail lies inside the mapping made above, after the
+        // kept range; nothing refers to it.
+        unsafe { unmap(start + map_len, tail) };
+    }
+    // SAFETY: advice on the range just mapped (no memory is accessed).
+    // Advice only: without THP the mapping works with ordinary pages.
+    unsafe { libc::madvise(start as *mut libc::c_void, map_len, libc::MADV_HUGEPAGE) };
+    for extra in (start + cap..start + map_len).step_by(cap) {
+        let ptr = NonNull::new(extra as *mut u8).expect("inside a mapping");
+        // SAFETY: `[extra, extra + cap)` is part of the fresh mapping and
+        // not handed out elsewhere; `give_back` takes it over as a pooled
+        // buffer of this class or unmaps it.
+        unsafe { give_back(class, cap, ptr) };
+    }
+    NonNull::new(start as *mut u8).expect("mmap never returns address 0 here")
+}
+
+/// Unmaps `[addr, addr + len)`.
+///
+/// # Safety
+/// The range must be mapped memory that nothing refers to any more.
+unsafe fn unmap(addr: usize, len: usize) {
+    // SAFETY: per the function's contract.
+    let r = unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+    debug_assert_eq!(r, 0, "munmap of an owned range");
+}
+
+/// Puts a pooled buffer of `class` (capacity `cap`) into the pool if it has
+/// room, or frees it.
+///
+/// # Safety
+/// `ptr` must own a buffer of this class (allocated by [`alloc_zeroed`] with
+/// `layout(cap, IO_ALIGN)`, or by [`map_huge`] when `cap >= MAPPED_MIN`) that
+/// nothing else refers to.
+unsafe fn give_back(class: usize, cap: usize, ptr: NonNull<u8>) {
+    let keep = (CLASS_RETAIN_BYTES / cap).max(2);
+    {
+        let mut free = POOL.classes[class]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if free.len() < keep {
+            if POOL.retained.fetch_add(cap, Ordering::Relaxed) + cap <= POOL_RETAIN_BYTES {
+                free.push(FreeBuf(ptr));
+                return;
+            }
+            POOL.retained.fetch_sub(cap, Ordering::Relaxed);
+        }
+    }
+    if cap >= MAPPED_MIN {
+        // SAFETY: a `map_huge` buffer spans exactly `cap` mapped bytes
+        // (per the contract), no longer referenced.
+        unsafe { unmap(ptr.as_ptr() as usize, cap) }
+    } else {
+        // SAFETY: allocated by `alloc_zeroed` with exactly this layout (per
+        // the contract).
+        unsafe { alloc::dealloc(ptr.as_ptr(), layout(cap, IO_ALIGN)) }
+    }
 }
 
 impl std::ops::Deref for IoBuf {
@@ -185,23 +298,14 @@ impl std::fmt::Debug for IoBuf {
 impl Drop for IoBuf {
     fn drop(&mut self) {
         if let Some(class) = self.class {
-            let keep = (CLASS_RETAIN_BYTES / self.cap).max(2);
-            let mut free = POOL.classes[class]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if free.len() < keep {
-                if POOL.retained.fetch_add(self.cap, Ordering::Relaxed) + self.cap
-                    <= POOL_RETAIN_BYTES
-                {
-                    free.push(FreeBuf(self.ptr));
-                    return;
-                }
-                POOL.retained.fetch_sub(self.cap, Ordering::Relaxed);
-            }
+            // SAFETY: a pooled-class buffer was made by `alloc_zeroed` with
+            // `layout(cap, IO_ALIGN)` or, from `MAPPED_MIN` on, by
+            // `map_huge` (see `with_align`), and is owned by `self`.
+            unsafe { give_back(class, self.cap, self.ptr) };
+            return;
         }
-        // SAFETY: allocated by `alloc_zeroed` with exactly this layout and not
-        // handed to the pool (pooled buffers keep their original layout: the
-        // class capacity and IO_ALIGN).
+        // SAFETY: allocated by `alloc_zeroed` with exactly this layout and
+        // owned by `self`.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), layout(self.cap, self.align)) }
     }
 }
@@ -258,6 +362,30 @@ mod tests {
         assert_eq!(b.len(), 5000);
         b.truncate(10);
         assert_eq!(b.len(), 10);
+    }
+
+    #[test]
+    fn mapped_classes_are_huge_page_aligned_and_survive_pool_overflow() {
+        // 1 MiB buffers are halves of 2 MiB mappings, larger ones start on
+        // a 2 MiB boundary (what lets THP back them).
+        let big = IoBuf::new(16 << 20);
+        assert_eq!(big.as_ptr() as usize % HUGE_PAGE, 0);
+        // More 1 MiB buffers than the class keeps: the twins and the extra
+        // buffers go to the pool or are unmapped; every byte stays usable.
+        let mut bufs: Vec<IoBuf> = (0..40).map(|_| IoBuf::new(1 << 20)).collect();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            assert_eq!(b.as_ptr() as usize % MAPPED_MIN, 0);
+            b.fill(i as u8);
+        }
+        for (i, b) in bufs.iter().enumerate() {
+            assert!(b.iter().all(|&x| x == i as u8), "buffer {i}");
+        }
+        drop(bufs);
+        let again: Vec<IoBuf> = (0..40).map(|_| IoBuf::new(3 << 19)).collect();
+        for b in &again {
+            assert_eq!(b.len(), 3 << 19);
+            assert_eq!(b.as_ptr() as usize % HUGE_PAGE, 0);
+        }
     }
 
     #[test]
