@@ -15,7 +15,8 @@
 #                     (default all three; QUICK: buffered)
 #   BENCH_DIR=DIR     where the backing file lives (default /var/tmp; use a
 #                     real disk, not tmpfs)
-#   SIZE_MIB=N        backing file size in MiB (default 1024)
+#   SIZE_MIB=N        backing file size in MiB (default 8192: larger than any
+#                     job reads, so no job reads a block twice; see README)
 #   AGENT_BIN, MDCTRL_BIN  binaries (default target/release/{mirror-agent,mdctrl})
 #   OUT=DIR           keep the raw results (fio JSON, CPU/RSS samples, logs)
 #   DROP_CACHES=0     do not drop the page cache before each job (default:
@@ -37,7 +38,7 @@ else
     RUNTIME="${RUNTIME:-3}"; RAMP="${RAMP:-1}"; REPS="${REPS:-2}"; PAIRS="${PAIRS:-buffered portable direct}"
 fi
 BENCH_DIR="${BENCH_DIR:-/var/tmp}"
-SIZE_MIB="${SIZE_MIB:-1024}"
+SIZE_MIB="${SIZE_MIB:-8192}"
 AGENT_BIN="${AGENT_BIN:-$ROOT/target/release/mirror-agent}"
 MDCTRL_BIN="${MDCTRL_BIN:-$ROOT/target/release/mdctrl}"
 
