@@ -1,4 +1,5 @@
-# Shared helpers of the bench scripts (run.sh, mirror.sh, resync.sh); sourced,
+# Shared helpers of the bench scripts (run.sh, mirror.sh, resync.sh,
+# seqread-ab.sh); sourced,
 # never run. The sourcing script sets BENCH_NAME (log prefix) first, and
 # later WORK, RES, DROP, AGENT_BIN and MDCTRL_BIN where a helper uses them.
 
@@ -72,6 +73,35 @@ for _ in range(int(sys.argv[1])):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 PY
+}
+
+# Writes DIR/cluster.toml for a standalone agent (node server1, resource md1,
+# admin socket DIR/run/server1.sock, NBD socket DIR/run/md1.nbd) serving DATA.
+standalone_config() { # dir cluster_name size_mib engine direct_io data
+    local dir="$1" cluster="$2" size="$3" engine="$4" direct="$5" data="$6" port
+    # Unused by a standalone node, but must be valid: take a free one.
+    port=$(free_ports 1)
+    cat >"$dir/cluster.toml" <<EOF
+[cluster]
+name = "$cluster"
+
+[[server]]
+name = "server1"
+address = "127.0.0.1"
+control_port = $port
+admin_socket = "$dir/run/server1.sock"
+
+[[resource]]
+name = "md1"
+size = "${size}MiB"
+engine = "$engine"
+direct_io = "$direct"
+
+[resource.server.server1]
+data_path = "$data"
+cluster_partition = "$dir/data/md1.cp"
+nbd_socket = "$dir/run/md1.nbd"
+EOF
 }
 
 # Checks tools (never installs them): each argument is TOOL or TOOL:PACKAGE.

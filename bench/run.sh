@@ -107,30 +107,7 @@ start_agent() { # tag engine direct_io
     local tag="$1" engine="$2" direct="$3"
     local dir="$WORK/$tag"
     mkdir -p "$dir/run" "$dir/data"
-    local port
-    # Unused by a standalone node, but must be valid: take a free one.
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    cat >"$dir/cluster.toml" <<EOF
-[cluster]
-name = "bench"
-
-[[server]]
-name = "server1"
-address = "127.0.0.1"
-control_port = $port
-admin_socket = "$dir/run/server1.sock"
-
-[[resource]]
-name = "md1"
-size = "${SIZE_MIB}MiB"
-engine = "$engine"
-direct_io = "$direct"
-
-[resource.server.server1]
-data_path = "$DATA"
-cluster_partition = "$dir/data/md1.cp"
-nbd_socket = "$dir/run/md1.nbd"
-EOF
+    standalone_config "$dir" bench "$SIZE_MIB" "$engine" "$direct" "$DATA"
     local ctl=("$MDCTRL_BIN" --config "$dir/cluster.toml" --node server1)
     "${ctl[@]}" init md1 >"$RES/$tag.init" 2>&1 || { cat "$RES/$tag.init" >&2; die "mdctrl init ($tag) failed"; }
     RUST_LOG="${RUST_LOG:-info}" "$AGENT_BIN" --config "$dir/cluster.toml" --node server1 >"$RES/$tag.log" 2>&1 &

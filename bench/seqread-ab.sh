@@ -20,7 +20,12 @@
 # file smaller than what a run reads (RT+1 s at ~2 GB/s) its later passes
 # are page-cache reads (bench/README.md, "Direct seq read round").
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+BENCH_NAME=seqread-ab
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
+DROP="$(drop_caches_setting)"
 ROUNDS=${ROUNDS:-4}; RT=${RT:-3}; BS=${BS:-1M}; QD=${QD:-8}; SIZE_MIB=${SIZE_MIB:-1024}
 DATA=${DATA:-/var/tmp/nbdm-seqread-$SIZE_MIB.img}
 MD=${MDCTRL_BIN:-$ROOT/target/release/mdctrl}
@@ -34,36 +39,19 @@ fi
 [[ -r /sys/block/$DEV/stat ]] || { echo "cannot find the disk of $DATA (set DEV)" >&2; exit 2; }
 W=$(mktemp -d "$(dirname "$DATA")/seqread-ab.XXXXXX")
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+cleanup() { stop_pids "${PIDS[@]}"; rm -rf "$W"; }
 trap cleanup EXIT
 nbdkit -f -U "$W/nbdkit.sock" file "$DATA" cache=none >"$W/nbdkit.log" 2>&1 & PIDS+=($!)
+NBDKIT_PID=$!
 declare -A URI=([K]="nbd+unix:///?socket=$W/nbdkit.sock")
 start_agent() { # tag binary [VAR=VALUE...]
-    local tag=$1 bin=$2 d=$W/$1 port; shift 2; mkdir -p "$d/run" "$d/data"
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    cat >"$d/cluster.toml" <<EOT
-[cluster]
-name = "ab"
-[[server]]
-name = "server1"
-address = "127.0.0.1"
-control_port = $port
-admin_socket = "$d/run/server1.sock"
-[[resource]]
-name = "md1"
-size = "${SIZE_MIB}MiB"
-engine = "io_uring"
-direct_io = "on"
-[resource.server.server1]
-data_path = "$DATA"
-cluster_partition = "$d/data/md1.cp"
-nbd_socket = "$d/run/md1.nbd"
-EOT
-    "$MD" --config "$d/cluster.toml" --node server1 init md1 >"$d/init" 2>&1
+    local tag=$1 bin=$2 d=$W/$1; shift 2; mkdir -p "$d/run" "$d/data"
+    standalone_config "$d" ab "$SIZE_MIB" io_uring on "$DATA"
+    "$MD" --config "$d/cluster.toml" --node server1 init md1 >"$d/init" 2>&1 || { cat "$d/init" >&2; die "mdctrl init ($tag) failed"; }
     env RUST_LOG=warn "$@" "$bin" --config "$d/cluster.toml" --node server1 >"$d/log" 2>&1 & PIDS+=($!)
-    for _ in $(seq 100); do [[ -S $d/run/server1.sock ]] && break; sleep 0.1; done
-    "$MD" --config "$d/cluster.toml" --node server1 activate md1 --nomount >>"$d/init" 2>&1
-    for _ in $(seq 100); do [[ -S $d/run/md1.nbd ]] && break; sleep 0.1; done
+    wait_for 10 "${PIDS[-1]}" test -S "$d/run/server1.sock" || { cat "$d/log" >&2; die "agent ($tag) did not start"; }
+    "$MD" --config "$d/cluster.toml" --node server1 activate md1 --nomount >>"$d/init" 2>&1 || { cat "$d/init" >&2; die "mdctrl activate ($tag) failed"; }
+    wait_for 10 "${PIDS[-1]}" test -S "$d/run/md1.nbd" || die "agent ($tag) did not create its NBD socket"
     URI[$tag]="nbd+unix:///md1?socket=$d/run/md1.nbd"
 }
 ORD=(K)
@@ -72,13 +60,13 @@ for spec in $AGENTS; do
     [[ $tag == R ]] || start_agent "$tag" "${parts[@]}"
     ORD+=("$tag")
 done
-for _ in $(seq 50); do [[ -S $W/nbdkit.sock ]] && break; sleep 0.1; done
+wait_for 5 "$NBDKIT_PID" test -S "$W/nbdkit.sock" || { cat "$W/nbdkit.log" >&2; die "nbdkit did not start"; }
 # reads completed, sectors read, ms reading, ms busy, weighted ms in flight
 ds() { awk '{print $1, $3, $4, $10, $11}' "/sys/block/$DEV/stat"; }
 for r in $(seq "$ROUNDS"); do
     line="round $r:"
     for t in "${ORD[@]}"; do
-        sync; [[ -w /proc/sys/vm/drop_caches ]] && echo 3 >/proc/sys/vm/drop_caches
+        drop_caches
         if [[ $t == R ]]; then tgt=(--ioengine=io_uring --direct=1 --filename="$DATA"); else tgt=(--ioengine=nbd --uri="${URI[$t]}"); fi
         read -r n0 s0 t0 u0 q0 < <(ds); w0=$(date +%s.%N)
         fio --name=r "${tgt[@]}" --rw=read --bs="$BS" --iodepth="$QD" --time_based --runtime="$RT" \
