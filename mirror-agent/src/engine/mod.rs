@@ -56,9 +56,8 @@ pub use uring::{plug, Plug, UringEngine};
 /// refuse non-blocking buffered writes (`RWF_NOWAIT` gives `EOPNOTSUPP`), so
 /// io_uring would hand every one of them to an io-wq worker thread (the
 /// portable engine to its thread pool) and wake the runtime again for its
-/// completion: two thread hops for a copy of a few
-/// microseconds into the page cache (bench/README.md: `iou-wrk` threads in
-/// every buffered write row). Bounded so that a task never spends long in the
+/// completion: two thread hops for a copy of a few microseconds into the page
+/// cache (bench/README.md: `iou-wrk` threads in every buffered write row). Bounded so that a task never spends long in the
 /// copy; larger writes and FUA writes (which wait for the device) still go
 /// through the ring (the pool). Buffered mode only: O_DIRECT writes are
 /// issued by io_uring without a worker thread. Both engines follow this
@@ -69,8 +68,8 @@ pub const INLINE_WRITE_MAX: usize = 64 * 1024;
 /// throttling, so any write up to the largest replicated frame is done in the calling
 /// task: it costs the copy (about 0.1 ms per MiB), and the data, just received, is still in
 /// this CPU's cache, where an io-wq worker (or a pool thread) on the other CPU would read
-/// it from memory (the
-/// standby of bench/mirror.sh keeps its data on tmpfs; bench/README.md, "Mirrored modes").
+/// it from memory (the standby of bench/mirror.sh keeps its data on tmpfs; bench/README.md,
+/// "Mirrored modes").
 pub const INLINE_WRITE_MAX_MEMFS: usize = 1 << 20;
 /// The largest write without FUA that an engine does in the calling task on a buffered
 /// file: [`INLINE_WRITE_MAX_MEMFS`] where `fdatasync` is a no-op (`sync_noop`: a memory

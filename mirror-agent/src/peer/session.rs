@@ -225,7 +225,8 @@ impl Shared {
     /// cost) and, for a big Write, a second CPU reading its data from memory (its copy into
     /// the socket, up to the socket's free space, then runs under this lock). If the socket
     /// takes only part of it, the rest is queued as the writer's first item; if it takes
-    /// nothing (or errors), the frame is queued as usual and the writer deals with it. The permit is held until then, so back-pressure is unchanged.
+    /// nothing (or errors), the frame is queued as usual and the writer deals with it. The
+    /// permit is held until then, so back-pressure is unchanged.
     fn commit(
         &self,
         permit: mpsc::Permit<'_, Out>,
