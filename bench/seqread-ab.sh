@@ -18,7 +18,7 @@
 # DEV (the disk under DATA, e.g. vda), MDCTRL_BIN (target/release/mdctrl).
 # Note: nbdkit cache=none keeps what it read in the page cache, so with a
 # file smaller than what a run reads (RT+1 s at ~2 GB/s) its later passes
-# are page-cache reads (bench/README.md, "Direct seq read round").
+# are page-cache reads (bench/HISTORY.md, "Direct seq read round").
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"

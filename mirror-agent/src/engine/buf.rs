@@ -4,7 +4,7 @@
 //! from the socket, read data goes back to it. A fresh heap allocation per
 //! request costs a zero-fill, page faults on first touch and, once freed, the
 //! allocator trimming its arenas (`madvise`) — measured at 20-30% of the
-//! agent's CPU on 1 MiB requests (bench/README.md). [`IoBuf`] instead takes a
+//! agent's CPU on 1 MiB requests (bench/HISTORY.md). [`IoBuf`] instead takes a
 //! buffer from a process-wide pool of power-of-two size classes and gives it
 //! back on drop.
 //!
@@ -22,7 +22,7 @@
 //!   1 MiB read of scattered pages has 256 segments, more than a virtio disk
 //!   takes in one request (`max_segments` 254 on the bench's VM), so the
 //!   block layer split each into two requests (1016 + 8 KiB) whenever the
-//!   pages happened to be scattered (bench/README.md, "Direct seq read
+//!   pages happened to be scattered (bench/HISTORY.md, "Direct seq read
 //!   round"; the io_uring engine submits large direct reads unplugged so
 //!   that they are not merged instead). Without huge pages (THP off, no free
 //!   huge page) they are ordinary pages, as before.

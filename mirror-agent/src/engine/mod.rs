@@ -68,7 +68,7 @@ pub const INLINE_WRITE_MAX: usize = 64 * 1024;
 /// throttling, so any write up to the largest replicated frame is done in the calling
 /// task: it costs the copy (about 0.1 ms per MiB), and the data, just received, is still in
 /// this CPU's cache, where an io-wq worker (or a pool thread) on the other CPU would read
-/// it from memory (the standby of bench/mirror.sh keeps its data on tmpfs; bench/README.md,
+/// it from memory (the standby of bench/mirror.sh keeps its data on tmpfs; bench/HISTORY.md,
 /// "Mirrored modes").
 pub const INLINE_WRITE_MAX_MEMFS: usize = 1 << 20;
 /// The largest write without FUA that an engine does in the calling task on a buffered

@@ -25,7 +25,7 @@
 //!
 //! This removes, per request, the channel hop to a ring thread, the doorbell
 //! `write`, that thread's wake-up and the cross-thread completion wake-up
-//! (bench/README.md measured 3.6 context switches per QD1 write on the ring
+//! (bench/HISTORY.md: measured 3.6 context switches per QD1 write on the ring
 //! thread alone).
 //!
 //! # `user_data` key space
@@ -118,7 +118,7 @@ pub const MAX_SQE_BYTES: usize = 1 << 30;
 /// [`Plug`]: in a batch, adjacent large reads (a sequential reader's queue)
 /// are merged by the block layer into requests of several MiB, which the
 /// bench's virtio disk served ~7% slower than the same bytes as separate
-/// 1 MiB requests in parallel (bench/README.md, "Direct seq read round"); at
+/// 1 MiB requests in parallel (bench/HISTORY.md, "Direct seq read round"); at
 /// this size one `io_uring_enter` per read costs little against the transfer.
 pub const UNPLUGGED_READ_MIN: usize = 512 * 1024;
 /// Largest queue depth accepted (larger values are clamped).
@@ -404,7 +404,7 @@ thread_local! {
 /// polls many request futures in one go (the NBD connection task) thereby
 /// hands the kernel one batch: the block layer plugs and kicks the device
 /// once per batch instead of once per request (with O_DIRECT on a virtio
-/// disk each kick is a VM exit; bench/README.md).
+/// disk each kick is a VM exit; bench/HISTORY.md).
 ///
 /// Only for a synchronous section: create it and drop it within one poll,
 /// never hold it across an `.await` (the SQEs would wait for the drop). Nested

@@ -7,7 +7,7 @@
 //! task; whenever two become runnable at once on a worker, tokio wakes a
 //! parked worker to steal one (a `futex` wake and, shortly after, a `futex`
 //! wait when it parks again). With 32 requests in flight that happened more
-//! than once per request (bench/README.md). Here a completion wakes only the
+//! than once per request (bench/HISTORY.md). Here a completion wakes only the
 //! connection task, once per batch, and only the futures that were woken are
 //! polled again.
 

@@ -49,7 +49,7 @@ const MAX_IOVECS: usize = 128;
 /// itself when they are queued. The sender has just received the data (the NBD payload),
 /// so it is in this CPU's cache; the writer task often runs on the other worker, where the
 /// CRC and the socket copy read it from memory. Measured on a 1 MiB QD8 write stream
-/// (bench/README.md, "Seq write round"): the pair used 5-12% less CPU per MiB and
+/// (bench/HISTORY.md, "Seq write round"): the pair used 5-12% less CPU per MiB and
 /// wrote 8-15% faster; the writer's wake-up costs less than that. Batching such frames
 /// with others saves nothing.
 const BIG_WRITE_BYTES: usize = 64 << 10;
