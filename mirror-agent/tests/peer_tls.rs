@@ -578,7 +578,7 @@ async fn round_trips(
 /// -- --ignored --nocapture qd1_latency`. Prints QD1 4 KiB write→ack1 round-trip latency of
 /// a plain and a TLS data link on loopback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
+#[ignore = "measurement, not a check; run explicitly"]
 async fn qd1_latency_plain_and_tls() {
     let n = 20_000;
     let ca = Ca::new("test CA");
