@@ -52,6 +52,26 @@ def metric(res, tag, job, get):
     return sum(vals) / len(vals), vals
 
 
+def short_runs(res, tags, jobs):
+    """Sequential runs that ended at the end of the file before RUNTIME:
+    [(label, tag, count, runs)] (run.sh does not make them time-based)."""
+    try:
+        with open(os.path.join(res, "runtime")) as f:
+            runtime_ms = 1000 * float(f.read())
+    except (OSError, ValueError):
+        return []
+    out = []
+    for job, d, label, kind in jobs:
+        if not job.startswith("seq"):
+            continue
+        for tag in tags:
+            _, ms = metric(res, tag, job, lambda j, d=d: j[d]["runtime"])
+            n = sum(1 for m in ms if m < 0.95 * runtime_ms)
+            if n:
+                out.append((label, tag, n, len(ms)))
+    return out
+
+
 def spread(vals):
     """Half the max-min range relative to the mean, in percent."""
     mean = sum(vals) / len(vals)
@@ -176,6 +196,7 @@ def main():
             r = my / mx if mx else float("nan")
             print(f"| {label} | {mx:.0f} {unit} ±{spread(vx):.0f}% | {my:.0f} {unit} ±{spread(vy):.0f}% | {fmt_ratio(r)} |")
             ratios.append((label, r))
+        short = short_runs(res, (base, agent), jobs)
         job, d = LAT
         for pct, key in (("p50", "50.000000"), ("p99", "99.000000")) if job in ran else ():
             get = lambda j, key=key: j[d]["lat_ns"]["percentile"][key] / 1000
@@ -185,6 +206,10 @@ def main():
                   f"| {lx:.1f} µs ±{spread(vx):.0f}% | {ly:.1f} µs ±{spread(vy):.0f}% | {fmt_ratio(r)} |")
             ratios.append((f"QD1 write {pct}", r))
         summary.append((p, ratios))
+        for label, tag, n, total in short:
+            print(f"\n{label}, {tag}: {n} of {total} runs reached the end of the file before the "
+                  "measured time was up (sequential jobs pass over the file once; a larger "
+                  "SIZE_MIB keeps them running for all of RUNTIME); their figures cover a shorter time.")
 
         # CPU evidence: who is busy, and how much CPU each server spends per I/O.
         print(f"\nCPU during the jobs ({p}). cores = CPU-seconds per wall second, summed over "
