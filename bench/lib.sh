@@ -46,6 +46,22 @@ keep_results() {
     fi
 }
 
+# Installs the EXIT trap of run.sh, mirror.sh and resync.sh: stop the servers
+# (the script's own stop_all), keep the raw results (OUT), remove the given
+# work directories, and keep the exit status; INT/TERM exit through it too.
+on_exit_cleanup() { # dir...
+    CLEANUP_DIRS=("$@")
+    trap _exit_cleanup EXIT
+    trap 'exit 130' INT TERM
+}
+_exit_cleanup() {
+    local rc=$?
+    stop_all
+    keep_results
+    rm -rf "${CLEANUP_DIRS[@]}"
+    exit "$rc"
+}
+
 # Polls until a condition holds; fails early if the process died.
 wait_for() { # timeout_s pid command...
     local t="$1" pid="$2"; shift 2

@@ -103,15 +103,7 @@ stop_all() {
     PID=(); PEER=()
 }
 
-cleanup() {
-    local rc=$?
-    stop_all
-    keep_results
-    rm -rf "$WORK" "$PEERW"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+on_exit_cleanup "$WORK" "$PEERW"
 
 private_binaries
 

@@ -71,15 +71,7 @@ stop_all() {
     PIDS=()
 }
 
-cleanup() {
-    local rc=$?
-    stop_all
-    keep_results
-    rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+on_exit_cleanup "$WORK"
 
 now() { date +%s.%N; }
 

@@ -892,20 +892,8 @@ fn nbd_client_attach(
     }
 }
 
-fn run_checked(mut c: Command, prog: &Path) -> Result<(), KernelError> {
-    let shown = format!("{c:?}").replace('"', "");
-    let out = c.output().map_err(|source| KernelError::Spawn {
-        program: prog.display().to_string(),
-        source,
-    })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(KernelError::Command {
-        command: shown,
-        status: out.status.to_string(),
-        output: mount::tail(&out.stdout, &out.stderr),
-    })
+fn run_checked(c: Command, prog: &Path) -> Result<(), KernelError> {
+    mount::run(c, &prog.display().to_string())
 }
 
 #[cfg(test)]

@@ -248,7 +248,9 @@ pub fn holders(mnt: &Path) -> Vec<Holder> {
     out
 }
 
-fn run(mut cmd: Command, program: &str) -> Result<(), KernelError> {
+/// Runs `cmd` to completion; a spawn failure or a non-zero exit becomes a
+/// [`KernelError`] naming the command, its exit status and the tail of its output.
+pub(crate) fn run(mut cmd: Command, program: &str) -> Result<(), KernelError> {
     let shown = format!("{cmd:?}").replace('"', "");
     let out = cmd.output().map_err(|source| KernelError::Spawn {
         program: program.into(),
