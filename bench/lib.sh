@@ -120,6 +120,25 @@ nbd_socket = "$dir/run/md1.nbd"
 EOF
 }
 
+# Initialises (`mdctrl init`), starts and activates the standalone agent of
+# DIR/cluster.toml (see standalone_config) with binary BIN, and waits for its
+# NBD socket. The agent's output goes to LOG, mdctrl's to INIT; its PID is
+# stored into the variable named PIDVAR (e.g. "PID[$tag]") as soon as it
+# runs, so that the caller's cleanup stops it even when a later step fails.
+# VAR=VALUE arguments go to the agent's environment (RUST_LOG defaults to info).
+# The agent has AGENT_START_TIMEOUT seconds (default 20) to open its admin socket.
+start_standalone() { # tag dir bin log init pidvar [VAR=VALUE...]
+    local tag="$1" dir="$2" bin="$3" log="$4" init="$5" pidvar="$6"; shift 6
+    local ctl=("$MDCTRL_BIN" --config "$dir/cluster.toml" --node server1) pid
+    "${ctl[@]}" init md1 >"$init" 2>&1 || { cat "$init" >&2; die "mdctrl init ($tag) failed"; }
+    env RUST_LOG="${RUST_LOG:-info}" "$@" "$bin" --config "$dir/cluster.toml" --node server1 >"$log" 2>&1 &
+    pid=$!
+    printf -v "$pidvar" '%s' "$pid"
+    wait_for "${AGENT_START_TIMEOUT:-20}" "$pid" test -S "$dir/run/server1.sock" || { cat "$log" >&2; die "agent ($tag) did not start"; }
+    "${ctl[@]}" activate md1 --nomount >>"$init" 2>&1 || { cat "$init" "$log" >&2; die "mdctrl activate ($tag) failed"; }
+    wait_for 10 "$pid" test -S "$dir/run/md1.nbd" || die "agent ($tag) did not create its NBD socket"
+}
+
 # Checks tools (never installs them): each argument is TOOL or TOOL:PACKAGE.
 require_tools() {
     local a missing=() pkgs=()

@@ -100,14 +100,8 @@ start_agent() { # tag engine direct_io
     local dir="$WORK/$tag"
     mkdir -p "$dir/run" "$dir/data"
     standalone_config "$dir" bench "$SIZE_MIB" "$engine" "$direct" "$DATA"
-    local ctl=("$MDCTRL_BIN" --config "$dir/cluster.toml" --node server1)
-    "${ctl[@]}" init md1 >"$RES/$tag.init" 2>&1 || { cat "$RES/$tag.init" >&2; die "mdctrl init ($tag) failed"; }
-    RUST_LOG="${RUST_LOG:-info}" "$AGENT_BIN" --config "$dir/cluster.toml" --node server1 >"$RES/$tag.log" 2>&1 &
-    PID[$tag]=$!
-    wait_for 20 "${PID[$tag]}" test -S "$dir/run/server1.sock" || { cat "$RES/$tag.log" >&2; die "agent ($tag) did not start"; }
-    "${ctl[@]}" activate md1 --nomount >>"$RES/$tag.init" 2>&1 || { cat "$RES/$tag.init" "$RES/$tag.log" >&2; die "mdctrl activate ($tag) failed"; }
-    wait_for 10 "${PID[$tag]}" test -S "$dir/run/md1.nbd" || die "agent ($tag) did not create its NBD socket"
-    "${ctl[@]}" status md1 --json >"$RES/$tag.status.json" 2>>"$RES/$tag.init" || true
+    start_standalone "$tag" "$dir" "$AGENT_BIN" "$RES/$tag.log" "$RES/$tag.init" "PID[$tag]"
+    "$MDCTRL_BIN" --config "$dir/cluster.toml" --node server1 status md1 --json >"$RES/$tag.status.json" 2>>"$RES/$tag.init" || true
     local eng
     eng=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("engine","?"))' "$RES/$tag.status.json" 2>/dev/null || echo "?")
     echo "mirror-agent engine=$engine direct_io=$direct (status: $eng)" >"$RES/$tag.desc"

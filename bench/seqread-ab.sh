@@ -28,7 +28,8 @@ source "$HERE/lib.sh"
 DROP="$(drop_caches_setting)"
 ROUNDS=${ROUNDS:-4}; RT=${RT:-3}; BS=${BS:-1M}; QD=${QD:-8}; SIZE_MIB=${SIZE_MIB:-1024}
 DATA=${DATA:-/var/tmp/nbdm-seqread-$SIZE_MIB.img}
-MD=${MDCTRL_BIN:-$ROOT/target/release/mdctrl}
+MDCTRL_BIN=${MDCTRL_BIN:-$ROOT/target/release/mdctrl}
+AGENT_START_TIMEOUT=10
 [[ -n "${AGENTS:-}" ]] || { echo "set AGENTS (see the header)" >&2; exit 2; }
 [[ -s "$DATA" ]] || dd if=/dev/zero of="$DATA" bs=1M count="$SIZE_MIB" oflag=direct conv=fsync status=none
 if [[ -z "${DEV:-}" ]]; then
@@ -47,11 +48,7 @@ declare -A URI=([K]="nbd+unix:///?socket=$W/nbdkit.sock")
 start_agent() { # tag binary [VAR=VALUE...]
     local tag=$1 bin=$2 d=$W/$1; shift 2; mkdir -p "$d/run" "$d/data"
     standalone_config "$d" ab "$SIZE_MIB" io_uring on "$DATA"
-    "$MD" --config "$d/cluster.toml" --node server1 init md1 >"$d/init" 2>&1 || { cat "$d/init" >&2; die "mdctrl init ($tag) failed"; }
-    env RUST_LOG=warn "$@" "$bin" --config "$d/cluster.toml" --node server1 >"$d/log" 2>&1 & PIDS+=($!)
-    wait_for 10 "${PIDS[-1]}" test -S "$d/run/server1.sock" || { cat "$d/log" >&2; die "agent ($tag) did not start"; }
-    "$MD" --config "$d/cluster.toml" --node server1 activate md1 --nomount >>"$d/init" 2>&1 || { cat "$d/init" >&2; die "mdctrl activate ($tag) failed"; }
-    wait_for 10 "${PIDS[-1]}" test -S "$d/run/md1.nbd" || die "agent ($tag) did not create its NBD socket"
+    start_standalone "$tag" "$d" "$bin" "$d/log" "$d/init" "PIDS[${#PIDS[@]}]" RUST_LOG=warn "$@"
     URI[$tag]="nbd+unix:///md1?socket=$d/run/md1.nbd"
 }
 ORD=(K)
