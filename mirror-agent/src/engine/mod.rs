@@ -57,11 +57,11 @@ pub use uring::{plug, Plug, UringEngine};
 /// io_uring would hand every one of them to an io-wq worker thread (the
 /// portable engine to its thread pool) and wake the runtime again for its
 /// completion: two thread hops for a copy of a few microseconds into the page
-/// cache (bench/README.md: `iou-wrk` threads in every buffered write row). Bounded so that a task never spends long in the
-/// copy; larger writes and FUA writes (which wait for the device) still go
-/// through the ring (the pool). Buffered mode only: O_DIRECT writes are
-/// issued by io_uring without a worker thread. Both engines follow this
-/// policy ([`inline_write_max`]).
+/// cache (bench/README.md: `iou-wrk` threads in every buffered write row).
+/// Bounded so that a task never spends long in the copy; larger writes and FUA
+/// writes (which wait for the device) still go through the ring (the pool).
+/// Buffered mode only: O_DIRECT writes are issued by io_uring without a worker
+/// thread. Both engines follow this policy ([`inline_write_max`]).
 pub const INLINE_WRITE_MAX: usize = 64 * 1024;
 /// [`INLINE_WRITE_MAX`] on a memory file system (tmpfs, ramfs: [`backing::sync_is_noop`]).
 /// There a write is only a copy into memory, with no device to wait for and no dirty
