@@ -149,6 +149,56 @@ def desc(res, tag):
         return tag
 
 
+def direct_refs(res):
+    """The O_DIRECT reference tags run.sh added to the direct pair (may be [])."""
+    try:
+        with open(os.path.join(res, "direct_refs")) as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
+def print_direct_refs(res, jobs, ran, base, agent):
+    """The direct pair's references: qemu-nbd cache=none (an NBD server that,
+    like the agent, replies after the device completed) and fio on the
+    backing file without any server. They show what the pair's rows are
+    bounded by; the targets stay agent vs nbdkit."""
+    refs = direct_refs(res)
+    if not refs:
+        return
+    print("\nO_DIRECT references, same run (every job alternated with the two servers above): "
+          + "; ".join(f"`{t}` = {desc(res, t)}" for t in refs)
+          + ". nbdkit `cache=none` replies once a write is in the page cache; the agent "
+          "and qemu-nbd reply after the device completed it; `device` is that device with "
+          "no NBD in between. Ratio: agent vs qemu-nbd, > 1.0x = agent better.\n")
+    print("| job | nbdkit cache=none | agent | " + " | ".join(refs)
+          + (" | agent vs qemu-nbd |" if "qemu-direct" in refs else " |"))
+    print("|---|---:|---:|" + "---:|" * len(refs) + ("---:|" if "qemu-direct" in refs else ""))
+    tags = [base, agent] + refs
+    for job, d, label, kind in jobs:
+        if kind == "bw":
+            get, unit, fmt = (lambda j, d=d: j[d]["bw_bytes"] / 2**20), "MiB/s", "{:.0f}"
+        else:
+            get, unit, fmt = (lambda j, d=d: j[d]["iops"]), "IOPS", "{:.0f}"
+        vals = [metric(res, t, job, get) for t in tags]
+        cells = [f"{fmt.format(m)} {unit} ±{spread(v):.0f}%" for m, v in vals]
+        row = f"| {label} | " + " | ".join(cells) + " |"
+        if "qemu-direct" in refs:
+            q = vals[tags.index("qemu-direct")][0]
+            row += f" {vals[1][0] / q:.2f}x |" if q else " - |"
+        print(row)
+    job, d = LAT
+    for pct, key in (("p50", "50.000000"), ("p99", "99.000000")) if job in ran else ():
+        get = lambda j, key=key: j[d]["lat_ns"]["percentile"][key] / 1000
+        vals = [metric(res, t, job, get) for t in tags]
+        row = (f"| QD1 rand write 4 KiB latency {pct} (lower is better) | "
+               + " | ".join(f"{m:.1f} µs ±{spread(v):.0f}%" for m, v in vals) + " |")
+        if "qemu-direct" in refs:
+            a = vals[1][0]
+            row += f" {vals[tags.index('qemu-direct')][0] / a:.2f}x |" if a else " - |"
+        print(row)
+
+
 def fmt_ratio(r):
     mark = "" if r >= 1.0 else " **(below 1.0)**"
     return f"{r:.2f}x{mark}"
@@ -206,10 +256,17 @@ def main():
                   f"| {lx:.1f} µs ±{spread(vx):.0f}% | {ly:.1f} µs ±{spread(vy):.0f}% | {fmt_ratio(r)} |")
             ratios.append((f"QD1 write {pct}", r))
         summary.append((p, ratios))
-        for label, tag, n, total in short:
-            print(f"\n{label}, {tag}: {n} of {total} runs reached the end of the file before the "
-                  "measured time was up (sequential jobs pass over the file once; a larger "
-                  "SIZE_MIB keeps them running for all of RUNTIME); their figures cover a shorter time.")
+        if p == "direct":
+            print_direct_refs(res, jobs, ran, base, agent)
+            short += short_runs(res, [t for t in direct_refs(res)], jobs)
+        if short:
+            by_job = defaultdict(list)
+            for label, tag, n, total in short:
+                by_job[label].append(f"{tag} {n} of {total}")
+            print("\nRuns that reached the end of the file before the measured time was up "
+                  "(sequential jobs pass over the file once; a larger SIZE_MIB keeps them running "
+                  "for all of RUNTIME; their figures cover a shorter time): "
+                  + "; ".join(f"{label}: {', '.join(v)}" for label, v in by_job.items()) + ".")
 
         # CPU evidence: who is busy, and how much CPU each server spends per I/O.
         print(f"\nCPU during the jobs ({p}). cores = CPU-seconds per wall second, summed over "
@@ -242,7 +299,8 @@ def main():
     print("|---|---:|---:|")
     seen = set()
     for p in pairs:
-        for tag in PAIRS[p][:2]:
+        extra = [t for t in direct_refs(res) if t != "device"] if p == "direct" else []
+        for tag in list(PAIRS[p][:2]) + extra:
             if tag in seen:
                 continue
             seen.add(tag)

@@ -3,7 +3,7 @@
 # backing file, same fio jobs (fio's nbd ioengine = libnbd client).
 # See bench/README.md for the method and the latest results.
 #
-#   bench/run.sh            full run (~6 minutes)
+#   bench/run.sh            full run (~7 minutes)
 #   QUICK=1 bench/run.sh    short run (~1 minute, buffered io_uring pair only)
 #
 # Environment (all optional):
@@ -23,6 +23,9 @@
 #                     drop it when root)
 #   ONLY_JOBS="..."   run only these jobs, from: seqwrite seqread randwrite
 #                     randread lat1 (default all; for quick A/B runs)
+#   DIRECT_REFS=0     in the direct pair, skip the two O_DIRECT references
+#                     (qemu-nbd cache=none aio=io_uring, and fio on the backing
+#                     file with no server); default 1
 #
 # Nothing is installed: missing tools are reported with the apt-get command.
 # Every process started here is stopped, and the temp dir removed, on exit.
@@ -52,6 +55,15 @@ require_tools fio nbdkit python3
 for p in $PAIRS; do
     case "$p" in buffered|portable|direct) ;; *) die "unknown pair '$p' (buffered, portable, direct)";; esac
 done
+DIRECT_REFS="${DIRECT_REFS:-1}"
+[[ "$DIRECT_REFS" == 0 || "$DIRECT_REFS" == 1 ]] || die "DIRECT_REFS must be 0 or 1"
+QEMU_NBD=1
+if [[ " $PAIRS " == *" direct "* && "$DIRECT_REFS" == 1 ]] && ! command -v qemu-nbd >/dev/null; then
+    # An optional reference: the targets are against nbdkit. Said loudly, and
+    # in the report.
+    log "WARNING: qemu-nbd not found (apt-get install qemu-utils): the direct pair runs without its qemu-nbd reference"
+    QEMU_NBD=0
+fi
 
 DROP="$(drop_caches_setting)"
 
@@ -93,6 +105,18 @@ start_nbdkit() { # tag [plugin args...]
     wait_for 10 "${PID[$tag]}" test -S "$sock" || { cat "$RES/$tag.log" >&2; die "nbdkit ($tag) did not create $sock"; }
     URI[$tag]="nbd+unix:///?socket=$sock"
     echo "nbdkit $(nbdkit --version | awk '{print $2}') file ${*:-(defaults)}" >"$RES/$tag.desc"
+}
+
+# The O_DIRECT reference server of the direct pair: qemu-nbd with the page
+# cache bypassed (cache=none = O_DIRECT) and io_uring, i.e. the agent's own
+# write contract (a reply after the device completed), in another server.
+start_qemu_nbd() { # tag
+    local tag="$1" sock="$WORK/run/$1.sock"
+    qemu-nbd -f raw --cache=none --aio=io_uring --persistent --shared=4 -k "$sock" "$DATA" >"$RES/$tag.log" 2>&1 &
+    PID[$tag]=$!
+    wait_for 10 "${PID[$tag]}" test -S "$sock" || { cat "$RES/$tag.log" >&2; die "qemu-nbd ($tag) did not create $sock"; }
+    URI[$tag]="nbd+unix:///?socket=$sock"
+    echo "$(qemu-nbd --version | head -1 | awk '{print $1, $2}') --cache=none --aio=io_uring (O_DIRECT)" >"$RES/$tag.desc"
 }
 
 start_agent() { # tag engine direct_io
@@ -150,7 +174,7 @@ if [[ -n "${ONLY_JOBS:-}" ]]; then
 fi
 
 run_fio() { # tag job rep rw bs qd
-    local tag="$1" name="$2" rep="$3" rw="$4" bs="$5" qd="$6" extra=()
+    local tag="$1" name="$2" rep="$3" rw="$4" bs="$5" qd="$6" extra=() target
     local f="$RES/$tag.$name.$rep"
     [[ "$name" == lat1 ]] && extra=(--lat_percentiles=1 --percentile_list=50:99:99.9)
     # Sequential jobs pass over the file at most once (ramp included): they end
@@ -159,16 +183,24 @@ run_fio() { # tag job rep rw bs qd
     # cache still holds from its first pass, which is not what a slower one gets.
     # Random jobs stay time-based.
     case "$rw" in read|write) ;; *) extra+=(--time_based) ;; esac
-    kill -0 "${PID[$tag]}" 2>/dev/null || { cat "$RES/$tag.log" >&2; die "server $tag died"; }
-    drop_caches
-    snapshot "${PID[$tag]}" "$f.cpu0"
+    if [[ "$tag" == device ]]; then
+        # No server: fio itself on the backing file, O_DIRECT through io_uring
+        # (the agent's own path to the disk, without NBD in between).
+        target=(--ioengine=io_uring --direct=1 --filename="$DATA")
+        drop_caches
+    else
+        target=(--ioengine=nbd --uri="${URI[$tag]}")
+        kill -0 "${PID[$tag]}" 2>/dev/null || { cat "$RES/$tag.log" >&2; die "server $tag died"; }
+        drop_caches
+        snapshot "${PID[$tag]}" "$f.cpu0"
+    fi
     # randrepeat=1 (fio's default seed): the same offsets for every server.
-    fio --name="$name" --ioengine=nbd --uri="${URI[$tag]}" --rw="$rw" --bs="$bs" \
+    fio --name="$name" "${target[@]}" --rw="$rw" --bs="$bs" \
         --iodepth="$qd" --numjobs=1 --runtime="$RUNTIME" \
         --ramp_time="$RAMP" --randrepeat=1 "${extra[@]}" \
         --output-format=json --output="$f.json" \
         >"$f.fio.log" 2>&1 || { cat "$f.fio.log" >&2; die "fio $name against $tag failed"; }
-    snapshot "${PID[$tag]}" "$f.cpu1"
+    [[ "$tag" == device ]] || snapshot "${PID[$tag]}" "$f.cpu1"
 }
 
 # All servers of a group run at once (idle unless driven); every job runs on
@@ -176,7 +208,7 @@ run_fio() { # tag job rep rw bs qd
 # drifts of the shared machine's load hit all servers alike.
 run_group() { # tags...
     local tags=("$@") j name rw bs qd rep order t
-    for t in "${tags[@]}"; do start_sampler "$t"; done
+    for t in "${tags[@]}"; do [[ "$t" == device ]] || start_sampler "$t"; done
     for j in "${JOBS[@]}"; do
         read -r name rw bs qd <<<"$j"
         for rep in $(seq "$REPS"); do
@@ -216,7 +248,14 @@ if ((direct)); then
     log "group: nbdkit cache=none vs agent io_uring direct_io=on"
     start_nbdkit nbdkit-nocache cache=none
     start_agent agent-uring-direct io_uring on
-    run_group nbdkit-nocache agent-uring-direct
+    refs=()
+    if [[ "$DIRECT_REFS" == 1 ]]; then
+        ((QEMU_NBD)) && { start_qemu_nbd qemu-direct; refs+=(qemu-direct); }
+        echo "fio $(fio --version | sed 's/^fio-//') on the backing file, ioengine=io_uring direct=1 (no server, no NBD)" >"$RES/device.desc"
+        refs+=(device)
+    fi
+    echo "${refs[*]}" >"$RES/direct_refs"
+    run_group nbdkit-nocache agent-uring-direct "${refs[@]}"
 fi
 
 {
