@@ -139,6 +139,18 @@ start_standalone() { # tag dir bin log init pidvar [VAR=VALUE...]
     wait_for 10 "$pid" test -S "$dir/run/md1.nbd" || die "agent ($tag) did not create its NBD socket"
 }
 
+# "git REV", plus " + uncommitted changes" when the work tree differs from it
+# (the report's "agent" line; "?" outside a git checkout).
+tree_state() {
+    local rev
+    rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null) || { echo "?"; return; }
+    if [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
+        echo "git $rev + uncommitted changes"
+    else
+        echo "git $rev"
+    fi
+}
+
 # Checks tools (never installs them): each argument is TOOL or TOOL:PACKAGE.
 require_tools() {
     local a missing=() pkgs=()

@@ -337,7 +337,7 @@ stop_all
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/^Mem:/{print $2}') GiB RAM, kernel $(uname -r), load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "agent: $(basename "$AGENT_BIN") built $AGENT_BUILT (tree at git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') + uncommitted work)"
+    echo "agent: $(basename "$AGENT_BIN") built $AGENT_BUILT (tree at $(tree_state))"
     echo "active data: ${SIZE_MIB} MiB file on $(df --output=source "$WORK" | tail -1) ($FSTYPE), written with dd, shared by all servers; standbys' data: sparse files on $PEER_FSTYPE ($PEER_DIR); page cache dropped before each job: $([[ $DROP == 1 ]] && echo yes || echo no)"
     echo "client: $(fio --version) ioengine=nbd (libnbd), 1 connection; each job ${RUNTIME}s measured after ${RAMP}s ramp, ${REPS} run(s) per server, server order reversed on every run; RPO samples every ${RPO_SAMPLE}s during mirrored jobs; resource keep_dirty=${KEEP_DIRTY:-default} region_size=${REGION_SIZE:-default} hot_extent_size=${HOT_EXTENT_SIZE:-default}; bench time $((SECONDS - START))s"
 } >"$RES/meta"

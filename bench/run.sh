@@ -261,7 +261,7 @@ fi
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/^Mem:/{print $2}') GiB RAM, kernel $(uname -r), load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "agent: $(basename "$AGENT_BIN") built $AGENT_BUILT (tree at git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') + uncommitted work)"
+    echo "agent: $(basename "$AGENT_BIN") built $AGENT_BUILT (tree at $(tree_state))"
     echo "backing: ${SIZE_MIB} MiB file on $(df --output=source "$WORK" | tail -1) ($FSTYPE), written with dd before the run; page cache dropped before each job: $([[ $DROP == 1 ]] && echo yes || echo no)"
     echo "client: $(fio --version) ioengine=nbd (libnbd), 1 connection; each job ${RUNTIME}s measured after ${RAMP}s ramp, ${REPS} run(s) per server in alternating order; bench time $((SECONDS - START))s"
 } >"$RES/meta"
