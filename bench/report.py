@@ -170,7 +170,11 @@ def print_direct_refs(res, jobs, ran, base, agent):
           + "; ".join(f"`{t}` = {desc(res, t)}" for t in refs)
           + ". nbdkit `cache=none` replies once a write is in the page cache; the agent "
           "and qemu-nbd reply after the device completed it; `device` is that device with "
-          "no NBD in between. Ratio: agent vs qemu-nbd, > 1.0x = agent better.\n")
+          "no NBD in between. Ratio: agent vs qemu-nbd, > 1.0x = agent better."
+          + ("" if "qemu-direct" in refs else
+             " **No qemu-nbd reference in this run: qemu-nbd was not installed** "
+             "(`apt-get install qemu-utils`).")
+          + "\n")
     print("| job | nbdkit cache=none | agent | " + " | ".join(refs)
           + (" | agent vs qemu-nbd |" if "qemu-direct" in refs else " |"))
     print("|---|---:|---:|" + "---:|" * len(refs) + ("---:|" if "qemu-direct" in refs else ""))
