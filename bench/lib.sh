@@ -41,14 +41,15 @@ kill_now() { # pid...
 
 # Copies the raw results to OUT when set (called from the EXIT trap).
 keep_results() {
-    if [[ -n "${OUT:-}" && -d "$RES" ]]; then
+    if [[ -n "${OUT:-}" && -d "${RES:-}" ]]; then
         mkdir -p "$OUT" && cp -r "$RES"/. "$OUT"/ && log "raw results kept in $OUT"
     fi
 }
 
-# Installs the EXIT trap of run.sh, mirror.sh and resync.sh: stop the servers
-# (the script's own stop_all), keep the raw results (OUT), remove the given
-# work directories, and keep the exit status; INT/TERM exit through it too.
+# Installs the EXIT trap of the bench scripts: stop the servers (the script's
+# own stop_all), keep the raw results (OUT, where the script has a RES), remove
+# the given work directories, and keep the exit status; INT/TERM exit through
+# it too.
 on_exit_cleanup() { # dir...
     CLEANUP_DIRS=("$@")
     trap _exit_cleanup EXIT

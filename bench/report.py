@@ -149,6 +149,31 @@ def desc(res, tag):
         return tag
 
 
+def result_rows(jobs, ran):
+    """The rows of a pair's table, in order: (job, label, summary label,
+    get(fio job json), fmt(value), lower_is_better) for each throughput job
+    that ran, then the QD1 latency p50 and p99."""
+    rows = []
+    for job, d, label, kind in jobs:
+        if kind == "bw":
+            get, unit = (lambda j, d=d: j[d]["bw_bytes"] / 2**20), "MiB/s"
+        else:
+            get, unit = (lambda j, d=d: j[d]["iops"]), "IOPS"
+        rows.append((job, label, label, get, lambda v, unit=unit: f"{v:.0f} {unit}", False))
+    job, d = LAT
+    for pct, key in (("p50", "50.000000"), ("p99", "99.000000")) if job in ran else ():
+        rows.append((job, f"QD1 rand write 4 KiB latency {pct} (lower is better)", f"QD1 write {pct}",
+                     lambda j, key=key: j[d]["lat_ns"]["percentile"][key] / 1000,
+                     lambda v: f"{v:.1f} µs", True))
+    return rows
+
+
+def ratio(agent, other, lower_is_better):
+    """agent vs other, oriented so that > 1.0 means the agent is better."""
+    num, den = (other, agent) if lower_is_better else (agent, other)
+    return num / den if den else float("nan")
+
+
 def direct_refs(res):
     """The O_DIRECT reference tags run.sh added to the direct pair (may be [])."""
     try:
@@ -179,27 +204,12 @@ def print_direct_refs(res, jobs, ran, base, agent):
           + (" | agent vs qemu-nbd |" if "qemu-direct" in refs else " |"))
     print("|---|---:|---:|" + "---:|" * len(refs) + ("---:|" if "qemu-direct" in refs else ""))
     tags = [base, agent] + refs
-    for job, d, label, kind in jobs:
-        if kind == "bw":
-            get, unit, fmt = (lambda j, d=d: j[d]["bw_bytes"] / 2**20), "MiB/s", "{:.0f}"
-        else:
-            get, unit, fmt = (lambda j, d=d: j[d]["iops"]), "IOPS", "{:.0f}"
+    for job, label, _, get, fmt, lower in result_rows(jobs, ran):
         vals = [metric(res, t, job, get) for t in tags]
-        cells = [f"{fmt.format(m)} {unit} ±{spread(v):.0f}%" for m, v in vals]
-        row = f"| {label} | " + " | ".join(cells) + " |"
+        row = f"| {label} | " + " | ".join(f"{fmt(m)} ±{spread(v):.0f}%" for m, v in vals) + " |"
         if "qemu-direct" in refs:
-            q = vals[tags.index("qemu-direct")][0]
-            row += f" {vals[1][0] / q:.2f}x |" if q else " - |"
-        print(row)
-    job, d = LAT
-    for pct, key in (("p50", "50.000000"), ("p99", "99.000000")) if job in ran else ():
-        get = lambda j, key=key: j[d]["lat_ns"]["percentile"][key] / 1000
-        vals = [metric(res, t, job, get) for t in tags]
-        row = (f"| QD1 rand write 4 KiB latency {pct} (lower is better) | "
-               + " | ".join(f"{m:.1f} µs ±{spread(v):.0f}%" for m, v in vals) + " |")
-        if "qemu-direct" in refs:
-            a = vals[1][0]
-            row += f" {vals[tags.index('qemu-direct')][0] / a:.2f}x |" if a else " - |"
+            r = ratio(vals[1][0], vals[tags.index("qemu-direct")][0], lower)
+            row += f" {r:.2f}x |" if r == r else " - |"  # nan: a zero figure
         print(row)
 
 
@@ -239,30 +249,16 @@ def main():
         print("| job | nbdkit | agent | ratio (>1 = agent better) |")
         print("|---|---:|---:|---:|")
         ratios = []
-        for job, d, label, kind in jobs:
-            if kind == "bw":
-                get = lambda j, d=d: j[d]["bw_bytes"] / 2**20
-                unit = "MiB/s"
-            else:
-                get = lambda j, d=d: j[d]["iops"]
-                unit = "IOPS"
+        for job, label, short_label, get, fmt, lower in result_rows(jobs, ran):
             (mx, vx), (my, vy) = metric(res, base, job, get), metric(res, agent, job, get)
-            r = my / mx if mx else float("nan")
-            print(f"| {label} | {mx:.0f} {unit} ±{spread(vx):.0f}% | {my:.0f} {unit} ±{spread(vy):.0f}% | {fmt_ratio(r)} |")
-            ratios.append((label, r))
+            r = ratio(my, mx, lower)
+            print(f"| {label} | {fmt(mx)} ±{spread(vx):.0f}% | {fmt(my)} ±{spread(vy):.0f}% | {fmt_ratio(r)} |")
+            ratios.append((short_label, r))
         short = short_runs(res, (base, agent), jobs)
-        job, d = LAT
-        for pct, key in (("p50", "50.000000"), ("p99", "99.000000")) if job in ran else ():
-            get = lambda j, key=key: j[d]["lat_ns"]["percentile"][key] / 1000
-            (lx, vx), (ly, vy) = metric(res, base, job, get), metric(res, agent, job, get)
-            r = lx / ly if ly else float("nan")
-            print(f"| QD1 rand write 4 KiB latency {pct} (lower is better) "
-                  f"| {lx:.1f} µs ±{spread(vx):.0f}% | {ly:.1f} µs ±{spread(vy):.0f}% | {fmt_ratio(r)} |")
-            ratios.append((f"QD1 write {pct}", r))
         summary.append((p, ratios))
         if p == "direct":
             print_direct_refs(res, jobs, ran, base, agent)
-            short += short_runs(res, [t for t in direct_refs(res)], jobs)
+            short += short_runs(res, direct_refs(res), jobs)
         if short:
             by_job = defaultdict(list)
             for label, tag, n, total in short:

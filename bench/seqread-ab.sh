@@ -40,8 +40,8 @@ fi
 [[ -r /sys/block/$DEV/stat ]] || { echo "cannot find the disk of $DATA (set DEV)" >&2; exit 2; }
 W=$(mktemp -d "$(dirname "$DATA")/seqread-ab.XXXXXX")
 PIDS=()
-cleanup() { stop_pids "${PIDS[@]}"; rm -rf "$W"; }
-trap cleanup EXIT
+stop_all() { stop_pids "${PIDS[@]}"; PIDS=(); }
+on_exit_cleanup "$W"
 nbdkit -f -U "$W/nbdkit.sock" file "$DATA" cache=none >"$W/nbdkit.log" 2>&1 & PIDS+=($!)
 NBDKIT_PID=$!
 declare -A URI=([K]="nbd+unix:///?socket=$W/nbdkit.sock")
