@@ -233,6 +233,9 @@ fn fio_nbd_engine_with_crc32c_verify(engine: Engine) {
             &uri_arg,
             "--output-format=json",
             "--iodepth=16",
+            // No verify state file: fio would leave it in the working
+            // directory (the source tree), and the runs verify without it.
+            "--verify_state_save=0",
         ])
         .args(extra);
         let out = run_ok(&mut cmd, Duration::from_secs(120));
