@@ -38,6 +38,9 @@
 #   OUT=DIR           keep the raw results (fio JSON, CPU, status samples, logs)
 #   DROP_CACHES=0     do not drop the page cache before each job (default:
 #                     drop it when root)
+#   FLOOR=0           skip the replication floor (bench/floor.rs, built with
+#                     rustc; default: run it after the jobs, REPS times per
+#                     seqwrite/randwrite job, RUNTIME seconds each)
 #
 # Nothing is installed: missing tools are reported with the apt-get command.
 # Every process started here is stopped, and the temp dirs removed, on exit.
@@ -58,6 +61,7 @@ BENCH_DIR="${BENCH_DIR:-/var/tmp}"
 PEER_DIR="${PEER_DIR:-/dev/shm}"
 SIZE_MIB="${SIZE_MIB:-1024}"
 RPO_SAMPLE="${RPO_SAMPLE:-0.5}"
+FLOOR="${FLOOR:-1}"
 AGENT_BIN="${AGENT_BIN:-$ROOT/target/release/mirror-agent}"
 MDCTRL_BIN="${MDCTRL_BIN:-$ROOT/target/release/mdctrl}"
 
@@ -106,6 +110,17 @@ stop_all() {
 on_exit_cleanup "$WORK" "$PEERW"
 
 private_binaries
+
+# The replication floor (see bench/floor.rs): std only, built here in a second.
+FLOOR_BIN=""
+if [[ "$FLOOR" == 1 ]]; then
+    if command -v rustc >/dev/null; then
+        rustc -O --edition 2021 -o "$WORK/floor" "$HERE/floor.rs" || die "building bench/floor.rs failed"
+        FLOOR_BIN="$WORK/floor"
+    else
+        log "WARNING: no rustc: the replication floor is skipped (FLOOR=0 to silence)"
+    fi
+fi
 
 # --- backing file (active side) -------------------------------------------------
 DATA="$WORK/data/md1.img"
@@ -334,6 +349,26 @@ for t in "${TAGS[@]}"; do
 done
 stop_all
 
+# The replication floor for the throughput jobs, on the standbys' file system,
+# with the servers stopped (the machine as the jobs had it, minus idle agents).
+if [[ -n "$FLOOR_BIN" ]]; then
+    for j in "${JOBS[@]}"; do
+        read -r name rw bs qd <<<"$j"
+        case "$name" in
+            seqwrite) fargs=(seq "$RUNTIME" "$PEERW/floor.img" "$SIZE_MIB") ;;
+            randwrite) fargs=(rand "$RUNTIME" "$PEERW/floor.img" "$SIZE_MIB" "$qd") ;;
+            *) continue ;;
+        esac
+        for rep in $(seq "$REPS"); do
+            drop_caches
+            "$FLOOR_BIN" "${fargs[@]}" >"$RES/floor.$name.$rep" 2>"$RES/floor.$name.$rep.err" \
+                || { cat "$RES/floor.$name.$rep.err" >&2; die "replication floor ($name) failed"; }
+        done
+        rm -f "$PEERW/floor.img"
+    done
+    log "  replication floor done"
+fi
+
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/^Mem:/{print $2}') GiB RAM, kernel $(uname -r), load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -482,6 +517,68 @@ def rpo(tag, job):
     lat = inflight / rate * 1e6 if rate else float("nan")
     return rate, inflight, lat, oldest, breaks, local
 
+def floor_runs(job):
+    """The replication floor's lines for a job (bench/floor.rs), parsed."""
+    out = []
+    for r in REPS:
+        p = os.path.join(RES, f"floor.{job}.{r}")
+        if os.path.exists(p):
+            out.append({k: float(v) for k, v in (kv.split("=") for kv in open(p).read().split())
+                        if k != "mode"})
+    return out
+
+
+def machine_us_per_op(tag, job, rep):
+    """Machine CPU (every process) per client write in one run of a job."""
+    a = snap(os.path.join(RES, f"{tag}.{job}.{rep}.cpu0"))
+    b = snap(os.path.join(RES, f"{tag}.{job}.{rep}.cpu1"))
+    busy = ((b["total"] - a["total"]) - (b["idle"] - a["idle"])) / CLK
+    iops = fio(tag, job, rep)["write"]["iops"]
+    return busy / (b["wall"] - a["wall"]) / iops * 1e6 if iops else float("nan")
+
+
+def floor_report():
+    """The most a pair could do on this box: the standalone agent's machine
+    CPU per write plus the floor's, on every CPU the box has. Generous on
+    purpose: the floor's cheapest run, the standalone's most favourable."""
+    rows = [(label, job, unit) for label, job, _, unit, _ in ROWS if floor_runs(job)]
+    if not rows or "standalone" not in TAGS:
+        return
+    ncpu = os.cpu_count()
+    print("\nReplication floor (bench/floor.rs, run after the jobs on the standbys' file system): "
+          "what any pair must add to the standalone agent's work on this one box: loopback TCP "
+          "send, receive into memory, write to the standby's file, plus a 16-byte ack per 4 KiB "
+          "write; no CRC, no framing, no task hand-offs, one busy thread per role. **Best a pair "
+          f"could do** = {ncpu} CPUs / (standalone's machine CPU per write + floor's CPU per write), "
+          "i.e. every cycle of the machine busy and nothing else to do, against the standalone's "
+          "rate in the same run; the floor's cheapest run and the standalone run most favourable "
+          "to the pair, so the best is generous.\n")
+    print("| job | floor CPU per write (sender + receiver + acks) | floor rate alone | "
+          "standalone: machine CPU per write | best a pair could do | best / standalone | "
+          "sync target | does the CPU allow it? |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for label, job, unit in rows:
+        fl = min(floor_runs(job), key=lambda f: f["cpu_us_per_op"])
+        cpu_us = fl["cpu_us_per_op"]
+        parts = " + ".join(f"{fl[k]:.1f}" for k in ("sender_us", "receiver_us", "acks_us"))
+        rate = fl["ops"] / fl["secs"]
+        # Per standalone run: the best pair against that run's rate; the most
+        # favourable run counts.
+        runs = []
+        for r in REPS:
+            m = machine_us_per_op("standalone", job, r)
+            b = ncpu * 1e6 / (m + cpu_us)
+            iops = fio("standalone", job, r)["write"]["iops"]
+            runs.append((b / iops if iops else float("nan"), m, b))
+        ratio, mach, best = max(runs)
+        per = "MiB" if unit == "MiB/s" else "write"
+        bound, kind = TARGETS.get(label, (None, None))
+        verdict = "-" if bound is None else ("yes" if ratio >= bound else "**no**")
+        print(f"| {label} | {cpu_us:.1f} µs per {per} ({parts}) | {rate:.0f} {unit} | "
+              f"{mach:.1f} µs per {per} | {best:.0f} {unit} | "
+              f"{min(ratio, 1.0):.2f}x{' (CPU is not the limit)' if ratio >= 1.0 else ''} | "
+              f"{f'{kind} {bound:.2f}x' if bound else '-'} | {verdict} |")
+
 
 def main():
     meta = open(os.path.join(RES, "meta")).read().strip()
@@ -518,6 +615,8 @@ def main():
             r = values[(label, "sync")] / values[(label, "standalone")]
             ok = r >= bound if kind == ">=" else r <= bound
             print(f"| {label} {kind} {bound:.2f}x | {r:.2f}x | {'**met**' if ok else '**NOT met**'} |")
+
+    floor_report()
 
     print("\nCPU during the jobs: cores = CPU-seconds per wall second (the machine has "
           f"{os.cpu_count()}); µs/op = CPU time per client I/O; machine = every process on the box.\n")
