@@ -58,9 +58,48 @@ on_exit_cleanup() { # dir...
 _exit_cleanup() {
     local rc=$?
     stop_all
+    restore_guest_halt_poll
     keep_results
     rm -rf "${CLEANUP_DIRS[@]}"
     exit "$rc"
+}
+
+# Guest halt polling (the cpuidle-haltpoll driver of a KVM guest): how long an
+# idle vCPU polls before it halts. Waking a thread on a halted vCPU costs
+# tens of µs on a VM (bench/README.md, "Guest halt polling").
+# GUEST_HALT_POLL_NS=N sets it for the run (root) and restores the machine's
+# value on exit; unset leaves the machine as it is. Call after on_exit_cleanup.
+HALTPOLL_PARAM=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+HALTPOLL_ORIG=""
+set_guest_halt_poll() {
+    [[ -n "${GUEST_HALT_POLL_NS:-}" ]] || return 0
+    [[ "$GUEST_HALT_POLL_NS" =~ ^[0-9]+$ ]] || die "GUEST_HALT_POLL_NS must be a number of nanoseconds"
+    [[ -w "$HALTPOLL_PARAM" ]] \
+        || die "GUEST_HALT_POLL_NS needs root and the cpuidle-haltpoll driver ($HALTPOLL_PARAM)"
+    [[ "$(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null)" == haltpoll ]] \
+        || log "WARNING: the cpuidle driver is not haltpoll: GUEST_HALT_POLL_NS changes nothing"
+    HALTPOLL_ORIG="$(cat "$HALTPOLL_PARAM")"
+    echo "$GUEST_HALT_POLL_NS" >"$HALTPOLL_PARAM"
+    log "guest halt polling set to $GUEST_HALT_POLL_NS ns for this run (the machine's setting: $HALTPOLL_ORIG ns)"
+}
+restore_guest_halt_poll() {
+    [[ -n "$HALTPOLL_ORIG" ]] || return 0
+    echo "$HALTPOLL_ORIG" >"$HALTPOLL_PARAM" || log "WARNING: could not restore $HALTPOLL_PARAM to $HALTPOLL_ORIG"
+    HALTPOLL_ORIG=""
+}
+
+# The report's "machine:" line.
+machine_line() {
+    local hp="no cpuidle-haltpoll driver"
+    if [[ -r "$HALTPOLL_PARAM" ]]; then
+        hp="guest halt polling $(cat "$HALTPOLL_PARAM") ns"
+        if [[ -n "$HALTPOLL_ORIG" ]]; then
+            hp+=" (set for this run; the machine's setting: $HALTPOLL_ORIG ns)"
+        else
+            hp+=" (the machine's setting)"
+        fi
+    fi
+    echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/^Mem:/{print $2}') GiB RAM, kernel $(uname -r), $hp, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
 # Polls until a condition holds; fails early if the process died.

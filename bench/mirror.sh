@@ -38,6 +38,9 @@
 #   OUT=DIR           keep the raw results (fio JSON, CPU, status samples, logs)
 #   DROP_CACHES=0     do not drop the page cache before each job (default:
 #                     drop it when root)
+#   GUEST_HALT_POLL_NS=N  set the KVM guest's halt polling (cpuidle-haltpoll,
+#                     root) to N ns for the run and restore it on exit
+#                     (default: leave the machine's setting; the report says which)
 #   FLOOR=0           skip the replication floor (bench/floor.rs, built with
 #                     rustc; default: run it after the jobs, REPS times per
 #                     seqwrite/randwrite job, RUNTIME seconds each)
@@ -108,6 +111,7 @@ stop_all() {
 }
 
 on_exit_cleanup "$WORK" "$PEERW"
+set_guest_halt_poll
 
 private_binaries
 
@@ -371,7 +375,7 @@ fi
 
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/^Mem:/{print $2}') GiB RAM, kernel $(uname -r), load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    machine_line
     echo "agent: $(basename "$AGENT_BIN") built $AGENT_BUILT (tree at $(tree_state))"
     echo "active data: ${SIZE_MIB} MiB file on $(df --output=source "$WORK" | tail -1) ($FSTYPE), written with dd, shared by all servers; standbys' data: sparse files on $PEER_FSTYPE ($PEER_DIR); page cache dropped before each job: $([[ $DROP == 1 ]] && echo yes || echo no)"
     echo "client: $(fio --version) ioengine=nbd (libnbd), 1 connection; each job ${RUNTIME}s measured after ${RAMP}s ramp, ${REPS} run(s) per server, server order reversed on every run; RPO samples every ${RPO_SAMPLE}s during mirrored jobs; resource keep_dirty=${KEEP_DIRTY:-default} region_size=${REGION_SIZE:-default} hot_extent_size=${HOT_EXTENT_SIZE:-default}; bench time $((SECONDS - START))s"

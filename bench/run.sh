@@ -26,6 +26,9 @@
 #   DIRECT_REFS=0     in the direct pair, skip the two O_DIRECT references
 #                     (qemu-nbd cache=none aio=io_uring, and fio on the backing
 #                     file with no server); default 1
+#   GUEST_HALT_POLL_NS=N  set the KVM guest's halt polling (cpuidle-haltpoll,
+#                     root) to N ns for the run and restore it on exit
+#                     (default: leave the machine's setting; the report says which)
 #
 # Nothing is installed: missing tools are reported with the apt-get command.
 # Every process started here is stopped, and the temp dir removed, on exit.
@@ -84,6 +87,7 @@ stop_all() {
 }
 
 on_exit_cleanup "$WORK"
+set_guest_halt_poll
 
 private_binaries
 
@@ -260,7 +264,7 @@ fi
 
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/^Mem:/{print $2}') GiB RAM, kernel $(uname -r), load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    machine_line
     echo "agent: $(basename "$AGENT_BIN") built $AGENT_BUILT (tree at $(tree_state))"
     echo "backing: ${SIZE_MIB} MiB file on $(df --output=source "$WORK" | tail -1) ($FSTYPE), written with dd before the run; page cache dropped before each job: $([[ $DROP == 1 ]] && echo yes || echo no)"
     echo "client: $(fio --version) ioengine=nbd (libnbd), 1 connection; each job ${RUNTIME}s measured after ${RAMP}s ramp, ${REPS} run(s) per server in alternating order; bench time $((SECONDS - START))s"
