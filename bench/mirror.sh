@@ -357,7 +357,7 @@ stop_all
 # with the servers stopped (the machine as the jobs had it, minus idle agents).
 if [[ -n "$FLOOR_BIN" ]]; then
     for j in "${JOBS[@]}"; do
-        read -r name rw bs qd <<<"$j"
+        read -r name _ _ qd <<<"$j"
         case "$name" in
             seqwrite) fargs=(seq "$RUNTIME" "$PEERW/floor.img" "$SIZE_MIB") ;;
             randwrite) fargs=(rand "$RUNTIME" "$PEERW/floor.img" "$SIZE_MIB" "$qd") ;;
@@ -520,6 +520,7 @@ def rpo(tag, job):
     inflight /= n
     lat = inflight / rate * 1e6 if rate else float("nan")
     return rate, inflight, lat, oldest, breaks, local
+
 
 def floor_runs(job):
     """The replication floor's lines for a job (bench/floor.rs), parsed."""
