@@ -206,8 +206,9 @@ fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
             &mut o,
             "RPO (oldest)",
             &format!(
-                "{} ms not yet durable on {}",
-                r.oldest_not_durable_ms, p.peer
+                "{} not yet durable on {}",
+                age(r.oldest_not_durable_ms),
+                p.peer
             ),
         );
         row(
@@ -286,6 +287,16 @@ pub fn progress_bar(percent: f64, width: usize) -> String {
         "#".repeat(filled),
         "-".repeat(width - filled.min(width))
     )
+}
+
+/// An age: milliseconds below 10 s (in-flight lag), else `HH:MM:SS` (writes
+/// made while the mirror was broken age with the break).
+fn age(ms: u64) -> String {
+    if ms < 10_000 {
+        format!("{ms} ms")
+    } else {
+        hms(ms / 1000)
+    }
 }
 
 /// `HH:MM:SS`.
@@ -378,6 +389,14 @@ mod tests {
         assert_eq!(progress_bar(45.0, 20), "[#########-----------]");
         assert_eq!(progress_bar(100.0, 10), "[##########]");
         assert_eq!(progress_bar(250.0, 4), "[####]", "clamped");
+    }
+
+    #[test]
+    fn age_format() {
+        assert_eq!(age(0), "0 ms");
+        assert_eq!(age(9_999), "9999 ms");
+        assert_eq!(age(10_000), "00:00:10");
+        assert_eq!(age(3_723_000), "01:02:03");
     }
 
     #[test]

@@ -495,6 +495,59 @@ async fn rpo_meter_tracks_a_stalled_standby() {
     assert_eq!((r.writes_replicated, r.bytes_replicated), (5, 5 * 4096));
 }
 
+/// After a break the RPO meter's age keeps counting the writes the peer
+/// lacks (completed without it), not only the ones in flight; attaching again
+/// (which needs an in-sync peer) resets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpo_age_counts_writes_made_during_a_break_until_reattached() {
+    let mut p = setup(cfg(Mode::Sync));
+    p.vol.write(0, pattern(1, 4096), false).await.unwrap();
+    quiesce(&p).await;
+    assert_eq!(p.vol.rpo().oldest_not_durable_ms, 0);
+    p.standby_tx.close("test: cable pulled");
+    next_break(&mut p.events).await;
+    wait_until("detached", || !p.vol.is_attached()).await;
+    assert_eq!(
+        p.vol.rpo().oldest_not_durable_ms,
+        0,
+        "no write since the break: nothing the peer lacks"
+    );
+    p.vol.write(REGION, pattern(2, 4096), false).await.unwrap();
+    assert_eq!(p.vol.rpo().writes_local_only, 1);
+    wait_until("the local-only write ages", || {
+        p.vol.rpo().oldest_not_durable_ms >= 20
+    })
+    .await;
+    let r = p.vol.rpo();
+    assert_eq!((r.unacked1_writes, r.unacked2_writes), (0, 0));
+    // A later write does not make the oldest younger.
+    p.vol
+        .write(2 * REGION, pattern(3, 4096), false)
+        .await
+        .unwrap();
+    assert!(p.vol.rpo().oldest_not_durable_ms >= r.oldest_not_durable_ms);
+    let _ = p.standby.await.unwrap();
+
+    // Reattached (in the agent: after the resync brought the peer in sync).
+    let (a, b) = pair_in_memory(
+        hello("alpha", "c", "r0", VOL, REGION as u32),
+        hello("beta", "c", "r0", VOL, REGION as u32),
+    );
+    let standby_tx = b.tx.clone();
+    p.vol.attach(a.into()).unwrap();
+    let standby = tokio::spawn(run_standby(Arc::new(p.gate.clone()), b.into()));
+    assert_eq!(p.vol.rpo().oldest_not_durable_ms, 0);
+    p.vol
+        .write(3 * REGION, pattern(4, 4096), false)
+        .await
+        .unwrap();
+    let r = p.vol.rpo();
+    assert_eq!((r.unacked2_writes, r.oldest_not_durable_ms), (0, 0));
+    assert_eq!(p.vol.rpo().writes_local_only, 2);
+    standby_tx.close("test: done");
+    let _ = standby.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_attached_volume_records_divergence_before_first_write() {
     let (part, meta) = partition();

@@ -483,10 +483,25 @@ fn status_watch_follows_break_and_recovery() {
         v["pair"]["in_sync"] == false
     });
     p.fill("server1", 0, 1 << 20, 0x5a);
+    // What was written during the break is not on server2: the RPO meter ages it.
+    let rpo_age = |v: &Value| v["pair"]["rpo"]["oldest_not_durable_ms"].as_u64();
+    p.wait_status(
+        "server1",
+        "an RPO age for the writes made during the break",
+        T,
+        |v| rpo_age(v).unwrap_or(0) > 0,
+    );
     p.mdctrl_ok("server1", &["recover", "md1"]);
     next_matching("the recovery finished and in sync", &|v| {
         v["pair"]["recovery"]["finished"] == true && v["pair"]["in_sync"] == true
     });
+    // The resync copied them: nothing is missing on the peer any more.
+    p.wait_status(
+        "server1",
+        "the RPO age back to 0 after the recovery",
+        T,
+        |v| rpo_age(v) == Some(0) && v["pair"]["replicating"] == true,
+    );
     assert!(
         child.try_wait().expect("try_wait").is_none(),
         "status --watch exited on its own"

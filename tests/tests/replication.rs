@@ -255,6 +255,18 @@ fn kill_standby_at_random_points() {
             s["pair"]["rpo"]["breaks"].as_u64().unwrap_or(0) >= 1,
             "{s:#}"
         );
+        // The RPO meter's age counts them: the peer lacks them, in flight or not.
+        p.wait_status(
+            "server1",
+            "the RPO age of the writes made during the break",
+            T,
+            |s| {
+                s["pair"]["rpo"]["oldest_not_durable_ms"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    > 0
+            },
+        );
         eprintln!(
             "trial {trial}: {mode}, kill after {delay:?}, {n} writes before, dirty {}",
             dirty.len()

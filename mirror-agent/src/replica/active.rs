@@ -120,8 +120,10 @@ pub struct RpoSnapshot {
     pub unacked2_writes: u64,
     /// Their bytes.
     pub unacked2_bytes: u64,
-    /// Age in milliseconds of the oldest request not yet durable on the peer
-    /// (0 if none).
+    /// Age in milliseconds of the oldest write not yet durable on the peer
+    /// (0 if none): one in flight, or one that completed without the peer
+    /// (mirror broken or not yet attached) and has not reached it since,
+    /// i.e. before the volume was last attached to an in-sync peer.
     pub oldest_not_durable_ms: u64,
     /// Requests durably replicated (Ack2 status 0), since start.
     pub writes_replicated: u64,
@@ -382,6 +384,10 @@ struct Inner {
     next_id: AtomicU64,
     totals: Totals,
     clear_kick: Arc<Notify>,
+    /// Start of the oldest write that completed without the peer since the
+    /// volume was last attached (attaching needs an in-sync peer, so those
+    /// writes have reached it then). For the RPO meter's age.
+    local_only_since: Mutex<Option<Instant>>,
 }
 
 /// The active node's replicated volume; see the module docs. Cheap to clone
@@ -431,6 +437,7 @@ impl ActiveVolume {
             next_id: AtomicU64::new(0),
             totals: Totals::default(),
             clear_kick: Arc::new(Notify::new()),
+            local_only_since: Mutex::new(None),
         });
         tokio::spawn(clearer(Arc::downgrade(&inner)));
         (ActiveVolume { inner }, rx)
@@ -473,6 +480,8 @@ impl ActiveVolume {
                 return Err(ReplicaError::AlreadyAttached(cur.id));
             }
             *slot = Slot::Attached(att.clone());
+            // The peer is in sync: what was written without it has reached it.
+            *lock(&inner.local_only_since) = None;
         }
         tracing::info!(attach = att.id, mode = %inner.cfg.mode, "replication attached");
         tokio::spawn(watch_session(Arc::downgrade(inner), att.clone(), closed));
@@ -596,7 +605,7 @@ impl ActiveVolume {
             Slot::Attached(a) => Some(a.clone()),
             Slot::Detached(_) => None,
         };
-        let (u1, u2, oldest) = match &att {
+        let (u1, u2, in_flight) = match &att {
             Some(a) => {
                 let t = lock(&a.table);
                 (
@@ -607,6 +616,10 @@ impl ActiveVolume {
             }
             None => ((0, 0), (0, 0), None),
         };
+        let oldest = in_flight
+            .into_iter()
+            .chain(*lock(&inner.local_only_since))
+            .min();
         let t = &inner.totals;
         RpoSnapshot {
             mode: inner.cfg.mode.to_string(),
@@ -835,6 +848,7 @@ impl Inner {
         ticket: WriteTicket,
         guard: RangeGuard,
     ) -> io::Result<()> {
+        let start = Instant::now();
         if let Err(e) = wait_gate(gate).await {
             self.part.end_write(ticket, false);
             return Err(e);
@@ -842,8 +856,21 @@ impl Inner {
         let res = op.run_local(&*self.local).await;
         self.part.end_write(ticket, false);
         drop(guard);
-        self.totals.local_only.fetch_add(1, Ordering::Relaxed);
+        self.note_local_only(start, res.is_ok());
         res
+    }
+
+    /// Counts a write that completed without the peer, started at `start`;
+    /// a successful one is data the peer lacks (the RPO meter's age).
+    fn note_local_only(&self, start: Instant, ok: bool) {
+        self.totals.local_only.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            return;
+        }
+        let mut since = lock(&self.local_only_since);
+        if since.is_none_or(|t| start < t) {
+            *since = Some(start);
+        }
     }
 
     async fn replicate(
@@ -963,7 +990,7 @@ impl Inner {
                     true,
                 );
                 wait_gate(gate).await?;
-                self.totals.local_only.fetch_add(1, Ordering::Relaxed);
+                self.note_local_only(start, true);
                 Ok(())
             }
         }
