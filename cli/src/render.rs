@@ -168,6 +168,14 @@ fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
         &s.disk.current_generation,
         pd.map(|d| d.current_generation.as_str()).unwrap_or("-"),
     );
+    if pd.is_some() && p.connection != "connected" {
+        // Its state may have changed since (a crash, a disk failure).
+        let _ = writeln!(
+            o,
+            "({} is not connected: its column is what it last reported)",
+            p.peer
+        );
+    }
     let _ = writeln!(o);
     row(
         &mut o,

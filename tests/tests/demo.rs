@@ -17,6 +17,7 @@ fn mdctrl_demo_runs_end_to_end() {
     for expect in [
         "mirroring to server2",
         "unreachable",
+        "server2 is not connected: its column is what it last reported",
         "Recovery Status",
         "data files identical on both nodes",
         "demo finished",
