@@ -461,6 +461,11 @@ def snap(path):
     return s
 
 
+def busy_secs(a, b):
+    """CPU-seconds the whole machine was busy between snapshots a and b."""
+    return ((b["total"] - a["total"]) - (b["idle"] - a["idle"])) / CLK
+
+
 def cpu(tag, job):
     """Mean over runs: machine busy cores, active cores, standby cores,
     {(role, thread name): cores}."""
@@ -470,7 +475,7 @@ def cpu(tag, job):
         a = snap(os.path.join(RES, f"{tag}.{job}.{r}.cpu0"))
         b = snap(os.path.join(RES, f"{tag}.{job}.{r}.cpu1"))
         wall += b["wall"] - a["wall"]
-        busy += ((b["total"] - a["total"]) - (b["idle"] - a["idle"])) / CLK
+        busy += busy_secs(a, b)
         act += (b["active"] - a["active"]) / CLK
         stb += (b["standby"] - a["standby"]) / CLK
         for key, (c, t) in b["tasks"].items():
@@ -537,7 +542,7 @@ def machine_us_per_op(tag, job, rep):
     """Machine CPU (every process) per client write in one run of a job."""
     a = snap(os.path.join(RES, f"{tag}.{job}.{rep}.cpu0"))
     b = snap(os.path.join(RES, f"{tag}.{job}.{rep}.cpu1"))
-    busy = ((b["total"] - a["total"]) - (b["idle"] - a["idle"])) / CLK
+    busy = busy_secs(a, b)
     iops = fio(tag, job, rep)["write"]["iops"]
     return busy / (b["wall"] - a["wall"]) / iops * 1e6 if iops else float("nan")
 

@@ -191,13 +191,12 @@ run_fio() { # tag job rep rw bs qd
         # No server: fio itself on the backing file, O_DIRECT through io_uring
         # (the agent's own path to the disk, without NBD in between).
         target=(--ioengine=io_uring --direct=1 --filename="$DATA")
-        drop_caches
     else
         target=(--ioengine=nbd --uri="${URI[$tag]}")
         kill -0 "${PID[$tag]}" 2>/dev/null || { cat "$RES/$tag.log" >&2; die "server $tag died"; }
-        drop_caches
-        snapshot "${PID[$tag]}" "$f.cpu0"
     fi
+    drop_caches
+    [[ "$tag" == device ]] || snapshot "${PID[$tag]}" "$f.cpu0"
     # randrepeat=1 (fio's default seed): the same offsets for every server.
     fio --name="$name" "${target[@]}" --rw="$rw" --bs="$bs" \
         --iodepth="$qd" --numjobs=1 --runtime="$RUNTIME" \
