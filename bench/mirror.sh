@@ -206,8 +206,10 @@ start_agent() { # tag mode
     if [[ -n "$mode" ]]; then
         nodes+=(server2)
         (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$dir/secret"; echo >>"$dir/secret")
-        # The standby's data: sparse = zeros, like the dd-written active file.
-        truncate -s "${SIZE_MIB}M" "$pdir/md1.img"
+        # The standby's data: zeros written in full, like the dd-written active
+        # file. A sparse tmpfs file would charge the first pass of the first
+        # job with allocating and zeroing its pages, a cost no disk has.
+        dd if=/dev/zero of="$pdir/md1.img" bs=1M count="$SIZE_MIB" status=none
     fi
     CTL[$tag]="$MDCTRL_BIN --config $dir/cluster.toml --node server1"
     for n in "${nodes[@]}"; do
@@ -377,7 +379,7 @@ fi
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     machine_line
     echo "agent: $(basename "$AGENT_BIN") built $AGENT_BUILT (tree at $(tree_state))"
-    echo "active data: ${SIZE_MIB} MiB file on $(df --output=source "$WORK" | tail -1) ($FSTYPE), written with dd, shared by all servers; standbys' data: sparse files on $PEER_FSTYPE ($PEER_DIR); page cache dropped before each job: $([[ $DROP == 1 ]] && echo yes || echo no)"
+    echo "active data: ${SIZE_MIB} MiB file on $(df --output=source "$WORK" | tail -1) ($FSTYPE), written with dd, shared by all servers; standbys' data: files on $PEER_FSTYPE ($PEER_DIR), written with dd; page cache dropped before each job: $([[ $DROP == 1 ]] && echo yes || echo no)"
     echo "client: $(fio --version) ioengine=nbd (libnbd), 1 connection; each job ${RUNTIME}s measured after ${RAMP}s ramp, ${REPS} run(s) per server, server order reversed on every run; RPO samples every ${RPO_SAMPLE}s during mirrored jobs; resource keep_dirty=${KEEP_DIRTY:-default} region_size=${REGION_SIZE:-default} hot_extent_size=${HOT_EXTENT_SIZE:-default}; bench time $((SECONDS - START))s"
 } >"$RES/meta"
 
