@@ -51,7 +51,7 @@ pub const HISTORY_LEN: usize = 4;
 const OFF_VERSION: usize = 8;
 const OFF_SLOT_SIZE: usize = 12;
 const OFF_SEQ: usize = 16;
-const OFF_CRC: usize = 24;
+pub(crate) const OFF_CRC: usize = 24;
 const OFF_FLAGS: usize = 28;
 const OFF_UUID: usize = 32;
 const OFF_DATA_SIZE: usize = 48;
@@ -76,7 +76,7 @@ pub const RESERVED_START: usize = 560;
 
 // Chunk header offsets.
 const CH_OFF_INDEX: usize = 4;
-const CH_OFF_CRC: usize = 8;
+pub(crate) const CH_OFF_CRC: usize = 8;
 const CH_OFF_TAG: usize = 12;
 
 /// CRC-32 (IEEE) of `buf` with the 4 bytes at `crc_off` taken as zero.

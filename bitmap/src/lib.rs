@@ -19,7 +19,8 @@
 //!   intent-only regions.
 //! * [`dump`](mod@dump) — [`dump()`](fn@dump) and [`DumpReport`] for `mdctrl dump-md`.
 //! * [`testing`] — [`testing::FaultyStorage`]: volatile-cache disk model with crash points, torn
-//!   writes and injected EIO, for this crate's and other crates' tests.
+//!   writes and injected EIO, for this crate's and other crates' tests;
+//!   [`testing::fuzz_metadata`], the body of the `metadata` fuzz target (`bitmap/fuzz`).
 //! * [`error`] — [`MetaError`], the one error type of this layer.
 //!
 //! # The rule everything serves

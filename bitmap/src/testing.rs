@@ -9,6 +9,9 @@
 //! * EIO can be injected on the Nth read, write or sync ([`FaultyStorage::fail_op`]).
 //!
 //! Clones share state, so a test keeps a handle after giving one to `ClusterPartition`.
+//!
+//! [`fuzz_metadata`] is the body of the `metadata` fuzz target (`bitmap/fuzz`), also run by
+//! the test suite on generated inputs.
 
 use crate::storage::{range_check, MetaStorage};
 use rand::{Rng, SeedableRng};
@@ -250,6 +253,143 @@ impl MetaStorage for FaultyStorage {
 
     fn len(&self) -> io::Result<u64> {
         Ok(self.lock().view.len() as u64)
+    }
+}
+
+/// Recomputes the CRC of both superblock slots and of every bitmap chunk of `image` whose
+/// magic is in place, so that decoding reaches the fields behind the checksums.
+fn reseal(image: &mut [u8]) {
+    use crate::layout::{
+        crc_with_hole, BITMAP_OFFSET, CHUNK_MAGIC, CHUNK_SIZE, CH_OFF_CRC, OFF_CRC, SB_MAGIC,
+        SB_SLOT_OFFSETS, SB_SLOT_SIZE,
+    };
+    for off in SB_SLOT_OFFSETS {
+        let slot = &mut image[off as usize..off as usize + SB_SLOT_SIZE];
+        if slot[..8] == SB_MAGIC {
+            let crc = crc_with_hole(slot, OFF_CRC);
+            slot[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+    for chunk in image[BITMAP_OFFSET as usize..].chunks_exact_mut(CHUNK_SIZE) {
+        if chunk[..4] == CHUNK_MAGIC {
+            let crc = crc_with_hole(chunk, CH_OFF_CRC);
+            chunk[CH_OFF_CRC..CH_OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+}
+
+/// Body of the `metadata` fuzz target (`bitmap/fuzz`), also run by the test suite on
+/// generated inputs (`tests/metadata_fuzz_inputs.rs`). Three decoders, each fed bytes
+/// derived from `data`:
+///
+/// 1. A superblock slot: `data` padded to a slot, with the magic and a correct CRC, so that
+///    [`Superblock::parse`](crate::Superblock::parse) sees the fields; whatever parses must
+///    encode and parse back to the same superblock.
+/// 2. A bitmap chunk, the same way, through [`check_chunk`](crate::layout::check_chunk) and
+///    [`chunk_words`](crate::layout::chunk_words) (with a bit count taken from `data`).
+/// 3. A whole cluster partition: a valid one is created (3 chunks, dirty or clean per
+///    `data[0]`), then edited by `data` (records of `offset u16-le x 64, length u8, bytes`;
+///    bit 0 of `data[0]` re-seals the checksums after the edits), then
+///    [`dump`](crate::dump()) and [`ClusterPartition::open`](crate::ClusterPartition::open)
+///    read it. Either may refuse it, neither may panic; an image that opens must serve a
+///    write intent and its completion, and open again.
+pub fn fuzz_metadata(data: &[u8]) {
+    use crate::layout::{
+        check_chunk, check_slot, chunk_words, encode_chunk, Geometry, SlotStatus, Superblock,
+        BITMAP_OFFSET, BITS_PER_CHUNK, CHUNK_MAGIC, CHUNK_SIZE, SB_MAGIC, SB_SLOT_SIZE,
+    };
+    use crate::partition::{AttachCheck, ClusterPartition, CreateParams};
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+
+    // 1. One superblock slot.
+    let mut img = vec![0u8; BITMAP_OFFSET as usize];
+    let n = rest.len().min(SB_SLOT_SIZE);
+    img[..n].copy_from_slice(&rest[..n]);
+    img[..8].copy_from_slice(&SB_MAGIC);
+    reseal(&mut img);
+    let slot = &img[..SB_SLOT_SIZE];
+    assert!(
+        matches!(check_slot(slot), SlotStatus::Valid { .. }),
+        "a resealed slot must pass its checks"
+    );
+    if let Ok(sb) = Superblock::parse(slot) {
+        let again = sb.encode();
+        assert!(matches!(check_slot(&again), SlotStatus::Valid { .. }));
+        assert_eq!(
+            Superblock::parse(&again).as_ref(),
+            Ok(&sb),
+            "superblock round trip"
+        );
+    }
+
+    // 2. One bitmap chunk.
+    let mut chunk = vec![0u8; BITMAP_OFFSET as usize + CHUNK_SIZE];
+    let c = &mut chunk[BITMAP_OFFSET as usize..];
+    let n = rest.len().min(CHUNK_SIZE);
+    c[..n].copy_from_slice(&rest[..n]);
+    c[..4].copy_from_slice(&CHUNK_MAGIC);
+    reseal(&mut chunk);
+    let c = &chunk[BITMAP_OFFSET as usize..];
+    let index = check_chunk(c, None, None).expect("a resealed chunk must pass its checks");
+    let valid_bits = 1 + u64::from(mode) * BITS_PER_CHUNK / 256;
+    if let Ok(words) = chunk_words(c, valid_bits) {
+        assert_eq!(words.len() as u64, valid_bits.div_ceil(64));
+        let again = encode_chunk(index, 0, &words);
+        assert_eq!(
+            chunk_words(&again, valid_bits),
+            Ok(words),
+            "chunk round trip"
+        );
+    }
+
+    // 3. A whole partition, edited.
+    let regions = 70_000u64;
+    let params = CreateParams {
+        resource: "md1".into(),
+        node: "server1".into(),
+        volume_size: regions * 4096,
+        data_size: regions * 4096,
+        data_stable_id: String::new(),
+        region_size: 4096,
+        initially_dirty: mode & 2 != 0,
+    };
+    let check = AttachCheck {
+        resource: params.resource.clone(),
+        node: params.node.clone(),
+        data_size: params.data_size,
+        data_stable_id: String::new(),
+    };
+    let len = Geometry::new(params.volume_size, params.region_size)
+        .expect("valid geometry")
+        .required_partition_size() as usize;
+    let disk = FaultyStorage::new(len);
+    drop(ClusterPartition::create(disk.clone(), &params, false).expect("create"));
+    let mut image = disk.durable_image();
+    let mut edits = rest;
+    while edits.len() >= 3 {
+        let off = usize::from(u16::from_le_bytes([edits[0], edits[1]])) * 64 % len;
+        let n = usize::from(edits[2]).min(edits.len() - 3).min(len - off);
+        image[off..off + n].copy_from_slice(&edits[3..3 + n]);
+        edits = &edits[3 + n..];
+    }
+    if mode & 1 != 0 {
+        reseal(&mut image);
+    }
+    let _ = crate::dump(&mut FaultyStorage::from_image(image.clone()), 64);
+    let disk = FaultyStorage::from_image(image);
+    if let Ok((cp, _report)) = ClusterPartition::open(disk.clone(), &check) {
+        let volume = cp.superblock().geometry.volume_size;
+        let _ = cp.dirty_count();
+        if volume >= 4096 {
+            if let Ok(t) = cp.begin_write(volume - 4096, 4096) {
+                cp.end_write(t, true);
+                let _ = cp.flush_clears();
+            }
+        }
+        drop(cp);
+        let _ = ClusterPartition::open(FaultyStorage::from_image(disk.durable_image()), &check);
     }
 }
 

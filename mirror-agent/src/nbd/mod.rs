@@ -20,7 +20,9 @@
 //! - [`error`]: [`NbdError`], the layer's error (also the reason a
 //!   connection was closed).
 //! - [`client`]: a small blocking NBD client (demo, tests).
-//! - [`testing`]: [`testing::MemEngine`], an in-memory `BlockEngine` for tests.
+//! - [`testing`]: [`testing::MemEngine`], an in-memory `BlockEngine` for tests,
+//!   and [`testing::fuzz_session`], the body of the `nbd_session` fuzz target
+//!   (`mirror-agent/fuzz`).
 //!
 //! Not implemented: TLS (`NBD_OPT_STARTTLS` answers `ERR_UNSUP`), metadata
 //! contexts / `NBD_CMD_BLOCK_STATUS` (`ERR_UNSUP` / `EINVAL`), extended
