@@ -24,6 +24,11 @@ impl Secret {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// A secret from bytes, for tests and fuzzing (the agent reads it from its file).
+    pub(crate) fn from_bytes(bytes: Vec<u8>) -> Secret {
+        Secret(bytes)
+    }
 }
 
 impl fmt::Debug for Secret {

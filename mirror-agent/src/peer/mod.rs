@@ -21,7 +21,8 @@
 //!   certificate and node-name checks both ways, refusal of a plain peer at a TLS node and
 //!   of a TLS peer at a plain node.
 //! - [`testing`]: [`testing::pair_in_memory`], two connected sessions without sockets or
-//!   authentication, for other modules' tests.
+//!   authentication, for other modules' tests; [`testing::fuzz_handshake`], the body of the
+//!   `peer_handshake` fuzz target (`mirror-agent/fuzz`).
 //!
 //! # Two kinds of links
 //!

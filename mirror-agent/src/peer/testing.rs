@@ -1,6 +1,7 @@
 //! Testing helpers for modules built on peer sessions (e.g. replication): two connected
 //! [`Session`]s over an in-memory duplex pipe, **without** handshake or authentication, and a
-//! Hello builder. Not used by the agent itself.
+//! Hello builder; and [`fuzz_handshake`], the body of the `peer_handshake` fuzz target.
+//! Not used by the agent itself.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -60,4 +61,148 @@ pub fn pair_in_memory_with(
     let a = session::start(x, est(b_hello), addr(2), timeouts);
     let b = session::start(y, est(a_hello), addr(1), timeouts);
     (a, b)
+}
+
+/// Wraps `payload` in a frame header with correct CRCs (kind, flags and seq as given), so
+/// that fuzz input reaches the message parsers and the handshake's checks.
+fn raw_frame(kind: u8, flags: u16, seq: u64, payload: &[u8]) -> Vec<u8> {
+    use mirror_proto::{MAGIC, PROTOCOL_VERSION};
+    let mut w = Vec::with_capacity(mirror_proto::HEADER_LEN + payload.len());
+    w.extend_from_slice(&MAGIC.to_le_bytes());
+    w.push(PROTOCOL_VERSION);
+    w.push(kind);
+    w.extend_from_slice(&flags.to_le_bytes());
+    w.extend_from_slice(&seq.to_le_bytes());
+    w.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    w.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    let hc = crc32fast::hash(&w);
+    w.extend_from_slice(&hc.to_le_bytes());
+    w.extend_from_slice(payload);
+    w
+}
+
+/// Body of the `peer_handshake` fuzz target (`mirror-agent/fuzz`), also run by the test
+/// suite on generated inputs (`tests/peer_fuzz_inputs.rs`).
+///
+/// Our side of the session handshake (§8.1) runs against a peer whose every byte comes from
+/// `data`, for node `a` of cluster `demo` whose peer is `b`. `data[0]` picks the case: bit 0,
+/// we accepted (else we connected); bit 1, a data link of resource `md1` (else the control
+/// link); bit 2, the rest is a list of frames with correct headers (records `kind u8,
+/// flags u8, length u8, payload`; kind 0xFF: a valid Hello from `b` instead, with the
+/// record's flags byte as its role), so the fuzzer gets past framing and the Hello checks to
+/// the authentication; else the rest is sent as it is. The secret is one this function drew.
+///
+/// Asserts that the handshake ends (within 20 s of the input's end), never panics, and never
+/// succeeds: without the secret no input can authenticate, because our challenge is a fresh
+/// random nonce.
+pub fn fuzz_handshake(data: &[u8]) {
+    use rand::RngCore;
+
+    use super::handshake::{handshake, local_hello, Side};
+    use super::{HelloState, LinkSpec, ResourceSpec};
+    use mirror_proto::{Frame, Message, Role};
+
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let resource = (mode & 2 != 0).then(|| ResourceSpec {
+        name: "md1".into(),
+        volume_size: 1 << 30,
+        region_size: 64 << 10,
+    });
+    let mut key = vec![0u8; 32];
+    rand::thread_rng().fill_bytes(&mut key);
+    let spec = LinkSpec {
+        cluster: "demo".into(),
+        local_node: "a".into(),
+        peer_node: "b".into(),
+        resource: resource.clone(),
+        hello_state: std::sync::Arc::new(|| HelloState {
+            role: Role::Standby,
+            disk_state: DiskState::UpToDate,
+            generation: Generation::default(),
+            features: Features::empty(),
+        }),
+        secret: crate::config::Secret::from_bytes(key),
+        timeouts: Timeouts::default(),
+        listen_addr: "127.0.0.1:1".into(),
+        peer_addr: "127.0.0.1:1".into(),
+        tls: None,
+    };
+    // The expected peer's own view, for its valid Hello.
+    let mut peer_spec = spec.clone();
+    peer_spec.local_node = "b".into();
+    peer_spec.peer_node = "a".into();
+    let mut input = Vec::new();
+    if mode & 4 != 0 {
+        let mut recs = rest;
+        let mut seq = 1u64;
+        while recs.len() >= 3 {
+            let (kind, flags, n) = (recs[0], recs[1], usize::from(recs[2]));
+            let n = n.min(recs.len() - 3);
+            let payload = &recs[3..3 + n];
+            if kind == 0xFF {
+                let mut h = local_hello(&peer_spec);
+                h.role = if flags & 1 != 0 {
+                    Role::Active
+                } else {
+                    Role::Standby
+                };
+                let mut out = BytesMut::new();
+                Frame::new(seq, Message::Hello(h))
+                    .encode(&mut out)
+                    .expect("a valid Hello encodes");
+                input.extend_from_slice(&out);
+            } else {
+                input.extend_from_slice(&raw_frame(kind, u16::from(flags), seq, payload));
+            }
+            seq += 1;
+            recs = &recs[3 + n..];
+        }
+    } else {
+        input.extend_from_slice(rest);
+    }
+    let side = if mode & 1 != 0 {
+        Side::Acceptor
+    } else {
+        Side::Initiator
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let outcome = rt.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut ours, theirs) = tokio::io::duplex(PIPE_BYTES);
+        let (mut rd, mut wr) = tokio::io::split(theirs);
+        let feed = async move {
+            let _ = wr.write_all(&input).await;
+            let _ = wr.shutdown().await;
+            wr
+        };
+        let drain = async move {
+            let mut buf = vec![0u8; 16 << 10];
+            while let Ok(n) = rd.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        let run = async move {
+            let r = handshake(&mut ours, side, &spec, "b").await;
+            drop(ours);
+            r
+        };
+        let all = async { tokio::join!(feed, drain, run) };
+        let (_wr, (), r) = tokio::time::timeout(std::time::Duration::from_secs(20), all)
+            .await
+            .expect("the handshake did not end within 20 s after its input ended");
+        r
+    });
+    if let Ok(est) = outcome {
+        panic!(
+            "a peer without the secret completed the handshake (its Hello: {:?})",
+            est.peer_hello
+        );
+    }
 }
