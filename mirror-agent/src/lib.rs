@@ -33,6 +33,9 @@
 //!   source keeps serving (write gate, progress, divergent-region saving).
 //! - [`daemon`]: the process: attach resources, serve the admin socket,
 //!   graceful shutdown on SIGTERM/SIGINT.
+//! - `fuzzing`: the in-memory stream driver of the fuzz harnesses
+//!   (`nbd::testing::fuzz_session`, `peer::testing::fuzz_handshake`; targets in
+//!   `mirror-agent/fuzz`).
 //!
 //! The binary `mirror-agent` (`src/main.rs`) parses `--config`/`--node` and
 //! calls [`daemon::run`].
@@ -42,6 +45,7 @@ pub mod changes;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+mod fuzzing;
 pub mod gens;
 pub mod kernel;
 pub mod meta;

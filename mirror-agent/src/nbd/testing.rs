@@ -256,39 +256,15 @@ pub fn fuzz_session(data: &[u8]) -> usize {
         maximum: 64 << 10,
     };
     let server = super::NbdServer::new(vec![export], limits).expect("valid server config");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let input = client.clone();
-    rt.block_on(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (ours, theirs) = tokio::io::duplex(64 << 10);
-        let (mut rd, mut wr) = tokio::io::split(ours);
-        let feed = async move {
-            // The server may close early (it refuses garbage): stop feeding then.
-            let _ = wr.write_all(&input).await;
-            let _ = wr.shutdown().await;
-            // Keep the write half open until the reader is done (dropping it is EOF anyway).
-            wr
-        };
-        let drain = async move {
-            let mut buf = vec![0u8; 64 << 10];
-            while let Ok(n) = rd.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        };
-        let serve = server.serve_stream(theirs);
-        let all = async { tokio::join!(feed, drain, serve) };
-        // The session's own result is the server's verdict on the input (refusals are
-        // errors); only a hang or a panic is a failure here.
-        let (_wr, (), _verdict) = tokio::time::timeout(std::time::Duration::from_secs(20), all)
-            .await
-            .expect("the NBD session did not end within 20 s after its input ended");
-    });
-    drop(rt);
+    // The session's own result is the server's verdict on the input (refusals are
+    // errors); only a hang or a panic is a failure here.
+    let _verdict = crate::fuzzing::play(
+        client.clone(),
+        64 << 10,
+        std::time::Duration::from_secs(20),
+        "the NBD session",
+        |stream| async move { server.serve_stream(stream).await },
+    );
     use super::proto::{CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, REQUEST_HEADER_LEN};
     let log = engine.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let applied = log.len();

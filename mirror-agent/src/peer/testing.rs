@@ -167,38 +167,13 @@ pub fn fuzz_handshake(data: &[u8]) {
     } else {
         Side::Initiator
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let outcome = rt.block_on(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut ours, theirs) = tokio::io::duplex(PIPE_BYTES);
-        let (mut rd, mut wr) = tokio::io::split(theirs);
-        let feed = async move {
-            let _ = wr.write_all(&input).await;
-            let _ = wr.shutdown().await;
-            wr
-        };
-        let drain = async move {
-            let mut buf = vec![0u8; 16 << 10];
-            while let Ok(n) = rd.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        };
-        let run = async move {
-            let r = handshake(&mut ours, side, &spec, "b").await;
-            drop(ours);
-            r
-        };
-        let all = async { tokio::join!(feed, drain, run) };
-        let (_wr, (), r) = tokio::time::timeout(std::time::Duration::from_secs(20), all)
-            .await
-            .expect("the handshake did not end within 20 s after its input ended");
-        r
-    });
+    let outcome = crate::fuzzing::play(
+        input,
+        PIPE_BYTES,
+        std::time::Duration::from_secs(20),
+        "the handshake",
+        |mut stream| async move { handshake(&mut stream, side, &spec, "b").await },
+    );
     if let Ok(est) = outcome {
         panic!(
             "a peer without the secret completed the handshake (its Hello: {:?})",
