@@ -553,7 +553,8 @@ def floor_report():
     """The most a pair could do on this box: the standalone agent's machine
     CPU per write plus the floor's, on every CPU the box has. Generous on
     purpose: the floor's cheapest run, the standalone's most favourable."""
-    rows = [(label, job, unit) for label, job, _, unit, _ in ROWS if floor_runs(job)]
+    rows = [(label, job, unit, runs) for label, job, _, unit, _ in ROWS
+            if (runs := floor_runs(job))]
     if not rows or "standalone" not in TAGS:
         return
     ncpu = os.cpu_count()
@@ -569,8 +570,8 @@ def floor_report():
           "standalone: machine CPU per write | best a pair could do | best / standalone | "
           "sync target | does the CPU allow it? |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
-    for label, job, unit in rows:
-        fl = min(floor_runs(job), key=lambda f: f["cpu_us_per_op"])
+    for label, job, unit, fruns in rows:
+        fl = min(fruns, key=lambda f: f["cpu_us_per_op"])
         cpu_us = fl["cpu_us_per_op"]
         parts = " + ".join(f"{fl[k]:.1f}" for k in ("sender_us", "receiver_us", "acks_us"))
         rate = fl["ops"] / fl["secs"]

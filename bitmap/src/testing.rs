@@ -377,8 +377,9 @@ pub fn fuzz_metadata(data: &[u8]) {
     if mode & 1 != 0 {
         reseal(&mut image);
     }
-    let _ = crate::dump(&mut FaultyStorage::from_image(image.clone()), 64);
     let disk = FaultyStorage::from_image(image);
+    // `dump` only reads; a clone shares the image.
+    let _ = crate::dump(&mut disk.clone(), 64);
     if let Ok((cp, _report)) = ClusterPartition::open(disk.clone(), &check) {
         let volume = cp.superblock().geometry.volume_size;
         let _ = cp.dirty_count();

@@ -10,13 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 /// current-thread runtime, while `input` is written to the other end, which is then
 /// half-closed, and whatever `serve` sends back is read and dropped. Returns `serve`'s output.
 /// Panics naming `what` if it is not done within `limit` (a hang is a finding).
-pub(crate) fn play<F, Fut, T>(
-    input: Vec<u8>,
-    buf: usize,
-    limit: Duration,
-    what: &str,
-    serve: F,
-) -> T
+pub(crate) fn play<F, Fut, T>(input: &[u8], buf: usize, limit: Duration, what: &str, serve: F) -> T
 where
     F: FnOnce(DuplexStream) -> Fut,
     Fut: Future<Output = T>,
@@ -30,7 +24,7 @@ where
         let (mut rd, mut wr) = tokio::io::split(ours);
         let feed = async move {
             // The other side may close early (it refuses garbage): stop feeding then.
-            let _ = wr.write_all(&input).await;
+            let _ = wr.write_all(input).await;
             let _ = wr.shutdown().await;
             // Kept until the end: dropping it would be EOF too, but not before the drain.
             wr

@@ -259,7 +259,7 @@ pub fn fuzz_session(data: &[u8]) -> usize {
     // The session's own result is the server's verdict on the input (refusals are
     // errors); only a hang or a panic is a failure here.
     let _verdict = crate::fuzzing::play(
-        client.clone(),
+        &client,
         64 << 10,
         std::time::Duration::from_secs(20),
         "the NBD session",

@@ -168,7 +168,7 @@ pub fn fuzz_handshake(data: &[u8]) {
         Side::Initiator
     };
     let outcome = crate::fuzzing::play(
-        input,
+        &input,
         PIPE_BYTES,
         std::time::Duration::from_secs(20),
         "the handshake",
