@@ -126,11 +126,18 @@ impl Ctx {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the kernel does not
-/// hand it out again at once).
-pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// `N` distinct free TCP ports on 127.0.0.1: all bound at once, then released.
+/// (Binding one port at a time and releasing it can return the same port
+/// twice: the kernel may hand a just-released ephemeral port out again.)
+pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut ports = [0u16; N];
+    for (p, l) in ports.iter_mut().zip(&listeners) {
+        *p = l.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// The pair's config. `b_listen`: where B's listeners bind; A dials
@@ -696,7 +703,7 @@ fn last_vmh(text: &str) -> String {
 
 /// Entry point of `vm-harness failover`: ports, config, context, scenario.
 pub fn failover_main(cache: Cache, bins: OurBins, run: PathBuf) -> Result<String> {
-    let (c, m) = (free_port()?, free_port()?);
+    let [c, m] = free_ports()?;
     let config = pair_config(&run, c, m, "127.0.0.1");
     validate(&config, &run)?;
     let mut ctx = Ctx::new(cache, bins, run, config)?;
@@ -716,7 +723,7 @@ pub fn validate(config: &str, run: &Path) -> Result<()> {
 /// Entry point of `vm-harness partition`: B listens on 127.0.0.2 behind the
 /// fault proxy on 127.0.0.1 (where A's slirp connections arrive).
 pub fn partition_main(cache: Cache, bins: OurBins, run: PathBuf) -> Result<String> {
-    let (c, m) = (free_port()?, free_port()?);
+    let [c, m] = free_ports()?;
     let config = pair_config(&run, c, m, "127.0.0.2");
     validate(&config, &run)?;
     let proxy = crate::proxy::Proxy::start(&[c, m], std::net::Ipv4Addr::new(127, 0, 0, 2).into())?;
