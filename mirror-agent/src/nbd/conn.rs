@@ -1,14 +1,15 @@
 //! One connection: handshake, then the transmission phase.
 //!
-//! Transmission runs three kinds of tasks:
+//! Transmission runs two tasks:
 //!
 //! - the **reader** (this connection's task) parses request headers,
 //!   validates them, obtains in-flight permits (bytes per connection, bytes
-//!   globally, requests per connection), reads write payloads and spawns one
-//!   task per request; while permits are exhausted it stops reading, which is
-//!   the backpressure;
-//! - **request tasks** call the [`BlockEngine`](crate::engine::BlockEngine)
-//!   and queue their reply, carrying the permits with it;
+//!   globally, requests per connection) and reads write payloads; while
+//!   permits are exhausted it stops reading, which is the backpressure. It
+//!   also polls the **requests** themselves: one future per request, calling
+//!   the [`BlockEngine`](crate::engine::BlockEngine), kept in a set polled by
+//!   this task (`pending.rs`; no task is spawned per request), whose outcome
+//!   is queued as a reply carrying the request's permits;
 //! - the **writer** serialises replies from a bounded channel onto the
 //!   socket and releases the permits once a reply is written.
 //!
