@@ -10,7 +10,7 @@
 //! * `inflight` — `HashMap<region, count>` of regions with data writes in flight (sparse: only
 //!   regions being written right now have an entry).
 //! * `intent` — the dirty regions that are dirty *only* because of write intent (every write so
-//!   far ended with the peer durable), grouped by extent ([`IntentSet`](crate::hot)). Only these
+//!   far ended with the peer durable), grouped by extent (`hot::IntentSet`). Only these
 //!   may be cleared by [`ClusterPartition::flush_clears`]; every other dirty region is "sticky"
 //!   (needs resync) until [`ClusterPartition::clear_regions`] — which keeps the sticky state
 //!   implicit and needs no second dense bitmap.

@@ -26,7 +26,7 @@
 //! - [`agent`]: [`Agent`], a spawned `mirror-agent` (log file, readiness by
 //!   pinging the admin socket, kill -9 / SIGTERM / restart, log dump when a
 //!   test panics).
-//! - [`run`]: running external commands with a deadline and assertions that
+//! - [`run`](mod@run): running external commands with a deadline and assertions that
 //!   print the full command, status and output.
 //! - [`tools`]: [`require_tool`] / [`require_root`] (loud skip, or panic in CI
 //!   where `NBD_MIRROR_REQUIRE_TOOLS=1`).

@@ -61,9 +61,9 @@ pub use uring::{plug, Plug, UringEngine};
 /// Bounded so that a task never spends long in the copy; larger writes and FUA
 /// writes (which wait for the device) still go through the ring (the pool).
 /// Buffered mode only: O_DIRECT writes are issued by io_uring without a worker
-/// thread. Both engines follow this policy ([`inline_write_max`]).
+/// thread. Both engines follow this policy (`inline_write_max`).
 pub const INLINE_WRITE_MAX: usize = 64 * 1024;
-/// [`INLINE_WRITE_MAX`] on a memory file system (tmpfs, ramfs: [`backing::sync_is_noop`]).
+/// [`INLINE_WRITE_MAX`] on a memory file system (tmpfs, ramfs: `backing::sync_is_noop`).
 /// There a write is only a copy into memory, with no device to wait for and no dirty
 /// throttling, so any write up to the largest replicated frame is done in the calling
 /// task: it costs the copy (about 0.1 ms per MiB), and the data, just received, is still in

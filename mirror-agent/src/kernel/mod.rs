@@ -19,7 +19,7 @@
 //!   error), the `nbd-client` fallback.
 //! - [`netlink`]: raw generic netlink (family resolution, `CONNECT`,
 //!   `DISCONNECT`, `RECONFIGURE`, `STATUS`) with libc sockets.
-//! - [`mount`]: `e2fsck -p`, `mount`, `umount` refusing with the holders
+//! - [`mount`](mod@mount): `e2fsck -p`, `mount`, `umount` refusing with the holders
 //!   when busy, the `/proc` holder scan.
 //! - [`memory`]: `PR_SET_IO_FLUSHER` and `mlockall` for an agent serving a
 //!   kernel device on its own host (writeback deadlock avoidance).

@@ -213,7 +213,7 @@ fn headers_for(input: &[u8], kind: u16, offset: u64, len: u64) -> Vec<usize> {
 /// on generated inputs (`tests/nbd_fuzz_inputs.rs`).
 ///
 /// `data[0]` picks the mode (bit 0: the rest follows a valid handshake, see
-/// [`handshake_prefix`]; clear: the rest *is* the client's handshake; bit 3: a minimum
+/// `handshake_prefix`; clear: the rest *is* the client's handshake; bit 3: a minimum
 /// block size of 1 instead of 512; the export is 256 KiB, its maximum request 64 KiB). The client's bytes
 /// are sent to a real [`NbdServer`](super::NbdServer) over an in-memory stream, then the
 /// client half-closes; the server's output is read and dropped. Asserts that:
