@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use mirror_agent::engine::{
-    self, BlockEngine, DirectIo, EngineKind, EngineOptions, PortableEngine, UringEngine,
+    self, BlockEngine, DirectIo, EngineKind, EngineOptions, Extent, PortableEngine, UringEngine,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -397,6 +397,75 @@ mod checks {
         );
     }
 
+    /// `extents` (NBD `base:allocation`): written data is allocated, a
+    /// discarded range and a never-written one are holes on a (sparse) file,
+    /// a block device is all allocated; the runs are consecutive, start at
+    /// the offset asked, and holes read as zeroes.
+    pub async fn extents(f: &Fixture) {
+        let e = &f.engine;
+        let mib = 1u64 << 20;
+        write(e, 4 * mib, &pattern(21, mib as usize)).await;
+        write(e, 8 * mib, &pattern(22, mib as usize)).await;
+        e.discard(8 * mib, mib).await.expect("discard");
+        e.flush().await.expect("flush");
+        let runs = e.extents(0, 16 * mib).await.expect("extents");
+        assert!(runs.iter().all(|r| r.len > 0), "{runs:?}");
+        assert!(
+            runs.windows(2).all(|w| w[0].hole != w[1].hole),
+            "adjacent runs differ: {runs:?}"
+        );
+        let total: u64 = runs.iter().map(|r| r.len).sum();
+        assert_eq!(
+            total,
+            16 * mib,
+            "a simple layout is answered in full: {runs:?}"
+        );
+        let hole_at = |x: u64| {
+            let mut at = 0;
+            runs.iter().any(|r| {
+                let hit = x >= at && x < at + r.len && r.hole;
+                at += r.len;
+                hit
+            })
+        };
+        if f._loop.is_some() {
+            assert_eq!(
+                runs,
+                vec![Extent {
+                    len: 16 * mib,
+                    hole: false
+                }]
+            );
+        } else {
+            for x in [4 * mib, 5 * mib - 1] {
+                assert!(!hole_at(x), "written byte {x}: {runs:?}");
+            }
+            for x in [8 * mib, 9 * mib - 1, 12 * mib] {
+                assert!(hole_at(x), "discarded or never written byte {x}: {runs:?}");
+            }
+        }
+        let mut at = 0;
+        for r in &runs {
+            if r.hole {
+                let n = r.len.min(mib) as usize;
+                assert_same(&read(e, at, n).await, &vec![0; n], "a hole reads as zeroes");
+            }
+            at += r.len;
+        }
+        assert_eq!(
+            e.extents(4 * mib + 4096, 8192).await.expect("inner range"),
+            vec![Extent {
+                len: 8192,
+                hole: false
+            }]
+        );
+        let err = e
+            .extents(SIZE - 4096, 8192)
+            .await
+            .expect_err("beyond the end");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    }
+
     pub async fn write_zeroes(f: &Fixture) {
         let e = &f.engine;
         for (i, trim) in [(0u64, true), (1, false)] {
@@ -511,6 +580,12 @@ macro_rules! conformance {
             async fn discard_reads_zeroes() {
                 let Some(f) = $setup else { return };
                 checks::discard_reads_zeroes(&f).await
+            }
+            $(#[$attr])*
+            #[tokio::test(flavor = "multi_thread")]
+            async fn extents() {
+                let Some(f) = $setup else { return };
+                checks::extents(&f).await
             }
             $(#[$attr])*
             #[tokio::test(flavor = "multi_thread")]

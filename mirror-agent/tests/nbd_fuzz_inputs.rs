@@ -6,8 +6,9 @@
 //! handshakes, and plain random bytes. The fuzzer itself lives in `mirror-agent/fuzz`.
 
 use mirror_agent::nbd::proto::{
-    CMD_DISC, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM,
-    CMD_WRITE, CMD_WRITE_ZEROES, IHAVEOPT, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST,
+    CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
+    CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, IHAVEOPT, OPT_ABORT,
+    OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT,
     OPT_STRUCTURED_REPLY, REQUEST_MAGIC,
 };
 use mirror_agent::nbd::testing::fuzz_session;
@@ -35,6 +36,7 @@ fn req() -> impl Strategy<Value = Req> {
         Just(CMD_FLAG_FUA),
         Just(CMD_FLAG_NO_HOLE),
         Just(CMD_FLAG_DF),
+        Just(CMD_FLAG_REQ_ONE),
         any::<u16>()
     ];
     let kind = prop_oneof![
@@ -43,7 +45,8 @@ fn req() -> impl Strategy<Value = Req> {
             Just(CMD_WRITE),
             Just(CMD_FLUSH),
             Just(CMD_TRIM),
-            Just(CMD_WRITE_ZEROES)
+            Just(CMD_WRITE_ZEROES),
+            Just(CMD_BLOCK_STATUS)
         ],
         1 => Just(CMD_DISC),
         1 => any::<u16>()
@@ -126,6 +129,8 @@ fn option() -> impl Strategy<Value = Vec<u8>> {
         Just(OPT_INFO),
         Just(OPT_GO),
         Just(OPT_STRUCTURED_REPLY),
+        Just(OPT_LIST_META_CONTEXT),
+        Just(OPT_SET_META_CONTEXT),
         any::<u32>()
     ];
     let data = prop_oneof![
@@ -133,6 +138,7 @@ fn option() -> impl Strategy<Value = Vec<u8>> {
         Just(b"".to_vec()),
         Just(b"\x00\x00\x00\x03md1\x00\x01\x00\x03".to_vec()),
         Just(b"\x00\x00\x00\x09md1\x00\x00".to_vec()),
+        Just(b"\x00\x00\x00\x03md1\x00\x00\x00\x01\x00\x00\x00\x0fbase:allocation".to_vec()),
         prop::collection::vec(any::<u8>(), 0..64)
     ];
     (code, data, prop::bool::weighted(0.9), any::<u32>()).prop_map(|(code, data, honest, len)| {

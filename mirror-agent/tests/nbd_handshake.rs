@@ -8,6 +8,7 @@ use mirror_agent::nbd::testing::MemEngine;
 use mirror_agent::nbd::{Export, Limits, NbdError, NbdServer};
 use nbd_common::*;
 use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
 
 const SIZE: u64 = 1 << 20;
 
@@ -128,20 +129,8 @@ async fn unknown_and_unsupported_options() {
     let srv = server();
     let (mut s, _conn) = pair(&srv);
     hello(&mut s, 3).await;
-    for opt in [
-        OPT_STARTTLS,
-        OPT_SET_META_CONTEXT,
-        9,
-        OPT_EXTENDED_HEADERS,
-        4,
-        12345,
-    ] {
-        let data: &[u8] = if opt == OPT_SET_META_CONTEXT {
-            b"\0\0\0\x03md1\0\0\0\0"
-        } else {
-            b""
-        };
-        send_opt(&mut s, opt, data).await;
+    for opt in [OPT_STARTTLS, OPT_EXTENDED_HEADERS, 4, 12345] {
+        send_opt(&mut s, opt, b"").await;
         let (o, typ, _) = opt_reply(&mut s).await;
         assert_eq!((o, typ), (opt, REP_ERR_UNSUP), "option {opt}");
     }
@@ -394,4 +383,158 @@ async fn close_reason_is_logged() {
         log.contains("NBD connection closed") && log.contains("above the bound of 65536"),
         "log: {log}"
     );
+}
+
+/// `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT` (spec
+/// "Metadata querying"): one context, `base:allocation`; structured replies
+/// first; unknown namespaces ignored; malformed payloads and unknown exports
+/// refused with a reply naming the fault, the negotiation going on.
+#[tokio::test]
+async fn meta_contexts_offer_base_allocation() {
+    let srv = server();
+    let (mut s, _conn) = pair(&srv);
+    hello(&mut s, 3).await;
+    let md1 = meta_data("md1", &["base:allocation"]);
+    // Before structured replies: refused (block status replies are structured).
+    for opt in [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT] {
+        assert_eq!(
+            meta_context(&mut s, opt, &md1).await,
+            Err(REP_ERR_INVALID),
+            "option {opt}"
+        );
+    }
+    send_opt(&mut s, OPT_STRUCTURED_REPLY, &[]).await;
+    assert_eq!(opt_reply(&mut s).await.1, REP_ACK);
+
+    let base = vec![(0, "base:allocation".to_string())];
+    // LIST: no query lists everything; `base:` is a wildcard; ids are 0.
+    for q in [
+        &[][..],
+        &["base:"][..],
+        &["base:allocation"][..],
+        &["x-other:thing", "base:"][..],
+    ] {
+        let got = meta_context(&mut s, OPT_LIST_META_CONTEXT, &meta_data("md1", q)).await;
+        assert_eq!(got, Ok(base.clone()), "LIST {q:?}");
+    }
+    // Unknown namespace or leaf: nothing, not an error. The default export is md1.
+    for q in [&["qemu:dirty-bitmap:b0"][..], &["base:nope"][..]] {
+        let got = meta_context(&mut s, OPT_LIST_META_CONTEXT, &meta_data("", q)).await;
+        assert_eq!(got, Ok(vec![]), "LIST {q:?}");
+    }
+    // Refusals, each followed by a usable negotiation.
+    let no_colon = meta_data("md1", &["allocation"]);
+    let mut truncated = md1.clone();
+    truncated.pop();
+    let mut trailing = md1.clone();
+    trailing.push(0);
+    for (what, opt, data, want) in [
+        (
+            "unknown export",
+            OPT_LIST_META_CONTEXT,
+            meta_data("nope", &[]),
+            REP_ERR_UNKNOWN,
+        ),
+        (
+            "unknown export",
+            OPT_SET_META_CONTEXT,
+            meta_data("nope", &["base:allocation"]),
+            REP_ERR_UNKNOWN,
+        ),
+        (
+            "query without namespace",
+            OPT_SET_META_CONTEXT,
+            no_colon,
+            REP_ERR_INVALID,
+        ),
+        (
+            "truncated query",
+            OPT_SET_META_CONTEXT,
+            truncated,
+            REP_ERR_INVALID,
+        ),
+        (
+            "trailing bytes",
+            OPT_LIST_META_CONTEXT,
+            trailing,
+            REP_ERR_INVALID,
+        ),
+    ] {
+        assert_eq!(meta_context(&mut s, opt, &data).await, Err(want), "{what}");
+    }
+    // SET: `base:` selects nothing (the protocol has SET ignore it); the full
+    // name selects the context with a nonzero id; other namespaces are ignored.
+    let got = meta_context(&mut s, OPT_SET_META_CONTEXT, &meta_data("md1", &["base:"])).await;
+    assert_eq!(got, Ok(vec![]));
+    let got = meta_context(
+        &mut s,
+        OPT_SET_META_CONTEXT,
+        &meta_data("md1", &["x-foo:bar", "base:allocation"]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, "base:allocation");
+    assert_ne!(got[0].0, 0);
+    assert!(info_or_go(&mut s, OPT_GO, "md1", &[]).await.is_ok());
+}
+
+/// Block status is allowed only when the last SET_META_CONTEXT selected the
+/// context for the export that GO then picks: a later SET that fails, or
+/// selects nothing, or a GO to another export, leaves it refused (EINVAL).
+#[tokio::test]
+async fn block_status_needs_the_last_set_for_the_chosen_export() {
+    async fn status_errno(s: UnixStream, size: u64, tflags: u16) -> u32 {
+        let mut c = Client::connect_raw(s, true, size, tflags);
+        c.request(0, CMD_BLOCK_STATUS, 1, 0, 4096, &[]).await;
+        let r = c.recv().await;
+        assert_eq!(r.handle, 1);
+        c.disconnect().await;
+        r.error
+    }
+    let srv = NbdServer::new(
+        vec![
+            Export::new("md1", MemEngine::new(4096)),
+            Export::new("md2", MemEngine::new(8192)),
+        ],
+        Limits::default(),
+    )
+    .unwrap();
+    let select = meta_data("md1", &["base:allocation"]);
+    // (what happens after a successful SET for md1, export for GO, expected errno)
+    let cases: [(&str, Option<Vec<u8>>, &str, u32); 4] = [
+        ("selected, same export", None, "md1", 0),
+        (
+            "later SET fails",
+            Some(meta_data("nope", &["base:allocation"])),
+            "md1",
+            EINVAL,
+        ),
+        (
+            "later SET selects nothing",
+            Some(meta_data("md1", &[])),
+            "md1",
+            EINVAL,
+        ),
+        ("GO to another export", None, "md2", EINVAL),
+    ];
+    for (what, later, go, want) in cases {
+        let (mut s, _conn) = pair(&srv);
+        hello(&mut s, 3).await;
+        send_opt(&mut s, OPT_STRUCTURED_REPLY, &[]).await;
+        assert_eq!(opt_reply(&mut s).await.1, REP_ACK);
+        assert_eq!(
+            meta_context(&mut s, OPT_SET_META_CONTEXT, &select)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        if let Some(d) = later {
+            let _ = meta_context(&mut s, OPT_SET_META_CONTEXT, &d).await;
+        }
+        let infos = info_or_go(&mut s, OPT_GO, go, &[]).await.unwrap();
+        let (size, tflags) = export_info(&infos);
+        assert_eq!(status_errno(s, size, tflags).await, want, "{what}");
+    }
 }

@@ -17,6 +17,7 @@ const MIB: u64 = 1 << 20;
 
 on_both_engines!(
     nbdinfo_reports_size_and_flags,
+    nbdinfo_map_shows_data_and_holes,
     qemu_img_convert_round_trip,
     qemu_io_patterns_zeroes_discard_fua,
     nbdcopy_both_directions,
@@ -89,6 +90,12 @@ fn nbdinfo_reports_size_and_flags(engine: Engine) {
         assert_eq!(e[flag], true, "{flag} in {v:#}");
     }
     assert_eq!(e["is_read_only"], false, "{v:#}");
+    // The one metadata context, listed with NBD_OPT_LIST_META_CONTEXT.
+    assert_eq!(
+        e["contexts"],
+        serde_json::json!(["base:allocation"]),
+        "{v:#}"
+    );
     let r = &c.config.resources[0];
     assert_eq!(e["block_size_minimum"], r.nbd_block_size_min, "{v:#}");
     assert_eq!(
@@ -97,6 +104,64 @@ fn nbdinfo_reports_size_and_flags(engine: Engine) {
         "{v:#}"
     );
     assert_eq!(e["block_size_maximum"], r.nbd_max_request, "{v:#}");
+}
+
+/// `base:allocation` through libnbd: data written by one client is mapped as
+/// data, a range written then discarded as a hole that reads as zeroes.
+fn nbdinfo_map_shows_data_and_holes(engine: Engine) {
+    if !require_tools(&["nbdinfo", "qemu-io"]) {
+        return;
+    }
+    let (c, _agent) = active(engine);
+    let uri = c.nbd_uri();
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0xab 1M 1M",
+            "write -P 0xcd 4M 1M",
+            "discard 4M 1M",
+            "flush",
+        ],
+    );
+    let out = run_ok(
+        Command::new("nbdinfo").args(["--map", "--json"]).arg(&uri),
+        CMD_TIMEOUT,
+    );
+    let map: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("nbdinfo --map --json is not JSON ({e}):\n{}", stdout(&out)));
+    let extents = map
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {map:#}"));
+    let mut next = 0u64;
+    for e in extents {
+        assert_eq!(
+            e["offset"].as_u64(),
+            Some(next),
+            "extents are consecutive: {map:#}"
+        );
+        next += e["length"].as_u64().expect("length");
+    }
+    assert_eq!(next, c.opts.size, "the map covers the volume: {map:#}");
+    let type_at = |x: u64| {
+        extents
+            .iter()
+            .find(|e| {
+                let (o, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+                x >= o && x < o + l
+            })
+            .and_then(|e| e["type"].as_u64())
+    };
+    for x in [MIB, 2 * MIB - 1] {
+        assert_eq!(type_at(x), Some(0), "written byte {x} is data: {map:#}");
+    }
+    for x in [4 * MIB, 5 * MIB - 1] {
+        assert_eq!(
+            type_at(x),
+            Some(3),
+            "discarded byte {x} is hole,zero: {map:#}"
+        );
+    }
+    qemu_io(&uri, &["read -P 0xab 1M 1M", "read -P 0 4M 1M"]);
 }
 
 fn qemu_img_convert_round_trip(engine: Engine) {

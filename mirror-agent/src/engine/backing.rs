@@ -196,6 +196,81 @@ pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// `lseek(fd, offset, whence)` for `SEEK_DATA` / `SEEK_HOLE`: `Ok(None)`
+/// for `ENXIO` (no data / no hole at or after `offset` before the end).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = libc::off_t::try_from(offset).map_err(|_| errno(libc::EOVERFLOW))?;
+    // SAFETY: `lseek` only reads its integer arguments and the descriptor,
+    // which `file` keeps open for the duration of the call.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+/// The allocation of `[offset, offset + len)` (inside `size`) for
+/// [`super::BlockEngine::extents`], from `SEEK_DATA` / `SEEK_HOLE`: at most
+/// [`super::MAX_EXTENTS`] runs. Block devices, and file systems without
+/// the two (`EINVAL`, `EOPNOTSUPP`), report one allocated run. Blocking
+/// (a few system calls per run). It moves the descriptor's file offset, which
+/// the engines never use (all their I/O is positioned).
+pub(crate) fn extents_blocking(
+    file: &File,
+    kind: Kind,
+    size: u64,
+    offset: u64,
+    len: u64,
+) -> io::Result<Vec<super::Extent>> {
+    check_range(size, offset, len)?;
+    let end = offset + len;
+    let all_data = || vec![super::Extent { len, hole: false }];
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    if !matches!(kind, Kind::File) {
+        return Ok(all_data());
+    }
+    let mut out: Vec<super::Extent> = Vec::new();
+    let push = |out: &mut Vec<super::Extent>, len: u64, hole: bool| match out.last_mut() {
+        Some(last) if last.hole == hole => last.len += len,
+        _ => out.push(super::Extent { len, hole }),
+    };
+    // Kernels or file systems without SEEK_DATA / SEEK_HOLE.
+    let no_seek = |e: &io::Error| unsupported(e) || e.raw_os_error() == Some(libc::EINVAL);
+    let mut pos = offset;
+    while pos < end && out.len() < super::MAX_EXTENTS {
+        let data = match seek(file, pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            Err(e) if no_seek(&e) => return Ok(all_data()),
+            Err(e) => return Err(e),
+        };
+        // No data at or after `pos`: a hole up to the end of the file.
+        let data = data.unwrap_or(end).min(end);
+        if data > pos {
+            push(&mut out, data - pos, true);
+            pos = data;
+            continue;
+        }
+        let hole = match seek(file, pos, libc::SEEK_HOLE) {
+            Ok(h) => h.unwrap_or(end).min(end),
+            Err(e) if no_seek(&e) => return Ok(all_data()),
+            Err(e) => return Err(e),
+        };
+        // SEEK_HOLE at a data offset returns a larger offset (the file's end
+        // counts as a hole); guard against a file system that says otherwise.
+        let next = if hole > pos { hole } else { end };
+        push(&mut out, next - pos, false);
+        pos = next;
+    }
+    Ok(out)
+}
+
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     loop {
         // SAFETY: plain syscall on an open fd; no pointers involved.

@@ -426,4 +426,9 @@ impl BlockEngine for FaultyEngine {
             Decision::Torn(_) | Decision::Dropped => fail(libc::EIO),
         }
     }
+
+    /// Passed through: a query, no fault rule applies to it.
+    fn extents(&self, offset: u64, len: u64) -> EngineFuture<Vec<super::Extent>> {
+        self.inner.extents(offset, len)
+    }
 }

@@ -82,6 +82,21 @@ pub(crate) fn inline_write_max(sync_noop: bool) -> usize {
     }
 }
 
+/// One run of [`BlockEngine::extents`]: `len` bytes that are all allocated
+/// on the backing store, or all a hole (not allocated; reads as zeroes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes in this run (never zero).
+    pub len: u64,
+    /// Not allocated on the backing store: reads as zeroes.
+    pub hole: bool,
+}
+
+/// Most runs one [`BlockEngine::extents`] call reports: it bounds the work
+/// and the reply of one NBD block status request (the client asks again from
+/// where the answer stopped).
+pub const MAX_EXTENTS: usize = 1024;
+
 /// A boxed, sendable future returned by engine operations.
 pub type EngineFuture<T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'static>>;
 
@@ -125,6 +140,19 @@ pub trait BlockEngine: Send + Sync + 'static {
     /// (punch a hole); without it (NBD `NO_HOLE`), the range stays allocated.
     /// With `fua`, the result is durable when the future resolves.
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> EngineFuture<()>;
+
+    /// Allocation of the range `[offset, offset + len)` (inside the volume;
+    /// callers check): consecutive runs from `offset`, at most
+    /// [`MAX_EXTENTS`] of them, covering at least one byte and at most `len`
+    /// (less when the runs ran out). Serves NBD's `base:allocation`. A
+    /// snapshot: writes completed before the call are reflected, concurrent
+    /// ones may or may not be. The default reports the whole range as
+    /// allocated, which is always true enough (a hole that is reported as
+    /// data costs a client only the zeroes it copies).
+    fn extents(&self, offset: u64, len: u64) -> EngineFuture<Vec<Extent>> {
+        let _ = offset;
+        Box::pin(async move { Ok(vec![Extent { len, hole: false }]) })
+    }
 
     /// One-line description for status output, e.g.
     /// `"io_uring, O_DIRECT (align 512)"`. Defaults to [`BlockEngine::name`].

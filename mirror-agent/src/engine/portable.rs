@@ -328,4 +328,8 @@ impl BlockEngine for PortableEngine {
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> EngineFuture<()> {
         self.run(move |s| zero(s, offset, len, may_trim, fua))
     }
+
+    fn extents(&self, offset: u64, len: u64) -> EngineFuture<Vec<super::Extent>> {
+        self.run(move |s| backing::extents_blocking(&s.file, s.kind, s.size, offset, len))
+    }
 }

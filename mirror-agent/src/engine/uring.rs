@@ -1071,4 +1071,15 @@ impl BlockEngine for UringEngine {
         let s = self.shared.clone();
         Box::pin(s.zero(offset, len, may_trim, fua))
     }
+
+    fn extents(&self, offset: u64, len: u64) -> EngineFuture<Vec<super::Extent>> {
+        let s = self.shared.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                backing::extents_blocking(&s.file, s.kind, s.size, offset, len)
+            })
+            .await
+            .map_err(join_err)?
+        })
+    }
 }

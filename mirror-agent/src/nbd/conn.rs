@@ -46,6 +46,7 @@ use super::input::Input;
 use super::pending::Pending;
 use super::proto::*;
 use super::server::{Export, Gauge, GaugeGuard, NbdServer};
+use crate::engine::Extent;
 
 /// Largest write payload the server will read (and drop) in order to answer
 /// an invalid write with an error instead of closing. The protocol asks
@@ -94,6 +95,7 @@ where
         let session = Session {
             export,
             structured: false,
+            block_status: false,
         };
         return transmission(server, session, input, wr, shutdown, poll_fd).await;
     }
@@ -135,6 +137,9 @@ enum ReplyBody {
     Done,
     /// Successful read.
     Data { offset: u64, data: Bytes },
+    /// Successful block status: `(length, flags)` descriptors of
+    /// `base:allocation` (at least one; structured replies are negotiated).
+    BlockStatus { descriptors: Vec<(u32, u32)> },
     /// Failure; `offset` is set for engine errors of ranged commands
     /// (structured `ERROR_OFFSET`), `is_read` forces a structured reply.
     Error {
@@ -168,6 +173,14 @@ enum Op {
         may_trim: bool,
         fua: bool,
     },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        /// `NBD_CMD_FLAG_REQ_ONE`: one descriptor, within the request.
+        one: bool,
+        /// The export's minimum block size: every descriptor is a multiple.
+        align: u32,
+    },
 }
 
 /// The verdict on a request header.
@@ -181,13 +194,21 @@ enum Verdict {
 /// Checks a request against the negotiated session (spec "Error values" and
 /// "Block size constraints"): unknown command or flag, bad alignment, zero
 /// or oversized length -> EINVAL; read-only -> EPERM; past the end ->
-/// ENOSPC for writes and write-zeroes, EINVAL for reads and trims.
-fn validate(h: &RequestHeader, e: &Export, structured: bool) -> Verdict {
+/// ENOSPC for writes and write-zeroes, EINVAL for reads, trims and block
+/// status; block status without a selected metadata context -> EINVAL.
+fn validate(h: &RequestHeader, e: &Export, structured: bool, block_status: bool) -> Verdict {
     let reject = |errno: u32, message: String| Verdict::Reject { errno, message };
     let allowed = match h.kind {
         CMD_READ if structured => CMD_FLAG_FUA | CMD_FLAG_DF,
         CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_DISC => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_BLOCK_STATUS if block_status => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        CMD_BLOCK_STATUS => {
+            return reject(
+                NBD_EINVAL,
+                "block status without a metadata context selected (NBD_OPT_SET_META_CONTEXT base:allocation)".into(),
+            )
+        }
         other => return reject(NBD_EINVAL, format!("unknown command {other}")),
     };
     if h.flags & !allowed != 0 {
@@ -210,7 +231,7 @@ fn validate(h: &RequestHeader, e: &Export, structured: bool) -> Verdict {
         }
         _ => {}
     }
-    let writes = h.kind != CMD_READ;
+    let writes = matches!(h.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if writes && e.read_only {
         return reject(NBD_EPERM, "export is read-only".into());
     }
@@ -228,7 +249,9 @@ fn validate(h: &RequestHeader, e: &Export, structured: bool) -> Verdict {
             ),
         );
     }
-    if h.kind != CMD_TRIM && h.length > b.maximum {
+    // The maximum bounds payloads and work per request; a trim's or a block
+    // status's length is neither (the latter is only a hint).
+    if !matches!(h.kind, CMD_TRIM | CMD_BLOCK_STATUS) && h.length > b.maximum {
         return reject(
             NBD_EINVAL,
             format!("length {} above maximum block size {}", h.length, b.maximum),
@@ -284,6 +307,7 @@ where
 {
     let export = server.exports[session.export].clone();
     let structured = session.structured;
+    let block_status = session.block_status;
     let limits = server.limits.clone();
     let conn_bytes = Arc::new(Semaphore::new(limits.conn_inflight_bytes));
     let conn_requests = Arc::new(Semaphore::new(limits.conn_inflight_requests));
@@ -418,7 +442,7 @@ where
             });
         }
 
-        let mut verdict = validate(&h, &export, structured);
+        let mut verdict = validate(&h, &export, structured, block_status);
         if shutting && matches!(verdict, Verdict::Execute) {
             verdict = Verdict::Reject {
                 errno: NBD_ESHUTDOWN,
@@ -563,6 +587,12 @@ where
                         len: h.length,
                         may_trim: h.flags & CMD_FLAG_NO_HOLE == 0,
                         fua: h.flags & CMD_FLAG_FUA != 0,
+                    },
+                    CMD_BLOCK_STATUS => Op::BlockStatus {
+                        offset: h.offset,
+                        len: h.length,
+                        one: h.flags & CMD_FLAG_REQ_ONE != 0,
+                        align: export.block_sizes.minimum,
                     },
                     _ => unreachable!("validate() only executes known commands"),
                 };
@@ -908,6 +938,19 @@ async fn execute(server: &NbdServer, engine: &dyn crate::engine::BlockEngine, op
             Some(offset),
             engine.write_zeroes(offset, len as u64, may_trim, fua).await,
         ),
+        Op::BlockStatus {
+            offset,
+            len,
+            one,
+            align,
+        } => match engine.extents(offset, len as u64).await {
+            Ok(extents) => {
+                return ReplyBody::BlockStatus {
+                    descriptors: descriptors(offset, len, &extents, align, one),
+                }
+            }
+            Err(e) => (Some(offset), Err(e)),
+        },
     };
     match result {
         Ok(()) => ReplyBody::Done,
@@ -922,6 +965,63 @@ async fn execute(server: &NbdServer, engine: &dyn crate::engine::BlockEngine, op
             }
         }
     }
+}
+
+/// `base:allocation` descriptors for a block status request of `len` bytes
+/// at `offset` from the engine's runs (which start at `offset` and cover at
+/// most `len`). Every descriptor length is a nonzero multiple of `align` (the
+/// export's minimum block size, which `offset` and `len` are multiples of):
+/// a hole that does not start or end on that grid is shrunk to it and its
+/// edges reported as data (always a safe answer, status 0), and the answer
+/// ends on the grid, covering at least one `align` block. Adjacent
+/// descriptors differ in status. With `one` (`NBD_CMD_FLAG_REQ_ONE`) only
+/// the first descriptor is sent.
+fn descriptors(offset: u64, len: u32, runs: &[Extent], align: u32, one: bool) -> Vec<(u32, u32)> {
+    let align = u64::from(align.max(1));
+    let down = |x: u64| x - (x - offset) % align;
+    let up = |x: u64| down(x + align - 1);
+    let req_end = offset + u64::from(len);
+    // Holes, absolute and shrunk to the grid.
+    let mut holes = Vec::new();
+    let mut at = offset;
+    for r in runs {
+        let end = (at + r.len).min(req_end);
+        if r.hole {
+            let (s, e) = (up(at), down(end));
+            if s < e {
+                holes.push((s, e));
+            }
+        }
+        at = end;
+        if at >= req_end {
+            break;
+        }
+    }
+    let covered = down(at).max(offset + align).min(req_end);
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut push = |len: u64, flags: u32| match out.last_mut() {
+        Some(last) if last.1 == flags => last.0 += len as u32,
+        _ => out.push((len as u32, flags)),
+    };
+    let mut pos = offset;
+    for (s, e) in holes {
+        let (s, e) = (s.min(covered), e.min(covered));
+        if s >= e {
+            break;
+        }
+        if s > pos {
+            push(s - pos, 0);
+        }
+        push(e - s, STATE_HOLE | STATE_ZERO);
+        pos = e;
+    }
+    if covered > pos {
+        push(covered - pos, 0);
+    }
+    if one {
+        out.truncate(1);
+    }
+    out
 }
 
 /// The socket's write half and the writer's state, shared by the writer
@@ -1054,6 +1154,11 @@ async fn write_reply<W: AsyncWrite + Unpin>(
             // of a separate send of the 16-32 header bytes.
             return write_all_vectored(w, header, data).await;
         }
+        ReplyBody::BlockStatus { descriptors } => {
+            // Only reachable with a selected context, which needs structured replies.
+            debug_assert!(structured);
+            put_block_status_chunk(header, out.handle, META_BASE_ALLOCATION_ID, descriptors);
+        }
         ReplyBody::Error {
             errno,
             offset,
@@ -1072,6 +1177,88 @@ async fn write_reply<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn ext(len: u64, hole: bool) -> Extent {
+        Extent { len, hole }
+    }
+
+    #[test]
+    fn descriptors_follow_aligned_runs_exactly() {
+        let runs = [ext(4096, false), ext(8192, true), ext(4096, false)];
+        assert_eq!(
+            descriptors(4096, 16384, &runs, 512, false),
+            vec![(4096, 0), (8192, STATE_HOLE | STATE_ZERO), (4096, 0)]
+        );
+        assert_eq!(descriptors(4096, 16384, &runs, 512, true), vec![(4096, 0)]);
+    }
+
+    #[test]
+    fn descriptors_shrink_holes_to_the_grid_and_end_on_it() {
+        // A hole from 1000 to 9000 on a 4096 grid: only 4096..8192 is a whole hole block.
+        let runs = [ext(1000, false), ext(8000, true), ext(3288, false)];
+        assert_eq!(
+            descriptors(0, 12288, &runs, 4096, false),
+            vec![(4096, 0), (4096, STATE_HOLE | STATE_ZERO), (4096, 0)]
+        );
+        // Runs that stop short of the first block still answer one block (as data).
+        assert_eq!(
+            descriptors(0, 8192, &[ext(100, true)], 4096, false),
+            vec![(4096, 0)]
+        );
+    }
+
+    proptest! {
+        /// The protocol's rules for a block status chunk hold for any runs an
+        /// engine may return: at least one descriptor, nonzero multiples of the
+        /// minimum block size, within the request, adjacent statuses differ,
+        /// one descriptor with REQ_ONE, and nothing reported as a hole that the
+        /// engine did not report as one.
+        #[test]
+        fn descriptors_keep_the_protocol_rules(
+            align in prop::sample::select(vec![1u32, 512, 4096]),
+            start_blocks in 0u64..64,
+            len_blocks in 1u32..64,
+            runs in prop::collection::vec((1u64..20_000, any::<bool>()), 1..12),
+            one: bool,
+        ) {
+            let offset = start_blocks * align as u64;
+            let len = len_blocks * align;
+            // Runs as an engine returns them: consecutive, covering at most `len`.
+            let mut engine = Vec::new();
+            let mut left = len as u64;
+            for (l, hole) in runs {
+                if left == 0 { break; }
+                let l = l.min(left);
+                engine.push(ext(l, hole));
+                left -= l;
+            }
+            let d = descriptors(offset, len, &engine, align, one);
+            prop_assert!(!d.is_empty());
+            prop_assert!(!one || d.len() == 1);
+            let total: u64 = d.iter().map(|&(l, _)| l as u64).sum();
+            prop_assert!(total >= align as u64 && total <= len as u64);
+            for w in d.windows(2) {
+                prop_assert_ne!(w[0].1, w[1].1);
+            }
+            let engine_hole = |x: u64| {
+                let mut at = offset;
+                engine.iter().any(|r| { let hit = r.hole && x >= at && x < at + r.len; at += r.len; hit })
+            };
+            let mut at = offset;
+            for &(l, flags) in &d {
+                prop_assert!(l > 0 && l % align == 0);
+                prop_assert!(flags == 0 || flags == STATE_HOLE | STATE_ZERO);
+                if flags != 0 {
+                    prop_assert!(engine_hole(at) && engine_hole(at + l as u64 - 1));
+                    for x in (at..at + l as u64).step_by(97) {
+                        prop_assert!(engine_hole(x), "byte {} reported as a hole", x);
+                    }
+                }
+                at += l as u64;
+            }
+        }
+    }
 
     #[test]
     fn idle_poll_halves_on_misses_then_probes_and_a_hit_restores_it() {

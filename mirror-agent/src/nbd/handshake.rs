@@ -1,7 +1,9 @@
 //! Fixed newstyle handshake and option haggling.
 //!
 //! Supported options: `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`,
-//! `STRUCTURED_REPLY`. Everything else (STARTTLS, meta contexts, extended
+//! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT` (one
+//! context, `base:allocation`; both need structured replies first, as block
+//! status replies are structured). Everything else (STARTTLS, extended
 //! headers, unknown numbers) gets `NBD_REP_ERR_UNSUP` after its data is
 //! consumed. Protocol violations that make the stream unusable (bad magic,
 //! unknown client flags, oversized or truncated options) close the
@@ -22,6 +24,9 @@ pub(crate) struct Session {
     pub(crate) export: usize,
     /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
     pub(crate) structured: bool,
+    /// The last `NBD_OPT_SET_META_CONTEXT` selected `base:allocation` for
+    /// this export: `NBD_CMD_BLOCK_STATUS` is allowed.
+    pub(crate) block_status: bool,
 }
 
 /// Result of the handshake: go to transmission, or the client aborted.
@@ -79,6 +84,8 @@ where
     // answered identically, so both kinds are served by the same loop.
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
+    // The export whose `base:allocation` the last SET_META_CONTEXT selected.
+    let mut meta_for: Option<usize> = None;
 
     loop {
         // Data first: an option that already arrived during shutdown is
@@ -158,6 +165,7 @@ where
                 return Ok(Outcome::Transmission(Session {
                     export: idx,
                     structured,
+                    block_status: meta_for == Some(idx),
                 }));
             }
             OPT_ABORT => {
@@ -219,19 +227,75 @@ where
                             return Ok(Outcome::Transmission(Session {
                                 export: idx,
                                 structured,
+                                block_status: meta_for == Some(idx),
                             }));
                         }
                     }
                 },
             },
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = option == OPT_SET_META_CONTEXT;
+                if set {
+                    // A SET replaces the selection, even when it fails.
+                    meta_for = None;
+                }
+                meta_context(server, option, data, structured, &mut out, &mut meta_for);
+            }
             _ => {
-                // STARTTLS, meta contexts, extended headers and unknown options.
+                // STARTTLS, extended headers and unknown options.
                 let msg = format!("option {option} not supported");
                 put_option_reply(&mut out, option, REP_ERR_UNSUP, msg.as_bytes());
             }
         }
         send(w, &out).await?;
     }
+}
+
+/// Answers `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT` into
+/// `out`. The one context is `base:allocation`. LIST with no query, or with
+/// `base:` or `base:allocation`, lists it (id 0, reserved for LIST); SET
+/// selects it only when asked by its full name (the protocol has SET ignore
+/// `base:`), records the export in `meta_for` and answers its id. Queries in
+/// other namespaces, or other leaves of `base:`, are ignored, as the protocol
+/// requires; an unknown export is `ERR_UNKNOWN`, a malformed payload
+/// `ERR_INVALID` naming the fault.
+fn meta_context(
+    server: &NbdServer,
+    option: u32,
+    data: &[u8],
+    structured: bool,
+    out: &mut Vec<u8>,
+    meta_for: &mut Option<usize>,
+) {
+    let set = option == OPT_SET_META_CONTEXT;
+    if !structured {
+        let msg: &[u8] = b"metadata contexts need NBD_OPT_STRUCTURED_REPLY first";
+        put_option_reply(out, option, REP_ERR_INVALID, msg);
+        return;
+    }
+    let req = match MetaContextRequest::decode(data) {
+        Ok(req) => req,
+        Err(e) => {
+            // The message may quote a query of up to 4096 bytes: cut to the limit.
+            let msg = e.to_string();
+            put_option_reply(out, option, REP_ERR_INVALID, truncate(&msg).as_bytes());
+            return;
+        }
+    };
+    let Some(idx) = lookup(server, &req.name) else {
+        let msg = format!("unknown export {:?}", req.name);
+        put_option_reply(out, option, REP_ERR_UNKNOWN, truncate(&msg).as_bytes());
+        return;
+    };
+    let named = req.queries.iter().any(|q| q == META_BASE_ALLOCATION);
+    if set && named {
+        put_meta_context(out, option, META_BASE_ALLOCATION_ID, META_BASE_ALLOCATION);
+        *meta_for = Some(idx);
+    } else if !set && (named || req.queries.is_empty() || req.queries.iter().any(|q| q == "base:"))
+    {
+        put_meta_context(out, option, 0, META_BASE_ALLOCATION);
+    }
+    put_option_reply(out, option, REP_ACK, b"");
 }
 
 fn lookup(server: &NbdServer, name: &str) -> Option<usize> {

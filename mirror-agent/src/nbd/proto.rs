@@ -85,6 +85,9 @@ pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 /// One information item in an `NBD_OPT_INFO`/`NBD_OPT_GO` answer.
 pub const REP_INFO: u32 = 3;
+/// One metadata context in an `NBD_OPT_LIST_META_CONTEXT` /
+/// `NBD_OPT_SET_META_CONTEXT` answer: context id (u32), then its name.
+pub const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
 /// Option unknown to this server.
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
@@ -120,6 +123,8 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 /// Write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// Block status of a range (answered for the selected metadata contexts).
+pub const CMD_BLOCK_STATUS: u16 = 7;
 
 // Command flags.
 /// Force unit access.
@@ -128,6 +133,8 @@ pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 /// Read reply must not be fragmented.
 pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// Block status: one extent per context, no longer than the request.
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
 // Structured reply flags and types.
 /// Last chunk of a structured reply.
@@ -136,10 +143,23 @@ pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 /// Offset + data.
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Block status: context id, then (length u32, flags u32) descriptors.
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 /// Error without offset.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 /// Error at an offset.
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
+
+// Metadata contexts.
+/// The one metadata context served: allocation of the backing store.
+pub const META_BASE_ALLOCATION: &str = "base:allocation";
+/// Its id in `NBD_REP_META_CONTEXT` and block status chunks (any nonzero
+/// value would do; ids are per connection and opaque to clients).
+pub const META_BASE_ALLOCATION_ID: u32 = 1;
+/// `base:allocation`: not allocated on the backing store.
+pub const STATE_HOLE: u32 = 1 << 0;
+/// `base:allocation`: reads as zeroes.
+pub const STATE_ZERO: u32 = 1 << 1;
 
 // NBD error values (fixed by the protocol, independent of the host errno).
 /// Operation not permitted.
@@ -315,6 +335,142 @@ impl InfoRequest {
     }
 }
 
+/// A parsed `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`
+/// payload: export name length, name, number of queries, each query as
+/// length + string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    /// Export the contexts are for (empty = default export).
+    pub name: String,
+    /// The queries, each `namespace:leaf`.
+    pub queries: Vec<String>,
+}
+
+/// Why a meta context option payload is invalid (`NBD_REP_ERR_INVALID`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetaContextError {
+    /// The payload ends inside a field.
+    #[error("option data of {actual} bytes ends inside {field}")]
+    Truncated {
+        /// The field cut short.
+        field: &'static str,
+        /// Bytes present.
+        actual: usize,
+    },
+    /// Bytes after the last query.
+    #[error("option data has {extra} bytes after its last query")]
+    TrailingBytes {
+        /// Bytes left over.
+        extra: usize,
+    },
+    /// A string longer than the protocol's 4096-byte limit.
+    #[error("{field} of {len} bytes is longer than the protocol's 4096-byte limit")]
+    TooLong {
+        /// Which string.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// Not UTF-8.
+    #[error("{field} is not valid UTF-8")]
+    NotUtf8 {
+        /// Which string.
+        field: &'static str,
+    },
+    /// A query without the `namespace:` the protocol requires.
+    #[error("query {query:?} does not start with a namespace and a colon")]
+    NoNamespace {
+        /// The query.
+        query: String,
+    },
+}
+
+/// Longest string the protocol allows (export names, context queries).
+pub const MAX_STRING: usize = 4096;
+
+impl MetaContextRequest {
+    /// Parses the option data. Every length is checked against the bytes
+    /// present before anything is taken (the option itself is bounded by
+    /// `Limits::max_option_len`), so the number of queries is bounded by the
+    /// payload (four bytes each at least).
+    pub fn decode(data: &[u8]) -> Result<MetaContextRequest, MetaContextError> {
+        let mut at = 0usize;
+        let mut take = |n: usize, field: &'static str| -> Result<&[u8], MetaContextError> {
+            if data.len() - at < n {
+                return Err(MetaContextError::Truncated {
+                    field,
+                    actual: data.len(),
+                });
+            }
+            let b = &data[at..at + n];
+            at += n;
+            Ok(b)
+        };
+        let string = |b: &[u8], field: &'static str| -> Result<String, MetaContextError> {
+            std::str::from_utf8(b)
+                .map(str::to_owned)
+                .map_err(|_| MetaContextError::NotUtf8 { field })
+        };
+        let name_len = be_u32(take(4, "the export name length")?) as usize;
+        if name_len > MAX_STRING {
+            return Err(MetaContextError::TooLong {
+                field: "export name",
+                len: name_len,
+            });
+        }
+        let name = string(take(name_len, "the export name")?, "export name")?;
+        let count = be_u32(take(4, "the number of queries")?) as usize;
+        let mut queries = Vec::new();
+        for _ in 0..count {
+            let len = be_u32(take(4, "a query length")?) as usize;
+            if len > MAX_STRING {
+                return Err(MetaContextError::TooLong {
+                    field: "query",
+                    len,
+                });
+            }
+            let q = string(take(len, "a query")?, "query")?;
+            if !q.contains(':') {
+                return Err(MetaContextError::NoNamespace { query: q });
+            }
+            queries.push(q);
+        }
+        if at != data.len() {
+            return Err(MetaContextError::TrailingBytes {
+                extra: data.len() - at,
+            });
+        }
+        Ok(MetaContextRequest { name, queries })
+    }
+}
+
+/// Appends one `NBD_REP_META_CONTEXT` reply.
+pub fn put_meta_context(out: &mut Vec<u8>, option: u32, id: u32, name: &str) {
+    let mut item = Vec::with_capacity(4 + name.len());
+    item.extend_from_slice(&id.to_be_bytes());
+    item.extend_from_slice(name.as_bytes());
+    put_option_reply(out, option, REP_META_CONTEXT, &item);
+}
+
+/// Appends a complete, final (`DONE`) `NBD_REPLY_TYPE_BLOCK_STATUS` chunk
+/// for context `id` with `(length, flags)` descriptors (at least one; the
+/// caller bounds their number).
+pub fn put_block_status_chunk(out: &mut Vec<u8>, handle: u64, id: u32, descriptors: &[(u32, u32)]) {
+    let length = 4 + 8 * descriptors.len();
+    put_chunk_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        handle,
+        length as u32,
+    );
+    out.extend_from_slice(&id.to_be_bytes());
+    for &(len, flags) in descriptors {
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+    }
+}
+
 /// Appends an option reply header and its data to `out`.
 pub fn put_option_reply(out: &mut Vec<u8>, option: u32, reply_type: u32, data: &[u8]) {
     out.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
@@ -428,9 +584,110 @@ mod tests {
         }
 
         #[test]
+        fn meta_context_request_roundtrip(
+            name in "[a-z0-9]{0,20}",
+            queries in proptest::collection::vec("[a-z]{1,8}:[a-z:]{0,16}", 0..6),
+        ) {
+            let data = meta_request(&name, &queries);
+            let want = MetaContextRequest { name: name.clone(), queries: queries.clone() };
+            prop_assert_eq!(MetaContextRequest::decode(&data), Ok(want));
+            for cut in 0..data.len() {
+                prop_assert!(MetaContextRequest::decode(&data[..cut]).is_err());
+            }
+            let mut longer = data.clone();
+            longer.push(0);
+            prop_assert_eq!(
+                MetaContextRequest::decode(&longer),
+                Err(MetaContextError::TrailingBytes { extra: 1 })
+            );
+        }
+
+        #[test]
+        fn meta_context_request_never_panics(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = MetaContextRequest::decode(&data);
+        }
+
+        #[test]
         fn info_request_never_panics(data in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = InfoRequest::decode(&data);
         }
+    }
+
+    fn meta_request(name: &str, queries: &[String]) -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+
+    #[test]
+    fn meta_context_request_refusals_name_the_problem() {
+        let no_ns = meta_request("md1", &["allocation".to_string()]);
+        assert_eq!(
+            MetaContextRequest::decode(&no_ns),
+            Err(MetaContextError::NoNamespace {
+                query: "allocation".into()
+            })
+        );
+        // A query count far beyond the payload ends at the first missing length.
+        let mut huge = meta_request("", &[]);
+        huge[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+        let e = MetaContextRequest::decode(&huge).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MetaContextError::Truncated {
+                    field: "a query length",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut long = Vec::new();
+        long.extend_from_slice(&5000u32.to_be_bytes());
+        long.extend_from_slice(&[b'a'; 5000]);
+        long.extend_from_slice(&0u32.to_be_bytes());
+        assert_eq!(
+            MetaContextRequest::decode(&long),
+            Err(MetaContextError::TooLong {
+                field: "export name",
+                len: 5000
+            })
+        );
+        let bad = [0, 0, 0, 1, 0xff, 0, 0, 0, 0];
+        assert_eq!(
+            MetaContextRequest::decode(&bad),
+            Err(MetaContextError::NotUtf8 {
+                field: "export name"
+            })
+        );
+    }
+
+    #[test]
+    fn block_status_chunk_layout() {
+        let mut out = Vec::new();
+        put_block_status_chunk(
+            &mut out,
+            9,
+            META_BASE_ALLOCATION_ID,
+            &[(4096, 0), (8192, 3)],
+        );
+        assert_eq!(be_u32(&out[0..4]), STRUCTURED_REPLY_MAGIC);
+        assert_eq!(be_u16(&out[4..6]), REPLY_FLAG_DONE);
+        assert_eq!(be_u16(&out[6..8]), REPLY_TYPE_BLOCK_STATUS);
+        assert_eq!(be_u64(&out[8..16]), 9);
+        assert_eq!(be_u32(&out[16..20]), 4 + 16);
+        assert_eq!(out.len(), 20 + 4 + 16);
+        assert_eq!(be_u32(&out[20..24]), META_BASE_ALLOCATION_ID);
+        assert_eq!(be_u32(&out[24..28]), 4096);
+        assert_eq!(be_u32(&out[28..32]), 0);
+        assert_eq!(be_u32(&out[32..36]), 8192);
+        assert_eq!(be_u32(&out[36..40]), STATE_HOLE | STATE_ZERO);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use crate::engine::{BlockEngine, EngineFuture};
+use crate::engine::{BlockEngine, EngineFuture, Extent, MAX_EXTENTS};
 
 /// An in-memory volume behind a lock.
 #[derive(Debug)]
@@ -104,6 +104,31 @@ impl BlockEngine for MemEngine {
         let r = self.fill_zero(offset, len, fua);
         Box::pin(async move { r })
     }
+
+    /// Memory has no allocation map: every 4 KiB granule (absolute) that
+    /// holds only zeroes counts as a hole, so that block status has holes
+    /// and data to report in tests.
+    fn extents(&self, offset: u64, len: u64) -> EngineFuture<Vec<Extent>> {
+        let r = self.range(offset, len).map(|r| {
+            let data = self.lock();
+            let mut out: Vec<Extent> = Vec::new();
+            let mut pos = r.start;
+            while pos < r.end {
+                let next = ((pos / 4096 + 1) * 4096).min(r.end);
+                let hole = data[pos..next].iter().all(|&b| b == 0);
+                let n = (next - pos) as u64;
+                let full = out.len() == MAX_EXTENTS;
+                match out.last_mut() {
+                    Some(last) if last.hole == hole => last.len += n,
+                    _ if full => break,
+                    _ => out.push(Extent { len: n, hole }),
+                }
+                pos = next;
+            }
+            out
+        });
+        Box::pin(async move { r })
+    }
 }
 
 /// What reached the engine during a fuzzed session.
@@ -154,6 +179,9 @@ impl BlockEngine for Recording {
         self.note(Applied::Zeroes { offset, len });
         self.mem.write_zeroes(offset, len, may_trim, fua)
     }
+    fn extents(&self, offset: u64, len: u64) -> EngineFuture<Vec<Extent>> {
+        self.mem.extents(offset, len)
+    }
 }
 
 /// Size of the fuzzed export (small, so that many offsets are in range).
@@ -161,7 +189,9 @@ const FUZZ_VOLUME: usize = 256 << 10;
 
 /// The client's side of a valid handshake for export `md1`, chosen by the bits of `mode`:
 /// bit 1 negotiates structured replies first, bit 2 uses `NBD_OPT_GO` (with an
-/// `NBD_INFO_BLOCK_SIZE` request) instead of `NBD_OPT_EXPORT_NAME`.
+/// `NBD_INFO_BLOCK_SIZE` request) instead of `NBD_OPT_EXPORT_NAME`, bit 4 selects the
+/// `base:allocation` metadata context (after structured replies, if any: without them the
+/// server refuses it and block status requests are refused too).
 fn handshake_prefix(mode: u8) -> Vec<u8> {
     use super::proto::*;
     let mut c = Vec::new();
@@ -174,6 +204,15 @@ fn handshake_prefix(mode: u8) -> Vec<u8> {
     };
     if mode & 2 != 0 {
         opt(&mut c, OPT_STRUCTURED_REPLY, &[]);
+    }
+    if mode & 16 != 0 {
+        let mut d = Vec::new();
+        d.extend_from_slice(&3u32.to_be_bytes());
+        d.extend_from_slice(b"md1");
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.extend_from_slice(&(META_BASE_ALLOCATION.len() as u32).to_be_bytes());
+        d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+        opt(&mut c, OPT_SET_META_CONTEXT, &d);
     }
     if mode & 4 != 0 {
         let mut d = Vec::new();
@@ -213,8 +252,8 @@ fn headers_for(input: &[u8], kind: u16, offset: u64, len: u64) -> Vec<usize> {
 /// on generated inputs (`tests/nbd_fuzz_inputs.rs`).
 ///
 /// `data[0]` picks the mode (bit 0: the rest follows a valid handshake, see
-/// `handshake_prefix`; clear: the rest *is* the client's handshake; bit 3: a minimum
-/// block size of 1 instead of 512; the export is 256 KiB, its maximum request 64 KiB). The client's bytes
+/// `handshake_prefix`, whose bits 1, 2 and 4 it reads; clear: the rest *is* the client's
+/// handshake; bit 3: a minimum block size of 1 instead of 512; the export is 256 KiB, its maximum request 64 KiB). The client's bytes
 /// are sent to a real [`NbdServer`](super::NbdServer) over an in-memory stream, then the
 /// client half-closes; the server's output is read and dropped. Asserts that:
 /// - the server neither panics nor hangs: the session ends within 20 s of the input's end;

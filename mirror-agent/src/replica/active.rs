@@ -74,7 +74,7 @@ use super::link::{lock, CloseSignal, FrameTx, MakeMessage, ReplicaLink};
 use super::range_lock::{RangeGuard, RangeLock};
 use super::{ReplicaError, ReplicaEvent};
 use crate::config::{Mode, Resource, Timeouts};
-use crate::engine::{BlockEngine, EngineFuture};
+use crate::engine::{BlockEngine, EngineFuture, Extent};
 use crate::gens;
 
 /// Interval of the lazy bitmap-clearing task.
@@ -1324,6 +1324,23 @@ impl BlockEngine for ActiveVolume {
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.size() => self.inner.local.read(offset, len),
+            _ => Box::pin(async { Err(io::Error::from_raw_os_error(libc::EINVAL)) }),
+        }
+    }
+
+    // The local engine's own `read_bytes` (pooled buffers, no copy), not the
+    // default that wraps `read`'s `Vec`.
+    fn read_bytes(&self, offset: u64, len: usize) -> EngineFuture<Bytes> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size() => self.inner.local.read_bytes(offset, len),
+            _ => Box::pin(async { Err(io::Error::from_raw_os_error(libc::EINVAL)) }),
+        }
+    }
+
+    /// The local data's allocation: the active serves its own data.
+    fn extents(&self, offset: u64, len: u64) -> EngineFuture<Vec<Extent>> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => self.inner.local.extents(offset, len),
             _ => Box::pin(async { Err(io::Error::from_raw_os_error(libc::EINVAL)) }),
         }
     }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
-use crate::engine::{BlockEngine, EngineFuture};
+use crate::engine::{BlockEngine, EngineFuture, Extent};
 
 /// Exclusive hold of the gate: no application write is in flight or starts.
 pub type Exclusive = OwnedRwLockWriteGuard<()>;
@@ -157,6 +157,9 @@ impl BlockEngine for GatedVolume {
         self.modify(offset, len, move |e| {
             e.write_zeroes(offset, len, may_trim, fua)
         })
+    }
+    fn extents(&self, offset: u64, len: u64) -> EngineFuture<Vec<Extent>> {
+        self.inner.extents(offset, len)
     }
 }
 

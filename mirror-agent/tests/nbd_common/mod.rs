@@ -33,12 +33,14 @@ pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
 pub const REP_ERR_INVALID: u32 = 0x8000_0003;
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
@@ -51,6 +53,10 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
+pub const FLAG_REQ_ONE: u16 = 1 << 3;
+/// `base:allocation` statuses.
+pub const STATE_HOLE: u32 = 1;
+pub const STATE_ZERO: u32 = 2;
 pub const FLAG_FUA: u16 = 1;
 pub const FLAG_NO_HOLE: u16 = 2;
 pub const FLAG_DF: u16 = 4;
@@ -399,6 +405,8 @@ pub struct Reply {
     /// Structured: the error chunk's offset, if ERROR_OFFSET.
     pub err_offset: Option<u64>,
     pub structured: bool,
+    /// A block status chunk: context id and `(length, flags)` descriptors.
+    pub status: Option<(u32, Vec<(u32, u32)>)>,
 }
 
 /// A transmission-phase client.
@@ -433,6 +441,47 @@ impl Client {
             tflags,
             pending_reads: HashMap::new(),
             partial: HashMap::new(),
+        }
+    }
+
+    /// Handshake with structured replies, `base:allocation` selected
+    /// (`NBD_OPT_SET_META_CONTEXT`), then GO on `md1`: block status allowed.
+    pub async fn connect_meta(mut s: UnixStream) -> Client {
+        hello(&mut s, 3).await;
+        send_opt(&mut s, OPT_STRUCTURED_REPLY, &[]).await;
+        assert_eq!(opt_reply(&mut s).await.1, REP_ACK);
+        let sel = meta_data("md1", &["base:allocation"]);
+        let got = meta_context(&mut s, OPT_SET_META_CONTEXT, &sel).await;
+        assert_eq!(
+            got.as_ref().map(|v| v.len()),
+            Ok(1),
+            "SET_META_CONTEXT: {got:?}"
+        );
+        let infos = info_or_go(&mut s, OPT_GO, "md1", &[3])
+            .await
+            .expect("GO failed");
+        let (size, tflags) = export_info(&infos);
+        Client::connect_raw(s, true, size, tflags)
+    }
+
+    /// One block status request: its descriptors, or the errno.
+    pub async fn block_status(
+        &mut self,
+        handle: u64,
+        flags: u16,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<(u32, u32)>, u32> {
+        self.request(flags, CMD_BLOCK_STATUS, handle, offset, len, &[])
+            .await;
+        let r = self.recv().await;
+        assert_eq!(r.handle, handle);
+        match r.status {
+            Some((_, d)) if r.error == 0 => Ok(d),
+            _ => {
+                assert_ne!(r.error, 0, "block status reply without a status chunk");
+                Err(r.error)
+            }
         }
     }
 
@@ -505,6 +554,7 @@ impl Client {
                         data,
                         err_offset: None,
                         structured: false,
+                        status: None,
                     };
                 }
                 STRUCT_MAGIC => {
@@ -520,6 +570,7 @@ impl Client {
                         data: None,
                         err_offset: None,
                         structured: true,
+                        status: None,
                     });
                     match typ {
                         0 => assert_eq!(len, 0),
@@ -551,6 +602,24 @@ impl Client {
                             }
                             entry.error = err;
                         }
+                        5 => {
+                            assert!(
+                                len >= 12 && (len - 4).is_multiple_of(8),
+                                "block status length {len}"
+                            );
+                            assert!(entry.status.is_none(), "two block status chunks");
+                            let id = u32::from_be_bytes(payload[0..4].try_into().unwrap());
+                            let d = payload[4..]
+                                .chunks_exact(8)
+                                .map(|c| {
+                                    (
+                                        u32::from_be_bytes(c[0..4].try_into().unwrap()),
+                                        u32::from_be_bytes(c[4..8].try_into().unwrap()),
+                                    )
+                                })
+                                .collect();
+                            entry.status = Some((id, d));
+                        }
                         t => panic!("unexpected chunk type {t:#x}"),
                     }
                     if flags & 1 != 0 {
@@ -580,6 +649,45 @@ impl Client {
     pub async fn disconnect(mut self) {
         self.request(0, CMD_DISC, u64::MAX, 0, 0, &[]).await;
         expect_closed(&mut self.s).await;
+    }
+}
+
+/// A meta context option payload: export name, then the queries.
+pub fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
+/// Sends a LIST/SET_META_CONTEXT option and collects the contexts it
+/// answers `(id, name)`, or the error reply type.
+pub async fn meta_context(
+    s: &mut UnixStream,
+    option: u32,
+    data: &[u8],
+) -> Result<Vec<(u32, String)>, u32> {
+    send_opt(s, option, data).await;
+    let mut got = Vec::new();
+    loop {
+        let (opt, typ, data) = opt_reply(s).await;
+        assert_eq!(opt, option);
+        match typ {
+            REP_META_CONTEXT => {
+                let id = u32::from_be_bytes(data[0..4].try_into().unwrap());
+                got.push((id, String::from_utf8(data[4..].to_vec()).unwrap()));
+            }
+            REP_ACK => return Ok(got),
+            e => {
+                assert!(e & 0x8000_0000 != 0, "unexpected reply type {e:#x}");
+                return Err(e);
+            }
+        }
     }
 }
 
