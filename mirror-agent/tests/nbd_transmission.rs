@@ -22,6 +22,17 @@ async fn engine_bytes(e: &dyn BlockEngine, off: u64, len: usize) -> Vec<u8> {
     e.read(off, len).await.unwrap()
 }
 
+/// A server for `md1` on `te` with a 512-byte minimum and a 1 MiB maximum block size.
+fn server_512(te: &TestEngine) -> Arc<NbdServer> {
+    let mut export = Export::new("md1", te.engine.clone());
+    export.block_sizes = BlockSizes {
+        minimum: 512,
+        preferred: 4096,
+        maximum: 1 << 20,
+    };
+    NbdServer::new(vec![export], Limits::default()).unwrap()
+}
+
 async fn connect(srv: &Arc<NbdServer>, structured: bool) -> Client {
     let (s, _h) = pair(srv);
     Client::connect(s, structured).await
@@ -142,13 +153,7 @@ async fn many_pipelined_requests() {
 async fn hostile_requests_get_errno_and_connection_survives() {
     for structured in [false, true] {
         let te = make_engine(SIZE);
-        let mut export = Export::new("md1", te.engine.clone());
-        export.block_sizes = BlockSizes {
-            minimum: 512,
-            preferred: 4096,
-            maximum: 1 << 20,
-        };
-        let srv = NbdServer::new(vec![export], Limits::default()).unwrap();
+        let srv = server_512(&te);
         let mut c = connect(&srv, structured).await;
         let big = vec![0xAAu8; 2 << 20];
         #[rustfmt::skip]
@@ -594,13 +599,7 @@ fn status_at(d: &[(u32, u32)], offset: u64, x: u64) -> Option<u32> {
 async fn block_status_reports_data_and_holes() {
     const K: u64 = 1024;
     let te = make_engine(SIZE);
-    let mut export = Export::new("md1", te.engine.clone());
-    export.block_sizes = BlockSizes {
-        minimum: 512,
-        preferred: 4096,
-        maximum: 1 << 20,
-    };
-    let srv = NbdServer::new(vec![export], Limits::default()).unwrap();
+    let srv = server_512(&te);
     let (s, _h) = pair(&srv);
     let mut c = Client::connect_meta(s).await;
     c.write(1, 64 * K, &pattern(1, 64 * K as usize)).await;

@@ -444,6 +444,21 @@ impl MetaContextRequest {
     }
 }
 
+impl MetaContextRequest {
+    /// The option data for this request (what [`Self::decode`] parses).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(self.name.len() as u32).to_be_bytes());
+        d.extend_from_slice(self.name.as_bytes());
+        d.extend_from_slice(&(self.queries.len() as u32).to_be_bytes());
+        for q in &self.queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+}
+
 /// Appends one `NBD_REP_META_CONTEXT` reply.
 pub fn put_meta_context(out: &mut Vec<u8>, option: u32, id: u32, name: &str) {
     let mut item = Vec::with_capacity(4 + name.len());
@@ -614,15 +629,11 @@ mod tests {
     }
 
     fn meta_request(name: &str, queries: &[String]) -> Vec<u8> {
-        let mut d = Vec::new();
-        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-        for q in queries {
-            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-            d.extend_from_slice(q.as_bytes());
+        MetaContextRequest {
+            name: name.into(),
+            queries: queries.to_vec(),
         }
-        d
+        .encode()
     }
 
     #[test]

@@ -206,13 +206,11 @@ fn handshake_prefix(mode: u8) -> Vec<u8> {
         opt(&mut c, OPT_STRUCTURED_REPLY, &[]);
     }
     if mode & 16 != 0 {
-        let mut d = Vec::new();
-        d.extend_from_slice(&3u32.to_be_bytes());
-        d.extend_from_slice(b"md1");
-        d.extend_from_slice(&1u32.to_be_bytes());
-        d.extend_from_slice(&(META_BASE_ALLOCATION.len() as u32).to_be_bytes());
-        d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
-        opt(&mut c, OPT_SET_META_CONTEXT, &d);
+        let req = MetaContextRequest {
+            name: "md1".into(),
+            queries: vec![META_BASE_ALLOCATION.into()],
+        };
+        opt(&mut c, OPT_SET_META_CONTEXT, &req.encode());
     }
     if mode & 4 != 0 {
         let mut d = Vec::new();
