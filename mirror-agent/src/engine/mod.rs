@@ -151,7 +151,12 @@ pub trait BlockEngine: Send + Sync + 'static {
     /// data costs a client only the zeroes it copies).
     fn extents(&self, offset: u64, len: u64) -> EngineFuture<Vec<Extent>> {
         let _ = offset;
-        Box::pin(async move { Ok(vec![Extent { len, hole: false }]) })
+        let runs = if len == 0 {
+            Vec::new()
+        } else {
+            vec![Extent { len, hole: false }]
+        };
+        Box::pin(async move { Ok(runs) })
     }
 
     /// One-line description for status output, e.g.
