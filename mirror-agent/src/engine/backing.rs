@@ -237,14 +237,10 @@ pub(crate) fn extents_blocking(
         return Ok(all_data());
     }
     let mut out: Vec<super::Extent> = Vec::new();
-    let push = |out: &mut Vec<super::Extent>, len: u64, hole: bool| match out.last_mut() {
-        Some(last) if last.hole == hole => last.len += len,
-        _ => out.push(super::Extent { len, hole }),
-    };
     // Kernels or file systems without SEEK_DATA / SEEK_HOLE.
     let no_seek = |e: &io::Error| unsupported(e) || e.raw_os_error() == Some(libc::EINVAL);
     let mut pos = offset;
-    while pos < end && out.len() < super::MAX_EXTENTS {
+    while pos < end {
         let data = match seek(file, pos, libc::SEEK_DATA) {
             Ok(d) => d,
             Err(e) if no_seek(&e) => return Ok(all_data()),
@@ -253,7 +249,9 @@ pub(crate) fn extents_blocking(
         // No data at or after `pos`: a hole up to the end of the file.
         let data = data.unwrap_or(end).min(end);
         if data > pos {
-            push(&mut out, data - pos, true);
+            if !super::push_run(&mut out, data - pos, true) {
+                break;
+            }
             pos = data;
             continue;
         }
@@ -265,7 +263,9 @@ pub(crate) fn extents_blocking(
         // SEEK_HOLE at a data offset returns a larger offset (the file's end
         // counts as a hole); guard against a file system that says otherwise.
         let next = if hole > pos { hole } else { end };
-        push(&mut out, next - pos, false);
+        if !super::push_run(&mut out, next - pos, false) {
+            break;
+        }
         pos = next;
     }
     Ok(out)

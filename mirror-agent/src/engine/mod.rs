@@ -42,6 +42,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 mod backing;
+pub(crate) use backing::check_range;
 pub mod buf;
 pub mod fault;
 pub mod portable;
@@ -96,6 +97,19 @@ pub struct Extent {
 /// and the reply of one NBD block status request (the client asks again from
 /// where the answer stopped).
 pub const MAX_EXTENTS: usize = 1024;
+
+/// Appends `len` bytes of `hole` (or data) to `runs`, merging with the last
+/// run when it has the same kind. False, with nothing appended, when that
+/// would take a run beyond [`MAX_EXTENTS`]: the answer ends there.
+pub(crate) fn push_run(runs: &mut Vec<Extent>, len: u64, hole: bool) -> bool {
+    let full = runs.len() == MAX_EXTENTS;
+    match runs.last_mut() {
+        Some(last) if last.hole == hole => last.len += len,
+        _ if full => return false,
+        _ => runs.push(Extent { len, hole }),
+    }
+    true
+}
 
 /// A boxed, sendable future returned by engine operations.
 pub type EngineFuture<T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'static>>;
@@ -264,4 +278,32 @@ pub fn open(path: &Path, opts: &EngineOptions) -> io::Result<Arc<dyn BlockEngine
 /// if it is at least `size` bytes.
 pub fn create_data_file(path: &Path, size: u64) -> io::Result<()> {
     backing::create_data_file(path, size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_run_merges_alike_runs_and_stops_at_the_bound() {
+        let mut runs = Vec::new();
+        assert!(push_run(&mut runs, 4096, false));
+        assert!(push_run(&mut runs, 512, false));
+        assert_eq!(
+            runs,
+            vec![Extent {
+                len: 4608,
+                hole: false
+            }]
+        );
+        for i in 1..MAX_EXTENTS {
+            assert!(push_run(&mut runs, 1, i % 2 == 1));
+        }
+        assert_eq!(runs.len(), MAX_EXTENTS);
+        let last = *runs.last().unwrap();
+        assert!(push_run(&mut runs, 7, last.hole), "merging stays possible");
+        assert!(!push_run(&mut runs, 1, !last.hole), "a new run is refused");
+        assert_eq!(runs.len(), MAX_EXTENTS);
+        assert_eq!(runs.last().unwrap().len, last.len + 7);
+    }
 }

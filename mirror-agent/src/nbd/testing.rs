@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use crate::engine::{BlockEngine, EngineFuture, Extent, MAX_EXTENTS};
+use crate::engine::{push_run, BlockEngine, EngineFuture, Extent};
 
 /// An in-memory volume behind a lock.
 #[derive(Debug)]
@@ -116,12 +116,8 @@ impl BlockEngine for MemEngine {
             while pos < r.end {
                 let next = ((pos / 4096 + 1) * 4096).min(r.end);
                 let hole = data[pos..next].iter().all(|&b| b == 0);
-                let n = (next - pos) as u64;
-                let full = out.len() == MAX_EXTENTS;
-                match out.last_mut() {
-                    Some(last) if last.hole == hole => last.len += n,
-                    _ if full => break,
-                    _ => out.push(Extent { len: n, hole }),
+                if !push_run(&mut out, (next - pos) as u64, hole) {
+                    break;
                 }
                 pos = next;
             }

@@ -1304,6 +1304,22 @@ async fn clearer(weak: Weak<Inner>) {
     }
 }
 
+impl ActiveVolume {
+    /// `op()` when `[offset, offset + len)` lies within the volume (which may
+    /// be smaller than the local engine's backing), else `EINVAL`.
+    fn in_volume<T: Send + 'static>(
+        &self,
+        offset: u64,
+        len: u64,
+        op: impl FnOnce() -> EngineFuture<T>,
+    ) -> EngineFuture<T> {
+        match crate::engine::check_range(self.size(), offset, len) {
+            Ok(()) => op(),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
 impl BlockEngine for ActiveVolume {
     fn size(&self) -> u64 {
         self.inner.part.volume_size()
@@ -1322,27 +1338,20 @@ impl BlockEngine for ActiveVolume {
     }
 
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size() => self.inner.local.read(offset, len),
-            _ => Box::pin(async { Err(io::Error::from_raw_os_error(libc::EINVAL)) }),
-        }
+        self.in_volume(offset, len as u64, || self.inner.local.read(offset, len))
     }
 
     // The local engine's own `read_bytes` (pooled buffers, no copy), not the
     // default that wraps `read`'s `Vec`.
     fn read_bytes(&self, offset: u64, len: usize) -> EngineFuture<Bytes> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size() => self.inner.local.read_bytes(offset, len),
-            _ => Box::pin(async { Err(io::Error::from_raw_os_error(libc::EINVAL)) }),
-        }
+        self.in_volume(offset, len as u64, || {
+            self.inner.local.read_bytes(offset, len)
+        })
     }
 
     /// The local data's allocation: the active serves its own data.
     fn extents(&self, offset: u64, len: u64) -> EngineFuture<Vec<Extent>> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size() => self.inner.local.extents(offset, len),
-            _ => Box::pin(async { Err(io::Error::from_raw_os_error(libc::EINVAL)) }),
-        }
+        self.in_volume(offset, len, || self.inner.local.extents(offset, len))
     }
 
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> EngineFuture<()> {
