@@ -216,7 +216,7 @@ where
                             &mut out,
                             option,
                             REP_ERR_UNKNOWN,
-                            truncate(&msg).as_bytes(),
+                            cut_to_string_limit(&msg).as_bytes(),
                         );
                     }
                     Some(idx) => {
@@ -278,13 +278,23 @@ fn meta_context(
         Err(e) => {
             // The message may quote a query of up to 4096 bytes: cut to the limit.
             let msg = e.to_string();
-            put_option_reply(out, option, REP_ERR_INVALID, truncate(&msg).as_bytes());
+            put_option_reply(
+                out,
+                option,
+                REP_ERR_INVALID,
+                cut_to_string_limit(&msg).as_bytes(),
+            );
             return;
         }
     };
     let Some(idx) = lookup(server, &req.name) else {
         let msg = format!("unknown export {:?}", req.name);
-        put_option_reply(out, option, REP_ERR_UNKNOWN, truncate(&msg).as_bytes());
+        put_option_reply(
+            out,
+            option,
+            REP_ERR_UNKNOWN,
+            cut_to_string_limit(&msg).as_bytes(),
+        );
         return;
     };
     let named = req.queries.iter().any(|q| q == META_BASE_ALLOCATION);
@@ -301,14 +311,6 @@ fn meta_context(
 fn lookup(server: &NbdServer, name: &str) -> Option<usize> {
     let e = server.find_export(name)?;
     server.exports.iter().position(|x| std::ptr::eq(x, e))
-}
-
-fn truncate(s: &str) -> &str {
-    let mut end = s.len().min(4096);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// `NBD_REP_INFO` items: EXPORT always, BLOCK_SIZE always (the server

@@ -385,8 +385,19 @@ pub enum MetaContextError {
     },
 }
 
-/// Longest string the protocol allows (export names, context queries).
+/// Longest string the protocol allows (export names, context queries, error
+/// messages).
 pub const MAX_STRING: usize = 4096;
+
+/// `s` cut to [`MAX_STRING`] bytes on a character boundary, for messages the
+/// server sends (which may quote client input).
+pub(crate) fn cut_to_string_limit(s: &str) -> &str {
+    let mut end = s.len().min(MAX_STRING);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
 
 impl MetaContextRequest {
     /// Parses the option data. Every length is checked against the bytes
@@ -522,11 +533,7 @@ pub fn put_error_chunk(
     offset: Option<u64>,
     message: &str,
 ) {
-    let mut end = message.len().min(4096);
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    let msg = &message.as_bytes()[..end];
+    let msg = cut_to_string_limit(message).as_bytes();
     let (kind, extra) = match offset {
         Some(_) => (REPLY_TYPE_ERROR_OFFSET, 8),
         None => (REPLY_TYPE_ERROR, 0),
@@ -677,6 +684,16 @@ mod tests {
                 field: "export name"
             })
         );
+    }
+
+    #[test]
+    fn messages_are_cut_to_the_string_limit_on_a_character_boundary() {
+        assert_eq!(cut_to_string_limit("short"), "short");
+        let long = "é".repeat(MAX_STRING); // 2 bytes each
+        let cut = cut_to_string_limit(&long);
+        assert_eq!(cut.len(), MAX_STRING);
+        let odd = format!("a{long}");
+        assert_eq!(cut_to_string_limit(&odd).len(), MAX_STRING - 1);
     }
 
     #[test]
