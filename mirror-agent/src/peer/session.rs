@@ -1144,6 +1144,10 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     }
 }
 
+/// How long a failed write waits for the reader task to close the session with the
+/// peer's reason (see the writer task).
+const READER_GRACE: Duration = Duration::from_millis(500);
+
 /// Seq after the last whole frame in `batch` (`None` if it holds only a rest).
 fn last_seq(batch: &[Out]) -> Option<u64> {
     batch.iter().rev().find_map(|o| match o {
@@ -1220,6 +1224,12 @@ async fn writer<W: AsyncWrite + Unpin>(
         match res {
             Some(Ok(())) => written = last_seq(&batch).or(written),
             Some(Err(reason)) => {
+                // A peer that closed after a Goodbye or an Error frame makes our next
+                // write fail (EPIPE, ECONNRESET), often before the reader task has
+                // decoded that frame from the socket. The peer's own reason is the true
+                // one, so the reader gets a short grace to report it first; a dead
+                // connection ends its read at once (EOF or reset), so this rarely waits.
+                let _ = tokio::time::timeout(READER_GRACE, closed_signal(&mut closed)).await;
                 shared.shut(reason, Final::Nothing);
                 stream_ok = false;
                 break;
@@ -1397,6 +1407,76 @@ mod tests {
         sa.tx.close("done");
         assert!(sb.closed.wait().await.starts_with("peer said goodbye"));
         assert!(sb.rx.recv().await.is_none());
+    }
+
+    /// A stream whose writes fail with EPIPE (and say so once), and whose reads come
+    /// from an in-memory pipe the test controls: a peer that said Goodbye and closed,
+    /// seen by a writer that fails before the reader has decoded the Goodbye.
+    struct DeadPeer {
+        rx: tokio::io::DuplexStream,
+        failed: Arc<tokio::sync::Notify>,
+    }
+
+    struct BrokenPipe(Arc<tokio::sync::Notify>);
+
+    impl AsyncWrite for BrokenPipe {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.notify_one();
+            Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl SessionIo for DeadPeer {
+        type R = tokio::io::DuplexStream;
+        type W = BrokenPipe;
+        fn split_io(self) -> (Self::R, Self::W, Option<Arc<OwnedWriteHalf>>) {
+            (self.rx, BrokenPipe(self.failed), None)
+        }
+    }
+
+    /// The peer's Goodbye, still in the socket when our write fails with EPIPE, is the
+    /// reason the session reports (CI once saw "write error: Broken pipe" instead).
+    #[tokio::test]
+    async fn a_write_error_leaves_the_peers_goodbye_as_the_reason() {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let failed = Arc::new(tokio::sync::Notify::new());
+        let est = Established {
+            peer_hello: crate::peer::testing::hello("n", "c", "r", 1 << 30, 4096),
+            next_tx_seq: 1,
+            next_rx_seq: 1,
+            buf: BytesMut::new(),
+        };
+        let io = DeadPeer {
+            rx: ours,
+            failed: failed.clone(),
+        };
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let s = start(io, est, addr, Timeouts::default());
+        s.tx.send(Message::Flush).await.unwrap();
+        failed.notified().await;
+        // The writer has failed; only now does the Goodbye reach the reader.
+        let mut bytes = BytesMut::new();
+        Frame::new(
+            1,
+            Message::Goodbye {
+                reason: GoodbyeReason::Shutdown,
+            },
+        )
+        .encode(&mut bytes)
+        .unwrap();
+        theirs.write_all(&bytes).await.unwrap();
+        let reason = s.closed.wait().await;
+        assert!(reason.starts_with("peer said goodbye"), "{reason}");
     }
 
     fn rcvlowat(fd: RawFd) -> libc::c_int {
