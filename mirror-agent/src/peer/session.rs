@@ -1114,11 +1114,11 @@ async fn write_frames<W: AsyncWrite + Unpin>(
             }
             Ok(Err(e)) => {
                 return Err(format!(
-                    "write error: {e} (errno {})",
+                    "{WRITE_ERROR}: {e} (errno {})",
                     e.raw_os_error().unwrap_or(0)
                 ))
             }
-            Ok(Ok(0)) => return Err("write error: connection accepts no more data".to_string()),
+            Ok(Ok(0)) => return Err(format!("{WRITE_ERROR}: connection accepts no more data")),
             Ok(Ok(n)) => n,
         };
         drop(iov);
@@ -1136,7 +1136,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     }
     match tokio::time::timeout(send_timeout, w.flush()).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("write error: {e}")),
+        Ok(Err(e)) => Err(format!("{WRITE_ERROR}: {e}")),
         Err(_) => Err(format!(
             "send blocked for more than {} s",
             secs(send_timeout)
@@ -1147,6 +1147,9 @@ async fn write_frames<W: AsyncWrite + Unpin>(
 /// How long a failed write waits for the reader task to close the session with the
 /// peer's reason (see the writer task).
 const READER_GRACE: Duration = Duration::from_millis(500);
+
+/// How a failed write's reason starts (the socket refused the bytes).
+const WRITE_ERROR: &str = "write error";
 
 /// Seq after the last whole frame in `batch` (`None` if it holds only a rest).
 fn last_seq(batch: &[Out]) -> Option<u64> {
@@ -1229,7 +1232,10 @@ async fn writer<W: AsyncWrite + Unpin>(
                 // decoded that frame from the socket. The peer's own reason is the true
                 // one, so the reader gets a short grace to report it first; a dead
                 // connection ends its read at once (EOF or reset), so this rarely waits.
-                let _ = tokio::time::timeout(READER_GRACE, closed_signal(&mut closed)).await;
+                // Not after a send timeout: a stalled peer tells the reader nothing either.
+                if reason.starts_with(WRITE_ERROR) {
+                    let _ = tokio::time::timeout(READER_GRACE, closed_signal(&mut closed)).await;
+                }
                 shared.shut(reason, Final::Nothing);
                 stream_ok = false;
                 break;
