@@ -405,7 +405,12 @@ impl Raw {
 
     /// Full initiator handshake as node "a" with `secret`.
     async fn authenticate(port: u16, secret: &Secret) -> Raw {
-        let mut r = Raw::connect(port).await;
+        Raw::connect(port).await.handshake(secret).await
+    }
+
+    /// The initiator handshake as node "a" with `secret` on this connection.
+    async fn handshake(self, secret: &Secret) -> Raw {
+        let mut r = self;
         r.send(Message::Hello(hello("a", "demo", "md1", 1 << 30, 64 << 10)))
             .await;
         let Some(Frame {
@@ -683,6 +688,43 @@ async fn newer_connection_replaces_the_old_session() {
     );
     let f = raw1.recv_non_ping().await.expect("Goodbye");
     assert!(matches!(f.msg, Message::Goodbye { .. }), "{f:?}");
+}
+
+/// Handshakes finish in any order; an older connection whose handshake ends after a newer
+/// one's is not used (CI saw it replace the newer session under load).
+#[tokio::test]
+async fn an_older_connection_finishing_late_does_not_replace_the_newer_session() {
+    let mut b = Acceptor::start(md1());
+    // Accepted first (the listener's queue is FIFO), but its handshake waits.
+    let older = b.raw().await;
+    let mut newer = b.authenticated().await;
+    let mut sb = next_session(&mut b.link).await;
+    let mut older = older.handshake(&b.secret).await;
+    let f = older.recv_non_ping().await;
+    assert!(
+        matches!(
+            &f,
+            Some(Frame {
+                msg: Message::Goodbye { .. },
+                ..
+            })
+        ),
+        "the older connection got {f:?}; the newer session: {:?}",
+        sb.closed.reason()
+    );
+    assert!(
+        older.recv_non_ping().await.is_none(),
+        "closed after Goodbye"
+    );
+    // The link decided before the Goodbye went out: nothing new, the newer session lives.
+    assert!(
+        b.link.sessions.try_recv().is_err(),
+        "the older session was delivered"
+    );
+    assert!(sb.closed.reason().is_none(), "{:?}", sb.closed.reason());
+    let seq = newer.send(Message::Flush).await;
+    let got = sb.rx.recv().await.expect("frame on the newer session");
+    assert_eq!((got.seq, got.msg), (seq, Message::Flush));
 }
 
 #[tokio::test]

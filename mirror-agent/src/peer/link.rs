@@ -274,8 +274,14 @@ async fn accept_loop(
         }
     };
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    // Handshakes run concurrently and may finish in any order; each carries the number of
+    // its connection in accept order. A connection older than one already used is one the
+    // peer gave up on (it dials one at a time): it is closed, never used.
     let (done_tx, mut done_rx) =
-        mpsc::channel::<Result<Session, LinkError>>(MAX_PENDING_HANDSHAKES);
+        mpsc::channel::<(u64, Result<Session, LinkError>)>(MAX_PENDING_HANDSHAKES);
+    let mut accepted: u64 = 0;
+    // The newest connection used so far: its number and address.
+    let mut newest: Option<(u64, SocketAddr)> = None;
     let mut current: Option<(SessionSender, CloseWatch)> = None;
     loop {
         let watch_current = current.as_ref().map(|c| c.1.clone());
@@ -301,12 +307,14 @@ async fn accept_loop(
             acc = listener.accept() => match acc {
                 Ok((stream, addr)) => match pending.clone().try_acquire_owned() {
                     Ok(permit) => {
+                        accepted += 1;
+                        let n = accepted;
                         let spec = spec.clone();
                         let done = done_tx.clone();
                         tokio::spawn(async move {
                             let r = accept_one(stream, addr, &spec).await;
                             drop(permit);
-                            let _ = done.send(r).await;
+                            let _ = done.send((n, r)).await;
                         });
                     }
                     Err(_) => tracing::warn!(link = %name, peer = %addr,
@@ -318,8 +326,15 @@ async fn accept_loop(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            Some(r) = done_rx.recv() => match r {
+            Some((n, r)) = done_rx.recv() => match r {
                 Ok(session) => {
+                    if let Some((_, addr)) = newest.filter(|(m, _)| *m > n) {
+                        session.tx.close(&format!(
+                            "superseded: the peer's newer connection from {addr} was used first"
+                        ));
+                        continue;
+                    }
+                    newest = Some((n, session.peer_addr));
                     if let Some((old, _)) = current.take() {
                         old.close(&format!("replaced by a newer connection from {}", session.peer_addr));
                     }
