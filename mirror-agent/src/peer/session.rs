@@ -1415,9 +1415,10 @@ mod tests {
         assert!(sb.rx.recv().await.is_none());
     }
 
-    /// A stream whose writes fail with EPIPE (and say so once), and whose reads come
-    /// from an in-memory pipe the test controls: a peer that said Goodbye and closed,
-    /// seen by a writer that fails before the reader has decoded the Goodbye.
+    /// A stream whose writes fail with EPIPE (each failure signalled to the test), and
+    /// whose reads come from an in-memory pipe the test controls: a peer that said
+    /// Goodbye and closed, seen by a writer that fails before the reader has decoded the
+    /// Goodbye.
     struct DeadPeer {
         rx: tokio::io::DuplexStream,
         failed: Arc<tokio::sync::Notify>,
