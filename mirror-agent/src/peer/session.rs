@@ -1052,6 +1052,16 @@ enum Seg {
     Data(Bytes),
 }
 
+/// Why [`write_frames`] stopped; each carries the reason the session reports.
+#[derive(Debug)]
+enum WriteFailed {
+    /// The socket refused the bytes (EPIPE, ECONNRESET, ...): the peer may have closed
+    /// after telling us why, in frames the reader has not decoded yet.
+    Socket(String),
+    /// Blocked past the send timeout, or a frame of ours did not encode.
+    Other(String),
+}
+
 /// Encodes `frames` into `buf` (headers and fixed fields, contiguous runs) and writes them
 /// with vectored writes; Write/ResyncData data and bitmap bits are not copied.
 async fn write_frames<W: AsyncWrite + Unpin>(
@@ -1059,7 +1069,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     frames: &[Out],
     buf: &mut BytesMut,
     send_timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), WriteFailed> {
     buf.clear();
     let mut segs = Vec::with_capacity(frames.len() * 2);
     let mut run = 0;
@@ -1077,11 +1087,11 @@ async fn write_frames<W: AsyncWrite + Unpin>(
             }
         };
         let tail = f.encode_vectored(buf).map_err(|e| {
-            format!(
+            WriteFailed::Other(format!(
                 "cannot encode our own {:?} frame seq {}: {e}",
                 f.msg.kind(),
                 f.seq
-            )
+            ))
         })?;
         if let Some(t) = tail {
             segs.push(Seg::Buf(run..buf.len()));
@@ -1107,18 +1117,22 @@ async fn write_frames<W: AsyncWrite + Unpin>(
             .collect();
         let n = match tokio::time::timeout(send_timeout, w.write_vectored(&iov)).await {
             Err(_) => {
-                return Err(format!(
+                return Err(WriteFailed::Other(format!(
                     "send blocked for more than {} s",
                     secs(send_timeout)
-                ))
+                )))
             }
             Ok(Err(e)) => {
-                return Err(format!(
-                    "{WRITE_ERROR}: {e} (errno {})",
+                return Err(WriteFailed::Socket(format!(
+                    "write error: {e} (errno {})",
                     e.raw_os_error().unwrap_or(0)
+                )))
+            }
+            Ok(Ok(0)) => {
+                return Err(WriteFailed::Socket(
+                    "write error: connection accepts no more data".to_string(),
                 ))
             }
-            Ok(Ok(0)) => return Err(format!("{WRITE_ERROR}: connection accepts no more data")),
             Ok(Ok(n)) => n,
         };
         drop(iov);
@@ -1136,20 +1150,17 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     }
     match tokio::time::timeout(send_timeout, w.flush()).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("{WRITE_ERROR}: {e}")),
-        Err(_) => Err(format!(
+        Ok(Err(e)) => Err(WriteFailed::Socket(format!("write error: {e}"))),
+        Err(_) => Err(WriteFailed::Other(format!(
             "send blocked for more than {} s",
             secs(send_timeout)
-        )),
+        ))),
     }
 }
 
 /// How long a failed write waits for the reader task to close the session with the
 /// peer's reason (see the writer task).
 const READER_GRACE: Duration = Duration::from_millis(500);
-
-/// How a failed write's reason starts (the socket refused the bytes).
-const WRITE_ERROR: &str = "write error";
 
 /// Seq after the last whole frame in `batch` (`None` if it holds only a rest).
 fn last_seq(batch: &[Out]) -> Option<u64> {
@@ -1226,16 +1237,21 @@ async fn writer<W: AsyncWrite + Unpin>(
         };
         match res {
             Some(Ok(())) => written = last_seq(&batch).or(written),
-            Some(Err(reason)) => {
-                // A peer that closed after a Goodbye or an Error frame makes our next
-                // write fail (EPIPE, ECONNRESET), often before the reader task has
-                // decoded that frame from the socket. The peer's own reason is the true
-                // one, so the reader gets a short grace to report it first; a dead
-                // connection ends its read at once (EOF or reset), so this rarely waits.
-                // Not after a send timeout: a stalled peer tells the reader nothing either.
-                if reason.starts_with(WRITE_ERROR) {
-                    let _ = tokio::time::timeout(READER_GRACE, closed_signal(&mut closed)).await;
-                }
+            Some(Err(failed)) => {
+                let reason = match failed {
+                    // A peer that closed after a Goodbye or an Error frame makes our next
+                    // write fail, often before the reader task has decoded that frame from
+                    // the socket. The peer's own reason is the true one, so the reader gets
+                    // a short grace to report it first; a dead connection ends its read at
+                    // once (EOF or reset), so this rarely waits.
+                    WriteFailed::Socket(reason) => {
+                        let _ =
+                            tokio::time::timeout(READER_GRACE, closed_signal(&mut closed)).await;
+                        reason
+                    }
+                    // A stalled peer tells the reader nothing either.
+                    WriteFailed::Other(reason) => reason,
+                };
                 shared.shut(reason, Final::Nothing);
                 stream_ok = false;
                 break;
