@@ -55,10 +55,11 @@ impl Drop for Demo {
     }
 }
 
-/// Ports `base..base+4` all free on loopback.
+/// Ports `base..base+6` all free on loopback, below the kernel's ephemeral range (32768 and
+/// up) so that no outgoing connection takes one as its source port before the agents bind.
 fn free_base_port() -> Result<u16, String> {
-    let start = 40000 + (std::process::id() % 2000) as u16 * 8;
-    for base in (start..60000).step_by(8) {
+    let start = 16000 + (std::process::id() % 500) as u16 * 8;
+    for base in (start..20000).chain(16000..start).step_by(8) {
         if (base..base + 6).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
             return Ok(base);
         }

@@ -21,8 +21,8 @@ use mirror_proto::{
     Role, HEADER_LEN,
 };
 use peer_common::{
-    assert_delivered, assert_no_more_frames, closed_reason, free_port, next_session, recv_frame,
-    wait_refused, write, Pair, WAIT,
+    assert_delivered, assert_no_more_frames, closed_reason, free_port, free_ports, next_session,
+    recv_frame, wait_refused, write, Pair, WAIT,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -205,10 +205,7 @@ async fn nodes_connect_through_a_proxy_via_listen_address_and_recover_from_a_cut
     // server2 listens on 127.0.0.2 and is reached at 127.0.0.3, where the proxy forwards.
     let dir = tempfile::tempdir().unwrap();
     let (base, proxy_listener) = loop {
-        let base = free_port();
-        if base > 60000 {
-            continue;
-        }
+        let base = free_ports(2);
         let ok2 = std::net::TcpListener::bind(("127.0.0.2", base + 1)).is_ok();
         if let (true, Ok(l)) = (
             ok2,
@@ -804,4 +801,26 @@ async fn big_frames_arriving_in_pieces_are_delivered_and_a_stalled_one_times_out
     let reason = closed_reason(&sb).await;
     assert!(reason.contains("frame incomplete for 0.500 s"), "{reason}");
     assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+}
+
+/// The test port allocator hands out each port once per process, even to tests running in
+/// parallel, and only ports below the kernel's ephemeral range (where outgoing connections
+/// take their source ports). A CI failure came from two parallel tests given the same port.
+#[test]
+fn test_ports_are_unique_and_outside_the_ephemeral_range() {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let ephemeral_low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|_| std::thread::spawn(|| (0..40).map(|_| free_ports(4)).collect::<Vec<_>>()))
+        .collect();
+    let mut ports: Vec<u16> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .flat_map(|base| base..base + 4)
+        .collect();
+    let n = ports.len();
+    assert!(ports.iter().all(|&p| p < ephemeral_low), "{ports:?}");
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), n, "a port was handed out twice");
 }

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use mirror_agent::config::{Config, ConfigError, ExampleSpec, Secret, Timeouts, Tls, TlsMaterial};
 use mirror_agent::peer::{HelloState, HelloStateFn, LinkError, LinkSpec, LinkState, PeerTls};
 use mirror_proto::{DiskState, Features, Generation, Message, Role};
-use peer_common::{assert_delivered, closed_reason, free_port, recv_frame, write_bytes, Pair};
+use peer_common::{assert_delivered, closed_reason, free_ports, recv_frame, write_bytes, Pair};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::RootCertStore;
@@ -114,19 +114,12 @@ struct Setup {
     secret: Secret,
 }
 
-fn free_base() -> u16 {
-    loop {
-        let p = free_port();
-        if p < 60000 && (1..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-            return p;
-        }
-    }
-}
-
 impl Setup {
     fn new() -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let path = ExampleSpec::pair(dir.path(), free_base()).write().unwrap();
+        let path = ExampleSpec::pair(dir.path(), free_ports(4))
+            .write()
+            .unwrap();
         let text = std::fs::read_to_string(&path)
             .unwrap()
             .replace("server1", "alpha")

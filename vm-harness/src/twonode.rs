@@ -126,17 +126,27 @@ impl Ctx {
     }
 }
 
-/// `N` distinct free TCP ports on 127.0.0.1: all bound at once, then released.
-/// (Binding one port at a time and releasing it can return the same port
-/// twice: the kernel may hand a just-released ephemeral port out again.)
+/// `N` distinct TCP ports on 127.0.0.1, each checked free by binding it, from 9000-9999:
+/// below the kernel's ephemeral range (32768 and up), so that no outgoing connection (QEMU's
+/// slirp, the other node's agent) takes one as its source port in the seconds between this
+/// check and node B's bind. (A port from `bind(:0)` is an ephemeral one.)
 pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
-    let listeners = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
+    let start = 9000 + (std::process::id() % 100) as u16 * 10;
     let mut ports = [0u16; N];
-    for (p, l) in ports.iter_mut().zip(&listeners) {
-        *p = l.local_addr()?.port();
+    let mut found = 0;
+    for p in (start..10_000).chain(9000..start) {
+        if found == N {
+            break;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            ports[found] = p;
+            found += 1;
+        }
     }
+    ensure!(
+        found == N,
+        "fewer than {N} free TCP ports on 127.0.0.1 in 9000-9999"
+    );
     Ok(ports)
 }
 
