@@ -4,7 +4,6 @@
 //! every step, and the two data files compared. No config needed; everything
 //! is cleaned up on exit (`--keep` leaves the directory for inspection).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,16 +54,10 @@ impl Drop for Demo {
     }
 }
 
-/// Ports `base..base+6` all free on loopback, below the kernel's ephemeral range (32768 and
-/// up) so that no outgoing connection takes one as its source port before the agents bind.
+/// Ports `base..base+6` all free on loopback, below the kernel's ephemeral range.
 fn free_base_port() -> Result<u16, String> {
-    let start = 16000 + (std::process::id() % 500) as u16 * 8;
-    for base in (start..20000).chain(16000..start).step_by(8) {
-        if (base..base + 6).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return Ok(base);
-        }
-    }
-    Err("no free loopback ports for the demo".into())
+    mirror_agent::config::free_loopback_ports(16_000..20_000, 6)
+        .ok_or_else(|| "no 6 consecutive free loopback ports in 16000-19999 for the demo".into())
 }
 
 fn step(n: u32, what: &str) {

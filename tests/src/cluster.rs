@@ -6,7 +6,6 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,28 +126,12 @@ impl Default for ClusterOpts {
     }
 }
 
-/// Picks `n` consecutive free TCP ports on 127.0.0.1, each checked by binding it, from
-/// blocks of 8 handed out once per process (so the test threads of one process never
-/// compete) and below the kernel's ephemeral range (32768 and up), so that no outgoing
-/// connection takes one as its source port between the check and the agent's bind.
-/// Range 20000-31999; the agent's own tests use 10000-15999 and the demo 16000-19999.
+/// Picks `n` consecutive free TCP ports on 127.0.0.1 no other test of this process was
+/// given, below the ephemeral range ([`mirror_agent::config::free_loopback_ports`],
+/// 20000-31999).
 pub fn free_ports(n: u16) -> u16 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    const BLOCKS: u64 = 1_500;
-    let blocks = u64::from(n).div_ceil(8).max(1);
-    let pid = u64::from(std::process::id());
-    for _ in 0..BLOCKS {
-        let k = NEXT.fetch_add(blocks, Ordering::Relaxed);
-        let first = (pid * 97 + k) % BLOCKS;
-        if first + blocks > BLOCKS {
-            continue;
-        }
-        let base = (20_000 + first * 8) as u16;
-        if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no {n} consecutive free ports on 127.0.0.1 in 20000-31999");
+    mirror_agent::config::free_loopback_ports(20_000..32_000, n)
+        .unwrap_or_else(|| panic!("no {n} consecutive free ports on 127.0.0.1 in 20000-31999"))
 }
 
 /// A generated cluster in a temp dir (removed when the last user drops it).

@@ -126,28 +126,16 @@ impl Ctx {
     }
 }
 
-/// `N` distinct TCP ports on 127.0.0.1, each checked free by binding it, from 9000-9999:
-/// below the kernel's ephemeral range (32768 and up), so that no outgoing connection (QEMU's
-/// slirp, the other node's agent) takes one as its source port in the seconds between this
-/// check and node B's bind. (A port from `bind(:0)` is an ephemeral one.)
+/// `N` consecutive TCP ports on 127.0.0.1, each checked free, from 9000-9999: below the
+/// kernel's ephemeral range, so that no outgoing connection (QEMU's slirp, the other node's
+/// agent) takes one as its source port in the seconds between this check and node B's bind
+/// ([`mirror_agent::config::free_loopback_ports`]; a port from `bind(:0)` is an ephemeral one).
 pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
-    let start = 9000 + (std::process::id() % 100) as u16 * 10;
-    let mut ports = [0u16; N];
-    let mut found = 0;
-    for p in (start..10_000).chain(9000..start) {
-        if found == N {
-            break;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            ports[found] = p;
-            found += 1;
-        }
-    }
-    ensure!(
-        found == N,
-        "fewer than {N} free TCP ports on 127.0.0.1 in 9000-9999"
-    );
-    Ok(ports)
+    let base =
+        mirror_agent::config::free_loopback_ports(9000..10_000, N as u16).with_context(|| {
+            format!("fewer than {N} consecutive free TCP ports on 127.0.0.1 in 9000-9999")
+        })?;
+    Ok(std::array::from_fn(|i| base + i as u16))
 }
 
 /// The pair's config. `b_listen`: where B's listeners bind; A dials

@@ -14,6 +14,41 @@ use std::path::{Path, PathBuf};
 
 use super::{format_duration, format_size, Mode, Timeouts};
 
+/// `n` consecutive TCP ports on 127.0.0.1, each free when checked (by binding it), for an
+/// example config's `base_port`; `None` if `range` has no such run left.
+///
+/// Ports come from blocks of 8 of `range`, each handed out once per process until all of
+/// the range's blocks have been (then they come round again), so tests running in parallel
+/// never get the same port (a port taken from the kernel with
+/// `bind(:0)` and released can be handed to the next caller too). The start block depends
+/// on the process id, so that processes running at the same time usually start apart.
+/// Callers pick ranges below the kernel's ephemeral range (`ip_local_port_range`, 32768 and
+/// up on Linux), so that no outgoing connection takes one as its source port between this
+/// check and the agent's bind. The ranges in use: the agent's tests 10000-15999, the
+/// `tests` crate 20000-31999, the demo 16000-19999, the vm harness 9000-9999.
+pub fn free_loopback_ports(range: std::ops::Range<u16>, n: u16) -> Option<u16> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let total = u64::from(range.end.saturating_sub(range.start)) / 8;
+    let blocks = u64::from(n).div_ceil(8).max(1);
+    if total < blocks {
+        return None;
+    }
+    let pid = u64::from(std::process::id());
+    for _ in 0..total {
+        let k = NEXT.fetch_add(blocks, Ordering::Relaxed);
+        let first = (pid * 97 + k) % total;
+        if first + blocks > total {
+            continue;
+        }
+        let base = range.start + (first * 8) as u16;
+        if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return Some(base);
+        }
+    }
+    None
+}
+
 /// What [`ExampleSpec::render`] produces. Build with [`ExampleSpec::pair`]
 /// or [`ExampleSpec::standalone`], adjust the public fields, then render or
 /// [`write`](ExampleSpec::write).
@@ -158,5 +193,42 @@ impl ExampleSpec {
         let path = self.dir.join("cluster.toml");
         std::fs::write(&path, self.render())?;
         Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_loopback_ports;
+
+    #[test]
+    fn loopback_ports_are_handed_out_once_per_process_within_the_range() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    (0..20)
+                        .map(|_| free_loopback_ports(40_000..42_000, 9).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut ports: Vec<u16> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .flat_map(|base| base..base + 9)
+            .collect();
+        let n = ports.len();
+        assert!(
+            ports.iter().all(|p| (40_000..42_000).contains(p)),
+            "{ports:?}"
+        );
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), n, "a port was handed out twice");
+    }
+
+    #[test]
+    fn a_range_too_small_for_the_run_gives_none() {
+        assert_eq!(free_loopback_ports(40_000..40_008, 9), None);
+        assert_eq!(free_loopback_ports(40_000..40_000, 1), None);
     }
 }

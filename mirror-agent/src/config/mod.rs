@@ -42,7 +42,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub use error::ConfigError;
-pub use example::ExampleSpec;
+pub use example::{free_loopback_ports, ExampleSpec};
 pub use secret::Secret;
 pub use tls::{crypto_provider, TlsMaterial};
 pub use units::{format_duration, format_size, parse_duration, parse_size};

@@ -34,30 +34,11 @@ pub fn free_port() -> u16 {
     free_ports(1)
 }
 
-/// `n` consecutive TCP ports on 127.0.0.1, each checked free by binding it, from blocks of
-/// 8 handed out once per process (so tests running in parallel never get the same port:
-/// a port taken from the kernel with `bind(:0)` and released can be handed to the next
-/// caller too) and below the kernel's ephemeral range (32768 and up), so that no outgoing
-/// connection takes one as its source port between the check and the test's own bind.
-/// Range 10000-15999; `tests/src/cluster.rs` uses 20000-31999 and the demo 16000-19999.
+/// `n` consecutive TCP ports on 127.0.0.1 no other test of this process was given, below
+/// the ephemeral range ([`mirror_agent::config::free_loopback_ports`], 10000-15999).
 pub fn free_ports(n: u16) -> u16 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    const BLOCKS: u64 = 750;
-    let blocks = u64::from(n).div_ceil(8).max(1);
-    let pid = u64::from(std::process::id());
-    for _ in 0..BLOCKS {
-        let k = NEXT.fetch_add(blocks, Ordering::Relaxed);
-        let first = (pid * 97 + k) % BLOCKS;
-        if first + blocks > BLOCKS {
-            continue;
-        }
-        let base = (10_000 + first * 8) as u16;
-        if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no {n} consecutive free ports on 127.0.0.1 in 10000-15999");
+    mirror_agent::config::free_loopback_ports(10_000..16_000, n)
+        .unwrap_or_else(|| panic!("no {n} consecutive free ports on 127.0.0.1 in 10000-15999"))
 }
 
 /// A Write of a copy of `data` at `offset`.
