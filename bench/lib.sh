@@ -121,12 +121,34 @@ private_binaries() {
     AGENT_BIN="$WORK/mirror-agent"; MDCTRL_BIN="$WORK/mdctrl"
 }
 
-free_ports() { # n: n distinct free TCP ports on 127.0.0.1
-    python3 - "$1" <<'PY'
+# n distinct TCP ports on 127.0.0.1, each checked free by binding it, from 5000-8999: below
+# the kernel's ephemeral range (32768 and up), so that no outgoing connection (a running
+# pair's dialer) takes one as its source port before the agent binds it. The next port to
+# try is kept in a file, so that calls made before the previous pair has bound its ports
+# never return the same ones (a port from bind(0) is an ephemeral one and could).
+free_ports() { # n
+    python3 - "$1" "${BENCH_PORT_FILE:-/tmp/nbdm-bench-next-port}" <<'PY'
 import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+n, state = int(sys.argv[1]), sys.argv[2]
+lo, hi = 5000, 9000
+try:
+    nxt = int(open(state).read())
+except (OSError, ValueError):
+    nxt = lo
+socks, p = [], nxt if lo <= nxt < hi else lo
+for _ in range(hi - lo):
+    if len(socks) == n:
+        break
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+        socks.append(s)
+    except OSError:
+        s.close()
+    p = p + 1 if p + 1 < hi else lo
+if len(socks) < n:
+    sys.exit(f"free_ports: fewer than {n} free TCP ports on 127.0.0.1 in {lo}-{hi - 1}")
+open(state, "w").write(str(p))
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 PY
 }
