@@ -19,9 +19,9 @@ use super::{format_duration, format_size, Mode, Timeouts};
 ///
 /// Ports come from blocks of 8 of `range`, each handed out once per process until all of
 /// the range's blocks have been (then they come round again), so tests running in parallel
-/// never get the same port (a port taken from the kernel with
-/// `bind(:0)` and released can be handed to the next caller too). The start block depends
-/// on the process id, so that processes running at the same time usually start apart.
+/// never get the same port (a port taken from the kernel with `bind(:0)` and released can
+/// be handed to the next caller too). The start block depends on the process id, so that
+/// processes running at the same time usually start apart.
 /// Callers pick ranges below the kernel's ephemeral range (`ip_local_port_range`, 32768 and
 /// up on Linux), so that no outgoing connection takes one as its source port between this
 /// check and the agent's bind. The ranges in use: the agent's tests 10000-15999, the
