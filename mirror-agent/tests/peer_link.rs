@@ -803,24 +803,15 @@ async fn big_frames_arriving_in_pieces_are_delivered_and_a_stalled_one_times_out
     assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
 }
 
-/// The test port allocator hands out each port once per process, even to tests running in
-/// parallel, and only ports below the kernel's ephemeral range (where outgoing connections
-/// take their source ports). A CI failure came from two parallel tests given the same port.
+/// The ports these tests use are below the kernel's ephemeral range, where outgoing
+/// connections take their source ports (uniqueness within a process: the unit tests of
+/// `config::free_loopback_ports`). A CI failure came from a test's port taken meanwhile.
 #[test]
-fn test_ports_are_unique_and_outside_the_ephemeral_range() {
+fn test_ports_are_outside_the_ephemeral_range() {
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
     let ephemeral_low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
-    let threads: Vec<_> = (0..8)
-        .map(|_| std::thread::spawn(|| (0..40).map(|_| free_ports(4)).collect::<Vec<_>>()))
-        .collect();
-    let mut ports: Vec<u16> = threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap())
-        .flat_map(|base| base..base + 4)
-        .collect();
-    let n = ports.len();
-    assert!(ports.iter().all(|&p| p < ephemeral_low), "{ports:?}");
-    ports.sort_unstable();
-    ports.dedup();
-    assert_eq!(ports.len(), n, "a port was handed out twice");
+    for _ in 0..20 {
+        let base = free_ports(4);
+        assert!(base + 3 < ephemeral_low, "{base} against {range}");
+    }
 }
