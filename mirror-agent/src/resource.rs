@@ -512,6 +512,12 @@ impl Resource {
                 ),
             };
         }
+        if p.sync == crate::pair::DECIDING {
+            return match role {
+                Role::Active => ("GREEN", format!("serving; connected to {peer}, comparing the nodes' states (a moment): `mdctrl status {r}` again")),
+                Role::Inactive => ("GRAY", format!("connected to {peer}, comparing the nodes' states (a moment): whether this node holds the latest data is not known yet")),
+            };
+        }
         if let Some(rec) = p
             .recovery
             .as_ref()

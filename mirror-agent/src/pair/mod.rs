@@ -236,6 +236,10 @@ pub enum PairError {
 /// session is then closed with Error(UNEXPECTED_MESSAGE).
 const UNEXPECTED: &str = "unexpected message: ";
 
+/// `PairStatus::sync` while connected and the two nodes' states are not compared yet (the
+/// peer's first State of the session follows the connection by a moment).
+pub const DECIDING: &str = "deciding";
+
 fn describe_decision(decision: &Decision, rule: Rule, local: &str, peer: &str) -> String {
     let text = match decision {
         Decision::Resync {
@@ -472,6 +476,8 @@ impl Pair {
             st.peer = None;
             st.mirror = Mirror::Unknown;
             st.logged = None;
+            // The previous session's verdict; the first evaluation of this one sets it.
+            st.auto_block = None;
             id
         };
         tracing::info!(resource = %self.resource, peer = %self.peer_name, %peer_addr, peer_generation = format_args!("{:016x}", peer_hello.generation.current), "peer connected");
@@ -721,7 +727,7 @@ impl Pair {
                             Mirror::Decided { decision, rule } =>
                                 describe_decision(decision, *rule, &self.node, &self.peer_name),
                             Mirror::Resyncing => "resync running".into(),
-                            _ => "deciding".into(),
+                            _ => DECIDING.into(),
                         }
                     ),
                     format!("`mdctrl recover {}` first", self.resource),
@@ -786,8 +792,7 @@ impl Pair {
                 .await
                 .map_err(|e| AdminError::internal(format!("verify: detaching replication: {e}")))?;
         } else {
-            lock(&self.st).mirror = Mirror::Unknown;
-            self.evaluate(id);
+            self.evaluate_after(id, |st| st.mirror = Mirror::Unknown);
         }
         Ok(format!(
             "verify of {}: {total} regions compared, {n} differ; marked dirty on {} (the source side): {}",
@@ -880,12 +885,12 @@ impl Pair {
     async fn on_control(self: &Arc<Self>, id: u64, tx: &SessionSender, msg: ControlMsg) {
         match msg {
             ControlMsg::State(s) => {
-                {
-                    let mut st = lock(&self.st);
+                // Installed and evaluated under one lock: a status read in between would
+                // show the new state beside the previous decision's auto-recovery verdict.
+                self.evaluate_after(id, |st| {
                     st.peer = Some(s);
                     st.peer_seen = Some(Instant::now());
-                }
-                self.evaluate(id);
+                });
                 self.changed.bump();
             }
             ControlMsg::ActivateRequest { id: req } => {
@@ -1026,10 +1031,17 @@ impl Pair {
     /// Re-evaluate the session: decide (until in sync or resyncing), attach
     /// replication, start the standby applier, start automatic recovery.
     fn evaluate(self: &Arc<Self>, id: u64) {
+        self.evaluate_after(id, |_| {});
+    }
+
+    /// [`Self::evaluate`] after `update`, under the same lock, so that no status read sees
+    /// the update without its evaluation. Neither happens unless session `id` is the live one.
+    fn evaluate_after(self: &Arc<Self>, id: u64, update: impl FnOnce(&mut St)) {
         let mut st = lock(&self.st);
         if st.live.as_ref().map(|l| l.id) != Some(id) {
             return;
         }
+        update(&mut st);
         let Some(peer) = st.peer.clone() else { return };
         let peer_active = peer.role == PeerRole::Active;
         let local_active = st.role == PeerRole::Active;
@@ -2040,7 +2052,7 @@ impl Pair {
             (Mirror::Decided { decision, rule }, _) => {
                 describe_decision(decision, *rule, &self.node, &self.peer_name)
             }
-            (Mirror::Unknown, _) => "deciding".to_string(),
+            (Mirror::Unknown, _) => DECIDING.to_string(),
         };
         crate::status::PairStatus {
             peer: self.peer_name.clone(),
