@@ -57,7 +57,7 @@ impl Drop for Demo {
 /// Ports `base..base+6` all free on loopback, below the kernel's ephemeral range.
 fn free_base_port() -> Result<u16, String> {
     mirror_agent::config::free_loopback_ports(16_000..20_000, 6)
-        .ok_or_else(|| "no 6 consecutive free loopback ports in 16000-19999 for the demo".into())
+        .map_err(|e| format!("ports for the demo: {e}"))
 }
 
 fn step(n: u32, what: &str) {

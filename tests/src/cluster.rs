@@ -130,8 +130,7 @@ impl Default for ClusterOpts {
 /// given, below the ephemeral range ([`mirror_agent::config::free_loopback_ports`],
 /// 20000-31999).
 pub fn free_ports(n: u16) -> u16 {
-    mirror_agent::config::free_loopback_ports(20_000..32_000, n)
-        .unwrap_or_else(|| panic!("no {n} consecutive free ports on 127.0.0.1 in 20000-31999"))
+    mirror_agent::config::free_loopback_ports(20_000..32_000, n).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A generated cluster in a temp dir (removed when the last user drops it).

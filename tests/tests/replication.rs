@@ -829,7 +829,8 @@ fn assert_reconnected_after_break(p: &MirrorPair, dirty_written: &BTreeSet<u64>)
     let s = p.wait_connected("server1", Duration::from_secs(20));
     let s2 = p.wait_connected("server2", T);
     assert_ne!(
-        s["pair"]["sync"], "deciding",
+        s["pair"]["sync"],
+        mirror_agent::pair::DECIDING,
         "states received, not compared: {s:#}"
     );
     if s["pair"]["recovery"].is_null()

@@ -131,10 +131,8 @@ impl Ctx {
 /// agent) takes one as its source port in the seconds between this check and node B's bind
 /// ([`mirror_agent::config::free_loopback_ports`]; a port from `bind(:0)` is an ephemeral one).
 pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
-    let base =
-        mirror_agent::config::free_loopback_ports(9000..10_000, N as u16).with_context(|| {
-            format!("fewer than {N} consecutive free TCP ports on 127.0.0.1 in 9000-9999")
-        })?;
+    let base = mirror_agent::config::free_loopback_ports(9000..10_000, N as u16)
+        .map_err(anyhow::Error::msg)?;
     Ok(std::array::from_fn(|i| base + i as u16))
 }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use super::{format_duration, format_size, Mode, Timeouts};
 
 /// `n` consecutive TCP ports on 127.0.0.1, each free when checked (by binding it), for an
-/// example config's `base_port`; `None` if `range` has no such run left.
+/// example config's `base_port`; an error naming `range` if it has no such run left.
 ///
 /// Ports come from blocks of 8 of `range`, each handed out once per process until all of
 /// the range's blocks have been (then they come round again), so tests running in parallel
@@ -26,13 +26,20 @@ use super::{format_duration, format_size, Mode, Timeouts};
 /// up on Linux), so that no outgoing connection takes one as its source port between this
 /// check and the agent's bind. The ranges in use: the agent's tests 10000-15999, the
 /// `tests` crate 20000-31999, the demo 16000-19999, the vm harness 9000-9999.
-pub fn free_loopback_ports(range: std::ops::Range<u16>, n: u16) -> Option<u16> {
+pub fn free_loopback_ports(range: std::ops::Range<u16>, n: u16) -> Result<u16, String> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    let none = || {
+        format!(
+            "no {n} consecutive free TCP ports on 127.0.0.1 in {}-{}",
+            range.start,
+            range.end.saturating_sub(1)
+        )
+    };
     let total = u64::from(range.end.saturating_sub(range.start)) / 8;
     let blocks = u64::from(n).div_ceil(8).max(1);
     if total < blocks {
-        return None;
+        return Err(none());
     }
     let pid = u64::from(std::process::id());
     for _ in 0..total {
@@ -43,10 +50,10 @@ pub fn free_loopback_ports(range: std::ops::Range<u16>, n: u16) -> Option<u16> {
         }
         let base = range.start + (first * 8) as u16;
         if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return Some(base);
+            return Ok(base);
         }
     }
-    None
+    Err(none())
 }
 
 /// What [`ExampleSpec::render`] produces. Build with [`ExampleSpec::pair`]
@@ -227,8 +234,11 @@ mod tests {
     }
 
     #[test]
-    fn a_range_too_small_for_the_run_gives_none() {
-        assert_eq!(free_loopback_ports(40_000..40_008, 9), None);
-        assert_eq!(free_loopback_ports(40_000..40_000, 1), None);
+    fn a_range_too_small_for_the_run_is_an_error_naming_it() {
+        assert_eq!(
+            free_loopback_ports(40_000..40_008, 9),
+            Err("no 9 consecutive free TCP ports on 127.0.0.1 in 40000-40007".to_string())
+        );
+        assert!(free_loopback_ports(40_000..40_000, 1).is_err());
     }
 }

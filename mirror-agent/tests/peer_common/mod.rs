@@ -37,8 +37,7 @@ pub fn free_port() -> u16 {
 /// `n` consecutive TCP ports on 127.0.0.1 no other test of this process was given, below
 /// the ephemeral range ([`mirror_agent::config::free_loopback_ports`], 10000-15999).
 pub fn free_ports(n: u16) -> u16 {
-    mirror_agent::config::free_loopback_ports(10_000..16_000, n)
-        .unwrap_or_else(|| panic!("no {n} consecutive free ports on 127.0.0.1 in 10000-15999"))
+    mirror_agent::config::free_loopback_ports(10_000..16_000, n).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A Write of a copy of `data` at `offset`.
