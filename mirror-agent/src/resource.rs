@@ -428,8 +428,7 @@ impl Resource {
             Serving::Inactive => (Role::Inactive, None, None),
         };
         drop(serving);
-        let disk = self.meta.disk_status();
-        let pair = self.pair.as_ref().map(|p| p.status());
+        let (disk, pair) = self.disk_and_pair();
         let (color, next_step) = self.color_and_next_step(role, &disk, pair.as_ref());
         ResourceStatus {
             resource: self.name.clone(),
@@ -448,6 +447,20 @@ impl Resource {
             color: color.to_string(),
             next_step,
         }
+    }
+
+    /// The disk's and the pair's status as one snapshot. They change at different instants:
+    /// a resync target's recovery record exists before RESYNC_TARGET is set and is marked
+    /// finished only after it was cleared. One disk read before the pair's and one after that
+    /// agree on consistency mean the pair's read saw the recovery that explains it; without
+    /// this a read spanning the end of a resync paired "inconsistent" with "finished" and
+    /// said RED "interrupted resync" for a moment.
+    fn disk_and_pair(&self) -> (crate::status::DiskStatus, Option<crate::status::PairStatus>) {
+        settled_snapshot(
+            || self.meta.disk_status(),
+            || self.pair.as_ref().map(|p| p.status()),
+            |a, b| a.consistent == b.consistent,
+        )
     }
 
     /// The ancestor's mirror colour for this node and the one-line advice.
@@ -551,6 +564,28 @@ impl Resource {
     }
 }
 
+/// Reads `first`, then `second`, then `first` again until the two reads of `first` agree
+/// (`same`), at most three times; returns the later read of `first` with the `second`
+/// read between them. Used where `second` explains a change of `first` that it precedes
+/// (see [`Resource::disk_and_pair`]). If `first` keeps changing, the last reads, taken
+/// close together, are returned.
+fn settled_snapshot<A, B>(
+    first: impl Fn() -> A,
+    second: impl Fn() -> B,
+    same: impl Fn(&A, &A) -> bool,
+) -> (A, B) {
+    let mut before = first();
+    for _ in 0..3 {
+        let b = second();
+        let after = first();
+        if same(&before, &after) {
+            return (after, b);
+        }
+        before = after;
+    }
+    (before, second())
+}
+
 fn engine_options(cfg: &config::Resource) -> engine::EngineOptions {
     engine::EngineOptions {
         kind: match cfg.engine {
@@ -585,4 +620,51 @@ fn add_counters(into: &mut NbdCounters, c: &NbdCounters) {
     into.read_bytes += c.read_bytes;
     into.written_bytes += c.written_bytes;
     into.errors += c.errors;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::settled_snapshot;
+    use std::cell::Cell;
+
+    /// A resync target's end as `status` sees it: the superblock turns consistent, then the
+    /// recovery is marked finished, wherever that falls among the reads. No snapshot may
+    /// pair "inconsistent" with a finished recovery (the old single disk-then-pair read
+    /// did, when both changes fell between its two reads).
+    #[test]
+    fn a_snapshot_never_pairs_the_old_disk_state_with_the_new_recovery_state() {
+        for change_at in 0..6 {
+            // Time advances with every read. Between read `change_at` and the next one the
+            // disk turns consistent and then the recovery finishes (as in `run_target`).
+            let t = Cell::new(0u32);
+            let tick = || {
+                let now = t.get();
+                t.set(now + 1);
+                now
+            };
+            let disk_consistent = || tick() > change_at;
+            let recovery_finished = || tick() > change_at;
+            let (consistent, finished) =
+                settled_snapshot(disk_consistent, recovery_finished, |a, b| a == b);
+            assert!(
+                consistent || !finished,
+                "change at read {change_at}: inconsistent paired with a finished recovery"
+            );
+        }
+    }
+
+    /// A `first` that never settles still gives an answer after a bounded number of reads.
+    #[test]
+    fn a_value_that_keeps_changing_is_read_a_bounded_number_of_times() {
+        let n = Cell::new(0u32);
+        let (_, _) = settled_snapshot(
+            || {
+                n.set(n.get() + 1);
+                n.get()
+            },
+            || (),
+            |a, b| a == b,
+        );
+        assert_eq!(n.get(), 4);
+    }
 }
