@@ -1,4 +1,4 @@
-# Shared helpers of the bench scripts (run.sh, mirror.sh, resync.sh,
+# Shared helpers of the bench scripts (run.sh, mirror.sh, ringpair.sh, resync.sh,
 # seqread-ab.sh); sourced,
 # never run. The sourcing script sets BENCH_NAME (log prefix) first, and
 # later WORK, RES, DROP, AGENT_BIN and MDCTRL_BIN where a helper uses them.
@@ -230,7 +230,8 @@ require_tools() {
         nbdkit file --dump-plugin >/dev/null 2>&1 || die "nbdkit has no file plugin; apt-get install nbdkit"
     fi
     local b
-    for b in "$AGENT_BIN" "$MDCTRL_BIN"; do
+    # The agent's binaries, for the scripts that run it (ringpair.sh does not).
+    for b in ${AGENT_BIN:+"$AGENT_BIN"} ${MDCTRL_BIN:+"$MDCTRL_BIN"}; do
         [[ -x "$b" ]] || die "$b not found; build with: cargo build --release -p mirror-agent -p cli --bins"
     done
     [[ -d "$BENCH_DIR" ]] || die "BENCH_DIR $BENCH_DIR does not exist"
