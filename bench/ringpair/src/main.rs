@@ -280,19 +280,41 @@ fn push(ring: &mut IoUring, e: &io_uring::squeue::Entry) -> Result<()> {
     if ring.submission().is_full() {
         ring.submit()?;
     }
-    // SAFETY: every entry's buffers (slots, receive buffers, the replies' `flight`, the
-    // frames' iovecs and msghdr) stay alive and untouched until the entry's completion is
-    // reaped: `serve` returns only after every submitted entry completed.
+    // SAFETY: every entry's buffers (in `Bufs`: slots, receive buffers, the replies'
+    // `flight`, the frames' iovecs and msghdr) stay untouched until the entry's completion
+    // is reaped, and alive for the process's life (`Bufs`).
     unsafe { ring.submission().push(e) }.context("submission queue full")
 }
 
-/// One NBD connection, served until the client disconnects.
+/// Every buffer an SQE may point into. Owned by [`active`] for the process's life: after
+/// an error `serve` returns with entries possibly still in flight, and the process then
+/// exits with these still allocated (exit cancels the ring's requests before the memory
+/// goes).
+struct Bufs {
+    slots: Slots,
+    rbuf: Vec<u8>,
+    abuf: Vec<u8>,
+    replies: Outbox,
+    frames: FrameOut,
+}
+
+/// One NBD connection, served until the client disconnects. Returns only when nothing is
+/// in flight, or with an error (then the caller exits; see [`Bufs`]).
 fn serve(
     c: &UnixStream,
     file: &std::fs::File,
     peer: Option<&TcpStream>,
-    slots: &mut Slots,
+    bufs: &mut Bufs,
 ) -> Result<u64> {
+    let Bufs {
+        slots,
+        rbuf,
+        abuf,
+        replies,
+        frames,
+    } = bufs;
+    replies.out.clear();
+    frames.out.clear();
     let cfd = types::Fd(c.as_raw_fd());
     let ffd = types::Fd(file.as_raw_fd());
     let pfd = peer.map(|p| types::Fd(p.as_raw_fd()));
@@ -303,11 +325,8 @@ fn serve(
     let mut free: Vec<usize> = (0..SLOTS).rev().collect();
     // Per slot: the NBD handle and how many completions it still waits for (disk, ack).
     let mut pending: Vec<(u64, u8)> = vec![(0, 0); SLOTS];
-    let mut rbuf = vec![0u8; 4 << 20];
     let (mut rlen, mut rstart, mut recv_armed) = (0usize, 0usize, false);
-    let mut abuf = vec![0u8; 64 << 10];
     let (mut alen, mut ack_armed) = (0usize, false);
-    let (mut replies, mut frames) = (Outbox::default(), FrameOut::new());
     let (mut in_flight, mut writes, mut closing) = (0usize, 0u64, false);
     let reply = |out: &mut Vec<u8>, handle: u64| {
         out.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
@@ -493,13 +512,26 @@ fn active(sock: &str, path: &str, peer: Option<&str>) -> Result<()> {
         }
         None => None,
     };
-    let mut slots = Slots::new();
+    let mut bufs = Bufs {
+        slots: Slots::new(),
+        rbuf: vec![0u8; 4 << 20],
+        abuf: vec![0u8; 64 << 10],
+        replies: Outbox::default(),
+        frames: FrameOut::new(),
+    };
     eprintln!("ringpair active: ready on {sock}");
     loop {
         let (mut c, _) = l.accept()?;
         handshake(&mut c, size)?;
         let t = std::time::Instant::now();
-        let n = serve(&c, &file, peer.as_ref(), &mut slots)?;
+        let n = match serve(&c, &file, peer.as_ref(), &mut bufs) {
+            Ok(n) => n,
+            Err(e) => {
+                // Exit with `bufs` still allocated: entries may be in flight.
+                eprintln!("ringpair active: {e:#}");
+                std::process::exit(1);
+            }
+        };
         eprintln!(
             "ringpair active: {n} writes in {:.3} s",
             t.elapsed().as_secs_f64()
