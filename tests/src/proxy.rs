@@ -2,8 +2,8 @@
 //!
 //! It listens on one address (where the dialing agent connects, the
 //! listening agent's `address`) and forwards every connection to a target
-//! (the listening agent's `listen_address`). Faults apply to both directions
-//! of every connection, current and future:
+//! (the listening agent's `listen_address`). These faults apply to both
+//! directions of every connection, current and future:
 //!
 //! - [`Proxy::delay`]: every chunk is forwarded `d` after it was read (a delay
 //!   line: throughput is kept, latency grows).
@@ -13,6 +13,10 @@
 //! - [`Proxy::reset`]: every current connection is closed with RST (linger 0).
 //! - [`Proxy::cut`]: reset, and new connections are refused (accepted and
 //!   reset at once) until [`Proxy::heal`].
+//!
+//! One fault applies to one direction only: [`Proxy::drop_one_way`] drops the
+//! bytes going one [`Dir`] (an asymmetric link: the other direction keeps
+//! flowing, on its own or under the two-way fault) until [`Proxy::heal`].
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -21,6 +25,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// A direction of the proxied connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// From the connecting side (the dialer) to the target.
+    ToTarget,
+    /// From the target back to the connecting side.
+    FromTarget,
+}
 
 /// The fault currently applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +53,8 @@ pub enum Fault {
 #[derive(Debug)]
 struct Shared {
     fault: Mutex<Fault>,
+    /// Bytes going this way are dropped (on top of `fault`).
+    one_way: Mutex<Option<Dir>>,
     conns: Mutex<Vec<(u64, TcpStream, TcpStream)>>,
     next_id: AtomicU64,
     accepted: AtomicU64,
@@ -50,6 +65,10 @@ struct Shared {
 impl Shared {
     fn fault(&self) -> Fault {
         *self.fault.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn drops(&self, dir: Dir) -> bool {
+        *self.one_way.lock().unwrap_or_else(|p| p.into_inner()) == Some(dir)
     }
 }
 
@@ -90,6 +109,7 @@ impl Proxy {
             .unwrap_or_else(|e| panic!("proxy: cannot listen on {listen}: {e}"));
         let shared = Arc::new(Shared {
             fault: Mutex::new(Fault::None),
+            one_way: Mutex::new(None),
             conns: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
@@ -157,8 +177,23 @@ impl Proxy {
         self.set(Fault::Blackhole);
     }
 
-    /// Back to plain forwarding (held bytes are released).
+    /// Drops every byte going `dir` until [`heal`](Self::heal); the other
+    /// direction is forwarded (under the two-way fault, if any).
+    pub fn drop_one_way(&self, dir: Dir) {
+        *self
+            .shared
+            .one_way
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(dir);
+    }
+
+    /// Back to plain forwarding in both directions (held bytes are released).
     pub fn heal(&self) {
+        *self
+            .shared
+            .one_way
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         self.set(Fault::None);
     }
 
@@ -221,14 +256,14 @@ fn accept_loop(l: TcpListener, target: SocketAddr, sh: Arc<Shared>) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((id, c3, s3));
-        pump(client, s2, id, Arc::clone(&sh));
-        pump(server, c2, id, Arc::clone(&sh));
+        pump(client, s2, Dir::ToTarget, id, Arc::clone(&sh));
+        pump(server, c2, Dir::FromTarget, id, Arc::clone(&sh));
     }
 }
 
 /// Forwards `from` → `to` through a delay line: a reader thread stamps each
 /// chunk, a writer thread applies the fault when forwarding it.
-fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, sh: Arc<Shared>) {
+fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, id: u64, sh: Arc<Shared>) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     let sh_r = Arc::clone(&sh);
     std::thread::spawn(move || {
@@ -257,6 +292,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, sh: Arc<Shared>) {
                     .any(|c| c.0 == id)
                 {
                     break 'chunks;
+                }
+                if sh.drops(dir) {
+                    continue 'chunks;
                 }
                 match sh.fault() {
                     Fault::None | Fault::Cut => break,

@@ -2,15 +2,16 @@
 //! writes in every mode reach the standby byte for byte; `kill -9` of the
 //! standby or of the active at random points; refused links (secret, names,
 //! size); malformed frames from an authenticated fake peer; network faults
-//! through a proxy (delay, stall, blackhole, reset, cut and heal) and, as
-//! root with `nft`, a partition between two network namespaces.
+//! through a proxy (delay, stall, blackhole, reset, cut and heal, one-way
+//! loss, a flapping link under a write stream) and, as root with `nft`, a
+//! partition between two network namespaces.
 //!
 //! Seeded tests print their seed; `NBD_MIRROR_SEED` reproduces a run and
 //! `NBD_MIRROR_TRIALS` changes the number of kill trials.
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use tests::data::{assert_files_equal, random_bytes, read_range, sha256};
 use tests::fakepeer::{FakePeer, Identity};
 use tests::mirror::{connection, dirty_regions, MirrorPair, PairOpts};
 use tests::nbd_client::NbdClient;
-use tests::proxy::Proxy;
+use tests::proxy::{Dir, Proxy};
 use tests::wait::poll_until;
 
 const VOL: u64 = 16 << 20;
@@ -971,6 +972,157 @@ fn proxy_cut_and_heal() {
     assert_eq!(s2["pair"]["standby_applying"], false, "{s2:#}");
     x.data.heal();
     assert_reconnected_after_break(&x.p, &dirty);
+}
+
+/// One direction of the data link loses every byte while the other keeps
+/// flowing (a one-way firewall rule, a half-failed link); the control link is
+/// untouched. The side that hears nothing gives up on the session, the
+/// active's write in flight completes without error, the mirror breaks and the
+/// active keeps serving with the regions dirty. Redials go through the half
+/// link but no session comes up over it (the handshake needs both ways), and
+/// the standby applies nothing; after the heal the pair reconnects.
+fn one_way_loss(dir: Dir, tag: u64) {
+    let x = proxied("sync");
+    let mut c = connect(&x.p, "server1");
+    one_write(&mut c, 0, 4096, 1, None);
+    x.data.drop_one_way(dir);
+    let t = Instant::now();
+    one_write(&mut c, 4096, 4096, 2, None);
+    let took = t.elapsed();
+    let s = x.p.wait_status("server1", "the break", T, break_recorded);
+    assert_peer_unreachable(&s);
+    assert!(
+        took < Duration::from_secs(5),
+        "the write in flight at the one-way loss ({dir:?}) took {took:?}"
+    );
+    assert!(
+        dirty_regions(&x.p.c.cp_path_on("server1")).contains(&0),
+        "the write in flight at the break is not dirty"
+    );
+    let dirty = writes_after_break(&mut c, tag);
+    let accepted = x.data.accepted();
+    wait_until_accepted(&x.data, accepted + 1);
+    let s = x.p.status("server1");
+    assert_ne!(connection(&s), "connected", "{s:#}");
+    assert_eq!(s["pair"]["replicating"], false, "{s:#}");
+    let s2 = x.p.status("server2");
+    assert_eq!(s2["pair"]["standby_applying"], false, "{s2:#}");
+    x.data.heal();
+    eprintln!(
+        "one-way loss {dir:?}: write in flight took {took:?}; break: {}",
+        s["pair"]["last_break"]
+    );
+    assert_reconnected_after_break(&x.p, &dirty);
+}
+
+#[test]
+fn proxy_one_way_loss_active_to_standby() {
+    one_way_loss(Dir::ToTarget, 40)
+}
+
+#[test]
+fn proxy_one_way_loss_standby_to_active() {
+    one_way_loss(Dir::FromTarget, 50)
+}
+
+/// A flapping data link under a steady stream of sync writes: seeded rounds
+/// of a random fault (cut, reset, two-way blackhole, one-way loss either way),
+/// each held until the active has lost the link, then healed, with the
+/// writer running throughout; half the rounds first wait for the pair to be
+/// connected again, the others strike while it may still be reconnecting or
+/// resyncing. No client write may fail; once the link stays up the pair must
+/// get back in sync on its own (automatic recovery) with both data files
+/// equal to what the client wrote.
+#[test]
+fn proxy_flapping_link_loses_no_write() {
+    let seed = tests::data::seed("proxy_flapping_link_loses_no_write");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x = proxied("sync");
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let mut c = connect(&x.p, "server1");
+        let (stop, done) = (stop.clone(), done.clone());
+        let mut wrng = StdRng::seed_from_u64(seed ^ 0x5eed);
+        std::thread::spawn(move || {
+            let mut shadow = vec![0u8; VOL as usize];
+            let mut tag = seed;
+            while !stop.load(Ordering::SeqCst) {
+                let len = wrng.gen_range(1..=16usize) * 4096;
+                let off = wrng.gen_range(0..(VOL as usize - len) / 4096) as u64 * 4096;
+                tag = tag.wrapping_add(1);
+                one_write(&mut c, off, len, tag, Some(&mut shadow));
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            c.disconnect().expect("disconnect");
+            shadow
+        })
+    };
+    let wait_writes = |n: u64, what: &str| {
+        let target = done.load(Ordering::SeqCst) + n;
+        tests::wait_until(what, Duration::from_secs(20), || {
+            (done.load(Ordering::SeqCst) >= target).then_some(())
+        });
+    };
+    let mut applied = Vec::new();
+    for round in 0..8 {
+        wait_writes(rng.gen_range(5..40), "writes before the next fault");
+        if rng.gen_bool(0.5) {
+            x.p.wait_connected("server1", Duration::from_secs(20));
+        }
+        let before = x.p.status("server1");
+        let breaks = before["pair"]["rpo"]["breaks"].as_u64().unwrap_or(0);
+        let fault = rng.gen_range(0..5);
+        match fault {
+            0 => x.data.cut(),
+            1 => x.data.reset(),
+            2 => x.data.blackhole(),
+            3 => x.data.drop_one_way(Dir::ToTarget),
+            _ => x.data.drop_one_way(Dir::FromTarget),
+        }
+        let names = [
+            "cut",
+            "reset",
+            "blackhole",
+            "one-way to standby",
+            "one-way to active",
+        ];
+        applied.push(names[fault]);
+        x.p.wait_status("server1", "the link lost", T, |s| {
+            connection(s) != "connected"
+                || s["pair"]["rpo"]["breaks"].as_u64().unwrap_or(0) > breaks
+        });
+        wait_writes(rng.gen_range(0..20), "writes while the link is down");
+        x.data.heal();
+        eprintln!(
+            "round {round}: {} (pair was {}, {}; recovery: {} % done, finished {})",
+            names[fault],
+            connection(&before),
+            before["pair"]["sync"],
+            before["pair"]["recovery"]["percent"],
+            before["pair"]["recovery"]["finished"]
+        );
+    }
+    wait_writes(20, "writes after the last heal");
+    stop.store(true, Ordering::SeqCst);
+    let shadow = writer
+        .join()
+        .expect("the writer failed (a write got an error)");
+    let s =
+        x.p.wait_status("server1", "in sync again", Duration::from_secs(60), |s| {
+            s["pair"]["in_sync"] == true && s["pair"]["replicating"] == true
+        });
+    assert_eq!(s["nbd"]["errors"], 0, "{s:#}");
+    x.p.wait_rpo_zero("server1", T);
+    x.p.deactivate("server1");
+    let img = x.p.c.dir().join("expected.img");
+    std::fs::write(&img, &shadow).expect("writing expected image");
+    assert_files_equal(&x.p.data("server1"), &img, None);
+    assert_files_equal(&x.p.data("server1"), &x.p.data("server2"), None);
+    eprintln!(
+        "flapping link: {} writes, faults {applied:?}",
+        done.load(Ordering::SeqCst)
+    );
 }
 
 fn wait_until_accepted(p: &Proxy, n: u64) {
