@@ -41,7 +41,9 @@
 //!   timeouts, both sides `init --blank`, both agents running; config
 //!   rewrites (timeouts, mode, `listen_address`) and status polling.
 //! - [`proxy`]: [`proxy::Proxy`], a fault-injecting TCP proxy between the
-//!   agents (delay, stall, blackhole, reset, cut and heal).
+//!   agents (delay, stall, blackhole, reset, cut and heal, one-way loss).
+//! - [`tls`]: a test CA, node certificates and per-node configs with
+//!   `[cluster.tls]` (TLS on the peer links).
 //! - [`fakepeer`]: [`fakepeer::FakePeer`], a hand-written peer that runs the
 //!   real handshake (`docs/protocol.md` §8) and then sends arbitrary, also
 //!   malformed, bytes.
@@ -57,6 +59,7 @@ pub mod mirror;
 pub mod nbd_client;
 pub mod proxy;
 pub mod run;
+pub mod tls;
 pub mod tools;
 pub mod wait;
 

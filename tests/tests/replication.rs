@@ -750,6 +750,12 @@ struct Proxied {
 }
 
 fn proxied(mode: &str) -> Proxied {
+    proxied_with(mode, false)
+}
+
+/// [`proxied`], with TLS on the peer links when `tls` (each node its own
+/// config file and certificate, as in `tests/tls.rs`).
+fn proxied_with(mode: &str, tls: bool) -> Proxied {
     let mut o = PairOpts::new(mode);
     o.server2_listen = Some("127.0.0.2".to_string());
     let c = MirrorPair::configure(&o);
@@ -766,7 +772,18 @@ fn proxied(mode: &str) -> Proxied {
     };
     let control = px(ctl);
     let data = px(mp);
-    let p = MirrorPair::start_on(c);
+    let p = if tls {
+        let (c1, c2) = tests::tls::tls_configs(&c, false, false);
+        let mut a1 = c1.spawn_agent_on("server1");
+        let mut a2 = c2.spawn_agent_on("server2");
+        a1.wait_ready();
+        a2.wait_ready();
+        a1.wait_for_log("peer link uses TLS 1.3", T);
+        a2.wait_for_log("peer link uses TLS 1.3", T);
+        MirrorPair { c: c1, a1, a2 }
+    } else {
+        MirrorPair::start_on(c)
+    };
     p.activate("server1");
     p.wait_status("server1", "replicating", T, |s| {
         s["pair"]["replicating"] == true
@@ -1033,10 +1050,10 @@ fn proxy_one_way_loss_standby_to_active() {
 /// resyncing. No client write may fail; once the link stays up the pair must
 /// get back in sync on its own (automatic recovery) with both data files
 /// equal to what the client wrote.
-fn flapping_link(mode: &str) {
-    let seed = tests::data::seed(&format!("flapping_link({mode})"));
+fn flapping_link(mode: &str, tls: bool) {
+    let seed = tests::data::seed(&format!("flapping_link({mode}, tls {tls})"));
     let mut rng = StdRng::seed_from_u64(seed);
-    let x = proxied(mode);
+    let x = proxied_with(mode, tls);
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let writer = {
@@ -1121,19 +1138,26 @@ fn flapping_link(mode: &str) {
     assert_files_equal(&x.p.data("server1"), &img, None);
     assert_files_equal(&x.p.data("server1"), &x.p.data("server2"), None);
     eprintln!(
-        "flapping link ({mode}): {} writes, faults {applied:?}",
+        "flapping link ({mode}, tls {tls}): {} writes, faults {applied:?}",
         done.load(Ordering::SeqCst)
     );
 }
 
 #[test]
 fn proxy_flapping_link_loses_no_write_sync() {
-    flapping_link("sync")
+    flapping_link("sync", false)
 }
 
 #[test]
 fn proxy_flapping_link_loses_no_write_async() {
-    flapping_link("async")
+    flapping_link("async", false)
+}
+
+/// The same over TLS peer links (no direct socket writes; the record layer
+/// between the frames and the socket).
+#[test]
+fn proxy_flapping_link_loses_no_write_sync_tls() {
+    flapping_link("sync", true)
 }
 
 fn wait_until_accepted(p: &Proxy, n: u64) {

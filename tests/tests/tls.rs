@@ -7,91 +7,17 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use serde_json::Value;
 use tests::data::{assert_files_equal, random_bytes, sha256};
 use tests::mirror::{connection, MirrorPair, PairOpts};
 use tests::nbd_client::NbdClient;
+use tests::tls::tls_configs;
 use tests::wait::poll_until;
 use tests::TestCluster;
 
 const T: Duration = Duration::from_secs(15);
-
-struct Ca {
-    key: KeyPair,
-    cert: rcgen::Certificate,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let key = KeyPair::generate().expect("CA key");
-        let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(DnType::CommonName, "nbd-mirror test CA");
-        let cert = p.self_signed(&key).expect("CA certificate");
-        Ca { key, cert }
-    }
-
-    /// Writes `dir/NODE.crt`, `dir/NODE.key` (a certificate for dNSName `node`).
-    fn issue(&self, dir: &Path, node: &str, expired: bool) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().expect("node key");
-        let mut p = CertificateParams::new(vec![node.to_string()]).expect("node params");
-        p.distinguished_name.push(DnType::CommonName, node);
-        if expired {
-            p.not_before = rcgen::date_time_ymd(2001, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2001, 6, 30);
-        }
-        let cert = p
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("node certificate");
-        let (c, k) = (
-            dir.join(format!("{node}.crt")),
-            dir.join(format!("{node}.key")),
-        );
-        std::fs::write(&c, cert.pem()).expect("writing certificate");
-        std::fs::write(&k, key.serialize_pem()).expect("writing key");
-        (c, k)
-    }
-}
-
-/// `text` with a `[cluster.tls]` table for these files.
-fn with_tls(text: &str, cert: &Path, key: &Path, ca: &Path) -> String {
-    let q = |p: &Path| toml_string(&p.display().to_string());
-    format!(
-        "{text}\n[cluster.tls]\ncert = {}\nkey = {}\nca = {}\n",
-        q(cert),
-        q(key),
-        q(ca)
-    )
-}
-
-fn toml_string(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-/// Per-node config files with TLS: `(server1's view, server2's view)`; `plain2` leaves
-/// server2 without `[cluster.tls]`, `expired1` gives server1 an expired certificate.
-fn tls_configs(c: &TestCluster, plain2: bool, expired1: bool) -> (TestCluster, TestCluster) {
-    let tls_dir = c.dir().join("tls");
-    std::fs::create_dir_all(&tls_dir).expect("tls dir");
-    let ca = Ca::new();
-    let ca_path = tls_dir.join("ca.pem");
-    std::fs::write(&ca_path, ca.cert.pem()).expect("writing CA");
-    let (c1, k1) = ca.issue(&tls_dir, "server1", expired1);
-    let (c2, k2) = ca.issue(&tls_dir, "server2", false);
-    let text = c.config_text();
-    let one = c.with_config_text("server1.toml", &with_tls(&text, &c1, &k1, &ca_path));
-    let two = if plain2 {
-        c.with_config_text("server2.toml", &text)
-    } else {
-        c.with_config_text("server2.toml", &with_tls(&text, &c2, &k2, &ca_path))
-    };
-    (one, two)
-}
 
 fn status(c: &TestCluster, node: &str) -> Value {
     let out = c.mdctrl_on(node, &["status", "md1", "--json"]);
