@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
+use crate::mirror::MirrorPair;
 use crate::TestCluster;
 
 /// A certificate authority for one test.
@@ -95,4 +96,19 @@ impl Default for Ca {
     fn default() -> Self {
         Ca::new()
     }
+}
+
+/// Starts both agents of the configured pair `c` with TLS on their peer
+/// links ([`tls_configs`], valid certificates), ready, and both having logged
+/// that their links use TLS. The pair's `c` is server1's view.
+pub fn start_pair(c: &TestCluster) -> MirrorPair {
+    let t = std::time::Duration::from_secs(15);
+    let (c1, c2) = tls_configs(c, false, false);
+    let mut a1 = c1.spawn_agent_on("server1");
+    let mut a2 = c2.spawn_agent_on("server2");
+    a1.wait_ready();
+    a2.wait_ready();
+    a1.wait_for_log("peer link uses TLS 1.3", t);
+    a2.wait_for_log("peer link uses TLS 1.3", t);
+    MirrorPair { c: c1, a1, a2 }
 }

@@ -773,14 +773,7 @@ fn proxied_with(mode: &str, tls: bool) -> Proxied {
     let control = px(ctl);
     let data = px(mp);
     let p = if tls {
-        let (c1, c2) = tests::tls::tls_configs(&c, false, false);
-        let mut a1 = c1.spawn_agent_on("server1");
-        let mut a2 = c2.spawn_agent_on("server2");
-        a1.wait_ready();
-        a2.wait_ready();
-        a1.wait_for_log("peer link uses TLS 1.3", T);
-        a2.wait_for_log("peer link uses TLS 1.3", T);
-        MirrorPair { c: c1, a1, a2 }
+        tests::tls::start_pair(&c)
     } else {
         MirrorPair::start_on(c)
     };

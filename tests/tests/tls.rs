@@ -27,12 +27,7 @@ fn status(c: &TestCluster, node: &str) -> Value {
 #[test]
 fn tls_pair_replicates_writes_through_nbd() {
     let c = MirrorPair::configure(&PairOpts::new("sync"));
-    let (c1, c2) = tls_configs(&c, false, false);
-    let mut a1 = c1.spawn_agent_on("server1");
-    let mut a2 = c2.spawn_agent_on("server2");
-    a1.wait_ready();
-    a2.wait_ready();
-    let p = MirrorPair { c: c1, a1, a2 };
+    let p = tests::tls::start_pair(&c);
     p.wait_connected("server1", T);
     p.wait_connected("server2", T);
     p.activate("server1");
