@@ -1070,6 +1070,8 @@ fn flapping_link(mode: &str, tls: bool) {
     let wait_writes = |n: u64, what: &str| {
         let target = done.load(Ordering::SeqCst) + n;
         tests::wait_until(what, Duration::from_secs(20), || {
+            // A write that failed ended the writer with its panic (above).
+            assert!(!writer.is_finished(), "the writer stopped: a write failed");
             (done.load(Ordering::SeqCst) >= target).then_some(())
         });
     };
