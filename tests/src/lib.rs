@@ -14,7 +14,9 @@
 //! - `tests/replication.rs`: two agents replicating: every mode byte for
 //!   byte, `kill -9` of the standby / the active at seeded random points,
 //!   refused links (secret, names, size), malformed frames from a fake peer,
-//!   network faults through [`proxy::Proxy`] and a netns + nftables partition.
+//!   network faults through [`proxy::Proxy`] (also one-way loss and a
+//!   flapping link under a write stream, plain and TLS) and a netns +
+//!   nftables partition.
 //!
 //! Module map of this library (the harness):
 //!
