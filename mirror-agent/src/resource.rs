@@ -496,11 +496,23 @@ impl Resource {
             };
         };
         let peer = &p.peer;
-        if p.peer_disk_error {
-            return (
-                "GREEN",
-                format!("{peer} reported a disk error: replace its disk, then recover the mirror"),
-            );
+        let peer_disk_failed =
+            p.peer_disk_error || p.peer_disk.as_ref().is_some_and(|d| d.disk_error);
+        if peer_disk_failed {
+            let me = &self.node;
+            return match (role, p.peer_role) {
+                // The failed disk is the active's: this node still receives every
+                // write (a local error does not break the mirror), and no resync
+                // can run onto a failed disk (R1).
+                (Role::Inactive, Some(Role::Active)) => (
+                    "GREEN",
+                    format!("{peer} reported a data disk error while active: move the service here (stop the agent on {peer}, then `mdctrl force {me} {r}` and `mdctrl activate {r}` on this node), then replace its disk"),
+                ),
+                _ => (
+                    "GREEN",
+                    format!("{peer} reported a disk error: replace its disk, then recover the mirror"),
+                ),
+            };
         }
         if p.connection != "connected" {
             return match role {

@@ -415,6 +415,94 @@ async fn ack2_error_breaks_with_peer_disk_error() {
     );
 }
 
+/// A request the active's own disk fails: the client gets the errno, the
+/// region stays dirty, replication goes on (the standby has the write), and
+/// `LocalDiskError` is emitted once, for the first failure only; `EINVAL`
+/// (a request error, not the disk's) is not reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_disk_error_is_reported_once_and_replication_goes_on() {
+    let (part, _meta) = partition();
+    let local = MemEngine::new(VOL as usize);
+    let remote = MemEngine::new(VOL as usize);
+    let faulty = Arc::new(FaultyEngine::new(local.clone()));
+    faulty.add_rule(FaultRule::fail_range(
+        &[FaultOp::Write, FaultOp::Read],
+        5 * REGION,
+        REGION,
+        libc::EIO,
+    ));
+    faulty.add_rule(FaultRule::fail_range(
+        &[FaultOp::Write],
+        9 * REGION,
+        REGION,
+        libc::EINVAL,
+    ));
+    let (a, b) = pair_in_memory(
+        hello("alpha", "c", "r0", VOL, REGION as u32),
+        hello("beta", "c", "r0", VOL, REGION as u32),
+    );
+    let (vol, mut events) = ActiveVolume::new(faulty, part.clone(), cfg(Mode::Sync));
+    vol.attach(a.into()).unwrap();
+    let standby = tokio::spawn(run_standby(remote.clone(), b.into()));
+
+    vol.write(0, pattern(0, 4096), false).await.unwrap();
+    // EINVAL from the engine: the request's error, not a disk error.
+    let e = vol
+        .write(9 * REGION, pattern(9, 4096), false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+    let e = vol
+        .write(5 * REGION, pattern(5, 4096), false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    let ev = tokio::time::timeout(Duration::from_secs(10), events.recv())
+        .await
+        .expect("no event")
+        .expect("closed");
+    match ev {
+        ReplicaEvent::LocalDiskError {
+            op,
+            offset,
+            len,
+            error,
+        } => {
+            assert_eq!((op, offset, len), ("write", 5 * REGION, 4096), "{error}");
+            assert!(error.contains("os error 5"), "{error}");
+        }
+        other => panic!("expected LocalDiskError, got {other:?}"),
+    }
+    // A failing read, and another failing write: no second event.
+    let e = vol.read(5 * REGION, 512).await.unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    vol.write(5 * REGION, pattern(6, 512), false)
+        .await
+        .unwrap_err();
+    // Replication goes on: later writes are replicated and acknowledged.
+    vol.write(REGION, pattern(1, 4096), false).await.unwrap();
+    assert!(vol.is_attached());
+    assert!(
+        part.is_durably_dirty(5),
+        "the failed write's region must stay dirty"
+    );
+    // The standby got the failed writes (they fail only on this node's disk);
+    // the second one overwrote the first 512 bytes.
+    let snap = remote.snapshot();
+    let at = 5 * REGION as usize;
+    assert!(
+        snap[at..at + 512] == pattern(6, 512)[..]
+            && snap[at + 512..at + 4096] == pattern(5, 4096)[512..],
+        "the standby lacks the writes that failed on the active's disk"
+    );
+    assert!(
+        events.try_recv().is_err(),
+        "a second event for the same disk"
+    );
+    vol.detach("test end").await.unwrap();
+    let _ = standby.await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bitmap_clears_only_after_ack2() {
     let p = setup(cfg(Mode::Semi));

@@ -15,7 +15,8 @@
 //! (`standby_restart_recovers_automatically`).
 //!
 //! Rows here, produced by operator actions and faults only: R1 (a standby
-//! write failing with `EFBIG` under a file-size limit), R4 (source killed mid-resync, its metadata re-created), R6 (one
+//! write failing with `EFBIG` under a file-size limit; the same on the
+//! active, then the failover to the standby), R4 (source killed mid-resync, its metadata re-created), R6 (one
 //! node's metadata re-created while the other holds data), R7 (fresh
 //! `--blank` pair), R8 (clean stop of both after a resync rotated the
 //! generation), R9 (active killed with writes in flight), R15 (one node
@@ -549,6 +550,97 @@ fn r1_standby_write_error_blocks() {
     assert!(read_range(&p.data("server2"), 6 * MIB, 64 << 10)
         .iter()
         .all(|&b| b == 0x12));
+}
+
+/// R1 on the active: server1 (active) gets a file-size limit on its data
+/// file, so its write beyond the limit fails with `EFBIG`: the client gets
+/// the error, server1 records `DISK_ERROR` (RED, "replace the disk") and
+/// tells server2, whose next step is the failover of `docs/operations.md`
+/// ("A disk failed"). Replication went on, so server2 holds every write
+/// server1 acknowledged. The failover: server1's agent stopped, `activate`
+/// on server2 refused (peer unreachable, exit 5), `force server2`,
+/// `activate`. server1's disk is then replaced (`init --force`, no limit):
+/// R6, a full resync server2 → server1, identical.
+#[test]
+fn r1_active_write_error_then_failover() {
+    if !tests::require_tool("prlimit") {
+        return;
+    }
+    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
+    let a1 = Agent::spawn_wrapped(
+        &c,
+        "server1",
+        &["sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh"],
+    );
+    let a2 = c.spawn_agent_on("server2");
+    let mut p = MirrorPair { c, a1, a2 };
+    p.a1.wait_ready();
+    p.a2.wait_ready();
+    tests::run_ok(
+        std::process::Command::new("prlimit").args([
+            "--pid".to_string(),
+            p.a1.pid().to_string(),
+            format!("--fsize={}:{}", 4 * MIB, 4 * MIB),
+        ]),
+        T,
+    );
+    p.activate("server1");
+    p.wait_in_sync("server1", T);
+    p.fill("server1", 0, 256 << 10, 0x31);
+    // Beyond the limit on server1's own disk: the client gets the error.
+    let mut nbd = NbdClient::connect(&p.socket("server1"), "md1").expect("NBD connect");
+    let err = nbd
+        .write(6 * MIB, &vec![0x32; 64 << 10], false)
+        .expect("write request");
+    assert_ne!(err, 0, "a write beyond server1's file size limit succeeded");
+    let _ = nbd.disconnect();
+    let s1 = p.wait_status("server1", "the recorded disk error", T, |s| {
+        s["disk"]["disk_error"] == true
+    });
+    assert_eq!(s1["color"], "RED", "{s1:#}");
+    assert!(
+        s1["next_step"]
+            .as_str()
+            .unwrap_or("")
+            .contains("replace the disk"),
+        "{s1:#}"
+    );
+    p.a1.assert_log_contains("data disk error on this node: write at 6291456");
+    let s2 = p.wait_status("server2", "the peer's disk error", T, |s| {
+        s["pair"]["peer_disk"]["disk_error"] == true
+    });
+    let next = s2["next_step"].as_str().unwrap_or("");
+    assert!(
+        next.contains("move the service here") && next.contains("mdctrl force server2 md1"),
+        "{s2:#}"
+    );
+    // Replication went on after the error: this write reaches server2 too.
+    p.fill("server1", 1 << 20, 64 << 10, 0x33);
+    // The failover.
+    stop(&mut p, "server1");
+    let out = p.expect_code("server2", &["activate", "md1", "--nomount"], 5);
+    assert!(out.contains("force server2"), "no force hint: {out}");
+    p.mdctrl_ok("server2", &["force", "server2", "md1"]);
+    p.activate("server2");
+    assert!(read_range(&p.data("server2"), 0, 256 << 10)
+        .iter()
+        .all(|&b| b == 0x31));
+    assert!(read_range(&p.data("server2"), 1 << 20, 64 << 10)
+        .iter()
+        .all(|&b| b == 0x33));
+    p.fill("server2", 2 * MIB, 64 << 10, 0x34);
+    // server1's disk replaced: new metadata, an agent without the limit.
+    init(&p.c, "server1", &["--force"]);
+    p.a1 = p.c.spawn_agent_on("server1");
+    p.a1.wait_ready();
+    resync_converges(
+        &p,
+        "server2",
+        "server1",
+        "R6 new-member",
+        "full resync server2 -> server1",
+    );
+    p.assert_identical();
 }
 
 /// R15 ahead-full: a `--blank` pair, a resync (R14) makes both rotate and

@@ -1421,6 +1421,20 @@ impl Pair {
                     ReplicaEvent::BreakRecordFailed { error } => {
                         tracing::error!(resource = %me.resource, "recording the mirror break failed: {error}");
                     }
+                    ReplicaEvent::LocalDiskError {
+                        op,
+                        offset,
+                        len,
+                        error,
+                    } => {
+                        tracing::error!(resource = %me.resource, "data disk error on this node: {op} at {offset} (+{len}): {error}; recording it (the disk is not trusted any more: replace it, then `mdctrl init {} --force`)", me.resource);
+                        match me.meta.record_disk_error().await {
+                            Ok(()) => me.send_state().await,
+                            Err(err) => {
+                                tracing::error!(resource = %me.resource, "cannot record the disk error: {err}")
+                            }
+                        }
+                    }
                 }
                 me.changed.bump();
             }

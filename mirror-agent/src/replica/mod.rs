@@ -57,6 +57,19 @@ pub enum ReplicaEvent {
         /// The metadata error.
         error: String,
     },
+    /// The local data disk failed a request (the first failure only): the
+    /// owner records `DISK_ERROR` in the superblock and tells the peer. The
+    /// request itself failed with its errno; its regions stay dirty.
+    LocalDiskError {
+        /// `read`, `write`, `trim`, `write_zeroes` or `flush`.
+        op: &'static str,
+        /// Byte range of the failed request (0, 0 for a flush).
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The error (with its errno).
+        error: String,
+    },
 }
 
 /// Errors of the replication layer.
