@@ -418,7 +418,7 @@ async fn ack2_error_breaks_with_peer_disk_error() {
 /// A request the active's own disk fails: the client gets the errno, the
 /// region stays dirty, replication goes on (the standby has the write), and
 /// `LocalDiskError` is emitted once, for the first failure only; `EINVAL`
-/// (a request error, not the disk's) is not reported.
+/// (a request error) and `ECANCELED` (not performed) are not disk errors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_disk_error_is_reported_once_and_replication_goes_on() {
     let (part, _meta) = partition();
@@ -437,6 +437,12 @@ async fn local_disk_error_is_reported_once_and_replication_goes_on() {
         REGION,
         libc::EINVAL,
     ));
+    faulty.add_rule(FaultRule::fail_range(
+        &[FaultOp::Write],
+        11 * REGION,
+        REGION,
+        libc::ECANCELED,
+    ));
     let (a, b) = pair_in_memory(
         hello("alpha", "c", "r0", VOL, REGION as u32),
         hello("beta", "c", "r0", VOL, REGION as u32),
@@ -446,7 +452,13 @@ async fn local_disk_error_is_reported_once_and_replication_goes_on() {
     let standby = tokio::spawn(run_standby(remote.clone(), b.into()));
 
     vol.write(0, pattern(0, 4096), false).await.unwrap();
-    // EINVAL from the engine: the request's error, not a disk error.
+    // EINVAL from the engine: the request's error, not a disk error; ECANCELED:
+    // the engine could not perform it.
+    let e = vol
+        .write(11 * REGION, pattern(11, 4096), false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ECANCELED));
     let e = vol
         .write(9 * REGION, pattern(9, 4096), false)
         .await

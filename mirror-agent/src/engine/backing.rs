@@ -39,6 +39,13 @@ pub(crate) fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)
 }
 
+/// The engine could not perform a request at all (its ring or I/O threads are
+/// gone, a blocking task failed): `ECANCELED`, which NBD clients see as `EIO`
+/// but which is not a failure of the disk ([`super::is_disk_error`]).
+pub(crate) fn not_performed() -> io::Error {
+    errno(libc::ECANCELED)
+}
+
 /// Open read-write, optionally with O_DIRECT.
 pub(crate) fn open(path: &Path, direct: bool) -> io::Result<Backing> {
     let mut oo = OpenOptions::new();

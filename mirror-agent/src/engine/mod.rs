@@ -52,6 +52,17 @@ pub use fault::{FaultAction, FaultCounters, FaultOp, FaultRule, FaultTrigger, Fa
 pub use portable::PortableEngine;
 pub use uring::{plug, Plug, UringEngine};
 
+/// Whether an engine error is a failure of the disk (the data partition),
+/// as opposed to one that describes the request (`EINVAL`, `EOPNOTSUPP`) or
+/// says the engine could not perform it at all (`ECANCELED`: its ring or I/O
+/// threads are gone). A node records the former as `DISK_ERROR`.
+pub fn is_disk_error(e: &io::Error) -> bool {
+    !matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ECANCELED)
+    )
+}
+
 /// Buffered (non-direct) writes up to this size without FUA are a plain
 /// `pwrite` in the calling task instead of an SQE. ext4 and most filesystems
 /// refuse non-blocking buffered writes (`RWF_NOWAIT` gives `EOPNOTSUPP`), so

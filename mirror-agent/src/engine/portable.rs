@@ -91,7 +91,7 @@ impl Workers {
             tracing::error!(error = %e, "portable engine: cannot start an I/O thread");
             if q.threads == 0 {
                 // Nobody would ever run the queue: drop the jobs, whose
-                // callers then see EIO (their reply channel closes).
+                // callers then see ECANCELED (their reply channel closes).
                 q.jobs.clear();
             }
         }
@@ -180,7 +180,11 @@ impl PortableEngine {
         let s = self.shared.clone();
         let workers = self.workers.clone();
         Box::pin(async move {
-            let _permit = s.permits.acquire().await.map_err(|_| errno(libc::EIO))?;
+            let _permit = s
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| backing::not_performed())?;
             let (tx, rx) = oneshot::channel();
             let s2 = s.clone();
             workers.submit(Box::new(move || {
@@ -189,7 +193,7 @@ impl PortableEngine {
             }));
             rx.await.map_err(|_| {
                 tracing::error!("portable engine: request dropped without a result");
-                errno(libc::EIO)
+                backing::not_performed()
             })?
         })
     }

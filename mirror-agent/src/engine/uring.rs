@@ -686,12 +686,12 @@ impl Drop for Shared {
 
 fn ring_gone() -> io::Error {
     tracing::error!("io_uring engine is closed");
-    errno(libc::EIO)
+    backing::not_performed()
 }
 
 fn join_err(e: tokio::task::JoinError) -> io::Error {
     tracing::error!(error = %e, "blocking engine task failed");
-    errno(libc::EIO)
+    backing::not_performed()
 }
 
 impl Shared {

@@ -51,9 +51,10 @@
 //!
 //! # Local disk errors
 //!
-//! A request the local engine fails (any errno but `EINVAL` and
-//! `EOPNOTSUPP`, which describe the request, not the disk) fails to the
-//! client with that errno, its regions stay dirty, and the first such
+//! A request the local engine fails with a disk error
+//! ([`crate::engine::is_disk_error`]: not `EINVAL` or `EOPNOTSUPP`, which
+//! describe the request, nor `ECANCELED`, a request the engine could not
+//! perform at all) fails to the client with that errno, its regions stay dirty, and the first such
 //! failure emits [`ReplicaEvent::LocalDiskError`]: the owner records
 //! `DISK_ERROR` (rule R1: no resync from or onto this disk, no activation
 //! until it is replaced) and tells the peer. Replication goes on, so the
@@ -793,7 +794,7 @@ impl Inner {
     /// A request the local engine failed: see the module docs, "Local disk
     /// errors".
     fn local_error(&self, op: &'static str, offset: u64, len: u64, e: &io::Error) {
-        if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) {
+        if !crate::engine::is_disk_error(e) {
             return;
         }
         let n = self.totals.disk_errors.fetch_add(1, Ordering::SeqCst) + 1;
