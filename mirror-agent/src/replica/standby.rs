@@ -13,7 +13,8 @@
 //! right there), and is spawned for the rest. Writes run concurrently;
 //! overlapping ones are applied strictly in `seq` order. Ack2 is sent only
 //! once the request is on stable storage (status 0) or failed (negative
-//! errno; the first disk error is reported in [`StandbyEnd::disk_error`]).
+//! errno; the first disk error, [`crate::engine::is_disk_error`], is reported
+//! in [`StandbyEnd::disk_error`]).
 //!
 //! # Durability: group commit vs per-write FUA
 //!
@@ -259,6 +260,11 @@ struct Shared {
 impl Shared {
     fn record_error(&self, op: &'static str, offset: u64, len: u64, e: &io::Error) -> i32 {
         let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        if !crate::engine::is_disk_error(e) {
+            // The Ack2 still fails (the active breaks the mirror); the disk is not blamed.
+            tracing::error!(op, offset, len, errno, error = %e, "standby could not apply a request");
+            return errno;
+        }
         tracing::error!(op, offset, len, errno, error = %e, "standby disk error");
         lock(&self.disk_error).get_or_insert(DiskError {
             op,
