@@ -16,7 +16,7 @@
 //!
 //! Rows here, produced by operator actions and faults only: R1 (a standby
 //! write failing with `EFBIG` under a file-size limit; the same on the
-//! active, then the failover to the standby), R4 (source killed mid-resync, its metadata re-created), R6 (one
+//! active, then the failover to the standby; the same in a resync target), R4 (source killed mid-resync, its metadata re-created), R6 (one
 //! node's metadata re-created while the other holds data), R7 (fresh
 //! `--blank` pair), R8 (clean stop of both after a resync rotated the
 //! generation), R9 (active killed with writes in flight), R15 (one node
@@ -639,6 +639,83 @@ fn r1_active_write_error_then_failover() {
         "server1",
         "R6 new-member",
         "full resync server2 -> server1",
+    );
+    p.assert_identical();
+}
+
+/// R1 during a resync: server2's agent runs under a file-size limit from the
+/// start (`prlimit --fsize`, 4 MiB). A write beyond it on server1 while
+/// server2 is stopped makes the differential resync (R14) write there when
+/// server2 returns; that write fails with `EFBIG`, server2 records
+/// `DISK_ERROR`, and both nodes then decide R1 (blocked): no resync is
+/// retried onto the failed disk, however often the pair reconnects. After
+/// the disk is "replaced" (`init --force`, an agent without the limit), R6
+/// copies everything, identical.
+#[test]
+fn r1_resync_target_write_error_blocks() {
+    if !tests::require_tool("prlimit") {
+        return;
+    }
+    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
+    let a1 = c.spawn_agent_on("server1");
+    let limit = format!("--fsize={}:{}", 4 * MIB, 4 * MIB);
+    let a2 = Agent::spawn_wrapped(
+        &c,
+        "server2",
+        &[
+            "prlimit",
+            &limit,
+            "sh",
+            "-c",
+            "trap '' XFSZ; exec \"$@\"",
+            "sh",
+        ],
+    );
+    let mut p = MirrorPair { c, a1, a2 };
+    p.a1.wait_ready();
+    p.a2.wait_ready();
+    p.activate("server1");
+    p.wait_in_sync("server1", T);
+    p.fill("server1", 0, 256 << 10, 0x41);
+    stop(&mut p, "server2");
+    p.fill("server1", 6 * MIB, 64 << 10, 0x42);
+    // Back with the same limit: the resync's write at 6 MiB fails there.
+    start(&mut p, "server2");
+    p.wait_status("server2", "the recorded disk error", T, |s| {
+        s["disk"]["disk_error"] == true
+    });
+    p.a2.wait_for_log("data disk error on this node: write at 6291456", T);
+    for n in ["server1", "server2"] {
+        let d = wait_decision(&p, n, "R1 ");
+        assert!(d.starts_with("R1 disk-error: "), "{n}: {d}");
+        assert_no_running_recovery(&p.status(n));
+    }
+    let resyncs = |p: &MirrorPair| p.a1.log().matches("resync starting as source").count();
+    let before = resyncs(&p);
+    // Reconnecting does not start another resync onto the failed disk.
+    stop(&mut p, "server2");
+    start(&mut p, "server2");
+    for n in ["server1", "server2"] {
+        wait_decision(&p, n, "R1 ");
+    }
+    assert_eq!(
+        resyncs(&p),
+        before,
+        "a resync was retried onto the failed disk"
+    );
+    // server1 kept serving throughout.
+    p.fill("server1", MIB, 64 << 10, 0x43);
+    // The disk replaced: new metadata, an agent without the limit.
+    stop(&mut p, "server2");
+    init(&p.c, "server2", &["--force"]);
+    p.a2 = p.c.spawn_agent_on("server2");
+    p.a2.wait_ready();
+    resync_converges(
+        &p,
+        "server1",
+        "server2",
+        "R6 new-member",
+        "full resync server1 -> server2",
     );
     p.assert_identical();
 }

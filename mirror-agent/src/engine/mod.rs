@@ -26,6 +26,8 @@
 //!   O_DIRECT bounce copy.
 //! - [`fault`]: [`FaultyEngine`], wraps any engine and injects errors, torn
 //!   writes and a crash point by rules (tests).
+//! - [`watched`]: [`Watched`], wraps any engine and reports its first disk
+//!   error ([`is_disk_error`]) to a hook (the node records `DISK_ERROR`).
 //! - `backing` (private): opening the file or block device, its size and
 //!   direct-I/O alignment, and the blocking discard/zeroing primitives
 //!   (fallocate, BLKZEROOUT) both real engines share.
@@ -47,19 +49,22 @@ pub mod buf;
 pub mod fault;
 pub mod portable;
 pub mod uring;
+pub mod watched;
 
 pub use fault::{FaultAction, FaultCounters, FaultOp, FaultRule, FaultTrigger, FaultyEngine};
 pub use portable::PortableEngine;
 pub use uring::{plug, Plug, UringEngine};
+pub use watched::{DiskErrorHook, DiskErrorReport, Watched};
 
 /// Whether an engine error is a failure of the disk (the data partition),
-/// as opposed to one that describes the request (`EINVAL`, `EOPNOTSUPP`) or
+/// as opposed to one that describes the request (`EINVAL`, `EOPNOTSUPP`),
 /// says the engine could not perform it at all (`ECANCELED`: its ring or I/O
-/// threads are gone). A node records the former as `DISK_ERROR`.
+/// threads are gone), or carries no errno (a failed task, not a syscall). A
+/// node records the former as `DISK_ERROR`.
 pub fn is_disk_error(e: &io::Error) -> bool {
-    !matches!(
+    matches!(
         e.raw_os_error(),
-        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ECANCELED)
+        Some(n) if !matches!(n, libc::EINVAL | libc::EOPNOTSUPP | libc::ECANCELED)
     )
 }
 

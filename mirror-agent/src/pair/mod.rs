@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use crate::admin::{AdminError, ErrorKind};
 use crate::changes::Changes;
 use crate::config::{self, Config, Timeouts};
-use crate::engine::BlockEngine;
+use crate::engine::{self, BlockEngine};
 use crate::gens;
 use crate::meta::Meta;
 use crate::peer::{self, HelloState, LinkSpec, LinkState, Session, SessionSender};
@@ -438,6 +438,34 @@ impl Pair {
         {
             tracing::debug!(resource = %self.resource, "control message not sent: session closed");
         }
+    }
+
+    /// The local data disk failed a request: record `DISK_ERROR` (rule R1)
+    /// and tell the peer.
+    async fn record_local_disk_error(&self, r: engine::DiskErrorReport) {
+        tracing::error!(resource = %self.resource, "data disk error on this node: {} at {} (+{}): {}; recording it (the disk is not trusted any more: replace it, then `mdctrl init {} --force`)", r.op, r.offset, r.len, r.error, self.resource);
+        match self.meta.record_disk_error().await {
+            Ok(()) => self.send_state().await,
+            Err(err) => {
+                tracing::error!(resource = %self.resource, "cannot record the disk error: {err}")
+            }
+        }
+        self.changed.bump();
+    }
+
+    /// The local engine for a resync, reporting its first disk error as
+    /// [`Self::record_local_disk_error`] (`user`: the role, for the log).
+    fn resync_engine(self: &Arc<Self>, user: &'static str) -> Arc<dyn BlockEngine> {
+        let me = Arc::downgrade(self);
+        Arc::new(engine::Watched::new(
+            self.engine.clone(),
+            user,
+            Box::new(move |r| {
+                if let Some(me) = me.upgrade() {
+                    tokio::spawn(async move { me.record_local_disk_error(r).await });
+                }
+            }),
+        ))
     }
 
     async fn send_state(&self) {
@@ -1427,13 +1455,13 @@ impl Pair {
                         len,
                         error,
                     } => {
-                        tracing::error!(resource = %me.resource, "data disk error on this node: {op} at {offset} (+{len}): {error}; recording it (the disk is not trusted any more: replace it, then `mdctrl init {} --force`)", me.resource);
-                        match me.meta.record_disk_error().await {
-                            Ok(()) => me.send_state().await,
-                            Err(err) => {
-                                tracing::error!(resource = %me.resource, "cannot record the disk error: {err}")
-                            }
-                        }
+                        me.record_local_disk_error(engine::DiskErrorReport {
+                            op,
+                            offset,
+                            len,
+                            error,
+                        })
+                        .await;
                     }
                 }
                 me.changed.bump();
@@ -1774,7 +1802,7 @@ impl Pair {
         tracing::info!(resource = %self.resource, peer = %self.peer_name, rule = rule.id, rule_name = rule.name, auto, "resync starting as source: {text}");
         self.changed.bump();
         let spec = resync::SourceSpec {
-            engine: self.engine.clone(),
+            engine: self.resync_engine("resync source"),
             part: self.meta.partition().clone(),
             // Always the pair's gate (the one the served volume writes through),
             // also when this node is inactive now: it may be activated while the
@@ -1909,7 +1937,7 @@ impl Pair {
         self.changed.bump();
         tracing::info!(resource = %self.resource, peer = %self.peer_name, rule = rule.id, offered = rule_text, full, save, forced, "resync starting as target");
         let spec = resync::TargetSpec {
-            engine: self.engine.clone(),
+            engine: self.resync_engine("resync target"),
             part: self.meta.partition().clone(),
             save_dir: self.save_dir.clone(),
             resource: self.resource.clone(),

@@ -51,15 +51,15 @@
 //!
 //! # Local disk errors
 //!
-//! A request the local engine fails with a disk error
-//! ([`crate::engine::is_disk_error`]: not `EINVAL` or `EOPNOTSUPP`, which
-//! describe the request, nor `ECANCELED`, a request the engine could not
-//! perform at all) fails to the client with that errno, its regions stay dirty, and the first such
-//! failure emits [`ReplicaEvent::LocalDiskError`]: the owner records
-//! `DISK_ERROR` (rule R1: no resync from or onto this disk, no activation
-//! until it is replaced) and tells the peer. Replication goes on, so the
-//! standby keeps every write and is the node to fail over to. The standby
-//! does the same for its own disk ([`super::standby`]).
+//! The local engine is wrapped in [`Watched`]: a request it fails with a disk
+//! error ([`crate::engine::is_disk_error`]: not `EINVAL` or `EOPNOTSUPP`,
+//! which describe the request, nor `ECANCELED`, a request the engine could
+//! not perform at all) fails to the client with that errno, its regions stay
+//! dirty, and the first such failure emits [`ReplicaEvent::LocalDiskError`]:
+//! the owner records `DISK_ERROR` (rule R1: no resync from or onto this disk,
+//! no activation until it is replaced) and tells the peer. Replication goes
+//! on, so the standby keeps every write and is the node to fail over to. The
+//! standby does the same for its own disk ([`super::standby`]).
 //!
 //! # Flush and FUA
 //!
@@ -86,7 +86,7 @@ use super::link::{lock, CloseSignal, FrameTx, MakeMessage, ReplicaLink};
 use super::range_lock::{RangeGuard, RangeLock};
 use super::{ReplicaError, ReplicaEvent};
 use crate::config::{Mode, Resource, Timeouts};
-use crate::engine::{BlockEngine, EngineFuture, Extent};
+use crate::engine::{BlockEngine, DiskErrorReport, EngineFuture, Extent, Watched};
 use crate::gens;
 
 /// Interval of the lazy bitmap-clearing task.
@@ -202,14 +202,6 @@ impl Op {
                 fua,
                 no_hole: !may_trim,
             },
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Op::Write { .. } => "write",
-            Op::Trim { .. } => "trim",
-            Op::Zeroes { .. } => "write_zeroes",
         }
     }
 
@@ -392,8 +384,6 @@ struct Totals {
     local_only: AtomicU64,
     breaks: AtomicU64,
     durable_since_clear: AtomicU64,
-    /// Requests the local disk failed (the event goes with the first).
-    disk_errors: AtomicU64,
 }
 
 struct Inner {
@@ -449,6 +439,19 @@ impl ActiveVolume {
         cfg: ActiveConfig,
     ) -> (ActiveVolume, mpsc::UnboundedReceiver<ReplicaEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
+        let tx = events.clone();
+        let local: Arc<dyn BlockEngine> = Arc::new(Watched::new(
+            local,
+            "active",
+            Box::new(move |r: DiskErrorReport| {
+                let _ = tx.send(ReplicaEvent::LocalDiskError {
+                    op: r.op,
+                    offset: r.offset,
+                    len: r.len,
+                    error: r.error,
+                });
+            }),
+        ));
         let inner = Arc::new(Inner {
             local,
             part,
@@ -791,45 +794,6 @@ impl Inner {
         gate
     }
 
-    /// A request the local engine failed: see the module docs, "Local disk
-    /// errors".
-    fn local_error(&self, op: &'static str, offset: u64, len: u64, e: &io::Error) {
-        if !crate::engine::is_disk_error(e) {
-            return;
-        }
-        let n = self.totals.disk_errors.fetch_add(1, Ordering::SeqCst) + 1;
-        // A dying disk can fail every request: the first ten, then one in a thousand.
-        if n <= 10 || n.is_multiple_of(1000) {
-            tracing::error!(op, offset, len, error = %e, failed_so_far = n, "local data disk error on the active node");
-        }
-        if n == 1 {
-            let _ = self.events.send(ReplicaEvent::LocalDiskError {
-                op,
-                offset,
-                len,
-                error: e.to_string(),
-            });
-        }
-    }
-
-    /// Runs `op` on the local engine, reporting a disk error.
-    async fn run_local(&self, op: &Op) -> io::Result<()> {
-        let res = op.run_local(&*self.local).await;
-        if let Err(e) = &res {
-            self.local_error(op.name(), op.offset(), op.len(), e);
-        }
-        res
-    }
-
-    /// Flushes the local engine, reporting a disk error.
-    async fn flush_local(&self) -> io::Result<()> {
-        let res = self.local.flush().await;
-        if let Err(e) = &res {
-            self.local_error("flush", 0, 0, e);
-        }
-        res
-    }
-
     async fn begin_write(&self, offset: u64, len: u64) -> io::Result<WriteTicket> {
         if let Some(t) = self.part.try_begin_write_fast(offset, len) {
             return Ok(t);
@@ -890,7 +854,7 @@ impl Inner {
         let (offset, len) = (op.offset(), op.len());
         if len == 0 {
             // Nothing to mark or ship (a Write frame carries at least one byte).
-            return self.run_local(&op).await;
+            return op.run_local(&*self.local).await;
         }
         let pending = self.ranges.register(offset, len);
         let ticket = self.begin_write(offset, len).await?;
@@ -914,7 +878,7 @@ impl Inner {
             self.part.end_write(ticket, false);
             return Err(e);
         }
-        let res = self.run_local(&op).await;
+        let res = op.run_local(&*self.local).await;
         self.part.end_write(ticket, false);
         drop(guard);
         self.note_local_only(start, res.is_ok());
@@ -1012,7 +976,7 @@ impl Inner {
         };
         // The frame is queued first: the peer's leg (send, apply, flush, acks)
         // is the longer one, so it should not wait for the local submission.
-        let (sent, local_res) = tokio::join!(send, self.run_local(&op));
+        let (sent, local_res) = tokio::join!(send, op.run_local(&*self.local));
         set_local(&req, local_res.is_ok(), &self.part);
         drop(guard);
         if sent.is_err() {
@@ -1063,7 +1027,7 @@ impl Inner {
             _ => None,
         };
         let Some(att) = att else {
-            return self.flush_local().await;
+            return self.local.flush().await;
         };
         let (ftx, frx) = oneshot::channel();
         let start = Instant::now();
@@ -1079,7 +1043,7 @@ impl Inner {
                 Message::Flush
             })
         };
-        let (sent, local_res) = tokio::join!(att.tx.send_with(make), self.flush_local());
+        let (sent, local_res) = tokio::join!(att.tx.send_with(make), self.local.flush());
         if sent.is_err() {
             self.break_mirror(
                 &att,
@@ -1366,24 +1330,6 @@ async fn clearer(weak: Weak<Inner>) {
 }
 
 impl ActiveVolume {
-    /// `fut` (a local read), reporting a disk error.
-    fn reported<T: Send + 'static>(
-        &self,
-        op: &'static str,
-        offset: u64,
-        len: usize,
-        fut: EngineFuture<T>,
-    ) -> EngineFuture<T> {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let res = fut.await;
-            if let Err(e) = &res {
-                inner.local_error(op, offset, len as u64, e);
-            }
-            res
-        })
-    }
-
     /// `op()` when `[offset, offset + len)` lies within the volume (which may
     /// be smaller than the local engine's backing), else `EINVAL`.
     fn in_volume<T: Send + 'static>(
@@ -1417,21 +1363,14 @@ impl BlockEngine for ActiveVolume {
     }
 
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>> {
-        self.in_volume(offset, len as u64, || {
-            self.reported("read", offset, len, self.inner.local.read(offset, len))
-        })
+        self.in_volume(offset, len as u64, || self.inner.local.read(offset, len))
     }
 
     // The local engine's own `read_bytes` (pooled buffers, no copy), not the
     // default that wraps `read`'s `Vec`.
     fn read_bytes(&self, offset: u64, len: usize) -> EngineFuture<Bytes> {
         self.in_volume(offset, len as u64, || {
-            self.reported(
-                "read",
-                offset,
-                len,
-                self.inner.local.read_bytes(offset, len),
-            )
+            self.inner.local.read_bytes(offset, len)
         })
     }
 
