@@ -61,7 +61,7 @@ pub enum ReplicaEvent {
     /// owner records `DISK_ERROR` in the superblock and tells the peer. The
     /// request itself failed with its errno; its regions stay dirty.
     LocalDiskError {
-        /// `read`, `write`, `trim`, `write_zeroes` or `flush`.
+        /// `read`, `write`, `discard`, `write_zeroes` or `flush`.
         op: &'static str,
         /// Byte range of the failed request (0, 0 for a flush).
         offset: u64,
