@@ -472,7 +472,14 @@ impl Resource {
     ) -> (&'static str, String) {
         let r = &self.name;
         if disk.disk_error {
-            return ("RED", format!("the data partition of {r} reported an error: replace the disk (maintenance guide §6.7)"));
+            return match pair {
+                // Serving from the failed disk while the peer received every write.
+                Some(p) if role == Role::Active && p.connection == "connected" => {
+                    let peer = &p.peer;
+                    ("RED", format!("the data partition of {r} reported an error: move the service to {peer} (stop the agent on this node, then `mdctrl force {peer} {r}` and `mdctrl activate {r}` on {peer}), then replace the disk (maintenance guide §6.7)"))
+                }
+                _ => ("RED", format!("the data partition of {r} reported an error: replace the disk (maintenance guide §6.7)")),
+            };
         }
         let recovering = pair
             .and_then(|p| p.recovery.as_ref())

@@ -554,7 +554,8 @@ fn r1_standby_write_error_blocks() {
 
 /// R1 on the active: server1 (active) gets a file-size limit on its data
 /// file, so its write beyond the limit fails with `EFBIG`: the client gets
-/// the error, server1 records `DISK_ERROR` (RED, "replace the disk") and
+/// the error, server1 records `DISK_ERROR` (RED, "move the service to
+/// server2 ... then replace the disk") and
 /// tells server2, whose next step is the failover of `docs/operations.md`
 /// ("A disk failed"). Replication went on, so server2 holds every write
 /// server1 acknowledged. The failover: server1's agent stopped, `activate`
@@ -598,11 +599,9 @@ fn r1_active_write_error_then_failover() {
         s["disk"]["disk_error"] == true
     });
     assert_eq!(s1["color"], "RED", "{s1:#}");
+    let next1 = s1["next_step"].as_str().unwrap_or("");
     assert!(
-        s1["next_step"]
-            .as_str()
-            .unwrap_or("")
-            .contains("replace the disk"),
+        next1.contains("move the service to server2") && next1.contains("replace the disk"),
         "{s1:#}"
     );
     p.a1.assert_log_contains("data disk error on this node: write at 6291456");
