@@ -486,6 +486,24 @@ fn r4_partial_target_next_to_recreated_source() {
     p.assert_identical();
 }
 
+/// `node`'s agent with `RLIMIT_FSIZE` at 4 MiB (set by `prlimit` before the
+/// agent starts, so also after `start_again`) and SIGXFSZ ignored: a write
+/// beyond 4 MiB of its data file fails with `EFBIG`, as on a failing disk.
+fn agent_with_4mib_file_limit(c: &TestCluster, node: &str) -> Agent {
+    Agent::spawn_wrapped(
+        c,
+        node,
+        &[
+            "prlimit",
+            "--fsize=4194304:4194304",
+            "sh",
+            "-c",
+            "trap '' XFSZ; exec \"$@\"",
+            "sh",
+        ],
+    )
+}
+
 /// R1 disk-error: server2's agent runs with `RLIMIT_FSIZE` lowered below
 /// the volume size (and SIGXFSZ ignored), so a replicated write beyond the
 /// limit fails with `EFBIG` on the standby, which records `DISK_ERROR`.
@@ -499,22 +517,10 @@ fn r1_standby_write_error_blocks() {
     }
     let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
     let a1 = c.spawn_agent_on("server1");
-    let a2 = Agent::spawn_wrapped(
-        &c,
-        "server2",
-        &["sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh"],
-    );
+    let a2 = agent_with_4mib_file_limit(&c, "server2");
     let mut p = MirrorPair { c, a1, a2 };
     p.a1.wait_ready();
     p.a2.wait_ready();
-    tests::run_ok(
-        std::process::Command::new("prlimit").args([
-            "--pid".to_string(),
-            p.a2.pid().to_string(),
-            format!("--fsize={}:{}", 4 * MIB, 4 * MIB),
-        ]),
-        T,
-    );
     p.activate("server1");
     p.wait_in_sync("server1", T);
     p.fill("server1", 0, 64 << 10, 0x11);
@@ -568,23 +574,11 @@ fn r1_active_write_error_then_failover() {
         return;
     }
     let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
-    let a1 = Agent::spawn_wrapped(
-        &c,
-        "server1",
-        &["sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh"],
-    );
+    let a1 = agent_with_4mib_file_limit(&c, "server1");
     let a2 = c.spawn_agent_on("server2");
     let mut p = MirrorPair { c, a1, a2 };
     p.a1.wait_ready();
     p.a2.wait_ready();
-    tests::run_ok(
-        std::process::Command::new("prlimit").args([
-            "--pid".to_string(),
-            p.a1.pid().to_string(),
-            format!("--fsize={}:{}", 4 * MIB, 4 * MIB),
-        ]),
-        T,
-    );
     p.activate("server1");
     p.wait_in_sync("server1", T);
     p.fill("server1", 0, 256 << 10, 0x31);
@@ -657,19 +651,7 @@ fn r1_resync_target_write_error_blocks() {
     }
     let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
     let a1 = c.spawn_agent_on("server1");
-    let limit = format!("--fsize={}:{}", 4 * MIB, 4 * MIB);
-    let a2 = Agent::spawn_wrapped(
-        &c,
-        "server2",
-        &[
-            "prlimit",
-            &limit,
-            "sh",
-            "-c",
-            "trap '' XFSZ; exec \"$@\"",
-            "sh",
-        ],
-    );
+    let a2 = agent_with_4mib_file_limit(&c, "server2");
     let mut p = MirrorPair { c, a1, a2 };
     p.a1.wait_ready();
     p.a2.wait_ready();
