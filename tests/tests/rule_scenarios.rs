@@ -504,6 +504,26 @@ fn agent_with_4mib_file_limit(c: &TestCluster, node: &str) -> Agent {
     )
 }
 
+/// An 8 MiB `sync` pair whose `limited` node runs under
+/// [`agent_with_4mib_file_limit`], server1 active and in sync.
+fn limited_pair(limited: &str) -> MirrorPair {
+    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
+    let spawn = |node: &str| {
+        if node == limited {
+            agent_with_4mib_file_limit(&c, node)
+        } else {
+            c.spawn_agent_on(node)
+        }
+    };
+    let (a1, a2) = (spawn("server1"), spawn("server2"));
+    let mut p = MirrorPair { c, a1, a2 };
+    p.a1.wait_ready();
+    p.a2.wait_ready();
+    p.activate("server1");
+    p.wait_in_sync("server1", T);
+    p
+}
+
 /// R1 disk-error: server2's agent runs with `RLIMIT_FSIZE` lowered below
 /// the volume size (and SIGXFSZ ignored), so a replicated write beyond the
 /// limit fails with `EFBIG` on the standby, which records `DISK_ERROR`.
@@ -515,14 +535,7 @@ fn r1_standby_write_error_blocks() {
     if !tests::require_tool("prlimit") {
         return;
     }
-    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
-    let a1 = c.spawn_agent_on("server1");
-    let a2 = agent_with_4mib_file_limit(&c, "server2");
-    let mut p = MirrorPair { c, a1, a2 };
-    p.a1.wait_ready();
-    p.a2.wait_ready();
-    p.activate("server1");
-    p.wait_in_sync("server1", T);
+    let mut p = limited_pair("server2");
     p.fill("server1", 0, 64 << 10, 0x11);
     // Beyond the limit on server2: its write fails, the mirror breaks.
     p.fill("server1", 6 * MIB, 64 << 10, 0x12);
@@ -573,14 +586,7 @@ fn r1_active_write_error_then_failover() {
     if !tests::require_tool("prlimit") {
         return;
     }
-    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
-    let a1 = agent_with_4mib_file_limit(&c, "server1");
-    let a2 = c.spawn_agent_on("server2");
-    let mut p = MirrorPair { c, a1, a2 };
-    p.a1.wait_ready();
-    p.a2.wait_ready();
-    p.activate("server1");
-    p.wait_in_sync("server1", T);
+    let mut p = limited_pair("server1");
     p.fill("server1", 0, 256 << 10, 0x31);
     // Beyond the limit on server1's own disk: the client gets the error.
     let mut nbd = NbdClient::connect(&p.socket("server1"), "md1").expect("NBD connect");
@@ -649,14 +655,7 @@ fn r1_resync_target_write_error_blocks() {
     if !tests::require_tool("prlimit") {
         return;
     }
-    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
-    let a1 = c.spawn_agent_on("server1");
-    let a2 = agent_with_4mib_file_limit(&c, "server2");
-    let mut p = MirrorPair { c, a1, a2 };
-    p.a1.wait_ready();
-    p.a2.wait_ready();
-    p.activate("server1");
-    p.wait_in_sync("server1", T);
+    let mut p = limited_pair("server2");
     p.fill("server1", 0, 256 << 10, 0x41);
     stop(&mut p, "server2");
     p.fill("server1", 6 * MIB, 64 << 10, 0x42);
