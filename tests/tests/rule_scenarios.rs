@@ -524,6 +524,24 @@ fn limited_pair(limited: &str) -> MirrorPair {
     p
 }
 
+/// `node`'s failed disk "replaced": its agent stopped, its metadata
+/// re-created (`init --force`), a plain agent (no file-size limit) started;
+/// then R6 copies everything from `source`, and both files are identical.
+fn replace_disk_and_resync(p: &mut MirrorPair, node: &str, source: &str) {
+    stop(p, node);
+    init(&p.c, node, &["--force"]);
+    *p.agent_mut(node) = p.c.spawn_agent_on(node);
+    p.agent_mut(node).wait_ready();
+    resync_converges(
+        p,
+        source,
+        node,
+        "R6 new-member",
+        &format!("full resync {source} -> {node}"),
+    );
+    p.assert_identical();
+}
+
 /// R1 disk-error: server2's agent runs with `RLIMIT_FSIZE` lowered below
 /// the volume size (and SIGXFSZ ignored), so a replicated write beyond the
 /// limit fails with `EFBIG` on the standby, which records `DISK_ERROR`.
@@ -555,17 +573,7 @@ fn r1_standby_write_error_blocks() {
     let out = p.expect_code("server2", &["activate", "md1", "--nomount"], 3);
     eprintln!("activate server2 with a disk error: {out}");
     // Replace the disk: re-create its metadata; R6 copies it in full.
-    stop(&mut p, "server2");
-    init(&p.c, "server2", &["--force"]);
-    start(&mut p, "server2");
-    resync_converges(
-        &p,
-        "server1",
-        "server2",
-        "R6 new-member",
-        "full resync server1 -> server2",
-    );
-    p.assert_identical();
+    replace_disk_and_resync(&mut p, "server2", "server1");
     assert!(read_range(&p.data("server2"), 6 * MIB, 64 << 10)
         .iter()
         .all(|&b| b == 0x12));
@@ -628,18 +636,7 @@ fn r1_active_write_error_then_failover() {
         .iter()
         .all(|&b| b == 0x33));
     p.fill("server2", 2 * MIB, 64 << 10, 0x34);
-    // server1's disk replaced: new metadata, an agent without the limit.
-    init(&p.c, "server1", &["--force"]);
-    p.a1 = p.c.spawn_agent_on("server1");
-    p.a1.wait_ready();
-    resync_converges(
-        &p,
-        "server2",
-        "server1",
-        "R6 new-member",
-        "full resync server2 -> server1",
-    );
-    p.assert_identical();
+    replace_disk_and_resync(&mut p, "server1", "server2");
 }
 
 /// R1 during a resync: server2's agent runs under a file-size limit from the
@@ -685,19 +682,7 @@ fn r1_resync_target_write_error_blocks() {
     );
     // server1 kept serving throughout.
     p.fill("server1", MIB, 64 << 10, 0x43);
-    // The disk replaced: new metadata, an agent without the limit.
-    stop(&mut p, "server2");
-    init(&p.c, "server2", &["--force"]);
-    p.a2 = p.c.spawn_agent_on("server2");
-    p.a2.wait_ready();
-    resync_converges(
-        &p,
-        "server1",
-        "server2",
-        "R6 new-member",
-        "full resync server1 -> server2",
-    );
-    p.assert_identical();
+    replace_disk_and_resync(&mut p, "server2", "server1");
 }
 
 /// R15 ahead-full: a `--blank` pair, a resync (R14) makes both rotate and
