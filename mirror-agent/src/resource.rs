@@ -476,7 +476,8 @@ impl Resource {
                 // Serving from the failed disk while the peer received every write.
                 Some(p) if role == Role::Active && p.connection == "connected" => {
                     let peer = &p.peer;
-                    ("RED", format!("the data partition of {r} reported an error: move the service to {peer} (stop the agent on this node, then `mdctrl force {peer} {r}` and `mdctrl activate {r}` on {peer}), then replace the disk (maintenance guide §6.7)"))
+                    let steps = failover_steps("this node", peer, r);
+                    ("RED", format!("the data partition of {r} reported an error: move the service to {peer} ({steps} on {peer}), then replace the disk (maintenance guide §6.7)"))
                 }
                 _ => ("RED", format!("the data partition of {r} reported an error: replace the disk (maintenance guide §6.7)")),
             };
@@ -506,14 +507,13 @@ impl Resource {
         let peer_disk_failed =
             p.peer_disk_error || p.peer_disk.as_ref().is_some_and(|d| d.disk_error);
         if peer_disk_failed {
-            let me = &self.node;
             return match (role, p.peer_role) {
                 // The failed disk is the active's: this node still receives every
                 // write (a local error does not break the mirror), and no resync
                 // can run onto a failed disk (R1).
                 (Role::Inactive, Some(Role::Active)) => (
                     "GREEN",
-                    format!("{peer} reported a data disk error while active: move the service here (stop the agent on {peer}, then `mdctrl force {me} {r}` and `mdctrl activate {r}` on this node), then replace its disk"),
+                    format!("{peer} reported a data disk error while active: move the service here ({} on this node), then replace its disk", failover_steps(peer, &self.node, r)),
                 ),
                 _ => (
                     "GREEN",
@@ -581,6 +581,12 @@ impl Resource {
         };
         (color, format!("mirror recovery required ({what}): {next}"))
     }
+}
+
+/// The commands that move the service of `r` from `failed` (a node whose
+/// data disk failed while active) to `to`, which received every write.
+fn failover_steps(failed: &str, to: &str, r: &str) -> String {
+    format!("stop the agent on {failed}, then `mdctrl force {to} {r}` and `mdctrl activate {r}`")
 }
 
 /// Reads `first`, then `second`, then `first` again until the two reads of `first` agree

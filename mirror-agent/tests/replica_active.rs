@@ -474,14 +474,14 @@ async fn local_disk_error_is_reported_once_and_replication_goes_on() {
         .expect("no event")
         .expect("closed");
     match ev {
-        ReplicaEvent::LocalDiskError {
-            op,
-            offset,
-            len,
-            error,
-        } => {
-            assert_eq!((op, offset, len), ("write", 5 * REGION, 4096), "{error}");
-            assert!(error.contains("os error 5"), "{error}");
+        ReplicaEvent::LocalDiskError(r) => {
+            assert_eq!(
+                (r.op, r.offset, r.len),
+                ("write", 5 * REGION, 4096),
+                "{}",
+                r.error
+            );
+            assert!(r.error.contains("os error 5"), "{}", r.error);
         }
         other => panic!("expected LocalDiskError, got {other:?}"),
     }

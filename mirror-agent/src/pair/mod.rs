@@ -1449,20 +1449,7 @@ impl Pair {
                     ReplicaEvent::BreakRecordFailed { error } => {
                         tracing::error!(resource = %me.resource, "recording the mirror break failed: {error}");
                     }
-                    ReplicaEvent::LocalDiskError {
-                        op,
-                        offset,
-                        len,
-                        error,
-                    } => {
-                        me.record_local_disk_error(engine::DiskErrorReport {
-                            op,
-                            offset,
-                            len,
-                            error,
-                        })
-                        .await;
-                    }
+                    ReplicaEvent::LocalDiskError(r) => me.record_local_disk_error(r).await,
                 }
                 me.changed.bump();
             }

@@ -86,7 +86,7 @@ use super::link::{lock, CloseSignal, FrameTx, MakeMessage, ReplicaLink};
 use super::range_lock::{RangeGuard, RangeLock};
 use super::{ReplicaError, ReplicaEvent};
 use crate::config::{Mode, Resource, Timeouts};
-use crate::engine::{BlockEngine, DiskErrorReport, EngineFuture, Extent, Watched};
+use crate::engine::{BlockEngine, EngineFuture, Extent, Watched};
 use crate::gens;
 
 /// Interval of the lazy bitmap-clearing task.
@@ -443,13 +443,8 @@ impl ActiveVolume {
         let local: Arc<dyn BlockEngine> = Arc::new(Watched::new(
             local,
             "active",
-            Box::new(move |r: DiskErrorReport| {
-                let _ = tx.send(ReplicaEvent::LocalDiskError {
-                    op: r.op,
-                    offset: r.offset,
-                    len: r.len,
-                    error: r.error,
-                });
+            Box::new(move |r| {
+                let _ = tx.send(ReplicaEvent::LocalDiskError(r));
             }),
         ));
         let inner = Arc::new(Inner {

@@ -60,16 +60,7 @@ pub enum ReplicaEvent {
     /// The local data disk failed a request (the first failure only): the
     /// owner records `DISK_ERROR` in the superblock and tells the peer. The
     /// request itself failed with its errno; its regions stay dirty.
-    LocalDiskError {
-        /// `read`, `write`, `discard`, `write_zeroes` or `flush`.
-        op: &'static str,
-        /// Byte range of the failed request (0, 0 for a flush).
-        offset: u64,
-        /// Its length.
-        len: u64,
-        /// The error (with its errno).
-        error: String,
-    },
+    LocalDiskError(crate::engine::DiskErrorReport),
 }
 
 /// Errors of the replication layer.
