@@ -20,6 +20,16 @@ fn row2(o: &mut String, k: &str, a: &str, b: &str) {
     let _ = writeln!(o, "{k:<20}{a:<24}{b}");
 }
 
+/// A cluster partition that failed a metadata write (the reason is in the
+/// next step and in `--json`).
+fn meta_state(e: &Option<String>) -> &'static str {
+    if e.is_some() {
+        "FAILED"
+    } else {
+        "OK"
+    }
+}
+
 fn role_name(r: Role) -> &'static str {
     match r {
         Role::Active => "Active",
@@ -78,6 +88,11 @@ fn standalone_table(s: &ResourceStatus) -> String {
         &mut o,
         "Disk Error",
         if s.disk.disk_error { "ERROR" } else { "OK" },
+    );
+    row(
+        &mut o,
+        "Cluster Partition",
+        meta_state(&s.disk.metadata_error),
     );
     // Without a peer nothing is mirrored: the bitmap has no meaning.
     row(&mut o, "Difference Percent", "n/a (standalone)");
@@ -138,6 +153,12 @@ fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
         err(s.disk.disk_error),
         pd.map(|d| err(d.disk_error || p.peer_disk_error))
             .unwrap_or(if p.peer_disk_error { "ERROR" } else { "-" }),
+    );
+    row2(
+        &mut o,
+        "Cluster Partition",
+        meta_state(&s.disk.metadata_error),
+        pd.map(|d| meta_state(&d.metadata_error)).unwrap_or("-"),
     );
     // In sync, set bits are write intents of the keep-dirty cache (regions
     // recently written and acknowledged by both sides), not differences.

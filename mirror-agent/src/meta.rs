@@ -537,6 +537,7 @@ impl Meta {
         DiskStatus {
             consistent: !flags.contains(Flags::RESYNC_TARGET),
             disk_error: flags.contains(Flags::DISK_ERROR),
+            metadata_error: self.cp.poisoned(),
             dirty_regions: self.cp.dirty_count(),
             total_regions: self.cp.region_count(),
             difference_percent: self.cp.dirty_percent(),

@@ -482,6 +482,27 @@ impl Resource {
                 _ => ("RED", format!("the data partition of {r} reported an error: replace the disk (maintenance guide §6.7)")),
             };
         }
+        if let Some(why) = &disk.metadata_error {
+            // No write intent can be recorded (safety property 1), so every
+            // client write fails; what is on the partition stays valid.
+            let failed = format!("the cluster partition of {r} failed ({why})");
+            let repair = format!(
+                "repair or replace {} and restart this agent (a replaced one needs `mdctrl init {r} --force` first)",
+                self.me.cluster_partition.display()
+            );
+            return match pair {
+                Some(p) if role == Role::Active && p.connection == "connected" => {
+                    let peer = &p.peer;
+                    let steps = failover_steps("this node", peer, r);
+                    ("RED", format!("{failed}: writes fail; move the service to {peer} ({steps} on {peer}), then {repair}"))
+                }
+                _ if role == Role::Active => ("RED", format!("{failed}: writes fail; {repair}")),
+                _ => (
+                    "RED",
+                    format!("{failed}: this node cannot be activated; {repair}"),
+                ),
+            };
+        }
         let recovering = pair
             .and_then(|p| p.recovery.as_ref())
             .is_some_and(|r| !r.finished && r.error.is_none());
@@ -504,6 +525,31 @@ impl Resource {
             };
         };
         let peer = &p.peer;
+        let peer_meta_failed = p
+            .peer_disk
+            .as_ref()
+            .and_then(|d| d.metadata_error.as_deref())
+            .filter(|_| p.connection == "connected");
+        if let Some(why) = peer_meta_failed {
+            let failed = format!("the cluster partition of {peer} failed ({why})");
+            let repair = format!("repair or replace it and restart the agent on {peer}");
+            return match (role, p.peer_role) {
+                // Its writes fail; this node received every one it acknowledged.
+                (Role::Inactive, Some(Role::Active)) => (
+                    "GREEN",
+                    format!("{failed}: its writes fail; move the service here ({} on this node), then {repair}", failover_steps(peer, &self.node, r)),
+                ),
+                (Role::Inactive, _) if p.in_sync => (
+                    "GREEN",
+                    format!("{failed}: it cannot be activated; `mdctrl activate {r}` here starts serving; {repair}"),
+                ),
+                (Role::Active, _) => ("GREEN", format!("{failed}: {repair}")),
+                (Role::Inactive, _) => (
+                    "GRAY",
+                    format!("{failed}: {repair}; the nodes compare their states when it is back"),
+                ),
+            };
+        }
         let peer_disk_failed =
             p.peer_disk_error || p.peer_disk.as_ref().is_some_and(|d| d.disk_error);
         if peer_disk_failed {
@@ -584,7 +630,8 @@ impl Resource {
 }
 
 /// The commands that move the service of `r` from `failed` (a node whose
-/// data disk failed while active) to `to`, which received every write.
+/// data disk or cluster partition failed while active) to `to`, which
+/// received every write.
 fn failover_steps(failed: &str, to: &str, r: &str) -> String {
     format!("stop the agent on {failed}, then `mdctrl force {to} {r}` and `mdctrl activate {r}`")
 }

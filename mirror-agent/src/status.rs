@@ -47,6 +47,11 @@ pub struct DiskStatus {
     pub consistent: bool,
     /// A disk error was recorded for the data partition.
     pub disk_error: bool,
+    /// The cluster partition failed a metadata write or sync (why); until the
+    /// agent restarts on a working device no write intent can be recorded, so
+    /// every client write fails and the node cannot be activated.
+    #[serde(default)]
+    pub metadata_error: Option<String>,
     /// Regions marked dirty in the local bitmap.
     pub dirty_regions: u64,
     /// Regions in the volume.
@@ -105,6 +110,9 @@ pub struct PeerDisk {
     pub consistent: bool,
     /// A disk error is recorded.
     pub disk_error: bool,
+    /// Its cluster partition failed (why), as it reported it.
+    #[serde(default)]
+    pub metadata_error: Option<String>,
     /// Dirty regions in its bitmap.
     pub dirty_regions: u64,
     /// In percent of its regions.

@@ -46,6 +46,9 @@
 //!   agents (delay, stall, blackhole, reset, cut and heal, one-way loss).
 //! - [`tls`]: a test CA, node certificates and per-node configs with
 //!   `[cluster.tls]` (TLS on the peer links).
+//! - [`faultfile`]: [`faultfile::FaultyFile`], a file whose writes fail with
+//!   `EIO` on demand (nbdkit's error filter behind nbdfuse), for a cluster
+//!   partition that fails under a running agent.
 //! - [`fakepeer`]: [`fakepeer::FakePeer`], a hand-written peer that runs the
 //!   real handshake (`docs/protocol.md` §8) and then sends arbitrary, also
 //!   malformed, bytes.
@@ -56,6 +59,7 @@ pub mod bins;
 pub mod cluster;
 pub mod data;
 pub mod fakepeer;
+pub mod faultfile;
 pub mod fsmount;
 pub mod mirror;
 pub mod nbd_client;

@@ -24,6 +24,10 @@
 //! history), R18 (one node re-created `--blank` next to a pair built by
 //! initial construction, whose histories hold no `gens::BLANK`).
 //!
+//! Also here, with the same helpers: a cluster partition that starts failing
+//! its writes (behind [`tests::faultfile::FaultyFile`]) on the active, then
+//! the failover and R12 once it works again; and on the standby.
+//!
 //! Rows the protocol never produces by itself (R2, R10, R11, R16, R17:
 //! "not produced by the protocol", `docs/resync-rules.md` §2) are reached the
 //! way they arise in the field: a stopped node's data disk and cluster
@@ -69,6 +73,7 @@ use serde_json::Value;
 use tests::agent::Agent;
 use tests::cluster::TestCluster;
 use tests::data::{random_bytes, random_image, read_range, seed};
+use tests::faultfile::FaultyFile;
 use tests::mirror::{set_resource_key, set_timeouts, MirrorPair, PairOpts};
 use tests::nbd_client::NbdClient;
 use tests::run::describe;
@@ -1009,4 +1014,195 @@ fn r2_both_inconsistent_after_restored_backup() {
         "{s:#}"
     );
     assert_eq!(s["pair"]["recovery"]["kind"], "full", "{s:#}");
+}
+
+/// An 8 MiB `sync` pair (both agents running, nothing active) whose `node`
+/// has its cluster partition behind a [`FaultyFile`]: the initialised
+/// partition is moved to an image, and its configured path becomes a
+/// symlink to the FUSE file. `None` (a loud skip) without the tools. The
+/// pair comes second so that it is dropped first (agents stopped before the
+/// file is unmounted).
+fn pair_with_faulty_cluster_partition(node: &str) -> Option<(FaultyFile, MirrorPair)> {
+    if !["nbdfuse", "nbdkit", "fusermount3"]
+        .iter()
+        .all(|t| tests::require_tool(t))
+    {
+        return None;
+    }
+    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
+    let cp = c.cp_path_on(node);
+    let image = c.dir().join(format!("{node}-cp.img"));
+    std::fs::rename(&cp, &image).expect("moving the cluster partition");
+    let faulty = FaultyFile::attach(c.dir(), &image);
+    std::os::unix::fs::symlink(faulty.path(), &cp).expect("symlink to the faulty file");
+    Some((faulty, MirrorPair::start_on(c)))
+}
+
+/// The cluster partition of the active fails (server1's lies behind
+/// nbdkit's error filter, exposed through nbdfuse; writes fail with `EIO`
+/// from a moment on). A write whose intent needs a metadata write is
+/// refused with `EIO`, and the poisoned partition then refuses every later
+/// write too, also into regions already marked (safety property 1: no data
+/// write without its intent on stable storage). server1 says so: RED,
+/// `metadata_error`, "Cluster Partition FAILED" in the table, the failover in
+/// the next step; so does server2, which received every acknowledged write
+/// ("move the service here"). The failover of `docs/operations.md`, then the
+/// partition works again and server1's agent restarts on it: what it holds
+/// is still valid, server2's force wins (R12), identical.
+#[test]
+fn active_cluster_partition_failure_then_failover() {
+    let Some((faulty, mut p)) = pair_with_faulty_cluster_partition("server1") else {
+        return;
+    };
+    p.activate("server1");
+    p.wait_in_sync("server1", T);
+    p.fill("server1", 0, 256 << 10, 0x51);
+
+    faulty.fail_writes(true);
+    let mut nbd = NbdClient::connect(&p.socket("server1"), "md1").expect("NBD connect");
+    // 6 MiB is in a hot extent not marked yet: its intent needs a metadata write.
+    let err = nbd
+        .write(6 * MIB, &vec![0x52; 64 << 10], false)
+        .expect("write request");
+    assert_eq!(err, 5, "a write whose intent could not be recorded: EIO");
+    // Region 0 is marked already, but the partition is poisoned now.
+    let err = nbd
+        .write(0, &vec![0x53; 4096], false)
+        .expect("write request");
+    assert_eq!(err, 5, "a write after the partition failed: EIO");
+    let _ = nbd.disconnect();
+    assert!(
+        faulty
+            .log_text()
+            .contains("injecting EIO error into pwrite"),
+        "{}",
+        faulty.log_text()
+    );
+
+    let s1 = p.wait_status("server1", "the failed cluster partition", T, |s| {
+        s["disk"]["metadata_error"].is_string()
+    });
+    assert_eq!(s1["color"], "RED", "{s1:#}");
+    let next1 = s1["next_step"].as_str().unwrap_or("");
+    assert!(
+        next1.contains("the cluster partition of md1 failed")
+            && next1.contains("writes fail")
+            && next1.contains("move the service to server2")
+            && next1.contains("`mdctrl force server2 md1`"),
+        "{s1:#}"
+    );
+    assert_eq!(s1["disk"]["disk_error"], false, "{s1:#}");
+    let table = p.mdctrl_ok("server1", &["status", "md1"]);
+    assert!(
+        table.lines().any(|l| l.starts_with("Cluster Partition")
+            && l.contains("FAILED")
+            && l.trim_end().ends_with("OK")),
+        "{table}"
+    );
+    p.a1.assert_log_contains("the cluster partition failed, client writes fail");
+    let s2 = p.wait_status("server2", "the peer's failed cluster partition", T, |s| {
+        s["pair"]["peer_disk"]["metadata_error"].is_string()
+    });
+    let next2 = s2["next_step"].as_str().unwrap_or("");
+    assert!(
+        next2.contains("the cluster partition of server1 failed")
+            && next2.contains("move the service here")
+            && next2.contains("`mdctrl force server2 md1`"),
+        "{s2:#}"
+    );
+    // Neither refused write reached server2.
+    assert!(read_range(&p.data("server2"), 0, 256 << 10)
+        .iter()
+        .all(|&b| b == 0x51));
+    assert!(read_range(&p.data("server2"), 6 * MIB, 64 << 10)
+        .iter()
+        .all(|&b| b == 0));
+
+    // The failover.
+    stop(&mut p, "server1");
+    let out = p.expect_code("server2", &["activate", "md1", "--nomount"], 5);
+    assert!(out.contains("force server2"), "no force hint: {out}");
+    p.mdctrl_ok("server2", &["force", "server2", "md1"]);
+    p.activate("server2");
+    p.fill("server2", 2 * MIB, 64 << 10, 0x54);
+
+    // The partition works again; server1's agent restarts on it.
+    faulty.fail_writes(false);
+    start(&mut p, "server1");
+    p.agent("server2")
+        .wait_for_log("decision R12 forced-wins", T);
+    p.wait_recovered("server2", T);
+    p.wait_in_sync("server1", T);
+    p.wait_rpo_zero("server2", T);
+    let s1 = p.status("server1");
+    assert!(s1["disk"]["metadata_error"].is_null(), "{s1:#}");
+    assert_eq!(s1["color"], "GREEN", "{s1:#}");
+    p.assert_identical();
+    stop(&mut p, "server1");
+}
+
+/// The cluster partition of the standby fails (server2's, behind nbdkit's
+/// error filter). A standby writes no metadata per replicated write, so the
+/// failure shows when it next records something: here the handshake after
+/// server1's restart. server2 is then RED ("cannot be activated") and
+/// refuses `activate`; server1 is told why and that it may activate (in
+/// sync). server2 serves as a standby meanwhile; after the repair and its
+/// agent's restart the pair resyncs what it missed and is identical.
+#[test]
+fn standby_cluster_partition_failure_is_shown_on_both_nodes() {
+    let Some((faulty, mut p)) = pair_with_faulty_cluster_partition("server2") else {
+        return;
+    };
+    p.activate("server1");
+    p.wait_in_sync("server1", T);
+    p.fill("server1", 0, 256 << 10, 0x61);
+    faulty.fail_writes(true);
+    // Replication needs no metadata write on the standby.
+    p.fill("server1", 6 * MIB, 256 << 10, 0x62);
+    p.wait_rpo_zero("server1", T);
+    stop(&mut p, "server1");
+    start(&mut p, "server1");
+
+    let s2 = p.wait_status("server2", "the failed cluster partition", T, |s| {
+        s["disk"]["metadata_error"].is_string()
+    });
+    assert_eq!(s2["color"], "RED", "{s2:#}");
+    let next2 = s2["next_step"].as_str().unwrap_or("");
+    assert!(
+        next2.contains("the cluster partition of md1 failed")
+            && next2.contains("cannot be activated")
+            && next2.contains("restart this agent"),
+        "{s2:#}"
+    );
+    let out = p.c.mdctrl_on("server2", &["activate", "md1", "--nomount"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cluster partition"),
+        "activate on server2: {out:?}"
+    );
+    let s1 = p.wait_status("server1", "server2's failed cluster partition", T, |s| {
+        s["pair"]["peer_disk"]["metadata_error"].is_string() && s["pair"]["in_sync"] == true
+    });
+    let next1 = s1["next_step"].as_str().unwrap_or("");
+    assert!(
+        next1.contains("the cluster partition of server2 failed")
+            && next1.contains("`mdctrl activate md1` here"),
+        "{s1:#}"
+    );
+    p.activate("server1");
+    p.fill("server1", 2 * MIB, 64 << 10, 0x63);
+
+    // Repaired: server2's agent restarts on the working partition.
+    faulty.fail_writes(false);
+    stop(&mut p, "server2");
+    start(&mut p, "server2");
+    p.wait_recovered("server1", T);
+    p.wait_in_sync("server2", T);
+    p.wait_rpo_zero("server1", T);
+    let s2 = p.status("server2");
+    assert!(s2["disk"]["metadata_error"].is_null(), "{s2:#}");
+    p.fill("server1", 3 * MIB, 64 << 10, 0x64);
+    p.wait_rpo_zero("server1", T);
+    p.assert_identical();
+    stop(&mut p, "server2");
 }

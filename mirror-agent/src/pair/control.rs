@@ -75,6 +75,11 @@ pub struct NodeState {
     /// sending this, and sends it before any data frame).
     #[serde(default)]
     pub replicating: bool,
+    /// Its cluster partition failed (why): no write intent can be recorded
+    /// there, so its writes fail until its agent restarts on a working device.
+    /// Not a superblock flag: it cannot be written to the failed partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_error: Option<String>,
 }
 
 /// One control message.
@@ -197,6 +202,7 @@ mod tests {
             last_update: 1,
             break_time: 0,
             replicating: false,
+            metadata_error: None,
         });
         assert_eq!(ControlMsg::from_json(&m.to_json()).unwrap(), m);
         let m = ControlMsg::ActivateReply {

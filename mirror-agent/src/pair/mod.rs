@@ -394,6 +394,7 @@ impl Pair {
             last_update: sb.last_update_time,
             break_time: sb.state.break_time,
             replicating,
+            metadata_error: self.meta.partition().poisoned(),
         }
     }
 
@@ -1450,6 +1451,10 @@ impl Pair {
                         tracing::error!(resource = %me.resource, "recording the mirror break failed: {error}");
                     }
                     ReplicaEvent::LocalDiskError(r) => me.record_local_disk_error(r).await,
+                    ReplicaEvent::MetadataFailed { error } => {
+                        tracing::error!(resource = %me.resource, peer = %me.peer_name, "the cluster partition failed, client writes fail until the agent restarts on a working one: {error}");
+                        me.send_state().await;
+                    }
                 }
                 me.changed.bump();
             }
@@ -2100,6 +2105,7 @@ impl Pair {
             peer_disk: st.peer.as_ref().map(|p| crate::status::PeerDisk {
                 consistent: !Flags(p.flags).contains(Flags::RESYNC_TARGET),
                 disk_error: Flags(p.flags).contains(Flags::DISK_ERROR),
+                metadata_error: p.metadata_error.clone(),
                 dirty_regions: p.dirty_regions,
                 difference_percent: if p.total_regions == 0 {
                     0.0
@@ -2195,6 +2201,7 @@ mod tests {
             last_update: 0,
             break_time: 0,
             replicating: false,
+            metadata_error: None,
         };
         let j = ControlMsg::State(s).to_json();
         assert!(j.starts_with("{\"type\":\"state\""), "{j}");

@@ -400,6 +400,8 @@ struct Inner {
     /// volume was last attached (attaching needs an in-sync peer, so those
     /// writes have reached it then). For the RPO meter's age.
     local_only_since: Mutex<Option<Instant>>,
+    /// Writes refused because their write intent could not be recorded.
+    intent_failures: AtomicU64,
 }
 
 /// The active node's replicated volume; see the module docs. Cheap to clone
@@ -458,6 +460,7 @@ impl ActiveVolume {
             totals: Totals::default(),
             clear_kick: Arc::new(Notify::new()),
             local_only_since: Mutex::new(None),
+            intent_failures: AtomicU64::new(0),
         });
         tokio::spawn(clearer(Arc::downgrade(&inner)));
         (ActiveVolume { inner }, rx)
@@ -809,7 +812,17 @@ impl Inner {
         {
             Ok(Ok(t)) => Ok(t),
             Ok(Err(error)) => {
-                tracing::error!(offset, len, %error, "marking regions dirty failed: write refused");
+                // A failed metadata write poisons the partition: from then on
+                // every write lands here, so the log is rate-limited.
+                let n = self.intent_failures.fetch_add(1, Ordering::SeqCst) + 1;
+                if n <= 10 || n.is_multiple_of(1000) {
+                    tracing::error!(offset, len, %error, failed_so_far = n, "marking regions dirty failed: write refused");
+                }
+                if n == 1 {
+                    let _ = self.events.send(ReplicaEvent::MetadataFailed {
+                        error: error.to_string(),
+                    });
+                }
                 Err(eio())
             }
             Err(error) => {

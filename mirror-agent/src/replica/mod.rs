@@ -61,6 +61,14 @@ pub enum ReplicaEvent {
     /// owner records `DISK_ERROR` in the superblock and tells the peer. The
     /// request itself failed with its errno; its regions stay dirty.
     LocalDiskError(crate::engine::DiskErrorReport),
+    /// A write's intent could not be recorded in the cluster partition (the
+    /// first refusal only): that write and every later one fail with EIO
+    /// until the agent restarts on a working partition. The owner tells the
+    /// peer (its state carries the partition's failure).
+    MetadataFailed {
+        /// The metadata error.
+        error: String,
+    },
 }
 
 /// Errors of the replication layer.
