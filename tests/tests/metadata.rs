@@ -1,13 +1,16 @@
 //! The cluster partition at agent start and in `mdctrl dump-md`: a blank
 //! partition is initialised, garbage is refused, one corrupt superblock slot
 //! is survived, two are refused (exit 6 naming expected and actual CRC), a
-//! corrupt bitmap chunk is reported and its regions count as dirty.
+//! corrupt bitmap chunk is reported and its regions count as dirty; and a
+//! partition that starts failing under a running agent.
 //! Layout (docs/on-disk-format.md): slot 0 at 0, slot 1 at 4096, bitmap
 //! chunks from 8192, 4096 bytes each.
 
 use std::time::Duration;
 
 use tests::data::{overwrite, random_bytes};
+use tests::faultfile::FaultyFile;
+use tests::nbd_client::NbdClient;
 use tests::{ClusterOpts, TestCluster};
 
 const SLOT_SIZE: u64 = 4096;
@@ -163,4 +166,80 @@ fn corrupt_bitmap_chunk_is_reported_and_its_regions_are_dirty() {
     let _agent = c.start_agent();
     let s = c.status_json();
     assert_eq!(s["disk"]["dirty_regions"], regions(&c), "{s:#}");
+}
+
+/// A cluster partition that starts failing its writes under a running
+/// standalone agent (behind nbdkit's error filter). A standalone volume
+/// records no write intents (nothing is mirrored), so client writes go on;
+/// the failure shows at the next metadata write, here `deactivate` (exit
+/// non-zero naming it; serving stops all the same). The status is then RED
+/// with `metadata_error`, `Cluster Partition FAILED` and the repair as next
+/// step, and `activate` is refused. Once the device works again a restarted
+/// agent activates on the same partition and serves the data intact.
+#[test]
+fn cluster_partition_failing_under_a_standalone_agent() {
+    if !["nbdfuse", "nbdkit", "fusermount3"]
+        .iter()
+        .all(|t| tests::require_tool(t))
+    {
+        return;
+    }
+    let c = TestCluster::standalone(ClusterOpts::default());
+    c.init();
+    let image = c.dir().join("cp.img");
+    std::fs::rename(c.cp_path(), &image).expect("moving the cluster partition");
+    let faulty = FaultyFile::attach(c.dir(), &image);
+    std::os::unix::fs::symlink(faulty.path(), c.cp_path()).expect("symlink");
+    let mut agent = c.start_agent();
+    c.activate();
+    let far = c.opts.size - (64 << 10);
+    let mut nbd = NbdClient::connect(&c.nbd_socket(), "md1").expect("NBD connect");
+    assert_eq!(nbd.write(0, &[0x71; 4096], false).expect("write"), 0);
+    faulty.fail_writes(true);
+    assert_eq!(nbd.write(far, &[0x72; 4096], false).expect("write"), 0);
+    let _ = nbd.disconnect();
+
+    let out = c.mdctrl(&["deactivate", "md1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("cannot record deactivation in the cluster partition"),
+        "deactivate: {out:?}"
+    );
+    let s = c.status_json();
+    assert!(s["disk"]["metadata_error"].is_string(), "{s:#}");
+    assert_eq!(s["color"], "RED", "{s:#}");
+    assert_eq!(s["role"], "inactive", "{s:#}");
+    let next = s["next_step"].as_str().unwrap_or("");
+    assert!(
+        next.contains("cannot be activated") && next.contains("restart this agent"),
+        "{s:#}"
+    );
+    let table = c.mdctrl_ok(&["status", "md1"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("Cluster Partition") && l.contains("FAILED")),
+        "{table}"
+    );
+    let out = c.mdctrl(&["activate", "md1", "--nomount"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cluster partition"),
+        "activate: {out:?}"
+    );
+
+    faulty.fail_writes(false);
+    agent.terminate();
+    agent.start_again();
+    agent.wait_ready();
+    c.activate();
+    let s = c.status_json();
+    assert!(s["disk"]["metadata_error"].is_null(), "{s:#}");
+    assert_eq!(s["color"], "GREEN", "{s:#}");
+    let mut nbd = NbdClient::connect(&c.nbd_socket(), "md1").expect("NBD connect");
+    assert_eq!(nbd.read(0, 4096).expect("read"), vec![0x71; 4096]);
+    assert_eq!(nbd.read(far, 4096).expect("read"), vec![0x72; 4096]);
+    let _ = nbd.disconnect();
+    agent.terminate();
 }
