@@ -567,6 +567,9 @@ impl Resource {
                 ),
             };
         }
+        if let Some(secs) = p.ended_session_writes_secs {
+            return ("GRAY", format!("writes {peer} sent before the last session ended are still completing on the local disk ({secs} s): the next session and an activation wait for them; if this does not end, the data disk is stalled: check it"));
+        }
         if p.connection != "connected" {
             return match role {
                 Role::Active => ("GREEN", format!("{peer} is unreachable ({}): writes are kept dirty for the later resync; start its agent or check the network", p.connection)),

@@ -163,6 +163,12 @@ pub struct PairStatus {
     /// The running or last resync.
     #[serde(default)]
     pub recovery: Option<RecoveryStatus>,
+    /// Seconds this node has been waiting for the local writes of an ended
+    /// session (its standby applier's, its resync target's) to complete;
+    /// the next session and an activation wait for them. `None` when not
+    /// waiting; a value that keeps growing means a stalled data disk.
+    #[serde(default)]
+    pub ended_session_writes_secs: Option<u64>,
 }
 
 /// Progress of a resync (the ancestor's "Recovery Status" rows).

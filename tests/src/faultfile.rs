@@ -1,14 +1,27 @@
 //! [`FaultyFile`]: a file whose writes fail on demand, for faults of the
 //! devices under the agent (a cluster partition that starts failing).
 //!
-//! `nbdfuse DIR/file --command nbdkit -s --filter=error file IMAGE
-//! error-pwrite-rate=100% error-pwrite=EIO error-pwrite-file=TRIGGER`
-//! exposes `IMAGE` as `DIR/file` through the kernel's FUSE: reads and writes
-//! pass through to `IMAGE` until [`FaultyFile::fail_writes`] creates
-//! `TRIGGER`, from then on every write fails with `EIO` (the caller's
-//! `pwrite` returns it) until the trigger is removed again. Reads keep
-//! working, as on a disk whose writes fail. Teardown (fusermount3 -u, reap
-//! nbdfuse) also runs in `Drop`.
+//! `nbdfuse DIR/file --command nbdkit -s --filter=pause --filter=error file
+//! IMAGE pause-control=SOCKET error-pwrite-rate=100% error-pwrite=EIO
+//! error-pwrite-file=TRIGGER` exposes `IMAGE` as `DIR/file` through the
+//! kernel's FUSE: reads and writes pass through to `IMAGE` until
+//! [`FaultyFile::fail_writes`] creates `TRIGGER`, from then on every write
+//! fails with `EIO` (the caller's `pwrite` returns it) until the trigger is
+//! removed again. Reads keep working, as on a disk whose writes fail.
+//! [`FaultyFile::pause`] makes every later request hang until its guard
+//! ([`Paused`]) resumes them (a stalled disk: nbdkit's pause filter, driven
+//! over its control socket). [`FaultyFile::loop_device`] puts a loop device
+//! on top (a block device that takes O_DIRECT, as production disks do; its
+//! stalls then hold the device's requests, not the caller's threads). The
+//! mount point, the trigger and the control
+//! socket live in a temporary directory of their own. Teardown
+//! (fusermount3 -u, reap nbdfuse) runs in `Drop`.
+//!
+//! Order of teardown in a test: a process blocked in a paused request
+//! cannot even die (the FUSE request waits uninterruptibly), so the
+//! [`Paused`] guard must be dropped (resuming) before the agents are
+//! stopped, and the agents stopped before the [`FaultyFile`] is dropped
+//! (unmounting): hold the file first, then the agents, then the guard.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,23 +37,64 @@ pub struct FaultyFile {
     file: PathBuf,
     trigger: PathBuf,
     log: PathBuf,
+    control: PathBuf,
     nbdfuse: Option<Child>,
+    loopdev: Option<String>,
+    // Last: removed after the unmount.
+    _work: tempfile::TempDir,
+}
+
+/// Requests to a [`FaultyFile`] hang while this lives; dropping it (or
+/// [`Paused::resume`]) lets them go on.
+#[derive(Debug)]
+pub struct Paused<'a> {
+    file: &'a FaultyFile,
+    resumed: bool,
+}
+
+impl Paused<'_> {
+    /// Lets the held requests and every later one go on.
+    pub fn resume(mut self) {
+        self.file.control_command(b'r', b'R');
+        self.resumed = true;
+    }
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        // Also while unwinding: never panic here.
+        if !self.resumed {
+            let _ = self.file.try_control_command(b'r', b'R');
+        }
+    }
 }
 
 impl FaultyFile {
-    /// Exposes `image` (an existing file) as `work/faulty/file`; writes pass
-    /// through until [`fail_writes`](Self::fail_writes)`(true)`.
-    pub fn attach(work: &Path, image: &Path) -> FaultyFile {
-        let dir = work.join("faulty");
+    /// Exposes `image` (an existing file) as a file of a new FUSE mount;
+    /// writes pass through until [`fail_writes`](Self::fail_writes)`(true)`.
+    pub fn attach(image: &Path) -> FaultyFile {
+        let work = tempfile::Builder::new()
+            .prefix("nbd-mirror-faulty-")
+            .tempdir()
+            .expect("temp dir of the faulty file");
+        let dir = work.path().join("mnt");
         std::fs::create_dir_all(&dir).expect("creating the faulty file's mount point");
-        let trigger = work.join("faulty.trigger");
-        let _ = std::fs::remove_file(&trigger);
-        let log = work.join("faulty.log");
+        let trigger = work.path().join("trigger");
+        let log = work.path().join("log");
+        let control = work.path().join("pause.sock");
         let logf = std::fs::File::create(&log).expect("faulty file log");
         let child = Command::new("nbdfuse")
             .arg(dir.join("file"))
-            .args(["--command", "nbdkit", "-s", "--filter=error", "file"])
+            .args([
+                "--command",
+                "nbdkit",
+                "-s",
+                "--filter=pause",
+                "--filter=error",
+            ])
+            .arg("file")
             .arg(image)
+            .arg(format!("pause-control={}", control.display()))
             .args(["error-pwrite-rate=100%", "error-pwrite=EIO"])
             .arg(format!("error-pwrite-file={}", trigger.display()))
             .stdin(Stdio::null())
@@ -53,7 +107,10 @@ impl FaultyFile {
             dir,
             trigger,
             log,
+            control,
             nbdfuse: Some(child),
+            loopdev: None,
+            _work: work,
         };
         let ready = poll_until(Duration::from_secs(30), || {
             if let Some(c) = f.nbdfuse.as_mut() {
@@ -79,6 +136,24 @@ impl FaultyFile {
         }
     }
 
+    /// A loop device over the file (`losetup -f --show`), detached at
+    /// teardown; the same device on every call.
+    pub fn loop_device(&mut self) -> String {
+        if let Some(d) = &self.loopdev {
+            return d.clone();
+        }
+        let out = crate::run::run_ok(
+            Command::new("losetup")
+                .args(["-f", "--show"])
+                .arg(&self.file),
+            CMD_TIMEOUT,
+        );
+        let dev = crate::run::stdout(&out).trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+        self.loopdev = Some(dev.clone());
+        dev
+    }
+
     /// The file to hand to the program under test.
     pub fn path(&self) -> &Path {
         &self.file
@@ -93,12 +168,50 @@ impl FaultyFile {
         }
     }
 
+    /// From now on every request hangs until the guard is dropped or
+    /// resumed; returns once the requests received before are done.
+    pub fn pause(&self) -> Paused<'_> {
+        self.control_command(b'p', b'P');
+        Paused {
+            file: self,
+            resumed: false,
+        }
+    }
+
+    /// One command of the pause filter's control socket, panicking unless
+    /// it is echoed.
+    fn control_command(&self, cmd: u8, echo: u8) {
+        if let Err(e) = self.try_control_command(cmd, echo) {
+            panic!(
+                "pause control {} ({:?}): {e}",
+                self.control.display(),
+                cmd as char
+            );
+        }
+    }
+
+    fn try_control_command(&self, cmd: u8, echo: u8) -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.control)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.write_all(&[cmd])?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        if b[0] != echo {
+            return Err(std::io::Error::other(format!("echo {:?}", b[0] as char)));
+        }
+        Ok(())
+    }
+
     /// What nbdfuse and nbdkit printed (one line per injected error).
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn teardown(&mut self) {
+        if let Some(dev) = self.loopdev.take() {
+            let _ = run(Command::new("losetup").args(["-d", &dev]), CMD_TIMEOUT);
+        }
         if let Some(mut child) = self.nbdfuse.take() {
             let out = run(
                 Command::new("fusermount3").arg("-u").arg(&self.dir),

@@ -47,8 +47,9 @@
 //! - [`tls`]: a test CA, node certificates and per-node configs with
 //!   `[cluster.tls]` (TLS on the peer links).
 //! - [`faultfile`]: [`faultfile::FaultyFile`], a file whose writes fail with
-//!   `EIO` on demand (nbdkit's error filter behind nbdfuse), for a cluster
-//!   partition that fails under a running agent.
+//!   `EIO` on demand, or whose requests stall (nbdkit's error and pause
+//!   filters behind nbdfuse; optionally a loop device on top), for a cluster
+//!   partition that fails or a data disk that stalls under a running agent.
 //! - [`fakepeer`]: [`fakepeer::FakePeer`], a hand-written peer that runs the
 //!   real handshake (`docs/protocol.md` §8) and then sends arbitrary, also
 //!   malformed, bytes.

@@ -178,17 +178,14 @@ fn corrupt_bitmap_chunk_is_reported_and_its_regions_are_dirty() {
 /// agent activates on the same partition and serves the data intact.
 #[test]
 fn cluster_partition_failing_under_a_standalone_agent() {
-    if !["nbdfuse", "nbdkit", "fusermount3"]
-        .iter()
-        .all(|t| tests::require_tool(t))
-    {
+    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
         return;
     }
     let c = TestCluster::standalone(ClusterOpts::default());
     c.init();
     let image = c.dir().join("cp.img");
     std::fs::rename(c.cp_path(), &image).expect("moving the cluster partition");
-    let faulty = FaultyFile::attach(c.dir(), &image);
+    let faulty = FaultyFile::attach(&image);
     std::os::unix::fs::symlink(faulty.path(), c.cp_path()).expect("symlink");
     let mut agent = c.start_agent();
     c.activate();

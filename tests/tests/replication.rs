@@ -4,7 +4,8 @@
 //! size); malformed frames from an authenticated fake peer; network faults
 //! through a proxy (delay, stall, blackhole, reset, cut and heal, one-way
 //! loss, a flapping link under a write stream) and, as root with `nft`, a
-//! partition between two network namespaces.
+//! partition between two network namespaces; a standby whose block device
+//! stalls (its writes of the ended session land before the next session's).
 //!
 //! Seeded tests print their seed; `NBD_MIRROR_SEED` reproduces a run and
 //! `NBD_MIRROR_TRIALS` changes the number of kill trials.
@@ -1313,4 +1314,112 @@ fn netns_partition_with_nftables_and_heal() {
     let dirty = writes_after_break(&mut cl, 40);
     ns.heal();
     assert_reconnected_after_break(&p, &dirty);
+}
+
+/// An 8 MiB `sync` pair on the io_uring engine with O_DIRECT (agents
+/// running, nothing active) whose server2 keeps its data on a loop device
+/// over a [`tests::faultfile::FaultyFile`]: a block device that can stall.
+/// The pair comes second so that it is dropped first.
+fn pair_with_stallable_standby_disk() -> Option<(tests::faultfile::FaultyFile, MirrorPair)> {
+    if !tests::require_root(
+        "a stalling block device",
+        &["/dev/fuse", "/dev/loop-control"],
+    ) || !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3", "losetup"])
+    {
+        return None;
+    }
+    let mut o = PairOpts::sync_sized(8 << 20, &[]);
+    o.cluster = tests::ClusterOpts::new(tests::cluster::Engine::IoUring).size(8 << 20);
+    let c = MirrorPair::configure(&o);
+    let data = c.data_path_on("server2");
+    let image = c.dir().join("server2-data.img");
+    std::fs::rename(&data, &image).expect("moving server2's data file");
+    let mut disk = tests::faultfile::FaultyFile::attach(&image);
+    std::os::unix::fs::symlink(disk.loop_device(), &data).expect("symlink to the loop device");
+    Some((disk, MirrorPair::start_on(c)))
+}
+
+/// A standby whose disk stalls holds a replicated write in the disk and an
+/// overlapping later one in its range lock; the active's ack timeout breaks
+/// the mirror (the client's writes complete locally), the client writes
+/// newer data to the same region, and the pair reconnects. Both writes of
+/// the ended session must land before the next session writes anything (a
+/// resync of that region): otherwise the held write lands after the
+/// resync's copy and the standby keeps older data in a region the pair
+/// believes in sync. After the disk resumes, the pair is in sync and
+/// identical.
+#[test]
+fn writes_of_an_ended_session_land_before_the_next_session_writes() {
+    let Some((disk, p)) = pair_with_stallable_standby_disk() else {
+        return;
+    };
+    p.activate("server1");
+    p.wait_in_sync("server1", T);
+    p.fill("server1", 0, REGION, 0x81);
+    p.wait_rpo_zero("server1", T);
+
+    let paused = disk.pause();
+    let mut c = connect(&p, "server1");
+    c.send_write(1, 0, &vec![0x82; REGION as usize], false)
+        .expect("send");
+    c.send_write(2, 0, &vec![0x83; REGION as usize], false)
+        .expect("send");
+    for _ in 0..2 {
+        let r = NbdClient::read_reply(&mut c.reply_reader().expect("reader")).expect("reply");
+        assert_eq!(
+            r.error, 0,
+            "a write failed while the standby's disk stalled"
+        );
+    }
+    // Newer data, local-only (the mirror broke on the ack timeout).
+    assert_eq!(
+        c.write(0, &vec![0x84; REGION as usize], false)
+            .expect("write"),
+        0
+    );
+    let _ = c.disconnect();
+    // The next session is either held back until the held writes landed
+    // (server2 says so), or (the bug) runs a resync into the stalled disk.
+    let held = "waiting for the local writes of the ended session";
+    let s = poll_until(T, || {
+        let s = p.status("server1");
+        let resyncing = !s["pair"]["recovery"].is_null();
+        (resyncing || p.a2.log().contains(held)).then_some(s)
+    })
+    .unwrap_or_else(|| panic!("neither a resync nor a held session:\n{}", p.a2.log()));
+    assert!(
+        s["pair"]["recovery"].is_null(),
+        "a resync into server2 started while writes of the ended session were still pending: {s:#}"
+    );
+    // server2 answers (its disk stalls, not its agent) and says why it waits.
+    let s2 = p.wait_status(
+        "server2",
+        "the wait for the ended session's writes",
+        T,
+        |s| s["pair"]["ended_session_writes_secs"].is_u64(),
+    );
+    let next = s2["next_step"].as_str().unwrap_or("");
+    assert!(
+        next.contains("still completing on the local disk") && next.contains("stalled"),
+        "{s2:#}"
+    );
+    let out = p.c.mdctrl_on("server2", &["activate", "md1", "--nomount"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("have not completed on the local disk"),
+        "activate while the ended session's writes are pending: {out:?}"
+    );
+    paused.resume();
+    p.wait_recovered("server1", T);
+    p.wait_in_sync("server2", T);
+    p.wait_rpo_zero("server1", T);
+    assert!(read_range(&p.data("server2"), 0, REGION as usize)
+        .iter()
+        .all(|&b| b == 0x84));
+    // A block device has no file size: compare the volumes' bytes.
+    let size = 8 << 20;
+    assert!(
+        read_range(&p.data("server1"), 0, size) == read_range(&p.data("server2"), 0, size),
+        "the nodes differ after the resync"
+    );
 }

@@ -1023,17 +1023,14 @@ fn r2_both_inconsistent_after_restored_backup() {
 /// pair comes second so that it is dropped first (agents stopped before the
 /// file is unmounted).
 fn pair_with_faulty_cluster_partition(node: &str) -> Option<(FaultyFile, MirrorPair)> {
-    if !["nbdfuse", "nbdkit", "fusermount3"]
-        .iter()
-        .all(|t| tests::require_tool(t))
-    {
+    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
         return None;
     }
     let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
     let cp = c.cp_path_on(node);
     let image = c.dir().join(format!("{node}-cp.img"));
     std::fs::rename(&cp, &image).expect("moving the cluster partition");
-    let faulty = FaultyFile::attach(c.dir(), &image);
+    let faulty = FaultyFile::attach(&image);
     std::os::unix::fs::symlink(faulty.path(), &cp).expect("symlink to the faulty file");
     Some((faulty, MirrorPair::start_on(c)))
 }

@@ -54,6 +54,10 @@ use crate::rules::{self, Decision, NodeView, PeerKnowledge, ResyncKind, Rule, Si
 
 use control::{ControlMsg, NodeState, PeerRole};
 
+/// How long the end of a session waits for its local writes before it says
+/// so in the log (`SessionWriters`).
+const DRAIN_QUIET: Duration = Duration::from_millis(200);
+
 /// How often each side re-sends its state (status freshness).
 pub const STATE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -179,6 +183,8 @@ struct St {
     auto_block: Option<String>,
     /// `mdctrl break`: no attach, no automatic recovery until `recover`/`force`.
     operator_break: Option<String>,
+    /// Since when the ended session's writer tasks are being waited for.
+    draining_since: Option<Instant>,
 }
 
 /// One mirrored resource's pair state on this node.
@@ -196,6 +202,54 @@ pub struct Pair {
     changed: Arc<Changes>,
     gate: Arc<WriteGate>,
     save_dir: std::path::PathBuf,
+    /// The standby applier and the resync target of the sessions (see
+    /// [`SessionWriters`]).
+    writers: SessionWriters,
+}
+
+/// Counts the tasks of peer sessions that write the local disk: a session's
+/// standby applier and its resync target. Their writes can outlive the
+/// session (a stalled disk holds one, an overlapping later one waits for it
+/// in the applier's range lock), and a write of an ended session landing
+/// after a later write to the same region would leave older data under a
+/// bitmap that says "in sync": the next session's resync, or the client
+/// writes after an activation, would be silently undone. So a session ends
+/// only when these tasks have ended (each finishes its accepted writes
+/// first, [`replica::StandbySink::finish`], `resync::run_target`), and
+/// activation waits for them too (DRBD's equivalent: the peer requests of
+/// a connection must complete before it is torn down).
+#[derive(Debug)]
+struct SessionWriters(Arc<watch::Sender<usize>>);
+
+/// One running writer task of [`SessionWriters`]; dropping it ends it.
+struct WriterGuard(Arc<watch::Sender<usize>>);
+
+impl SessionWriters {
+    fn new() -> Self {
+        SessionWriters(Arc::new(watch::channel(0).0))
+    }
+
+    fn enter(&self) -> WriterGuard {
+        self.0.send_modify(|n| *n += 1);
+        WriterGuard(self.0.clone())
+    }
+
+    fn busy(&self) -> bool {
+        *self.0.borrow() > 0
+    }
+
+    /// Until no writer task runs.
+    async fn idle(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives in `self`: `wait_for` cannot see it closed.
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 impl std::fmt::Debug for Pair {
@@ -356,9 +410,11 @@ impl Pair {
                 auto_block: None,
                 // A `mdctrl break` survives agent restarts (flag OPERATOR_BREAK).
                 operator_break: restored_break,
+                draining_since: None,
             }),
             changed,
             save_dir,
+            writers: SessionWriters::new(),
         });
         let _ = slot.set(Arc::downgrade(&pair));
         let p = pair.clone();
@@ -549,12 +605,35 @@ impl Pair {
                 st.live = None;
                 st.mirror = Mirror::Unknown;
             }
+            // Under the same lock: an activation never sees the session gone
+            // without seeing its writes pending.
+            if self.writers.busy() {
+                st.draining_since = Some(Instant::now());
+            }
             for (_, w) in st.pending.drain() {
                 let _ = w.send((false, Some(format!("peer link lost: {end}"))));
             }
         }
         tracing::warn!(resource = %self.resource, peer = %self.peer_name, "peer session ended: {end}");
         self.changed.bump();
+        // The next session (and an activation) waits for this one's local
+        // writes (`SessionWriters`). Closing ends its standby applier (on
+        // `closed`) and its resync target (its frame channel went with `live`).
+        tx.close(&end);
+        let draining = lock(&self.st).draining_since;
+        if let Some(since) = draining {
+            // Usually a matter of milliseconds; longer is worth a line.
+            if tokio::time::timeout(DRAIN_QUIET, self.writers.idle())
+                .await
+                .is_err()
+            {
+                tracing::warn!(resource = %self.resource, peer = %self.peer_name, "waiting for the local writes of the ended session (standby applier, resync target) to complete before the next session");
+                self.writers.idle().await;
+                tracing::info!(resource = %self.resource, peer = %self.peer_name, waited_ms = since.elapsed().as_millis() as u64, "the local writes of the ended session completed");
+            }
+            lock(&self.st).draining_since = None;
+            self.changed.bump();
+        }
     }
 
     /// The session reader's hook ([`peer::SessionSender::set_hook`]): acks go
@@ -1130,11 +1209,13 @@ impl Pair {
             live.standby = Some(sink.clone());
             let closed = live.closed.clone();
             let me = self.clone();
+            let writer = self.writers.enter();
             tracing::info!(resource = %self.resource, peer = %self.peer_name, "standby: applying the active peer's writes");
             tokio::spawn(async move {
                 let reason = closed.wait().await;
                 let end = sink.finish(reason).await;
                 me.standby_ended(id, Ok(end)).await;
+                drop(writer);
             });
         }
         // Automatic recovery (ancestor §11.10.1).
@@ -1307,6 +1388,24 @@ impl Pair {
     /// peer unreachable, the local FORCED flag). Returns the engine to serve
     /// (the replicated volume behind the resync write gate).
     pub async fn activate(self: &Arc<Self>) -> Result<Arc<dyn BlockEngine>, AdminError> {
+        // Writes of an ended session must not land over the client's. (The
+        // live session's own writers are the rules' business: a standby
+        // applier means an active peer, a resync target an inconsistent node.)
+        let draining = lock(&self.st).draining_since.is_some();
+        if draining
+            && tokio::time::timeout(self.timeouts.ack, self.writers.idle())
+                .await
+                .is_err()
+        {
+            let secs = lock(&self.st)
+                .draining_since
+                .map(|t| t.elapsed().as_secs())
+                .unwrap_or(0);
+            return Err(AdminError::refused(
+                format!("writes {} sent before the last session ended have not completed on the local disk yet (waiting for {secs} s): serving now could let them land over newer writes", self.peer_name),
+                "check the local data disk (a stalled device holds them); activate again once `mdctrl status` no longer says it is waiting for them",
+            ));
+        }
         let connected = self.wait_peer_state(self.timeouts.connect).await;
         let knowledge = self.knowledge(&lock(&self.st));
         if let Err(r) = rules::may_activate(&self.local_view(), &knowledge) {
@@ -1937,7 +2036,9 @@ impl Pair {
         };
         let me = self.clone();
         let tx = tx.clone();
+        let writer = self.writers.enter();
         tokio::spawn(async move {
+            let _writer = writer;
             let me2 = me.clone();
             let on_finished: Box<dyn FnOnce() + Send> = Box::new(move || {
                 {
@@ -2076,7 +2177,12 @@ impl Pair {
                 }),
         };
         let in_sync = st.mirror == Mirror::InSync;
+        let draining = st.draining_since.map(|t| t.elapsed().as_secs());
         let sync = match (&st.mirror, connected) {
+            (_, false) if draining.is_some() => format!(
+                "waiting for the ended session's writes to complete on the local disk ({} s)",
+                draining.unwrap_or(0)
+            ),
             (_, false) if st.peer.is_none() => {
                 "unknown (peer state not received since the agent started)".to_string()
             }
@@ -2137,6 +2243,7 @@ impl Pair {
                 Some("peer-unknown: the peer is not connected".into())
             },
             recovery: st.recovery.as_ref().map(|p| lock(p).status()),
+            ended_session_writes_secs: draining,
         }
     }
 }
