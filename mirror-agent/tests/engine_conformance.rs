@@ -279,9 +279,11 @@ mod checks {
         }
     }
 
-    /// Sizes on both sides of the inline-write limits (64 KiB; 1 MiB on a memory
-    /// file system), at unaligned offsets, each read back; then all of them again,
-    /// overlapping, to check the last write wins whichever path each took.
+    /// Sizes on both sides of the inline-write limit (1 MiB on a memory file
+    /// system; 64 KiB was the limit on other file systems until 2026-12-06, kept
+    /// as a size to check), at unaligned offsets, each read back; then all of
+    /// them again, overlapping, to check the last write wins whichever path each
+    /// took.
     pub async fn inline_limits(f: &Fixture) {
         let e = &f.engine;
         let sizes = [

@@ -701,3 +701,70 @@ fn watch_waits_for_a_change_and_bounds_its_timeout() {
     );
     assert_eq!(r["result"]["status"]["role"], "active", "{r:#}");
 }
+
+/// A data disk that stalls under client writes (a buffered data file behind
+/// nbdkit's pause filter; buffered, because FUSE takes no O_DIRECT) holds
+/// those writes, not the agent: `mdctrl status` still answers while they
+/// wait, and they complete once the disk answers again.
+/// Until 2026-12-06 the engines wrote up to 64 KiB into the page cache in
+/// the calling task: one such write, stalled, kept a runtime worker, and with
+/// it the admin socket, from answering (the portable engine's run, every
+/// time).
+fn status_answers_while_the_data_disk_stalls(engine: tests::cluster::Engine) {
+    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
+        return;
+    }
+    let c = TestCluster::standalone(ClusterOpts::new(engine));
+    c.init();
+    let image = c.dir().join("data.img");
+    std::fs::rename(c.data_path(), &image).expect("moving the data file");
+    let disk = tests::faultfile::FaultyFile::attach(&image);
+    std::os::unix::fs::symlink(disk.path(), c.data_path()).expect("symlink");
+    let mut agent = c.start_agent();
+    c.activate();
+    let mut nbd = NbdClient::connect(&c.nbd_socket(), "md1").expect("NBD connect");
+    assert_eq!(nbd.write(0, &[0x91; 4096], false).expect("write"), 0);
+
+    let paused = disk.pause();
+    // Small writes (the size the engines copy into the page cache themselves)
+    // and a large one, pipelined, from a client thread (sending blocks once
+    // the socket is full).
+    let replies = std::thread::spawn(move || {
+        for (i, len) in [4096usize, 65536, 4096, 1 << 20].into_iter().enumerate() {
+            nbd.send_write(i as u64 + 1, (i as u64) << 21, &vec![0x92; len], false)
+                .expect("send");
+        }
+        let mut r = nbd.reply_reader().expect("reader");
+        (0..4)
+            .map(|_| NbdClient::read_reply(&mut r).expect("reply").error)
+            .collect::<Vec<_>>()
+    });
+    for _ in 0..3 {
+        let mut cmd = c.mdctrl_cmd_on(c.node(), &["status", "md1", "--json"]);
+        let out = run(&mut cmd, Duration::from_secs(10));
+        assert!(
+            out.status.success(),
+            "status while the data disk stalls: {}",
+            all_output(&out)
+        );
+    }
+    assert!(
+        !replies.is_finished(),
+        "the writes did not wait for the stalled disk"
+    );
+    paused.resume();
+    assert_eq!(replies.join().expect("replies"), vec![0; 4]);
+    agent.terminate();
+}
+
+#[test]
+fn status_answers_while_the_data_disk_stalls_portable() {
+    status_answers_while_the_data_disk_stalls(tests::cluster::Engine::Portable);
+}
+
+/// The product's default engine choice (io_uring here; buffered, as FUSE
+/// takes no O_DIRECT).
+#[test]
+fn status_answers_while_the_data_disk_stalls_default_engine() {
+    status_answers_while_the_data_disk_stalls(tests::cluster::Engine::Default);
+}

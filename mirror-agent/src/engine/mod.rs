@@ -68,34 +68,34 @@ pub fn is_disk_error(e: &io::Error) -> bool {
     )
 }
 
-/// Buffered (non-direct) writes up to this size without FUA are a plain
-/// `pwrite` in the calling task instead of an SQE. ext4 and most filesystems
-/// refuse non-blocking buffered writes (`RWF_NOWAIT` gives `EOPNOTSUPP`), so
-/// io_uring would hand every one of them to an io-wq worker thread (the
-/// portable engine to its thread pool) and wake the runtime again for its
-/// completion: two thread hops for a copy of a few microseconds into the page
-/// cache (bench/README.md: `iou-wrk` threads in every buffered write row).
-/// Bounded so that a task never spends long in the copy; larger writes and FUA
-/// writes (which wait for the device) still go through the ring (the pool).
-/// Buffered mode only: O_DIRECT writes are issued by io_uring without a worker
-/// thread. Both engines follow this policy (`inline_write_max`).
-pub const INLINE_WRITE_MAX: usize = 64 * 1024;
-/// [`INLINE_WRITE_MAX`] on a memory file system (tmpfs, ramfs: `backing::sync_is_noop`).
-/// There a write is only a copy into memory, with no device to wait for and no dirty
-/// throttling, so any write up to the largest replicated frame is done in the calling
-/// task: it costs the copy (about 0.1 ms per MiB), and the data, just received, is still in
-/// this CPU's cache, where an io-wq worker (or a pool thread) on the other CPU would read
-/// it from memory (the standby of bench/mirror.sh keeps its data on tmpfs; bench/HISTORY.md,
-/// "Mirrored modes").
+/// Buffered (non-direct) writes without FUA up to this size, on a memory file
+/// system (tmpfs, ramfs: `backing::sync_is_noop`), are a plain `pwrite` in the
+/// calling task instead of an SQE (a job of the pool). There a write is only a
+/// copy into memory, with no device to wait for and no dirty throttling: doing
+/// it in the calling task saves the two thread hops of io-wq (the pool) and
+/// their wake-ups, and the data, just received, is still in this CPU's cache
+/// (the standby of bench/mirror.sh keeps its data on tmpfs; bench/HISTORY.md,
+/// "Mirrored modes"). It costs the copy, about 0.1 ms per MiB.
+///
+/// Not on a file backed by a device: there a buffered write can block for as
+/// long as the device stalls (dirty throttling behind a slow disk, a stalled
+/// device behind FUSE or NFS), and a tokio worker blocked in it stalls the
+/// runtime: the I/O driver may not be polled by any other worker, so the admin
+/// socket and the peer links went deaf with it
+/// (`status_answers_while_the_data_disk_stalls` in tests/tests/admin.rs). Such
+/// writes go through the ring (io-wq) or the pool, whose threads may block.
+/// (Until 2026-12-06 writes up to 64 KiB were done in the calling task there
+/// too, for the buffered rows of bench/run.sh.) O_DIRECT writes are issued by
+/// io_uring without a worker thread. Both engines follow this policy.
 pub const INLINE_WRITE_MAX_MEMFS: usize = 1 << 20;
 /// The largest write without FUA that an engine does in the calling task on a buffered
 /// file: [`INLINE_WRITE_MAX_MEMFS`] where `fdatasync` is a no-op (`sync_noop`: a memory
-/// file system), else [`INLINE_WRITE_MAX`].
+/// file system), else none.
 pub(crate) fn inline_write_max(sync_noop: bool) -> usize {
     if sync_noop {
         INLINE_WRITE_MAX_MEMFS
     } else {
-        INLINE_WRITE_MAX
+        0
     }
 }
 

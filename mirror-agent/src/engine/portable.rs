@@ -7,10 +7,11 @@
 //! queue depth. A semaphore of `queue_depth` permits bounds how many requests
 //! are queued or running, so callers beyond that wait (backpressure).
 //! Dropping the engine lets the threads finish what is queued and exit.
-//! Small writes without FUA (up to 64 KiB, 1 MiB on a memory file system: the
-//! policy of both engines, `INLINE_WRITE_MAX` in the engine module) are a `pwrite` in
-//! the calling task instead: a page-cache copy, cheaper than two thread hops;
-//! they are never queued, so they take no queue-depth permit.
+//! On a memory file system, writes without FUA up to 1 MiB (the policy of both
+//! engines, `INLINE_WRITE_MAX_MEMFS` in the engine module) are a `pwrite` in the
+//! calling task instead: a memory copy, cheaper than two thread hops; they are
+//! never queued, so they take no queue-depth permit. Not on a disk: a write
+//! there can block while the disk stalls, and the runtime's workers must not.
 //! [`BlockEngine::read_bytes`] likewise first copies what the page cache
 //! holds with `preadv2(RWF_NOWAIT)` in the calling task (never blocks) and
 //! sends only the rest to an I/O thread.
@@ -295,9 +296,8 @@ impl BlockEngine for PortableEngine {
         // FUA means nothing more where fdatasync is a no-op.
         let fua = fua && !self.shared.sync_noop;
         if !fua && data.len() <= super::inline_write_max(self.shared.sync_noop) {
-            // A page-cache copy (or, on a memory file system, a memory copy):
-            // done in the calling task, without the two thread hops of the
-            // queue (see `INLINE_WRITE_MAX`, the policy of both engines).
+            // On a memory file system, a memory copy: done in the calling task, without the two thread hops of the
+            // queue (see `INLINE_WRITE_MAX_MEMFS`, the policy of both engines).
             // No queue-depth permit: nothing is queued, and the copy runs on
             // the caller's thread, so the callers' threads bound how many run
             // at once (as for the io_uring engine's inline writes). A permit

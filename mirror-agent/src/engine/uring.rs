@@ -777,7 +777,7 @@ impl Shared {
     async fn write_unchecked(&self, offset: u64, data: Bytes, flags: i32) -> io::Result<()> {
         if !self.direct {
             if flags == 0 && data.len() <= super::inline_write_max(self.sync_noop) {
-                // See super::INLINE_WRITE_MAX: a page-cache copy, done here.
+                // See super::INLINE_WRITE_MAX_MEMFS: a memory copy, done here.
                 return self.file.write_all_at(&data, offset).map_err(|e| {
                     if e.kind() == io::ErrorKind::WriteZero {
                         tracing::warn!(
