@@ -76,26 +76,47 @@ pub fn is_disk_error(e: &io::Error) -> bool {
 /// their wake-ups, and the data, just received, is still in this CPU's cache
 /// (the standby of bench/mirror.sh keeps its data on tmpfs; bench/HISTORY.md,
 /// "Mirrored modes"). It costs the copy, about 0.1 ms per MiB.
-///
-/// Not on a file backed by a device: there a buffered write can block for as
-/// long as the device stalls (dirty throttling behind a slow disk, a stalled
-/// device behind FUSE or NFS), and a tokio worker blocked in it stalls the
-/// runtime: the I/O driver may not be polled by any other worker, so the admin
-/// socket and the peer links went deaf with it
-/// (`status_answers_while_the_data_disk_stalls` in tests/tests/admin.rs). Such
-/// writes go through the ring (io-wq) or the pool, whose threads may block.
-/// (Until 2026-12-06 writes up to 64 KiB were done in the calling task there
-/// too, for the buffered rows of bench/run.sh.) O_DIRECT writes are issued by
-/// io_uring without a worker thread. Both engines follow this policy.
 pub const INLINE_WRITE_MAX_MEMFS: usize = 1 << 20;
+/// The same for a file backed by a device: writes up to this size are a
+/// `pwrite` in the calling task too, but inside `tokio::task::block_in_place`
+/// ([`in_task`]). There a buffered write can block for as long as the device
+/// stalls (dirty throttling behind a slow disk, a stalled device behind FUSE
+/// or NFS), and a runtime worker blocked in a plain `pwrite` stalled the whole
+/// runtime: no other worker polled the I/O driver, so the admin socket and the
+/// peer links went deaf (`status_answers_while_the_data_disk_stalls_*` in
+/// tests/tests/admin.rs). `block_in_place` hands the worker's other work to
+/// another thread first. Only on a multi-thread runtime (elsewhere such writes
+/// go to io-wq or the pool). Measured in bench/HISTORY.md ("Inline buffered
+/// writes on a disk"): the QD1 latency of plain inline writes, where io-wq
+/// doubled it.
+pub const INLINE_WRITE_MAX_DISK: usize = 64 * 1024;
 /// The largest write without FUA that an engine does in the calling task on a buffered
 /// file: [`INLINE_WRITE_MAX_MEMFS`] where `fdatasync` is a no-op (`sync_noop`: a memory
-/// file system), else none.
+/// file system), else [`INLINE_WRITE_MAX_DISK`] on a multi-thread runtime, else none.
+/// Both engines follow this policy and write through [`in_task`].
 pub(crate) fn inline_write_max(sync_noop: bool) -> usize {
     if sync_noop {
         INLINE_WRITE_MAX_MEMFS
+    } else if on_multi_thread_runtime() {
+        INLINE_WRITE_MAX_DISK
     } else {
         0
+    }
+}
+
+fn on_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
+/// Runs an inline write `f` ([`inline_write_max`]) in the calling task: as it
+/// is where `sync_noop` (a memory copy), else inside `block_in_place`, so that
+/// a stalled device blocks this thread only, not the runtime.
+pub(crate) fn in_task<T>(sync_noop: bool, f: impl FnOnce() -> T) -> T {
+    if !sync_noop && on_multi_thread_runtime() {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
     }
 }
 

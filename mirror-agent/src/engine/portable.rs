@@ -7,11 +7,11 @@
 //! queue depth. A semaphore of `queue_depth` permits bounds how many requests
 //! are queued or running, so callers beyond that wait (backpressure).
 //! Dropping the engine lets the threads finish what is queued and exit.
-//! On a memory file system, writes without FUA up to 1 MiB (the policy of both
-//! engines, `INLINE_WRITE_MAX_MEMFS` in the engine module) are a `pwrite` in the
-//! calling task instead: a memory copy, cheaper than two thread hops; they are
-//! never queued, so they take no queue-depth permit. Not on a disk: a write
-//! there can block while the disk stalls, and the runtime's workers must not.
+//! Writes without FUA up to 1 MiB on a memory file system, 64 KiB elsewhere (the
+//! policy of both engines, `inline_write_max` in the engine module) are a `pwrite`
+//! in the calling task instead: cheaper than two thread hops; on a disk inside
+//! `block_in_place`, so that a stalled device never holds a runtime worker. They
+//! are never queued, so they take no queue-depth permit.
 //! [`BlockEngine::read_bytes`] likewise first copies what the page cache
 //! holds with `preadv2(RWF_NOWAIT)` in the calling task (never blocks) and
 //! sends only the rest to an I/O thread.
@@ -296,8 +296,9 @@ impl BlockEngine for PortableEngine {
         // FUA means nothing more where fdatasync is a no-op.
         let fua = fua && !self.shared.sync_noop;
         if !fua && data.len() <= super::inline_write_max(self.shared.sync_noop) {
-            // On a memory file system, a memory copy: done in the calling task, without the two thread hops of the
-            // queue (see `INLINE_WRITE_MAX_MEMFS`, the policy of both engines).
+            // A page-cache copy (or, on a memory file system, a memory copy):
+            // done in the calling task, without the two thread hops of the
+            // queue (see `inline_write_max`, the policy of both engines).
             // No queue-depth permit: nothing is queued, and the copy runs on
             // the caller's thread, so the callers' threads bound how many run
             // at once (as for the io_uring engine's inline writes). A permit
@@ -305,7 +306,7 @@ impl BlockEngine for PortableEngine {
             let s = self.shared.clone();
             return Box::pin(async move {
                 backing::check_range(s.size, offset, data.len() as u64)?;
-                s.file.write_all_at(&data, offset).map_err(map_eof)
+                super::in_task(s.sync_noop, || s.file.write_all_at(&data, offset)).map_err(map_eof)
             });
         }
         self.run(move |s| {

@@ -777,19 +777,20 @@ impl Shared {
     async fn write_unchecked(&self, offset: u64, data: Bytes, flags: i32) -> io::Result<()> {
         if !self.direct {
             if flags == 0 && data.len() <= super::inline_write_max(self.sync_noop) {
-                // See super::INLINE_WRITE_MAX_MEMFS: a memory copy, done here.
-                return self.file.write_all_at(&data, offset).map_err(|e| {
-                    if e.kind() == io::ErrorKind::WriteZero {
-                        tracing::warn!(
-                            offset,
-                            len = data.len(),
-                            "io_uring engine: inline write made no progress"
-                        );
-                        errno(libc::EIO)
-                    } else {
-                        e
-                    }
-                });
+                // See super::inline_write_max: a page-cache copy, done here.
+                return super::in_task(self.sync_noop, || self.file.write_all_at(&data, offset))
+                    .map_err(|e| {
+                        if e.kind() == io::ErrorKind::WriteZero {
+                            tracing::warn!(
+                                offset,
+                                len = data.len(),
+                                "io_uring engine: inline write made no progress"
+                            );
+                            errno(libc::EIO)
+                        } else {
+                            e
+                        }
+                    });
             }
             self.call(Op::Write {
                 offset,

@@ -2177,7 +2177,11 @@ impl Pair {
                 }),
         };
         let in_sync = st.mirror == Mirror::InSync;
-        let draining = st.draining_since.map(|t| t.elapsed().as_secs());
+        // Shown once it lasts (usually it takes milliseconds).
+        let draining = st
+            .draining_since
+            .filter(|t| t.elapsed() >= DRAIN_QUIET)
+            .map(|t| t.elapsed().as_secs());
         let sync = match (&st.mirror, connected) {
             (_, false) if draining.is_some() => format!(
                 "waiting for the ended session's writes to complete on the local disk ({} s)",
