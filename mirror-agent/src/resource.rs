@@ -471,15 +471,20 @@ impl Resource {
         pair: Option<&crate::status::PairStatus>,
     ) -> (&'static str, String) {
         let r = &self.name;
-        if disk.disk_error {
-            return match pair {
-                // Serving from the failed disk while the peer received every write.
-                Some(p) if role == Role::Active && p.connection == "connected" => {
+        // Where an active node whose own disk or cluster partition failed moves
+        // the service: its connected peer, which received every write.
+        let move_away = || {
+            pair.filter(|p| role == Role::Active && p.connection == "connected")
+                .map(|p| {
                     let peer = &p.peer;
                     let steps = failover_steps("this node", peer, r);
-                    ("RED", format!("the data partition of {r} reported an error: move the service to {peer} ({steps} on {peer}), then replace the disk (maintenance guide §6.7)"))
-                }
-                _ => ("RED", format!("the data partition of {r} reported an error: replace the disk (maintenance guide §6.7)")),
+                    format!("move the service to {peer} ({steps} on {peer})")
+                })
+        };
+        if disk.disk_error {
+            return match move_away() {
+                Some(m) => ("RED", format!("the data partition of {r} reported an error: {m}, then replace the disk (maintenance guide §6.7)")),
+                None => ("RED", format!("the data partition of {r} reported an error: replace the disk (maintenance guide §6.7)")),
             };
         }
         if let Some(why) = &disk.metadata_error {
@@ -490,14 +495,10 @@ impl Resource {
                 "repair or replace {} and restart this agent (a replaced one needs `mdctrl init {r} --force` first)",
                 self.me.cluster_partition.display()
             );
-            return match pair {
-                Some(p) if role == Role::Active && p.connection == "connected" => {
-                    let peer = &p.peer;
-                    let steps = failover_steps("this node", peer, r);
-                    ("RED", format!("{failed}: writes fail; move the service to {peer} ({steps} on {peer}), then {repair}"))
-                }
-                _ if role == Role::Active => ("RED", format!("{failed}: writes fail; {repair}")),
-                _ => (
+            return match move_away() {
+                Some(m) => ("RED", format!("{failed}: writes fail; {m}, then {repair}")),
+                None if role == Role::Active => ("RED", format!("{failed}: writes fail; {repair}")),
+                None => (
                     "RED",
                     format!("{failed}: this node cannot be activated; {repair}"),
                 ),

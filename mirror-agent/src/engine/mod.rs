@@ -54,7 +54,7 @@ pub mod watched;
 pub use fault::{FaultAction, FaultCounters, FaultOp, FaultRule, FaultTrigger, FaultyEngine};
 pub use portable::PortableEngine;
 pub use uring::{plug, Plug, UringEngine};
-pub use watched::{DiskErrorHook, DiskErrorReport, Watched};
+pub use watched::{DiskErrorHook, DiskErrorReport, Repeated, Watched};
 
 /// Whether an engine error is a failure of the disk (the data partition),
 /// as opposed to one that describes the request (`EINVAL`, `EOPNOTSUPP`),
@@ -109,14 +109,16 @@ fn on_multi_thread_runtime() -> bool {
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
-/// Runs an inline write `f` ([`inline_write_max`]) in the calling task: as it
-/// is where `sync_noop` (a memory copy), else inside `block_in_place`, so that
-/// a stalled device blocks this thread only, not the runtime.
+/// Runs an inline write `f` in the calling task: as it is where `sync_noop` (a
+/// memory copy), else inside `block_in_place`, so that a stalled device blocks
+/// this thread only, not the runtime. Only for a write [`inline_write_max`]
+/// admitted: off a memory file system it admits none outside a multi-thread
+/// runtime, where `block_in_place` would panic.
 pub(crate) fn in_task<T>(sync_noop: bool, f: impl FnOnce() -> T) -> T {
-    if !sync_noop && on_multi_thread_runtime() {
-        tokio::task::block_in_place(f)
-    } else {
+    if sync_noop {
         f()
+    } else {
+        tokio::task::block_in_place(f)
     }
 }
 

@@ -28,10 +28,29 @@ pub struct DiskErrorReport {
 /// Called once, with the first disk error.
 pub type DiskErrorHook = Box<dyn Fn(DiskErrorReport) + Send + Sync>;
 
+/// Counts a failure that can repeat on every request (a dying disk, a
+/// poisoned cluster partition) and says which occurrences to log: the first
+/// ten, then one in a thousand.
+#[derive(Debug, Default)]
+pub struct Repeated(AtomicU64);
+
+impl Repeated {
+    /// Counts one occurrence: its number (1 for the first) and whether to log it.
+    pub fn count(&self) -> (u64, bool) {
+        let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+        (n, n <= 10 || n.is_multiple_of(1000))
+    }
+
+    /// Occurrences so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 struct Shared {
     hook: DiskErrorHook,
     /// Disk errors seen so far.
-    seen: AtomicU64,
+    seen: Repeated,
     /// Who uses the engine, for the log lines ("active", "resync source", ...).
     user: &'static str,
 }
@@ -60,7 +79,7 @@ impl Watched {
             inner,
             shared: Arc::new(Shared {
                 hook,
-                seen: AtomicU64::new(0),
+                seen: Repeated::default(),
                 user,
             }),
         }
@@ -68,7 +87,7 @@ impl Watched {
 
     /// Disk errors seen so far.
     pub fn disk_errors(&self) -> u64 {
-        self.shared.seen.load(Ordering::SeqCst)
+        self.shared.seen.get()
     }
 
     fn watch<T: Send + 'static>(
@@ -94,8 +113,8 @@ impl Shared {
         if !is_disk_error(e) {
             return;
         }
-        let n = self.seen.fetch_add(1, Ordering::SeqCst) + 1;
-        if n <= 10 || n.is_multiple_of(1000) {
+        let (n, log) = self.seen.count();
+        if log {
             tracing::error!(user = self.user, op, offset, len, error = %e, failed_so_far = n, "data disk error");
         }
         if n == 1 {

@@ -599,7 +599,7 @@ impl Pair {
                 _ = tick.tick() => self.send_control(&tx, ControlMsg::State(self.local_state())).await,
             }
         };
-        {
+        let draining = {
             let mut st = lock(&self.st);
             if st.live.as_ref().map(|l| l.id) == Some(id) {
                 st.live = None;
@@ -613,14 +613,14 @@ impl Pair {
             for (_, w) in st.pending.drain() {
                 let _ = w.send((false, Some(format!("peer link lost: {end}"))));
             }
-        }
+            st.draining_since
+        };
         tracing::warn!(resource = %self.resource, peer = %self.peer_name, "peer session ended: {end}");
         self.changed.bump();
         // The next session (and an activation) waits for this one's local
         // writes (`SessionWriters`). Closing ends its standby applier (on
         // `closed`) and its resync target (its frame channel went with `live`).
         tx.close(&end);
-        let draining = lock(&self.st).draining_since;
         if let Some(since) = draining {
             // Usually a matter of milliseconds; longer is worth a line.
             if tokio::time::timeout(DRAIN_QUIET, self.writers.idle())

@@ -86,7 +86,7 @@ use super::link::{lock, CloseSignal, FrameTx, MakeMessage, ReplicaLink};
 use super::range_lock::{RangeGuard, RangeLock};
 use super::{ReplicaError, ReplicaEvent};
 use crate::config::{Mode, Resource, Timeouts};
-use crate::engine::{BlockEngine, EngineFuture, Extent, Watched};
+use crate::engine::{BlockEngine, EngineFuture, Extent, Repeated, Watched};
 use crate::gens;
 
 /// Interval of the lazy bitmap-clearing task.
@@ -401,7 +401,7 @@ struct Inner {
     /// writes have reached it then). For the RPO meter's age.
     local_only_since: Mutex<Option<Instant>>,
     /// Writes refused because their write intent could not be recorded.
-    intent_failures: AtomicU64,
+    intent_failures: Repeated,
 }
 
 /// The active node's replicated volume; see the module docs. Cheap to clone
@@ -460,7 +460,7 @@ impl ActiveVolume {
             totals: Totals::default(),
             clear_kick: Arc::new(Notify::new()),
             local_only_since: Mutex::new(None),
-            intent_failures: AtomicU64::new(0),
+            intent_failures: Repeated::default(),
         });
         tokio::spawn(clearer(Arc::downgrade(&inner)));
         (ActiveVolume { inner }, rx)
@@ -814,8 +814,8 @@ impl Inner {
             Ok(Err(error)) => {
                 // A failed metadata write poisons the partition: from then on
                 // every write lands here, so the log is rate-limited.
-                let n = self.intent_failures.fetch_add(1, Ordering::SeqCst) + 1;
-                if n <= 10 || n.is_multiple_of(1000) {
+                let (n, log) = self.intent_failures.count();
+                if log {
                     tracing::error!(offset, len, %error, failed_so_far = n, "marking regions dirty failed: write refused");
                 }
                 if n == 1 {
