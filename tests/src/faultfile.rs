@@ -136,6 +136,34 @@ impl FaultyFile {
         }
     }
 
+    /// Puts the file at `path` (a data file or cluster partition a config
+    /// names) behind a FaultyFile: the file moves to `PATH.faulty-image`
+    /// beside it, and `path` becomes a symlink to the exposed file.
+    pub fn take_over(path: &Path) -> FaultyFile {
+        let image = Self::move_aside(path);
+        let f = FaultyFile::attach(&image);
+        std::os::unix::fs::symlink(f.path(), path).expect("symlink to the faulty file");
+        f
+    }
+
+    /// [`take_over`](Self::take_over), with `path` a symlink to a
+    /// [`loop_device`](Self::loop_device) over the exposed file instead.
+    pub fn take_over_as_loop_device(path: &Path) -> FaultyFile {
+        let image = Self::move_aside(path);
+        let mut f = FaultyFile::attach(&image);
+        std::os::unix::fs::symlink(f.loop_device(), path).expect("symlink to the loop device");
+        f
+    }
+
+    fn move_aside(path: &Path) -> PathBuf {
+        let mut image = path.as_os_str().to_owned();
+        image.push(".faulty-image");
+        let image = PathBuf::from(image);
+        std::fs::rename(path, &image)
+            .unwrap_or_else(|e| panic!("moving {} aside: {e}", path.display()));
+        image
+    }
+
     /// A loop device over the file (`losetup -f --show`), detached at
     /// teardown; the same device on every call.
     pub fn loop_device(&mut self) -> String {

@@ -716,10 +716,7 @@ fn status_answers_while_the_data_disk_stalls(engine: tests::cluster::Engine) {
     }
     let c = TestCluster::standalone(ClusterOpts::new(engine));
     c.init();
-    let image = c.dir().join("data.img");
-    std::fs::rename(c.data_path(), &image).expect("moving the data file");
-    let disk = tests::faultfile::FaultyFile::attach(&image);
-    std::os::unix::fs::symlink(disk.path(), c.data_path()).expect("symlink");
+    let disk = tests::faultfile::FaultyFile::take_over(&c.data_path());
     let mut agent = c.start_agent();
     c.activate();
     let mut nbd = NbdClient::connect(&c.nbd_socket(), "md1").expect("NBD connect");

@@ -1027,11 +1027,7 @@ fn pair_with_faulty_cluster_partition(node: &str) -> Option<(FaultyFile, MirrorP
         return None;
     }
     let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
-    let cp = c.cp_path_on(node);
-    let image = c.dir().join(format!("{node}-cp.img"));
-    std::fs::rename(&cp, &image).expect("moving the cluster partition");
-    let faulty = FaultyFile::attach(&image);
-    std::os::unix::fs::symlink(faulty.path(), &cp).expect("symlink to the faulty file");
+    let faulty = FaultyFile::take_over(&c.cp_path_on(node));
     Some((faulty, MirrorPair::start_on(c)))
 }
 
@@ -1171,12 +1167,8 @@ fn standby_cluster_partition_failure_is_shown_on_both_nodes() {
             && next2.contains("restart this agent"),
         "{s2:#}"
     );
-    let out = p.c.mdctrl_on("server2", &["activate", "md1", "--nomount"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("cluster partition"),
-        "activate on server2: {out:?}"
-    );
+    let out = p.expect_code("server2", &["activate", "md1", "--nomount"], 3);
+    assert!(out.contains("cluster partition"), "{out}");
     let s1 = p.wait_status("server1", "server2's failed cluster partition", T, |s| {
         s["pair"]["peer_disk"]["metadata_error"].is_string() && s["pair"]["in_sync"] == true
     });
