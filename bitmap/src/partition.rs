@@ -142,6 +142,8 @@ pub struct MetaStats {
     pub superblock_writes: u64,
     /// Times a caller found a flush in progress and waited to join the next one (group commit).
     pub commit_waits: u64,
+    /// Successful [`ClusterPartition::check_writable`] probes.
+    pub checks: u64,
 }
 
 fn now() -> u64 {
@@ -622,6 +624,50 @@ impl ClusterPartition {
                 inner.stats.syncs += 1;
                 *lock(&self.shared.sb) = next.clone();
                 Ok(next)
+            }
+            Err(e) => {
+                inner.poisoned.get_or_insert_with(|| e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Checks that the cluster partition still takes writes, without changing what it holds:
+    /// reads the superblock slot that does not hold the current superblock and writes the same
+    /// bytes back, then syncs. Nothing else may be written for long stretches (a standby, an idle
+    /// node), so without this a failed partition would go unnoticed until the next metadata
+    /// write, which may be the first write after a failover.
+    ///
+    /// Why that slot: the next superblock update overwrites it anyway, and a torn write there
+    /// leaves the current slot, which `open` picks, intact (the same reasoning as
+    /// [`Self::update_superblock`]). Serialized with superblock updates. A failure poisons the
+    /// partition like any failed metadata write: every later write intent fails.
+    pub fn check_writable(&self) -> Result<()> {
+        let _writer = lock(&self.shared.sb_writer);
+        lock(&self.shared.inner).check_poison()?;
+        let off = SB_SLOT_OFFSETS[1 - lock(&self.shared.sb).slot()];
+        let res = {
+            let mut st = lock(&self.shared.storage);
+            let mut buf = vec![0u8; SB_SLOT_SIZE];
+            st.read_at(off, &mut buf)
+                .map_err(|e| {
+                    MetaError::io(
+                        "check: read spare superblock slot",
+                        off,
+                        buf.len() as u64,
+                        e,
+                    )
+                })
+                .and_then(|()| {
+                    write_sync(&mut **st, off, &buf, "check: rewrite spare superblock slot")
+                })
+        };
+        let mut inner = lock(&self.shared.inner);
+        match res {
+            Ok(()) => {
+                inner.stats.checks += 1;
+                inner.stats.syncs += 1;
+                Ok(())
             }
             Err(e) => {
                 inner.poisoned.get_or_insert_with(|| e.to_string());

@@ -404,6 +404,76 @@ fn eio_surfaces_with_operation_and_offset() {
     assert!(matches!(cp.flush_clears(), Err(MetaError::Poisoned { .. })));
 }
 
+/// `check_writable` rewrites the spare superblock slot with what it holds: nothing on the disk
+/// changes, and a write torn at any point (a crash during the check) leaves the current
+/// superblock the one `open` picks.
+#[test]
+fn writable_check_changes_nothing_and_a_torn_check_keeps_the_superblock() {
+    let p = params(100);
+    let (cp, s) = create(&p);
+    cp.update_superblock(|st| st.gens.current = 7).unwrap();
+    let sb = cp.update_superblock(|st| st.gens.current = 8).unwrap();
+    let before = s.durable_image();
+    let (_, _, syncs) = s.op_counts();
+    cp.check_writable().unwrap();
+    assert_eq!(
+        s.op_counts().2,
+        syncs + 1,
+        "the check reaches stable storage"
+    );
+    assert_eq!(s.durable_image(), before, "the check changes no byte");
+    assert_eq!(cp.stats().checks, 1);
+    assert_eq!(cp.superblock(), sb);
+
+    for prefix in [0usize, 1, 100, 2048, 4095] {
+        let (cp, s) = create(&p);
+        cp.update_superblock(|st| st.gens.current = 7).unwrap();
+        let sb = cp.update_superblock(|st| st.gens.current = 8).unwrap();
+        s.tear_write(0, prefix);
+        let err = cp.check_writable().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("check: rewrite spare superblock slot"),
+            "{err}"
+        );
+        let (cp2, rep) = reopen(s.durable_image(), &p).unwrap();
+        assert_eq!(cp2.superblock(), sb, "prefix {prefix}");
+        assert_eq!(rep.chosen_slot, sb.slot());
+    }
+}
+
+/// A cluster partition that fails the check (read, write or sync) is poisoned as by any failed
+/// metadata write: the error names the step, and no write intent or superblock update passes.
+#[test]
+fn a_failed_writable_check_poisons_the_partition() {
+    let p = params(100);
+    for (kind, what) in [
+        (OpKind::Read, "check: read spare superblock slot"),
+        (OpKind::Write, "check: rewrite spare superblock slot"),
+        (OpKind::Sync, "sync"),
+    ] {
+        let (cp, s) = create(&p);
+        s.fail_op(kind, 0);
+        let err = cp.check_writable().unwrap_err();
+        assert!(err.to_string().contains(what), "{kind:?}: {err}");
+        let why = cp.poisoned().expect("poisoned");
+        assert!(why.contains(what), "{kind:?}: {why}");
+        assert_eq!(cp.stats().checks, 0);
+        assert!(matches!(
+            cp.begin_write(0, RS),
+            Err(MetaError::Poisoned { .. })
+        ));
+        assert!(matches!(
+            cp.update_superblock(|_| {}),
+            Err(MetaError::Poisoned { .. })
+        ));
+        assert!(matches!(
+            cp.check_writable(),
+            Err(MetaError::Poisoned { .. })
+        ));
+    }
+}
+
 #[test]
 fn out_of_range_is_rejected() {
     let p = params(100);

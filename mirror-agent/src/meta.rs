@@ -481,6 +481,11 @@ impl Meta {
         &self.cp
     }
 
+    /// The cluster partition's path (for log lines).
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     /// Refusal reason if the local data must not be served.
     pub fn check_activatable(&self) -> Result<(), String> {
         let flags = self.cp.flags();

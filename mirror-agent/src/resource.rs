@@ -136,11 +136,19 @@ impl Resource {
                 engine.clone(),
                 meta.clone(),
                 changes.clone(),
-                shutdown,
+                shutdown.clone(),
             )?)
         } else {
             None
         };
+        spawn_metadata_check(
+            cfg.name.clone(),
+            &meta,
+            pair.as_ref(),
+            changes.clone(),
+            config.timeouts.metadata_check_interval,
+            shutdown,
+        );
         tracing::info!(
             resource = %cfg.name,
             engine = engine.name(),
@@ -544,7 +552,10 @@ impl Resource {
                     "GREEN",
                     format!("{failed}: it cannot be activated; `mdctrl activate {r}` here starts serving; {repair}"),
                 ),
-                (Role::Active, _) => ("GREEN", format!("{failed}: {repair}")),
+                (Role::Active, _) => (
+                    "GREEN",
+                    format!("{failed}: {peer} cannot be activated, so there is no failover target until it is repaired; {repair}"),
+                ),
                 (Role::Inactive, _) => (
                     "GRAY",
                     format!("{failed}: {repair}; the nodes compare their states when it is back"),
@@ -660,6 +671,61 @@ fn settled_snapshot<A, B>(
         before = after;
     }
     (before, second())
+}
+
+/// Checks every `interval` that the cluster partition still takes writes
+/// ([`bitmap::ClusterPartition::check_writable`]), until `shutdown`. A node
+/// may write no metadata for hours (a standby, an idle node): without the
+/// check its failed cluster partition would be found only by the next
+/// metadata write, possibly the first client write after a failover to it.
+/// A failed check poisons the partition: status shows it (RED, "Cluster
+/// Partition FAILED") on this node and, through the control link, on the
+/// peer, and activation is refused. One check at a time: a check that hangs
+/// on a stalled partition delays the next, it does not pile them up.
+fn spawn_metadata_check(
+    resource: String,
+    meta: &Arc<Meta>,
+    pair: Option<&Arc<Pair>>,
+    changes: Arc<Changes>,
+    interval: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    // Weak: the task must not keep the partition (and its exclusive lock) or
+    // the pair alive once the resource is gone.
+    let meta = Arc::downgrade(meta);
+    let pair = pair.map(Arc::downgrade);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            let Some(meta) = meta.upgrade() else { return };
+            let cp = meta.partition().clone();
+            if cp.poisoned().is_some() {
+                // Failed earlier (and reported then): nothing left to find.
+                return;
+            }
+            match tokio::task::spawn_blocking(move || cp.check_writable()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(%resource, path = %meta.path().display(), %error, "the cluster partition failed its periodic write check: this node cannot be activated, and client writes fail if it is active; repair or replace it, then restart this agent");
+                    if let Some(pair) = pair.as_ref().and_then(std::sync::Weak::upgrade) {
+                        pair.tell_peer_state().await;
+                    }
+                    changes.bump();
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(%resource, %error, "the cluster partition check panicked");
+                    return;
+                }
+            }
+        }
+    });
 }
 
 fn engine_options(cfg: &config::Resource) -> engine::EngineOptions {

@@ -710,6 +710,14 @@ fn zero_duration_is_rejected() {
 }
 
 #[test]
+fn zero_metadata_check_interval_is_rejected() {
+    parse_err(
+        &format!("[timeouts]\nmetadata_check_interval = \"0s\"\n{BASE}"),
+        &["timeouts.metadata_check_interval", "greater than zero"],
+    );
+}
+
+#[test]
 fn heartbeat_timeout_too_short() {
     parse_err(
         &format!("[timeouts]\nheartbeat_interval = \"5s\"\nheartbeat_timeout = \"8s\"\n{BASE}"),

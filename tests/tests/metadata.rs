@@ -168,6 +168,46 @@ fn corrupt_bitmap_chunk_is_reported_and_its_regions_are_dirty() {
     assert_eq!(s["disk"]["dirty_regions"], regions(&c), "{s:#}");
 }
 
+/// A cluster partition that fails under an idle agent: nothing is active,
+/// so nothing writes metadata, yet the periodic write check
+/// (`timeouts.metadata_check_interval`) finds it. The status turns RED with
+/// `metadata_error` naming the check, and `activate` is refused, before any
+/// client depended on this node.
+#[test]
+fn idle_agent_finds_a_failed_cluster_partition_by_its_periodic_check() {
+    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
+        return;
+    }
+    let c = TestCluster::standalone(ClusterOpts::default());
+    let text = c.config_text();
+    let default = "metadata_check_interval = \"30s\"";
+    assert!(text.contains(default), "{text}");
+    c.write_config_text(&text.replace(default, "metadata_check_interval = \"300ms\""));
+    c.init();
+    let faulty = FaultyFile::take_over(&c.cp_path());
+    let mut agent = c.start_agent();
+    assert_eq!(c.status_json()["color"], "GREEN");
+    faulty.fail_writes(true);
+    let s = tests::wait::poll_until(Duration::from_secs(20), || {
+        let s = c.status_json();
+        s["disk"]["metadata_error"].is_string().then_some(s)
+    })
+    .expect("the periodic check finds the failed cluster partition");
+    assert_eq!(s["color"], "RED", "{s:#}");
+    let why = s["disk"]["metadata_error"].as_str().unwrap_or("");
+    assert!(
+        why.contains("check: rewrite spare superblock slot") || why.contains("sync"),
+        "{s:#}"
+    );
+    let next = s["next_step"].as_str().unwrap_or("");
+    assert!(next.contains("cannot be activated"), "{s:#}");
+    let out = c.mdctrl_expect(&["activate", "md1", "--nomount"], 3);
+    assert!(out.contains("cluster partition"), "{out}");
+    agent.wait_for_log("failed its periodic write check", Duration::from_secs(5));
+    faulty.fail_writes(false);
+    agent.terminate();
+}
+
 /// A cluster partition that starts failing its writes under a running
 /// standalone agent (behind nbdkit's error filter). A standalone volume
 /// records no write intents (nothing is mirrored), so client writes go on;

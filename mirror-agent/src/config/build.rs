@@ -421,6 +421,11 @@ fn build_timeouts(cx: &Ctx<'_>, rt: Option<RawTimeouts>) -> Result<Timeouts, Con
             "heartbeat_timeout",
             d.heartbeat_timeout,
         )?,
+        metadata_check_interval: get(
+            rt.metadata_check_interval,
+            "metadata_check_interval",
+            d.metadata_check_interval,
+        )?,
     };
     // One late heartbeat must not break the mirror.
     if t.heartbeat_timeout < t.heartbeat_interval * 2 {

@@ -139,13 +139,14 @@ impl ExampleSpec {
         let to = &self.timeouts;
         let _ = writeln!(
             t,
-            "\n[timeouts]\nconnect = \"{}\"\nsend = \"{}\"\nack = \"{}\"\nreceive = \"{}\"\nheartbeat_interval = \"{}\"\nheartbeat_timeout = \"{}\"",
+            "\n[timeouts]\nconnect = \"{}\"\nsend = \"{}\"\nack = \"{}\"\nreceive = \"{}\"\nheartbeat_interval = \"{}\"\nheartbeat_timeout = \"{}\"\nmetadata_check_interval = \"{}\"",
             format_duration(to.connect),
             format_duration(to.send),
             format_duration(to.ack),
             format_duration(to.receive),
             format_duration(to.heartbeat_interval),
             format_duration(to.heartbeat_timeout),
+            format_duration(to.metadata_check_interval),
         );
         for (s, name) in names.iter().enumerate().take(self.servers) {
             let _ = writeln!(

@@ -141,6 +141,9 @@ pub struct Timeouts {
     pub heartbeat_interval: Duration,
     /// No frame at all from the peer for this long = link broken.
     pub heartbeat_timeout: Duration,
+    /// Interval of the check that the cluster partition still takes writes
+    /// (`ClusterPartition::check_writable`), on every node.
+    pub metadata_check_interval: Duration,
 }
 
 impl Default for Timeouts {
@@ -153,6 +156,7 @@ impl Default for Timeouts {
             receive: Duration::from_secs(60),
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(10),
+            metadata_check_interval: Duration::from_secs(30),
         }
     }
 }

@@ -56,6 +56,7 @@ pub(super) struct RawTimeouts {
     pub receive: Option<toml::Value>,
     pub heartbeat_interval: Option<toml::Value>,
     pub heartbeat_timeout: Option<toml::Value>,
+    pub metadata_check_interval: Option<toml::Value>,
 }
 
 /// One `[[server]]`.

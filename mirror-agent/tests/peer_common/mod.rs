@@ -26,6 +26,7 @@ pub fn timeouts(heartbeat_timeout: Duration) -> Timeouts {
         receive: Duration::from_secs(3),
         heartbeat_interval: Duration::from_millis(100),
         heartbeat_timeout,
+        ..Timeouts::default()
     }
 }
 
