@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use mirror_agent::status::{PairStatus, ResourceStatus, Role};
+use mirror_agent::status::{DiskStatus, PairStatus, ResourceStatus, Role};
 
 /// Render one resource's status as the operator's table.
 pub fn status_table(s: &ResourceStatus) -> String {
@@ -27,6 +27,25 @@ fn meta_state(e: &Option<String>) -> &'static str {
         "FAILED"
     } else {
         "OK"
+    }
+}
+
+/// This node's data disk: a recorded error, else a stall (requests pending,
+/// none completing: `disk.io_stalled_secs`), else OK.
+fn local_disk_state(d: &DiskStatus) -> String {
+    match (d.disk_error, d.io_stalled_secs) {
+        (true, _) => "ERROR".into(),
+        (false, Some(s)) => format!("STALLED ({s} s)"),
+        (false, None) => "OK".into(),
+    }
+}
+
+/// This node's cluster partition: failed, else stalled, else OK.
+fn local_meta_state(d: &DiskStatus) -> String {
+    match (&d.metadata_error, d.metadata_stalled_secs) {
+        (Some(_), _) => "FAILED".into(),
+        (None, Some(s)) => format!("STALLED ({s} s)"),
+        (None, None) => "OK".into(),
     }
 }
 
@@ -84,16 +103,8 @@ fn standalone_table(s: &ResourceStatus) -> String {
     row(&mut o, "Mirror Color", &s.color);
     row(&mut o, "Role", role_name(s.role));
     row(&mut o, "Lastupdate Time", &time(s.disk.last_update));
-    row(
-        &mut o,
-        "Disk Error",
-        if s.disk.disk_error { "ERROR" } else { "OK" },
-    );
-    row(
-        &mut o,
-        "Cluster Partition",
-        meta_state(&s.disk.metadata_error),
-    );
+    row(&mut o, "Disk Error", &local_disk_state(&s.disk));
+    row(&mut o, "Cluster Partition", &local_meta_state(&s.disk));
     // Without a peer nothing is mirrored: the bitmap has no meaning.
     row(&mut o, "Difference Percent", "n/a (standalone)");
     row(
@@ -150,14 +161,14 @@ fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
     row2(
         &mut o,
         "Disk Error",
-        err(s.disk.disk_error),
+        &local_disk_state(&s.disk),
         pd.map(|d| err(d.disk_error || p.peer_disk_error))
             .unwrap_or(if p.peer_disk_error { "ERROR" } else { "-" }),
     );
     row2(
         &mut o,
         "Cluster Partition",
-        meta_state(&s.disk.metadata_error),
+        &local_meta_state(&s.disk),
         pd.map(|d| meta_state(&d.metadata_error)).unwrap_or("-"),
     );
     // In sync, set bits are write intents of the keep-dirty cache (regions

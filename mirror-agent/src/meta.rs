@@ -13,6 +13,7 @@ use bitmap::{
 };
 
 use crate::config::{self, ResourceNode};
+use crate::engine::IoWatch;
 use crate::status::DiskStatus;
 
 /// Why the cluster partition could not be attached.
@@ -404,11 +405,39 @@ impl bitmap::MetaStorage for ReadOnlyFile {
     }
 }
 
+/// A [`MetaStorage`](bitmap::MetaStorage) that counts its reads, writes and
+/// syncs in an [`IoWatch`], so that a stalled cluster partition shows in the
+/// status (`disk.metadata_stalled_secs`).
+struct TimedStorage<S> {
+    inner: S,
+    watch: Arc<IoWatch>,
+}
+
+impl<S: bitmap::MetaStorage> bitmap::MetaStorage for TimedStorage<S> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let _io = self.watch.begin();
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        let _io = self.watch.begin();
+        self.inner.write_at(offset, buf)
+    }
+    fn sync(&mut self) -> std::io::Result<()> {
+        let _io = self.watch.begin();
+        self.inner.sync()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+}
+
 /// The attached cluster partition of one resource.
 #[derive(Debug)]
 pub struct Meta {
     cp: Arc<ClusterPartition>,
     path: PathBuf,
+    /// The cluster partition's requests (see [`TimedStorage`]).
+    io: Arc<IoWatch>,
 }
 
 impl Meta {
@@ -429,12 +458,18 @@ impl Meta {
                 source,
             }
         })?;
+        let io = Arc::new(IoWatch::default());
         let open_storage = || {
-            FileStorage::open(&path).map_err(|source| MetaAttachError::Open {
-                path: path.clone(),
-                resource: rc.name.clone(),
-                source,
-            })
+            FileStorage::open(&path)
+                .map(|inner| TimedStorage {
+                    inner,
+                    watch: io.clone(),
+                })
+                .map_err(|source| MetaAttachError::Open {
+                    path: path.clone(),
+                    resource: rc.name.clone(),
+                    source,
+                })
         };
         let check = AttachCheck::new(rc.name.clone(), node, &ident);
         let cp = match ClusterPartition::open(open_storage()?, &check) {
@@ -473,7 +508,13 @@ impl Meta {
         Ok(Meta {
             cp: Arc::new(cp),
             path,
+            io,
         })
+    }
+
+    /// The cluster partition's pending requests and progress (stall detection).
+    pub fn io_watch(&self) -> &Arc<IoWatch> {
+        &self.io
     }
 
     /// The cluster partition (for the data path's write intents).
@@ -543,6 +584,9 @@ impl Meta {
             consistent: !flags.contains(Flags::RESYNC_TARGET),
             disk_error: flags.contains(Flags::DISK_ERROR),
             metadata_error: self.cp.poisoned(),
+            // Filled in by the resource, which knows the threshold and the data engine.
+            io_stalled_secs: None,
+            metadata_stalled_secs: None,
             dirty_regions: self.cp.dirty_count(),
             total_regions: self.cp.region_count(),
             difference_percent: self.cp.dirty_percent(),

@@ -80,6 +80,10 @@ pub struct Resource {
     me: config::ResourceNode,
     peer: Option<String>,
     engine: Arc<dyn BlockEngine>,
+    /// The data engine's requests ([`engine::Timed`] around it), for stall detection.
+    io: Arc<engine::IoWatch>,
+    /// `timeouts.io_stall`.
+    io_stall: std::time::Duration,
     meta: Arc<Meta>,
     pair: Option<Arc<Pair>>,
     /// Status changes (`mdctrl status --watch`, `recover --wait`), shared with the pair.
@@ -121,6 +125,10 @@ impl Resource {
             path: me.data_path.display().to_string(),
             source,
         })?;
+        // Every user of the data disk (NBD, replication, resync) goes through
+        // this engine, so its stall shows whatever the role.
+        let io = Arc::new(engine::IoWatch::default());
+        let engine: Arc<dyn BlockEngine> = Arc::new(engine::Timed::new(engine, io.clone()));
         let meta =
             Meta::attach(cfg, &me, node, engine.size()).map_err(|source| AttachError::Meta {
                 resource: cfg.name.clone(),
@@ -164,6 +172,8 @@ impl Resource {
             cfg: cfg.clone(),
             me,
             engine,
+            io,
+            io_stall: config.timeouts.io_stall,
             meta,
             pair,
             changes,
@@ -436,7 +446,9 @@ impl Resource {
             Serving::Inactive => (Role::Inactive, None, None),
         };
         drop(serving);
-        let (disk, pair) = self.disk_and_pair();
+        let (mut disk, pair) = self.disk_and_pair();
+        disk.io_stalled_secs = self.io.stalled_secs(self.io_stall);
+        disk.metadata_stalled_secs = self.meta.io_watch().stalled_secs(self.io_stall);
         let (color, next_step) = self.color_and_next_step(role, &disk, pair.as_ref());
         ResourceStatus {
             resource: self.name.clone(),
@@ -510,6 +522,26 @@ impl Resource {
                     "RED",
                     format!("{failed}: this node cannot be activated; {repair}"),
                 ),
+            };
+        }
+        // A stalled standby's own account (the ended session's writes it
+        // waits for) says more than this one.
+        let draining = pair.is_some_and(|p| p.ended_session_writes_secs.is_some());
+        let stalled = [
+            (disk.io_stalled_secs, "data disk"),
+            (disk.metadata_stalled_secs, "cluster partition"),
+        ]
+        .into_iter()
+        .find_map(|(secs, what)| secs.map(|s| (s, what)));
+        if let (Some((secs, what)), false) = (stalled, draining) {
+            let stalled = format!("the {what} of {r} has completed no request for {secs} s: it is stalled (check `dmesg` and the device)");
+            return match (role, move_away()) {
+                (Role::Active, Some(m)) => (
+                    "RED",
+                    format!("{stalled}; client I/O waits for it. If it does not recover: {m}"),
+                ),
+                (Role::Active, None) => ("RED", format!("{stalled}; client I/O waits for it")),
+                (Role::Inactive, _) => ("RED", stalled),
             };
         }
         let recovering = pair

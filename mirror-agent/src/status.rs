@@ -52,6 +52,14 @@ pub struct DiskStatus {
     /// every client write fails and the node cannot be activated.
     #[serde(default)]
     pub metadata_error: Option<String>,
+    /// Seconds for which requests to the data disk have been pending with
+    /// none completing, once that reaches `timeouts.io_stall` (the disk is
+    /// stalled; `engine::stall`); `None` otherwise.
+    #[serde(default)]
+    pub io_stalled_secs: Option<u64>,
+    /// The same for the cluster partition.
+    #[serde(default)]
+    pub metadata_stalled_secs: Option<u64>,
     /// Regions marked dirty in the local bitmap.
     pub dirty_regions: u64,
     /// Regions in the volume.

@@ -162,6 +162,7 @@ fn defaults_are_filled_in() {
     assert_eq!(t.heartbeat_interval, Duration::from_secs(2));
     assert_eq!(t.heartbeat_timeout, Duration::from_secs(10));
     assert_eq!(t.metadata_check_interval, Duration::from_secs(30));
+    assert_eq!(t.io_stall, Duration::from_secs(30));
 }
 
 #[test]
@@ -320,6 +321,7 @@ receive = "1m30s"
 heartbeat_interval = "500ms"
 heartbeat_timeout = "3s"
 metadata_check_interval = "2m"
+io_stall = "45s"
 
 [[server]]
 name = "a"
@@ -392,6 +394,7 @@ nbd_socket = "/run/semi.nbd"
     assert_eq!(t.heartbeat_interval, Duration::from_millis(500));
     assert_eq!(t.heartbeat_timeout, Duration::from_secs(3));
     assert_eq!(t.metadata_check_interval, Duration::from_secs(120));
+    assert_eq!(t.io_stall, Duration::from_secs(45));
     assert_eq!(c.server("a").unwrap().control_port, 30000);
     assert_eq!(c.server("b").unwrap().control_port, 29004);
 

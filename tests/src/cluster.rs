@@ -297,6 +297,27 @@ impl TestCluster {
         std::fs::write(&self.config_path, text).expect("writing the config");
     }
 
+    /// Sets `timeouts.<key>` to the duration `value` (`"1s"`), replacing the
+    /// line the generated config has for every key.
+    pub fn set_timeout(&self, key: &str, value: &str) {
+        let text = self.config_text();
+        let prefix = format!("{key} = ");
+        let mut found = false;
+        let new: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with(&prefix) && !found {
+                    found = true;
+                    format!("{key} = \"{value}\"")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        assert!(found, "no `{key}` line in the config:\n{text}");
+        self.write_config_text(&(new.join("\n") + "\n"));
+    }
+
     /// The same cluster (same temp dir, paths and ports) seen through another
     /// config file `name` in the temp dir holding `text`: for a node whose
     /// configuration disagrees with its peer's.

@@ -705,7 +705,10 @@ fn watch_waits_for_a_change_and_bounds_its_timeout() {
 /// A data disk that stalls under client writes (a buffered data file behind
 /// nbdkit's pause filter; buffered, because FUSE takes no O_DIRECT) holds
 /// those writes, not the agent: `mdctrl status` still answers while they
-/// wait, and they complete once the disk answers again.
+/// wait, and they complete once the disk answers again. The status says so
+/// once nothing completed for `timeouts.io_stall` (1 s here): RED,
+/// `disk.io_stalled_secs`, `Disk Error STALLED` in the table; GREEN again
+/// after the disk resumed.
 /// Until 2026-12-06 the engines wrote up to 64 KiB into the page cache in
 /// the calling task: one such write, stalled, kept a runtime worker, and with
 /// it the admin socket, from answering (the portable engine's run, every
@@ -715,12 +718,14 @@ fn status_answers_while_the_data_disk_stalls(engine: tests::cluster::Engine) {
         return;
     }
     let c = TestCluster::standalone(ClusterOpts::new(engine));
+    c.set_timeout("io_stall", "1s");
     c.init();
     let disk = tests::faultfile::FaultyFile::take_over(&c.data_path());
     let mut agent = c.start_agent();
     c.activate();
     let mut nbd = NbdClient::connect(&c.nbd_socket(), "md1").expect("NBD connect");
     assert_eq!(nbd.write(0, &[0x91; 4096], false).expect("write"), 0);
+    assert!(c.status_json()["disk"]["io_stalled_secs"].is_null());
 
     let paused = disk.pause();
     // Small writes (the size the engines copy into the page cache themselves)
@@ -745,12 +750,35 @@ fn status_answers_while_the_data_disk_stalls(engine: tests::cluster::Engine) {
             all_output(&out)
         );
     }
+    let s = tests::wait::poll_until(Duration::from_secs(20), || {
+        let s = c.status_json();
+        s["disk"]["io_stalled_secs"].is_u64().then_some(s)
+    })
+    .expect("the status reports the stalled data disk");
+    assert_eq!(s["color"], "RED", "{s:#}");
+    let next = s["next_step"].as_str().unwrap_or("");
+    assert!(
+        next.contains("the data disk of md1 has completed no request for")
+            && next.contains("stalled")
+            && next.contains("client I/O waits"),
+        "{s:#}"
+    );
+    let table = c.mdctrl_ok(&["status", "md1"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("Disk Error") && l.contains("STALLED")),
+        "{table}"
+    );
     assert!(
         !replies.is_finished(),
         "the writes did not wait for the stalled disk"
     );
     paused.resume();
     assert_eq!(replies.join().expect("replies"), vec![0; 4]);
+    let s = c.status_json();
+    assert!(s["disk"]["io_stalled_secs"].is_null(), "{s:#}");
+    assert_eq!(s["color"], "GREEN", "{s:#}");
     agent.terminate();
 }
 

@@ -179,10 +179,7 @@ fn idle_agent_finds_a_failed_cluster_partition_by_its_periodic_check() {
         return;
     }
     let c = TestCluster::standalone(ClusterOpts::default());
-    let text = c.config_text();
-    let default = "metadata_check_interval = \"30s\"";
-    assert!(text.contains(default), "{text}");
-    c.write_config_text(&text.replace(default, "metadata_check_interval = \"300ms\""));
+    c.set_timeout("metadata_check_interval", "300ms");
     c.init();
     let faulty = FaultyFile::take_over(&c.cp_path());
     let mut agent = c.start_agent();
@@ -205,6 +202,56 @@ fn idle_agent_finds_a_failed_cluster_partition_by_its_periodic_check() {
     assert!(out.contains("cluster partition"), "{out}");
     agent.wait_for_log("failed its periodic write check", Duration::from_secs(5));
     faulty.fail_writes(false);
+    agent.terminate();
+}
+
+/// A cluster partition that stalls (nbdkit's pause filter) under an idle
+/// agent: its periodic check (every 300 ms here) waits, nothing completes,
+/// and once that lasts `timeouts.io_stall` (1 s here) the status, which still
+/// answers, says so: RED, `disk.metadata_stalled_secs`, `Cluster Partition
+/// STALLED` in the table. When the device answers again the check completes,
+/// nothing failed, and the node is GREEN.
+#[test]
+fn a_stalled_cluster_partition_shows_in_the_status() {
+    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
+        return;
+    }
+    let c = TestCluster::standalone(ClusterOpts::default());
+    c.set_timeout("metadata_check_interval", "300ms");
+    c.set_timeout("io_stall", "1s");
+    c.init();
+    let faulty = FaultyFile::take_over(&c.cp_path());
+    let mut agent = c.start_agent();
+    assert_eq!(c.status_json()["color"], "GREEN");
+    let paused = faulty.pause();
+    let s = tests::wait::poll_until(Duration::from_secs(20), || {
+        let s = c.status_json();
+        s["disk"]["metadata_stalled_secs"].is_u64().then_some(s)
+    })
+    .expect("the status reports the stalled cluster partition");
+    assert_eq!(s["color"], "RED", "{s:#}");
+    assert!(s["disk"]["metadata_error"].is_null(), "{s:#}");
+    let next = s["next_step"].as_str().unwrap_or("");
+    assert!(
+        next.contains("the cluster partition of md1 has completed no request for")
+            && next.contains("stalled"),
+        "{s:#}"
+    );
+    let table = c.mdctrl_ok(&["status", "md1"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("Cluster Partition") && l.contains("STALLED")),
+        "{table}"
+    );
+    paused.resume();
+    let s = tests::wait::poll_until(Duration::from_secs(20), || {
+        let s = c.status_json();
+        s["disk"]["metadata_stalled_secs"].is_null().then_some(s)
+    })
+    .expect("the stall ends with the pause");
+    assert_eq!(s["color"], "GREEN", "{s:#}");
+    assert!(s["disk"]["metadata_error"].is_null(), "{s:#}");
     agent.terminate();
 }
 

@@ -426,6 +426,7 @@ fn build_timeouts(cx: &Ctx<'_>, rt: Option<RawTimeouts>) -> Result<Timeouts, Con
             "metadata_check_interval",
             d.metadata_check_interval,
         )?,
+        io_stall: get(rt.io_stall, "io_stall", d.io_stall)?,
     };
     // One late heartbeat must not break the mirror.
     if t.heartbeat_timeout < t.heartbeat_interval * 2 {

@@ -139,7 +139,7 @@ impl ExampleSpec {
         let to = &self.timeouts;
         let _ = writeln!(
             t,
-            "\n[timeouts]\nconnect = \"{}\"\nsend = \"{}\"\nack = \"{}\"\nreceive = \"{}\"\nheartbeat_interval = \"{}\"\nheartbeat_timeout = \"{}\"\nmetadata_check_interval = \"{}\"",
+            "\n[timeouts]\nconnect = \"{}\"\nsend = \"{}\"\nack = \"{}\"\nreceive = \"{}\"\nheartbeat_interval = \"{}\"\nheartbeat_timeout = \"{}\"\nmetadata_check_interval = \"{}\"\nio_stall = \"{}\"",
             format_duration(to.connect),
             format_duration(to.send),
             format_duration(to.ack),
@@ -147,6 +147,7 @@ impl ExampleSpec {
             format_duration(to.heartbeat_interval),
             format_duration(to.heartbeat_timeout),
             format_duration(to.metadata_check_interval),
+            format_duration(to.io_stall),
         );
         for (s, name) in names.iter().enumerate().take(self.servers) {
             let _ = writeln!(

@@ -144,6 +144,9 @@ pub struct Timeouts {
     /// Interval of the check that the cluster partition still takes writes
     /// (`ClusterPartition::check_writable`), on every node.
     pub metadata_check_interval: Duration,
+    /// Requests pending on the data disk or the cluster partition with none
+    /// completing for this long: the status shows the device as stalled.
+    pub io_stall: Duration,
 }
 
 impl Default for Timeouts {
@@ -157,6 +160,7 @@ impl Default for Timeouts {
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(10),
             metadata_check_interval: Duration::from_secs(30),
+            io_stall: Duration::from_secs(30),
         }
     }
 }

@@ -57,6 +57,7 @@ pub(super) struct RawTimeouts {
     pub heartbeat_interval: Option<toml::Value>,
     pub heartbeat_timeout: Option<toml::Value>,
     pub metadata_check_interval: Option<toml::Value>,
+    pub io_stall: Option<toml::Value>,
 }
 
 /// One `[[server]]`.

@@ -28,6 +28,9 @@
 //!   writes and a crash point by rules (tests).
 //! - [`watched`]: [`Watched`], wraps any engine and reports its first disk
 //!   error ([`is_disk_error`]) to a hook (the node records `DISK_ERROR`).
+//! - [`stall`]: [`IoWatch`], how long a device has had requests pending
+//!   without completing any (a stalled disk fails nothing, it just waits),
+//!   and [`Timed`], which wraps any engine and counts its requests in one.
 //! - `backing` (private): opening the file or block device, its size and
 //!   direct-I/O alignment, and the blocking discard/zeroing primitives
 //!   (fallocate, BLKZEROOUT) both real engines share.
@@ -48,11 +51,13 @@ pub(crate) use backing::check_range;
 pub mod buf;
 pub mod fault;
 pub mod portable;
+pub mod stall;
 pub mod uring;
 pub mod watched;
 
 pub use fault::{FaultAction, FaultCounters, FaultOp, FaultRule, FaultTrigger, FaultyEngine};
 pub use portable::PortableEngine;
+pub use stall::{IoGuard, IoWatch, Timed};
 pub use uring::{plug, Plug, UringEngine};
 pub use watched::{DiskErrorHook, DiskErrorReport, Repeated, Watched};
 
