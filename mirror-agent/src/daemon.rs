@@ -31,6 +31,10 @@ pub enum DaemonError {
     /// Runtime or signal setup failed.
     #[error("agent runtime: {0}")]
     Runtime(std::io::Error),
+    /// The graceful shutdown was abandoned (a stalled disk, a second
+    /// signal): the agent exited with requests still pending.
+    #[error("shutdown abandoned: {0}; exited with requests still pending (none was acknowledged to its client; their regions stay dirty)")]
+    ShutdownAbandoned(String),
 }
 
 /// Everything the agent serves on this node.
@@ -149,6 +153,17 @@ impl Agent {
         }
     }
 
+    /// Resolves once a resource's data disk or cluster partition is stalled
+    /// (no progress for `timeouts.io_stall`), with what stalls.
+    async fn first_stall(&self) -> String {
+        loop {
+            if let Some(why) = self.resources.iter().find_map(|r| r.stall()) {
+                return why;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Deactivate every active resource (graceful shutdown).
     async fn shutdown(&self) {
         for r in &self.resources {
@@ -187,7 +202,11 @@ pub fn run(config_path: &Path, node: &str) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    rt.block_on(run_async(config, node.to_string()))
+    let res = rt.block_on(run_async(config, node.to_string()));
+    // Threads still blocked on a stalled device (an abandoned shutdown) are
+    // not waited for; after a graceful one nothing is left to wait for.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    res
 }
 
 async fn run_async(config: Config, node: String) -> Result<(), DaemonError> {
@@ -251,14 +270,39 @@ async fn run_async(config: Config, node: String) -> Result<(), DaemonError> {
             Some(_) = admin_tasks.join_next(), if !admin_tasks.is_empty() => {}
         }
     }
-    // Stop taking admin requests, then wind the resources down.
+    // Stop taking admin requests, then wind the resources down. A stalled
+    // disk would hold the wind-down for as long as it stalls (its requests
+    // never complete), and the operator stops an agent precisely to fail
+    // over from a node in trouble. So the wind-down is abandoned once a
+    // resource's data disk or cluster partition has made no progress for
+    // `timeouts.io_stall`, or at a second signal. For the data that is a
+    // crash, which the cluster partition is built for (every region written
+    // is dirty until both sides hold it); none of the abandoned requests was
+    // acknowledged.
     let _ = std::fs::remove_file(&me.admin_socket);
     admin_tasks.abort_all();
-    while admin_tasks.join_next().await.is_some() {}
-    agent.shutdown().await;
+    let wind_down = async {
+        while admin_tasks.join_next().await.is_some() {}
+        agent.shutdown().await;
+    };
+    let outcome = tokio::select! {
+        () = wind_down => Ok(()),
+        why = agent.first_stall() => Err(why),
+        _ = sigterm.recv() => Err("a second SIGTERM".to_string()),
+        _ = sigint.recv() => Err("a second SIGINT".to_string()),
+    };
     let _ = shutdown_tx.send(true);
-    tracing::info!("agent stopped");
-    Ok(())
+    match outcome {
+        Ok(()) => {
+            tracing::info!("agent stopped");
+            Ok(())
+        }
+        Err(why) => {
+            let e = DaemonError::ShutdownAbandoned(why);
+            tracing::error!("{e}");
+            Err(e)
+        }
+    }
 }
 
 /// The per-node control link to the peer's agent (heartbeats; the peer's

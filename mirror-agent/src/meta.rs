@@ -587,6 +587,7 @@ impl Meta {
             // Filled in by the resource, which knows the threshold and the data engine.
             io_stalled_secs: None,
             metadata_stalled_secs: None,
+            io_pending: 0,
             dirty_regions: self.cp.dirty_count(),
             total_regions: self.cp.region_count(),
             difference_percent: self.cp.dirty_percent(),

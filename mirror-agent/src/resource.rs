@@ -428,6 +428,25 @@ impl Resource {
         matches!(*self.serving.lock().await, Serving::Active { .. })
     }
 
+    /// What stalls, if the data disk or the cluster partition has had
+    /// requests pending with none completing for `timeouts.io_stall`.
+    pub fn stall(&self) -> Option<String> {
+        let r = &self.name;
+        if let Some(secs) = self.io.stalled_secs(self.io_stall) {
+            let n = self.io.pending();
+            return Some(format!(
+                "the data disk of {r} has completed none of its {n} pending requests for {secs} s"
+            ));
+        }
+        let io = self.meta.io_watch();
+        io.stalled_secs(self.io_stall).map(|secs| {
+            format!(
+                "the cluster partition of {r} has completed none of its {} pending requests for {secs} s",
+                io.pending()
+            )
+        })
+    }
+
     /// Snapshot for `mdctrl status`.
     pub async fn status(&self) -> ResourceStatus {
         let serving = self.serving.lock().await;
@@ -448,6 +467,7 @@ impl Resource {
         drop(serving);
         let (mut disk, pair) = self.disk_and_pair();
         disk.io_stalled_secs = self.io.stalled_secs(self.io_stall);
+        disk.io_pending = self.io.pending() as u64;
         disk.metadata_stalled_secs = self.meta.io_watch().stalled_secs(self.io_stall);
         let (color, next_step) = self.color_and_next_step(role, &disk, pair.as_ref());
         ResourceStatus {

@@ -60,6 +60,10 @@ pub struct DiskStatus {
     /// The same for the cluster partition.
     #[serde(default)]
     pub metadata_stalled_secs: Option<u64>,
+    /// Requests to the data disk in progress now (all roles: client I/O,
+    /// replicated writes, resync).
+    #[serde(default)]
+    pub io_pending: u64,
     /// Regions marked dirty in the local bitmap.
     pub dirty_regions: u64,
     /// Regions in the volume.

@@ -211,6 +211,12 @@ impl Agent {
 
     /// SIGTERM and wait for a graceful exit; returns the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
+        self.send_sigterm();
+        self.wait_exit(Duration::from_secs(60))
+    }
+
+    /// SIGTERM, without waiting.
+    pub fn send_sigterm(&self) {
         let pid = self.pid() as libc::pid_t;
         // SAFETY: kill has no memory-safety preconditions; `pid` is our own
         // unreaped child, so it cannot name an unrelated process.
@@ -221,7 +227,6 @@ impl Agent {
             "kill(SIGTERM) failed: {}",
             std::io::Error::last_os_error()
         );
-        self.wait_exit(Duration::from_secs(60))
     }
 
     /// Stops the agent (SIGTERM if running), starts it again and waits until

@@ -32,11 +32,13 @@ pub struct Timing {
     pub heartbeat_timeout: Duration,
     /// `timeouts.metadata_check_interval`.
     pub metadata_check_interval: Duration,
+    /// `timeouts.io_stall`.
+    pub io_stall: Duration,
 }
 
 impl Timing {
     /// heartbeat 200 ms / 1 s, ack 2 s, connect 2 s, send 2 s, receive 4 s,
-    /// cluster partition check every 500 ms.
+    /// cluster partition check every 500 ms, io stall 30 s (the default).
     pub fn fast() -> Timing {
         Timing {
             connect: Duration::from_secs(2),
@@ -46,20 +48,22 @@ impl Timing {
             heartbeat_interval: Duration::from_millis(200),
             heartbeat_timeout: Duration::from_secs(1),
             metadata_check_interval: Duration::from_millis(500),
+            io_stall: Duration::from_secs(30),
         }
     }
 
     fn render(&self) -> String {
         let ms = |d: Duration| format!("\"{}ms\"", d.as_millis());
         format!(
-            "[timeouts]\nconnect = {}\nsend = {}\nack = {}\nreceive = {}\nheartbeat_interval = {}\nheartbeat_timeout = {}\nmetadata_check_interval = {}\n",
+            "[timeouts]\nconnect = {}\nsend = {}\nack = {}\nreceive = {}\nheartbeat_interval = {}\nheartbeat_timeout = {}\nmetadata_check_interval = {}\nio_stall = {}\n",
             ms(self.connect),
             ms(self.send),
             ms(self.ack),
             ms(self.receive),
             ms(self.heartbeat_interval),
             ms(self.heartbeat_timeout),
-            ms(self.metadata_check_interval)
+            ms(self.metadata_check_interval),
+            ms(self.io_stall)
         )
     }
 }

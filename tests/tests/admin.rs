@@ -793,3 +793,113 @@ fn status_answers_while_the_data_disk_stalls_portable() {
 fn status_answers_while_the_data_disk_stalls_default_engine() {
     status_answers_while_the_data_disk_stalls(tests::cluster::Engine::Default);
 }
+
+/// An active standalone agent on a data file behind nbdkit's pause filter,
+/// with `timeouts.io_stall` set to `io_stall`, and a client connected to it
+/// that wrote one block (0x93 at 0).
+fn agent_on_a_pausable_disk(
+    io_stall: &str,
+) -> Option<(
+    TestCluster,
+    tests::faultfile::FaultyFile,
+    tests::agent::Agent,
+    NbdClient,
+)> {
+    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
+        return None;
+    }
+    let c = TestCluster::standalone(ClusterOpts::default());
+    c.set_timeout("io_stall", io_stall);
+    c.init();
+    let disk = tests::faultfile::FaultyFile::take_over(&c.data_path());
+    let agent = c.start_agent();
+    c.activate();
+    let mut nbd = NbdClient::connect(&c.nbd_socket(), "md1").expect("NBD connect");
+    assert_eq!(nbd.write(0, &[0x93; 4096], false).expect("write"), 0);
+    Some((c, disk, agent, nbd))
+}
+
+/// Sends writes on `nbd` from a thread (its disk is paused) and returns once
+/// the agent has them in progress. The thread ends when the agent closes the
+/// connection.
+fn stalled_writes(c: &TestCluster, mut nbd: NbdClient) -> std::thread::JoinHandle<()> {
+    let client = std::thread::spawn(move || {
+        for i in 0..4u64 {
+            if nbd
+                .send_write(i + 1, (i + 1) << 20, &[0x94; 4096], false)
+                .is_err()
+            {
+                return;
+            }
+        }
+        if let Ok(mut r) = nbd.reply_reader() {
+            while NbdClient::read_reply(&mut r).is_ok() {}
+        }
+    });
+    wait_until(
+        "the writes to wait on the stalled disk",
+        Duration::from_secs(20),
+        || (c.status_json()["disk"]["io_pending"].as_u64() >= Some(1)).then_some(()),
+    );
+    client
+}
+
+/// An agent whose data disk stalls gives up its graceful stop: the wind-down
+/// (drain the NBD requests, flush, record the state) would wait as long as
+/// the disk stalls, keeping the node's links alive, and an operator stops
+/// the agent precisely to move the service away from a node in trouble. It
+/// is abandoned once the disk made no progress for `timeouts.io_stall` (1 s
+/// here), with the reason in the log, while the disk still stalls; the
+/// process exits (non-zero) once the kernel lets go of the thread blocked in
+/// the stalled request. The data is as after a crash: a restarted agent
+/// serves what was acknowledged.
+#[test]
+fn stopping_an_agent_whose_data_disk_stalls_does_not_wait_for_the_disk() {
+    let Some((c, disk, mut agent, nbd)) = agent_on_a_pausable_disk("1s") else {
+        return;
+    };
+    let paused = disk.pause();
+    let client = stalled_writes(&c, nbd);
+    agent.send_sigterm();
+    agent.wait_for_log(
+        "shutdown abandoned: the data disk of md1 has completed none of its",
+        Duration::from_secs(20),
+    );
+    paused.resume();
+    let status = agent.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{status:?}");
+    client.join().expect("client thread");
+    agent.start_again();
+    agent.wait_ready();
+    c.activate();
+    let mut nbd = NbdClient::connect(&c.nbd_socket(), "md1").expect("NBD connect");
+    assert_eq!(nbd.read(0, 4096).expect("read"), vec![0x93; 4096]);
+    let _ = nbd.disconnect();
+    assert!(agent.terminate().success());
+}
+
+/// A second SIGTERM ends a wind-down that waits for a stalled disk before
+/// `timeouts.io_stall` (30 s, the default) has passed.
+#[test]
+fn a_second_sigterm_ends_a_shutdown_that_waits_for_the_disk() {
+    let Some((c, disk, mut agent, nbd)) = agent_on_a_pausable_disk("30s") else {
+        return;
+    };
+    let paused = disk.pause();
+    let client = stalled_writes(&c, nbd);
+    agent.send_sigterm();
+    agent.wait_for_log("SIGTERM: shutting down", Duration::from_secs(10));
+    assert!(
+        agent.is_running(),
+        "the wind-down waits for the stalled writes"
+    );
+    agent.send_sigterm();
+    agent.wait_for_log(
+        "shutdown abandoned: a second SIGTERM",
+        Duration::from_secs(10),
+    );
+    paused.resume();
+    let status = agent.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{status:?}");
+    client.join().expect("client thread");
+}

@@ -1134,6 +1134,87 @@ fn active_cluster_partition_failure_then_failover() {
     stop(&mut p, "server1");
 }
 
+/// The data disk of the active stalls (server1's, behind nbdkit's pause
+/// filter) under client writes. Nothing fails, everything waits: server1's
+/// status says so once no request completed for `timeouts.io_stall` (1 s
+/// here), RED, with the failover as the way out. Stopping server1's agent
+/// does not wait for the disk: its wind-down is abandoned after `io_stall`,
+/// its links close, and server2, which holds every acknowledged write, is
+/// forced and activated while server1's disk still stalls. Once the disk
+/// answers, server1's agent exits; restarted, it learns it lost (R12) and
+/// is resynced from server2: identical.
+#[test]
+fn active_data_disk_stall_then_failover() {
+    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
+        return;
+    }
+    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
+    c.set_timeout("io_stall", "1s");
+    let disk = FaultyFile::take_over(&c.data_path_on("server1"));
+    let mut p = MirrorPair::start_on(c);
+    p.activate("server1");
+    p.wait_in_sync("server1", T);
+    p.fill("server1", 0, 256 << 10, 0x71);
+    p.wait_rpo_zero("server1", T);
+
+    let paused = disk.pause();
+    let mut nbd = NbdClient::connect(&p.socket("server1"), "md1").expect("NBD connect");
+    let client = std::thread::spawn(move || {
+        for i in 0..4u64 {
+            if nbd
+                .send_write(i + 1, MIB + (i << 16), &[0x72; 4096], false)
+                .is_err()
+            {
+                return;
+            }
+        }
+        if let Ok(mut r) = nbd.reply_reader() {
+            while NbdClient::read_reply(&mut r).is_ok() {}
+        }
+    });
+    let s1 = p.wait_status("server1", "the stalled data disk", T, |s| {
+        s["disk"]["io_stalled_secs"].is_u64()
+    });
+    assert_eq!(s1["color"], "RED", "{s1:#}");
+    let next1 = s1["next_step"].as_str().unwrap_or("");
+    assert!(
+        next1.contains("the data disk of md1 has completed no request")
+            && next1.contains("move the service to server2")
+            && next1.contains("`mdctrl force server2 md1`"),
+        "{s1:#}"
+    );
+
+    // The failover, while server1's disk still stalls.
+    p.agent("server1").send_sigterm();
+    p.agent("server1").wait_for_log(
+        "shutdown abandoned: the data disk of md1 has completed none of its",
+        T,
+    );
+    p.wait_status("server2", "the lost link to server1", T, |s| {
+        s["pair"]["connection"] != "connected"
+    });
+    p.mdctrl_ok("server2", &["force", "server2", "md1"]);
+    p.activate("server2");
+    p.fill("server2", 2 * MIB, 64 << 10, 0x73);
+    let mut nbd2 = p.connect("server2");
+    assert_eq!(nbd2.read(0, 4096).expect("read"), vec![0x71; 4096]);
+    let _ = nbd2.disconnect();
+
+    // The disk answers again: server1's agent exits, restarts, loses (R12).
+    paused.resume();
+    let status = p.agent_mut("server1").wait_exit(T);
+    assert!(!status.success(), "{status:?}");
+    client.join().expect("client thread");
+    start(&mut p, "server1");
+    p.agent("server2")
+        .wait_for_log("decision R12 forced-wins", T);
+    p.wait_recovered("server2", T);
+    p.wait_in_sync("server1", T);
+    p.wait_rpo_zero("server2", T);
+    p.assert_identical();
+    stop(&mut p, "server1");
+}
+
 /// The cluster partition of the standby fails (server2's, behind nbdkit's
 /// error filter) while the pair is connected. A standby writes no metadata per
 /// replicated write; its periodic write check (`metadata_check_interval`)
