@@ -162,14 +162,21 @@ fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
         &mut o,
         "Disk Error",
         &local_disk_state(&s.disk),
-        pd.map(|d| err(d.disk_error || p.peer_disk_error))
-            .unwrap_or(if p.peer_disk_error { "ERROR" } else { "-" }),
+        pd.map(|d| match d.stalled.as_deref() {
+            Some("data disk") if !(d.disk_error || p.peer_disk_error) => "STALLED",
+            _ => err(d.disk_error || p.peer_disk_error),
+        })
+        .unwrap_or(if p.peer_disk_error { "ERROR" } else { "-" }),
     );
     row2(
         &mut o,
         "Cluster Partition",
         &local_meta_state(&s.disk),
-        pd.map(|d| meta_state(&d.metadata_error)).unwrap_or("-"),
+        pd.map(|d| match d.stalled.as_deref() {
+            Some("cluster partition") if d.metadata_error.is_none() => "STALLED",
+            _ => meta_state(&d.metadata_error),
+        })
+        .unwrap_or("-"),
     );
     // In sync, set bits are write intents of the keep-dirty cache (regions
     // recently written and acknowledged by both sides), not differences.

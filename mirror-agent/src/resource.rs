@@ -80,10 +80,9 @@ pub struct Resource {
     me: config::ResourceNode,
     peer: Option<String>,
     engine: Arc<dyn BlockEngine>,
-    /// The data engine's requests ([`engine::Timed`] around it), for stall detection.
-    io: Arc<engine::IoWatch>,
-    /// `timeouts.io_stall`.
-    io_stall: std::time::Duration,
+    /// The data disk's and the cluster partition's requests, for stall
+    /// detection (shared with the pair, which tells the peer).
+    stalls: Arc<engine::Stalls>,
     meta: Arc<Meta>,
     pair: Option<Arc<Pair>>,
     /// Status changes (`mdctrl status --watch`, `recover --wait`), shared with the pair.
@@ -135,6 +134,11 @@ impl Resource {
                 source,
             })?;
         let meta = Arc::new(meta);
+        let stalls = Arc::new(engine::Stalls {
+            data: io,
+            metadata: meta.io_watch().clone(),
+            threshold: config.timeouts.io_stall,
+        });
         let changes = Arc::new(Changes::new());
         let pair = if cfg.is_mirrored() {
             Some(Pair::start(
@@ -143,12 +147,20 @@ impl Resource {
                 node,
                 engine.clone(),
                 meta.clone(),
+                stalls.clone(),
                 changes.clone(),
                 shutdown.clone(),
             )?)
         } else {
             None
         };
+        spawn_stall_watch(
+            cfg.name.clone(),
+            stalls.clone(),
+            pair.as_ref(),
+            changes.clone(),
+            shutdown.clone(),
+        );
         spawn_metadata_check(
             cfg.name.clone(),
             &meta,
@@ -172,8 +184,7 @@ impl Resource {
             cfg: cfg.clone(),
             me,
             engine,
-            io,
-            io_stall: config.timeouts.io_stall,
+            stalls,
             meta,
             pair,
             changes,
@@ -431,18 +442,10 @@ impl Resource {
     /// What stalls, if the data disk or the cluster partition has had
     /// requests pending with none completing for `timeouts.io_stall`.
     pub fn stall(&self) -> Option<String> {
-        let r = &self.name;
-        if let Some(secs) = self.io.stalled_secs(self.io_stall) {
-            let n = self.io.pending();
-            return Some(format!(
-                "the data disk of {r} has completed none of its {n} pending requests for {secs} s"
-            ));
-        }
-        let io = self.meta.io_watch();
-        io.stalled_secs(self.io_stall).map(|secs| {
+        self.stalls.first().map(|s| {
             format!(
-                "the cluster partition of {r} has completed none of its {} pending requests for {secs} s",
-                io.pending()
+                "the {} of {} has completed none of its {} pending requests for {} s",
+                s.what, self.name, s.pending, s.secs
             )
         })
     }
@@ -466,9 +469,10 @@ impl Resource {
         };
         drop(serving);
         let (mut disk, pair) = self.disk_and_pair();
-        disk.io_stalled_secs = self.io.stalled_secs(self.io_stall);
-        disk.io_pending = self.io.pending() as u64;
-        disk.metadata_stalled_secs = self.meta.io_watch().stalled_secs(self.io_stall);
+        let st = &self.stalls;
+        disk.io_stalled_secs = st.data.stalled_secs(st.threshold);
+        disk.io_pending = st.data.pending() as u64;
+        disk.metadata_stalled_secs = st.metadata.stalled_secs(st.threshold);
         let (color, next_step) = self.color_and_next_step(role, &disk, pair.as_ref());
         ResourceStatus {
             resource: self.name.clone(),
@@ -631,6 +635,23 @@ impl Resource {
                 ),
             };
         }
+        let peer_stalled = p
+            .peer_disk
+            .as_ref()
+            .and_then(|d| d.stalled.as_deref())
+            .filter(|_| p.connection == "connected");
+        if let Some(what) = peer_stalled {
+            let stalled =
+                format!("{peer} reports its {what} stalled (requests pending, none completing)");
+            return match (role, p.peer_role) {
+                // This node received every write the active acknowledged.
+                (Role::Inactive, Some(Role::Active)) => (
+                    "GREEN",
+                    format!("{stalled}: its clients' I/O waits; if it does not recover, move the service here ({} on this node)", failover_steps(peer, &self.node, r)),
+                ),
+                _ => ("GREEN", format!("{stalled}: check that device on {peer}")),
+            };
+        }
         if let Some(secs) = p.ended_session_writes_secs {
             return ("GRAY", format!("writes {peer} sent before the last session ended are still completing on the local disk ({secs} s): the next session and an activation wait for them; if this does not end, the data disk is stalled: check it"));
         }
@@ -723,6 +744,50 @@ fn settled_snapshot<A, B>(
         before = after;
     }
     (before, second())
+}
+
+/// Logs when a device of the resource starts or stops stalling
+/// ([`engine::Stalls`]), bumps the status watchers, and tells the peer at
+/// once (its status then names the device and, on the standby of a stalled
+/// active, the failover; the state sent every few seconds would tell it
+/// too, later). Checked every 250 ms, until `shutdown`.
+fn spawn_stall_watch(
+    resource: String,
+    stalls: Arc<engine::Stalls>,
+    pair: Option<&Arc<Pair>>,
+    changes: Arc<Changes>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let pair = pair.map(Arc::downgrade);
+    tokio::spawn(async move {
+        let mut stalled: Option<(&'static str, std::time::Instant)> = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                _ = shutdown.changed() => return,
+            }
+            let now = stalls.first();
+            match (stalled, now) {
+                (None, Some(s)) => {
+                    tracing::warn!(%resource, "the {} has completed none of its {} pending requests for {} s: it is stalled (check `dmesg` and the device)", s.what, s.pending, s.secs);
+                    stalled = Some((s.what, std::time::Instant::now()));
+                }
+                (Some((what, since)), None) => {
+                    tracing::info!(%resource, "the {what} answers again (reported stalled {:.1} s ago)", since.elapsed().as_secs_f64());
+                    stalled = None;
+                }
+                (Some((what, _)), Some(s)) if what != s.what => {
+                    tracing::warn!(%resource, "the {} has completed none of its {} pending requests for {} s: it is stalled (check `dmesg` and the device)", s.what, s.pending, s.secs);
+                    stalled = Some((s.what, std::time::Instant::now()));
+                }
+                _ => continue,
+            }
+            if let Some(pair) = pair.as_ref().and_then(std::sync::Weak::upgrade) {
+                pair.tell_peer_state().await;
+            }
+            changes.bump();
+        }
+    });
 }
 
 /// Checks every `interval` that the cluster partition still takes writes

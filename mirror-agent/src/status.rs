@@ -125,6 +125,10 @@ pub struct PeerDisk {
     /// Its cluster partition failed (why), as it reported it.
     #[serde(default)]
     pub metadata_error: Option<String>,
+    /// Its stalled device (`data disk`, `cluster partition`), as it reported
+    /// it; `None` while both answer.
+    #[serde(default)]
+    pub stalled: Option<String>,
     /// Dirty regions in its bitmap.
     pub dirty_regions: u64,
     /// In percent of its regions.

@@ -770,6 +770,10 @@ fn status_answers_while_the_data_disk_stalls(engine: tests::cluster::Engine) {
             .any(|l| l.starts_with("Disk Error") && l.contains("STALLED")),
         "{table}"
     );
+    agent.wait_for_log(
+        "the data disk has completed none of its",
+        Duration::from_secs(10),
+    );
     assert!(
         !replies.is_finished(),
         "the writes did not wait for the stalled disk"
@@ -779,6 +783,7 @@ fn status_answers_while_the_data_disk_stalls(engine: tests::cluster::Engine) {
     let s = c.status_json();
     assert!(s["disk"]["io_stalled_secs"].is_null(), "{s:#}");
     assert_eq!(s["color"], "GREEN", "{s:#}");
+    agent.wait_for_log("the data disk answers again", Duration::from_secs(10));
     agent.terminate();
 }
 

@@ -244,6 +244,10 @@ fn a_stalled_cluster_partition_shows_in_the_status() {
             .any(|l| l.starts_with("Cluster Partition") && l.contains("STALLED")),
         "{table}"
     );
+    agent.wait_for_log(
+        "the cluster partition has completed none of its",
+        Duration::from_secs(10),
+    );
     paused.resume();
     let s = tests::wait::poll_until(Duration::from_secs(20), || {
         let s = c.status_json();
@@ -252,6 +256,10 @@ fn a_stalled_cluster_partition_shows_in_the_status() {
     .expect("the stall ends with the pause");
     assert_eq!(s["color"], "GREEN", "{s:#}");
     assert!(s["disk"]["metadata_error"].is_null(), "{s:#}");
+    agent.wait_for_log(
+        "the cluster partition answers again",
+        Duration::from_secs(10),
+    );
     agent.terminate();
 }
 

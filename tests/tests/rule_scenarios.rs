@@ -1137,7 +1137,8 @@ fn active_cluster_partition_failure_then_failover() {
 /// The data disk of the active stalls (server1's, behind nbdkit's pause
 /// filter) under client writes. Nothing fails, everything waits: server1's
 /// status says so once no request completed for `timeouts.io_stall` (1 s
-/// here), RED, with the failover as the way out. Stopping server1's agent
+/// here), RED, with the failover as the way out, and server1 tells server2,
+/// whose status says "move the service here". Stopping server1's agent
 /// does not wait for the disk: its wind-down is abandoned after `io_stall`,
 /// its links close, and server2, which holds every acknowledged write, is
 /// forced and activated while server1's disk still stalls. Once the disk
@@ -1184,6 +1185,25 @@ fn active_data_disk_stall_then_failover() {
         "{s1:#}"
     );
 
+    // server2, connected, is told and says where the service can go.
+    let s2 = p.wait_status("server2", "server1's stalled data disk", T, |s| {
+        s["pair"]["peer_disk"]["stalled"] == "data disk"
+    });
+    let next2 = s2["next_step"].as_str().unwrap_or("");
+    assert!(
+        next2.contains("server1 reports its data disk stalled")
+            && next2.contains("move the service here")
+            && next2.contains("`mdctrl force server2 md1`"),
+        "{s2:#}"
+    );
+    let table = p.mdctrl_ok("server2", &["status", "md1"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("Disk Error") && l.trim_end().ends_with("STALLED")),
+        "{table}"
+    );
+
     // The failover, while server1's disk still stalls.
     p.agent("server1").send_sigterm();
     p.agent("server1").wait_for_log(
@@ -1213,6 +1233,53 @@ fn active_data_disk_stall_then_failover() {
     p.wait_rpo_zero("server2", T);
     p.assert_identical();
     stop(&mut p, "server1");
+}
+
+/// The standby's cluster partition stalls (server2's, behind nbdkit's pause
+/// filter) while the pair mirrors: its periodic write check waits, and once
+/// nothing completed for `timeouts.io_stall` (1 s here) server2 is RED and
+/// tells server1, whose status names the stalled device. Replication goes
+/// on (a standby writes no metadata per write). When the device answers
+/// again both clear it by themselves.
+#[test]
+fn standby_cluster_partition_stall_is_told_to_the_active_and_its_end_too() {
+    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
+        return;
+    }
+    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
+    c.set_timeout("io_stall", "1s");
+    let faulty = FaultyFile::take_over(&c.cp_path_on("server2"));
+    let p = MirrorPair::start_on(c);
+    p.activate("server1");
+    p.wait_in_sync("server1", T);
+
+    let paused = faulty.pause();
+    let s2 = p.wait_status("server2", "the stalled cluster partition", T, |s| {
+        s["disk"]["metadata_stalled_secs"].is_u64()
+    });
+    assert_eq!(s2["color"], "RED", "{s2:#}");
+    let s1 = p.wait_status("server1", "server2's stalled cluster partition", T, |s| {
+        s["pair"]["peer_disk"]["stalled"] == "cluster partition"
+    });
+    let next1 = s1["next_step"].as_str().unwrap_or("");
+    assert!(
+        next1.contains("server2 reports its cluster partition stalled")
+            && next1.contains("check that device on server2"),
+        "{s1:#}"
+    );
+    p.fill("server1", 0, 256 << 10, 0x75);
+    p.wait_rpo_zero("server1", T);
+
+    paused.resume();
+    p.wait_status("server2", "the end of the stall", T, |s| {
+        s["disk"]["metadata_stalled_secs"].is_null() && s["color"] == "GREEN"
+    });
+    let s1 = p.wait_status("server1", "the end of server2's stall", T, |s| {
+        s["pair"]["peer_disk"]["stalled"].is_null()
+    });
+    assert_eq!(s1["color"], "GREEN", "{s1:#}");
+    assert!(s1["pair"]["in_sync"] == true, "{s1:#}");
+    p.assert_identical();
 }
 
 /// The cluster partition of the standby fails (server2's, behind nbdkit's

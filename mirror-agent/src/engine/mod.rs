@@ -57,7 +57,7 @@ pub mod watched;
 
 pub use fault::{FaultAction, FaultCounters, FaultOp, FaultRule, FaultTrigger, FaultyEngine};
 pub use portable::PortableEngine;
-pub use stall::{IoGuard, IoWatch, Timed};
+pub use stall::{IoGuard, IoWatch, Stall, Stalls, Timed};
 pub use uring::{plug, Plug, UringEngine};
 pub use watched::{DiskErrorHook, DiskErrorReport, Repeated, Watched};
 

@@ -106,6 +106,47 @@ impl IoWatch {
     }
 }
 
+/// The two devices of a resource on a node, watched for stalls with one
+/// threshold (`timeouts.io_stall`).
+#[derive(Debug)]
+pub struct Stalls {
+    /// The data disk (every role's requests: [`Timed`] around its engine).
+    pub data: Arc<IoWatch>,
+    /// The cluster partition.
+    pub metadata: Arc<IoWatch>,
+    /// Requests pending with none completing for this long = stalled.
+    pub threshold: Duration,
+}
+
+/// A stalled device of a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stall {
+    /// `"data disk"` or `"cluster partition"`.
+    pub what: &'static str,
+    /// Whole seconds without progress (at least the threshold).
+    pub secs: u64,
+    /// Requests pending on it.
+    pub pending: usize,
+}
+
+impl Stalls {
+    /// The data disk's stall, else the cluster partition's, if any.
+    pub fn first(&self) -> Option<Stall> {
+        [
+            (&self.data, "data disk"),
+            (&self.metadata, "cluster partition"),
+        ]
+        .into_iter()
+        .find_map(|(w, what)| {
+            w.stalled_secs(self.threshold).map(|secs| Stall {
+                what,
+                secs,
+                pending: w.pending(),
+            })
+        })
+    }
+}
+
 /// A [`BlockEngine`] that passes every request to its inner engine and counts
 /// it in an [`IoWatch`] from the call until its future completes or is
 /// dropped. Requests and results are not changed.

@@ -80,6 +80,11 @@ pub struct NodeState {
     /// Not a superblock flag: it cannot be written to the failed partition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata_error: Option<String>,
+    /// One of its devices stalls (`"data disk"` or `"cluster partition"`):
+    /// requests pending, none completing for its `timeouts.io_stall`. Sent
+    /// when that starts and when it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<String>,
 }
 
 /// One control message.
@@ -203,6 +208,7 @@ mod tests {
             break_time: 0,
             replicating: false,
             metadata_error: None,
+            stalled: Some("data disk".into()),
         });
         assert_eq!(ControlMsg::from_json(&m.to_json()).unwrap(), m);
         let m = ControlMsg::ActivateReply {

@@ -196,6 +196,9 @@ pub struct Pair {
     timeouts: Timeouts,
     engine: Arc<dyn BlockEngine>,
     meta: Arc<Meta>,
+    /// This node's devices, watched for stalls (the peer is told, see
+    /// [`NodeState::stalled`]).
+    stalls: Arc<engine::Stalls>,
     link_state: watch::Receiver<LinkState>,
     st: Mutex<St>,
     /// Shared with the resource: status changes (`mdctrl status --watch`).
@@ -329,6 +332,7 @@ impl Pair {
         node: &str,
         engine: Arc<dyn BlockEngine>,
         meta: Arc<Meta>,
+        stalls: Arc<engine::Stalls>,
         changed: Arc<Changes>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Pair>, PairError> {
@@ -391,6 +395,7 @@ impl Pair {
             gate: WriteGate::new(meta.partition().region_size()),
             engine,
             meta,
+            stalls,
             link_state: handle.state_watch(),
             st: Mutex::new(St {
                 live: None,
@@ -451,6 +456,7 @@ impl Pair {
             break_time: sb.state.break_time,
             replicating,
             metadata_error: self.meta.partition().poisoned(),
+            stalled: self.stalls.first().map(|s| s.what.to_string()),
         }
     }
 
@@ -2222,6 +2228,7 @@ impl Pair {
                 consistent: !Flags(p.flags).contains(Flags::RESYNC_TARGET),
                 disk_error: Flags(p.flags).contains(Flags::DISK_ERROR),
                 metadata_error: p.metadata_error.clone(),
+                stalled: p.stalled.clone(),
                 dirty_regions: p.dirty_regions,
                 difference_percent: if p.total_regions == 0 {
                     0.0
@@ -2319,6 +2326,7 @@ mod tests {
             break_time: 0,
             replicating: false,
             metadata_error: None,
+            stalled: None,
         };
         let j = ControlMsg::State(s).to_json();
         assert!(j.starts_with("{\"type\":\"state\""), "{j}");
