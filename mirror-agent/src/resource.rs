@@ -18,7 +18,7 @@ use crate::config::{self, Config};
 use crate::engine::{self, BlockEngine};
 use crate::meta::Meta;
 use crate::nbd::{self, BlockSizes, Export, NbdServer};
-use crate::pair::{Pair, PairError};
+use crate::pair::{LocalDevices, Pair, PairError};
 use crate::status::{NbdCounters, ResourceStatus, Role, Watched};
 
 /// Errors attaching a resource at agent start.
@@ -145,9 +145,11 @@ impl Resource {
                 config,
                 cfg,
                 node,
-                engine.clone(),
-                meta.clone(),
-                stalls.clone(),
+                LocalDevices {
+                    engine: engine.clone(),
+                    meta: meta.clone(),
+                    stalls: stalls.clone(),
+                },
                 changes.clone(),
                 shutdown.clone(),
             )?)

@@ -324,18 +324,41 @@ fn describe_decision(decision: &Decision, rule: Rule, local: &str, peer: &str) -
     format!("{} {}: {text}", rule.id, rule.name)
 }
 
+/// A resource's devices on this node, as the pair uses them.
+pub struct LocalDevices {
+    /// The data disk's engine.
+    pub engine: Arc<dyn BlockEngine>,
+    /// The cluster partition.
+    pub meta: Arc<Meta>,
+    /// Both, watched for stalls.
+    pub stalls: Arc<engine::Stalls>,
+}
+
+impl std::fmt::Debug for LocalDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalDevices")
+            .field("engine", &self.engine.describe())
+            .field("meta", &self.meta)
+            .field("stalls", &self.stalls)
+            .finish()
+    }
+}
+
 impl Pair {
     /// Start the data link of `rc` on `node` and the task that serves its sessions.
     pub fn start(
         config: &Config,
         rc: &config::Resource,
         node: &str,
-        engine: Arc<dyn BlockEngine>,
-        meta: Arc<Meta>,
-        stalls: Arc<engine::Stalls>,
+        devices: LocalDevices,
         changed: Arc<Changes>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Pair>, PairError> {
+        let LocalDevices {
+            engine,
+            meta,
+            stalls,
+        } = devices;
         let peer_name = rc.peer_of(node).unwrap_or_default().to_string();
         let save_dir = rc
             .nodes
