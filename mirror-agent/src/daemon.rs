@@ -1,6 +1,9 @@
 //! The agent process: load the config, attach every resource of this node,
 //! serve the admin socket, and shut down gracefully on SIGTERM/SIGINT
-//! (deactivate what is active: drain, flush, record state).
+//! (deactivate what is active: drain, flush, record state), unless a device
+//! stalls (no progress for `timeouts.io_stall`) or a second signal comes:
+//! then the wind-down is abandoned and the process exits non-zero, as after
+//! a crash for the data.
 
 use std::path::Path;
 use std::sync::Arc;

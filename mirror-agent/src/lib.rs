@@ -7,7 +7,8 @@
 //!   expected.
 //! - [`engine`]: local block I/O behind the [`engine::BlockEngine`] trait: an
 //!   io_uring engine (O_DIRECT where the backing supports it), a portable
-//!   thread-pool engine, and a fault-injecting engine for tests.
+//!   thread-pool engine, a fault-injecting engine for tests, and the stall
+//!   watch every request of a resource's devices goes through.
 //! - [`nbd`]: the NBD server (fixed newstyle handshake, options, pipelined
 //!   transmission with out-of-order replies, bounded in-flight memory).
 //! - [`kernel`]: attach a local `/dev/nbdX` to an export (generic netlink, socketpair, `nbd-client` fallback), mount/umount with holder scan, IO_FLUSHER + mlockall.
@@ -15,7 +16,8 @@
 //!   `dump-md`, state recorded in the superblock); the format is the `bitmap`
 //!   crate's.
 //! - [`resource`]: one resource on this node: data engine + metadata + the NBD
-//!   export while active; activation and deactivation.
+//!   export while active; activation and deactivation; the periodic cluster
+//!   partition check and the stall watch of both devices.
 //! - [`pair`]: a mirrored resource's side of the pair: data-link sessions,
 //!   role coordination (activation grants), wiring of [`replica`] to each
 //!   session, pair status.

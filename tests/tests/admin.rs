@@ -827,20 +827,9 @@ fn agent_on_a_pausable_disk(
 /// Sends writes on `nbd` from a thread (its disk is paused) and returns once
 /// the agent has them in progress. The thread ends when the agent closes the
 /// connection.
-fn stalled_writes(c: &TestCluster, mut nbd: NbdClient) -> std::thread::JoinHandle<()> {
-    let client = std::thread::spawn(move || {
-        for i in 0..4u64 {
-            if nbd
-                .send_write(i + 1, (i + 1) << 20, &[0x94; 4096], false)
-                .is_err()
-            {
-                return;
-            }
-        }
-        if let Ok(mut r) = nbd.reply_reader() {
-            while NbdClient::read_reply(&mut r).is_ok() {}
-        }
-    });
+fn stalled_writes(c: &TestCluster, nbd: NbdClient) -> std::thread::JoinHandle<()> {
+    let offsets = (1..=4u64).map(|i| i << 20).collect();
+    let client = tests::nbd_client::writes_in_background(nbd, offsets, 0x94);
     wait_until(
         "the writes to wait on the stalled disk",
         Duration::from_secs(20),

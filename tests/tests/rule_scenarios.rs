@@ -1159,20 +1159,9 @@ fn active_data_disk_stall_then_failover() {
     p.wait_rpo_zero("server1", T);
 
     let paused = disk.pause();
-    let mut nbd = NbdClient::connect(&p.socket("server1"), "md1").expect("NBD connect");
-    let client = std::thread::spawn(move || {
-        for i in 0..4u64 {
-            if nbd
-                .send_write(i + 1, MIB + (i << 16), &[0x72; 4096], false)
-                .is_err()
-            {
-                return;
-            }
-        }
-        if let Ok(mut r) = nbd.reply_reader() {
-            while NbdClient::read_reply(&mut r).is_ok() {}
-        }
-    });
+    let nbd = NbdClient::connect(&p.socket("server1"), "md1").expect("NBD connect");
+    let offsets = (0..4u64).map(|i| MIB + (i << 16)).collect();
+    let client = tests::nbd_client::writes_in_background(nbd, offsets, 0x72);
     let s1 = p.wait_status("server1", "the stalled data disk", T, |s| {
         s["disk"]["io_stalled_secs"].is_u64()
     });
