@@ -770,15 +770,11 @@ fn spawn_stall_watch(
             }
             let now = stalls.first();
             match (stalled, now) {
-                (None, Some(s)) => {
-                    tracing::warn!(%resource, "the {} has completed none of its {} pending requests for {} s: it is stalled (check `dmesg` and the device)", s.what, s.pending, s.secs);
-                    stalled = Some((s.what, std::time::Instant::now()));
-                }
                 (Some((what, since)), None) => {
                     tracing::info!(%resource, "the {what} answers again (reported stalled {:.1} s ago)", since.elapsed().as_secs_f64());
                     stalled = None;
                 }
-                (Some((what, _)), Some(s)) if what != s.what => {
+                (prev, Some(s)) if prev.map(|(what, _)| what) != Some(s.what) => {
                     tracing::warn!(%resource, "the {} has completed none of its {} pending requests for {} s: it is stalled (check `dmesg` and the device)", s.what, s.pending, s.secs);
                     stalled = Some((s.what, std::time::Instant::now()));
                 }
