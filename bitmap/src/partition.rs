@@ -52,7 +52,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 /// Default capacity of the keep-dirty LRU, in hot extents (with the default extent size: 4 GiB
@@ -169,6 +169,9 @@ struct Inner {
     flushing: bool,
     poisoned: Option<String>,
     stats: MetaStats,
+    /// When a write + sync of this partition last succeeded (bitmap chunks, superblock or
+    /// [`ClusterPartition::check_writable`]).
+    last_sync_ok: Option<Instant>,
 }
 
 impl Inner {
@@ -543,6 +546,7 @@ impl ClusterPartition {
             durable_epoch: 0,
             flushing: false,
             poisoned: None,
+            last_sync_ok: None,
             stats: MetaStats::default(),
         };
         ClusterPartition {
@@ -622,6 +626,7 @@ impl ClusterPartition {
             Ok(()) => {
                 inner.stats.superblock_writes += 1;
                 inner.stats.syncs += 1;
+                inner.last_sync_ok = Some(Instant::now());
                 *lock(&self.shared.sb) = next.clone();
                 Ok(next)
             }
@@ -643,6 +648,20 @@ impl ClusterPartition {
     /// [`Self::update_superblock`]). Serialized with superblock updates. A failure poisons the
     /// partition like any failed metadata write: every later write intent fails.
     pub fn check_writable(&self) -> Result<()> {
+        self.check_writable_unless_synced_within(None).map(|_| ())
+    }
+
+    /// [`Self::check_writable`], skipped (returning `false`) if a write + sync of this partition
+    /// succeeded less than `recent` ago: that already showed the device takes writes, and a
+    /// busy node's metadata flushes then do not wait for the check. Returns whether it checked.
+    pub fn check_writable_unless_synced_within(&self, recent: Option<Duration>) -> Result<bool> {
+        if let Some(d) = recent {
+            let g = lock(&self.shared.inner);
+            g.check_poison()?;
+            if g.last_sync_ok.is_some_and(|t| t.elapsed() < d) {
+                return Ok(false);
+            }
+        }
         let _writer = lock(&self.shared.sb_writer);
         lock(&self.shared.inner).check_poison()?;
         let off = SB_SLOT_OFFSETS[1 - lock(&self.shared.sb).slot()];
@@ -667,7 +686,8 @@ impl ClusterPartition {
             Ok(()) => {
                 inner.stats.checks += 1;
                 inner.stats.syncs += 1;
-                Ok(())
+                inner.last_sync_ok = Some(Instant::now());
+                Ok(true)
             }
             Err(e) => {
                 inner.poisoned.get_or_insert_with(|| e.to_string());
@@ -782,6 +802,7 @@ impl ClusterPartition {
                         g.stats.flushes += 1;
                         g.stats.syncs += 1;
                         g.stats.chunk_writes += bufs.len() as u64;
+                        g.last_sync_ok = Some(Instant::now());
                     }
                 }
                 Err(e) => {

@@ -424,6 +424,16 @@ fn writable_check_changes_nothing_and_a_torn_check_keeps_the_superblock() {
     assert_eq!(s.durable_image(), before, "the check changes no byte");
     assert_eq!(cp.stats().checks, 1);
     assert_eq!(cp.superblock(), sb);
+    // A write + sync that succeeded recently already showed the device takes writes.
+    let ops = s.op_counts();
+    assert!(!cp
+        .check_writable_unless_synced_within(Some(std::time::Duration::from_secs(3600)))
+        .unwrap());
+    assert_eq!(s.op_counts(), ops, "skipped: no I/O");
+    assert!(cp
+        .check_writable_unless_synced_within(Some(std::time::Duration::ZERO))
+        .unwrap());
+    assert_eq!(cp.stats().checks, 2);
 
     for prefix in [0usize, 1, 100, 2048, 4095] {
         let (cp, s) = create(&p);
