@@ -1031,6 +1031,18 @@ fn pair_with_faulty_cluster_partition(node: &str) -> Option<(FaultyFile, MirrorP
     Some((faulty, MirrorPair::start_on(c)))
 }
 
+/// After a failover by force to server2: server1's agent starts again, learns
+/// that it lost (R12 forced-wins, decided by server2) and is resynced from
+/// server2 until both are in sync and nothing is left to replicate.
+fn rejoin_as_the_forced_failovers_loser(p: &mut MirrorPair) {
+    start(p, "server1");
+    p.agent("server2")
+        .wait_for_log("decision R12 forced-wins", T);
+    p.wait_recovered("server2", T);
+    p.wait_in_sync("server1", T);
+    p.wait_rpo_zero("server2", T);
+}
+
 /// The cluster partition of the active fails (server1's lies behind
 /// nbdkit's error filter, exposed through nbdfuse; writes fail with `EIO`
 /// from a moment on). A write whose intent needs a metadata write is
@@ -1121,12 +1133,7 @@ fn active_cluster_partition_failure_then_failover() {
 
     // The partition works again; server1's agent restarts on it.
     faulty.fail_writes(false);
-    start(&mut p, "server1");
-    p.agent("server2")
-        .wait_for_log("decision R12 forced-wins", T);
-    p.wait_recovered("server2", T);
-    p.wait_in_sync("server1", T);
-    p.wait_rpo_zero("server2", T);
+    rejoin_as_the_forced_failovers_loser(&mut p);
     let s1 = p.status("server1");
     assert!(s1["disk"]["metadata_error"].is_null(), "{s1:#}");
     assert_eq!(s1["color"], "GREEN", "{s1:#}");
@@ -1214,12 +1221,7 @@ fn active_data_disk_stall_then_failover() {
     let status = p.agent_mut("server1").wait_exit(T);
     assert!(!status.success(), "{status:?}");
     client.join().expect("client thread");
-    start(&mut p, "server1");
-    p.agent("server2")
-        .wait_for_log("decision R12 forced-wins", T);
-    p.wait_recovered("server2", T);
-    p.wait_in_sync("server1", T);
-    p.wait_rpo_zero("server2", T);
+    rejoin_as_the_forced_failovers_loser(&mut p);
     p.assert_identical();
     stop(&mut p, "server1");
 }
