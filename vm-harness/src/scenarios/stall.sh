@@ -39,7 +39,14 @@ mount -t ext4 /dev/nbd0 /mnt/md1 || fail "mount"
   echo done > /tmp/wdone
 ) &
 W=$!
-sleep 2
+# Stop the agent once the stream is under way (the third file begun), not
+# after a fixed time: on a fast host the 48 MiB can be written in 2 s.
+i=0
+until [ -e /mnt/md1/w2 ]; do
+  [ -f /tmp/wdone ] && fail "the writer finished before the agent could be stopped"
+  i=$((i+1)); [ $i -gt 600 ] && fail "the writer did not reach its third file within 60 s"
+  sleep 0.1
+done
 t "STEP SIGSTOP mirror-agent for ${STALL}s (kernel timeout ${TIMEOUT}s)"
 kill -STOP $S
 T0=$(cut -d. -f1 /proc/uptime)
