@@ -15,7 +15,10 @@
 //! stalls then hold the device's requests, not the caller's threads). The
 //! mount point, the trigger and the control
 //! socket live in a temporary directory of their own. Teardown
-//! (fusermount3 -u, reap nbdfuse) runs in `Drop`.
+//! (fusermount3 -u, reap nbdfuse) runs in `Drop`; what a test process killed
+//! from outside left behind is torn down by the next FaultyFile made in the
+//! same temp dir ([`sweep_abandoned`]: the work directory records its
+//! owner's PID).
 //!
 //! Order of teardown in a test: a process blocked in a paused request
 //! cannot even die (the FUSE request waits uninterruptibly), so the
@@ -29,6 +32,73 @@ use std::time::Duration;
 
 use crate::run::{run, CMD_TIMEOUT};
 use crate::wait::poll_until;
+
+/// Prefix of a FaultyFile's work directory in the temp dir.
+const WORK_PREFIX: &str = "nbd-mirror-faulty-";
+/// In the work directory: the PID of the test process that made it.
+const OWNER_FILE: &str = "owner.pid";
+/// In the work directory: the PID of its nbdfuse.
+const NBDFUSE_FILE: &str = "nbdfuse.pid";
+
+/// Tears down the FaultyFiles under `tmp` whose test process is gone: one
+/// killed from outside (SIGKILL, `timeout`) never ran its `Drop`, and left
+/// its FUSE mount, its nbdfuse and maybe a loop device behind. The loop
+/// devices over the file are detached, the mount is unmounted lazily, nbdfuse
+/// is killed (which also fails the requests of any process still blocked in
+/// the mount), and the directory is removed. Work directories of a live
+/// process (this one's included) are left alone.
+pub fn sweep_abandoned(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    let pid_in = |p: PathBuf| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(WORK_PREFIX) {
+            continue;
+        }
+        let work = e.path();
+        let Some(owner) = pid_in(work.join(OWNER_FILE)) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        let mnt = work.join("mnt");
+        let out = run(
+            Command::new("losetup").arg("-j").arg(mnt.join("file")),
+            CMD_TIMEOUT,
+        );
+        for dev in crate::run::stdout(&out)
+            .lines()
+            .filter_map(|l| l.split(':').next())
+        {
+            let _ = run(Command::new("losetup").args(["-d", dev]), CMD_TIMEOUT);
+        }
+        let _ = run(
+            Command::new("fusermount3").args(["-u", "-z"]).arg(&mnt),
+            CMD_TIMEOUT,
+        );
+        if let Some(pid) = pid_in(work.join(NBDFUSE_FILE)) {
+            // Only if it still is an nbdfuse: the PID may have been reused.
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "nbdfuse" {
+                let _ = run(
+                    Command::new("kill").arg("-9").arg(pid.to_string()),
+                    CMD_TIMEOUT,
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&work);
+        eprintln!(
+            "faultfile: removed {} (its test process {owner} is gone)",
+            work.display()
+        );
+    }
+}
 
 /// An image file exposed through nbdfuse + nbdkit's error filter.
 #[derive(Debug)]
@@ -73,10 +143,19 @@ impl FaultyFile {
     /// Exposes `image` (an existing file) as a file of a new FUSE mount;
     /// writes pass through until [`fail_writes`](Self::fail_writes)`(true)`.
     pub fn attach(image: &Path) -> FaultyFile {
+        FaultyFile::attach_in(&std::env::temp_dir(), image)
+    }
+
+    /// [`attach`](Self::attach) with its work directory in `tmp` (after
+    /// sweeping the abandoned ones there, [`sweep_abandoned`]).
+    pub fn attach_in(tmp: &Path, image: &Path) -> FaultyFile {
+        sweep_abandoned(tmp);
         let work = tempfile::Builder::new()
-            .prefix("nbd-mirror-faulty-")
-            .tempdir()
+            .prefix(WORK_PREFIX)
+            .tempdir_in(tmp)
             .expect("temp dir of the faulty file");
+        std::fs::write(work.path().join(OWNER_FILE), std::process::id().to_string())
+            .expect("recording the faulty file's owner");
         let dir = work.path().join("mnt");
         std::fs::create_dir_all(&dir).expect("creating the faulty file's mount point");
         let trigger = work.path().join("trigger");
@@ -102,6 +181,7 @@ impl FaultyFile {
             .stderr(logf)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start nbdfuse: {e}"));
+        let _ = std::fs::write(work.path().join(NBDFUSE_FILE), child.id().to_string());
         let mut f = FaultyFile {
             file: dir.join("file"),
             dir,
@@ -185,6 +265,16 @@ impl FaultyFile {
     /// The file to hand to the program under test.
     pub fn path(&self) -> &Path {
         &self.file
+    }
+
+    /// The work directory (mount point, trigger, control socket, PIDs).
+    pub fn work_dir(&self) -> &Path {
+        self._work.path()
+    }
+
+    /// The PID of its nbdfuse, while it runs.
+    pub fn nbdfuse_pid(&self) -> Option<u32> {
+        self.nbdfuse.as_ref().map(|c| c.id())
     }
 
     /// From now on every write fails with `EIO` (`true`), or passes again.

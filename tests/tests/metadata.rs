@@ -205,6 +205,53 @@ fn idle_agent_finds_a_failed_cluster_partition_by_its_periodic_check() {
     agent.terminate();
 }
 
+/// A FaultyFile whose test process died without its teardown (killed from
+/// outside: simulated here by a work directory that names a dead process as
+/// its owner, and a FaultyFile that is never dropped) is torn down by the
+/// next FaultyFile made in the same temp dir: the mount is gone, its nbdfuse
+/// no longer runs, the directory is removed. One owned by a live process
+/// stays.
+#[test]
+fn a_faulty_file_left_by_a_killed_test_is_swept() {
+    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let image = tmp.path().join("image");
+    std::fs::write(&image, vec![0u8; 1 << 20]).expect("image");
+    let abandoned = FaultyFile::attach_in(tmp.path(), &image);
+    let work = abandoned.work_dir().to_path_buf();
+    let nbdfuse = abandoned.nbdfuse_pid().expect("nbdfuse runs");
+    let mut dead = std::process::Command::new("true").spawn().expect("true");
+    let dead_pid = dead.id();
+    dead.wait().expect("reaping true");
+    std::fs::write(work.join("owner.pid"), dead_pid.to_string()).expect("owner.pid");
+    std::mem::forget(abandoned);
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .contains(&work.join("mnt").display().to_string())
+    };
+    assert!(mounted(), "the abandoned file is mounted");
+
+    let live = FaultyFile::attach_in(tmp.path(), &image);
+    assert!(!mounted(), "the abandoned mount is gone");
+    assert!(!work.exists(), "the abandoned work dir is removed");
+    let state = std::fs::read_to_string(format!("/proc/{nbdfuse}/stat")).unwrap_or_default();
+    let running = state
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().next())
+        .is_some_and(|s| s != "Z");
+    assert!(!running, "the abandoned nbdfuse still runs: {state}");
+    assert!(live.path().exists(), "the new faulty file works");
+    tests::faultfile::sweep_abandoned(tmp.path());
+    assert!(
+        live.work_dir().exists(),
+        "a live owner's file is left alone"
+    );
+}
+
 /// A cluster partition that stalls (nbdkit's pause filter) under an idle
 /// agent: its periodic check (every 300 ms here) waits, nothing completes,
 /// and once that lasts `timeouts.io_stall` (1 s here) the status, which still
