@@ -175,6 +175,18 @@ struct Inner {
 }
 
 impl Inner {
+    /// A write + sync of the partition succeeded.
+    fn synced(&mut self) {
+        self.stats.syncs += 1;
+        self.last_sync_ok = Some(Instant::now());
+    }
+
+    /// A metadata write or sync failed: the partition is poisoned (the first cause is kept).
+    fn poison(&mut self, e: MetaError) -> MetaError {
+        self.poisoned.get_or_insert_with(|| e.to_string());
+        e
+    }
+
     fn check_poison(&self) -> Result<()> {
         match &self.poisoned {
             Some(cause) => Err(MetaError::Poisoned {
@@ -625,15 +637,11 @@ impl ClusterPartition {
         match res {
             Ok(()) => {
                 inner.stats.superblock_writes += 1;
-                inner.stats.syncs += 1;
-                inner.last_sync_ok = Some(Instant::now());
+                inner.synced();
                 *lock(&self.shared.sb) = next.clone();
                 Ok(next)
             }
-            Err(e) => {
-                inner.poisoned.get_or_insert_with(|| e.to_string());
-                Err(e)
-            }
+            Err(e) => Err(inner.poison(e)),
         }
     }
 
@@ -685,14 +693,10 @@ impl ClusterPartition {
         match res {
             Ok(()) => {
                 inner.stats.checks += 1;
-                inner.stats.syncs += 1;
-                inner.last_sync_ok = Some(Instant::now());
+                inner.synced();
                 Ok(true)
             }
-            Err(e) => {
-                inner.poisoned.get_or_insert_with(|| e.to_string());
-                Err(e)
-            }
+            Err(e) => Err(inner.poison(e)),
         }
     }
 
@@ -800,15 +804,11 @@ impl ClusterPartition {
                     g.region_epoch.retain(|_, e| *e > epoch);
                     if !bufs.is_empty() {
                         g.stats.flushes += 1;
-                        g.stats.syncs += 1;
                         g.stats.chunk_writes += bufs.len() as u64;
-                        g.last_sync_ok = Some(Instant::now());
+                        g.synced();
                     }
                 }
-                Err(e) => {
-                    g.poisoned.get_or_insert_with(|| e.to_string());
-                    return Err(e);
-                }
+                Err(e) => return Err(g.poison(e)),
             }
         }
     }

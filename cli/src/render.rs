@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use mirror_agent::engine::stall::{CLUSTER_PARTITION, DATA_DISK};
 use mirror_agent::status::{DiskStatus, PairStatus, ResourceStatus, Role};
 
 /// Render one resource's status as the operator's table.
@@ -163,7 +164,7 @@ fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
         "Disk Error",
         &local_disk_state(&s.disk),
         pd.map(|d| match d.stalled.as_deref() {
-            Some("data disk") if !(d.disk_error || p.peer_disk_error) => "STALLED",
+            Some(DATA_DISK) if !(d.disk_error || p.peer_disk_error) => "STALLED",
             _ => err(d.disk_error || p.peer_disk_error),
         })
         .unwrap_or(if p.peer_disk_error { "ERROR" } else { "-" }),
@@ -173,7 +174,7 @@ fn pair_table(s: &ResourceStatus, p: &PairStatus) -> String {
         "Cluster Partition",
         &local_meta_state(&s.disk),
         pd.map(|d| match d.stalled.as_deref() {
-            Some("cluster partition") if d.metadata_error.is_none() => "STALLED",
+            Some(CLUSTER_PARTITION) if d.metadata_error.is_none() => "STALLED",
             _ => meta_state(&d.metadata_error),
         })
         .unwrap_or("-"),

@@ -553,13 +553,7 @@ impl Resource {
         // A stalled standby's own account (the ended session's writes it
         // waits for) says more than this one.
         let draining = pair.is_some_and(|p| p.ended_session_writes_secs.is_some());
-        let stalled = [
-            (disk.io_stalled_secs, "data disk"),
-            (disk.metadata_stalled_secs, "cluster partition"),
-        ]
-        .into_iter()
-        .find_map(|(secs, what)| secs.map(|s| (s, what)));
-        if let (Some((secs, what)), false) = (stalled, draining) {
+        if let (Some((what, secs)), false) = (disk.stall(), draining) {
             let stalled = format!("the {what} of {r} has completed no request for {secs} s: it is stalled (check `dmesg` and the device)");
             return match (role, move_away()) {
                 (Role::Active, Some(m)) => (
@@ -748,6 +742,27 @@ fn settled_snapshot<A, B>(
     (before, second())
 }
 
+/// Waits `period`; false once `shutdown` is signalled (or its sender is
+/// gone): the periodic tasks below end then.
+async fn sleep_unless_shutdown(
+    period: std::time::Duration,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(period) => !*shutdown.borrow(),
+        _ = shutdown.changed() => false,
+    }
+}
+
+/// A change of this node's devices: the peer is told at once (if connected)
+/// and the status watchers are woken.
+async fn announce(pair: &Option<std::sync::Weak<Pair>>, changes: &Changes) {
+    if let Some(pair) = pair.as_ref().and_then(std::sync::Weak::upgrade) {
+        pair.send_state().await;
+    }
+    changes.bump();
+}
+
 /// Logs when a device of the resource starts or stops stalling
 /// ([`engine::Stalls`]), bumps the status watchers, and tells the peer at
 /// once (its status then names the device and, on the standby of a stalled
@@ -763,11 +778,7 @@ fn spawn_stall_watch(
     let pair = pair.map(Arc::downgrade);
     tokio::spawn(async move {
         let mut stalled: Option<(&'static str, std::time::Instant)> = None;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
-                _ = shutdown.changed() => return,
-            }
+        while sleep_unless_shutdown(std::time::Duration::from_millis(250), &mut shutdown).await {
             let now = stalls.first();
             match (stalled, now) {
                 (Some((what, since)), None) => {
@@ -780,10 +791,7 @@ fn spawn_stall_watch(
                 }
                 _ => continue,
             }
-            if let Some(pair) = pair.as_ref().and_then(std::sync::Weak::upgrade) {
-                pair.tell_peer_state().await;
-            }
-            changes.bump();
+            announce(&pair, &changes).await;
         }
     });
 }
@@ -810,14 +818,7 @@ fn spawn_metadata_check(
     let meta = Arc::downgrade(meta);
     let pair = pair.map(Arc::downgrade);
     tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = shutdown.changed() => return,
-            }
-            if *shutdown.borrow() {
-                return;
-            }
+        while sleep_unless_shutdown(interval, &mut shutdown).await {
             let Some(meta) = meta.upgrade() else { return };
             let cp = meta.partition().clone();
             if cp.poisoned().is_some() {
@@ -831,10 +832,7 @@ fn spawn_metadata_check(
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => {
                     tracing::error!(%resource, path = %meta.path().display(), %error, "the cluster partition failed its periodic write check: this node cannot be activated, and client writes fail if it is active; repair or replace it, then restart this agent");
-                    if let Some(pair) = pair.as_ref().and_then(std::sync::Weak::upgrade) {
-                        pair.tell_peer_state().await;
-                    }
-                    changes.bump();
+                    announce(&pair, &changes).await;
                     return;
                 }
                 Err(error) => {

@@ -78,6 +78,20 @@ pub struct DiskStatus {
     pub current_generation: String,
 }
 
+impl DiskStatus {
+    /// The stalled device of this snapshot, the data disk first (as
+    /// `engine::Stalls::first`), with its seconds without progress.
+    pub fn stall(&self) -> Option<(&'static str, u64)> {
+        use crate::engine::stall::{CLUSTER_PARTITION, DATA_DISK};
+        [
+            (self.io_stalled_secs, DATA_DISK),
+            (self.metadata_stalled_secs, CLUSTER_PARTITION),
+        ]
+        .into_iter()
+        .find_map(|(secs, what)| secs.map(|s| (what, s)))
+    }
+}
+
 /// Snapshot of one resource on this node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResourceStatus {

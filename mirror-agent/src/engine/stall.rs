@@ -106,6 +106,12 @@ impl IoWatch {
     }
 }
 
+/// [`Stall::what`] of the data disk (also in status and the control message
+/// `NodeState::stalled`).
+pub const DATA_DISK: &str = "data disk";
+/// [`Stall::what`] of the cluster partition.
+pub const CLUSTER_PARTITION: &str = "cluster partition";
+
 /// The two devices of a resource on a node, watched for stalls with one
 /// threshold (`timeouts.io_stall`).
 #[derive(Debug)]
@@ -121,7 +127,7 @@ pub struct Stalls {
 /// A stalled device of a resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stall {
-    /// `"data disk"` or `"cluster partition"`.
+    /// [`DATA_DISK`] or [`CLUSTER_PARTITION`].
     pub what: &'static str,
     /// Whole seconds without progress (at least the threshold).
     pub secs: u64,
@@ -132,18 +138,15 @@ pub struct Stall {
 impl Stalls {
     /// The data disk's stall, else the cluster partition's, if any.
     pub fn first(&self) -> Option<Stall> {
-        [
-            (&self.data, "data disk"),
-            (&self.metadata, "cluster partition"),
-        ]
-        .into_iter()
-        .find_map(|(w, what)| {
-            w.stalled_secs(self.threshold).map(|secs| Stall {
-                what,
-                secs,
-                pending: w.pending(),
+        [(&self.data, DATA_DISK), (&self.metadata, CLUSTER_PARTITION)]
+            .into_iter()
+            .find_map(|(w, what)| {
+                w.stalled_secs(self.threshold).map(|secs| Stall {
+                    what,
+                    secs,
+                    pending: w.pending(),
+                })
             })
-        })
     }
 }
 

@@ -554,13 +554,10 @@ impl Pair {
         ))
     }
 
-    /// Sends this node's state to the peer now (a change it must see before
-    /// the next handshake, such as a failed cluster partition).
-    pub async fn tell_peer_state(&self) {
-        self.send_state().await;
-    }
-
-    async fn send_state(&self) {
+    /// Sends this node's state to the peer now, if connected (a change it
+    /// must see before the next periodic state, such as a failed or stalled
+    /// device).
+    pub(crate) async fn send_state(&self) {
         let tx = lock(&self.st).live.as_ref().map(|l| l.tx.clone());
         if let Some(tx) = tx {
             self.send_control(&tx, ControlMsg::State(self.local_state()))
