@@ -368,6 +368,10 @@ impl BlockEngine for FaultyEngine {
         format!("faulty({})", self.inner.describe())
     }
 
+    fn plain_inline_writes(&self) -> bool {
+        self.inner.plain_inline_writes()
+    }
+
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>> {
         match self.decide(FaultOp::Read, Some((offset, len as u64))) {
             Decision::Pass => self.inner.read(offset, len),

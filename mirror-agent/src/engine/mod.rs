@@ -50,6 +50,7 @@ mod backing;
 pub(crate) use backing::check_range;
 pub mod buf;
 pub mod fault;
+mod inline;
 pub mod portable;
 pub mod stall;
 pub mod uring;
@@ -115,17 +116,20 @@ fn on_multi_thread_runtime() -> bool {
 }
 
 /// Runs an inline write `f` in the calling task: as it is where `sync_noop` (a
-/// memory copy), else inside `block_in_place`, so that a stalled device blocks
-/// this thread only, not the runtime. Only for a write [`inline_write_max`]
+/// memory copy), else so that a stalled device cannot hold the runtime: plainly
+/// with a watchdog where the caller allows it, else inside `block_in_place`
+/// (the `inline` module). Only for a write [`inline_write_max`]
 /// admitted: off a memory file system it admits none outside a multi-thread
 /// runtime, where `block_in_place` would panic.
 pub(crate) fn in_task<T>(sync_noop: bool, f: impl FnOnce() -> T) -> T {
     if sync_noop {
         f()
     } else {
-        tokio::task::block_in_place(f)
+        inline::write(f)
     }
 }
+
+pub(crate) use inline::allow_plain;
 
 /// One run of [`BlockEngine::extents`]: `len` bytes that are all allocated
 /// on the backing store, or all a hole (not allocated; reads as zeroes).
@@ -215,6 +219,19 @@ pub trait BlockEngine: Send + Sync + 'static {
             vec![Extent { len, hole: false }]
         };
         Box::pin(async move { Ok(runs) })
+    }
+
+    /// Whether this engine's inline writes ([`inline_write_max`]: buffered,
+    /// on a device-backed file) may block the calling worker plainly, without
+    /// `block_in_place` (the engine module's `inline` part), where the caller
+    /// allows it. Only for an engine that wakes no other task before such a
+    /// write: a task woken just before waits in the blocked worker's LIFO
+    /// slot, out of the other workers' reach, as long as the write blocks.
+    /// The NBD connection allows it for the engines that say so. Wrappers
+    /// that add no such wake report their inner engine's answer; the default
+    /// is `false` (a replicated volume wakes its peer link first).
+    fn plain_inline_writes(&self) -> bool {
+        false
     }
 
     /// One-line description for status output, e.g.

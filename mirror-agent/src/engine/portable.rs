@@ -262,6 +262,10 @@ impl BlockEngine for PortableEngine {
         "portable (thread pool, buffered)".to_string()
     }
 
+    fn plain_inline_writes(&self) -> bool {
+        true
+    }
+
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>> {
         self.run(move |s| {
             backing::check_range(s.size, offset, len as u64)?;

@@ -197,6 +197,10 @@ impl BlockEngine for Timed {
         self.inner.describe()
     }
 
+    fn plain_inline_writes(&self) -> bool {
+        self.inner.plain_inline_writes()
+    }
+
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>> {
         self.timed(self.inner.read(offset, len))
     }

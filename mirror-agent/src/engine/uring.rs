@@ -1043,6 +1043,10 @@ impl BlockEngine for UringEngine {
         self.shared.description.clone()
     }
 
+    fn plain_inline_writes(&self) -> bool {
+        true
+    }
+
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>> {
         let s = self.shared.clone();
         Box::pin(async move { s.read(offset, len).await })

@@ -141,6 +141,10 @@ impl BlockEngine for Watched {
         self.inner.describe()
     }
 
+    fn plain_inline_writes(&self) -> bool {
+        self.inner.plain_inline_writes()
+    }
+
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>> {
         self.watch("read", offset, len as u64, self.inner.read(offset, len))
     }

@@ -77,6 +77,9 @@ pub(crate) struct Pending<T> {
     batch: Vec<usize>,
     len: usize,
     shared: Arc<Shared>,
+    /// The futures' inline writes may block this worker plainly
+    /// ([`Pending::allow_plain_writes`]).
+    plain_writes: bool,
 }
 
 impl<T> Default for Pending<T> {
@@ -87,6 +90,7 @@ impl<T> Default for Pending<T> {
             batch: Vec::new(),
             len: 0,
             shared: Arc::default(),
+            plain_writes: false,
         }
     }
 }
@@ -98,6 +102,14 @@ impl<T> Pending<T> {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Lets the futures' inline writes block the worker plainly while they
+    /// are polled (`engine::allow_plain`; for engines that say so,
+    /// `BlockEngine::plain_inline_writes`): the only task they woke before is
+    /// the connection's reply writer.
+    pub(crate) fn allow_plain_writes(&mut self, on: bool) {
+        self.plain_writes = on;
     }
 
     /// Adds a future; it is polled on the next [`Pending::next`].
@@ -159,6 +171,7 @@ impl<T> Pending<T> {
         // io_uring SQEs of the futures polled in this pass go to the kernel
         // in one submission when the pass ends (see `engine::Plug`).
         let _plug = crate::engine::plug();
+        let _plain = self.plain_writes.then(crate::engine::allow_plain);
         // Bounded, so futures that keep waking themselves (coop budget) do
         // not starve the rest of the connection task.
         let mut polls = 0;
