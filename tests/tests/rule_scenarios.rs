@@ -1273,6 +1273,85 @@ fn standby_cluster_partition_stall_is_told_to_the_active_and_its_end_too() {
     p.assert_identical();
 }
 
+/// The standby's data disk stalls (server2's data file behind nbdkit's pause
+/// filter; buffered, as FUSE takes no O_DIRECT) under replicated writes. The
+/// stalled write holds that write, not server2's agent: its peer link keeps
+/// answering heartbeats for several `heartbeat_timeout`s (1 s), server2 is RED
+/// and tells server1, whose status names server2's stalled data disk, and the
+/// mirror does not break (the ack timeout is set longer than the stall). Once
+/// the disk answers the client's writes complete, both nodes clear the stall
+/// by themselves, and the nodes are identical.
+/// A standby write that blocked its runtime worker plainly (without
+/// `block_in_place`) would keep the task it had just woken, the link's
+/// sender with the write's ack1, in that worker's LIFO slot, out of the other
+/// worker's reach: the heartbeats stop and server1 loses the link
+/// (`engine::inline`).
+#[test]
+fn standby_data_disk_stall_keeps_the_link_and_is_told_to_the_active() {
+    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
+        return;
+    }
+    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
+    c.set_timeout("io_stall", "1s");
+    c.set_timeout("ack", "120s");
+    let disk = FaultyFile::take_over(&c.data_path_on("server2"));
+    let p = MirrorPair::start_on(c);
+    p.activate("server1");
+    p.wait_in_sync("server1", T);
+    p.fill("server1", 0, 256 << 10, 0x76);
+    p.wait_rpo_zero("server1", T);
+
+    let paused = disk.pause();
+    let mut nbd = NbdClient::connect(&p.socket("server1"), "md1").expect("NBD connect");
+    let client = std::thread::spawn(move || {
+        for i in 0..4u64 {
+            nbd.send_write(i + 1, MIB + (i << 16), &[0x77; 4096], false)
+                .expect("send");
+        }
+        let mut r = nbd.reply_reader().expect("reader");
+        (0..4)
+            .map(|_| NbdClient::read_reply(&mut r).expect("reply").error)
+            .collect::<Vec<_>>()
+    });
+    let s2 = p.wait_status("server2", "the stalled data disk", T, |s| {
+        s["disk"]["io_stalled_secs"].is_u64()
+    });
+    assert_eq!(s2["color"], "RED", "{s2:#}");
+    let s1 = p.wait_status("server1", "server2's stalled data disk", T, |s| {
+        s["pair"]["peer_disk"]["stalled"] == "data disk"
+    });
+    let next1 = s1["next_step"].as_str().unwrap_or("");
+    assert!(
+        next1.contains("server2 reports its data disk stalled")
+            && next1.contains("check that device on server2"),
+        "{s1:#}"
+    );
+    // The link lives on while the stall lasts three heartbeat timeouts.
+    p.wait_status("server2", "a stall of 3 s", T, |s2| {
+        let s1 = p.status("server1");
+        assert_eq!(s1["pair"]["connection"], "connected", "{s1:#}");
+        assert_eq!(s1["pair"]["rpo"]["breaks"], 0, "{s1:#}");
+        s2["disk"]["io_stalled_secs"].as_u64().unwrap_or(0) >= 3
+    });
+    assert!(
+        !client.is_finished(),
+        "the sync writes did not wait for the standby's stalled disk"
+    );
+
+    paused.resume();
+    assert_eq!(client.join().expect("client thread"), vec![0; 4]);
+    p.wait_status("server2", "the end of the stall", T, |s| {
+        s["disk"]["io_stalled_secs"].is_null() && s["color"] == "GREEN"
+    });
+    let s1 = p.wait_status("server1", "the end of server2's stall", T, |s| {
+        s["pair"]["peer_disk"]["stalled"].is_null()
+    });
+    assert_eq!(s1["color"], "GREEN", "{s1:#}");
+    assert_eq!(s1["pair"]["rpo"]["breaks"], 0, "{s1:#}");
+    p.wait_rpo_zero("server1", T);
+    p.assert_identical();
+}
+
 /// The cluster partition of the standby fails (server2's, behind nbdkit's
 /// error filter) while the pair is connected. A standby writes no metadata per
 /// replicated write; its periodic write check (`metadata_check_interval`)
