@@ -7,8 +7,10 @@
 //!   expected.
 //! - [`engine`]: local block I/O behind the [`engine::BlockEngine`] trait: an
 //!   io_uring engine (O_DIRECT where the backing supports it), a portable
-//!   thread-pool engine, a fault-injecting engine for tests, and the stall
-//!   watch every request of a resource's devices goes through.
+//!   thread-pool engine, a fault-injecting engine for tests, the stall
+//!   watch every request of a resource's devices goes through, and the
+//!   watchdog that keeps the runtime answering while a buffered write blocks
+//!   a worker (`engine::inline`).
 //! - [`nbd`]: the NBD server (fixed newstyle handshake, options, pipelined
 //!   transmission with out-of-order replies, bounded in-flight memory).
 //! - [`kernel`]: attach a local `/dev/nbdX` to an export (generic netlink, socketpair, `nbd-client` fallback), mount/umount with holder scan, IO_FLUSHER + mlockall.

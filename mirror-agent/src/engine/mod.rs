@@ -31,6 +31,10 @@
 //! - [`stall`]: [`IoWatch`], how long a device has had requests pending
 //!   without completing any (a stalled disk fails nothing, it just waits),
 //!   and [`Timed`], which wraps any engine and counts its requests in one.
+//! - `inline` (private): the buffered writes both engines do in the calling
+//!   task on a device-backed file: plainly, with a watchdog thread that wakes
+//!   an idle runtime worker when one blocks (for the NBD connection), else
+//!   inside `block_in_place`.
 //! - `backing` (private): opening the file or block device, its size and
 //!   direct-I/O alignment, and the blocking discard/zeroing primitives
 //!   (fallocate, BLKZEROOUT) both real engines share.
@@ -84,17 +88,17 @@ pub fn is_disk_error(e: &io::Error) -> bool {
 /// "Mirrored modes"). It costs the copy, about 0.1 ms per MiB.
 pub const INLINE_WRITE_MAX_MEMFS: usize = 1 << 20;
 /// The same for a file backed by a device: writes up to this size are a
-/// `pwrite` in the calling task too, but inside `tokio::task::block_in_place`
-/// ([`in_task`]). There a buffered write can block for as long as the device
-/// stalls (dirty throttling behind a slow disk, a stalled device behind FUSE
-/// or NFS), and a runtime worker blocked in a plain `pwrite` stalled the whole
-/// runtime: no other worker polled the I/O driver, so the admin socket and the
-/// peer links went deaf (`status_answers_while_the_data_disk_stalls_*` in
-/// tests/tests/admin.rs). `block_in_place` hands the worker's other work to
-/// another thread first. Only on a multi-thread runtime (elsewhere such writes
-/// go to io-wq or the pool). Measured in bench/HISTORY.md ("Inline buffered
-/// writes on a disk"): the QD1 latency of plain inline writes, where io-wq
-/// doubled it.
+/// `pwrite` in the calling task too ([`in_task`]). There a buffered write can
+/// block for as long as the device stalls (dirty throttling behind a slow
+/// disk, a stalled device behind FUSE or NFS), and a runtime worker blocked in
+/// it must not stall the whole runtime (the admin socket and the peer links
+/// going deaf: `status_answers_while_the_data_disk_stalls_*` in
+/// tests/tests/admin.rs): the `inline` module's watchdog, or
+/// `block_in_place`, see to that. Only on a multi-thread runtime (elsewhere
+/// such writes go to io-wq or the pool). Measured in bench/HISTORY.md
+/// ("Inline buffered writes on a disk", "Plain inline writes with a
+/// watchdog"): io-wq doubled the QD1 latency of these writes, and
+/// `block_in_place` on each halved the rate at queue depth 32.
 pub const INLINE_WRITE_MAX_DISK: usize = 64 * 1024;
 /// The largest write without FUA that an engine does in the calling task on a buffered
 /// file: [`INLINE_WRITE_MAX_MEMFS`] where `fdatasync` is a no-op (`sync_noop`: a memory

@@ -9,8 +9,8 @@
 //! Dropping the engine lets the threads finish what is queued and exit.
 //! Writes without FUA up to 1 MiB on a memory file system, 64 KiB elsewhere (the
 //! policy of both engines, `inline_write_max` in the engine module) are a `pwrite`
-//! in the calling task instead: cheaper than two thread hops; on a disk inside
-//! `block_in_place`, so that a stalled device never holds a runtime worker. They
+//! in the calling task instead: cheaper than two thread hops; on a disk so that
+//! a stalled device never holds the runtime (the engine module's `inline`). They
 //! are never queued, so they take no queue-depth permit.
 //! [`BlockEngine::read_bytes`] likewise first copies what the page cache
 //! holds with `preadv2(RWF_NOWAIT)` in the calling task (never blocks) and
