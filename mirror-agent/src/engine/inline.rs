@@ -26,7 +26,10 @@
 //!   which no other worker can take, for as long as the write blocks. For the
 //!   NBD connection that is its own reply writer (its replies wait as its
 //!   requests do); for a replicated write it would be the peer link's sender,
-//!   and its heartbeats would stop;
+//!   and its heartbeats would stop. The connection asks again before each
+//!   polling pass, and `Watched` says no once it has reported a disk error
+//!   (its hook wakes the node's handling of it; a failing disk is the one
+//!   that also stalls);
 //! - each worker thread announces its plain write in its [`Slot`] (a ticket,
 //!   two relaxed stores per write);
 //! - a watchdog thread (started with the first plain write) looks at the

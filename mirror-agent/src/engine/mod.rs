@@ -231,7 +231,8 @@ pub trait BlockEngine: Send + Sync + 'static {
     /// allows it. Only for an engine that wakes no other task before such a
     /// write: a task woken just before waits in the blocked worker's LIFO
     /// slot, out of the other workers' reach, as long as the write blocks.
-    /// The NBD connection allows it for the engines that say so. Wrappers
+    /// The NBD connection allows it for the engines that say so, asking
+    /// before each polling pass (`Watched` says no after a disk error). Wrappers
     /// that add no such wake report their inner engine's answer; the default
     /// is `false` (a replicated volume wakes its peer link first).
     fn plain_inline_writes(&self) -> bool {

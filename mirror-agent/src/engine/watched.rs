@@ -141,8 +141,11 @@ impl BlockEngine for Watched {
         self.inner.describe()
     }
 
+    /// Not after a disk error: the hook wakes the node's handling of it, which
+    /// must not wait behind a blocked write in the worker's LIFO slot (a
+    /// failing disk is the one that also stalls; engine::inline).
     fn plain_inline_writes(&self) -> bool {
-        self.inner.plain_inline_writes()
+        self.shared.seen.get() == 0 && self.inner.plain_inline_writes()
     }
 
     fn read(&self, offset: u64, len: usize) -> EngineFuture<Vec<u8>> {
@@ -248,6 +251,37 @@ mod tests {
         );
         assert!(got[0].error.contains("os error 5"), "{}", got[0].error);
         assert_eq!(w.disk_errors(), 2);
+    }
+
+    /// An engine whose inline writes may block plainly stops saying so once
+    /// its first disk error went to the hook (engine::inline).
+    #[tokio::test]
+    async fn no_plain_inline_writes_after_a_disk_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let faulty = FaultyEngine::new(Arc::new(
+            crate::engine::PortableEngine::open(&path, 4).unwrap(),
+        ));
+        faulty.add_rule(FaultRule::fail_range(
+            &[FaultOp::Write],
+            8192,
+            4096,
+            libc::EIO,
+        ));
+        let w = Watched::new(Arc::new(faulty), "test", Box::new(|_| {}));
+        assert!(w.plain_inline_writes());
+        w.write(0, Bytes::from(vec![1u8; 512]), false)
+            .await
+            .unwrap();
+        assert!(w.plain_inline_writes());
+        w.write(8192, Bytes::from(vec![1u8; 512]), false)
+            .await
+            .unwrap_err();
+        assert!(!w.plain_inline_writes());
     }
 
     #[test]

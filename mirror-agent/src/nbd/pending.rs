@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
+use crate::engine::BlockEngine;
+
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// What the per-future wakers share with the set.
@@ -77,9 +79,9 @@ pub(crate) struct Pending<T> {
     batch: Vec<usize>,
     len: usize,
     shared: Arc<Shared>,
-    /// The futures' inline writes may block this worker plainly
-    /// ([`Pending::allow_plain_writes`]).
-    plain_writes: bool,
+    /// The engine whose inline writes may block this worker plainly, when
+    /// it says so ([`Pending::allow_plain_writes`]).
+    plain_writes: Option<Arc<dyn BlockEngine>>,
 }
 
 impl<T> Default for Pending<T> {
@@ -90,7 +92,7 @@ impl<T> Default for Pending<T> {
             batch: Vec::new(),
             len: 0,
             shared: Arc::default(),
-            plain_writes: false,
+            plain_writes: None,
         }
     }
 }
@@ -104,12 +106,13 @@ impl<T> Pending<T> {
         self.len == 0
     }
 
-    /// Lets the futures' inline writes block the worker plainly while they
-    /// are polled (`engine::allow_plain`; for engines that say so,
-    /// `BlockEngine::plain_inline_writes`): the only task they woke before is
-    /// the connection's reply writer.
-    pub(crate) fn allow_plain_writes(&mut self, on: bool) {
-        self.plain_writes = on;
+    /// Lets the futures' inline writes on `engine` block the worker plainly
+    /// while they are polled (`engine::allow_plain`), in each pass where the
+    /// engine says so (`BlockEngine::plain_inline_writes`, asked per pass: it
+    /// can change its mind, after a disk error): the only task they woke
+    /// before is the connection's reply writer.
+    pub(crate) fn allow_plain_writes(&mut self, engine: Arc<dyn BlockEngine>) {
+        self.plain_writes = Some(engine);
     }
 
     /// Adds a future; it is polled on the next [`Pending::next`].
@@ -171,7 +174,11 @@ impl<T> Pending<T> {
         // io_uring SQEs of the futures polled in this pass go to the kernel
         // in one submission when the pass ends (see `engine::Plug`).
         let _plug = crate::engine::plug();
-        let _plain = self.plain_writes.then(crate::engine::allow_plain);
+        let _plain = self
+            .plain_writes
+            .as_ref()
+            .filter(|e| e.plain_inline_writes())
+            .map(|_| crate::engine::allow_plain());
         // Bounded, so futures that keep waking themselves (coop budget) do
         // not starve the rest of the connection task.
         let mut polls = 0;
