@@ -40,8 +40,12 @@
 //!   answers again within about two ticks of the stall, for as long as it
 //!   lasts (the watchdog goes on kicking while the write is stuck).
 //!
-//! Tests: `status_answers_while_the_data_disk_stalls_{portable,default_engine}`
-//! (tests/tests/admin.rs) fail without the rescue.
+//! Tests: `a_blocked_plain_write_does_not_deafen_the_runtime` (below) and
+//! `status_answers_while_the_data_disk_stalls_portable` (tests/tests/admin.rs)
+//! fail without the watchdog;
+//! `standby_data_disk_stall_keeps_the_link_and_is_told_to_the_active`
+//! (tests/tests/rule_scenarios.rs) fails when every caller writes plainly;
+//! `no_plain_inline_writes_after_a_disk_error` (engine::watched).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -130,14 +134,15 @@ pub(crate) fn write<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// This thread's slot, registered with the watchdog (started on first use);
-/// `None` outside a multi-thread runtime or on one with a single worker.
+/// `None` outside a multi-thread runtime, on one with a single worker, or
+/// without the watchdog.
 fn new_slot() -> Option<Arc<Slot>> {
     let handle = Handle::try_current().ok()?;
     if handle.runtime_flavor() != RuntimeFlavor::MultiThread {
         return None;
     }
     let limit = handle.metrics().num_workers().saturating_sub(1);
-    if limit == 0 {
+    if limit == 0 || !start_watchdog() {
         return None;
     }
     let slot = Arc::new(Slot {
@@ -149,21 +154,22 @@ fn new_slot() -> Option<Arc<Slot>> {
     slots.retain(|s| s.strong_count() > 0);
     slots.push(Arc::downgrade(&slot));
     drop(slots);
-    start_watchdog();
     Some(slot)
 }
 
-fn start_watchdog() {
-    static STARTED: OnceLock<()> = OnceLock::new();
-    STARTED.get_or_init(|| {
+/// Starts the watchdog thread once; whether it runs (without it no write
+/// blocks plainly).
+fn start_watchdog() -> bool {
+    static STARTED: OnceLock<bool> = OnceLock::new();
+    *STARTED.get_or_init(|| {
         let spawned = std::thread::Builder::new()
             .name("inline-watchdog".into())
             .spawn(watchdog);
-        if let Err(e) = spawned {
-            // Without it a stalled write could deafen the runtime: say so.
-            tracing::error!(error = %e, "cannot start the inline write watchdog thread; a stalled disk may keep the agent from answering");
+        if let Err(e) = &spawned {
+            tracing::warn!(error = %e, "cannot start the inline write watchdog thread: buffered inline writes go through block_in_place");
         }
-    });
+        spawned.is_ok()
+    })
 }
 
 fn watchdog() {
