@@ -65,6 +65,7 @@
 //! agent's decision log line (`decision R7 blank-pair: in sync`) plus a
 //! status saying in sync with no recovery.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -754,7 +755,7 @@ struct Snapshot {
 /// Copies the two files of `node`, whose agent must be stopped.
 fn snapshot(p: &mut MirrorPair, node: &str) -> Snapshot {
     assert!(!p.agent_mut(node).is_running(), "{node} is running");
-    let read = |path: std::path::PathBuf| {
+    let read = |path: PathBuf| {
         std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
     };
     Snapshot {
@@ -1031,6 +1032,29 @@ fn pair_with_faulty_cluster_partition(node: &str) -> Option<(FaultyFile, MirrorP
     Some((faulty, MirrorPair::start_on(c)))
 }
 
+/// An 8 MiB `sync` pair with `timeouts.io_stall` at 1 s (and the `timeouts`
+/// given) whose device at `device(cluster)` lies behind a [`FaultyFile`] that
+/// can pause: server1 active, the pair in sync. `None` (a loud skip) without
+/// the tools. The pair comes second so that it is dropped first.
+fn active_pair_over_a_pausable_device(
+    device: impl FnOnce(&TestCluster) -> PathBuf,
+    timeouts: &[(&str, &str)],
+) -> Option<(FaultyFile, MirrorPair)> {
+    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
+        return None;
+    }
+    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
+    c.set_timeout("io_stall", "1s");
+    for (key, value) in timeouts {
+        c.set_timeout(key, value);
+    }
+    let faulty = FaultyFile::take_over(&device(&c));
+    let p = MirrorPair::start_on(c);
+    p.activate("server1");
+    p.wait_in_sync("server1", T);
+    Some((faulty, p))
+}
+
 /// After a failover by force to server2: server1's agent starts again, learns
 /// that it lost (R12 forced-wins, decided by server2) and is resynced from
 /// server2 until both are in sync and nothing is left to replicate.
@@ -1153,15 +1177,11 @@ fn active_cluster_partition_failure_then_failover() {
 /// is resynced from server2: identical.
 #[test]
 fn active_data_disk_stall_then_failover() {
-    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
+    let Some((disk, mut p)) =
+        active_pair_over_a_pausable_device(|c| c.data_path_on("server1"), &[])
+    else {
         return;
-    }
-    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
-    c.set_timeout("io_stall", "1s");
-    let disk = FaultyFile::take_over(&c.data_path_on("server1"));
-    let mut p = MirrorPair::start_on(c);
-    p.activate("server1");
-    p.wait_in_sync("server1", T);
+    };
     p.fill("server1", 0, 256 << 10, 0x71);
     p.wait_rpo_zero("server1", T);
 
@@ -1234,15 +1254,10 @@ fn active_data_disk_stall_then_failover() {
 /// again both clear it by themselves.
 #[test]
 fn standby_cluster_partition_stall_is_told_to_the_active_and_its_end_too() {
-    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
+    let Some((faulty, p)) = active_pair_over_a_pausable_device(|c| c.cp_path_on("server2"), &[])
+    else {
         return;
-    }
-    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
-    c.set_timeout("io_stall", "1s");
-    let faulty = FaultyFile::take_over(&c.cp_path_on("server2"));
-    let p = MirrorPair::start_on(c);
-    p.activate("server1");
-    p.wait_in_sync("server1", T);
+    };
 
     let paused = faulty.pause();
     let s2 = p.wait_status("server2", "the stalled cluster partition", T, |s| {
@@ -1288,16 +1303,11 @@ fn standby_cluster_partition_stall_is_told_to_the_active_and_its_end_too() {
 /// (`engine::inline`).
 #[test]
 fn standby_data_disk_stall_keeps_the_link_and_is_told_to_the_active() {
-    if !tests::require_tools(&["nbdfuse", "nbdkit", "fusermount3"]) {
+    let Some((disk, p)) =
+        active_pair_over_a_pausable_device(|c| c.data_path_on("server2"), &[("ack", "120s")])
+    else {
         return;
-    }
-    let c = MirrorPair::configure(&PairOpts::sync_sized(8 * MIB, &[]));
-    c.set_timeout("io_stall", "1s");
-    c.set_timeout("ack", "120s");
-    let disk = FaultyFile::take_over(&c.data_path_on("server2"));
-    let p = MirrorPair::start_on(c);
-    p.activate("server1");
-    p.wait_in_sync("server1", T);
+    };
     p.fill("server1", 0, 256 << 10, 0x76);
     p.wait_rpo_zero("server1", T);
 
