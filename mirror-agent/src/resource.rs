@@ -856,6 +856,7 @@ fn engine_options(cfg: &config::Resource) -> engine::EngineOptions {
             config::DirectIo::On => engine::DirectIo::On,
             config::DirectIo::Off => engine::DirectIo::Off,
         },
+        write_behind: cfg.write_behind,
         ..Default::default()
     }
 }

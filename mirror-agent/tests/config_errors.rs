@@ -492,6 +492,14 @@ fn unknown_engine_and_direct_io() {
 }
 
 #[test]
+fn write_behind_not_a_boolean() {
+    parse_err(
+        &edit(&[("auto_recovery = true", "write_behind = \"yes\"")]),
+        &["write_behind", "boolean"],
+    );
+}
+
+#[test]
 fn keep_dirty_zero() {
     parse_err(
         &edit(&[("auto_recovery = true", "keep_dirty = 0")]),

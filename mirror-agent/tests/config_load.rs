@@ -139,6 +139,7 @@ fn defaults_are_filled_in() {
     assert_eq!(r.hot_extent_size, 4 << 20);
     assert_eq!(r.engine, EngineChoice::Auto);
     assert_eq!(r.direct_io, DirectIo::Auto);
+    assert!(r.write_behind);
     assert_eq!(r.nbd_block_size_min, 512);
     assert_eq!(r.nbd_max_request, 32 << 20);
     assert_eq!(r.nbd_idle_poll, std::time::Duration::from_micros(50));
@@ -343,6 +344,7 @@ resync_rate = "100MiB"
 keep_dirty = 256
 engine = "portable"
 direct_io = "off"
+write_behind = false
 nbd_block_size_min = 4096
 nbd_max_request = "1MiB"
 nbd_idle_poll = "20us"
@@ -408,6 +410,7 @@ nbd_socket = "/run/semi.nbd"
     assert_eq!(r.keep_dirty, 256);
     assert_eq!(r.engine, EngineChoice::Portable);
     assert_eq!(r.direct_io, DirectIo::Off);
+    assert!(!r.write_behind);
     assert_eq!(r.nbd_block_size_min, 4096);
     assert_eq!(r.nbd_max_request, 1 << 20);
     assert_eq!(r.nbd_idle_poll, std::time::Duration::from_micros(20));

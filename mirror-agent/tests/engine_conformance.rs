@@ -4,6 +4,10 @@
 //! - `uring_direct`: io_uring with O_DIRECT (`direct_io = on`) on a file in
 //!   `/var/tmp` (a disk filesystem), so unaligned requests take the
 //!   read-modify-write path;
+//! - `uring_direct_lone`: the same, every request marked alone on its
+//!   connection as the NBD connection marks one ([`Lone`]), so that small
+//!   writes go behind through the page cache (`engine::behind`) whenever the
+//!   engine has nothing else in flight, mixed with O_DIRECT ones;
 //! - `portable`: the thread-pool engine; `portable_tmpfs`: the same on tmpfs
 //!   (`/dev/shm`) when present, where writes up to 1 MiB are done inline.
 //! - `blockdev_*` (ignored by default: need root and loop devices; run with
@@ -32,6 +36,16 @@ struct Fixture {
     /// whose length and st_blocks the checks inspect.
     path: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// The same engine, every request marked alone ([`Lone`]).
+    fn lone(self) -> Fixture {
+        Fixture {
+            engine: Arc::new(Lone(self.engine)),
+            ..self
+        }
+    }
 }
 
 /// A loop device, detached on drop.
@@ -137,6 +151,91 @@ fn uring_direct() -> Fixture {
         _dir: dir,
         path,
         engine: Arc::new(e),
+        _loop: None,
+    }
+}
+
+/// An engine whose every request is polled as one alone on its connection
+/// (`engine::lone_request`, what the NBD connection does when it has one
+/// request in flight).
+struct Lone(Arc<dyn BlockEngine>);
+
+/// A future polled with the lone-request mark set.
+struct LoneFut<T>(engine::EngineFuture<T>);
+
+impl<T> std::future::Future for LoneFut<T> {
+    type Output = std::io::Result<T>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let _lone = engine::lone_request();
+        self.0.as_mut().poll(cx)
+    }
+}
+
+fn lone<T: Send + 'static>(f: engine::EngineFuture<T>) -> engine::EngineFuture<T> {
+    Box::pin(LoneFut(f))
+}
+
+impl BlockEngine for Lone {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn read(&self, offset: u64, len: usize) -> engine::EngineFuture<Vec<u8>> {
+        lone(self.0.read(offset, len))
+    }
+    fn read_bytes(&self, offset: u64, len: usize) -> engine::EngineFuture<Bytes> {
+        lone(self.0.read_bytes(offset, len))
+    }
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> engine::EngineFuture<()> {
+        lone(self.0.write(offset, data, fua))
+    }
+    fn flush(&self) -> engine::EngineFuture<()> {
+        lone(self.0.flush())
+    }
+    fn discard(&self, offset: u64, len: u64) -> engine::EngineFuture<()> {
+        lone(self.0.discard(offset, len))
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> engine::EngineFuture<()> {
+        lone(self.0.write_zeroes(offset, len, may_trim, fua))
+    }
+    fn extents(&self, offset: u64, len: u64) -> engine::EngineFuture<Vec<Extent>> {
+        lone(self.0.extents(offset, len))
+    }
+    fn plain_inline_writes(&self) -> bool {
+        self.0.plain_inline_writes()
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+/// A direct engine on a disk file, for the write-behind tests.
+fn direct_engine(dir: &tempfile::TempDir) -> Arc<UringEngine> {
+    let path = make_file(dir);
+    let e = UringEngine::open(&path, DirectIo::On, 64).expect("open io_uring with O_DIRECT");
+    assert!(e.direct(), "{}", e.describe());
+    assert!(e.write_behind(), "{}", e.describe());
+    Arc::new(e)
+}
+
+fn uring_direct_lone() -> Fixture {
+    let dir = temp_in("/var/tmp");
+    let e = direct_engine(&dir);
+    Fixture {
+        path: dir.path().join("data"),
+        _dir: dir,
+        engine: Arc::new(Lone(e)),
         _loop: None,
     }
 }
@@ -607,10 +706,15 @@ macro_rules! conformance {
 
 conformance!(uring_buffered, Some(uring_buffered()));
 conformance!(uring_direct, Some(uring_direct()));
+conformance!(uring_direct_lone, Some(uring_direct_lone()));
 conformance!(portable, Some(portable()));
 conformance!(portable_tmpfs, Some(portable_tmpfs()));
 conformance!(blockdev_uring_512, blockdev(512, false));
 conformance!(blockdev_uring_4k, blockdev(4096, false));
+conformance!(
+    blockdev_uring_512_lone,
+    blockdev(512, false).map(Fixture::lone)
+);
 conformance!(blockdev_portable_4k, blockdev(4096, true));
 
 #[tokio::test(flavor = "multi_thread")]
@@ -636,6 +740,7 @@ async fn open_auto_picks_an_engine_and_reports_mode() {
             kind: EngineKind::Portable,
             direct_io: DirectIo::On,
             queue_depth: 4,
+            write_behind: true,
         },
     )
     .err()
@@ -683,7 +788,8 @@ fn options_deserialize() {
         EngineOptions {
             kind: EngineKind::IoUring,
             direct_io: DirectIo::Off,
-            queue_depth: 32
+            queue_depth: 32,
+            write_behind: true,
         }
     );
     let w: W = toml::from_str("[engine]\nkind = \"io_uring\"\n").expect("parse");
@@ -693,6 +799,9 @@ fn options_deserialize() {
     assert_eq!(w.engine.kind, EngineKind::Portable);
     assert!(toml::from_str::<W>("[engine]\nkind = \"aio\"\n").is_err());
     assert_eq!(EngineOptions::default().kind, EngineKind::Auto);
+    assert!(EngineOptions::default().write_behind);
+    let w: W = toml::from_str("[engine]\nwrite_behind = false\n").expect("parse");
+    assert!(!w.engine.write_behind);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -781,4 +890,176 @@ async fn file_shrinking_underneath_gives_eio_not_short_data() {
             4096
         );
     }
+}
+
+/// Lone small writes without FUA go behind, each read back at once through
+/// O_DIRECT (which must see them); large, FUA and not-lone writes, and writes
+/// while the engine has a request in flight, stay O_DIRECT.
+#[tokio::test(flavor = "multi_thread")]
+async fn lone_small_writes_go_behind_and_others_stay_direct() {
+    let dir = temp_in("/var/tmp");
+    let u = direct_engine(&dir);
+    let plain: Arc<dyn BlockEngine> = u.clone();
+    let e: Arc<dyn BlockEngine> = Arc::new(Lone(u.clone()));
+    let mut expect = 0;
+    for (i, &(off, len)) in [
+        (0u64, 4096usize),
+        (4096 * 7 + 512, 512),
+        (12_345, 1),
+        (1 << 20, engine::WRITE_BEHIND_MAX),
+        (3 << 20, 3000),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let d = pattern(300 + i as u64, len);
+        write(&e, off, &d).await;
+        expect += 1;
+        assert_eq!(u.behind_writes(), expect, "{off}+{len} should go behind");
+        assert_same(&read(&plain, off, len).await, &d, &format!("{off}+{len}"));
+    }
+    // Not behind: one byte too large, FUA, not marked lone.
+    write(&e, 5 << 20, &pattern(1, engine::WRITE_BEHIND_MAX + 1)).await;
+    e.write(6 << 20, Bytes::from(pattern(2, 4096)), true)
+        .await
+        .expect("fua write");
+    write(&plain, 7 << 20, &pattern(3, 4096)).await;
+    assert_eq!(u.behind_writes(), expect);
+    // A 32 MiB read of allocated blocks in flight (submitted by its first
+    // poll): the engine is busy, so a lone write stays O_DIRECT.
+    plain
+        .write(40 << 20, Bytes::from(vec![7u8; 32 << 20]), true)
+        .await
+        .expect("fill");
+    let mut big = plain.read(40 << 20, 32 << 20);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(big.as_mut().poll(cx))).await;
+    assert!(
+        first.is_pending(),
+        "a 32 MiB O_DIRECT read completed at submission"
+    );
+    write(&e, 8 << 20, &pattern(4, 4096)).await;
+    assert_eq!(
+        u.behind_writes(),
+        expect,
+        "a write went behind while a read was in flight"
+    );
+    assert!(big.await.expect("big read").iter().all(|&b| b == 7));
+    for (off, seed, len) in [
+        (5u64 << 20, 1u64, engine::WRITE_BEHIND_MAX + 1),
+        (6 << 20, 2, 4096),
+        (7 << 20, 3, 4096),
+        (8 << 20, 4, 4096),
+    ] {
+        assert_same(
+            &read(&plain, off, len).await,
+            &pattern(seed, len),
+            "direct writes",
+        );
+    }
+    assert!(u.describe().contains("RWF_DONTCACHE"), "{}", u.describe());
+}
+
+/// A lone write of some sectors of a page and O_DIRECT writes of the other
+/// sectors of that page, at the same time: both survive. The direct I/O
+/// alignment here is 512 bytes, so an O_DIRECT write can cover part of the
+/// page the buffered write reads in and dirties; without the exclusion in
+/// `engine::behind` the page's writeback can carry the old sectors over the
+/// new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn behind_and_direct_writes_to_one_page_keep_both() {
+    let dir = temp_in("/var/tmp");
+    let u = direct_engine(&dir);
+    if u.alignment() >= 4096 {
+        eprintln!(
+            "SKIPPED: behind_and_direct_writes_to_one_page_keep_both: direct I/O alignment {} here, no sub-page O_DIRECT write",
+            u.alignment()
+        );
+        return;
+    }
+    let plain: Arc<dyn BlockEngine> = u.clone();
+    let e: Arc<dyn BlockEngine> = Arc::new(Lone(u.clone()));
+    const PAGES: u64 = 2000;
+    // Allocated and on the disk, not cached: the buffered write has to read
+    // its page from the device, which gives the direct write time to land.
+    let base = 16u64 << 20;
+    plain
+        .write(base, Bytes::from(vec![0xee; (PAGES * 4096) as usize]), true)
+        .await
+        .expect("fill");
+    // One page at a time: the lone write starts first, on an idle engine (so
+    // it may go behind), and the O_DIRECT write follows after 0-63 µs, while
+    // the lone one may still be reading its page in.
+    for p in 0..PAGES {
+        let page = base + p * 4096;
+        let lone = tokio::spawn({
+            let e = e.clone();
+            async move {
+                e.write(page + 3584, Bytes::from(vec![p as u8; 512]), false)
+                    .await
+            }
+        });
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_micros(p % 64) {
+            std::hint::spin_loop();
+        }
+        plain
+            .write(page, Bytes::from(vec![!(p as u8); 3072]), false)
+            .await
+            .expect("direct write");
+        lone.await.expect("task").expect("lone write");
+    }
+    plain.flush().await.expect("flush");
+    let behind = u.behind_writes();
+    for p in 0..PAGES {
+        let page = base + p * 4096;
+        let got = read(&plain, page, 4096).await;
+        assert!(
+            got[..3072].iter().all(|&b| b == !(p as u8)),
+            "page {p}: the O_DIRECT write was lost ({behind} writes went behind)"
+        );
+        assert!(
+            got[3072..3584].iter().all(|&b| b == 0xee),
+            "page {p}: untouched sector changed"
+        );
+        assert!(
+            got[3584..].iter().all(|&b| b == p as u8),
+            "page {p}: the lone write was lost"
+        );
+    }
+    assert!(behind > 0, "no write went behind: the test proved nothing");
+    eprintln!("{behind} of {PAGES} lone writes went behind");
+}
+
+/// Where `pwritev2` refuses the write-behind flag (a kernel before 6.14 or a
+/// file system without `RWF_DONTCACHE`: `EOPNOTSUPP`, simulated here with a
+/// flag no kernel knows), the write is done with O_DIRECT, write-behind is
+/// off from then on, and the status line says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_dontcache_lone_writes_stay_direct() {
+    let dir = temp_in("/var/tmp");
+    let u = direct_engine(&dir);
+    u.set_write_behind_flags(1 << 30);
+    let e: Arc<dyn BlockEngine> = Arc::new(Lone(u.clone()));
+    let d = pattern(9, 4096);
+    write(&e, 8192, &d).await;
+    assert_same(&read(&e, 8192, 4096).await, &d, "first write");
+    assert!(!u.write_behind(), "{}", u.describe());
+    assert!(u.describe().contains("no write-behind"), "{}", u.describe());
+    let d2 = pattern(10, 700);
+    write(&e, 100, &d2).await;
+    assert_same(&read(&e, 100, 700).await, &d2, "second write");
+    assert_eq!(u.behind_writes(), 0);
+}
+
+/// `write_behind = false` keeps every write O_DIRECT.
+#[tokio::test(flavor = "multi_thread")]
+async fn write_behind_off_keeps_every_write_direct() {
+    let dir = temp_in("/var/tmp");
+    let path = make_file(&dir);
+    let u = Arc::new(UringEngine::open_with(&path, DirectIo::On, 8, false).expect("open"));
+    assert!(!u.write_behind());
+    assert!(!u.describe().contains("RWF_DONTCACHE"), "{}", u.describe());
+    let e: Arc<dyn BlockEngine> = Arc::new(Lone(u.clone()));
+    write(&e, 0, &pattern(1, 4096)).await;
+    assert_eq!(u.behind_writes(), 0);
 }

@@ -599,6 +599,7 @@ fn build_resource(
     }
     let engine = cx.keyword(&k("engine"), rr.engine.as_ref(), EngineChoice::Auto)?;
     let direct_io = cx.keyword(&k("direct_io"), rr.direct_io.as_ref(), DirectIo::Auto)?;
+    let write_behind = rr.write_behind.unwrap_or(true);
     let divergent_dir = match &rr.divergent_save_dir {
         Some(s) => Some(cx.path(&k("divergent_save_dir"), s)?),
         None => None,
@@ -651,6 +652,7 @@ fn build_resource(
         hot_extent_size,
         engine,
         direct_io,
+        write_behind,
         nbd_block_size_min,
         nbd_max_request,
         nbd_idle_poll,

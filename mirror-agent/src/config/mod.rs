@@ -283,6 +283,9 @@ pub struct Resource {
     pub engine: EngineChoice,
     /// O_DIRECT policy.
     pub direct_io: DirectIo,
+    /// With O_DIRECT, lone small writes go through the page cache with
+    /// `RWF_DONTCACHE` (`engine::behind`). Default true.
+    pub write_behind: bool,
     /// NBD minimum block size (power of two, 512..=4096).
     pub nbd_block_size_min: u64,
     /// NBD maximum request payload (4KiB..=1GiB, a multiple of the minimum

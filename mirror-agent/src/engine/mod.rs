@@ -21,6 +21,9 @@
 //!   supports it (read-modify-write for unaligned writes).
 //! - [`portable`]: [`PortableEngine`], `pread`/`pwrite` on a fixed set of I/O
 //!   threads, buffered I/O; for kernels without io_uring and as a reference.
+//! - [`behind`]: write-behind of lone small writes on an O_DIRECT engine
+//!   (through the page cache with `RWF_DONTCACHE`, when the NBD connection
+//!   says the request is alone: [`lone_request`]).
 //! - [`buf`]: [`buf::IoBuf`], pooled page-aligned buffers for request data
 //!   (write payloads, read replies): no per-request allocation, zero-fill or
 //!   O_DIRECT bounce copy.
@@ -52,6 +55,7 @@ use serde::Deserialize;
 
 mod backing;
 pub(crate) use backing::check_range;
+pub mod behind;
 pub mod buf;
 pub mod fault;
 mod inline;
@@ -60,6 +64,7 @@ pub mod stall;
 pub mod uring;
 pub mod watched;
 
+pub use behind::{lone_request, LoneRequest, WRITE_BEHIND_MAX};
 pub use fault::{FaultAction, FaultCounters, FaultOp, FaultRule, FaultTrigger, FaultyEngine};
 pub use portable::PortableEngine;
 pub use stall::{IoGuard, IoWatch, Stall, Stalls, Timed};
@@ -283,6 +288,9 @@ pub struct EngineOptions {
     pub direct_io: DirectIo,
     /// Maximum requests in flight in the engine; more wait (backpressure).
     pub queue_depth: u32,
+    /// With O_DIRECT: lone small writes go through the page cache with
+    /// `RWF_DONTCACHE` ([`behind`]). Default on.
+    pub write_behind: bool,
 }
 
 /// Default [`EngineOptions::queue_depth`].
@@ -294,6 +302,7 @@ impl Default for EngineOptions {
             kind: EngineKind::Auto,
             direct_io: DirectIo::Auto,
             queue_depth: DEFAULT_QUEUE_DEPTH,
+            write_behind: true,
         }
     }
 }
@@ -320,7 +329,7 @@ pub fn open(path: &Path, opts: &EngineOptions) -> io::Result<Arc<dyn BlockEngine
         },
     };
     if use_uring {
-        let eng = UringEngine::open(path, opts.direct_io, depth)?;
+        let eng = UringEngine::open_with(path, opts.direct_io, depth, opts.write_behind)?;
         tracing::info!(path = %path.display(), engine = %eng.describe(), "engine opened");
         Ok(Arc::new(eng))
     } else {

@@ -70,8 +70,11 @@
 //! multiple of the alignment is opened buffered (a read-modify-write of its
 //! last block would grow it).
 //!
-//! With O_DIRECT, everything goes through the one direct fd (no second,
-//! buffered fd, so there is no page-cache coherence question):
+//! With O_DIRECT, everything goes through the one direct fd, except the lone
+//! small writes that go behind through a second, buffered fd (`behind`
+//! module: `RWF_DONTCACHE`, when the caller says the request is alone and the
+//! engine has nothing in flight; the kernel keeps the two fds coherent, see
+//! there). On the direct fd:
 //! - reads go to an aligned pooled buffer covering the enclosing aligned span;
 //!   unaligned ones return the part asked for;
 //! - unaligned writes do read-modify-write of the enclosing aligned span under
@@ -109,6 +112,7 @@ use tokio::io::Interest;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, RwLock, Semaphore};
 
 use super::backing::{self, errno, Kind};
+use super::behind::{self, Outcome, WriteBehind, WRITE_BEHIND_MAX};
 use super::buf::IoBuf;
 use super::{BlockEngine, DirectIo, EngineFuture};
 
@@ -673,6 +677,10 @@ struct Shared {
     /// Shared by modifying requests, exclusive for read-modify-write (direct
     /// mode only).
     rmw: RwLock<()>,
+    /// Write-behind of lone small writes (direct mode, when configured).
+    behind: Option<WriteBehind>,
+    /// Slot permits in all (`queue_depth`): all free = nothing in flight.
+    depth: usize,
     core: Arc<Core>,
 }
 
@@ -800,6 +808,17 @@ impl Shared {
             .await?;
             return Ok(());
         }
+        if flags == 0 {
+            if let Some(wb) = self.behind_now(data.len()) {
+                // Exclusive: no O_DIRECT write may run while a page is
+                // being dirtied (see the `behind` module, "Coherence").
+                let _excl = self.rmw.write().await;
+                match super::in_task(false, || wb.write_at(&data, offset))? {
+                    Outcome::Done => return Ok(()),
+                    Outcome::Unsupported => {} // now off; O_DIRECT below
+                }
+            }
+        }
         let a = self.align as u64;
         let len = data.len() as u64;
         if offset.is_multiple_of(a) && len.is_multiple_of(a) {
@@ -827,6 +846,20 @@ impl Shared {
         })
         .await?;
         Ok(())
+    }
+
+    /// The write-behind path, if a write of `len` bytes without FUA may take
+    /// it now: configured and supported, small, alone on its connection
+    /// (`behind::is_lone`), nothing in flight in the engine, and on a
+    /// multi-thread runtime (the inline-write path needs one).
+    fn behind_now(&self, len: usize) -> Option<&WriteBehind> {
+        self.behind.as_ref().filter(|wb| {
+            len <= WRITE_BEHIND_MAX
+                && wb.is_on()
+                && behind::is_lone()
+                && self.core.slots.available_permits() == self.depth
+                && super::inline_write_max(false) >= len
+        })
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
@@ -944,6 +977,17 @@ impl UringEngine {
     /// `DirectIo::Auto` uses O_DIRECT when the backing accepts it and logs why
     /// not otherwise; `On` fails with `EINVAL` instead; `Off` is buffered.
     pub fn open(path: &Path, direct_io: DirectIo, queue_depth: u32) -> io::Result<UringEngine> {
+        Self::open_with(path, direct_io, queue_depth, true)
+    }
+
+    /// [`UringEngine::open`], with write-behind of lone small writes
+    /// (`behind` module) on or off; it applies only with O_DIRECT.
+    pub fn open_with(
+        path: &Path,
+        direct_io: DirectIo,
+        queue_depth: u32,
+        write_behind: bool,
+    ) -> io::Result<UringEngine> {
         let (b, direct, align, mem_align, why) = match direct_io {
             DirectIo::Off => (
                 backing::open(path, false)?,
@@ -985,6 +1029,11 @@ impl UringEngine {
         } else {
             description
         };
+        let behind = if direct && write_behind {
+            Some(WriteBehind::new(backing::open(path, false)?.file))
+        } else {
+            None
+        };
         let file = Arc::new(b.file);
         let state = State {
             ring,
@@ -1012,6 +1061,8 @@ impl UringEngine {
             description,
             sync_noop,
             rmw: RwLock::new(()),
+            behind,
+            depth,
             core,
         };
         Ok(UringEngine {
@@ -1028,6 +1079,27 @@ impl UringEngine {
     pub fn alignment(&self) -> usize {
         self.shared.align
     }
+
+    /// Whether lone small writes go behind (`behind` module): configured,
+    /// O_DIRECT, and not found unsupported.
+    pub fn write_behind(&self) -> bool {
+        self.shared.behind.as_ref().is_some_and(WriteBehind::is_on)
+    }
+
+    /// Writes that went behind so far.
+    pub fn behind_writes(&self) -> u64 {
+        self.shared.behind.as_ref().map_or(0, WriteBehind::writes)
+    }
+
+    /// Tests: the `pwritev2` flags of write-behind instead of
+    /// `RWF_DONTCACHE` (a flag the kernel does not know simulates a kernel
+    /// or file system without it).
+    #[doc(hidden)]
+    pub fn set_write_behind_flags(&self, flags: i32) {
+        if let Some(wb) = &self.shared.behind {
+            wb.set_flags(flags);
+        }
+    }
 }
 
 impl BlockEngine for UringEngine {
@@ -1040,7 +1112,18 @@ impl BlockEngine for UringEngine {
     }
 
     fn describe(&self) -> String {
-        self.shared.description.clone()
+        match &self.shared.behind {
+            None => self.shared.description.clone(),
+            Some(wb) if wb.is_on() => format!(
+                "{}; lone writes up to {} KiB behind (RWF_DONTCACHE)",
+                self.shared.description,
+                WRITE_BEHIND_MAX / 1024
+            ),
+            Some(_) => format!(
+                "{}; no write-behind (RWF_DONTCACHE not supported here)",
+                self.shared.description
+            ),
+        }
     }
 
     fn plain_inline_writes(&self) -> bool {

@@ -174,11 +174,15 @@ impl<T> Pending<T> {
         // io_uring SQEs of the futures polled in this pass go to the kernel
         // in one submission when the pass ends (see `engine::Plug`).
         let _plug = crate::engine::plug();
-        let _plain = self
+        let plain = self
             .plain_writes
             .as_ref()
-            .filter(|e| e.plain_inline_writes())
-            .map(|_| crate::engine::allow_plain());
+            .is_some_and(|e| e.plain_inline_writes());
+        let _plain = plain.then(crate::engine::allow_plain);
+        // A request alone on the connection: an O_DIRECT engine may answer
+        // its small write from the page cache (`engine::behind`). Only where
+        // writes may be plain: a replicated write waits for its peer anyway.
+        let _lone = (plain && self.len == 1).then(crate::engine::lone_request);
         // Bounded, so futures that keep waking themselves (coop budget) do
         // not starve the rest of the connection task.
         let mut polls = 0;
