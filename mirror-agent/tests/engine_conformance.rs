@@ -7,7 +7,9 @@
 //! - `uring_direct_lone`: the same, every request marked alone on its
 //!   connection as the NBD connection marks one ([`Lone`]), so that small
 //!   writes go behind through the page cache (`engine::behind`) whenever the
-//!   engine has nothing else in flight, mixed with O_DIRECT ones;
+//!   engine has nothing else in flight, mixed with O_DIRECT ones
+//!   (`blockdev_uring_512_lone`: the same on a loop device, where the kernel
+//!   may refuse write-behind);
 //! - `portable`: the thread-pool engine; `portable_tmpfs`: the same on tmpfs
 //!   (`/dev/shm`) when present, where writes up to 1 MiB are done inline.
 //! - `blockdev_*` (ignored by default: need root and loop devices; run with
@@ -1062,4 +1064,35 @@ async fn write_behind_off_keeps_every_write_direct() {
     let e: Arc<dyn BlockEngine> = Arc::new(Lone(u.clone()));
     write(&e, 0, &pattern(1, 4096)).await;
     assert_eq!(u.behind_writes(), 0);
+}
+
+/// On a block device (a loop device here) write-behind is on only if the
+/// kernel takes `RWF_DONTCACHE` there (Linux 6.18 does not: every write stays
+/// O_DIRECT); whichever it is, the status line and the writes agree with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn write_behind_on_a_block_device_is_what_the_kernel_allows() {
+    let Some(f) = blockdev(512, false) else {
+        return;
+    };
+    let dev = &f._loop.as_ref().expect("loop device").0;
+    let u = Arc::new(UringEngine::open(dev, DirectIo::On, 8).expect("open loop device"));
+    eprintln!("loop device: {}", u.describe());
+    let on = u.write_behind();
+    assert_eq!(
+        u.describe().contains("RWF_DONTCACHE)"),
+        on,
+        "{}",
+        u.describe()
+    );
+    assert_eq!(
+        u.describe().contains("no write-behind"),
+        !on,
+        "{}",
+        u.describe()
+    );
+    let e: Arc<dyn BlockEngine> = Arc::new(Lone(u.clone()));
+    let d = pattern(11, 4096);
+    write(&e, 4096, &d).await;
+    assert_same(&read(&e, 4096, 4096).await, &d, "lone write on the device");
+    assert_eq!(u.behind_writes(), u64::from(on));
 }

@@ -50,9 +50,11 @@
 //! next O_DIRECT request of that range, as for any buffered write.
 //!
 //! Where the kernel or the file system does not know `RWF_DONTCACHE`
-//! (`EOPNOTSUPP`: kernels before 6.14, file systems without it), the first
-//! such write turns write-behind off for the engine (logged once) and is done
-//! with O_DIRECT; the engine's status line says which.
+//! (`EOPNOTSUPP`: kernels before 6.14, file systems without it, block devices
+//! on 6.18), write-behind is off from the open on (a one-byte `preadv2` with
+//! the flag asks), and should a write still be refused, that write is done
+//! with O_DIRECT and write-behind turns off; the engine's status line says
+//! which.
 
 use std::cell::Cell;
 use std::fs::File;
@@ -91,6 +93,31 @@ pub(crate) fn is_lone() -> bool {
     LONE.with(Cell::get)
 }
 
+/// Whether `pwritev2` will take `RWF_DONTCACHE` on `file`, asked with a
+/// one-byte `preadv2` with the flag (the kernel checks the flag the same way
+/// for both; a read changes nothing). Kernels before 6.14 do not know it,
+/// and file systems say whether they support it (on 6.18: ext4, xfs, btrfs
+/// do; block devices do not).
+fn dontcache_probe(file: &File) -> io::Result<()> {
+    let mut b = [0u8; 1];
+    let iov = libc::iovec {
+        iov_base: b.as_mut_ptr().cast(),
+        iov_len: b.len(),
+    };
+    loop {
+        // SAFETY: `iov` describes `b`, a live, writable one-byte buffer; the
+        // fd is open for the duration of the call.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, 0, libc::RWF_DONTCACHE) };
+        if n >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
 /// The buffered fd of an O_DIRECT engine and whether write-behind is on.
 #[derive(Debug)]
 pub(crate) struct WriteBehind {
@@ -112,10 +139,19 @@ pub(crate) enum Outcome {
 }
 
 impl WriteBehind {
+    /// Write-behind through `file` (the backing opened buffered), on if the
+    /// kernel and the file system take `RWF_DONTCACHE` ([`dontcache_probe`]).
     pub(crate) fn new(file: File) -> WriteBehind {
+        let on = match dontcache_probe(&file) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::info!(error = %e, "write-behind off: RWF_DONTCACHE not supported here (every write stays O_DIRECT)");
+                false
+            }
+        };
         WriteBehind {
             file,
-            on: AtomicBool::new(true),
+            on: AtomicBool::new(on),
             flags: AtomicI32::new(libc::RWF_DONTCACHE),
             writes: AtomicU64::new(0),
         }
