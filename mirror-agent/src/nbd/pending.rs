@@ -180,9 +180,11 @@ impl<T> Pending<T> {
             .is_some_and(|e| e.plain_inline_writes());
         let _plain = plain.then(crate::engine::allow_plain);
         // A request alone on the connection: an O_DIRECT engine may answer
-        // its small write from the page cache (`engine::behind`). Only where
-        // writes may be plain: a replicated write waits for its peer anyway.
-        let _lone = (plain && self.len == 1).then(crate::engine::lone_request);
+        // its small write from the page cache (`engine::behind`), also the
+        // local write of a replicated one (it runs while the frame goes to
+        // the peer; bench/HISTORY.md, "Write-behind of lone small writes").
+        let _lone =
+            (self.plain_writes.is_some() && self.len == 1).then(crate::engine::lone_request);
         // Bounded, so futures that keep waking themselves (coop budget) do
         // not starve the rest of the connection task.
         let mut polls = 0;
