@@ -73,8 +73,9 @@
 //! With O_DIRECT, everything goes through the one direct fd, except the lone
 //! small writes that go behind through a second, buffered fd (`behind`
 //! module: `RWF_DONTCACHE`, when the caller says the request is alone and the
-//! engine has nothing in flight; the kernel keeps the two fds coherent, see
-//! there). On the direct fd:
+//! engine has nothing in flight). The kernel keeps the two fds coherent only
+//! while they do not run at once on one page, so such a write holds the
+//! read-modify-write lock below exclusively (see there). On the direct fd:
 //! - reads go to an aligned pooled buffer covering the enclosing aligned span;
 //!   unaligned ones return the part asked for;
 //! - unaligned writes do read-modify-write of the enclosing aligned span under
@@ -674,8 +675,8 @@ struct Shared {
     /// [`backing::sync_is_noop`]): flushes and FUA complete without an
     /// io_uring request (an fsync SQE is always punted to an io-wq worker).
     sync_noop: bool,
-    /// Shared by modifying requests, exclusive for read-modify-write (direct
-    /// mode only).
+    /// Shared by modifying requests, exclusive for read-modify-write and for
+    /// a write going behind (direct mode only).
     rmw: RwLock<()>,
     /// Write-behind of lone small writes (direct mode, when configured).
     behind: Option<WriteBehind>,
