@@ -193,9 +193,10 @@ def print_direct_refs(res, jobs, ran, base, agent):
         return
     print("\nO_DIRECT references, same run (every job alternated with the two servers above): "
           + "; ".join(f"`{t}` = {desc(res, t)}" for t in refs)
-          + ". nbdkit `cache=none` replies once a write is in the page cache; the agent "
-          "and qemu-nbd reply after the device completed it; `device` is that device with "
-          "no NBD in between. Ratio: agent vs qemu-nbd, > 1.0x = agent better."
+          + ". nbdkit `cache=none` replies once a write is in the page cache; qemu-nbd "
+          "after the device completed it; the agent after the device too, except a small "
+          "write alone on its connection (the QD1 job), which it answers from the page cache "
+          "like nbdkit (`write_behind`); `device` is that device with no NBD in between. Ratio: agent vs qemu-nbd, > 1.0x = agent better."
           + ("" if "qemu-direct" in refs else
              " **No qemu-nbd reference in this run: qemu-nbd was not installed** "
              "(`apt-get install qemu-utils`).")

@@ -113,7 +113,8 @@ start_nbdkit() { # tag [plugin args...]
 
 # The O_DIRECT reference server of the direct pair: qemu-nbd with the page
 # cache bypassed (cache=none = O_DIRECT) and io_uring, i.e. the agent's own
-# write contract (a reply after the device completed), in another server.
+# write contract (a reply after the device completed; for the agent except
+# lone small writes, see write_behind in docs/config.md), in another server.
 start_qemu_nbd() { # tag
     local tag="$1" sock="$WORK/run/$1.sock"
     qemu-nbd -f raw --cache=none --aio=io_uring --persistent --shared=4 -k "$sock" "$DATA" >"$RES/$tag.log" 2>&1 &
