@@ -293,6 +293,37 @@ mod tests {
         assert!(p.next().await.is_none());
     }
 
+    /// A future polled while it is the only one in the set sees the
+    /// lone-request mark (`engine::behind`), one polled with others does not;
+    /// and only for a connection that named its engine.
+    #[tokio::test]
+    async fn the_only_request_in_flight_is_polled_as_lone() {
+        use crate::engine::behind::is_lone;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d");
+        crate::engine::create_data_file(&path, 1 << 20).unwrap();
+        let engine = crate::engine::open(&path, &Default::default()).unwrap();
+
+        let mut p: Pending<bool> = Pending::default();
+        p.push(Box::pin(async { is_lone() }));
+        assert_eq!(p.next().await, Some(false), "no engine named: never lone");
+
+        p.allow_plain_writes(engine);
+        p.push(Box::pin(async { is_lone() }));
+        assert_eq!(p.next().await, Some(true), "alone in the set");
+
+        let (tx, rx) = oneshot::channel::<()>();
+        p.push(Box::pin(async move {
+            rx.await.unwrap();
+            is_lone()
+        }));
+        p.push(Box::pin(async { is_lone() }));
+        assert_eq!(p.next().await, Some(false), "two in the set");
+        tx.send(()).unwrap();
+        assert_eq!(p.next().await, Some(true), "the other one, now alone");
+        assert!(!is_lone(), "the mark ends with the polling pass");
+    }
+
     #[tokio::test]
     async fn clear_drops_futures() {
         let mut p: Pending<u32> = Pending::default();
