@@ -96,8 +96,8 @@ pub(crate) fn is_lone() -> bool {
 /// Whether `pwritev2` will take `RWF_DONTCACHE` on `file`, asked with a
 /// one-byte `preadv2` with the flag (the kernel checks the flag the same way
 /// for both; a read changes nothing). Kernels before 6.14 do not know it,
-/// and file systems say whether they support it (on 6.18: ext4, xfs, btrfs
-/// do; block devices do not).
+/// and file systems say whether they support it (on 6.18 ext4 does, block
+/// devices do not).
 fn dontcache_probe(file: &File) -> io::Result<()> {
     let mut b = [0u8; 1];
     let iov = libc::iovec {
