@@ -442,3 +442,45 @@ fn write_and_flush_survive_kill9(engine: Engine) {
     assert_range_is(&c.data_path(), 2 * MIB, 128 << 10, 0x3c);
     assert_range_is(&c.data_path(), 7 * MIB, 4096, 0x4d);
 }
+
+/// O_DIRECT with write-behind (`write_behind`, the default): small writes
+/// issued one at a time, without FUA or flush, are answered from the page
+/// cache. The agent is killed right after the last answer: every write it
+/// answered is in the data file, and the restarted agent serves them.
+#[test]
+fn lone_writes_answered_from_the_page_cache_survive_kill9() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let (c, mut agent) = active(Engine::IoUring);
+    let engine = c.status_json()["engine"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        engine.contains("behind (RWF_DONTCACHE)"),
+        "write-behind is not on, the test would prove nothing: {engine}"
+    );
+    // qemu-io runs its commands one after another: each write is alone.
+    let cmds: Vec<String> = (0..16u64)
+        .map(|i| format!("write -P {:#x} {} 4k", 0x40 + i, (3 * MIB) + i * 12_288))
+        .chain(std::iter::once(format!(
+            "write -P 0x77 {} 512",
+            5 * MIB + 1024
+        )))
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&c.nbd_uri(), &cmds);
+    agent.kill9();
+    for i in 0..16u64 {
+        assert_range_is(&c.data_path(), 3 * MIB + i * 12_288, 4096, 0x40 + i as u8);
+    }
+    assert_range_is(&c.data_path(), 5 * MIB + 1024, 512, 0x77);
+    agent.start_again();
+    agent.wait_ready();
+    c.activate();
+    qemu_io(
+        &c.nbd_uri(),
+        &["read -P 0x40 3M 4k", "read -P 0x77 5243904 512", "flush"],
+    );
+}
