@@ -1055,6 +1055,38 @@ fn active_pair_over_a_pausable_device(
     Some((faulty, p))
 }
 
+/// server2's device `what` ("cluster partition", "data disk") stalls, which
+/// its status shows in `disk.<field>`: server2 is RED, and server1 names the
+/// peer's stalled device and what to check.
+fn standby_stall_is_told(p: &MirrorPair, field: &str, what: &str) {
+    let s2 = p.wait_status("server2", &format!("the stalled {what}"), T, |s| {
+        s["disk"][field].is_u64()
+    });
+    assert_eq!(s2["color"], "RED", "{s2:#}");
+    let s1 = p.wait_status("server1", &format!("server2's stalled {what}"), T, |s| {
+        s["pair"]["peer_disk"]["stalled"] == what
+    });
+    let next1 = s1["next_step"].as_str().unwrap_or("");
+    assert!(
+        next1.contains(&format!("server2 reports its {what} stalled"))
+            && next1.contains("check that device on server2"),
+        "{s1:#}"
+    );
+}
+
+/// The end of the stall of [`standby_stall_is_told`]: both nodes clear it by
+/// themselves and are GREEN. Returns server1's status.
+fn standby_stall_end_is_told(p: &MirrorPair, field: &str) -> Value {
+    p.wait_status("server2", "the end of the stall", T, |s| {
+        s["disk"][field].is_null() && s["color"] == "GREEN"
+    });
+    let s1 = p.wait_status("server1", "the end of server2's stall", T, |s| {
+        s["pair"]["peer_disk"]["stalled"].is_null()
+    });
+    assert_eq!(s1["color"], "GREEN", "{s1:#}");
+    s1
+}
+
 /// After a failover by force to server2: server1's agent starts again, learns
 /// that it lost (R12 forced-wins, decided by server2) and is resynced from
 /// server2 until both are in sync and nothing is left to replicate.
@@ -1260,30 +1292,12 @@ fn standby_cluster_partition_stall_is_told_to_the_active_and_its_end_too() {
     };
 
     let paused = faulty.pause();
-    let s2 = p.wait_status("server2", "the stalled cluster partition", T, |s| {
-        s["disk"]["metadata_stalled_secs"].is_u64()
-    });
-    assert_eq!(s2["color"], "RED", "{s2:#}");
-    let s1 = p.wait_status("server1", "server2's stalled cluster partition", T, |s| {
-        s["pair"]["peer_disk"]["stalled"] == "cluster partition"
-    });
-    let next1 = s1["next_step"].as_str().unwrap_or("");
-    assert!(
-        next1.contains("server2 reports its cluster partition stalled")
-            && next1.contains("check that device on server2"),
-        "{s1:#}"
-    );
+    standby_stall_is_told(&p, "metadata_stalled_secs", "cluster partition");
     p.fill("server1", 0, 256 << 10, 0x75);
     p.wait_rpo_zero("server1", T);
 
     paused.resume();
-    p.wait_status("server2", "the end of the stall", T, |s| {
-        s["disk"]["metadata_stalled_secs"].is_null() && s["color"] == "GREEN"
-    });
-    let s1 = p.wait_status("server1", "the end of server2's stall", T, |s| {
-        s["pair"]["peer_disk"]["stalled"].is_null()
-    });
-    assert_eq!(s1["color"], "GREEN", "{s1:#}");
+    let s1 = standby_stall_end_is_told(&p, "metadata_stalled_secs");
     assert!(s1["pair"]["in_sync"] == true, "{s1:#}");
     p.assert_identical();
 }
@@ -1323,19 +1337,7 @@ fn standby_data_disk_stall_keeps_the_link_and_is_told_to_the_active() {
             .map(|_| NbdClient::read_reply(&mut r).expect("reply").error)
             .collect::<Vec<_>>()
     });
-    let s2 = p.wait_status("server2", "the stalled data disk", T, |s| {
-        s["disk"]["io_stalled_secs"].is_u64()
-    });
-    assert_eq!(s2["color"], "RED", "{s2:#}");
-    let s1 = p.wait_status("server1", "server2's stalled data disk", T, |s| {
-        s["pair"]["peer_disk"]["stalled"] == "data disk"
-    });
-    let next1 = s1["next_step"].as_str().unwrap_or("");
-    assert!(
-        next1.contains("server2 reports its data disk stalled")
-            && next1.contains("check that device on server2"),
-        "{s1:#}"
-    );
+    standby_stall_is_told(&p, "io_stalled_secs", "data disk");
     // The link lives on while the stall lasts three heartbeat timeouts.
     p.wait_status("server2", "a stall of 3 s", T, |s2| {
         let s1 = p.status("server1");
@@ -1350,13 +1352,7 @@ fn standby_data_disk_stall_keeps_the_link_and_is_told_to_the_active() {
 
     paused.resume();
     assert_eq!(client.join().expect("client thread"), vec![0; 4]);
-    p.wait_status("server2", "the end of the stall", T, |s| {
-        s["disk"]["io_stalled_secs"].is_null() && s["color"] == "GREEN"
-    });
-    let s1 = p.wait_status("server1", "the end of server2's stall", T, |s| {
-        s["pair"]["peer_disk"]["stalled"].is_null()
-    });
-    assert_eq!(s1["color"], "GREEN", "{s1:#}");
+    let s1 = standby_stall_end_is_told(&p, "io_stalled_secs");
     assert_eq!(s1["pair"]["rpo"]["breaks"], 0, "{s1:#}");
     p.wait_rpo_zero("server1", T);
     p.assert_identical();
