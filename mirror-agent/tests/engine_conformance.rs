@@ -144,15 +144,22 @@ fn uring_buffered() -> Fixture {
 }
 
 fn uring_direct() -> Fixture {
+    direct_fixture(false)
+}
+
+/// io_uring with O_DIRECT on a file in `/var/tmp`; with `behind`, write-behind
+/// must be on too.
+fn direct_fixture(behind: bool) -> Fixture {
     let dir = temp_in("/var/tmp");
-    let path = make_file(&dir);
-    let e = UringEngine::open(&path, DirectIo::On, 64).expect("open io_uring with O_DIRECT");
-    assert!(e.direct(), "{}", e.describe());
-    assert!(e.alignment() >= 512, "{}", e.describe());
+    let engine: Arc<dyn BlockEngine> = if behind {
+        behind_engine(&dir)
+    } else {
+        direct_engine(&dir)
+    };
     Fixture {
+        path: dir.path().join("data"),
         _dir: dir,
-        path,
-        engine: Arc::new(e),
+        engine,
         _loop: None,
     }
 }
@@ -222,24 +229,24 @@ impl BlockEngine for Lone {
     }
 }
 
-/// A direct engine on a disk file, for the write-behind tests.
+/// io_uring with O_DIRECT on a new data file in `dir` (a disk file system).
 fn direct_engine(dir: &tempfile::TempDir) -> Arc<UringEngine> {
     let path = make_file(dir);
     let e = UringEngine::open(&path, DirectIo::On, 64).expect("open io_uring with O_DIRECT");
     assert!(e.direct(), "{}", e.describe());
-    assert!(e.write_behind(), "{}", e.describe());
+    assert!(e.alignment() >= 512, "{}", e.describe());
     Arc::new(e)
 }
 
+/// [`direct_engine`] with write-behind on, for the write-behind tests.
+fn behind_engine(dir: &tempfile::TempDir) -> Arc<UringEngine> {
+    let e = direct_engine(dir);
+    assert!(e.write_behind(), "{}", e.describe());
+    e
+}
+
 fn uring_direct_lone() -> Fixture {
-    let dir = temp_in("/var/tmp");
-    let e = direct_engine(&dir);
-    Fixture {
-        path: dir.path().join("data"),
-        _dir: dir,
-        engine: Arc::new(Lone(e)),
-        _loop: None,
-    }
+    direct_fixture(true).lone()
 }
 
 fn portable() -> Fixture {
@@ -900,7 +907,7 @@ async fn file_shrinking_underneath_gives_eio_not_short_data() {
 #[tokio::test(flavor = "multi_thread")]
 async fn lone_small_writes_go_behind_and_others_stay_direct() {
     let dir = temp_in("/var/tmp");
-    let u = direct_engine(&dir);
+    let u = behind_engine(&dir);
     let plain: Arc<dyn BlockEngine> = u.clone();
     let e: Arc<dyn BlockEngine> = Arc::new(Lone(u.clone()));
     let mut expect = 0;
@@ -970,7 +977,7 @@ async fn lone_small_writes_go_behind_and_others_stay_direct() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn behind_and_direct_writes_to_one_page_keep_both() {
     let dir = temp_in("/var/tmp");
-    let u = direct_engine(&dir);
+    let u = behind_engine(&dir);
     if u.alignment() >= 4096 {
         eprintln!(
             "SKIPPED: behind_and_direct_writes_to_one_page_keep_both: direct I/O alignment {} here, no sub-page O_DIRECT write",
@@ -1039,7 +1046,7 @@ async fn behind_and_direct_writes_to_one_page_keep_both() {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_dontcache_lone_writes_stay_direct() {
     let dir = temp_in("/var/tmp");
-    let u = direct_engine(&dir);
+    let u = behind_engine(&dir);
     u.set_write_behind_flags(1 << 30);
     let e: Arc<dyn BlockEngine> = Arc::new(Lone(u.clone()));
     let d = pattern(9, 4096);
