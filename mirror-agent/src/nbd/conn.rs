@@ -329,7 +329,7 @@ where
     };
     // Requests in the engine, polled by this task (see `pending.rs`).
     let mut pending: Pending<Outgoing> = Pending::default();
-    pending.allow_plain_writes(Arc::clone(&export.engine));
+    pending.serve_engine(Arc::clone(&export.engine));
     let grace_dur = limits.shutdown_grace;
     let replies = Replies {
         tx,

@@ -79,9 +79,9 @@ pub(crate) struct Pending<T> {
     batch: Vec<usize>,
     len: usize,
     shared: Arc<Shared>,
-    /// The engine whose inline writes may block this worker plainly, when
-    /// it says so ([`Pending::allow_plain_writes`]).
-    plain_writes: Option<Arc<dyn BlockEngine>>,
+    /// The engine of the connection polling the set
+    /// ([`Pending::serve_engine`]).
+    engine: Option<Arc<dyn BlockEngine>>,
 }
 
 impl<T> Default for Pending<T> {
@@ -92,7 +92,7 @@ impl<T> Default for Pending<T> {
             batch: Vec::new(),
             len: 0,
             shared: Arc::default(),
-            plain_writes: None,
+            engine: None,
         }
     }
 }
@@ -106,13 +106,16 @@ impl<T> Pending<T> {
         self.len == 0
     }
 
-    /// Lets the futures' inline writes on `engine` block the worker plainly
-    /// while they are polled (`engine::allow_plain`), in each pass where the
-    /// engine says so (`BlockEngine::plain_inline_writes`, asked per pass: it
-    /// can change its mind, after a disk error): the only task they woke
-    /// before is the connection's reply writer.
-    pub(crate) fn allow_plain_writes(&mut self, engine: Arc<dyn BlockEngine>) {
-        self.plain_writes = Some(engine);
+    /// Marks the set as an NBD connection's requests on `engine`. Then:
+    /// - their inline writes on `engine` may block the worker plainly while
+    ///   they are polled (`engine::allow_plain`), in each pass where the
+    ///   engine says so (`BlockEngine::plain_inline_writes`, asked per pass:
+    ///   it can change its mind, after a disk error): the only task they woke
+    ///   before is the connection's reply writer;
+    /// - a request polled alone in the set is marked lone
+    ///   (`engine::lone_request`), so that its small write may go behind.
+    pub(crate) fn serve_engine(&mut self, engine: Arc<dyn BlockEngine>) {
+        self.engine = Some(engine);
     }
 
     /// Adds a future; it is polled on the next [`Pending::next`].
@@ -175,7 +178,7 @@ impl<T> Pending<T> {
         // in one submission when the pass ends (see `engine::Plug`).
         let _plug = crate::engine::plug();
         let plain = self
-            .plain_writes
+            .engine
             .as_ref()
             .is_some_and(|e| e.plain_inline_writes());
         let _plain = plain.then(crate::engine::allow_plain);
@@ -183,8 +186,7 @@ impl<T> Pending<T> {
         // its small write from the page cache (`engine::behind`), also the
         // local write of a replicated one (it runs while the frame goes to
         // the peer; bench/HISTORY.md, "Write-behind of lone small writes").
-        let _lone =
-            (self.plain_writes.is_some() && self.len == 1).then(crate::engine::lone_request);
+        let _lone = (self.engine.is_some() && self.len == 1).then(crate::engine::lone_request);
         // Bounded, so futures that keep waking themselves (coop budget) do
         // not starve the rest of the connection task.
         let mut polls = 0;
@@ -308,7 +310,7 @@ mod tests {
         p.push(Box::pin(async { is_lone() }));
         assert_eq!(p.next().await, Some(false), "no engine named: never lone");
 
-        p.allow_plain_writes(engine);
+        p.serve_engine(engine);
         p.push(Box::pin(async { is_lone() }));
         assert_eq!(p.next().await, Some(true), "alone in the set");
 
